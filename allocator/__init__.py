@@ -1,0 +1,15 @@
+"""Bit allocation as a multiple-choice knapsack: problem model, exact ILP solver, brute-force reference."""
+
+from allocator.problem import Allocation, AllocationProblem, Budget, Option, SolverStatus, Unit
+from allocator.solve import problem_from_json, solve_allocation
+
+__all__ = [
+    "Allocation",
+    "AllocationProblem",
+    "Budget",
+    "Option",
+    "SolverStatus",
+    "Unit",
+    "problem_from_json",
+    "solve_allocation",
+]

@@ -1,0 +1,88 @@
+"""Exact allocation as a 0/1 integer program, solved by HiGHS through scipy's ``milp`` (HAWQ-V3 style).
+
+Variables ``x[u, k]`` (unit ``u`` takes option ``k``):
+    minimize    sum_{u,k} distortion[u,k] * x[u,k]
+    subject to  sum_k x[u,k] = 1                      for every unit
+                sum_{u,k} bytes[u,k] * x[u,k] <= B     (and the same for latency)
+                x[u,k] = x[v,k]                        for tied units u, v
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import coo_array
+
+from allocator.problem import Allocation, AllocationProblem, SolverStatus
+
+
+def _check_budget(problem: AllocationProblem, solver: str, started: float) -> Allocation | None:
+    """Return an ``infeasible`` answer, with the smallest feasible budget, before any solve."""
+    low, _ = problem.bytes_range()
+    if problem.budget.bytes is not None and problem.budget.bytes < low - 1e-9:
+        return Allocation(
+            status=SolverStatus.INFEASIBLE, choice=(), objective=None, lower_bound=None, bytes=None,
+            latency=None, solve_s=time.perf_counter() - started, solver=solver, min_feasible_bytes=low,
+            message=f"budget of {problem.budget.bytes:g} bytes is below the smallest achievable size {low:g} bytes",
+        )
+    return None
+
+
+def solve_ilp(problem: AllocationProblem, *, time_limit_s: float = 60.0) -> Allocation:
+    """Solve exactly with HiGHS; on a time limit return the best solution found and its bound."""
+    started = time.perf_counter()
+    early = _check_budget(problem, "highs", started)
+    if early is not None:
+        return early
+    offsets = np.cumsum([0] + [len(u.options) for u in problem.units])
+    n_vars = int(offsets[-1])
+    cost = np.array([o.distortion for u in problem.units for o in u.options], dtype=float)
+    rows, cols, vals, lower, upper = [], [], [], [], []
+
+    def add_row(entries: list[tuple[int, float]], lo: float, hi: float) -> None:
+        row = len(lower)
+        for col, val in entries:
+            rows.append(row)
+            cols.append(col)
+            vals.append(val)
+        lower.append(lo)
+        upper.append(hi)
+
+    for u, unit in enumerate(problem.units):
+        add_row([(int(offsets[u]) + k, 1.0) for k in range(len(unit.options))], 1.0, 1.0)
+    if problem.budget.bytes is not None:
+        add_row([(int(offsets[u]) + k, o.bytes) for u, unit in enumerate(problem.units)
+                 for k, o in enumerate(unit.options)], -np.inf, problem.budget.bytes)
+    if problem.budget.latency is not None:
+        add_row([(int(offsets[u]) + k, float(o.latency or 0.0)) for u, unit in enumerate(problem.units)
+                 for k, o in enumerate(unit.options)], -np.inf, problem.budget.latency)
+    for members in problem.tie_groups().values():
+        first = members[0]
+        for other in members[1:]:
+            for k in range(len(problem.units[first].options)):
+                add_row([(int(offsets[first]) + k, 1.0), (int(offsets[other]) + k, -1.0)], 0.0, 0.0)
+
+    matrix = coo_array((vals, (rows, cols)), shape=(len(lower), n_vars)).tocsr()
+    result = milp(
+        cost,
+        constraints=LinearConstraint(matrix, np.array(lower), np.array(upper)),
+        integrality=np.ones(n_vars),
+        bounds=Bounds(0, 1),
+        options={"time_limit": time_limit_s},
+    )
+    elapsed = time.perf_counter() - started
+    if result.x is None:
+        status = SolverStatus.INFEASIBLE if result.status == 2 else SolverStatus.TIME_LIMIT
+        low, _ = problem.bytes_range()
+        return Allocation(status=status, choice=(), objective=None, lower_bound=None, bytes=None, latency=None,
+                          solve_s=elapsed, solver="highs", message=str(result.message), min_feasible_bytes=low)
+    choice = tuple(int(np.argmax(result.x[offsets[u]:offsets[u + 1]])) for u in range(len(problem.units)))
+    objective, used_bytes, latency = problem.evaluate(choice)
+    bound = getattr(result, "mip_dual_bound", None)
+    lower_bound = objective if bound is None or not np.isfinite(bound) else min(float(bound), objective)
+    status = SolverStatus.OPTIMAL if result.status == 0 else SolverStatus.FEASIBLE
+    return Allocation(status=status, choice=choice, objective=objective, lower_bound=lower_bound,
+                      bytes=used_bytes, latency=latency, solve_s=elapsed, solver="highs",
+                      message=str(result.message))

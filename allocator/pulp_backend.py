@@ -1,0 +1,49 @@
+"""The same integer program through PuLP and its bundled CBC solver (the HAWQ-V3 route)."""
+
+from __future__ import annotations
+
+import time
+
+from allocator.ilp import _check_budget
+from allocator.problem import Allocation, AllocationProblem, SolverStatus
+
+
+def solve_pulp(problem: AllocationProblem, *, time_limit_s: float = 60.0) -> Allocation:
+    """Solve with PuLP/CBC. Raises ``ImportError`` with an install hint when PuLP is missing."""
+    try:
+        import pulp
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError("solver 'pulp' needs PuLP: pip install 'bitplan[test]' or pip install pulp") from error
+    started = time.perf_counter()
+    early = _check_budget(problem, "pulp", started)
+    if early is not None:
+        return early
+    model = pulp.LpProblem("bitplan", pulp.LpMinimize)
+    x = [[pulp.LpVariable(f"x_{u}_{k}", cat="Binary") for k in range(len(unit.options))]
+         for u, unit in enumerate(problem.units)]
+    model += pulp.lpSum(o.distortion * x[u][k] for u, unit in enumerate(problem.units)
+                        for k, o in enumerate(unit.options))
+    for u in range(len(problem.units)):
+        model += pulp.lpSum(x[u]) == 1
+    if problem.budget.bytes is not None:
+        model += pulp.lpSum(o.bytes * x[u][k] for u, unit in enumerate(problem.units)
+                            for k, o in enumerate(unit.options)) <= problem.budget.bytes
+    if problem.budget.latency is not None:
+        model += pulp.lpSum(float(o.latency or 0.0) * x[u][k] for u, unit in enumerate(problem.units)
+                            for k, o in enumerate(unit.options)) <= problem.budget.latency
+    for members in problem.tie_groups().values():
+        for other in members[1:]:
+            for k in range(len(problem.units[members[0]].options)):
+                model += x[members[0]][k] == x[other][k]
+    model.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s))
+    elapsed = time.perf_counter() - started
+    state = pulp.LpStatus[model.status]
+    if state != "Optimal":
+        status = SolverStatus.INFEASIBLE if state == "Infeasible" else SolverStatus.TIME_LIMIT
+        return Allocation(status=status, choice=(), objective=None, lower_bound=None, bytes=None, latency=None,
+                          solve_s=elapsed, solver="pulp", message=state,
+                          min_feasible_bytes=problem.bytes_range()[0])
+    choice = tuple(max(range(len(row)), key=lambda k, row=row: row[k].value() or 0.0) for row in x)
+    objective, used, latency = problem.evaluate(choice)
+    return Allocation(status=SolverStatus.OPTIMAL, choice=choice, objective=objective, lower_bound=objective,
+                      bytes=used, latency=latency, solve_s=elapsed, solver="pulp", message=state)

@@ -1,0 +1,53 @@
+"""One entry point for every solver, and the JSON problem format of ``bitplan allocate``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from allocator.brute_force import solve_brute_force
+from allocator.ilp import solve_ilp
+from allocator.problem import Allocation, AllocationProblem, Budget, Option, Unit
+
+SOLVERS = ("auto", "highs", "pulp", "brute_force")
+
+
+def solve_allocation(problem: AllocationProblem, *, solver: str = "auto", time_limit_s: float = 60.0) -> Allocation:
+    """Solve with the named solver; ``auto`` picks HiGHS."""
+    if solver in ("auto", "highs"):
+        return solve_ilp(problem, time_limit_s=time_limit_s)
+    if solver == "pulp":
+        from allocator.pulp_backend import solve_pulp
+
+        return solve_pulp(problem, time_limit_s=time_limit_s)
+    if solver == "brute_force":
+        return solve_brute_force(problem)
+    raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+
+
+def problem_from_json(data: Any) -> AllocationProblem:
+    """Build a problem from ``{"units": [{"name", "options": [{"bits", "bytes", "distortion", "latency"?}],
+    "tie"?}], "budget": {"bytes"?, "latency"?}}``, raising ``ValueError`` that says what is wrong."""
+    if not isinstance(data, dict) or not isinstance(data.get("units"), list):
+        raise ValueError("problem must be a JSON object with a 'units' list and a 'budget' object")
+    if not isinstance(data.get("budget"), dict):
+        raise ValueError("problem needs a 'budget' object with 'bytes' and/or 'latency'")
+    units = []
+    for index, raw in enumerate(data["units"]):
+        if not isinstance(raw, dict) or not isinstance(raw.get("options"), list):
+            raise ValueError(f"units[{index}] must be an object with an 'options' list")
+        try:
+            options = tuple(
+                Option(bits=int(o["bits"]), bytes=float(o["bytes"]), distortion=float(o["distortion"]),
+                       latency=None if o.get("latency") is None else float(o["latency"]))
+                for o in raw["options"]
+            )
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"units[{index}].options: each needs 'bits', 'bytes' and 'distortion' ({error})") from None
+        units.append(Unit(name=str(raw.get("name", f"unit{index}")), options=options,
+                          tie=None if raw.get("tie") is None else str(raw["tie"])))
+    budget = data["budget"]
+    return AllocationProblem(
+        units=tuple(units),
+        budget=Budget(bytes=None if budget.get("bytes") is None else float(budget["bytes"]),
+                      latency=None if budget.get("latency") is None else float(budget["latency"])),
+    )

@@ -1,0 +1,214 @@
+"""The packed artifact: writing it atomically and rebuilding a working torch model from it alone.
+
+Layout of an artifact directory (format version 1):
+
+* ``config.json`` and tokenizer files: the source model's, as transformers writes them;
+* ``float.safetensors``: every tensor of the model that is not a quantized unit's weight (embeddings, norms,
+  biases, the output head unless tied), float32;
+* ``quantized.safetensors``: for each unit ``NAME``: ``NAME.qweight`` int32 words (``bitstream-int32``, see
+  :mod:`kernels.bitpack`, codes in row-major ``(out_features, in_features)`` order), ``NAME.scales`` and
+  ``NAME.zeros`` ``(out_features, ceil(in_features / group_size))`` float16;
+* ``manifest.json``: format version, per-unit bits and group size, budget, achieved size measured from the
+  written file, solver and sensitivity details, calibration hash, and the sha256 of every other file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import struct
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from bitplan.errors import ArtifactError
+from bitplan.models import ModelKind
+from kernels.bitpack import pack_bitstream_int32
+from kernels.quant_linear import QuantLinear
+from quantizer.rtn import QuantizedWeight
+
+FORMAT_VERSION = 1
+PACKING_FORMAT = "bitstream-int32"
+MANIFEST = "manifest.json"
+FLOAT_FILE = "float.safetensors"
+QUANTIZED_FILE = "quantized.safetensors"
+
+
+@dataclass(frozen=True)
+class WrittenArtifact:
+    """Where the artifact is, what it holds, and its size as measured from the files."""
+
+    path: Path
+    manifest: dict[str, Any]
+    manifest_sha256: str
+    quantized_bytes: int
+    quantized_numel: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.quantized_bytes / self.quantized_numel
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def safetensors_data_bytes(path: Path) -> dict[str, int]:
+    """Byte length of each tensor's data, read from a safetensors file's header."""
+    with path.open("rb") as handle:
+        (header_len,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(header_len))
+    return {name: int(entry["data_offsets"][1]) - int(entry["data_offsets"][0])
+            for name, entry in header.items() if name != "__metadata__"}
+
+
+def _float_state(model: nn.Module, unit_names: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Non-unit tensors, each stored once; returns the state and ``alias -> stored name`` for shared ones."""
+    state: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, tuple[int, ...]], str] = {}
+    for name, tensor in model.state_dict().items():
+        module_name, _, leaf = name.rpartition(".")
+        if module_name in unit_names and leaf == "weight":
+            continue
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        state[name] = tensor.detach().float().contiguous().clone()
+    return state, aliases
+
+
+def _swap_into_place(staging: Path, destination: Path) -> None:
+    """Rename the finished staging directory to ``destination``; an older artifact there is replaced whole."""
+    if destination.exists():
+        if not (destination / MANIFEST).is_file() and any(destination.iterdir()):
+            shutil.rmtree(staging)
+            raise ArtifactError(f"output directory {destination} exists and is not a bitplan artifact; "
+                                f"choose an empty or new directory")
+        trash = destination.with_name(f".{destination.name}.old-{uuid.uuid4().hex[:8]}")
+        destination.rename(trash)
+        staging.rename(destination)
+        shutil.rmtree(trash)
+    else:
+        staging.rename(destination)
+
+
+def write_artifact(
+    destination: Path,
+    *,
+    model: nn.Module,
+    tokenizer: Any,
+    kind: ModelKind,
+    quantized: Mapping[str, QuantizedWeight],
+    manifest_fields: Mapping[str, Any],
+) -> WrittenArtifact:
+    """Write the artifact under a temporary name, then rename it to ``destination``.
+
+    Args:
+        quantized: unit name -> its quantized weight; every unit must be an ``nn.Linear`` of ``model``.
+        manifest_fields: extra manifest entries (budget, solver, sensitivity, calibration, ...).
+    """
+    destination = destination.resolve()
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = destination.with_name(f".{destination.name}.partial-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
+    try:
+        modules = dict(model.named_modules())
+        model.config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        float_state, aliases = _float_state(model, set(quantized))
+        save_file(float_state, str(staging / FLOAT_FILE), metadata={"format": "pt"})
+        packed: dict[str, torch.Tensor] = {}
+        units = []
+        for name, q in quantized.items():
+            linear = modules[name]
+            packed[f"{name}.qweight"] = pack_bitstream_int32(q.codes, bits=q.bits)
+            packed[f"{name}.scales"] = q.scales.contiguous()
+            packed[f"{name}.zeros"] = q.zeros.contiguous()
+            units.append({"name": name, "bits": q.bits, "group_size": q.group_size,
+                          "in_features": linear.in_features, "out_features": linear.out_features,
+                          "bias": linear.bias is not None})
+        save_file(packed, str(staging / QUANTIZED_FILE), metadata={"format": "pt", "packing": PACKING_FORMAT})
+        data_bytes = safetensors_data_bytes(staging / QUANTIZED_FILE)
+        for unit in units:
+            unit["bytes"] = sum(data_bytes[f"{unit['name']}.{leaf}"] for leaf in ("qweight", "scales", "zeros"))
+        total_bytes = sum(data_bytes.values())
+        total_numel = sum(u["in_features"] * u["out_features"] for u in units)
+        files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "packing": PACKING_FORMAT,
+            "model_kind": kind.value,
+            "units": units,
+            "tied": aliases,
+            "achieved": {"bytes": total_bytes, "numel": total_numel, "bits_per_weight": 8.0 * total_bytes / total_numel,
+                         "file_bytes": sum((staging / n).stat().st_size for n in files)},
+            **manifest_fields,
+            "files": files,
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        manifest_sha = sha256_file(staging / MANIFEST)
+        _swap_into_place(staging, destination)
+    except BaseException:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return WrittenArtifact(path=destination, manifest=manifest, manifest_sha256=manifest_sha,
+                           quantized_bytes=total_bytes, quantized_numel=total_numel)
+
+
+def read_manifest(path: Path, *, verify: bool = True) -> dict[str, Any]:
+    """Read ``manifest.json`` and, with ``verify``, check every listed file against its sha256."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{path} is not a bitplan artifact: {MANIFEST} is missing")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"artifact format version {manifest.get('format_version')} is not supported "
+                            f"(this bitplan reads version {FORMAT_VERSION})")
+    if verify:
+        for name, expected in manifest["files"].items():
+            file = path / name
+            if not file.is_file() or sha256_file(file) != expected:
+                raise ArtifactError(f"artifact file {file} is missing or fails its sha256 check")
+    return manifest
+
+
+def load_artifact(path: Path, *, verify: bool = True) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """Rebuild the quantized model (with ``QuantLinear`` units), its tokenizer and manifest from ``path``."""
+    import transformers
+
+    manifest = read_manifest(path, verify=verify)
+    config = transformers.AutoConfig.from_pretrained(path)
+    auto = (transformers.AutoModelForCausalLM if manifest["model_kind"] == ModelKind.CAUSAL_LM.value
+            else transformers.AutoModel)
+    model = auto.from_config(config, dtype=torch.float32)
+    for unit in manifest["units"]:
+        parent_name, _, child = unit["name"].rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, QuantLinear(unit["in_features"], unit["out_features"], bits=unit["bits"],
+                                           group_size=unit["group_size"], bias=unit["bias"]))
+    state = load_file(str(path / FLOAT_FILE))
+    state.update(load_file(str(path / QUANTIZED_FILE)))
+    for alias, stored in manifest["tied"].items():
+        state[alias] = state[stored]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ArtifactError(f"artifact {path} does not match its config: missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]}")
+    model.eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    return model, tokenizer, manifest

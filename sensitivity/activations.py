@@ -1,0 +1,98 @@
+"""Calibration statistics per unit, gathered in one pass: input Gram matrices and output-gradient energy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+ProgressFn = Callable[[str, int, int], None]
+LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class UnitStatistics:
+    """What a unit saw during calibration.
+
+    Attributes:
+        gram: ``(in_features, in_features)`` float32, ``H = sum_t x_t x_t^T`` over calibration tokens.
+        tokens: number of tokens ``N`` summed into ``gram``.
+        output_grad_sq: ``(out_features,)`` float32, ``sum_t (dL_t/dy_{t,o})^2`` (empirical Fisher diagonal
+            of the layer output), or ``None`` when no loss was given.
+    """
+
+    gram: torch.Tensor
+    tokens: int
+    output_grad_sq: torch.Tensor | None = None
+
+
+def collect_unit_statistics(
+    model: nn.Module,
+    units: Mapping[str, nn.Linear],
+    batches: Sequence[torch.Tensor],
+    *,
+    loss_fn: LossFn | None = None,
+    on_progress: ProgressFn | None = None,
+) -> dict[str, UnitStatistics]:
+    """Run the calibration batches once and accumulate :class:`UnitStatistics` for every unit.
+
+    Args:
+        units: qualified name -> linear module inside ``model``.
+        batches: token id tensors ``(batch, seq_len)`` int64.
+        loss_fn: ``loss_fn(model, batch)`` returning the summed token loss with a graph to the unit outputs;
+            when given, a backward pass also accumulates ``output_grad_sq``.
+    """
+    stats = {
+        name: UnitStatistics(
+            gram=torch.zeros(m.in_features, m.in_features),
+            tokens=0,
+            output_grad_sq=torch.zeros(m.out_features) if loss_fn is not None else None,
+        )
+        for name, m in units.items()
+    }
+    # Units fed the same tensor (q/k/v, gate/up) share one product. The input is kept alive with its product
+    # so that its address cannot be reused by another tensor within the batch.
+    batch_grams: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def make_hook(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]:
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            x = inputs[0].detach()
+            key = (x.data_ptr(), tuple(x.shape))
+            if key not in batch_grams:
+                flat = x.reshape(-1, x.shape[-1]).float()
+                batch_grams[key] = (x, flat.T @ flat)
+            entry = stats[name]
+            entry.gram += batch_grams[key][1]
+            entry.tokens += x.numel() // x.shape[-1]
+            if entry.output_grad_sq is not None and output.requires_grad:
+                grad_sq = entry.output_grad_sq
+
+                def grad_hook(grad: torch.Tensor) -> None:
+                    grad_sq.add_(grad.detach().float().pow(2).reshape(-1, grad.shape[-1]).sum(dim=0))
+
+                output.register_hook(grad_hook)
+
+        return hook
+
+    handles = [module.register_forward_hook(make_hook(name)) for name, module in units.items()]
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    model.requires_grad_(False)
+    try:
+        for index, batch in enumerate(batches):
+            batch_grams.clear()
+            if loss_fn is None:
+                with torch.no_grad():
+                    model(batch)
+            else:
+                loss_fn(model, batch).backward()
+            if on_progress is not None:
+                on_progress("calibration statistics", index + 1, len(batches))
+    finally:
+        batch_grams.clear()
+        for handle in handles:
+            handle.remove()
+        for parameter, flag in requires_grad.items():
+            parameter.requires_grad_(flag)
+    return stats

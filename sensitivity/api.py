@@ -1,0 +1,160 @@
+"""One interface over the sensitivity metrics: a predicted loss increase per (unit, bit width)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from torch import nn
+
+from quantizer.rtn import dequantize_weight, quantize_rtn
+from sensitivity.activations import LossFn, ProgressFn, collect_unit_statistics
+from sensitivity.hutchinson import TraceEstimate, estimate_hessian_traces
+from sensitivity.output_error import predict_output_error
+
+logger = logging.getLogger(__name__)
+
+
+class Metric(str, Enum):
+    """Sensitivity metrics, as named on the command line."""
+
+    OUTPUT_ERROR = "output_error"
+    FISHER_OUTPUT_ERROR = "fisher_output_error"
+    HUTCHINSON = "hutchinson"
+
+
+@dataclass(frozen=True)
+class UnitSensitivity:
+    """A unit's score (metric-specific: trace, Fisher energy, ...) and predicted loss increase per bit width."""
+
+    name: str
+    numel: int
+    score: float
+    delta_loss: dict[int, float]
+
+
+@dataclass(frozen=True)
+class SensitivityResult:
+    """Per-unit sensitivities plus any warnings the caller should show."""
+
+    metric: Metric
+    units: tuple[UnitSensitivity, ...]
+    seconds: float
+    warnings: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "metric": self.metric.value,
+            "seconds": self.seconds,
+            "warnings": list(self.warnings),
+            "units": [
+                {"name": u.name, "numel": u.numel, "score": u.score,
+                 "delta_loss": {str(b): v for b, v in u.delta_loss.items()}}
+                for u in self.units
+            ],
+        }
+
+
+@dataclass(frozen=True)
+class HutchinsonConfig:
+    """Probe settings for the ``hutchinson`` metric."""
+
+    min_probes: int = 4
+    max_probes: int = 16
+    rel_tol: float = 0.05
+    seed: int = 0
+
+
+def _squared_rtn_error(weight: torch.Tensor, bits: int, group_size: int) -> float:
+    return float((dequantize_weight(quantize_rtn(weight, bits=bits, group_size=group_size)) - weight.float())
+                 .pow(2).sum())
+
+
+def _hutchinson(
+    model: nn.Module, units: Mapping[str, nn.Linear], batches: Sequence[torch.Tensor], loss_fn: LossFn,
+    *, bits_options: Sequence[int], group_size: int, config: HutchinsonConfig, on_progress: ProgressFn | None,
+) -> tuple[list[UnitSensitivity], list[str]]:
+    """HAWQ-V2: ``delta_loss(b) = 0.5 * tr(H_u) / numel_u * ||Q_b(W_u) - W_u||^2``."""
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    model.requires_grad_(False)
+    params = {name: m.weight for name, m in units.items()}
+    for weight in params.values():
+        weight.requires_grad_(True)
+    try:
+        batch = torch.cat(list(batches), dim=0)
+        loss = loss_fn(model, batch) / batch.numel()
+        traces: dict[str, TraceEstimate] = estimate_hessian_traces(
+            loss, params, min_probes=config.min_probes, max_probes=config.max_probes, rel_tol=config.rel_tol,
+            seed=config.seed, on_progress=on_progress)
+    finally:
+        for parameter, flag in requires_grad.items():
+            parameter.requires_grad_(flag)
+    warnings = []
+    negative = [n for n, t in traces.items() if t.trace < 0]
+    if negative:
+        warnings.append(f"{len(negative)} of {len(traces)} Hutchinson traces were negative after "
+                        f"{len(next(iter(traces.values())).samples)} probes and were clamped to 0 "
+                        f"(first: {negative[:3]}); raise max_probes for a tighter estimate")
+    result = []
+    for name, module in units.items():
+        trace = max(traces[name].trace, 0.0)
+        numel = module.weight.numel()
+        delta = {b: 0.5 * trace / numel * _squared_rtn_error(module.weight, b, group_size) for b in bits_options}
+        result.append(UnitSensitivity(name=name, numel=numel, score=traces[name].trace, delta_loss=delta))
+    return result, warnings
+
+
+def compute_sensitivity(
+    model: nn.Module,
+    units: Mapping[str, nn.Linear],
+    batches: Sequence[torch.Tensor],
+    *,
+    metric: Metric,
+    bits_options: Sequence[int],
+    group_size: int,
+    loss_fn: LossFn | None = None,
+    hutchinson: HutchinsonConfig | None = None,
+    on_progress: ProgressFn | None = None,
+) -> SensitivityResult:
+    """Predicted loss increase of RTN-quantizing each unit at each bit width.
+
+    Args:
+        units: qualified name -> ``nn.Linear`` inside ``model``.
+        batches: calibration token ids, each ``(batch, seq_len)`` int64.
+        loss_fn: summed token loss ``loss_fn(model, batch)``; required by ``fisher_output_error`` and
+            ``hutchinson``.
+    """
+    started = time.perf_counter()
+    if metric is not Metric.OUTPUT_ERROR and loss_fn is None:
+        raise ValueError(f"metric {metric.value!r} needs a loss (a causal language model); use 'output_error'")
+    warnings: list[str] = []
+    if metric is Metric.HUTCHINSON:
+        assert loss_fn is not None
+        entries, warnings = _hutchinson(model, units, batches, loss_fn, bits_options=bits_options,
+                                        group_size=group_size, config=hutchinson or HutchinsonConfig(),
+                                        on_progress=on_progress)
+    else:
+        fisher = metric is Metric.FISHER_OUTPUT_ERROR
+        stats = collect_unit_statistics(model, units, batches, loss_fn=loss_fn if fisher else None,
+                                        on_progress=on_progress)
+        entries = []
+        for index, (name, module) in enumerate(units.items()):
+            delta = predict_output_error(module.weight, stats[name], bits_options=bits_options,
+                                         group_size=group_size, fisher=fisher)
+            grad_sq = stats[name].output_grad_sq
+            score = float(grad_sq.sum()) / max(stats[name].tokens, 1) if grad_sq is not None else \
+                float(torch.diagonal(stats[name].gram).sum()) / max(stats[name].tokens, 1)
+            entries.append(UnitSensitivity(name=name, numel=module.weight.numel(), score=score, delta_loss=delta))
+            del stats[name]
+            if on_progress is not None:
+                on_progress("predicted error", index + 1, len(units))
+    for warning in warnings:
+        logger.warning(warning)
+    return SensitivityResult(metric=metric, units=tuple(entries), seconds=time.perf_counter() - started,
+                             warnings=tuple(warnings))
+
+

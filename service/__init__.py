@@ -1,0 +1,1 @@
+"""HTTP service (FastAPI) over the pipeline. It depends on the numeric packages; they never import it."""

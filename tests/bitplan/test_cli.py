@@ -1,0 +1,80 @@
+"""The command-line contracts, run as a user would: JSON on the last stdout line, errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def bitplan(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", "bitplan.cli", *args], capture_output=True, text=True,
+                            timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+def last_json(result: subprocess.CompletedProcess[str]) -> object:
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_models_json() -> None:
+    models = last_json(bitplan("models", "--json"))
+    assert {"smollm2-135m", "minilm-l6"} <= {m["id"] for m in models}
+
+
+def test_run_then_eval(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    text = tmp_path / "eval.txt"
+    text.write_text("\n".join(["The statement is executed when the condition is true ."] * 40))
+    out = tmp_path / "artifact"
+    run = last_json(bitplan("run", "--model", str(tiny_llama_dir), "--bpw", "4", "--out", str(out), "--json",
+                            "--samples", "2", "--seq-len", "32", "--group-size", "64"))
+    assert run["artifact"] == str(out.resolve())
+    assert run["bits_per_weight"] <= 4 and run["status"] == "optimal"
+    assert {"bytes", "objective", "lower_bound", "units"} <= set(run)
+    assert {"name", "bits", "group_size"} <= set(run["units"][0])
+    quantized = last_json(bitplan("eval", "--artifact", str(out), "--text", str(text), "--seq-len", "16",
+                                  "--max-windows", "4", "--json"))
+    assert quantized["tokens"] == 64 and quantized["ppl"] > 1
+    floating = last_json(bitplan("eval", "--model", str(tiny_llama_dir), "--text", str(text), "--seq-len", "16",
+                                 "--max-windows", "4", "--json"))
+    assert floating["tokens"] == 64 and floating["ppl"] != quantized["ppl"]
+
+
+def test_uniform_run(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    run = last_json(bitplan("run", "--model", str(tiny_llama_dir), "--uniform-bits", "3", "--out",
+                            str(tmp_path / "u"), "--json", "--group-size", "64"))
+    assert {u["bits"] for u in run["units"]} == {3} and run["status"] == "uniform"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "--model", "nope", "--bpw", "4", "--out", "x"], "neither a bundled id"),
+    (["run", "--model", "m.pt", "--bpw", "4", "--out", "x"], "Convert the weights to safetensors"),
+    (["run", "--model", "smollm2-135m", "--bpw", "0.5", "--out", "x"], "below the smallest achievable size"),
+    (["eval", "--artifact", "/nonexistent", "--text", "x.txt"], "not a bitplan artifact"),
+    (["allocate", "--problem", "/nonexistent.json"], "problem file not found"),
+])
+def test_bad_input_exits_2_with_reason(args: list[str], message: str) -> None:
+    result = bitplan(*args, check=False)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_allocate_contract(tmp_path: Path) -> None:
+    problem = {"units": [{"name": f"u{i}", "options": [{"bits": 2, "bytes": 10, "distortion": 5.0 + i},
+                                                      {"bits": 4, "bytes": 20, "distortion": 1.0}]}
+                         for i in range(3)],
+               "budget": {"bytes": 50}}
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(problem))
+    result = last_json(bitplan("allocate", "--problem", str(path), "--json"))
+    assert result["status"] == "optimal" and result["choice"] == [0, 1, 1]
+    assert result["objective"] == 7.0 and result["bytes"] == 50 and result["lower_bound"] <= 7.0
+    problem["budget"]["bytes"] = 20
+    path.write_text(json.dumps(problem))
+    infeasible = last_json(bitplan("allocate", "--problem", str(path), "--json"))
+    assert infeasible["status"] == "infeasible" and infeasible["min_feasible_bytes"] == 30

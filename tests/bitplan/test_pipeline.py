@@ -1,0 +1,127 @@
+"""The pipeline on a tiny Llama: budgets, artifact contents, loader equality, atomic writes and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bitplan.artifact import MANIFEST, load_artifact, sha256_file
+from bitplan.errors import ArtifactError, BitplanError, BudgetError
+from bitplan.models import load_model
+from bitplan.pipeline import RunConfig, run_pipeline
+from bitplan.units import find_units
+from quantizer.rtn import dequantize_weight, quantize_rtn
+
+SMALL = {"num_samples": 2, "seq_len": 32, "group_size": 64}
+
+
+@pytest.fixture(scope="module")
+def mixed_run(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("runs") / "mixed"
+    return run_pipeline(RunConfig(model=str(tiny_llama_dir), out_dir=out, bits_per_weight=4.0, **SMALL))
+
+
+def test_mixed_run_respects_budget_measured_from_files(mixed_run) -> None:
+    manifest = json.loads((Path(mixed_run.artifact) / MANIFEST).read_text())
+    assert mixed_run.status == "optimal"
+    assert mixed_run.bits_per_weight <= 4.0
+    assert mixed_run.bytes == manifest["achieved"]["bytes"] == mixed_run.predicted_bytes
+    assert mixed_run.lower_bound <= mixed_run.objective + 1e-12
+    assert {u["bits"] for u in mixed_run.units} <= {2, 3, 4, 8}
+    assert len({u["bits"] for u in mixed_run.units}) > 1, "a 4.0 bpw budget should mix bit widths here"
+    assert [u["name"] for u in mixed_run.units][0] == "model.layers.0.self_attn.q_proj"
+
+
+def test_manifest_records_everything(mixed_run) -> None:
+    path = Path(mixed_run.artifact)
+    manifest = json.loads((path / MANIFEST).read_text())
+    assert manifest["format_version"] == 1 and manifest["packing"] == "bitstream-int32"
+    assert manifest["solver"]["status"] == "optimal"
+    assert manifest["sensitivity"]["metric"] == "fisher_output_error"
+    assert len(manifest["calibration"]["sha256"]) == 64
+    assert manifest["budget"]["bits_per_weight"] == 4.0
+    for name, digest in manifest["files"].items():
+        assert sha256_file(path / name) == digest
+    assert sha256_file(path / MANIFEST) == mixed_run.manifest_sha256
+    assert not [p for p in path.parent.iterdir() if ".partial-" in p.name]
+
+
+def test_loader_equals_in_memory_quantized_model(mixed_run, tiny_llama_dir: Path) -> None:
+    reference = load_model(str(tiny_llama_dir)).model
+    bits = {u["name"]: u["bits"] for u in mixed_run.units}
+    with torch.no_grad():
+        for name, module in find_units(reference).items():
+            module.weight.copy_(dequantize_weight(quantize_rtn(module.weight, bits=bits[name], group_size=64)))
+    loaded, _, _ = load_artifact(Path(mixed_run.artifact))
+    tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, reference(tokens).logits)
+
+
+def test_uniform_baseline(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    result = run_pipeline(RunConfig(model=str(tiny_llama_dir), out_dir=tmp_path / "u3", uniform_bits=3, **SMALL))
+    assert result.status == "uniform" and {u["bits"] for u in result.units} == {3}
+    assert result.objective is None and result.calibration is None
+
+
+def test_bytes_budget_and_output_error_metric(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    result = run_pipeline(RunConfig(model=str(tiny_llama_dir), out_dir=tmp_path / "b", budget_bytes=20_000,
+                                    metric="output_error", **SMALL))
+    assert result.bytes <= 20_000 and result.metric == "output_error"
+
+
+@pytest.mark.parametrize("bpw, message", [
+    (1.0, r"below the smallest achievable size.*2\.5000 bits per weight"),
+    (9.0, r"above the largest achievable size: .* achievable range is 2\.\d+ to 8\.\d+ bits per weight"),
+])
+def test_budget_out_of_range_is_rejected_before_heavy_work(tiny_llama_dir: Path, tmp_path: Path, bpw: float,
+                                                           message: str) -> None:
+    with pytest.raises(BudgetError, match=message):
+        run_pipeline(RunConfig(model=str(tiny_llama_dir), out_dir=tmp_path / "x", bits_per_weight=bpw, **SMALL))
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({}, "exactly one of"),
+    ({"bits_per_weight": 4.0, "uniform_bits": 4}, "exactly one of"),
+    ({"uniform_bits": 9}, "between 1 and 8"),
+    ({"bits_per_weight": 4.0, "metric": "magic"}, "unknown metric 'magic'"),
+    ({"bits_per_weight": 4.0, "group_size": 0}, "group size must be a positive"),
+])
+def test_bad_config(kwargs: dict[str, object], message: str, tmp_path: Path) -> None:
+    with pytest.raises(BitplanError, match=message):
+        RunConfig(model="smollm2-135m", out_dir=tmp_path, **kwargs)
+
+
+def test_refuses_to_overwrite_a_foreign_directory(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(ArtifactError, match="not a bitplan artifact"):
+        run_pipeline(RunConfig(model=str(tiny_llama_dir), out_dir=out, uniform_bits=4, **SMALL))
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert [p.name for p in tmp_path.iterdir()] == ["precious"]
+
+
+def test_rerun_replaces_an_artifact_whole(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "a"
+    run_pipeline(RunConfig(model=str(tiny_llama_dir), out_dir=out, uniform_bits=4, **SMALL))
+    second = run_pipeline(RunConfig(model=str(tiny_llama_dir), out_dir=out, uniform_bits=2, **SMALL))
+    assert json.loads((out / MANIFEST).read_text())["units"][0]["bits"] == 2
+    assert second.manifest_sha256 == sha256_file(out / MANIFEST)
+    assert [p.name for p in tmp_path.iterdir()] == ["a"]
+
+
+def test_tampered_artifact_fails_checksum(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "t"
+    run_pipeline(RunConfig(model=str(tiny_llama_dir), out_dir=out, uniform_bits=4, **SMALL))
+    with (out / "quantized.safetensors").open("r+b") as handle:
+        handle.seek(-1, 2)
+        handle.write(b"\x00" if handle.read(1) != b"\x00" else b"\x01")
+    with pytest.raises(ArtifactError, match="fails its sha256 check"):
+        load_artifact(out)
+    with pytest.raises(ArtifactError, match="manifest.json is missing"):
+        load_artifact(tmp_path)

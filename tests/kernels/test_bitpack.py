@@ -1,0 +1,43 @@
+"""Bit packing: round trips over shapes and widths, and fixed bit patterns written out in binary."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.bitpack import pack_bitstream_int32, packed_words, unpack_bitstream_int32
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("count", [1, 7, 32, 33, 100, 4096 + 3])
+def test_round_trip(bits: int, count: int) -> None:
+    generator = torch.Generator().manual_seed(bits * 1000 + count)
+    values = torch.randint(0, 1 << bits, (count,), generator=generator)
+    words = pack_bitstream_int32(values, bits=bits)
+    assert words.dtype == torch.int32
+    assert words.numel() == packed_words(count, bits) == -(-count * bits // 32)
+    assert torch.equal(unpack_bitstream_int32(words, bits=bits, count=count), values.to(torch.uint8))
+
+
+def test_three_bit_is_not_rounded_up() -> None:
+    assert packed_words(32, 3) == 3  # 96 bits, not 32 * 4 bits
+    assert packed_words(576 * 576, 3) * 32 == 576 * 576 * 3
+
+
+def test_fixed_patterns() -> None:
+    # 4-bit values 1..8: value i sits at bits [4i, 4i+4), least significant first.
+    words = pack_bitstream_int32(torch.arange(1, 9), bits=4)
+    assert int(words[0]) & 0xFFFFFFFF == 0b1000_0111_0110_0101_0100_0011_0010_0001
+    # 3-bit values straddle words: eleven 7s fill 33 bits; the 11th value's top bit is bit 0 of word 1.
+    words = pack_bitstream_int32(torch.full((11,), 7), bits=3)
+    assert int(words[0]) & 0xFFFFFFFF == 0xFFFFFFFF
+    assert int(words[1]) == 0b1
+    # 2-bit values 0,1,2,3 -> 0b11_10_01_00
+    assert int(pack_bitstream_int32(torch.tensor([0, 1, 2, 3]), bits=2)[0]) == 0b11100100
+
+
+def test_out_of_range_values_are_rejected() -> None:
+    with pytest.raises(ValueError, match=r"values must lie in \[0, 8\)"):
+        pack_bitstream_int32(torch.tensor([8]), bits=3)
+    with pytest.raises(ValueError, match="bits must be between 1 and 8"):
+        pack_bitstream_int32(torch.tensor([1]), bits=9)
