@@ -61,21 +61,43 @@ def _parse_bits(text: str) -> tuple[int, ...]:
         raise BitplanError(f"--bits takes comma-separated integers such as 2,3,4,8, got {text!r}") from None
 
 
-def _cmd_run(args: argparse.Namespace) -> None:
-    from bitplan.pipeline import RunConfig, run_pipeline
+def _parse_budgets(text: str | None) -> list[float]:
+    if text is None:
+        return []
+    try:
+        budgets = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise BitplanError(f"--bpw takes a number or comma-separated numbers such as 3.5 or 3,3.5,4, got {text!r}")
+    if not budgets:
+        raise BitplanError("--bpw needs at least one number")
+    return budgets
 
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from bitplan.pipeline import RunConfig, run_budgets
+
+    budgets = _parse_budgets(args.bpw)
     config = RunConfig(
-        model=args.model, out_dir=Path(args.out), bits_per_weight=args.bpw, budget_bytes=args.bytes,
+        model=args.model, out_dir=Path(args.out), bits_per_weight=budgets[0] if budgets else None,
+        budget_bytes=args.bytes,
         uniform_bits=args.uniform_bits, candidate_bits=_parse_bits(args.bits), group_size=args.group_size,
         metric=args.metric, calibration_text=None if args.calibration is None else Path(args.calibration),
         num_samples=args.samples, seq_len=args.seq_len, seed=args.seed, solver=args.solver,
     )
+    out = Path(args.out)
+    if len(budgets) > 1:
+        out_dirs = [out / f"bpw-{b:g}" for b in budgets]
+    else:
+        out_dirs = [out]
     progress = Progress(not args.quiet)
     try:
-        result = run_pipeline(config, on_progress=progress)
+        results = run_budgets(config, budgets or [None], out_dirs=out_dirs, on_progress=progress)
     finally:
         progress.close()
-    _emit(result.to_json(), args.json)
+    if len(results) == 1:
+        _emit(results[0].to_json(), args.json)
+    else:
+        _emit({"runs": [r.to_json() for r in results]}, args.json)
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -135,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="allocate bits, quantize and write an artifact")
     run.add_argument("--model", required=True, help="bundled id, HF folder, .safetensors or .gguf file")
     budget = run.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--bpw", type=float, help="budget in effective bits per weight (scales and zeros counted)")
+    budget.add_argument("--bpw", help="budget in effective bits per weight (scales and zeros counted); several "
+                                      "comma-separated budgets share one sensitivity pass and write OUT/bpw-B")
     budget.add_argument("--bytes", type=int, help="budget in bytes of the quantized layers")
     budget.add_argument("--uniform-bits", type=int, help="uniform baseline: every unit at this bit width")
     run.add_argument("--out", required=True, help="artifact directory to write")

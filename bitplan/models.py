@@ -183,9 +183,28 @@ def _auto_class(kind: ModelKind) -> Any:
     return transformers.AutoModelForCausalLM if kind is ModelKind.CAUSAL_LM else transformers.AutoModel
 
 
+def validate_gguf(path: Path) -> None:
+    """Parse a GGUF file's header with the ``gguf`` package and check every tensor lies inside the file."""
+    import struct
+
+    from gguf import GGUFReader
+
+    size = path.stat().st_size
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, struct.error, OSError, IndexError, KeyError, UnicodeDecodeError) as error:
+        raise ModelReferenceError(f"{path} is not a valid GGUF file ({error})") from None
+    for tensor in reader.tensors:
+        end = int(tensor.data_offset) + int(tensor.n_bytes)
+        if end > size:
+            raise ModelReferenceError(f"{path}: tensor {tensor.name!r} ends at byte {end}, past the file's {size} "
+                                      f"bytes (truncated file?)")
+
+
 def _load_gguf(path: Path, reference: str) -> tuple[nn.Module, Any, ModelKind]:
     from transformers import AutoConfig, AutoTokenizer
 
+    validate_gguf(path)
     try:
         config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     except (ValueError, KeyError, OSError) as error:

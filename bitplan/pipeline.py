@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -172,17 +172,51 @@ def allocation_problem(sizes: dict[str, dict[int, int]], sensitivity: Sensitivit
     )
 
 
+def _quantize_and_write(config: RunConfig, loaded: LoadedModel, units: dict[str, nn.Linear],
+                        chosen: dict[str, int], manifest_fields: dict[str, Any], out_dir: Path,
+                        on_progress: ProgressFn | None) -> tuple[Any, dict[str, float]]:
+    """Steps 6 and 7: RTN-quantize each unit at its bit width, then pack and write the artifact."""
+    timings = {}
+    started = time.perf_counter()
+    quantized = {}
+    for index, (name, module) in enumerate(units.items()):
+        quantized[name] = quantize_rtn(module.weight, bits=chosen[name], group_size=config.group_size)
+        if on_progress is not None:
+            on_progress("quantize", index + 1, len(units))
+    timings["quantize"] = round(time.perf_counter() - started, 3)
+    started = time.perf_counter()
+    written = write_artifact(out_dir, model=loaded.model, tokenizer=loaded.tokenizer, kind=loaded.kind,
+                             quantized=quantized, manifest_fields=manifest_fields)
+    timings["write"] = round(time.perf_counter() - started, 3)
+    return written, timings
+
+
 def run_pipeline(config: RunConfig, *, on_progress: ProgressFn | None = None) -> RunResult:
-    """Quantize ``config.model`` under ``config``'s budget and write the artifact.
+    """Quantize ``config.model`` under ``config``'s budget and write the artifact to ``config.out_dir``."""
+    budgets = [config.bits_per_weight] if config.bits_per_weight is not None else [None]
+    return run_budgets(config, budgets, out_dirs=[config.out_dir], on_progress=on_progress)[0]
+
+
+def run_budgets(config: RunConfig, bits_per_weight: list[float | None], *, out_dirs: list[Path],
+                on_progress: ProgressFn | None = None) -> list[RunResult]:
+    """Quantize ``config.model`` at each budget, computing the sensitivities once.
+
+    ``bits_per_weight[i]`` (``None``: use ``config.budget_bytes`` or ``config.uniform_bits``) is written to
+    ``out_dirs[i]``.
 
     1. Load the model reference (bundled id, HF folder, .safetensors, .gguf).
-    2. Find the units (linear layers in the blocks) and check the budget against the achievable range.
+    2. Find the units (linear layers in the blocks) and check every budget against the achievable range.
     3. Build the calibration set (text file or built-in text) and record its hash.
     4. Compute the sensitivity: predicted loss increase per (unit, bit width).
-    5. Allocate bits per unit exactly (integer program) within the budget.
+    5. Allocate bits per unit exactly (integer program) within each budget.
     6. Quantize every unit with round-to-nearest at its bit width.
     7. Pack and write the artifact atomically; sizes are measured from the written file.
     """
+    if len(bits_per_weight) != len(out_dirs) or not bits_per_weight:
+        raise BitplanError("give one output directory per budget")
+    configs = [config if b is None else replace(config, bits_per_weight=b) for b in bits_per_weight]
+    for each in configs:
+        check_budget_coarsely(each)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -192,65 +226,69 @@ def run_pipeline(config: RunConfig, *, on_progress: ProgressFn | None = None) ->
         timings[stage] = round(now - clock, 3)
         clock = now
 
-    check_budget_coarsely(config)
     loaded = load_model(config.model)
     lap("load")
     units = find_units(loaded.model)
     bits = (config.uniform_bits,) if config.uniform_bits is not None else tuple(sorted(set(config.candidate_bits)))
     sizes = unit_sizes(units, bits, config.group_size)
     numel = sum(m.weight.numel() for m in units.values())
-    warnings: list[str] = []
-    calibration = None
-    metric: Metric | None = None
+    source = {"reference": config.model, "format": loaded.source_format, "sha256": loaded.source_sha256}
     if config.uniform_bits is not None:
         chosen = {name: config.uniform_bits for name in units}
-        status, objective, lower_bound = "uniform", None, None
-        budget = {"uniform_bits": config.uniform_bits}
-    else:
-        budget_bytes = budget_in_bytes(config, sizes, numel)
-        metric = _resolve_metric(config.metric, loaded.kind)
-        lap("plan")
-        calib = build_calibration_set(loaded.tokenizer, text_file=config.calibration_text,
-                                      num_samples=config.num_samples, seq_len=config.seq_len, seed=config.seed)
-        calibration = {"sha256": calib.sha256, "source": calib.source, "num_samples": config.num_samples,
-                       "seq_len": config.seq_len, "seed": config.seed}
-        lap("calibration")
-        sensitivity = run_sensitivity(loaded, units, config, metric, calib.tokens, on_progress)
-        warnings += list(sensitivity.warnings)
-        lap("sensitivity")
-        problem = allocation_problem(sizes, sensitivity, bits, budget_bytes)
+        manifest_fields = {"source": source, "budget": {"uniform_bits": config.uniform_bits},
+                           "group_size": config.group_size, "candidate_bits": list(bits),
+                           "solver": {"status": "uniform", "objective": None, "lower_bound": None},
+                           "sensitivity": {"metric": None, "warnings": []}, "calibration": None,
+                           "quantizer": "rtn-asymmetric"}
+        written, stage_times = _quantize_and_write(config, loaded, units, chosen, manifest_fields, out_dirs[0],
+                                                   on_progress)
+        return [_result(config, written, chosen, sizes, manifest_fields, {**timings, **stage_times})]
+    budget_bytes = [budget_in_bytes(each, sizes, numel) for each in configs]
+    metric = _resolve_metric(config.metric, loaded.kind)
+    lap("plan")
+    calib = build_calibration_set(loaded.tokenizer, text_file=config.calibration_text,
+                                  num_samples=config.num_samples, seq_len=config.seq_len, seed=config.seed)
+    calibration = {"sha256": calib.sha256, "source": calib.source, "num_samples": config.num_samples,
+                   "seq_len": config.seq_len, "seed": config.seed}
+    lap("calibration")
+    sensitivity = run_sensitivity(loaded, units, config, metric, calib.tokens, on_progress)
+    lap("sensitivity")
+    results = []
+    for each, budget, out_dir in zip(configs, budget_bytes, out_dirs, strict=True):
+        started = time.perf_counter()
+        problem = allocation_problem(sizes, sensitivity, bits, budget)
         allocation = solve_allocation(problem, solver=config.solver, time_limit_s=config.time_limit_s)
         if allocation.status in (SolverStatus.INFEASIBLE, SolverStatus.TIME_LIMIT):
             raise BudgetError(f"allocation failed ({allocation.status.value}): {allocation.message}")
         chosen = {unit.name: unit.options[k].bits for unit, k in zip(problem.units, allocation.choice, strict=True)}
-        status, objective, lower_bound = allocation.status.value, allocation.objective, allocation.lower_bound
-        budget = {"bits_per_weight": config.bits_per_weight, "bytes": budget_bytes, "solver": allocation.solver,
-                  "solve_s": allocation.solve_s}
-        lap("allocation")
-    quantized = {}
-    for index, (name, module) in enumerate(units.items()):
-        quantized[name] = quantize_rtn(module.weight, bits=chosen[name], group_size=config.group_size)
-        if on_progress is not None:
-            on_progress("quantize", index + 1, len(units))
-    lap("quantize")
-    written = write_artifact(
-        config.out_dir, model=loaded.model, tokenizer=loaded.tokenizer, kind=loaded.kind, quantized=quantized,
-        manifest_fields={
-            "source": {"reference": config.model, "format": loaded.source_format, "sha256": loaded.source_sha256},
-            "budget": budget, "group_size": config.group_size, "candidate_bits": list(bits),
-            "solver": {"status": status, "objective": objective, "lower_bound": lower_bound},
-            "sensitivity": {"metric": None if metric is None else metric.value, "warnings": warnings},
+        manifest_fields = {
+            "source": source,
+            "budget": {"bits_per_weight": each.bits_per_weight, "bytes": budget},
+            "group_size": config.group_size, "candidate_bits": list(bits),
+            "solver": {"name": allocation.solver, "status": allocation.status.value,
+                       "objective": allocation.objective, "lower_bound": allocation.lower_bound,
+                       "solve_s": allocation.solve_s},
+            "sensitivity": {"metric": metric.value, "warnings": list(sensitivity.warnings)},
             "calibration": calibration, "quantizer": "rtn-asymmetric",
-        },
-    )
-    lap("write")
+        }
+        allocation_s = round(time.perf_counter() - started, 3)
+        written, stage_times = _quantize_and_write(each, loaded, units, chosen, manifest_fields, out_dir, on_progress)
+        results.append(_result(each, written, chosen, sizes, manifest_fields,
+                               {**timings, "allocation": allocation_s, **stage_times}))
+    return results
+
+
+def _result(config: RunConfig, written: Any, chosen: dict[str, int], sizes: dict[str, dict[int, int]],
+            manifest_fields: dict[str, Any], timings: dict[str, float]) -> RunResult:
     predicted = sum(sizes[name][b] for name, b in chosen.items())
     if predicted != written.quantized_bytes:
         raise RuntimeError(f"size model drifted: predicted {predicted} bytes, wrote {written.quantized_bytes}")
+    solver = manifest_fields["solver"]
     return RunResult(
         artifact=str(written.path), bits_per_weight=written.bits_per_weight, bytes=written.quantized_bytes,
-        status=status, objective=objective, lower_bound=lower_bound,
+        status=solver["status"], objective=solver["objective"], lower_bound=solver["lower_bound"],
         units=[{"name": n, "bits": b, "group_size": config.group_size} for n, b in chosen.items()],
-        model=config.model, metric=None if metric is None else metric.value, budget=budget, calibration=calibration,
-        manifest_sha256=written.manifest_sha256, timings_s=timings, predicted_bytes=predicted, warnings=warnings,
+        model=config.model, metric=manifest_fields["sensitivity"]["metric"], budget=manifest_fields["budget"],
+        calibration=manifest_fields["calibration"], manifest_sha256=written.manifest_sha256, timings_s=timings,
+        predicted_bytes=predicted, warnings=manifest_fields["sensitivity"]["warnings"],
     )

@@ -78,3 +78,13 @@ def test_allocate_contract(tmp_path: Path) -> None:
     path.write_text(json.dumps(problem))
     infeasible = last_json(bitplan("allocate", "--problem", str(path), "--json"))
     assert infeasible["status"] == "infeasible" and infeasible["min_feasible_bytes"] == 30
+
+
+def test_several_budgets_share_one_sensitivity_pass(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    result = last_json(bitplan("run", "--model", str(tiny_llama_dir), "--bpw", "3,4.5", "--out", str(tmp_path),
+                               "--json", "--samples", "2", "--seq-len", "32", "--group-size", "64"))
+    runs = result["runs"]
+    assert [Path(r["artifact"]).name for r in runs] == ["bpw-3", "bpw-4.5"]
+    assert runs[0]["bits_per_weight"] <= 3 < runs[1]["bits_per_weight"] <= 4.5
+    assert runs[0]["objective"] >= runs[1]["objective"]
+    assert runs[0]["calibration"]["sha256"] == runs[1]["calibration"]["sha256"]

@@ -89,3 +89,20 @@ def test_hf_folder_and_single_file_load_the_same_weights(tiny_llama_dir: Path) -
 
 def test_bundled_models_are_listed() -> None:
     assert {"smollm2-135m", "minilm-l6"} <= set(BUNDLED_MODELS)
+
+
+@pytest.mark.parametrize("content", [b"GGUFxxxxgarbage", b"not a gguf file at all" * 10, b""])
+def test_malformed_gguf(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "model.gguf"
+    path.write_bytes(content)
+    with pytest.raises(ModelReferenceError, match="not a valid GGUF file"):
+        load_model(str(path))
+
+
+def test_truncated_gguf(tmp_path: Path) -> None:
+    source = BUNDLED_MODELS["smollm2-135m"].path()
+    path = tmp_path / "truncated.gguf"
+    with source.open("rb") as handle:
+        path.write_bytes(handle.read(4 << 20))
+    with pytest.raises(ModelReferenceError, match="not a valid GGUF file|past the file's"):
+        load_model(str(path))

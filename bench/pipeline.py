@@ -1,0 +1,97 @@
+"""Benchmark of the whole pipeline on SmolLM2-135M: WikiText-2 perplexity of float, uniform RTN and mixed
+allocations, sizes measured from the artifacts, and the time of every stage. Prints one JSON object.
+
+    python bench/pipeline.py [--text ../shared/data/wikitext2/wiki.test.raw] [--out runs/bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bitplan.artifact import load_artifact
+from bitplan.calibration import read_text
+from bitplan.evaluation import perplexity, tokenize_for_perplexity
+from bitplan.models import load_model
+from bitplan.pipeline import RunConfig, run_budgets
+
+DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "wiki.test.raw"
+
+
+def evaluate_artifact(path: str, text: str, seq_len: int, windows: int) -> dict[str, float]:
+    started = time.perf_counter()
+    model, tokenizer, _ = load_artifact(Path(path))
+    result = perplexity(model, tokenize_for_perplexity(tokenizer, text), seq_len=seq_len, max_windows=windows)
+    return {"ppl": result.ppl, "tokens": result.tokens, "eval_s": round(time.perf_counter() - started, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--text", type=Path, default=DEFAULT_TEXT)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench"))
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--windows", type=int, default=64)
+    parser.add_argument("--metric", default="auto")
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--budgets", default="3.5,3.75")
+    args = parser.parse_args()
+    text = read_text(args.text)
+    report: dict[str, object] = {
+        "benchmark": "pipeline", "model": args.model, "text": str(args.text), "seq_len": args.seq_len,
+        "windows": args.windows, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+                    "torch": torch.__version__},
+        "command": " ".join(sys.argv),
+    }
+    started = time.perf_counter()
+    loaded = load_model(args.model)
+    ids = tokenize_for_perplexity(loaded.tokenizer, text)
+    float_ppl = perplexity(loaded.model, ids, seq_len=args.seq_len, max_windows=args.windows)
+    report["float"] = {"ppl": float_ppl.ppl, "tokens": float_ppl.tokens,
+                       "eval_s": round(time.perf_counter() - started, 1)}
+    del loaded
+    uniform = {}
+    for bits in (3, 4):
+        config = RunConfig(model=args.model, out_dir=args.out / f"uniform-{bits}", uniform_bits=bits)
+        run = run_budgets(config, [None], out_dirs=[config.out_dir])[0]
+        uniform[bits] = {"bits_per_weight": run.bits_per_weight, "bytes": run.bytes, "timings_s": run.timings_s,
+                         **evaluate_artifact(run.artifact, text, args.seq_len, args.windows)}
+    report["uniform_rtn"] = {str(b): v for b, v in uniform.items()}
+    midpoint = (uniform[3]["bits_per_weight"] + uniform[4]["bits_per_weight"]) / 2
+    budgets = [float(b) for b in args.budgets.split(",")] + [round(midpoint, 4)]
+    config = RunConfig(model=args.model, out_dir=args.out, bits_per_weight=budgets[0], metric=args.metric,
+                       num_samples=args.samples)
+    runs = run_budgets(config, budgets, out_dirs=[args.out / f"mixed-{b:g}" for b in budgets])
+    log3, log4 = math.log(uniform[3]["ppl"]), math.log(uniform[4]["ppl"])
+    mixed = []
+    for budget, run in zip(budgets, runs, strict=True):
+        entry = {"budget_bpw": budget, "bits_per_weight": run.bits_per_weight, "bytes": run.bytes,
+                 "within_budget": run.bits_per_weight <= budget, "status": run.status, "objective": run.objective,
+                 "lower_bound": run.lower_bound, "metric": run.metric, "timings_s": run.timings_s,
+                 "bits_histogram": {str(b): sum(u["bits"] == b for u in run.units) for b in (2, 3, 4, 8)},
+                 **evaluate_artifact(run.artifact, text, args.seq_len, args.windows)}
+        entry["log_ppl_recovery"] = (log3 - math.log(entry["ppl"])) / (log3 - log4)
+        mixed.append(entry)
+    report["mixed"] = mixed
+    mid = mixed[-1]
+    report["midpoint_check"] = {"budget_bpw": mid["budget_bpw"], "ppl": mid["ppl"],
+                                "log_ppl_recovery": mid["log_ppl_recovery"], "target": 0.6,
+                                "passes": mid["log_ppl_recovery"] >= 0.6 and mid["within_budget"]}
+    single = runs[0].timings_s
+    report["single_budget_run_s"] = round(sum(single.values()), 1)
+    report["total_s"] = round(time.perf_counter() - started, 1)
+    sys.stdout.write(json.dumps(report) + "\n")
+
+
+if __name__ == "__main__":
+    main()
