@@ -100,6 +100,22 @@ def _cmd_run(args: argparse.Namespace) -> None:
         _emit({"runs": [r.to_json() for r in results]}, args.json)
 
 
+def _cmd_sensitivity(args: argparse.Namespace) -> None:
+    from bitplan.pipeline import RunConfig, measure_sensitivity
+
+    bits = _parse_bits(args.bits)
+    config = RunConfig(model=args.model, out_dir=Path("."), uniform_bits=None, bits_per_weight=float(max(bits)),
+                       candidate_bits=bits, group_size=args.group_size, metric=args.metric,
+                       calibration_text=None if args.calibration is None else Path(args.calibration),
+                       num_samples=args.samples, seq_len=args.seq_len, seed=args.seed)
+    progress = Progress(not args.quiet)
+    try:
+        result = measure_sensitivity(config, on_progress=progress)
+    finally:
+        progress.close()
+    _emit(result.to_json(), args.json)
+
+
 def _cmd_eval(args: argparse.Namespace) -> None:
     from bitplan.calibration import read_text
     from bitplan.evaluation import perplexity, tokenize_for_perplexity
@@ -175,6 +191,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=_cmd_run)
+
+    sens = sub.add_parser("sensitivity", help="predicted loss increase per (unit, bit width)")
+    sens.add_argument("--model", required=True)
+    sens.add_argument("--metric", default="auto", choices=METRIC_CHOICES)
+    sens.add_argument("--bits", default="2,3,4,8")
+    sens.add_argument("--group-size", type=int, default=128)
+    sens.add_argument("--calibration")
+    sens.add_argument("--samples", type=int, default=32)
+    sens.add_argument("--seq-len", type=int, default=512)
+    sens.add_argument("--seed", type=int, default=0)
+    sens.add_argument("--json", action="store_true")
+    sens.add_argument("--quiet", action="store_true")
+    sens.set_defaults(func=_cmd_sensitivity)
 
     evaluate = sub.add_parser("eval", help="perplexity of an artifact or a float model on a text file")
     evaluate.add_argument("--artifact")

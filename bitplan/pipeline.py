@@ -160,6 +160,16 @@ def run_sensitivity(loaded: LoadedModel, units: dict[str, nn.Linear], config: Ru
                                on_progress=on_progress)
 
 
+def measure_sensitivity(config: RunConfig, *, on_progress: ProgressFn | None = None) -> SensitivityResult:
+    """Steps 1-4 only: load, calibrate and compute the predicted loss increase per (unit, bit width)."""
+    loaded = load_model(config.model)
+    units = find_units(loaded.model)
+    calib = build_calibration_set(loaded.tokenizer, text_file=config.calibration_text,
+                                  num_samples=config.num_samples, seq_len=config.seq_len, seed=config.seed)
+    metric = _resolve_metric(config.metric, loaded.kind)
+    return run_sensitivity(loaded, units, config, metric, calib.tokens, on_progress)
+
+
 def allocation_problem(sizes: dict[str, dict[int, int]], sensitivity: SensitivityResult,
                        bits: tuple[int, ...], budget_bytes: int) -> AllocationProblem:
     """One unit per linear layer, one option per candidate bit width."""

@@ -88,3 +88,14 @@ def test_several_budgets_share_one_sensitivity_pass(tiny_llama_dir: Path, tmp_pa
     assert runs[0]["bits_per_weight"] <= 3 < runs[1]["bits_per_weight"] <= 4.5
     assert runs[0]["objective"] >= runs[1]["objective"]
     assert runs[0]["calibration"]["sha256"] == runs[1]["calibration"]["sha256"]
+
+
+@pytest.mark.parametrize("metric", ["output_error", "fisher_output_error", "hutchinson"])
+def test_sensitivity_contract(tiny_llama_dir: Path, metric: str) -> None:
+    result = last_json(bitplan("sensitivity", "--model", str(tiny_llama_dir), "--metric", metric, "--json",
+                               "--samples", "2", "--seq-len", "16", "--group-size", "64"))
+    assert result["metric"] == metric
+    unit = result["units"][0]
+    assert unit["name"] == "model.layers.0.self_attn.q_proj" and unit["numel"] == 64 * 64
+    assert set(unit["delta_loss"]) == {"2", "3", "4", "8"}
+    assert unit["delta_loss"]["2"] >= unit["delta_loss"]["8"]

@@ -1,0 +1,38 @@
+"""The HTTP app: meta routes, and openapi.yaml kept in sync with it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.openapi import render_openapi
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def client() -> TestClient:
+    return TestClient(create_app())
+
+
+def test_health(client: TestClient) -> None:
+    response = client.get("/healthz")
+    assert response.status_code == 200 and response.json()["status"] == "ok"
+
+
+def test_models(client: TestClient) -> None:
+    response = client.get("/v1/models")
+    assert response.status_code == 200
+    assert {"smollm2-135m", "minilm-l6"} <= {m["id"] for m in response.json()}
+
+
+def test_unknown_route_is_404(client: TestClient) -> None:
+    assert client.get("/v1/nothing").status_code == 404
+
+
+def test_openapi_yaml_is_in_sync() -> None:
+    assert (ROOT / "openapi.yaml").read_text() == render_openapi(), \
+        "openapi.yaml is stale: run python -m service.openapi > openapi.yaml"
