@@ -70,6 +70,7 @@ class HutchinsonConfig:
 
 
 def _squared_rtn_error(weight: torch.Tensor, bits: int, group_size: int) -> float:
+    weight = weight.detach()
     return float((dequantize_weight(quantize_rtn(weight, bits=bits, group_size=group_size)) - weight.float())
                  .pow(2).sum())
 

@@ -22,7 +22,7 @@ from sensitivity.activations import UnitStatistics
 
 def row_output_error(weight: torch.Tensor, dequantized: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     """``diag(dW H dW^T)``: ``(out_features,)`` summed squared output error per output channel."""
-    delta = dequantized.float() - weight.float()
+    delta = dequantized.float() - weight.detach().float()
     return ((delta @ gram) * delta).sum(dim=1)
 
 
@@ -38,12 +38,12 @@ def predict_output_error(
     if fisher and stats.output_grad_sq is None:
         raise ValueError("fisher_output_error needs output gradients; collect statistics with a loss function")
     tokens = max(stats.tokens, 1)
+    weight = weight.detach()
     result = {}
     for bits in bits_options:
         rows = row_output_error(weight, dequantize_weight(quantize_rtn(weight, bits=bits, group_size=group_size)),
                                 stats.gram)
-        if fisher:
-            assert stats.output_grad_sq is not None
+        if stats.output_grad_sq is not None and fisher:
             value = 0.5 * float((stats.output_grad_sq / tokens * rows).sum()) / tokens
         else:
             value = float(rows.sum()) / tokens
