@@ -159,4 +159,5 @@ class Allocation:
         }
         if self.status is SolverStatus.INFEASIBLE:
             result["min_feasible_bytes"] = self.min_feasible_bytes
+        result.update(self.extra)
         return result

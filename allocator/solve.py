@@ -6,15 +6,23 @@ from typing import Any
 
 from allocator.brute_force import solve_brute_force
 from allocator.ilp import solve_ilp
+from allocator.lagrangian import solve_lagrangian
 from allocator.problem import Allocation, AllocationProblem, Budget, Option, Unit
 
-SOLVERS = ("auto", "highs", "pulp", "brute_force")
+SOLVERS = ("auto", "highs", "pulp", "lagrangian", "brute_force")
+EXACT_UNIT_LIMIT = 20_000  # above this many units (or with a latency budget absent) auto uses the hull solver
 
 
 def solve_allocation(problem: AllocationProblem, *, solver: str = "auto", time_limit_s: float = 60.0) -> Allocation:
-    """Solve with the named solver; ``auto`` picks HiGHS."""
-    if solver in ("auto", "highs"):
+    """Solve with the named solver. ``auto``: HiGHS (exact) up to ``EXACT_UNIT_LIMIT`` units or whenever a
+    latency budget is set, else the Lagrangian hull solver (certified gap)."""
+    if solver == "auto":
+        large = len(problem.units) > EXACT_UNIT_LIMIT and problem.budget.latency is None
+        solver = "lagrangian" if large else "highs"
+    if solver == "highs":
         return solve_ilp(problem, time_limit_s=time_limit_s)
+    if solver == "lagrangian":
+        return solve_lagrangian(problem)
     if solver == "pulp":
         from allocator.pulp_backend import solve_pulp
 

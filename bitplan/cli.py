@@ -158,6 +158,11 @@ def _cmd_allocate(args: argparse.Namespace) -> None:
     except json.JSONDecodeError as error:
         raise BitplanError(f"problem file {path} is not valid JSON: {error}") from None
     problem = problem_from_json(data)
+    if args.frontier:
+        from allocator.lagrangian import pareto_frontier
+
+        _emit(pareto_frontier(problem), args.json)
+        return
     _emit(solve_allocation(problem, solver=args.solver, time_limit_s=args.time_limit).to_json(), args.json)
 
 
@@ -187,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--samples", type=int, default=32, help="calibration windows")
     run.add_argument("--seq-len", type=int, default=512, help="calibration window length in tokens")
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--solver", default="auto", choices=("auto", "highs", "pulp"))
+    run.add_argument("--solver", default="auto", choices=("auto", "highs", "pulp", "lagrangian"))
     run.add_argument("--json", action="store_true")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=_cmd_run)
@@ -217,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     allocate = sub.add_parser("allocate", help="solve a JSON allocation problem")
     allocate.add_argument("--problem", required=True)
-    allocate.add_argument("--solver", default="auto", choices=("auto", "highs", "pulp", "brute_force"))
+    allocate.add_argument("--solver", default="auto", choices=("auto", "highs", "pulp", "lagrangian", "brute_force"))
+    allocate.add_argument("--frontier", action="store_true",
+                          help="print every breakpoint of the distortion-versus-bytes frontier instead")
     allocate.add_argument("--time-limit", type=float, default=60.0)
     allocate.add_argument("--json", action="store_true")
     allocate.set_defaults(func=_cmd_allocate)

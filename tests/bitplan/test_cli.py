@@ -74,6 +74,10 @@ def test_allocate_contract(tmp_path: Path) -> None:
     result = last_json(bitplan("allocate", "--problem", str(path), "--json"))
     assert result["status"] == "optimal" and result["choice"] == [0, 1, 1]
     assert result["objective"] == 7.0 and result["bytes"] == 50 and result["lower_bound"] <= 7.0
+    fast = last_json(bitplan("allocate", "--problem", str(path), "--json", "--solver", "lagrangian"))
+    assert fast["objective"] == 7.0 and fast["lower_bound"] <= 7.0 and "multiplier" in fast
+    frontier = last_json(bitplan("allocate", "--problem", str(path), "--json", "--frontier"))
+    assert frontier[0] == {"bytes": 30.0, "objective": 18.0} and frontier[-1] == {"bytes": 60.0, "objective": 3.0}
     problem["budget"]["bytes"] = 20
     path.write_text(json.dumps(problem))
     infeasible = last_json(bitplan("allocate", "--problem", str(path), "--json"))
