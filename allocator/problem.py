@@ -106,7 +106,8 @@ class AllocationProblem:
         """Smallest and largest total bytes any allocation can reach (ties respected)."""
         low = high = 0.0
         for block in self.blocks():
-            sizes = [sum(self.units[i].options[k].bytes for i in block) for k in range(len(self.units[block[0]].options))]
+            n_options = len(self.units[block[0]].options)
+            sizes = [sum(self.units[i].options[k].bytes for i in block) for k in range(n_options)]
             low += min(sizes)
             high += max(sizes)
         return low, high

@@ -70,7 +70,8 @@ def fast_against_highs(n_units: int, seed: int, *, run_highs: bool) -> dict[str,
         problem = to_problem(sizes, costs, fraction=0.45)
         # HiGHS at its default relative gap (1e-4): the baseline as people run it.
         highs, highs_s = timed(solve_ilp, problem, time_limit_s=600, mip_rel_gap=1e-4)
-        entry.update({"highs_mip_rel_gap": 1e-4, "highs_s": highs_s, "highs_status": highs.status.value, "highs_objective": highs.objective,
+        entry.update({"highs_mip_rel_gap": 1e-4, "highs_s": highs_s, "highs_status": highs.status.value,
+                      "highs_objective": highs.objective,
                       "relative_difference": (solution.objective - highs.objective) / highs.objective,
                       "speedup": highs_s / fast_s})
     return entry

@@ -14,7 +14,6 @@ Layout of an artifact directory (format version 1):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import struct
@@ -29,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from bitplan.errors import ArtifactError
+from bitplan.hashing import sha256_file
 from bitplan.models import ModelKind
 from kernels.bitpack import pack_bitstream_int32
 from kernels.quant_linear import QuantLinear
@@ -54,14 +54,6 @@ class WrittenArtifact:
     @property
     def bits_per_weight(self) -> float:
         return 8.0 * self.quantized_bytes / self.quantized_numel
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def safetensors_data_bytes(path: Path) -> dict[str, int]:

@@ -5,7 +5,6 @@ Pickle-based formats are never opened.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from bitplan.errors import ModelReferenceError
+from bitplan.hashing import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -78,14 +78,6 @@ class LoadedModel:
 
 def _accepted() -> str:
     return ACCEPTED.format(ids=", ".join(BUNDLED_MODELS))
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def validate_safetensors_header(path: Path) -> None:
@@ -277,7 +269,7 @@ def load_model(reference: str) -> LoadedModel:
     nn.Module.float(model).eval()
     digest_target = path if path.is_file() else sorted(path.glob("*.safetensors"))[0]
     return LoadedModel(model=model, tokenizer=tokenizer, kind=kind, reference=reference,
-                       source_format=source_format, source_path=path, source_sha256=_sha256_file(digest_target))
+                       source_format=source_format, source_path=path, source_sha256=sha256_file(digest_target))
 
 
 def causal_lm_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:

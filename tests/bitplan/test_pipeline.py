@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitplan.artifact import MANIFEST, load_artifact, sha256_file
+from bitplan.artifact import MANIFEST, load_artifact
 from bitplan.errors import ArtifactError, BitplanError, BudgetError
+from bitplan.hashing import sha256_file
 from bitplan.models import load_model
 from bitplan.pipeline import RunConfig, run_pipeline
 from bitplan.units import find_units
