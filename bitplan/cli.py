@@ -67,7 +67,8 @@ def _parse_budgets(text: str | None) -> list[float]:
     try:
         budgets = [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise BitplanError(f"--bpw takes a number or comma-separated numbers such as 3.5 or 3,3.5,4, got {text!r}")
+        raise BitplanError(
+            f"--bpw takes a number or comma-separated numbers such as 3.5 or 3,3.5,4, got {text!r}") from None
     if not budgets:
         raise BitplanError("--bpw needs at least one number")
     return budgets
@@ -134,6 +135,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         model, tokenizer, kind = loaded.model, loaded.tokenizer, loaded.kind.value
     if kind != "causal-lm":
         raise BitplanError(f"perplexity needs a causal language model; this model is a {kind}")
+    if args.seq_len < 2 or (args.max_windows is not None and args.max_windows < 1):
+        raise BitplanError(f"need --seq-len >= 2 and --max-windows >= 1, got {args.seq_len} and {args.max_windows}")
     ids = tokenize_for_perplexity(tokenizer, read_text(Path(args.text)))
     progress = Progress(not args.quiet)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -53,6 +54,10 @@ class RunConfig:
         budgets = [self.bits_per_weight, self.budget_bytes, self.uniform_bits]
         if sum(b is not None for b in budgets) != 1:
             raise BitplanError("give exactly one of a bits-per-weight budget, a bytes budget or uniform bits")
+        if self.bits_per_weight is not None and not (math.isfinite(self.bits_per_weight) and self.bits_per_weight > 0):
+            raise BitplanError(f"bits per weight must be a positive finite number, got {self.bits_per_weight}")
+        if self.budget_bytes is not None and self.budget_bytes <= 0:
+            raise BitplanError(f"a bytes budget must be positive, got {self.budget_bytes}")
         bits = (self.uniform_bits,) if self.uniform_bits is not None else self.candidate_bits
         if not bits or any(not 1 <= b <= 8 for b in bits):
             raise BitplanError(f"bit widths must be between 1 and 8, got {list(bits)}")

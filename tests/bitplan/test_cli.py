@@ -57,6 +57,9 @@ def test_uniform_run(tiny_llama_dir: Path, tmp_path: Path) -> None:
     (["run", "--model", "smollm2-135m", "--bpw", "0.5", "--out", "x"], "below the smallest achievable size"),
     (["eval", "--artifact", "/nonexistent", "--text", "x.txt"], "not a bitplan artifact"),
     (["allocate", "--problem", "/nonexistent.json"], "problem file not found"),
+    (["run", "--model", "smollm2-135m", "--bpw", "inf", "--out", "x"], "positive finite number"),
+    (["run", "--model", "smollm2-135m", "--bpw", "3,abc", "--out", "x"], "--bpw takes a number"),
+    (["eval", "--model", "minilm-l6", "--text", "x.txt"], "perplexity needs a causal language model"),
 ])
 def test_bad_input_exits_2_with_reason(args: list[str], message: str) -> None:
     result = bitplan(*args, check=False)

@@ -91,6 +91,9 @@ def test_budget_out_of_range_is_rejected_before_heavy_work(tiny_llama_dir: Path,
     ({"uniform_bits": 9}, "between 1 and 8"),
     ({"bits_per_weight": 4.0, "metric": "magic"}, "unknown metric 'magic'"),
     ({"bits_per_weight": 4.0, "group_size": 0}, "group size must be a positive"),
+    ({"bits_per_weight": float("nan")}, "positive finite number"),
+    ({"bits_per_weight": float("inf")}, "positive finite number"),
+    ({"budget_bytes": -5}, "bytes budget must be positive"),
 ])
 def test_bad_config(kwargs: dict[str, object], message: str, tmp_path: Path) -> None:
     with pytest.raises(BitplanError, match=message):
