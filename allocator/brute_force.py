@@ -33,9 +33,8 @@ def solve_brute_force(problem: AllocationProblem, *, max_combinations: int = 2_0
             best = (objective, tuple(choice), used, latency)
     elapsed = time.perf_counter() - started
     if best is None:
-        return Allocation(status=SolverStatus.INFEASIBLE, choice=(), objective=None, lower_bound=None, bytes=None,
-                          latency=None, solve_s=elapsed, solver="brute_force",
-                          min_feasible_bytes=problem.bytes_range()[0], message="no combination fits the budget")
+        return Allocation.without_solution(problem, status=SolverStatus.INFEASIBLE, solver="brute_force",
+                                           solve_s=elapsed, message="no combination fits the budget")
     objective, choice, used, latency = best
     return Allocation(status=SolverStatus.OPTIMAL, choice=choice, objective=objective, lower_bound=objective,
                       bytes=used, latency=latency, solve_s=elapsed, solver="brute_force")

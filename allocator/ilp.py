@@ -15,26 +15,14 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_array
 
-from allocator.problem import Allocation, AllocationProblem, SolverStatus
-
-
-def _check_budget(problem: AllocationProblem, solver: str, started: float) -> Allocation | None:
-    """Return an ``infeasible`` answer, with the smallest feasible budget, before any solve."""
-    low, _ = problem.bytes_range()
-    if problem.budget.bytes is not None and problem.budget.bytes < low - 1e-9:
-        return Allocation(
-            status=SolverStatus.INFEASIBLE, choice=(), objective=None, lower_bound=None, bytes=None,
-            latency=None, solve_s=time.perf_counter() - started, solver=solver, min_feasible_bytes=low,
-            message=f"budget of {problem.budget.bytes:g} bytes is below the smallest achievable size {low:g} bytes",
-        )
-    return None
+from allocator.problem import Allocation, AllocationProblem, SolverStatus, reject_infeasible_budget
 
 
 def solve_ilp(problem: AllocationProblem, *, time_limit_s: float = 60.0, mip_rel_gap: float = 1e-7) -> Allocation:
     """Solve with HiGHS to a relative gap of ``mip_rel_gap`` (HiGHS' default, 1e-4, calls a solution 1e-4 from
     the bound optimal); on a time limit return the best solution found and its bound."""
     started = time.perf_counter()
-    early = _check_budget(problem, "highs", started)
+    early = reject_infeasible_budget(problem, "highs", started)
     if early is not None:
         return early
     offsets = np.cumsum([0] + [len(u.options) for u in problem.units])
@@ -76,9 +64,8 @@ def solve_ilp(problem: AllocationProblem, *, time_limit_s: float = 60.0, mip_rel
     elapsed = time.perf_counter() - started
     if result.x is None:
         status = SolverStatus.INFEASIBLE if result.status == 2 else SolverStatus.TIME_LIMIT
-        low, _ = problem.bytes_range()
-        return Allocation(status=status, choice=(), objective=None, lower_bound=None, bytes=None, latency=None,
-                          solve_s=elapsed, solver="highs", message=str(result.message), min_feasible_bytes=low)
+        return Allocation.without_solution(problem, status=status, solver="highs", solve_s=elapsed,
+                                           message=str(result.message))
     choice = tuple(int(np.argmax(result.x[offsets[u]:offsets[u + 1]])) for u in range(len(problem.units)))
     objective, used_bytes, latency = problem.evaluate(choice)
     bound = getattr(result, "mip_dual_bound", None)

@@ -43,10 +43,9 @@ def _block_arrays(problem: AllocationProblem) -> tuple[list[list[int]], np.ndarr
     sizes = np.full((len(blocks), width), np.inf)
     costs = np.full((len(blocks), width), np.inf)
     for row, block in enumerate(blocks):
-        for u in block:
-            for k, option in enumerate(problem.units[u].options):
-                sizes[row, k] = (0.0 if np.isinf(sizes[row, k]) else sizes[row, k]) + option.bytes
-                costs[row, k] = (0.0 if np.isinf(costs[row, k]) else costs[row, k]) + option.distortion
+        block_sizes, block_costs = problem.block_totals(block)
+        sizes[row, : len(block_sizes)] = block_sizes
+        costs[row, : len(block_costs)] = block_costs
     return blocks, sizes, costs
 
 
@@ -144,11 +143,10 @@ def solve_lagrangian(problem: AllocationProblem) -> Allocation:
     upgrades = hull_upgrades(problem)
     solution = solve_hull(upgrades, problem.budget.bytes)
     if solution is None:
-        return Allocation(status=SolverStatus.INFEASIBLE, choice=(), objective=None, lower_bound=None, bytes=None,
-                          latency=None, solve_s=time.perf_counter() - started, solver="lagrangian",
-                          min_feasible_bytes=upgrades.base_bytes,
-                          message=f"budget of {problem.budget.bytes:g} bytes is below the smallest achievable "
-                                  f"size {upgrades.base_bytes:g} bytes")
+        return Allocation.without_solution(
+            problem, status=SolverStatus.INFEASIBLE, solver="lagrangian", solve_s=time.perf_counter() - started,
+            message=f"budget of {problem.budget.bytes:g} bytes is below the smallest achievable size "
+                    f"{upgrades.base_bytes:g} bytes")
     choice = np.zeros(len(problem.units), dtype=int)
     for row, members in enumerate(upgrades.blocks or [[i] for i in range(len(problem.units))]):
         choice[members] = solution.option[row]

@@ -9,6 +9,7 @@ pick the same option index.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -102,12 +103,18 @@ class AllocationProblem:
         result += [[i] for i, unit in enumerate(self.units) if unit.tie is None]
         return result
 
+    def block_totals(self, block: list[int]) -> tuple[list[float], list[float]]:
+        """Bytes and distortion of each option index summed over the units of one block."""
+        n_options = len(self.units[block[0]].options)
+        sizes = [sum(self.units[i].options[k].bytes for i in block) for k in range(n_options)]
+        costs = [sum(self.units[i].options[k].distortion for i in block) for k in range(n_options)]
+        return sizes, costs
+
     def bytes_range(self) -> tuple[float, float]:
         """Smallest and largest total bytes any allocation can reach (ties respected)."""
         low = high = 0.0
         for block in self.blocks():
-            n_options = len(self.units[block[0]].options)
-            sizes = [sum(self.units[i].options[k].bytes for i in block) for k in range(n_options)]
+            sizes, _ = self.block_totals(block)
             low += min(sizes)
             high += max(sizes)
         return low, high
@@ -137,6 +144,13 @@ class Allocation:
     min_feasible_bytes: float | None = None
     extra: dict[str, float] = field(default_factory=dict)
 
+    @classmethod
+    def without_solution(cls, problem: AllocationProblem, *, status: SolverStatus, solver: str, solve_s: float,
+                         message: str) -> Allocation:
+        """An answer with no choice (infeasible, or nothing found in time), naming the smallest feasible size."""
+        return cls(status=status, choice=(), objective=None, lower_bound=None, bytes=None, latency=None,
+                   solve_s=solve_s, solver=solver, message=message, min_feasible_bytes=problem.bytes_range()[0])
+
     @property
     def gap(self) -> float | None:
         """Relative gap between objective and lower bound (0 when proven optimal)."""
@@ -162,3 +176,13 @@ class Allocation:
             result["min_feasible_bytes"] = self.min_feasible_bytes
         result.update(self.extra)
         return result
+
+
+def reject_infeasible_budget(problem: AllocationProblem, solver: str, started: float) -> Allocation | None:
+    """Return an ``infeasible`` answer, with the smallest feasible budget, before any solve."""
+    low, _ = problem.bytes_range()
+    if problem.budget.bytes is not None and problem.budget.bytes < low - 1e-9:
+        return Allocation.without_solution(
+            problem, status=SolverStatus.INFEASIBLE, solver=solver, solve_s=time.perf_counter() - started,
+            message=f"budget of {problem.budget.bytes:g} bytes is below the smallest achievable size {low:g} bytes")
+    return None

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import time
 
-from allocator.ilp import _check_budget
-from allocator.problem import Allocation, AllocationProblem, SolverStatus
+from allocator.problem import Allocation, AllocationProblem, SolverStatus, reject_infeasible_budget
 
 
 def solve_pulp(problem: AllocationProblem, *, time_limit_s: float = 60.0) -> Allocation:
@@ -15,7 +14,7 @@ def solve_pulp(problem: AllocationProblem, *, time_limit_s: float = 60.0) -> All
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError("solver 'pulp' needs PuLP: pip install 'bitplan[test]' or pip install pulp") from error
     started = time.perf_counter()
-    early = _check_budget(problem, "pulp", started)
+    early = reject_infeasible_budget(problem, "pulp", started)
     if early is not None:
         return early
     model = pulp.LpProblem("bitplan", pulp.LpMinimize)
@@ -40,9 +39,7 @@ def solve_pulp(problem: AllocationProblem, *, time_limit_s: float = 60.0) -> All
     state = pulp.LpStatus[model.status]
     if state != "Optimal":
         status = SolverStatus.INFEASIBLE if state == "Infeasible" else SolverStatus.TIME_LIMIT
-        return Allocation(status=status, choice=(), objective=None, lower_bound=None, bytes=None, latency=None,
-                          solve_s=elapsed, solver="pulp", message=state,
-                          min_feasible_bytes=problem.bytes_range()[0])
+        return Allocation.without_solution(problem, status=status, solver="pulp", solve_s=elapsed, message=state)
     choice = tuple(max(range(len(row)), key=lambda k, row=row: row[k].value() or 0.0) for row in x)
     objective, used, latency = problem.evaluate(choice)
     return Allocation(status=SolverStatus.OPTIMAL, choice=choice, objective=objective, lower_bound=objective,

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import torch
 
-from bitplan.artifact import load_artifact
 from bitplan.calibration import read_text
-from bitplan.evaluation import perplexity, tokenize_for_perplexity
+from bitplan.evaluation import artifact_perplexity, perplexity, tokenize_for_perplexity
 from bitplan.models import load_model
 from bitplan.pipeline import RunConfig, run_budgets
 
@@ -29,8 +28,7 @@ DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikite
 
 def evaluate_artifact(path: str, text: str, seq_len: int, windows: int) -> dict[str, float]:
     started = time.perf_counter()
-    model, tokenizer, _ = load_artifact(Path(path))
-    result = perplexity(model, tokenize_for_perplexity(tokenizer, text), seq_len=seq_len, max_windows=windows)
+    result = artifact_perplexity(Path(path), text, seq_len=seq_len, max_windows=windows)
     return {"ppl": result.ppl, "tokens": result.tokens, "eval_s": round(time.perf_counter() - started, 1)}
 
 

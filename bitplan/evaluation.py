@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,3 +56,13 @@ def perplexity(
             on_progress("perplexity", index + 1, n_windows)
     return PerplexityResult(ppl=math.exp(total_nll / n_windows), tokens=n_windows * seq_len, windows=n_windows,
                             seq_len=seq_len)
+
+
+def artifact_perplexity(path: Path, text: str, *, seq_len: int, max_windows: int | None = None,
+                        on_progress: ProgressFn | None = None) -> PerplexityResult:
+    """Load the artifact at ``path`` and measure its perplexity on ``text``."""
+    from bitplan.artifact import load_artifact
+
+    model, tokenizer, _ = load_artifact(path)
+    return perplexity(model, tokenize_for_perplexity(tokenizer, text), seq_len=seq_len, max_windows=max_windows,
+                      on_progress=on_progress)

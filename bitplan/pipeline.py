@@ -165,14 +165,21 @@ def run_sensitivity(loaded: LoadedModel, units: dict[str, nn.Linear], config: Ru
                                on_progress=on_progress)
 
 
+def calibrate_and_measure(config: RunConfig, loaded: LoadedModel, units: dict[str, nn.Linear],
+                          on_progress: ProgressFn | None) -> tuple[dict[str, Any], SensitivityResult]:
+    """Steps 3-4: the calibration set (returned as its manifest record) and the sensitivities it gives."""
+    metric = _resolve_metric(config.metric, loaded.kind)
+    calib = build_calibration_set(loaded.tokenizer, text_file=config.calibration_text,
+                                  num_samples=config.num_samples, seq_len=config.seq_len, seed=config.seed)
+    record = {"sha256": calib.sha256, "source": calib.source, "num_samples": config.num_samples,
+              "seq_len": config.seq_len, "seed": config.seed}
+    return record, run_sensitivity(loaded, units, config, metric, calib.tokens, on_progress)
+
+
 def measure_sensitivity(config: RunConfig, *, on_progress: ProgressFn | None = None) -> SensitivityResult:
     """Steps 1-4 only: load, calibrate and compute the predicted loss increase per (unit, bit width)."""
     loaded = load_model(config.model)
-    units = find_units(loaded.model)
-    calib = build_calibration_set(loaded.tokenizer, text_file=config.calibration_text,
-                                  num_samples=config.num_samples, seq_len=config.seq_len, seed=config.seed)
-    metric = _resolve_metric(config.metric, loaded.kind)
-    return run_sensitivity(loaded, units, config, metric, calib.tokens, on_progress)
+    return calibrate_and_measure(config, loaded, find_units(loaded.model), on_progress)[1]
 
 
 def allocation_problem(sizes: dict[str, dict[int, int]], sensitivity: SensitivityResult,
@@ -259,14 +266,8 @@ def run_budgets(config: RunConfig, bits_per_weight: list[float | None], *, out_d
                                                    on_progress)
         return [_result(config, written, chosen, sizes, manifest_fields, {**timings, **stage_times})]
     budget_bytes = [budget_in_bytes(each, sizes, numel) for each in configs]
-    metric = _resolve_metric(config.metric, loaded.kind)
     lap("plan")
-    calib = build_calibration_set(loaded.tokenizer, text_file=config.calibration_text,
-                                  num_samples=config.num_samples, seq_len=config.seq_len, seed=config.seed)
-    calibration = {"sha256": calib.sha256, "source": calib.source, "num_samples": config.num_samples,
-                   "seq_len": config.seq_len, "seed": config.seed}
-    lap("calibration")
-    sensitivity = run_sensitivity(loaded, units, config, metric, calib.tokens, on_progress)
+    calibration, sensitivity = calibrate_and_measure(config, loaded, units, on_progress)
     lap("sensitivity")
     results = []
     for each, budget, out_dir in zip(configs, budget_bytes, out_dirs, strict=True):
@@ -283,7 +284,7 @@ def run_budgets(config: RunConfig, bits_per_weight: list[float | None], *, out_d
             "solver": {"name": allocation.solver, "status": allocation.status.value,
                        "objective": allocation.objective, "lower_bound": allocation.lower_bound,
                        "solve_s": allocation.solve_s},
-            "sensitivity": {"metric": metric.value, "warnings": list(sensitivity.warnings)},
+            "sensitivity": {"metric": sensitivity.metric.value, "warnings": list(sensitivity.warnings)},
             "calibration": calibration, "quantizer": "rtn-asymmetric",
         }
         allocation_s = round(time.perf_counter() - started, 3)

@@ -13,17 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from bitplan.artifact import load_artifact
 from bitplan.calibration import read_text
-from bitplan.evaluation import perplexity, tokenize_for_perplexity
+from bitplan.evaluation import artifact_perplexity
 from bitplan.pipeline import RunConfig, run_budgets, run_pipeline
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
 def artifact_ppl(path: str, text: str) -> float:
-    model, tokenizer, _ = load_artifact(Path(path))
-    return perplexity(model, tokenize_for_perplexity(tokenizer, text), seq_len=512, max_windows=16).ppl
+    return artifact_perplexity(Path(path), text, seq_len=512, max_windows=16).ppl
 
 
 def test_issue2_mixed_beats_the_line_between_uniform_points(wikitext: Path, tmp_path: Path) -> None:
