@@ -13,11 +13,8 @@ import os
 import sys
 import time
 
+import _own_folder_off_path  # noqa: F401  (before any first-party import)
 import numpy as np
-
-# This script is named like the package it measures: keep its own folder off the import path.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
 
 from allocator import AllocationProblem, Budget, Option, Unit, solve_allocation
 from allocator.ilp import solve_ilp

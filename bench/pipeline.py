@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import _own_folder_off_path  # noqa: F401  (before any first-party import)
 import torch
 
 from bitplan.calibration import read_text

@@ -19,19 +19,16 @@ import sys
 import time
 from pathlib import Path
 
-# bench/allocator.py is named like the allocator package: keep this folder off the import path.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
+import _own_folder_off_path  # noqa: F401  (before any first-party import)
+import torch
+from scipy.stats import spearmanr
 
-import torch  # noqa: E402
-from scipy.stats import spearmanr  # noqa: E402
-
-from bitplan.calibration import read_text  # noqa: E402
-from bitplan.evaluation import perplexity, tokenize_for_perplexity  # noqa: E402
-from bitplan.models import load_model  # noqa: E402
-from bitplan.pipeline import RunConfig, measure_sensitivity  # noqa: E402
-from bitplan.units import find_units  # noqa: E402
-from quantizer.rtn import dequantize_weight, quantize_rtn  # noqa: E402
+from bitplan.calibration import read_text
+from bitplan.evaluation import perplexity, tokenize_for_perplexity
+from bitplan.models import load_model
+from bitplan.pipeline import RunConfig, measure_sensitivity
+from bitplan.units import find_units
+from quantizer.rtn import dequantize_weight, quantize_rtn
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "wiki.test.raw"
 METRICS = ("output_error", "fisher_output_error", "hutchinson")
