@@ -12,14 +12,14 @@ def solve_brute_force(problem: AllocationProblem, *, max_combinations: int = 2_0
     """Try every combination of options (ties respected) and keep the best feasible one."""
     started = time.perf_counter()
     blocks = problem.blocks()
-    sizes = [len(problem.units[block[0]].options) for block in blocks]
+    allowed = [[k for k, ok in enumerate(problem.block_allowed(block)) if ok] for block in blocks]
     total = 1
-    for size in sizes:
-        total *= size
+    for indices in allowed:
+        total *= len(indices)
     if total > max_combinations:
         raise ValueError(f"{total} combinations exceed max_combinations={max_combinations}; use solve_ilp")
     best: tuple[float, tuple[int, ...], float, float | None] | None = None
-    for picks in itertools.product(*(range(s) for s in sizes)):
+    for picks in itertools.product(*allowed):
         choice = [0] * len(problem.units)
         for block, k in zip(blocks, picks, strict=True):
             for u in block:

@@ -5,6 +5,7 @@ Variables ``x[u, k]`` (unit ``u`` takes option ``k``):
     subject to  sum_k x[u,k] = 1                      for every unit
                 sum_{u,k} bytes[u,k] * x[u,k] <= B     (and the same for latency)
                 x[u,k] = x[v,k]                        for tied units u, v
+                x[u,k] = 0                             where the unit's bit bounds exclude option k
 """
 
 from __future__ import annotations
@@ -54,11 +55,12 @@ def solve_ilp(problem: AllocationProblem, *, time_limit_s: float = 60.0, mip_rel
                 add_row([(int(offsets[first]) + k, 1.0), (int(offsets[other]) + k, -1.0)], 0.0, 0.0)
 
     matrix = coo_array((vals, (rows, cols)), shape=(len(lower), n_vars)).tocsr()
+    allowed = np.array([ok for unit in problem.units for ok in unit.allowed()], dtype=float)
     result = milp(
         cost,
         constraints=LinearConstraint(matrix, np.array(lower), np.array(upper)),
         integrality=np.ones(n_vars),
-        bounds=Bounds(0, 1),
+        bounds=Bounds(0, allowed),
         options={"time_limit": time_limit_s, "mip_rel_gap": mip_rel_gap},
     )
     elapsed = time.perf_counter() - started

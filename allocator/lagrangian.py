@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from allocator.core import close_gap as close_gap_exactly
 from allocator.problem import Allocation, AllocationProblem, SolverStatus
 
 
@@ -36,7 +37,7 @@ class HullUpgrades:
     delta_distortion: np.ndarray  # negative: an upgrade lowers distortion
 
 
-def _block_arrays(problem: AllocationProblem) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
+def block_arrays(problem: AllocationProblem) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
     """Per-block option bytes and distortions ``(n_blocks, max_options)``, padded with +inf."""
     blocks = problem.blocks()
     width = max(len(problem.units[b[0]].options) for b in blocks)
@@ -51,7 +52,7 @@ def _block_arrays(problem: AllocationProblem) -> tuple[list[list[int]], np.ndarr
 
 def hull_upgrades(problem: AllocationProblem) -> HullUpgrades:
     """Walk every block's lower convex hull at once (``max_options`` vectorized steps)."""
-    blocks, sizes, costs = _block_arrays(problem)
+    blocks, sizes, costs = block_arrays(problem)
     return hull_upgrades_arrays(sizes, costs, blocks=blocks)
 
 
@@ -135,29 +136,39 @@ def solve_hull(upgrades: HullUpgrades, budget: float) -> HullSolution | None:
                         multiplier=multiplier)
 
 
-def solve_lagrangian(problem: AllocationProblem) -> Allocation:
-    """Integer allocation with a certified LP lower bound, for a bytes budget (latency unsupported here)."""
+def solve_lagrangian(problem: AllocationProblem, *, close_gap: bool = True, max_core: int = 2_000) -> Allocation:
+    """Integer allocation with a certified LP lower bound, for a bytes budget (latency unsupported here).
+    With ``close_gap`` the blocks that the LP bound leaves open are re-solved exactly (``allocator.core``), which
+    proves optimality whenever at most ``max_core`` blocks are open."""
     started = time.perf_counter()
     if problem.budget.latency is not None or problem.budget.bytes is None:
         raise ValueError("the lagrangian solver handles a bytes budget only; use solver 'highs' for latency")
-    upgrades = hull_upgrades(problem)
+    blocks, sizes, costs = block_arrays(problem)
+    upgrades = hull_upgrades_arrays(sizes, costs, blocks=blocks)
     solution = solve_hull(upgrades, problem.budget.bytes)
     if solution is None:
         return Allocation.without_solution(
             problem, status=SolverStatus.INFEASIBLE, solver="lagrangian", solve_s=time.perf_counter() - started,
             message=f"budget of {problem.budget.bytes:g} bytes is below the smallest achievable size "
                     f"{upgrades.base_bytes:g} bytes")
+    option, proven, extra = solution.option, False, {"multiplier": solution.multiplier}
+    if close_gap:
+        core = close_gap_exactly(sizes, costs, problem.budget.bytes, solution.option, solution.multiplier,
+                                 max_core=max_core)
+        option, proven = core.option, core.proven_optimal
+        extra.update({"open_blocks": core.open_blocks, "core_blocks": core.solved_blocks})
     choice = np.zeros(len(problem.units), dtype=int)
-    for row, members in enumerate(upgrades.blocks or [[i] for i in range(len(problem.units))]):
-        choice[members] = solution.option[row]
+    for row, members in enumerate(blocks):
+        choice[members] = option[row]
     objective, used, _ = problem.evaluate(tuple(int(k) for k in choice))
-    lower_bound = min(solution.lower_bound, objective)
-    gap = objective - lower_bound
-    status = SolverStatus.OPTIMAL if gap <= 1e-12 * max(1.0, abs(objective)) else SolverStatus.FEASIBLE
+    lower_bound = objective if proven else min(solution.lower_bound, objective)
+    status = SolverStatus.OPTIMAL if objective - lower_bound <= 1e-12 * max(1.0, abs(objective)) else \
+        SolverStatus.FEASIBLE
+    message = "proven optimal: LP bound plus an exact solve of the open blocks" if proven else \
+        "LP bound from the convex hulls"
     return Allocation(status=status, choice=tuple(int(k) for k in choice), objective=objective,
                       lower_bound=lower_bound, bytes=used, latency=None, solve_s=time.perf_counter() - started,
-                      solver="lagrangian", message="LP bound from the convex hulls",
-                      extra={"multiplier": solution.multiplier})
+                      solver="lagrangian", message=message, extra=extra)
 
 
 def _fill_remaining(upgrades: HullUpgrades, taken: np.ndarray, prefix: int, left: float, *,

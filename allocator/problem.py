@@ -3,7 +3,7 @@
 Each unit (a layer, a tensor or a group) has options (a bit width, ...) with a size in bytes (scales and zero
 points counted), a predicted distortion and optionally a latency. Pick one option per unit to minimize total
 distortion subject to a bytes budget (and optionally a latency budget). Units that share a ``tie`` label must
-pick the same option index.
+pick the same option index; ``min_bits`` / ``max_bits`` restrict a unit's options (equal values pin it).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import math
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+
+SOLVERS = ("auto", "highs", "pulp", "lagrangian", "baq", "cvxpy", "brute_force")
 
 
 class SolverStatus(str, Enum):
@@ -43,15 +45,28 @@ class Option:
 
 @dataclass(frozen=True)
 class Unit:
-    """A unit to allocate: a name, its options, and an optional tie label shared with fused units."""
+    """A unit to allocate: a name, its options, an optional tie label shared with fused units, and optional
+    bounds on its bits (``min_bits == max_bits`` pins it)."""
 
     name: str
     options: tuple[Option, ...]
     tie: str | None = None
+    min_bits: int | None = None
+    max_bits: int | None = None
 
     def __post_init__(self) -> None:
         if not self.options:
             raise ValueError(f"unit {self.name!r} has no options")
+        if not any(self.allowed()):
+            bits = sorted({o.bits for o in self.options})
+            raise ValueError(f"unit {self.name!r}: no option has bits in [{self.min_bits}, {self.max_bits}] "
+                             f"(its options have bits {bits})")
+
+    def allowed(self) -> list[bool]:
+        """Which options the bit bounds allow."""
+        low = -math.inf if self.min_bits is None else self.min_bits
+        high = math.inf if self.max_bits is None else self.max_bits
+        return [low <= o.bits <= high for o in self.options]
 
 
 @dataclass(frozen=True)
@@ -84,6 +99,9 @@ class AllocationProblem:
             if len(counts) > 1:
                 names = [self.units[i].name for i in members]
                 raise ValueError(f"tied units {names} must have the same number of options, got {sorted(counts)}")
+            if not any(self.block_allowed(members)):
+                names = [self.units[i].name for i in members]
+                raise ValueError(f"tied units {names}: their bit bounds leave no option allowed for all of them")
         if self.budget.latency is not None:
             missing = [u.name for u in self.units if any(o.latency is None for o in u.options)]
             if missing:
@@ -103,21 +121,46 @@ class AllocationProblem:
         result += [[i] for i, unit in enumerate(self.units) if unit.tie is None]
         return result
 
+    def block_allowed(self, block: list[int]) -> list[bool]:
+        """Option indices that every unit of a block allows."""
+        masks = [self.units[i].allowed() for i in block]
+        return [all(column) for column in zip(*masks, strict=True)]
+
     def block_totals(self, block: list[int]) -> tuple[list[float], list[float]]:
-        """Bytes and distortion of each option index summed over the units of one block."""
+        """Bytes and distortion of each option index summed over the units of one block (``inf`` where the
+        bit bounds exclude the option)."""
         n_options = len(self.units[block[0]].options)
-        sizes = [sum(self.units[i].options[k].bytes for i in block) for k in range(n_options)]
-        costs = [sum(self.units[i].options[k].distortion for i in block) for k in range(n_options)]
+        allowed = self.block_allowed(block)
+        sizes = [sum(self.units[i].options[k].bytes for i in block) if allowed[k] else math.inf
+                 for k in range(n_options)]
+        costs = [sum(self.units[i].options[k].distortion for i in block) if allowed[k] else math.inf
+                 for k in range(n_options)]
         return sizes, costs
 
+    def block_latencies(self, block: list[int]) -> list[float]:
+        """Latency of each option index summed over a block (``inf`` where excluded or unknown)."""
+        allowed = self.block_allowed(block)
+        result = []
+        for k, ok in enumerate(allowed):
+            values = [self.units[i].options[k].latency for i in block]
+            result.append(math.inf if not ok or any(v is None for v in values) else float(sum(values)))  # type: ignore[arg-type]
+        return result
+
     def bytes_range(self) -> tuple[float, float]:
-        """Smallest and largest total bytes any allocation can reach (ties respected)."""
+        """Smallest and largest total bytes any allocation can reach (ties and bit bounds respected)."""
         low = high = 0.0
         for block in self.blocks():
             sizes, _ = self.block_totals(block)
             low += min(sizes)
-            high += max(sizes)
+            high += max(s for s in sizes if math.isfinite(s))
         return low, high
+
+    def min_latency(self) -> float | None:
+        """Smallest total latency any allocation can reach, ``None`` when some option has no latency."""
+        total = 0.0
+        for block in self.blocks():
+            total += min(self.block_latencies(block))
+        return total if math.isfinite(total) else None
 
     def evaluate(self, choice: list[int] | tuple[int, ...]) -> tuple[float, float, float | None]:
         """Objective, bytes and latency of a choice (one option index per unit)."""
@@ -142,6 +185,7 @@ class Allocation:
     solver: str
     message: str = ""
     min_feasible_bytes: float | None = None
+    min_feasible_latency: float | None = None
     extra: dict[str, float] = field(default_factory=dict)
 
     @classmethod
@@ -149,7 +193,8 @@ class Allocation:
                          message: str) -> Allocation:
         """An answer with no choice (infeasible, or nothing found in time), naming the smallest feasible size."""
         return cls(status=status, choice=(), objective=None, lower_bound=None, bytes=None, latency=None,
-                   solve_s=solve_s, solver=solver, message=message, min_feasible_bytes=problem.bytes_range()[0])
+                   solve_s=solve_s, solver=solver, message=message, min_feasible_bytes=problem.bytes_range()[0],
+                   min_feasible_latency=problem.min_latency())
 
     @property
     def gap(self) -> float | None:
@@ -174,15 +219,25 @@ class Allocation:
         }
         if self.status is SolverStatus.INFEASIBLE:
             result["min_feasible_bytes"] = self.min_feasible_bytes
+            if self.min_feasible_latency is not None:
+                result["min_feasible_latency"] = self.min_feasible_latency
         result.update(self.extra)
         return result
 
 
 def reject_infeasible_budget(problem: AllocationProblem, solver: str, started: float) -> Allocation | None:
-    """Return an ``infeasible`` answer, with the smallest feasible budget, before any solve."""
+    """Return an ``infeasible`` answer, with the smallest feasible budget, before any solve (each limit checked
+    on its own; both together can still be infeasible, which the solver then reports)."""
     low, _ = problem.bytes_range()
+    messages = []
     if problem.budget.bytes is not None and problem.budget.bytes < low - 1e-9:
-        return Allocation.without_solution(
-            problem, status=SolverStatus.INFEASIBLE, solver=solver, solve_s=time.perf_counter() - started,
-            message=f"budget of {problem.budget.bytes:g} bytes is below the smallest achievable size {low:g} bytes")
+        messages.append(f"budget of {problem.budget.bytes:g} bytes is below the smallest achievable size {low:g} "
+                        "bytes")
+    fastest = problem.min_latency()
+    if problem.budget.latency is not None and fastest is not None and problem.budget.latency < fastest - 1e-9:
+        messages.append(f"latency budget of {problem.budget.latency:g} is below the smallest achievable latency "
+                        f"{fastest:g}")
+    if messages:
+        return Allocation.without_solution(problem, status=SolverStatus.INFEASIBLE, solver=solver,
+                                           solve_s=time.perf_counter() - started, message="; ".join(messages))
     return None

@@ -18,8 +18,9 @@ def solve_pulp(problem: AllocationProblem, *, time_limit_s: float = 60.0) -> All
     if early is not None:
         return early
     model = pulp.LpProblem("bitplan", pulp.LpMinimize)
-    x = [[pulp.LpVariable(f"x_{u}_{k}", cat="Binary") for k in range(len(unit.options))]
-         for u, unit in enumerate(problem.units)]
+    # Integer in [0, 1] rather than Binary, which would override the upper bound of 0 on excluded options.
+    x = [[pulp.LpVariable(f"x_{u}_{k}", lowBound=0, upBound=int(ok), cat="Integer")
+          for k, ok in enumerate(unit.allowed())] for u, unit in enumerate(problem.units)]
     model += pulp.lpSum(o.distortion * x[u][k] for u, unit in enumerate(problem.units)
                         for k, o in enumerate(unit.options))
     for u in range(len(problem.units)):
@@ -37,10 +38,14 @@ def solve_pulp(problem: AllocationProblem, *, time_limit_s: float = 60.0) -> All
     model.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s))
     elapsed = time.perf_counter() - started
     state = pulp.LpStatus[model.status]
-    if state != "Optimal":
+    found = model.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible)
+    if not found:
         status = SolverStatus.INFEASIBLE if state == "Infeasible" else SolverStatus.TIME_LIMIT
         return Allocation.without_solution(problem, status=status, solver="pulp", solve_s=elapsed, message=state)
     choice = tuple(max(range(len(row)), key=lambda k, row=row: row[k].value() or 0.0) for row in x)
     objective, used, latency = problem.evaluate(choice)
-    return Allocation(status=SolverStatus.OPTIMAL, choice=choice, objective=objective, lower_bound=objective,
-                      bytes=used, latency=latency, solve_s=elapsed, solver="pulp", message=state)
+    optimal = state == "Optimal" and model.sol_status == pulp.LpSolutionOptimal
+    # CBC through PuLP reports no bound for a stopped search: the lower bound is unknown then.
+    return Allocation(status=SolverStatus.OPTIMAL if optimal else SolverStatus.FEASIBLE, choice=choice,
+                      objective=objective, lower_bound=objective if optimal else None, bytes=used, latency=latency,
+                      solve_s=elapsed, solver="pulp", message=state)

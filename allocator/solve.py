@@ -5,17 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from allocator.brute_force import solve_brute_force
+from allocator.convex import solve_convex
 from allocator.ilp import solve_ilp
 from allocator.lagrangian import solve_lagrangian
-from allocator.problem import Allocation, AllocationProblem, Budget, Option, Unit
+from allocator.problem import SOLVERS, Allocation, AllocationProblem, Budget, Option, Unit
 
-SOLVERS = ("auto", "highs", "pulp", "lagrangian", "brute_force")
-EXACT_UNIT_LIMIT = 20_000  # above this many units (or with a latency budget absent) auto uses the hull solver
+EXACT_UNIT_LIMIT = 20_000  # above this many units (with no latency budget) auto uses the hull solver
 
 
 def solve_allocation(problem: AllocationProblem, *, solver: str = "auto", time_limit_s: float = 60.0) -> Allocation:
     """Solve with the named solver. ``auto``: HiGHS (exact) up to ``EXACT_UNIT_LIMIT`` units or whenever a
-    latency budget is set, else the Lagrangian hull solver (certified gap)."""
+    latency budget is set, else the Lagrangian hull solver with its gap closed on the open blocks.
+    ``baq`` / ``cvxpy``: the convex model ``c * 2^(-2b)`` (closed form / convex program), rounded."""
     if solver == "auto":
         large = len(problem.units) > EXACT_UNIT_LIMIT and problem.budget.latency is None
         solver = "lagrangian" if large else "highs"
@@ -23,6 +24,8 @@ def solve_allocation(problem: AllocationProblem, *, solver: str = "auto", time_l
         return solve_ilp(problem, time_limit_s=time_limit_s)
     if solver == "lagrangian":
         return solve_lagrangian(problem)
+    if solver in ("baq", "cvxpy"):
+        return solve_convex(problem, method=solver)
     if solver == "pulp":
         from allocator.pulp_backend import solve_pulp
 
@@ -32,9 +35,19 @@ def solve_allocation(problem: AllocationProblem, *, solver: str = "auto", time_l
     raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
 
 
+def _optional_int(raw: dict[str, Any], key: str, index: int) -> int | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+        raise ValueError(f"units[{index}].{key} must be an integer number of bits, got {value!r}")
+    return int(value)
+
+
 def problem_from_json(data: Any) -> AllocationProblem:
     """Build a problem from ``{"units": [{"name", "options": [{"bits", "bytes", "distortion", "latency"?}],
-    "tie"?}], "budget": {"bytes"?, "latency"?}}``, raising ``ValueError`` that says what is wrong."""
+    "tie"?, "min_bits"?, "max_bits"?, "pin"?}], "budget": {"bytes"?, "latency"?}}`` (``pin``: bits the unit must
+    keep), raising ``ValueError`` that says what is wrong."""
     if not isinstance(data, dict) or not isinstance(data.get("units"), list):
         raise ValueError("problem must be a JSON object with a 'units' list and a 'budget' object")
     if not isinstance(data.get("budget"), dict):
@@ -51,8 +64,12 @@ def problem_from_json(data: Any) -> AllocationProblem:
             )
         except (KeyError, TypeError) as error:
             raise ValueError(f"units[{index}].options: each needs 'bits', 'bytes' and 'distortion' ({error})") from None
+        pin = _optional_int(raw, "pin", index)
+        min_bits = pin if pin is not None else _optional_int(raw, "min_bits", index)
+        max_bits = pin if pin is not None else _optional_int(raw, "max_bits", index)
         units.append(Unit(name=str(raw.get("name", f"unit{index}")), options=options,
-                          tie=None if raw.get("tie") is None else str(raw["tie"])))
+                          tie=None if raw.get("tie") is None else str(raw["tie"]), min_bits=min_bits,
+                          max_bits=max_bits))
     budget = data["budget"]
     return AllocationProblem(
         units=tuple(units),

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from allocator.problem import SOLVERS
 from bitplan.errors import BitplanError
 
 logger = logging.getLogger("bitplan")
@@ -61,6 +62,14 @@ def _parse_bits(text: str) -> tuple[int, ...]:
         raise BitplanError(f"--bits takes comma-separated integers such as 2,3,4,8, got {text!r}") from None
 
 
+def _parse_pin(text: str) -> tuple[str, int]:
+    pattern, _, bits = text.rpartition("=")
+    try:
+        return pattern, int(bits)
+    except ValueError:
+        raise BitplanError(f"--pin takes PATTERN=BITS such as 'model.layers.0.*=8', got {text!r}") from None
+
+
 def _parse_budgets(text: str | None) -> list[float]:
     if text is None:
         return []
@@ -84,6 +93,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
         uniform_bits=args.uniform_bits, candidate_bits=_parse_bits(args.bits), group_size=args.group_size,
         metric=args.metric, calibration_text=None if args.calibration is None else Path(args.calibration),
         num_samples=args.samples, seq_len=args.seq_len, seed=args.seed, solver=args.solver,
+        tie_fused=args.tie_fused, pinned=tuple(_parse_pin(text) for text in args.pin),
     )
     out = Path(args.out)
     if len(budgets) > 1:
@@ -162,9 +172,11 @@ def _cmd_allocate(args: argparse.Namespace) -> None:
         raise BitplanError(f"problem file {path} is not valid JSON: {error}") from None
     problem = problem_from_json(data)
     if args.frontier:
-        from allocator.lagrangian import pareto_frontier
+        from allocator.frontier import frontier
 
-        _emit(pareto_frontier(problem), args.json)
+        points, kind = frontier(problem, kind=args.frontier_kind)
+        logger.info("frontier: %d %s breakpoints", len(points), kind)
+        _emit(points, args.json)
         return
     _emit(solve_allocation(problem, solver=args.solver, time_limit_s=args.time_limit).to_json(), args.json)
 
@@ -195,7 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--samples", type=int, default=32, help="calibration windows")
     run.add_argument("--seq-len", type=int, default=512, help="calibration window length in tokens")
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--solver", default="auto", choices=("auto", "highs", "pulp", "lagrangian"))
+    run.add_argument("--solver", default="auto", choices=[s for s in SOLVERS if s != "brute_force"])
+    run.add_argument("--tie-fused", action="store_true",
+                     help="q/k/v and gate/up projections of a block share one bit width (fused by runtimes)")
+    run.add_argument("--pin", action="append", default=[], metavar="PATTERN=BITS",
+                     help="keep units matching an fnmatch pattern at BITS (repeatable), e.g. '*.down_proj=8'")
     run.add_argument("--json", action="store_true")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=_cmd_run)
@@ -225,9 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     allocate = sub.add_parser("allocate", help="solve a JSON allocation problem")
     allocate.add_argument("--problem", required=True)
-    allocate.add_argument("--solver", default="auto", choices=("auto", "highs", "pulp", "lagrangian", "brute_force"))
+    allocate.add_argument("--solver", default="auto", choices=SOLVERS)
     allocate.add_argument("--frontier", action="store_true",
                           help="print every breakpoint of the distortion-versus-bytes frontier instead")
+    allocate.add_argument("--frontier-kind", default="auto", choices=("auto", "exact", "hull"),
+                          help="exact: every Pareto-optimal integer allocation (dynamic program, small problems); "
+                               "hull: the breakpoints of its convex hull (any size); auto: exact when it stays "
+                               "under a million points, else hull")
     allocate.add_argument("--time-limit", type=float, default=60.0)
     allocate.add_argument("--json", action="store_true")
     allocate.set_defaults(func=_cmd_allocate)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
 import time
@@ -49,6 +50,8 @@ class RunConfig:
     solver: str = "auto"
     time_limit_s: float = 60.0
     hutchinson: HutchinsonConfig = field(default_factory=HutchinsonConfig)
+    tie_fused: bool = False  # q/k/v and gate/up of a block share one bit width (runtimes fuse them)
+    pinned: tuple[tuple[str, int], ...] = ()  # (unit name pattern, bits): matching units keep these bits
 
     def __post_init__(self) -> None:
         budgets = [self.bits_per_weight, self.budget_bytes, self.uniform_bits]
@@ -67,6 +70,9 @@ class RunConfig:
             raise BitplanError(f"unknown metric {self.metric!r}; choose one of {', '.join(METRIC_CHOICES)}")
         if self.num_samples < 1 or self.seq_len < 2:
             raise BitplanError(f"need num_samples >= 1 and seq_len >= 2, got {self.num_samples}, {self.seq_len}")
+        for pattern, pin_bits in self.pinned:
+            if pin_bits not in bits:
+                raise BitplanError(f"pin {pattern}={pin_bits}: {pin_bits} bits is not a candidate width {list(bits)}")
 
 
 @dataclass
@@ -182,13 +188,39 @@ def measure_sensitivity(config: RunConfig, *, on_progress: ProgressFn | None = N
     return calibrate_and_measure(config, loaded, find_units(loaded.model), on_progress)[1]
 
 
+FUSED_SUFFIXES = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up",
+                  "query": "qkv", "key": "qkv", "value": "qkv"}
+
+
+def fused_tie(name: str) -> str | None:
+    """The tie label of a unit that runtimes fuse with its siblings (q/k/v, gate/up), else ``None``."""
+    parent, _, leaf = name.rpartition(".")
+    return f"{parent}.{FUSED_SUFFIXES[leaf]}" if leaf in FUSED_SUFFIXES else None
+
+
+def pinned_bits(names: list[str], pinned: tuple[tuple[str, int], ...]) -> dict[str, int]:
+    """Bits per pinned unit from ``(fnmatch pattern, bits)`` pairs (the last matching pattern wins); a pattern
+    that matches nothing is an error, since it is most likely a typo."""
+    result: dict[str, int] = {}
+    for pattern, bits in pinned:
+        matched = fnmatch.filter(names, pattern)
+        if not matched:
+            raise BitplanError(f"pin pattern {pattern!r} matches no unit (units look like {names[0]!r})")
+        result.update(dict.fromkeys(matched, bits))
+    return result
+
+
 def allocation_problem(sizes: dict[str, dict[int, int]], sensitivity: SensitivityResult,
-                       bits: tuple[int, ...], budget_bytes: int) -> AllocationProblem:
-    """One unit per linear layer, one option per candidate bit width."""
+                       bits: tuple[int, ...], budget_bytes: int, *, tie_fused: bool = False,
+                       pinned: tuple[tuple[str, int], ...] = ()) -> AllocationProblem:
+    """One unit per linear layer, one option per candidate bit width; fused siblings tied and pins applied."""
     delta = {u.name: u.delta_loss for u in sensitivity.units}
+    pins = pinned_bits(list(sizes), pinned)
     return AllocationProblem(
         units=tuple(Unit(name=name, options=tuple(Option(bits=b, bytes=float(sizes[name][b]),
-                                                         distortion=float(delta[name][b])) for b in bits))
+                                                         distortion=float(delta[name][b])) for b in bits),
+                         tie=fused_tie(name) if tie_fused else None, min_bits=pins.get(name),
+                         max_bits=pins.get(name))
                     for name in sizes),
         budget=Budget(bytes=float(budget_bytes)),
     )
@@ -272,15 +304,20 @@ def run_budgets(config: RunConfig, bits_per_weight: list[float | None], *, out_d
     results = []
     for each, budget, out_dir in zip(configs, budget_bytes, out_dirs, strict=True):
         started = time.perf_counter()
-        problem = allocation_problem(sizes, sensitivity, bits, budget)
+        problem = allocation_problem(sizes, sensitivity, bits, budget, tie_fused=config.tie_fused,
+                                     pinned=config.pinned)
         allocation = solve_allocation(problem, solver=config.solver, time_limit_s=config.time_limit_s)
         if allocation.status in (SolverStatus.INFEASIBLE, SolverStatus.TIME_LIMIT):
-            raise BudgetError(f"allocation failed ({allocation.status.value}): {allocation.message}")
+            smallest = "" if allocation.min_feasible_bytes is None else (
+                f" (with these pins the smallest achievable budget is "
+                f"{8 * allocation.min_feasible_bytes / numel:.4f} bits per weight)")
+            raise BudgetError(f"allocation failed ({allocation.status.value}): {allocation.message}{smallest}")
         chosen = {unit.name: unit.options[k].bits for unit, k in zip(problem.units, allocation.choice, strict=True)}
         manifest_fields = {
             "source": source,
             "budget": {"bits_per_weight": each.bits_per_weight, "bytes": budget},
             "group_size": config.group_size, "candidate_bits": list(bits),
+            "tie_fused": config.tie_fused, "pinned": [list(p) for p in config.pinned],
             "solver": {"name": allocation.solver, "status": allocation.status.value,
                        "objective": allocation.objective, "lower_bound": allocation.lower_bound,
                        "solve_s": allocation.solve_s},

@@ -129,3 +129,39 @@ def test_tampered_artifact_fails_checksum(tiny_llama_dir: Path, tmp_path: Path) 
         load_artifact(out)
     with pytest.raises(ArtifactError, match="manifest.json is missing"):
         load_artifact(tmp_path)
+
+
+def test_fused_ties_and_pins(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    result = run_pipeline(RunConfig(model=str(tiny_llama_dir), out_dir=tmp_path / "tied", bits_per_weight=3.5,
+                                    tie_fused=True, pinned=(("model.layers.0.mlp.down_*", 8),), **SMALL))
+    bits = {u["name"]: u["bits"] for u in result.units}
+    assert bits["model.layers.0.mlp.down_proj"] == 8
+    for layer in range(2):
+        prefix = f"model.layers.{layer}."
+        assert len({bits[prefix + f"self_attn.{p}_proj"] for p in "qkv"}) == 1
+        assert bits[prefix + "mlp.gate_proj"] == bits[prefix + "mlp.up_proj"]
+    assert result.bits_per_weight <= 3.5
+
+
+def test_pins_that_do_not_fit_or_match_are_explained(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(BudgetError, match="smallest achievable budget is"):
+        run_pipeline(RunConfig(model=str(tiny_llama_dir), out_dir=tmp_path / "a", bits_per_weight=2.6,
+                               pinned=(("*", 8),), **SMALL))
+    with pytest.raises(BitplanError, match="matches no unit"):
+        run_pipeline(RunConfig(model=str(tiny_llama_dir), out_dir=tmp_path / "b", bits_per_weight=3.5,
+                               pinned=(("*.nonexistent", 8),), **SMALL))
+    with pytest.raises(BitplanError, match="not a candidate width"):
+        RunConfig(model="x", out_dir=tmp_path, bits_per_weight=3.5, pinned=(("*", 5),))
+
+
+def test_several_budgets_compute_sensitivity_once(tiny_llama_dir: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import bitplan.pipeline as pipeline
+
+    calls = []
+    original = pipeline.compute_sensitivity
+    monkeypatch.setattr(pipeline, "compute_sensitivity", lambda *a, **k: calls.append(1) or original(*a, **k))
+    config = RunConfig(model=str(tiny_llama_dir), out_dir=tmp_path, bits_per_weight=3.0, **SMALL)
+    results = pipeline.run_budgets(config, [2.75, 3.0, 3.5, 4.0], out_dirs=[tmp_path / str(i) for i in range(4)])
+    assert len(calls) == 1
+    assert [r.bits_per_weight <= b + 1e-9 for r, b in zip(results, [2.75, 3.0, 3.5, 4.0], strict=True)] == [True] * 4
