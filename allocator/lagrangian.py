@@ -136,10 +136,10 @@ def solve_hull(upgrades: HullUpgrades, budget: float) -> HullSolution | None:
                         multiplier=multiplier)
 
 
-def solve_lagrangian(problem: AllocationProblem, *, close_gap: bool = True, max_core: int = 2_000) -> Allocation:
+def solve_lagrangian(problem: AllocationProblem, *, close_gap: bool = True) -> Allocation:
     """Integer allocation with a certified LP lower bound, for a bytes budget (latency unsupported here).
     With ``close_gap`` the blocks that the LP bound leaves open are re-solved exactly (``allocator.core``), which
-    proves optimality whenever at most ``max_core`` blocks are open."""
+    proves optimality unless that program grows past its point limit."""
     started = time.perf_counter()
     if problem.budget.latency is not None or problem.budget.bytes is None:
         raise ValueError("the lagrangian solver handles a bytes budget only; use solver 'highs' for latency")
@@ -153,8 +153,7 @@ def solve_lagrangian(problem: AllocationProblem, *, close_gap: bool = True, max_
                     f"{upgrades.base_bytes:g} bytes")
     option, proven, extra = solution.option, False, {"multiplier": solution.multiplier}
     if close_gap:
-        core = close_gap_exactly(sizes, costs, problem.budget.bytes, solution.option, solution.multiplier,
-                                 max_core=max_core)
+        core = close_gap_exactly(sizes, costs, problem.budget.bytes, solution.option, solution.multiplier)
         option, proven = core.option, core.proven_optimal
         extra.update({"open_blocks": core.open_blocks, "core_blocks": core.solved_blocks})
     choice = np.zeros(len(problem.units), dtype=int)

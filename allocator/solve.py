@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from allocator.brute_force import solve_brute_force
 from allocator.convex import solve_convex
 from allocator.ilp import solve_ilp
-from allocator.lagrangian import solve_lagrangian
+from allocator.lagrangian import hull_upgrades, solve_hull, solve_lagrangian
 from allocator.problem import SOLVERS, Allocation, AllocationProblem, Budget, Option, Unit
 
 EXACT_UNIT_LIMIT = 20_000  # above this many units (with no latency budget) auto uses the hull solver
@@ -21,18 +22,29 @@ def solve_allocation(problem: AllocationProblem, *, solver: str = "auto", time_l
         large = len(problem.units) > EXACT_UNIT_LIMIT and problem.budget.latency is None
         solver = "lagrangian" if large else "highs"
     if solver == "highs":
-        return solve_ilp(problem, time_limit_s=time_limit_s)
+        return with_multiplier(problem, solve_ilp(problem, time_limit_s=time_limit_s))
     if solver == "lagrangian":
         return solve_lagrangian(problem)
     if solver in ("baq", "cvxpy"):
-        return solve_convex(problem, method=solver)
+        return with_multiplier(problem, solve_convex(problem, method=solver))
     if solver == "pulp":
         from allocator.pulp_backend import solve_pulp
 
-        return solve_pulp(problem, time_limit_s=time_limit_s)
+        return with_multiplier(problem, solve_pulp(problem, time_limit_s=time_limit_s))
     if solver == "brute_force":
         return solve_brute_force(problem)
     raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+
+
+def with_multiplier(problem: AllocationProblem, allocation: Allocation) -> Allocation:
+    """Add the LP price of a byte at this budget (marginal distortion per byte) to a bytes-only answer."""
+    if "multiplier" in allocation.extra or not allocation.choice or problem.budget.latency is not None \
+            or problem.budget.bytes is None:
+        return allocation
+    solution = solve_hull(hull_upgrades(problem), problem.budget.bytes)
+    if solution is None:
+        return allocation
+    return replace(allocation, extra={**allocation.extra, "multiplier": solution.multiplier})
 
 
 def _optional_int(raw: dict[str, Any], key: str, index: int) -> int | None:

@@ -110,13 +110,18 @@ def test_gap_closing_matches_highs_at_scale(seed: int) -> None:
     assert core.objective == pytest.approx(exact.objective, rel=1e-7)
 
 
-def test_partial_core_never_worsens_the_incumbent() -> None:
+def test_core_fallbacks_agree_or_stay_unproven() -> None:
     rng = np.random.default_rng(7)
     sizes = np.tile(np.array([2.0, 3.0, 4.0]), (200, 1)) * rng.integers(1, 5, size=(200, 1))
     costs = rng.uniform(0.5, 1.5, size=(200, 1)) * 4.0 ** -np.arange(3) * rng.uniform(0.8, 1.2, size=(200, 3))
-    budget = float(sizes[:, 1].sum())
+    budget = float(sizes[:, 1].sum()) + 0.5
     hull = solve_hull(hull_upgrades_arrays(sizes, costs), budget)
-    core = close_gap(sizes, costs, budget, hull.option, hull.multiplier, max_core=5)
-    assert core.solved_blocks <= 5
-    assert core.objective <= hull.objective + 1e-12
-    assert core.bytes <= budget + 1e-9
+    program = close_gap(sizes, costs, budget, hull.option, hull.multiplier)
+    highs = close_gap(sizes, costs, budget, hull.option, hull.multiplier, max_points=1)  # HiGHS on every open block
+    partial = close_gap(sizes, costs, budget, hull.option, hull.multiplier, max_points=1, prove_up_to=0, max_core=1)
+    assert program.proven_optimal and highs.proven_optimal
+    assert program.objective == pytest.approx(highs.objective, rel=1e-9)
+    assert program.objective <= hull.objective + 1e-12 and program.bytes <= budget + 1e-9
+    assert partial.objective <= hull.objective + 1e-12 and partial.bytes <= budget + 1e-9
+    if program.open_blocks > 1:
+        assert not partial.proven_optimal

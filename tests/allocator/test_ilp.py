@@ -109,3 +109,21 @@ def test_problem_from_json_round_trip() -> None:
 def test_bad_problem_is_rejected(data: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         problem_from_json(data)
+
+
+def test_time_limit_returns_best_found_with_its_bound() -> None:
+    problem = random_problem(3, n_units=3_000, n_options=6, budget_fraction=0.37)
+    result = solve_allocation(problem, solver="highs", time_limit_s=0.05)
+    assert result.status in (SolverStatus.OPTIMAL, SolverStatus.FEASIBLE, SolverStatus.TIME_LIMIT)
+    if result.status is not SolverStatus.TIME_LIMIT:
+        assert result.bytes <= problem.budget.bytes + 1e-6
+        assert result.lower_bound <= result.objective
+    else:
+        assert result.choice == () and result.min_feasible_bytes is not None
+
+
+def test_every_bytes_answer_names_its_multiplier() -> None:
+    problem = random_problem(4, n_units=30, budget_fraction=0.5)
+    prices = {solver: solve_allocation(problem, solver=solver).extra["multiplier"]
+              for solver in ("highs", "lagrangian", "baq")}
+    assert prices["highs"] > 0 and prices["highs"] == pytest.approx(prices["lagrangian"])
