@@ -17,6 +17,8 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_array
 
+from allocator.ilp import stdout_to_stderr
+
 
 @dataclass(frozen=True)
 class CoreResult:
@@ -100,8 +102,9 @@ def _highs_core(sizes: np.ndarray, costs: np.ndarray, budget: float, incumbent: 
     one_each = coo_array((np.ones(n_vars), (block_of, np.arange(n_vars))), shape=(open_rows.size, n_vars))
     constraints = [LinearConstraint(one_each, 1.0, 1.0),
                    LinearConstraint(sizes[open_rows[block_of], option_of][None, :], -np.inf, capacity)]
-    result = milp(costs[open_rows[block_of], option_of], constraints=constraints, integrality=np.ones(n_vars),
-                  bounds=Bounds(0, 1), options={"time_limit": time_limit_s, "mip_rel_gap": 1e-9})
+    with stdout_to_stderr():
+        result = milp(costs[open_rows[block_of], option_of], constraints=constraints, integrality=np.ones(n_vars),
+                      bounds=Bounds(0, 1), options={"time_limit": time_limit_s, "mip_rel_gap": 1e-9})
     option = incumbent.copy()
     if result.x is not None:
         picked = result.x > 0.5

@@ -10,13 +10,35 @@ Variables ``x[u, k]`` (unit ``u`` takes option ``k``):
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
+from collections.abc import Iterator
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_array
 
 from allocator.problem import Allocation, AllocationProblem, SolverStatus, reject_infeasible_budget
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send what native code writes to stdout (HiGHS prints debug lines there) to stderr, so that a command's
+    stdout stays its JSON."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no real file descriptor 1 (embedded interpreters)
+        yield
+        return
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def solve_ilp(problem: AllocationProblem, *, time_limit_s: float = 60.0, mip_rel_gap: float = 1e-7) -> Allocation:
@@ -56,13 +78,14 @@ def solve_ilp(problem: AllocationProblem, *, time_limit_s: float = 60.0, mip_rel
 
     matrix = coo_array((vals, (rows, cols)), shape=(len(lower), n_vars)).tocsr()
     allowed = np.array([ok for unit in problem.units for ok in unit.allowed()], dtype=float)
-    result = milp(
-        cost,
-        constraints=LinearConstraint(matrix, np.array(lower), np.array(upper)),
-        integrality=np.ones(n_vars),
-        bounds=Bounds(0, allowed),
-        options={"time_limit": time_limit_s, "mip_rel_gap": mip_rel_gap},
-    )
+    with stdout_to_stderr():
+        result = milp(
+            cost,
+            constraints=LinearConstraint(matrix, np.array(lower), np.array(upper)),
+            integrality=np.ones(n_vars),
+            bounds=Bounds(0, allowed),
+            options={"time_limit": time_limit_s, "mip_rel_gap": mip_rel_gap},
+        )
     elapsed = time.perf_counter() - started
     if result.x is None:
         status = SolverStatus.INFEASIBLE if result.status == 2 else SolverStatus.TIME_LIMIT
