@@ -93,7 +93,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
         uniform_bits=args.uniform_bits, candidate_bits=_parse_bits(args.bits), group_size=args.group_size,
         metric=args.metric, calibration_text=None if args.calibration is None else Path(args.calibration),
         num_samples=args.samples, seq_len=args.seq_len, seed=args.seed, solver=args.solver,
-        tie_fused=args.tie_fused, pinned=tuple(_parse_pin(text) for text in args.pin),
+        tie_fused=args.tie_fused, pinned=tuple(_parse_pin(text) for text in args.pin), use_cache=not args.no_cache,
     )
     out = Path(args.out)
     if len(budgets) > 1:
@@ -118,7 +118,7 @@ def _cmd_sensitivity(args: argparse.Namespace) -> None:
     config = RunConfig(model=args.model, out_dir=Path("."), uniform_bits=None, bits_per_weight=float(max(bits)),
                        candidate_bits=bits, group_size=args.group_size, metric=args.metric,
                        calibration_text=None if args.calibration is None else Path(args.calibration),
-                       num_samples=args.samples, seq_len=args.seq_len, seed=args.seed)
+                       num_samples=args.samples, seq_len=args.seq_len, seed=args.seed, use_cache=not args.no_cache)
     progress = Progress(not args.quiet)
     try:
         result = measure_sensitivity(config, on_progress=progress)
@@ -212,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="q/k/v and gate/up projections of a block share one bit width (fused by runtimes)")
     run.add_argument("--pin", action="append", default=[], metavar="PATTERN=BITS",
                      help="keep units matching an fnmatch pattern at BITS (repeatable), e.g. '*.down_proj=8'")
+    run.add_argument("--no-cache", action="store_true",
+                     help="measure sensitivities again instead of reusing cached ones ($BITPLAN_CACHE_DIR)")
     run.add_argument("--json", action="store_true")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=_cmd_run)
@@ -225,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     sens.add_argument("--samples", type=int, default=32)
     sens.add_argument("--seq-len", type=int, default=512)
     sens.add_argument("--seed", type=int, default=0)
+    sens.add_argument("--no-cache", action="store_true", help="measure again instead of reusing a cached result")
     sens.add_argument("--json", action="store_true")
     sens.add_argument("--quiet", action="store_true")
     sens.set_defaults(func=_cmd_sensitivity)

@@ -23,6 +23,9 @@ from bitplan.units import find_units
 from quantizer.rtn import quantize_rtn
 from quantizer.sizes import quantized_bytes
 from sensitivity import HutchinsonConfig, Metric, SensitivityResult, compute_sensitivity
+from sensitivity.activations import StopFn, check_stop
+from sensitivity.api import NEEDS_LOSS
+from sensitivity.cache import SensitivityCache, cache_key
 
 logger = logging.getLogger(__name__)
 ProgressFn = Callable[[str, int, int], None]
@@ -52,6 +55,8 @@ class RunConfig:
     hutchinson: HutchinsonConfig = field(default_factory=HutchinsonConfig)
     tie_fused: bool = False  # q/k/v and gate/up of a block share one bit width (runtimes fuse them)
     pinned: tuple[tuple[str, int], ...] = ()  # (unit name pattern, bits): matching units keep these bits
+    use_cache: bool = True  # reuse sensitivities measured before (same model, calibration, metric, parameters)
+    cache_dir: Path | None = None  # default: $BITPLAN_CACHE_DIR or ~/.cache/bitplan
 
     def __post_init__(self) -> None:
         budgets = [self.bits_per_weight, self.budget_bytes, self.uniform_bits]
@@ -103,9 +108,10 @@ def _resolve_metric(name: str, kind: ModelKind) -> Metric:
     if name == "auto":
         return Metric.FISHER_OUTPUT_ERROR if kind is ModelKind.CAUSAL_LM else Metric.OUTPUT_ERROR
     metric = Metric(name)
-    if metric is not Metric.OUTPUT_ERROR and kind is not ModelKind.CAUSAL_LM:
+    if metric in NEEDS_LOSS and kind is not ModelKind.CAUSAL_LM:
+        usable = sorted(m.value for m in Metric if m not in NEEDS_LOSS)
         raise BitplanError(f"metric {name!r} needs a language-model loss; this {kind.value} model supports "
-                           f"'output_error'")
+                           f"{', '.join(repr(m) for m in usable)}")
     return metric
 
 
@@ -159,33 +165,48 @@ def _hutchinson_batches(tokens: torch.Tensor, limit: int = 512) -> list[torch.Te
 
 
 def run_sensitivity(loaded: LoadedModel, units: dict[str, nn.Linear], config: RunConfig, metric: Metric,
-                    tokens: torch.Tensor, on_progress: ProgressFn | None) -> SensitivityResult:
+                    tokens: torch.Tensor, on_progress: ProgressFn | None,
+                    should_stop: StopFn | None = None) -> SensitivityResult:
     """Predicted loss increase per (unit, candidate bit width) under ``metric``."""
-    loss_fn = causal_lm_loss if loaded.kind is ModelKind.CAUSAL_LM else None
+    loss_fn = causal_lm_loss if loaded.kind is ModelKind.CAUSAL_LM else None  # metrics that need it were checked
     batches = list(torch.split(tokens, 1))
     if metric is Metric.HUTCHINSON:
         use_eager_attention(loaded.model)
         batches = _hutchinson_batches(tokens)
     return compute_sensitivity(loaded.model, units, batches, metric=metric, bits_options=config.candidate_bits,
                                group_size=config.group_size, loss_fn=loss_fn, hutchinson=config.hutchinson,
-                               on_progress=on_progress)
+                               on_progress=on_progress, should_stop=should_stop)
 
 
 def calibrate_and_measure(config: RunConfig, loaded: LoadedModel, units: dict[str, nn.Linear],
-                          on_progress: ProgressFn | None) -> tuple[dict[str, Any], SensitivityResult]:
-    """Steps 3-4: the calibration set (returned as its manifest record) and the sensitivities it gives."""
+                          on_progress: ProgressFn | None, should_stop: StopFn | None = None
+                          ) -> tuple[dict[str, Any], SensitivityResult]:
+    """Steps 3-4: the calibration set (returned as its manifest record) and the sensitivities it gives, from the
+    on-disk cache when the same model, calibration tokens, metric and parameters were measured before."""
     metric = _resolve_metric(config.metric, loaded.kind)
     calib = build_calibration_set(loaded.tokenizer, text_file=config.calibration_text,
                                   num_samples=config.num_samples, seq_len=config.seq_len, seed=config.seed)
     record = {"sha256": calib.sha256, "source": calib.source, "num_samples": config.num_samples,
               "seq_len": config.seq_len, "seed": config.seed}
-    return record, run_sensitivity(loaded, units, config, metric, calib.tokens, on_progress)
+    key = cache_key(model_sha256=loaded.source_sha256, calibration_sha256=calib.sha256, metric=metric.value,
+                    bits=sorted(set(config.candidate_bits)), group_size=config.group_size,
+                    units=list(units), hutchinson=asdict(config.hutchinson) if metric is Metric.HUTCHINSON else None)
+    cache = SensitivityCache(config.cache_dir) if config.use_cache else None
+    cached = cache.get(key) if cache is not None else None
+    if cached is not None:
+        logger.info("sensitivity: reusing the cached %s result %s", metric.value, key[:12])
+        return {**record, "sensitivity_cache": "hit"}, cached
+    result = run_sensitivity(loaded, units, config, metric, calib.tokens, on_progress, should_stop)
+    if cache is not None:
+        cache.put(key, result)
+    return {**record, "sensitivity_cache": "miss" if cache is not None else "off"}, result
 
 
-def measure_sensitivity(config: RunConfig, *, on_progress: ProgressFn | None = None) -> SensitivityResult:
+def measure_sensitivity(config: RunConfig, *, on_progress: ProgressFn | None = None,
+                        should_stop: StopFn | None = None) -> SensitivityResult:
     """Steps 1-4 only: load, calibrate and compute the predicted loss increase per (unit, bit width)."""
     loaded = load_model(config.model)
-    return calibrate_and_measure(config, loaded, find_units(loaded.model), on_progress)[1]
+    return calibrate_and_measure(config, loaded, find_units(loaded.model), on_progress, should_stop)[1]
 
 
 FUSED_SUFFIXES = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up",
@@ -228,7 +249,8 @@ def allocation_problem(sizes: dict[str, dict[int, int]], sensitivity: Sensitivit
 
 def _quantize_and_write(config: RunConfig, loaded: LoadedModel, units: dict[str, nn.Linear],
                         chosen: dict[str, int], manifest_fields: dict[str, Any], out_dir: Path,
-                        on_progress: ProgressFn | None) -> tuple[Any, dict[str, float]]:
+                        on_progress: ProgressFn | None, should_stop: StopFn | None = None
+                        ) -> tuple[Any, dict[str, float]]:
     """Steps 6 and 7: RTN-quantize each unit at its bit width, then pack and write the artifact."""
     timings = {}
     started = time.perf_counter()
@@ -237,6 +259,7 @@ def _quantize_and_write(config: RunConfig, loaded: LoadedModel, units: dict[str,
         quantized[name] = quantize_rtn(module.weight, bits=chosen[name], group_size=config.group_size)
         if on_progress is not None:
             on_progress("quantize", index + 1, len(units))
+        check_stop(should_stop, "quantization")
     timings["quantize"] = round(time.perf_counter() - started, 3)
     started = time.perf_counter()
     written = write_artifact(out_dir, model=loaded.model, tokenizer=loaded.tokenizer, kind=loaded.kind,
@@ -245,14 +268,16 @@ def _quantize_and_write(config: RunConfig, loaded: LoadedModel, units: dict[str,
     return written, timings
 
 
-def run_pipeline(config: RunConfig, *, on_progress: ProgressFn | None = None) -> RunResult:
+def run_pipeline(config: RunConfig, *, on_progress: ProgressFn | None = None,
+                 should_stop: StopFn | None = None) -> RunResult:
     """Quantize ``config.model`` under ``config``'s budget and write the artifact to ``config.out_dir``."""
     budgets = [config.bits_per_weight] if config.bits_per_weight is not None else [None]
-    return run_budgets(config, budgets, out_dirs=[config.out_dir], on_progress=on_progress)[0]
+    return run_budgets(config, budgets, out_dirs=[config.out_dir], on_progress=on_progress,
+                       should_stop=should_stop)[0]
 
 
 def run_budgets(config: RunConfig, bits_per_weight: list[float | None], *, out_dirs: list[Path],
-                on_progress: ProgressFn | None = None) -> list[RunResult]:
+                on_progress: ProgressFn | None = None, should_stop: StopFn | None = None) -> list[RunResult]:
     """Quantize ``config.model`` at each budget, computing the sensitivities once.
 
     ``bits_per_weight[i]`` (``None``: use ``config.budget_bytes`` or ``config.uniform_bits``) is written to
@@ -295,11 +320,11 @@ def run_budgets(config: RunConfig, bits_per_weight: list[float | None], *, out_d
                            "sensitivity": {"metric": None, "warnings": []}, "calibration": None,
                            "quantizer": "rtn-asymmetric"}
         written, stage_times = _quantize_and_write(config, loaded, units, chosen, manifest_fields, out_dirs[0],
-                                                   on_progress)
+                                                   on_progress, should_stop)
         return [_result(config, written, chosen, sizes, manifest_fields, {**timings, **stage_times})]
     budget_bytes = [budget_in_bytes(each, sizes, numel) for each in configs]
     lap("plan")
-    calibration, sensitivity = calibrate_and_measure(config, loaded, units, on_progress)
+    calibration, sensitivity = calibrate_and_measure(config, loaded, units, on_progress, should_stop)
     lap("sensitivity")
     results = []
     for each, budget, out_dir in zip(configs, budget_bytes, out_dirs, strict=True):
@@ -325,7 +350,8 @@ def run_budgets(config: RunConfig, bits_per_weight: list[float | None], *, out_d
             "calibration": calibration, "quantizer": "rtn-asymmetric",
         }
         allocation_s = round(time.perf_counter() - started, 3)
-        written, stage_times = _quantize_and_write(each, loaded, units, chosen, manifest_fields, out_dir, on_progress)
+        written, stage_times = _quantize_and_write(each, loaded, units, chosen, manifest_fields, out_dir, on_progress,
+                                                   should_stop)
         results.append(_result(each, written, chosen, sizes, manifest_fields,
                                {**timings, "allocation": allocation_s, **stage_times}))
     return results

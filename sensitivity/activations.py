@@ -10,6 +10,17 @@ from torch import nn
 
 ProgressFn = Callable[[str, int, int], None]
 LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+StopFn = Callable[[], bool]
+
+
+class Cancelled(Exception):
+    """Raised between layers, batches or probes when the caller's ``should_stop`` returns true."""
+
+
+def check_stop(should_stop: StopFn | None, where: str) -> None:
+    """Raise :class:`Cancelled` when ``should_stop`` says so."""
+    if should_stop is not None and should_stop():
+        raise Cancelled(f"cancelled during {where}")
 
 
 @dataclass
@@ -21,11 +32,18 @@ class UnitStatistics:
         tokens: number of tokens ``N`` summed into ``gram``.
         output_grad_sq: ``(out_features,)`` float32, ``sum_t (dL_t/dy_{t,o})^2`` (empirical Fisher diagonal
             of the layer output), or ``None`` when no loss was given.
+        weight_grad_sq: ``(out_features, in_features)``, ``sum_b (dL_b/dW)^2`` over batches ``b`` of the summed
+            loss (GWQ's gradient statistics), when asked for.
+        weight_grad_abs: ``(out_features, in_features)``, ``sum_b |dL_b/dW|`` (for GWQ's outlier map).
+        batches: number of batches summed into the weight-gradient statistics.
     """
 
     gram: torch.Tensor
     tokens: int
     output_grad_sq: torch.Tensor | None = None
+    weight_grad_sq: torch.Tensor | None = None
+    weight_grad_abs: torch.Tensor | None = None
+    batches: int = 0
 
 
 def collect_unit_statistics(
@@ -35,6 +53,8 @@ def collect_unit_statistics(
     *,
     loss_fn: LossFn | None = None,
     on_progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+    weight_grads: bool = False,
 ) -> dict[str, UnitStatistics]:
     """Run the calibration batches once and accumulate :class:`UnitStatistics` for every unit.
 
@@ -43,12 +63,19 @@ def collect_unit_statistics(
         batches: token id tensors ``(batch, seq_len)`` int64.
         loss_fn: ``loss_fn(model, batch)`` returning the summed token loss with a graph to the unit outputs;
             when given, a backward pass also accumulates ``output_grad_sq``.
+        should_stop: checked before every batch; :class:`Cancelled` is raised when it returns true.
+        weight_grads: also accumulate the squared and absolute weight gradient of every batch's loss (needs
+            ``loss_fn``; two tensors the size of each weight).
     """
+    if weight_grads and loss_fn is None:
+        raise ValueError("weight-gradient statistics need a loss function")
     stats = {
         name: UnitStatistics(
             gram=torch.zeros(m.in_features, m.in_features),
             tokens=0,
             output_grad_sq=torch.zeros(m.out_features) if loss_fn is not None else None,
+            weight_grad_sq=torch.zeros(m.out_features, m.in_features) if weight_grads else None,
+            weight_grad_abs=torch.zeros(m.out_features, m.in_features) if weight_grads else None,
         )
         for name, m in units.items()
     }
@@ -79,18 +106,32 @@ def collect_unit_statistics(
     handles = [module.register_forward_hook(make_hook(name)) for name, module in units.items()]
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     model.requires_grad_(False)
+    weights = {name: module.weight for name, module in units.items()}
+    if weight_grads:
+        for weight in weights.values():
+            weight.requires_grad_(True)
     try:
         for index, batch in enumerate(batches):
+            check_stop(should_stop, "calibration statistics")
             batch_grams.clear()
             if loss_fn is None:
                 with torch.no_grad():
                     model(batch)
             else:
                 loss_fn(model, batch).backward()
+            if weight_grads:
+                for name, weight in weights.items():
+                    grad = weight.grad.detach().float()
+                    stats[name].weight_grad_sq.add_(grad * grad)  # type: ignore[union-attr]
+                    stats[name].weight_grad_abs.add_(grad.abs())  # type: ignore[union-attr]
+                    stats[name].batches += 1
+                    weight.grad = None
             if on_progress is not None:
                 on_progress("calibration statistics", index + 1, len(batches))
     finally:
         batch_grams.clear()
+        for weight in weights.values():
+            weight.grad = None
         for handle in handles:
             handle.remove()
         for parameter, flag in requires_grad.items():

@@ -7,14 +7,23 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import torch
 from torch import nn
 
 from quantizer.rtn import dequantize_weight, quantize_rtn
-from sensitivity.activations import LossFn, ProgressFn, collect_unit_statistics
+from sensitivity.activations import (
+    LossFn,
+    ProgressFn,
+    StopFn,
+    UnitStatistics,
+    check_stop,
+    collect_unit_statistics,
+)
 from sensitivity.hutchinson import TraceEstimate, estimate_hessian_traces
 from sensitivity.output_error import predict_output_error
+from sensitivity.weight_metrics import predict_baq, predict_gwq, predict_slim_salience, salience
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +34,13 @@ class Metric(str, Enum):
     OUTPUT_ERROR = "output_error"
     FISHER_OUTPUT_ERROR = "fisher_output_error"
     HUTCHINSON = "hutchinson"
+    GWQ = "gwq"
+    SLIM_SALIENCE = "slim_salience"
+    BAQ = "baq"
+
+
+NEEDS_LOSS = {Metric.FISHER_OUTPUT_ERROR, Metric.HUTCHINSON, Metric.GWQ}
+USES_LOSS = NEEDS_LOSS | {Metric.SLIM_SALIENCE, Metric.BAQ}  # weighted by output-gradient energy when available
 
 
 @dataclass(frozen=True)
@@ -45,6 +61,15 @@ class SensitivityResult:
     units: tuple[UnitSensitivity, ...]
     seconds: float
     warnings: tuple[str, ...] = ()
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SensitivityResult:
+        """Inverse of :meth:`to_json`."""
+        return cls(metric=Metric(data["metric"]), seconds=float(data["seconds"]),
+                   warnings=tuple(str(w) for w in data["warnings"]),
+                   units=tuple(UnitSensitivity(name=u["name"], numel=int(u["numel"]), score=float(u["score"]),
+                                               delta_loss={int(b): float(v) for b, v in u["delta_loss"].items()})
+                               for u in data["units"]))
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -78,6 +103,7 @@ def _squared_rtn_error(weight: torch.Tensor, bits: int, group_size: int) -> floa
 def _hutchinson(
     model: nn.Module, units: Mapping[str, nn.Linear], batches: Sequence[torch.Tensor], loss_fn: LossFn,
     *, bits_options: Sequence[int], group_size: int, config: HutchinsonConfig, on_progress: ProgressFn | None,
+    should_stop: StopFn | None = None,
 ) -> tuple[list[UnitSensitivity], list[str]]:
     """HAWQ-V2: ``delta_loss(b) = 0.5 * tr(H_u) / numel_u * ||Q_b(W_u) - W_u||^2``."""
     requires_grad = {p: p.requires_grad for p in model.parameters()}
@@ -90,7 +116,7 @@ def _hutchinson(
         loss = loss_fn(model, batch) / batch.numel()
         traces: dict[str, TraceEstimate] = estimate_hessian_traces(
             loss, params, min_probes=config.min_probes, max_probes=config.max_probes, rel_tol=config.rel_tol,
-            seed=config.seed, on_progress=on_progress)
+            seed=config.seed, on_progress=on_progress, should_stop=should_stop)
     finally:
         for parameter, flag in requires_grad.items():
             parameter.requires_grad_(flag)
@@ -109,6 +135,27 @@ def _hutchinson(
     return result, warnings
 
 
+def _predict(metric: Metric, weight: torch.Tensor, stats: UnitStatistics, *, bits_options: Sequence[int],
+             group_size: int) -> dict[int, float]:
+    if metric in (Metric.OUTPUT_ERROR, Metric.FISHER_OUTPUT_ERROR):
+        return predict_output_error(weight, stats, bits_options=bits_options, group_size=group_size,
+                                    fisher=metric is Metric.FISHER_OUTPUT_ERROR)
+    predictor = {Metric.GWQ: predict_gwq, Metric.SLIM_SALIENCE: predict_slim_salience, Metric.BAQ: predict_baq}
+    return predictor[metric](weight, stats, bits_options=bits_options, group_size=group_size)
+
+
+def _score(metric: Metric, weight: torch.Tensor, stats: UnitStatistics) -> float:
+    """The metric's own per-unit number: output-gradient energy, input energy, weight Fisher or salience."""
+    tokens = max(stats.tokens, 1)
+    if metric is Metric.GWQ and stats.weight_grad_sq is not None:
+        return float(stats.weight_grad_sq.sum()) / tokens
+    if metric is Metric.SLIM_SALIENCE:
+        return float(salience(weight, stats).mean())
+    if stats.output_grad_sq is not None:
+        return float(stats.output_grad_sq.sum()) / tokens
+    return float(torch.diagonal(stats.gram).sum()) / tokens
+
+
 def compute_sensitivity(
     model: nn.Module,
     units: Mapping[str, nn.Linear],
@@ -120,6 +167,7 @@ def compute_sensitivity(
     loss_fn: LossFn | None = None,
     hutchinson: HutchinsonConfig | None = None,
     on_progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
 ) -> SensitivityResult:
     """Predicted loss increase of RTN-quantizing each unit at each bit width.
 
@@ -128,28 +176,27 @@ def compute_sensitivity(
         batches: calibration token ids, each ``(batch, seq_len)`` int64.
         loss_fn: summed token loss ``loss_fn(model, batch)``; required by ``fisher_output_error`` and
             ``hutchinson``.
+        should_stop: checked between batches, probes and units; ``Cancelled`` is raised when it returns true.
     """
     started = time.perf_counter()
-    if metric is not Metric.OUTPUT_ERROR and loss_fn is None:
+    if metric in NEEDS_LOSS and loss_fn is None:
         raise ValueError(f"metric {metric.value!r} needs a loss (a causal language model); use 'output_error'")
     warnings: list[str] = []
     if metric is Metric.HUTCHINSON:
         assert loss_fn is not None
         entries, warnings = _hutchinson(model, units, batches, loss_fn, bits_options=bits_options,
                                         group_size=group_size, config=hutchinson or HutchinsonConfig(),
-                                        on_progress=on_progress)
+                                        on_progress=on_progress, should_stop=should_stop)
     else:
-        fisher = metric is Metric.FISHER_OUTPUT_ERROR
-        stats = collect_unit_statistics(model, units, batches, loss_fn=loss_fn if fisher else None,
-                                        on_progress=on_progress)
+        stats = collect_unit_statistics(model, units, batches, loss_fn=loss_fn if metric in USES_LOSS else None,
+                                        on_progress=on_progress, should_stop=should_stop,
+                                        weight_grads=metric is Metric.GWQ)
         entries = []
         for index, (name, module) in enumerate(units.items()):
-            delta = predict_output_error(module.weight, stats[name], bits_options=bits_options,
-                                         group_size=group_size, fisher=fisher)
-            grad_sq = stats[name].output_grad_sq
-            score = float(grad_sq.sum()) / max(stats[name].tokens, 1) if grad_sq is not None else \
-                float(torch.diagonal(stats[name].gram).sum()) / max(stats[name].tokens, 1)
-            entries.append(UnitSensitivity(name=name, numel=module.weight.numel(), score=score, delta_loss=delta))
+            check_stop(should_stop, "predicted error")
+            delta = _predict(metric, module.weight, stats[name], bits_options=bits_options, group_size=group_size)
+            entries.append(UnitSensitivity(name=name, numel=module.weight.numel(),
+                                           score=_score(metric, module.weight, stats[name]), delta_loss=delta))
             del stats[name]
             if on_progress is not None:
                 on_progress("predicted error", index + 1, len(units))

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sensitivity.activations import check_stop
+
 ProgressFn = Callable[[str, int, int], None]
 
 
@@ -41,6 +43,7 @@ def estimate_hessian_traces(
     rel_tol: float = 0.05,
     seed: int = 0,
     on_progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, TraceEstimate]:
     """Estimate ``tr(d^2 loss / d p^2)`` for every tensor in ``params``.
 
@@ -60,6 +63,7 @@ def estimate_hessian_traces(
     samples: dict[str, list[float]] = {n: [] for n in names}
     totals: list[float] = []
     for probe in range(max_probes):
+        check_stop(should_stop, "Hutchinson probes")
         probes = [
             (torch.randint(0, 2, t.shape, generator=generator, dtype=torch.int8).to(t.dtype) * 2 - 1) for t in tensors
         ]

@@ -54,3 +54,9 @@ def wikitext() -> Path:
     if not WIKITEXT.is_file():
         pytest.skip(f"WikiText-2 not found at {WIKITEXT}: ../shared/data is present only in CI and on dev machines")
     return WIKITEXT
+
+
+@pytest.fixture(autouse=True)
+def _own_sensitivity_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test gets an empty sensitivity cache (and never touches the user's)."""
+    monkeypatch.setenv("BITPLAN_CACHE_DIR", str(tmp_path / "bitplan-cache"))

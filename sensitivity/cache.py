@@ -1,0 +1,61 @@
+"""On-disk cache of sensitivity results, keyed by everything that determines them.
+
+The key is the sha256 of (model weights hash, calibration tokens hash, metric, its parameters, cache format
+version), so one computation serves every budget and every job on the same model and calibration set. Entries
+are JSON files written under a temporary name and renamed, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from sensitivity.api import SensitivityResult
+
+CACHE_FORMAT = 1
+
+
+def default_cache_dir() -> Path:
+    """``$BITPLAN_CACHE_DIR``, else ``~/.cache/bitplan``."""
+    configured = os.environ.get("BITPLAN_CACHE_DIR")
+    return Path(configured) if configured else Path.home() / ".cache" / "bitplan"
+
+
+def cache_key(**parts: Any) -> str:
+    """sha256 of the parts as canonical JSON (plus the cache format)."""
+    canonical = json.dumps({"cache_format": CACHE_FORMAT, **parts}, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class SensitivityCache:
+    """``get`` / ``put`` of :class:`SensitivityResult` under ``root/sensitivity/KEY.json``."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.folder = (root or default_cache_dir()) / "sensitivity"
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"{key}.json"
+
+    def get(self, key: str) -> SensitivityResult | None:
+        """The cached result, or ``None`` when absent or unreadable (a damaged entry is recomputed)."""
+        try:
+            return SensitivityResult.from_json(json.loads(self.path(key).read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def put(self, key: str, result: SensitivityResult) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        target = self.path(key)
+        handle, temporary = tempfile.mkstemp(dir=self.folder, prefix=f".{key}.", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "w") as stream:
+                json.dump(result.to_json(), stream)
+            os.replace(temporary, target)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        return target

@@ -1,0 +1,58 @@
+"""The sensitivity cache: a second run with the same model, calibration and metric measures nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import bitplan.pipeline as pipeline
+from bitplan.pipeline import RunConfig
+from sensitivity.cache import SensitivityCache, cache_key
+
+SMALL = {"num_samples": 2, "seq_len": 32, "group_size": 64}
+
+
+def test_second_run_reuses_the_cache_and_a_change_misses_it(tiny_llama_dir: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    original = pipeline.compute_sensitivity
+    monkeypatch.setattr(pipeline, "compute_sensitivity", lambda *a, **k: calls.append(1) or original(*a, **k))
+    config = RunConfig(model=str(tiny_llama_dir), out_dir=tmp_path / "a", bits_per_weight=3.5, **SMALL)
+    first = pipeline.run_pipeline(config)
+    second = pipeline.run_pipeline(RunConfig(**{**config.__dict__, "out_dir": tmp_path / "b"}))
+    assert len(calls) == 1
+    assert first.units == second.units and first.objective == second.objective
+    pipeline.run_pipeline(RunConfig(**{**config.__dict__, "out_dir": tmp_path / "c", "seed": 1}))  # new tokens
+    pipeline.run_pipeline(RunConfig(**{**config.__dict__, "out_dir": tmp_path / "d", "metric": "output_error"}))
+    pipeline.run_pipeline(RunConfig(**{**config.__dict__, "out_dir": tmp_path / "e", "use_cache": False}))
+    assert len(calls) == 4
+
+
+def test_damaged_entry_is_ignored(tmp_path: Path) -> None:
+    cache = SensitivityCache(tmp_path)
+    key = cache_key(model="m", metric="x")
+    cache.folder.mkdir(parents=True)
+    cache.path(key).write_text("{not json")
+    assert cache.get(key) is None
+    assert cache_key(model="m", metric="x") == key != cache_key(model="m", metric="y")
+
+
+@pytest.mark.parametrize("metric, after", [("fisher_output_error", 1), ("fisher_output_error", 3),
+                                           ("hutchinson", 2)])
+def test_cancellation_stops_between_steps_and_writes_nothing(tiny_llama_dir: Path, tmp_path: Path, metric: str,
+                                                             after: int) -> None:
+    from sensitivity import Cancelled
+
+    checks = []
+
+    def should_stop() -> bool:
+        checks.append(1)
+        return len(checks) > after
+
+    config = RunConfig(model=str(tiny_llama_dir), out_dir=tmp_path / "out", bits_per_weight=3.5, metric=metric,
+                       **SMALL)
+    with pytest.raises(Cancelled):
+        pipeline.run_pipeline(config, should_stop=should_stop)
+    assert not (tmp_path / "out").exists()
+    assert len(checks) == after + 1

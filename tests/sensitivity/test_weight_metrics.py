@@ -1,0 +1,108 @@
+"""GWQ, SliM-LLM salience and BAQ against direct computations on small tensors and a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bitplan.models import causal_lm_loss
+from bitplan.units import find_units
+from quantizer.rtn import dequantize_weight, quantize_rtn
+from sensitivity import Metric, collect_unit_statistics, compute_sensitivity
+from sensitivity.activations import UnitStatistics
+from sensitivity.weight_metrics import (
+    DAMP,
+    gradient_outlier_mask,
+    group_salience,
+    predict_baq,
+    predict_gwq,
+    predict_slim_salience,
+    salience,
+)
+from tests.conftest import make_tiny_llama
+
+
+def small_stats(seed: int = 0, out: int = 6, inp: int = 40) -> tuple[torch.Tensor, UnitStatistics]:
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out, inp, generator=gen)
+    x = torch.randn(64, inp, generator=gen) * torch.linspace(0.2, 3.0, inp)
+    stats = UnitStatistics(gram=x.T @ x, tokens=64, output_grad_sq=torch.rand(out, generator=gen),
+                           weight_grad_sq=torch.rand(out, inp, generator=gen),
+                           weight_grad_abs=torch.rand(out, inp, generator=gen), batches=4)
+    return weight, stats
+
+
+def test_salience_against_a_direct_inverse() -> None:
+    weight, stats = small_stats()
+    h = stats.gram.double() / 64
+    h_inv = torch.linalg.inv(h + DAMP * h.diagonal().mean() * torch.eye(40, dtype=torch.float64))
+    expected = weight.double() ** 2 / h_inv.diagonal()[None, :] ** 2
+    assert torch.allclose(salience(weight, stats), expected, rtol=1e-8)
+    groups = group_salience(weight, stats, group_size=16)  # 40 columns: groups of 16, 16 and 8
+    assert groups.shape == (6, 3)
+    assert torch.allclose(groups[:, 2], expected[:, 32:].sum(dim=1))
+    predicted = predict_slim_salience(weight, stats, bits_options=(3,), group_size=16)[3]
+    delta = (dequantize_weight(quantize_rtn(weight, bits=3, group_size=16)) - weight).double()
+    direct = 0.5 * float(((delta ** 2 / h_inv.diagonal()[None, :]).sum(dim=1)
+                          * stats.output_grad_sq.double() / 64).sum())
+    assert predicted == pytest.approx(direct, rel=1e-8)
+
+
+def test_gwq_against_the_formula_and_the_outlier_map() -> None:
+    weight, stats = small_stats(1)
+    delta = dequantize_weight(quantize_rtn(weight, bits=2, group_size=8)) - weight
+    expected = 0.5 * float((stats.weight_grad_sq / 64 * delta ** 2).sum())
+    assert predict_gwq(weight, stats, bits_options=(2,), group_size=8)[2] == pytest.approx(expected, rel=1e-6)
+    mask = gradient_outlier_mask(stats, fraction=0.05)
+    assert int(mask.sum()) == round(0.05 * 240)
+    assert float(stats.weight_grad_abs[mask].min()) >= float(stats.weight_grad_abs[~mask].max())
+
+
+def test_baq_against_a_loop_over_groups() -> None:
+    weight, stats = small_stats(2)
+    predicted = predict_baq(weight, stats, bits_options=(2, 4), group_size=16)
+    for bits in (2, 4):
+        total = 0.0
+        for o in range(6):
+            for start in range(0, 40, 16):
+                cols = list(range(start, min(start + 16, 40)))
+                values = weight[o, cols].double()
+                step = (max(float(values.max()), 0.0) - min(float(values.min()), 0.0)) / (2 ** bits - 1)
+                for j in cols:
+                    total += float(stats.output_grad_sq[o]) / 64 * step ** 2 / 12 * float(stats.gram[j, j]) / 64
+        assert predicted[bits] == pytest.approx(0.5 * total, rel=1e-8)
+    assert predicted[2] / predicted[4] == pytest.approx((2 ** 4 - 1) ** 2 / (2 ** 2 - 1) ** 2)
+
+
+def test_weight_gradient_statistics_match_autograd() -> None:
+    model = make_tiny_llama()
+    units = find_units(model)
+    tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(3))
+    stats = collect_unit_statistics(model, units, [tokens[:1], tokens[1:]], loss_fn=causal_lm_loss,
+                                    weight_grads=True)
+    name = "model.layers.1.mlp.down_proj"
+    weight = units[name].weight
+    expected_sq = torch.zeros_like(weight)
+    for i in range(2):
+        (grad,) = torch.autograd.grad(causal_lm_loss(model, tokens[i : i + 1]), [weight.requires_grad_(True)])
+        expected_sq += grad ** 2
+    weight.requires_grad_(False)
+    assert stats[name].batches == 2
+    assert torch.allclose(stats[name].weight_grad_sq, expected_sq, rtol=1e-4, atol=1e-12)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("metric", [Metric.GWQ, Metric.SLIM_SALIENCE, Metric.BAQ])
+def test_every_metric_through_the_interface(metric: Metric) -> None:
+    model = make_tiny_llama()
+    units = find_units(model)
+    tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    flags = [p.requires_grad for p in model.parameters()]
+    result = compute_sensitivity(model, units, [tokens[:1], tokens[1:]], metric=metric, bits_options=(2, 4, 8),
+                                 group_size=32, loss_fn=causal_lm_loss)
+    assert [u.name for u in result.units] == list(units)
+    for unit in result.units:
+        assert unit.delta_loss[2] >= unit.delta_loss[4] >= unit.delta_loss[8] >= 0
+        assert unit.score >= 0
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
