@@ -272,10 +272,15 @@ def load_model(reference: str) -> LoadedModel:
                        source_format=source_format, source_path=path, source_sha256=sha256_file(digest_target))
 
 
-def causal_lm_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy of ``tokens (batch, seq_len)``, with a graph from the input embeddings."""
-    embeds = model.get_input_embeddings()(tokens).detach().requires_grad_(True)
-    logits = model(inputs_embeds=embeds).logits[:, :-1].float()
+def causal_lm_loss(model: nn.Module, tokens: torch.Tensor, *, graph_from_embeddings: bool = True) -> torch.Tensor:
+    """Summed next-token cross-entropy of ``tokens (batch, seq_len)``, by default with a graph from the input
+    embeddings (so that output gradients exist even when no parameter requires grad); ``torch.func`` transforms
+    need ``graph_from_embeddings=False``."""
+    if graph_from_embeddings:
+        embeds = model.get_input_embeddings()(tokens).detach().requires_grad_(True)
+        logits = model(inputs_embeds=embeds).logits[:, :-1].float()
+    else:
+        logits = model(input_ids=tokens).logits[:, :-1].float()
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1),
                                        reduction="sum")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 import math
 import time
@@ -173,6 +174,8 @@ def run_sensitivity(loaded: LoadedModel, units: dict[str, nn.Linear], config: Ru
     if metric is Metric.HUTCHINSON:
         use_eager_attention(loaded.model)
         batches = _hutchinson_batches(tokens)
+        if config.hutchinson.method == "jvp":  # torch.func cannot start a graph at detached embeddings
+            loss_fn = functools.partial(causal_lm_loss, graph_from_embeddings=False)
     return compute_sensitivity(loaded.model, units, batches, metric=metric, bits_options=config.candidate_bits,
                                group_size=config.group_size, loss_fn=loss_fn, hutchinson=config.hutchinson,
                                on_progress=on_progress, should_stop=should_stop)

@@ -21,7 +21,7 @@ from sensitivity.activations import (
     check_stop,
     collect_unit_statistics,
 )
-from sensitivity.hutchinson import TraceEstimate, estimate_hessian_traces
+from sensitivity.hutchinson import TraceEstimate, double_backward_hvp, estimate_traces, forward_over_reverse_hvp
 from sensitivity.output_error import predict_output_error
 from sensitivity.weight_metrics import predict_baq, predict_gwq, predict_slim_salience, salience
 
@@ -92,6 +92,26 @@ class HutchinsonConfig:
     max_probes: int = 16
     rel_tol: float = 0.05
     seed: int = 0
+    method: str = "double_backward"  # or "jvp" (forward over reverse; its loss_fn must work under torch.func)
+
+    def __post_init__(self) -> None:
+        if self.method not in HVP_METHODS:
+            raise ValueError(f"unknown Hessian-vector product method {self.method!r}; choose {HVP_METHODS}")
+
+
+HVP_METHODS = ("double_backward", "jvp")
+
+
+class _LossOf(nn.Module):
+    """``loss_fn(model, batch)`` as a module, so that ``torch.func.functional_call`` can swap its weights."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(self.model, batch) / batch.numel()
 
 
 def _squared_rtn_error(weight: torch.Tensor, bits: int, group_size: int) -> float:
@@ -109,14 +129,23 @@ def _hutchinson(
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     model.requires_grad_(False)
     params = {name: m.weight for name, m in units.items()}
-    for weight in params.values():
-        weight.requires_grad_(True)
+    batch = torch.cat(list(batches), dim=0)
+    options = {"min_probes": config.min_probes, "max_probes": config.max_probes, "rel_tol": config.rel_tol,
+               "seed": config.seed, "on_progress": on_progress, "should_stop": should_stop}
     try:
-        batch = torch.cat(list(batches), dim=0)
-        loss = loss_fn(model, batch) / batch.numel()
-        traces: dict[str, TraceEstimate] = estimate_hessian_traces(
-            loss, params, min_probes=config.min_probes, max_probes=config.max_probes, rel_tol=config.rel_tol,
-            seed=config.seed, on_progress=on_progress, should_stop=should_stop)
+        if config.method == "jvp":
+            wrapper = _LossOf(model, loss_fn)
+            keys = [f"model.{name}.weight" for name in params]
+
+            def loss_of(weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
+                return torch.func.functional_call(wrapper, dict(zip(keys, weights, strict=True)), (batch,))
+
+            hvp = forward_over_reverse_hvp(loss_of, list(params.values()))
+        else:
+            for weight in params.values():
+                weight.requires_grad_(True)
+            hvp = double_backward_hvp(loss_fn(model, batch) / batch.numel(), list(params.values()))
+        traces: dict[str, TraceEstimate] = estimate_traces(hvp, params, **options)  # type: ignore[arg-type]
     finally:
         for parameter, flag in requires_grad.items():
             parameter.requires_grad_(flag)

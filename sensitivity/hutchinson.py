@@ -1,8 +1,9 @@
 """Hutchinson estimate of the loss-Hessian trace per parameter block (HAWQ-V2).
 
-``tr(H_u) = E_v[v_u^T (H v)_u]`` for Rademacher probes ``v``; ``H v`` comes from differentiating
-``g . v`` where ``g`` is the gradient built with ``create_graph=True`` (double backward). One gradient graph
-is built per call and reused by every probe. Samples are returned so callers get an error bar.
+``tr(H_u) = E_v[v_u^T (H v)_u]`` and ``diag(H) = E_v[v * Hv]`` for Rademacher probes ``v``. ``H v`` comes
+either from differentiating ``g . v`` where ``g`` is the gradient built with ``create_graph=True`` (double
+backward, one graph reused by every probe) or from ``torch.func.jvp`` of ``torch.func.grad`` (forward over
+reverse). Samples are returned so callers get an error bar.
 """
 
 from __future__ import annotations
@@ -18,13 +19,19 @@ from sensitivity.activations import check_stop
 ProgressFn = Callable[[str, int, int], None]
 
 
+HvpFn = Callable[[list[torch.Tensor]], list[torch.Tensor]]  # probes (one per parameter) -> Hessian times probes
+
+
 @dataclass(frozen=True)
 class TraceEstimate:
-    """Mean of the probe samples, its standard error, and the samples themselves."""
+    """Mean of the probe samples, its standard error, the samples themselves, and optionally the per-element
+    diagonal estimate ``mean(v * Hv)`` with its standard error."""
 
     trace: float
     std_error: float
     samples: tuple[float, ...]
+    diagonal: torch.Tensor | None = None
+    diagonal_std_error: torch.Tensor | None = None
 
 
 def _summarize(samples: list[float]) -> TraceEstimate:
@@ -34,45 +41,87 @@ def _summarize(samples: list[float]) -> TraceEstimate:
     return TraceEstimate(trace=mean, std_error=math.sqrt(var / n), samples=tuple(samples))
 
 
+def double_backward_hvp(loss: torch.Tensor, tensors: list[torch.Tensor]) -> HvpFn:
+    """Reverse-over-reverse (PyHessian style): one gradient graph (``create_graph=True``) reused by every probe."""
+    grads = torch.autograd.grad(loss, tensors, create_graph=True)
+
+    def hvp(probes: list[torch.Tensor]) -> list[torch.Tensor]:
+        return list(torch.autograd.grad(grads, tensors, grad_outputs=probes, retain_graph=True))
+
+    return hvp
+
+
+def forward_over_reverse_hvp(loss_of: Callable[[tuple[torch.Tensor, ...]], torch.Tensor],
+                             tensors: list[torch.Tensor]) -> HvpFn:
+    """Forward-over-reverse: ``torch.func.jvp`` of ``torch.func.grad(loss_of)`` at ``tensors`` (one forward and
+    one backward with dual numbers per probe, no retained second-order graph)."""
+    primals = tuple(t.detach() for t in tensors)
+    gradient = torch.func.grad(loss_of)
+
+    def hvp(probes: list[torch.Tensor]) -> list[torch.Tensor]:
+        _, tangent_out = torch.func.jvp(gradient, (primals,), (tuple(probes),))
+        return list(tangent_out)
+
+    return hvp
+
+
 def estimate_hessian_traces(
     loss: torch.Tensor,
+    params: Mapping[str, torch.Tensor],
+    **options: object,
+) -> dict[str, TraceEstimate]:
+    """Estimate ``tr(d^2 loss / d p^2)`` for every tensor in ``params`` by double backward.
+
+    Args:
+        loss: scalar with a graph to every tensor in ``params`` (which must require grad).
+        params: name -> parameter tensor.
+        options: as for :func:`estimate_traces`.
+    """
+    tensors = [params[n] for n in params]
+    return estimate_traces(double_backward_hvp(loss, tensors), params, **options)  # type: ignore[arg-type]
+
+
+def estimate_traces(
+    hvp: HvpFn,
     params: Mapping[str, torch.Tensor],
     *,
     min_probes: int = 4,
     max_probes: int = 32,
     rel_tol: float = 0.05,
     seed: int = 0,
+    diagonal: bool = False,
     on_progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, TraceEstimate]:
-    """Estimate ``tr(d^2 loss / d p^2)`` for every tensor in ``params``.
+    """Hutchinson with Rademacher probes through ``hvp``.
 
     Probing stops after ``min_probes`` once the standard error of the summed trace is below ``rel_tol`` of its
-    magnitude, or at ``max_probes``.
-
-    Args:
-        loss: scalar with a graph to every tensor in ``params`` (which must require grad).
-        params: name -> parameter tensor.
+    magnitude, or at ``max_probes``. With ``diagonal``, every element's ``mean(v * Hv)`` (an unbiased estimate
+    of the Hessian diagonal) and its standard error are returned too.
     """
     if min_probes < 2 or max_probes < min_probes:
         raise ValueError(f"need 2 <= min_probes <= max_probes, got {min_probes}, {max_probes}")
     names = list(params)
     tensors = [params[n] for n in names]
-    grads = torch.autograd.grad(loss, tensors, create_graph=True)
     generator = torch.Generator().manual_seed(seed)
     samples: dict[str, list[float]] = {n: [] for n in names}
+    sums = {n: torch.zeros_like(params[n], dtype=torch.float64) for n in names} if diagonal else {}
+    squares = {n: torch.zeros_like(params[n], dtype=torch.float64) for n in names} if diagonal else {}
     totals: list[float] = []
     for probe in range(max_probes):
         check_stop(should_stop, "Hutchinson probes")
         probes = [
             (torch.randint(0, 2, t.shape, generator=generator, dtype=torch.int8).to(t.dtype) * 2 - 1) for t in tensors
         ]
-        hvps = torch.autograd.grad(grads, tensors, grad_outputs=probes, retain_graph=True)
         total = 0.0
-        for name, v, hv in zip(names, probes, hvps, strict=True):
-            value = float((v * hv).sum())
+        for name, v, hv in zip(names, probes, hvp(probes), strict=True):
+            product = (v * hv).detach()
+            value = float(product.sum())
             samples[name].append(value)
             total += value
+            if diagonal:
+                sums[name] += product.double()
+                squares[name] += product.double() ** 2
         totals.append(total)
         if on_progress is not None:
             on_progress("hutchinson probes", probe + 1, max_probes)
@@ -80,4 +129,13 @@ def estimate_hessian_traces(
             summary = _summarize(totals)
             if summary.std_error <= rel_tol * abs(summary.trace):
                 break
-    return {name: _summarize(values) for name, values in samples.items()}
+    result = {}
+    for name, values in samples.items():
+        summary = _summarize(values)
+        if diagonal:
+            n = len(values)
+            mean = sums[name] / n
+            variance = (squares[name] / n - mean**2).clamp_min(0) * n / max(n - 1, 1)
+            summary = TraceEstimate(summary.trace, summary.std_error, summary.samples, mean, (variance / n).sqrt())
+        result[name] = summary
+    return result

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
-from sensitivity.hutchinson import estimate_hessian_traces
+from sensitivity.hutchinson import estimate_hessian_traces, estimate_traces, forward_over_reverse_hvp
 
 
 def tiny_net() -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
@@ -47,3 +48,66 @@ def test_stopping_rule_stops_early_on_an_easy_problem() -> None:
     estimates = estimate_hessian_traces(loss, {"w": weight}, min_probes=3, max_probes=50, rel_tol=0.01)
     assert len(estimates["w"].samples) == 3
     assert estimates["w"].trace == 18.0 and estimates["w"].std_error == 0.0
+
+
+def exact_diagonal(net: nn.Sequential, x: torch.Tensor, y: torch.Tensor, name: str) -> torch.Tensor:
+    params = dict(net.named_parameters())
+
+    def loss_of(flat: torch.Tensor) -> torch.Tensor:
+        patched = {**params, name: flat.reshape(params[name].shape)}
+        return nn.functional.cross_entropy(torch.func.functional_call(net, patched, (x,)), y)
+
+    return torch.diagonal(torch.autograd.functional.hessian(loss_of, params[name].detach().reshape(-1)))
+
+
+def test_diagonal_estimate_matches_the_exact_hessian_diagonal() -> None:
+    net, x, y = tiny_net()
+    params = {n: p for n, p in net.named_parameters() if n in ("0.weight", "2.weight")}
+    loss = nn.functional.cross_entropy(net(x), y)
+    estimates = estimate_hessian_traces(loss, params, min_probes=300, max_probes=300, rel_tol=0.0, seed=2,
+                                        diagonal=True)
+    for name, estimate in estimates.items():
+        exact = exact_diagonal(net, x, y, name).double()
+        error = (estimate.diagonal.reshape(-1) - exact).abs()
+        assert bool((error <= 5 * estimate.diagonal_std_error.reshape(-1) + 1e-7).all()), name
+        assert float(estimate.diagonal.sum()) == pytest.approx(estimate.trace, rel=1e-6, abs=1e-9)
+
+
+def test_forward_over_reverse_equals_double_backward() -> None:
+    net, x, y = tiny_net()
+    names = ("0.weight", "2.weight")
+    params = {n: p for n, p in net.named_parameters() if n in names}
+
+    def loss_of(weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        patched = {**dict(net.named_parameters()), **dict(zip(names, weights, strict=True))}
+        return nn.functional.cross_entropy(torch.func.functional_call(net, patched, (x,)), y)
+
+    reverse = estimate_hessian_traces(nn.functional.cross_entropy(net(x), y), params, min_probes=5, max_probes=5,
+                                      seed=3)
+    forward = estimate_traces(forward_over_reverse_hvp(loss_of, list(params.values())), params, min_probes=5,
+                              max_probes=5, seed=3)
+    for name in names:
+        assert forward[name].samples == pytest.approx(reverse[name].samples, rel=1e-5, abs=1e-7)
+
+
+def test_both_hvp_methods_give_the_same_unit_traces_on_a_tiny_llama() -> None:
+    import functools
+
+    from bitplan.models import causal_lm_loss, use_eager_attention
+    from bitplan.units import find_units
+    from sensitivity import HutchinsonConfig, Metric, compute_sensitivity
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama()
+    use_eager_attention(model)
+    units = find_units(model)
+    tokens = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for method in ("double_backward", "jvp"):
+        loss_fn = causal_lm_loss if method == "double_backward" else functools.partial(
+            causal_lm_loss, graph_from_embeddings=False)
+        results[method] = compute_sensitivity(
+            model, units, [tokens], metric=Metric.HUTCHINSON, bits_options=(2, 4), group_size=32, loss_fn=loss_fn,
+            hutchinson=HutchinsonConfig(min_probes=3, max_probes=3, method=method))
+    for a, b in zip(results["double_backward"].units, results["jvp"].units, strict=True):
+        assert a.score == pytest.approx(b.score, rel=1e-4, abs=1e-6)
