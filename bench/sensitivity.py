@@ -1,14 +1,21 @@
-"""Sensitivity benchmark on SmolLM2-135M: time and peak memory of each metric, and how well each metric's
-predicted loss increase at 3 bits ranks the real one (quantize one unit alone, measure the WikiText-2 loss).
-Prints one JSON object.
+"""Sensitivity benchmark on SmolLM2-135M. Prints one JSON object with:
 
-    python bench/sensitivity.py [--units 30] [--windows 8] [--text FILE]
+* every metric's time and peak memory (each in a fresh process, model load included);
+* for a sample of units, the Spearman rank correlation between each metric's predicted loss increase at 3 bits
+  and the real increase (quantize that unit alone, measure the WikiText-2 loss over the same windows), with the
+  real increase's standard error and the correlation that measurement noise alone would allow;
+* Hessian-vector products: a PyHessian-style double-backward loop (every parameter, as PyHessian takes them)
+  against ours (double backward over the quantized units only, and forward-over-reverse jvp), time per probe
+  and the trace estimates they give for the same probes.
+
+    python bench/sensitivity.py [--units 30] [--windows 32] [--samples 32] [--text FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import multiprocessing
@@ -17,44 +24,120 @@ import random
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import _own_folder_off_path  # noqa: F401  (before any first-party import)
+import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from bitplan.calibration import read_text
-from bitplan.evaluation import perplexity, tokenize_for_perplexity
-from bitplan.models import load_model
+from bitplan.calibration import build_calibration_set, read_text
+from bitplan.evaluation import tokenize_for_perplexity
+from bitplan.models import causal_lm_loss, load_model, use_eager_attention
 from bitplan.pipeline import RunConfig, measure_sensitivity
 from bitplan.units import find_units
 from quantizer.rtn import dequantize_weight, quantize_rtn
+from sensitivity.api import functional_loss
+from sensitivity.hutchinson import double_backward_hvp, estimate_traces, forward_over_reverse_hvp
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "wiki.test.raw"
-METRICS = ("output_error", "fisher_output_error", "hutchinson")
+METRICS = ("token_fisher", "fisher_output_error", "output_error", "gwq", "slim_salience", "baq", "hutchinson")
 
 
-def _measure_in_child(config: RunConfig, queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+def _in_child(target: Callable[..., dict[str, Any]], args: tuple[Any, ...], queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
     started = time.perf_counter()
-    result = measure_sensitivity(config)
-    queue.put({"result": result.to_json(), "wall_s": time.perf_counter() - started,
+    payload = target(*args)
+    queue.put({**payload, "wall_s": time.perf_counter() - started,
                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})
 
 
-def measure_metric(config: RunConfig) -> dict[str, object]:
-    """One metric in a fresh process, so its peak memory is its own (model load included)."""
+def in_fresh_process(target: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """Run ``target(*args)`` in a spawned process so that its peak memory is its own."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_measure_in_child, args=(config, queue))
+    process = context.Process(target=_in_child, args=(target, args, queue))
     process.start()
     payload = queue.get()
     process.join()
     return payload
 
 
-def mean_loss(model: torch.nn.Module, ids: torch.Tensor, seq_len: int, windows: int) -> float:
-    """Mean token NLL over the first ``windows`` windows (the log of the perplexity)."""
-    return math.log(perplexity(model, ids, seq_len=seq_len, max_windows=windows).ppl)
+def metric_run(config: RunConfig) -> dict[str, Any]:
+    return {"result": measure_sensitivity(config).to_json()}
+
+
+def real_loss_increase(model_ref: str, text: Path, sample: list[str], windows: int, seq_len: int,
+                       bits: int) -> dict[str, Any]:
+    """Mean WikiText-2 token loss increase (and its standard error over windows) of quantizing each unit alone."""
+    loaded = load_model(model_ref)
+    units = find_units(loaded.model)
+    ids = tokenize_for_perplexity(loaded.tokenizer, read_text(text))
+    chunks = [ids[i * seq_len:(i + 1) * seq_len][None] for i in range(min(windows, ids.numel() // seq_len))]
+
+    @torch.no_grad()
+    def window_losses() -> torch.Tensor:
+        return torch.tensor([float(causal_lm_loss(loaded.model, c)) / (c.numel() - 1) for c in chunks])
+
+    base = window_losses()
+    real = {}
+    for name in sample:
+        weight = units[name].weight.data.clone()
+        units[name].weight.data = dequantize_weight(quantize_rtn(weight, bits=bits, group_size=128))
+        increase = window_losses() - base
+        units[name].weight.data = weight
+        real[name] = {"mean": float(increase.mean()), "std_error": float(increase.std() / math.sqrt(len(chunks)))}
+    return {"base_loss": float(base.mean()), "windows": len(chunks), "real": real}
+
+
+def hvp_probe_times(model_ref: str, method: str, probes: int, seq_len: int) -> dict[str, Any]:
+    """Per-probe time of one Hessian-vector product method on one calibration window; per-unit trace samples."""
+    loaded = load_model(model_ref)
+    model = loaded.model
+    use_eager_attention(model)
+    units = find_units(model)
+    calib = build_calibration_set(loaded.tokenizer, text_file=None, num_samples=1, seq_len=seq_len)
+    batch = calib.tokens
+    unit_params = {name: m.weight for name, m in units.items()}
+    started = time.perf_counter()
+    unit_keys = [f"{name}.weight" for name in unit_params]
+    if method == "pyhessian":  # every parameter that requires grad, as PyHessian collects them
+        everything = dict(model.named_parameters())
+        params = {**{k: everything[k] for k in unit_keys}, **everything}  # unit weights first: same probes
+        hvp = double_backward_hvp(causal_lm_loss(model, batch) / batch.numel(), list(params.values()))
+    elif method == "double_backward":
+        model.requires_grad_(False)
+        params = {key: unit_params[key[: -len(".weight")]].requires_grad_(True) for key in unit_keys}
+        hvp = double_backward_hvp(causal_lm_loss(model, batch) / batch.numel(), list(params.values()))
+    else:
+        model.requires_grad_(False)
+        params = {key: unit_params[key[: -len(".weight")]] for key in unit_keys}
+        loss_fn = functools.partial(causal_lm_loss, graph_from_embeddings=False)
+        hvp = forward_over_reverse_hvp(functional_loss(model, loss_fn, unit_keys, batch), list(params.values()))
+    setup_s = time.perf_counter() - started
+    times: list[float] = []
+
+    def timed_hvp(vectors: list[torch.Tensor]) -> list[torch.Tensor]:
+        begin = time.perf_counter()
+        result = hvp(vectors)
+        times.append(time.perf_counter() - begin)
+        return result
+
+    # The unit weights come first in every method and the seed is shared, so their probes are the same and the
+    # unit blocks of the samples are directly comparable (PyHessian's other parameters get probes after them).
+    estimates = estimate_traces(timed_hvp, params, min_probes=probes, max_probes=probes, rel_tol=0.0, seed=0)
+    return {"setup_s": setup_s, "probe_s": times, "mean_probe_s": sum(times) / len(times),
+            "unit_trace_samples": {k: list(estimates[k].samples) for k in unit_keys}}
+
+
+def noise_ceiling(real: dict[str, dict[str, float]], draws: int = 2000) -> float:
+    """Mean Spearman correlation between the measured increases and a second measurement with the same noise:
+    what a perfect predictor could be expected to reach against this measurement."""
+    means = np.array([r["mean"] for r in real.values()])
+    errors = np.array([r["std_error"] for r in real.values()])
+    rng = np.random.default_rng(0)
+    return float(np.mean([spearmanr(means, means + rng.normal(0, errors)).statistic for _ in range(draws)]))
 
 
 def main() -> None:
@@ -62,43 +145,60 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--text", type=Path, default=DEFAULT_TEXT)
     parser.add_argument("--units", type=int, default=30)
-    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--windows", type=int, default=32, help="WikiText-2 windows for the real loss increase")
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=32, help="calibration windows for the metrics")
     parser.add_argument("--bits", type=int, default=3)
+    parser.add_argument("--metrics", default=",".join(METRICS))
+    parser.add_argument("--hvp-probes", type=int, default=3, help="probes per Hessian-vector product method (0: skip)")
     args = parser.parse_args()
-    report: dict[str, object] = {
+    if not args.text.is_file():
+        raise SystemExit(f"WikiText-2 not found at {args.text}; pass --text FILE")
+    report: dict[str, Any] = {
         "benchmark": "sensitivity", "model": args.model, "cpus": os.cpu_count(), "command": " ".join(sys.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "real_loss": {"text": str(args.text), "windows": args.windows, "seq_len": args.seq_len, "bits": args.bits,
-                      "group_size": 128},
+        "calibration": f"built-in text, {args.samples} x {args.seq_len} tokens",
+        "real_loss": {"text": str(args.text), "seq_len": args.seq_len, "bits": args.bits, "group_size": 128},
     }
     metrics = {}
-    for metric in METRICS:
+    for metric in args.metrics.split(","):
         config = RunConfig(model=args.model, out_dir=Path("."), bits_per_weight=4.0, metric=metric,
-                           num_samples=args.samples)
-        metrics[metric] = measure_metric(config)
-    loaded = load_model(args.model)
-    units = find_units(loaded.model)
-    sample = sorted(random.Random(0).sample(list(units), args.units), key=list(units).index)
-    ids = tokenize_for_perplexity(loaded.tokenizer, read_text(args.text))
-    base = mean_loss(loaded.model, ids, args.seq_len, args.windows)
-    real = {}
-    for name in sample:
-        weight = units[name].weight.data.clone()
-        units[name].weight.data = dequantize_weight(quantize_rtn(weight, bits=args.bits, group_size=128))
-        real[name] = mean_loss(loaded.model, ids, args.seq_len, args.windows) - base
-        units[name].weight.data = weight
+                           num_samples=args.samples, seq_len=args.seq_len, use_cache=False)
+        metrics[metric] = in_fresh_process(metric_run, config)
+        sys.stderr.write(f"{metric}: {metrics[metric]['wall_s']:.1f} s\n")
+    names = [u["name"] for u in next(iter(metrics.values()))["result"]["units"]]
+    sample = sorted(random.Random(0).sample(names, args.units), key=names.index)
+    measured = in_fresh_process(real_loss_increase, args.model, args.text, sample, args.windows, args.seq_len,
+                                args.bits)
+    real = measured["real"]
     table = {}
     for metric, payload in metrics.items():
         predicted = {u["name"]: u["delta_loss"][str(args.bits)] for u in payload["result"]["units"]}
-        rho = spearmanr([predicted[n] for n in sample], [real[n] for n in sample]).statistic
+        rho = spearmanr([predicted[n] for n in sample], [real[n]["mean"] for n in sample]).statistic
         table[metric] = {"spearman": float(rho), "wall_s": round(payload["wall_s"], 1),
                          "sensitivity_s": round(payload["result"]["seconds"], 1),
                          "peak_rss_gb": round(payload["peak_rss_gb"], 2), "warnings": payload["result"]["warnings"]}
-    report["base_loss"] = base
-    report["units"] = [{"name": n, "real_delta_loss": real[n]} for n in sample]
+    report["real_loss"].update({"windows": measured["windows"], "base_loss": measured["base_loss"],
+                                "noise_ceiling_spearman": noise_ceiling(real)})
+    report["units"] = [{"name": n, "real_delta_loss": real[n]["mean"], "std_error": real[n]["std_error"]}
+                       for n in sample]
     report["metrics"] = table
+    if args.hvp_probes > 0:
+        runs = {method: in_fresh_process(hvp_probe_times, args.model, method, args.hvp_probes, args.seq_len)
+                for method in ("pyhessian", "double_backward", "jvp")}
+        reference = runs["double_backward"]["unit_trace_samples"]
+        hvp: dict[str, Any] = {"tokens": args.seq_len, "probes": args.hvp_probes}
+        for method, run in runs.items():
+            samples = run["unit_trace_samples"]
+            worst = max(abs(a - b) / max(abs(b), 1e-12) for k in reference
+                        for a, b in zip(samples[k], reference[k], strict=True))
+            hvp[method] = {"mean_probe_s": run["mean_probe_s"], "setup_s": run["setup_s"],
+                           "peak_rss_gb": round(run["peak_rss_gb"], 2),
+                           "max_relative_difference_to_double_backward": worst}
+        base = hvp["pyhessian"]["mean_probe_s"]
+        for method in ("double_backward", "jvp"):
+            hvp[method]["speedup_per_probe_vs_pyhessian"] = base / hvp[method]["mean_probe_s"]
+        report["hessian_vector_products"] = hvp
     sys.stdout.write(json.dumps(report) + "\n")
 
 

@@ -21,12 +21,13 @@ from bitplan.calibration import build_calibration_set
 from bitplan.errors import BitplanError, BudgetError
 from bitplan.models import LoadedModel, ModelKind, causal_lm_loss, load_model, use_eager_attention
 from bitplan.units import find_units
-from quantizer.rtn import quantize_rtn
+from quantizer.rtn import dequantize_weight, quantize_rtn
 from quantizer.sizes import quantized_bytes
 from sensitivity import HutchinsonConfig, Metric, SensitivityResult, compute_sensitivity
 from sensitivity.activations import StopFn, check_stop
 from sensitivity.api import NEEDS_LOSS
 from sensitivity.cache import SensitivityCache, cache_key
+from sensitivity.kl import output_kl
 
 logger = logging.getLogger(__name__)
 ProgressFn = Callable[[str, int, int], None]
@@ -36,7 +37,7 @@ METRIC_CHOICES = ("auto",) + tuple(m.value for m in Metric)
 @dataclass(frozen=True)
 class RunConfig:
     """What to quantize and under which budget. Exactly one of ``bits_per_weight``, ``budget_bytes`` and
-    ``uniform_bits`` is set; ``metric="auto"`` is ``fisher_output_error`` for causal LMs and ``output_error``
+    ``uniform_bits`` is set; ``metric="auto"`` is ``token_fisher`` for causal LMs and ``output_error``
     otherwise."""
 
     model: str
@@ -56,6 +57,7 @@ class RunConfig:
     hutchinson: HutchinsonConfig = field(default_factory=HutchinsonConfig)
     tie_fused: bool = False  # q/k/v and gate/up of a block share one bit width (runtimes fuse them)
     pinned: tuple[tuple[str, int], ...] = ()  # (unit name pattern, bits): matching units keep these bits
+    kl_windows: int = 2  # calibration windows on which to measure the artifact's KL divergence (0: skip)
     use_cache: bool = True  # reuse sensitivities measured before (same model, calibration, metric, parameters)
     cache_dir: Path | None = None  # default: $BITPLAN_CACHE_DIR or ~/.cache/bitplan
 
@@ -100,6 +102,7 @@ class RunResult:
     timings_s: dict[str, float]
     predicted_bytes: int
     warnings: list[str]
+    kl_divergence: float | None = None  # mean per-token KL(float || quantized) on calibration windows (nats)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,7 +110,7 @@ class RunResult:
 
 def _resolve_metric(name: str, kind: ModelKind) -> Metric:
     if name == "auto":
-        return Metric.FISHER_OUTPUT_ERROR if kind is ModelKind.CAUSAL_LM else Metric.OUTPUT_ERROR
+        return Metric.TOKEN_FISHER if kind is ModelKind.CAUSAL_LM else Metric.OUTPUT_ERROR
     metric = Metric(name)
     if metric in NEEDS_LOSS and kind is not ModelKind.CAUSAL_LM:
         usable = sorted(m.value for m in Metric if m not in NEEDS_LOSS)
@@ -183,9 +186,9 @@ def run_sensitivity(loaded: LoadedModel, units: dict[str, nn.Linear], config: Ru
 
 def calibrate_and_measure(config: RunConfig, loaded: LoadedModel, units: dict[str, nn.Linear],
                           on_progress: ProgressFn | None, should_stop: StopFn | None = None
-                          ) -> tuple[dict[str, Any], SensitivityResult]:
-    """Steps 3-4: the calibration set (returned as its manifest record) and the sensitivities it gives, from the
-    on-disk cache when the same model, calibration tokens, metric and parameters were measured before."""
+                          ) -> tuple[dict[str, Any], SensitivityResult, torch.Tensor]:
+    """Steps 3-4: the calibration set (its manifest record and its tokens) and the sensitivities it gives, from
+    the on-disk cache when the same model, calibration tokens, metric and parameters were measured before."""
     metric = _resolve_metric(config.metric, loaded.kind)
     calib = build_calibration_set(loaded.tokenizer, text_file=config.calibration_text,
                                   num_samples=config.num_samples, seq_len=config.seq_len, seed=config.seed)
@@ -198,11 +201,11 @@ def calibrate_and_measure(config: RunConfig, loaded: LoadedModel, units: dict[st
     cached = cache.get(key) if cache is not None else None
     if cached is not None:
         logger.info("sensitivity: reusing the cached %s result %s", metric.value, key[:12])
-        return {**record, "sensitivity_cache": "hit"}, cached
+        return {**record, "sensitivity_cache": "hit"}, cached, calib.tokens
     result = run_sensitivity(loaded, units, config, metric, calib.tokens, on_progress, should_stop)
     if cache is not None:
         cache.put(key, result)
-    return {**record, "sensitivity_cache": "miss" if cache is not None else "off"}, result
+    return {**record, "sensitivity_cache": "miss" if cache is not None else "off"}, result, calib.tokens
 
 
 def measure_sensitivity(config: RunConfig, *, on_progress: ProgressFn | None = None,
@@ -253,7 +256,7 @@ def allocation_problem(sizes: dict[str, dict[int, int]], sensitivity: Sensitivit
 def _quantize_and_write(config: RunConfig, loaded: LoadedModel, units: dict[str, nn.Linear],
                         chosen: dict[str, int], manifest_fields: dict[str, Any], out_dir: Path,
                         on_progress: ProgressFn | None, should_stop: StopFn | None = None
-                        ) -> tuple[Any, dict[str, float]]:
+                        ) -> tuple[Any, dict[str, float], dict[str, Any]]:
     """Steps 6 and 7: RTN-quantize each unit at its bit width, then pack and write the artifact."""
     timings = {}
     started = time.perf_counter()
@@ -268,7 +271,7 @@ def _quantize_and_write(config: RunConfig, loaded: LoadedModel, units: dict[str,
     written = write_artifact(out_dir, model=loaded.model, tokenizer=loaded.tokenizer, kind=loaded.kind,
                              quantized=quantized, manifest_fields=manifest_fields)
     timings["write"] = round(time.perf_counter() - started, 3)
-    return written, timings
+    return written, timings, quantized
 
 
 def run_pipeline(config: RunConfig, *, on_progress: ProgressFn | None = None,
@@ -322,12 +325,18 @@ def run_budgets(config: RunConfig, bits_per_weight: list[float | None], *, out_d
                            "solver": {"status": "uniform", "objective": None, "lower_bound": None},
                            "sensitivity": {"metric": None, "warnings": []}, "calibration": None,
                            "quantizer": "rtn-asymmetric"}
-        written, stage_times = _quantize_and_write(config, loaded, units, chosen, manifest_fields, out_dirs[0],
-                                                   on_progress, should_stop)
-        return [_result(config, written, chosen, sizes, manifest_fields, {**timings, **stage_times})]
+        written, stage_times, quantized = _quantize_and_write(config, loaded, units, chosen, manifest_fields,
+                                                              out_dirs[0], on_progress, should_stop)
+        tokens = None
+        if config.kl_windows > 0 and loaded.kind is ModelKind.CAUSAL_LM:
+            tokens = build_calibration_set(loaded.tokenizer, text_file=config.calibration_text,
+                                           num_samples=config.kl_windows, seq_len=config.seq_len,
+                                           seed=config.seed).tokens
+        kl, stage_times["kl"] = _measure_kl(config, loaded, units, quantized, tokens)
+        return [_result(config, written, chosen, sizes, manifest_fields, {**timings, **stage_times}, kl)]
     budget_bytes = [budget_in_bytes(each, sizes, numel) for each in configs]
     lap("plan")
-    calibration, sensitivity = calibrate_and_measure(config, loaded, units, on_progress, should_stop)
+    calibration, sensitivity, tokens = calibrate_and_measure(config, loaded, units, on_progress, should_stop)
     lap("sensitivity")
     results = []
     for each, budget, out_dir in zip(configs, budget_bytes, out_dirs, strict=True):
@@ -353,15 +362,28 @@ def run_budgets(config: RunConfig, bits_per_weight: list[float | None], *, out_d
             "calibration": calibration, "quantizer": "rtn-asymmetric",
         }
         allocation_s = round(time.perf_counter() - started, 3)
-        written, stage_times = _quantize_and_write(each, loaded, units, chosen, manifest_fields, out_dir, on_progress,
-                                                   should_stop)
+        written, stage_times, quantized = _quantize_and_write(each, loaded, units, chosen, manifest_fields, out_dir,
+                                                              on_progress, should_stop)
+        kl, stage_times["kl"] = _measure_kl(config, loaded, units, quantized, tokens)
         results.append(_result(each, written, chosen, sizes, manifest_fields,
-                               {**timings, "allocation": allocation_s, **stage_times}))
+                               {**timings, "allocation": allocation_s, **stage_times}, kl))
     return results
 
 
+def _measure_kl(config: RunConfig, loaded: LoadedModel, units: dict[str, nn.Linear], quantized: dict[str, Any],
+                tokens: torch.Tensor | None) -> tuple[float | None, float]:
+    """KL divergence of the quantized model's next-token distribution on the first ``kl_windows`` calibration
+    windows (language models only), and the seconds it took."""
+    if config.kl_windows <= 0 or tokens is None or loaded.kind is not ModelKind.CAUSAL_LM:
+        return None, 0.0
+    started = time.perf_counter()
+    replacements = {name: dequantize_weight(q) for name, q in quantized.items()}
+    kl = output_kl(loaded.model, units, replacements, list(torch.split(tokens[: config.kl_windows], 1)))
+    return kl, round(time.perf_counter() - started, 3)
+
+
 def _result(config: RunConfig, written: Any, chosen: dict[str, int], sizes: dict[str, dict[int, int]],
-            manifest_fields: dict[str, Any], timings: dict[str, float]) -> RunResult:
+            manifest_fields: dict[str, Any], timings: dict[str, float], kl: float | None) -> RunResult:
     predicted = sum(sizes[name][b] for name, b in chosen.items())
     if predicted != written.quantized_bytes:
         raise RuntimeError(f"size model drifted: predicted {predicted} bytes, wrote {written.quantized_bytes}")
@@ -372,5 +394,5 @@ def _result(config: RunConfig, written: Any, chosen: dict[str, int], sizes: dict
         units=[{"name": n, "bits": b, "group_size": config.group_size} for n, b in chosen.items()],
         model=config.model, metric=manifest_fields["sensitivity"]["metric"], budget=manifest_fields["budget"],
         calibration=manifest_fields["calibration"], manifest_sha256=written.manifest_sha256, timings_s=timings,
-        predicted_bytes=predicted, warnings=manifest_fields["sensitivity"]["warnings"],
+        predicted_bytes=predicted, warnings=manifest_fields["sensitivity"]["warnings"], kl_divergence=kl,
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -23,6 +23,7 @@ from sensitivity.activations import (
 )
 from sensitivity.hutchinson import TraceEstimate, double_backward_hvp, estimate_traces, forward_over_reverse_hvp
 from sensitivity.output_error import predict_output_error
+from sensitivity.token_fisher import token_fisher
 from sensitivity.weight_metrics import predict_baq, predict_gwq, predict_slim_salience, salience
 
 logger = logging.getLogger(__name__)
@@ -37,9 +38,10 @@ class Metric(str, Enum):
     GWQ = "gwq"
     SLIM_SALIENCE = "slim_salience"
     BAQ = "baq"
+    TOKEN_FISHER = "token_fisher"
 
 
-NEEDS_LOSS = {Metric.FISHER_OUTPUT_ERROR, Metric.HUTCHINSON, Metric.GWQ}
+NEEDS_LOSS = {Metric.FISHER_OUTPUT_ERROR, Metric.HUTCHINSON, Metric.GWQ, Metric.TOKEN_FISHER}
 USES_LOSS = NEEDS_LOSS | {Metric.SLIM_SALIENCE, Metric.BAQ}  # weighted by output-gradient energy when available
 
 
@@ -102,8 +104,9 @@ class HutchinsonConfig:
 HVP_METHODS = ("double_backward", "jvp")
 
 
-class _LossOf(nn.Module):
-    """``loss_fn(model, batch)`` as a module, so that ``torch.func.functional_call`` can swap its weights."""
+class LossModule(nn.Module):
+    """``loss_fn(model, batch)`` (mean per token) as a module, so that ``torch.func.functional_call`` can swap
+    its weights."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
         super().__init__()
@@ -112,6 +115,18 @@ class _LossOf(nn.Module):
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(self.model, batch) / batch.numel()
+
+
+def functional_loss(model: nn.Module, loss_fn: LossFn, names: Sequence[str], batch: torch.Tensor
+                    ) -> Callable[[tuple[torch.Tensor, ...]], torch.Tensor]:
+    """The mean token loss on ``batch`` as a function of the parameters ``names`` of ``model`` (for torch.func)."""
+    wrapper = LossModule(model, loss_fn)
+    keys = [f"model.{name}" for name in names]
+
+    def loss_of(weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return torch.func.functional_call(wrapper, dict(zip(keys, weights, strict=True)), (batch,))
+
+    return loss_of
 
 
 def _squared_rtn_error(weight: torch.Tensor, bits: int, group_size: int) -> float:
@@ -134,12 +149,7 @@ def _hutchinson(
                "seed": config.seed, "on_progress": on_progress, "should_stop": should_stop}
     try:
         if config.method == "jvp":
-            wrapper = _LossOf(model, loss_fn)
-            keys = [f"model.{name}.weight" for name in params]
-
-            def loss_of(weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
-                return torch.func.functional_call(wrapper, dict(zip(keys, weights, strict=True)), (batch,))
-
+            loss_of = functional_loss(model, loss_fn, [f"{name}.weight" for name in params], batch)
             hvp = forward_over_reverse_hvp(loss_of, list(params.values()))
         else:
             for weight in params.values():
@@ -211,7 +221,13 @@ def compute_sensitivity(
     if metric in NEEDS_LOSS and loss_fn is None:
         raise ValueError(f"metric {metric.value!r} needs a loss (a causal language model); use 'output_error'")
     warnings: list[str] = []
-    if metric is Metric.HUTCHINSON:
+    if metric is Metric.TOKEN_FISHER:
+        assert loss_fn is not None
+        predicted, energy = token_fisher(model, units, batches, loss_fn=loss_fn, bits_options=bits_options,
+                                         group_size=group_size, on_progress=on_progress, should_stop=should_stop)
+        entries = [UnitSensitivity(name=name, numel=module.weight.numel(), score=energy[name],
+                                   delta_loss=predicted[name]) for name, module in units.items()]
+    elif metric is Metric.HUTCHINSON:
         assert loss_fn is not None
         entries, warnings = _hutchinson(model, units, batches, loss_fn, bits_options=bits_options,
                                         group_size=group_size, config=hutchinson or HutchinsonConfig(),

@@ -92,7 +92,7 @@ def test_weight_gradient_statistics_match_autograd() -> None:
     assert all(p.grad is None for p in model.parameters())
 
 
-@pytest.mark.parametrize("metric", [Metric.GWQ, Metric.SLIM_SALIENCE, Metric.BAQ])
+@pytest.mark.parametrize("metric", [Metric.GWQ, Metric.SLIM_SALIENCE, Metric.BAQ, Metric.TOKEN_FISHER])
 def test_every_metric_through_the_interface(metric: Metric) -> None:
     model = make_tiny_llama()
     units = find_units(model)
@@ -106,3 +106,43 @@ def test_every_metric_through_the_interface(metric: Metric) -> None:
         assert unit.score >= 0
     assert [p.requires_grad for p in model.parameters()] == flags
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_token_fisher_against_a_direct_per_token_computation() -> None:
+    from sensitivity.token_fisher import token_fisher
+    from tests.sensitivity.test_output_error import captured_io
+
+    model = make_tiny_llama()
+    units = find_units(model)
+    tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(5))
+    predicted, energy = token_fisher(model, units, [tokens[:1], tokens[1:]], loss_fn=causal_lm_loss,
+                                     bits_options=(2, 4), group_size=32)
+    for name in ("model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj"):
+        xs, grads = zip(*(captured_io(model, name, tokens[i : i + 1]) for i in range(2)), strict=True)
+        x, g = torch.cat(xs), torch.cat(grads)
+        weight = units[name].weight.detach()
+        for bits in (2, 4):
+            delta = dequantize_weight(quantize_rtn(weight, bits=bits, group_size=32)) - weight
+            direct = 0.5 * float((((x @ delta.T) * g).sum(dim=1) ** 2).sum()) / 40
+            assert predicted[name][bits] == pytest.approx(direct, rel=1e-4)
+        assert energy[name] == pytest.approx(float((g ** 2).sum()) / 40, rel=1e-4)
+
+
+def test_output_kl_against_a_direct_computation_and_restores_weights() -> None:
+    from sensitivity.kl import output_kl
+
+    model = make_tiny_llama()
+    units = find_units(model)
+    tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+    name = "model.layers.0.mlp.up_proj"
+    original = units[name].weight.detach().clone()
+    replaced = dequantize_weight(quantize_rtn(original, bits=2, group_size=32))
+    kl = output_kl(model, units, {name: replaced}, [tokens])
+    assert torch.equal(units[name].weight, original)
+    with torch.no_grad():
+        p = torch.log_softmax(model(input_ids=tokens).logits, dim=-1)
+        units[name].weight.data = replaced
+        q = torch.log_softmax(model(input_ids=tokens).logits, dim=-1)
+        units[name].weight.data = original
+    assert kl == pytest.approx(float((p.exp() * (p - q)).sum(dim=-1).mean()), rel=1e-5)
+    assert kl > 0 and output_kl(model, units, {}, [tokens]) == pytest.approx(0.0, abs=1e-7)

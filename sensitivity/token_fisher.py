@@ -1,0 +1,88 @@
+"""Per-token empirical Fisher of the layer-output error: the default predictor for language models.
+
+Quantizing ``W`` to ``W + dW`` moves the layer output at token ``t`` by ``dW x_t``; with ``g_t`` the gradient of
+the summed calibration loss with respect to that output, the second-order (empirical Fisher) loss increase is
+
+    delta_loss(b) = 0.5 / N * sum_t (g_t . dW_b x_t)^2
+
+computed exactly, token by token, during the calibration backward passes. ``fisher_output_error`` approximates
+the same quantity by separating gradients from inputs (``sum_o F_o [dW H dW^T]_oo``); keeping them together
+keeps the correlations between output channels and between gradients and inputs, which is what made this
+metric rank the real per-layer loss increase of SmolLM2-135M far better (``bench/sensitivity.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from quantizer.rtn import dequantize_weight, quantize_rtn
+from sensitivity.activations import LossFn, ProgressFn, StopFn, check_stop
+
+
+def token_fisher(
+    model: nn.Module,
+    units: Mapping[str, nn.Linear],
+    batches: Sequence[torch.Tensor],
+    *,
+    loss_fn: LossFn,
+    bits_options: Sequence[int],
+    group_size: int,
+    on_progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> tuple[dict[str, dict[int, float]], dict[str, float]]:
+    """Predicted loss increase per (unit, bit width), and each unit's output-gradient energy per token.
+
+    The RTN error ``dW_b`` of every unit at every width is held in memory (one float32 copy of the unit weights
+    per width) so that each backward pass only adds matrix products.
+    """
+    deltas = {}
+    for name, module in units.items():
+        weight = module.weight.detach().float()
+        deltas[name] = torch.stack([
+            dequantize_weight(quantize_rtn(weight, bits=b, group_size=group_size)).float() - weight
+            for b in bits_options])
+    squares = {name: torch.zeros(len(bits_options), dtype=torch.float64) for name in units}
+    energy = dict.fromkeys(units, 0.0)
+    tokens = 0
+
+    def make_hook(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]:
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            if not output.requires_grad:
+                return
+            x = inputs[0].detach()
+
+            def grad_hook(grad: torch.Tensor) -> None:
+                g = grad.detach().float().reshape(-1, grad.shape[-1])
+                flat = x.float().reshape(-1, x.shape[-1])
+                # (g_t . dW x_t) = sum_i (g_t dW)_i x_ti, for every width at once.
+                projected = torch.einsum("to,boi->bti", g, deltas[name])
+                scalars = (projected * flat[None]).sum(dim=2)
+                squares[name] += scalars.double().pow(2).sum(dim=1)
+                energy[name] += float(g.pow(2).sum())
+
+            output.register_hook(grad_hook)
+
+        return hook
+
+    handles = [module.register_forward_hook(make_hook(name)) for name, module in units.items()]
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    model.requires_grad_(False)
+    try:
+        for index, batch in enumerate(batches):
+            check_stop(should_stop, "token Fisher")
+            loss_fn(model, batch).backward()
+            tokens += batch.numel()
+            if on_progress is not None:
+                on_progress("token Fisher", index + 1, len(batches))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for parameter, flag in requires_grad.items():
+            parameter.requires_grad_(flag)
+    tokens = max(tokens, 1)
+    predicted = {name: {b: 0.5 * float(squares[name][i]) / tokens for i, b in enumerate(bits_options)}
+                 for name in units}
+    return predicted, {name: value / tokens for name, value in energy.items()}
