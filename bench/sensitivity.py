@@ -28,7 +28,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import _own_folder_off_path  # noqa: F401  (before any first-party import)
+try:
+    import _own_folder_off_path  # noqa: F401  (before any first-party import)
+except ModuleNotFoundError:  # a process spawned by this script: its parent already took the folder off the path
+    pass
 import numpy as np
 import torch
 from scipy.stats import spearmanr

@@ -87,10 +87,9 @@ def predict_slim_salience(weight: torch.Tensor, stats: UnitStatistics, *, bits_o
     return result
 
 
-def predict_baq(weight: torch.Tensor, stats: UnitStatistics, *, bits_options: Sequence[int],
-                group_size: int) -> dict[int, float]:
-    """``0.5 * sum_j (H_jj / N) sum_i w_o s_ij(b)^2 / 12``, ``s`` the RTN step of the weight's group at ``b``
-    bits (range over ``2^b - 1``), ``w_o`` as in :func:`predict_slim_salience`."""
+def quantization_step(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """The RTN step of every weight's group at ``bits``: the group's range (0 included) over ``2^b - 1``,
+    ``(out_features, in_features)`` float64."""
     weight = weight.detach().double()
     out_features, in_features = weight.shape
     pad = (-in_features) % group_size
@@ -98,13 +97,18 @@ def predict_baq(weight: torch.Tensor, stats: UnitStatistics, *, bits_options: Se
     mask = torch.nn.functional.pad(torch.ones(in_features, dtype=torch.bool), (0, pad)).reshape(1, -1, group_size)
     high = torch.where(mask, padded, -torch.inf).amax(dim=2).clamp_min(0)
     low = torch.where(mask, padded, torch.inf).amin(dim=2).clamp_max(0)
-    column_weight = torch.nn.functional.pad(stats.gram.diagonal().double() / max(stats.tokens, 1), (0, pad))
-    column_weight = column_weight.reshape(-1, group_size).sum(dim=1)  # sum of H_jj over each group's columns
-    rows = torch.ones(out_features, dtype=torch.float64)
+    step = (high - low) / (2**bits - 1)
+    return step.repeat_interleave(group_size, dim=1)[:, :in_features]
+
+
+def predict_baq(weight: torch.Tensor, stats: UnitStatistics, *, bits_options: Sequence[int],
+                group_size: int) -> dict[int, float]:
+    """``0.5 * sum_ij w_o (H_jj / N) s_ij(b)^2 / 12``, ``s`` the RTN step of the weight's group at ``b`` bits,
+    ``w_o`` as in :func:`predict_slim_salience`."""
+    rows = torch.ones(weight.shape[0], dtype=torch.float64)
     if stats.output_grad_sq is not None:
         rows = stats.output_grad_sq.double() / max(stats.tokens, 1)
-    result = {}
-    for bits in bits_options:
-        step = (high - low) / (2**bits - 1)
-        result[bits] = 0.5 * float((rows[:, None] * step.pow(2) / 12 * column_weight[None, :]).sum())
-    return result
+    column_weight = stats.gram.diagonal().double() / max(stats.tokens, 1)
+    return {bits: 0.5 * float((rows[:, None] * quantization_step(weight, bits, group_size).pow(2) / 12
+                                * column_weight[None, :]).sum())
+            for bits in bits_options}
