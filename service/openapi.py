@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import sys
+import tempfile
+from pathlib import Path
 
 import yaml
 
-from service.app import create_app
+from service.app import ServiceSettings, create_app
 
 
 def render_openapi() -> str:
-    return yaml.safe_dump(create_app().openapi(), sort_keys=False)
+    with tempfile.TemporaryDirectory() as folder:
+        app = create_app(ServiceSettings(data_dir=Path(folder), embedded_worker=False))
+        try:
+            return yaml.safe_dump(app.openapi(), sort_keys=False)
+        finally:
+            app.state.store.close()
 
 
 if __name__ == "__main__":

@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
+from service.app import ServiceSettings, create_app
 from service.openapi import render_openapi
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def client() -> TestClient:
-    return TestClient(create_app())
+def client(tmp_path_factory: pytest.TempPathFactory) -> TestClient:
+    return TestClient(create_app(ServiceSettings(data_dir=tmp_path_factory.mktemp("service"), embedded_worker=False)))
 
 
 def test_health(client: TestClient) -> None:

@@ -1,0 +1,287 @@
+"""Job records and events in SQLite (the embedded backend): the service's source of truth.
+
+Every change to a running job carries the job's fencing token (the attempt number): a worker whose lease expired
+and whose job was handed to another attempt can no longer write. A reaper re-queues jobs whose lease expired, or
+fails them with ``worker_lost`` after ``max_attempts``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+STATUSES = ("queued", "running", "cancelling", *TERMINAL)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    idempotency_key TEXT,
+    request TEXT NOT NULL,
+    status TEXT NOT NULL,
+    stage TEXT,
+    progress REAL NOT NULL DEFAULT 0,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    result TEXT,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    started REAL,
+    lease_until REAL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (owner, idempotency_key)
+);
+CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, created, id);
+CREATE TABLE IF NOT EXISTS events (
+    job_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (job_id, seq)
+);
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One job as stored."""
+
+    id: str
+    owner: str
+    idempotency_key: str | None
+    request: dict[str, Any]
+    status: str
+    stage: str | None
+    progress: float
+    attempt: int
+    error: dict[str, Any] | None
+    result: dict[str, Any] | None
+    created: float
+    updated: float
+    started: float | None
+    lease_until: float | None
+    cancel_requested: bool
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Job:
+        return cls(id=row["id"], owner=row["owner"], idempotency_key=row["idempotency_key"],
+                   request=json.loads(row["request"]), status=row["status"], stage=row["stage"],
+                   progress=row["progress"], attempt=row["attempt"],
+                   error=json.loads(row["error"]) if row["error"] else None,
+                   result=json.loads(row["result"]) if row["result"] else None, created=row["created"],
+                   updated=row["updated"], started=row["started"], lease_until=row["lease_until"],
+                   cancel_requested=bool(row["cancel_requested"]))
+
+
+@dataclass(frozen=True)
+class Event:
+    job_id: str
+    seq: int
+    at: float
+    kind: str
+    data: dict[str, Any]
+
+
+class StaleAttempt(Exception):
+    """A write carried a fencing token older than the job's current attempt."""
+
+
+class JobStore:
+    """Thread-safe access to one SQLite file (WAL mode, one connection, a lock around every transaction)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._connection.row_factory = sqlite3.Row
+        self._connection.execute("PRAGMA journal_mode=WAL")
+        self._connection.execute("PRAGMA synchronous=NORMAL")
+        self._connection.executescript(SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._connection.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._connection
+            except BaseException:
+                self._connection.execute("ROLLBACK")
+                raise
+            self._connection.execute("COMMIT")
+
+    # -- jobs ---------------------------------------------------------------------------------------------------
+    def create(self, owner: str, request: dict[str, Any], idempotency_key: str | None) -> tuple[Job, bool]:
+        """Insert a queued job; with an idempotency key already used by ``owner``, return that job instead.
+        Returns ``(job, created)``."""
+        now = time.time()
+        with self._transaction() as db:
+            if idempotency_key is not None:
+                row = db.execute("SELECT * FROM jobs WHERE owner = ? AND idempotency_key = ?",
+                                 (owner, idempotency_key)).fetchone()
+                if row is not None:
+                    return Job.from_row(row), False
+            job_id = uuid.uuid4().hex
+            db.execute("INSERT INTO jobs (id, owner, idempotency_key, request, status, created, updated) "
+                       "VALUES (?, ?, ?, ?, 'queued', ?, ?)",
+                       (job_id, owner, idempotency_key, json.dumps(request), now, now))
+            self._event(db, job_id, "queued", {})
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return Job.from_row(row), True
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            row = self._connection.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return Job.from_row(row) if row else None
+
+    def get_by_key(self, owner: str, idempotency_key: str) -> Job | None:
+        with self._lock:
+            row = self._connection.execute("SELECT * FROM jobs WHERE owner = ? AND idempotency_key = ?",
+                                           (owner, idempotency_key)).fetchone()
+        return Job.from_row(row) if row else None
+
+    def list(self, owner: str, *, status: str | None = None, after: tuple[float, str] | None = None,
+             limit: int = 50) -> list[Job]:
+        """Jobs of ``owner``, oldest first, after the cursor ``(created, id)``."""
+        query, params = "SELECT * FROM jobs WHERE owner = ?", [owner]
+        if status is not None:
+            query += " AND status = ?"
+            params.append(status)
+        if after is not None:
+            query += " AND (created > ? OR (created = ? AND id > ?))"
+            params += [after[0], after[0], after[1]]
+        query += " ORDER BY created, id LIMIT ?"
+        params.append(limit)
+        with self._lock:
+            rows = self._connection.execute(query, params).fetchall()
+        return [Job.from_row(r) for r in rows]
+
+    def count_active(self, owner: str) -> int:
+        with self._lock:
+            return int(self._connection.execute(
+                "SELECT COUNT(*) FROM jobs WHERE owner = ? AND status IN ('queued', 'running', 'cancelling')",
+                (owner,)).fetchone()[0])
+
+    def claim(self, job_id: str, lease_s: float) -> int | None:
+        """Start a new attempt of a queued job: returns its fencing token, or ``None`` when the job is not
+        queued (already running elsewhere, finished or cancelled)."""
+        now = time.time()
+        with self._transaction() as db:
+            row = db.execute("SELECT status, attempt, cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row["status"] != "queued":
+                return None
+            if row["cancel_requested"]:
+                self._finish(db, job_id, "cancelled", None, None)
+                return None
+            attempt = row["attempt"] + 1
+            db.execute("UPDATE jobs SET status = 'running', attempt = ?, started = ?, updated = ?, "
+                       "lease_until = ?, stage = 'starting', progress = 0 WHERE id = ?",
+                       (attempt, now, now, now + lease_s, job_id))
+            self._event(db, job_id, "running", {"attempt": attempt})
+        return attempt
+
+    def _check_fence(self, db: sqlite3.Connection, job_id: str, fence: int) -> sqlite3.Row:
+        row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None or row["attempt"] != fence or row["status"] not in ("running", "cancelling"):
+            raise StaleAttempt(f"job {job_id}: attempt {fence} is no longer the current one")
+        return row
+
+    def heartbeat(self, job_id: str, fence: int, lease_s: float) -> bool:
+        """Extend the lease; returns whether cancellation was requested."""
+        now = time.time()
+        with self._transaction() as db:
+            row = self._check_fence(db, job_id, fence)
+            db.execute("UPDATE jobs SET lease_until = ?, updated = ? WHERE id = ?", (now + lease_s, now, job_id))
+            return bool(row["cancel_requested"])
+
+    def progress(self, job_id: str, fence: int, stage: str, fraction: float, detail: dict[str, Any]) -> None:
+        now = time.time()
+        with self._transaction() as db:
+            self._check_fence(db, job_id, fence)
+            db.execute("UPDATE jobs SET stage = ?, progress = ?, updated = ? WHERE id = ?",
+                       (stage, fraction, now, job_id))
+            self._event(db, job_id, "progress", {"stage": stage, "fraction": fraction, **detail})
+
+    def finish(self, job_id: str, fence: int, status: str, *, result: dict[str, Any] | None = None,
+               error: dict[str, Any] | None = None) -> None:
+        with self._transaction() as db:
+            self._check_fence(db, job_id, fence)
+            self._finish(db, job_id, status, result, error)
+
+    def _finish(self, db: sqlite3.Connection, job_id: str, status: str, result: dict[str, Any] | None,
+                error: dict[str, Any] | None) -> None:
+        now = time.time()
+        db.execute("UPDATE jobs SET status = ?, result = ?, error = ?, updated = ?, lease_until = NULL, "
+                   "progress = CASE WHEN ? = 'succeeded' THEN 1 ELSE progress END WHERE id = ?",
+                   (status, json.dumps(result) if result is not None else None,
+                    json.dumps(error) if error is not None else None, now, status, job_id))
+        self._event(db, job_id, status, {"error": error} if error else {})
+
+    def request_cancel(self, job_id: str) -> Job:
+        """Idempotent: a queued job is cancelled at once, a running one becomes ``cancelling``."""
+        with self._transaction() as db:
+            row = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise KeyError(job_id)
+            if row["status"] == "queued":
+                db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+                self._finish(db, job_id, "cancelled", None, None)
+            elif row["status"] == "running":
+                db.execute("UPDATE jobs SET cancel_requested = 1, status = 'cancelling', updated = ? WHERE id = ?",
+                           (time.time(), job_id))
+                self._event(db, job_id, "cancelling", {})
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return Job.from_row(row)
+
+    def reap(self, max_attempts: int) -> list[str]:
+        """Jobs whose lease expired: re-queued (ids returned, to enqueue again) or, after ``max_attempts``,
+        failed with ``worker_lost`` (cancelled when a cancel was pending)."""
+        now = time.time()
+        requeue = []
+        with self._transaction() as db:
+            rows = db.execute("SELECT id, attempt, cancel_requested FROM jobs WHERE status IN ('running', "
+                              "'cancelling') AND lease_until < ?", (now,)).fetchall()
+            for row in rows:
+                if row["cancel_requested"]:
+                    self._finish(db, row["id"], "cancelled", None, None)
+                elif row["attempt"] >= max_attempts:
+                    self._finish(db, row["id"], "failed", None, {
+                        "code": "worker_lost", "retryable": True,
+                        "message": f"the worker stopped heartbeating {row['attempt']} times; giving up"})
+                else:
+                    db.execute("UPDATE jobs SET status = 'queued', stage = NULL, lease_until = NULL, updated = ? "
+                               "WHERE id = ?", (now, row["id"]))
+                    self._event(db, row["id"], "requeued", {"reason": "lease expired", "attempt": row["attempt"]})
+                    requeue.append(row["id"])
+        return requeue
+
+    def queued_ids(self) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._connection.execute(
+                "SELECT id FROM jobs WHERE status = 'queued' ORDER BY created").fetchall()]
+
+    # -- events -------------------------------------------------------------------------------------------------
+    def _event(self, db: sqlite3.Connection, job_id: str, kind: str, data: dict[str, Any]) -> None:
+        seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE job_id = ?", (job_id,)).fetchone()[0]
+        db.execute("INSERT INTO events (job_id, seq, at, kind, data) VALUES (?, ?, ?, ?, ?)",
+                   (job_id, seq, time.time(), kind, json.dumps(data)))
+
+    def events(self, job_id: str, *, after: int = 0, limit: int = 100) -> list[Event]:
+        with self._lock:
+            rows = self._connection.execute(
+                "SELECT * FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (job_id, after, limit)).fetchall()
+        return [Event(job_id=r["job_id"], seq=r["seq"], at=r["at"], kind=r["kind"], data=json.loads(r["data"]))
+                for r in rows]

@@ -1,0 +1,240 @@
+"""Job execution: Huey carries job ids; each attempt runs the pipeline in its own child process.
+
+The worker thread that Huey gives a job claims it (a new attempt and fencing token), starts a spawned child that
+runs the pipeline into a staging folder, relays its progress to the store, heartbeats the lease, and turns a
+cancel request into the child's ``should_stop``. Only a successful attempt that still holds the fence renames
+its staging folder into ``artifacts/`` and records the result, so a cancelled, failed or stale attempt publishes
+nothing. A crash of the child (bad model file, out of memory) fails the job, never the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import queue
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from huey import Huey, RedisHuey, SqliteHuey
+from huey.consumer import Consumer
+
+from service.store import JobStore, StaleAttempt
+
+logger = logging.getLogger(__name__)
+
+STAGE_SPAN = {  # share of the whole job each pipeline stage stands for, in order
+    "load": (0.0, 0.05), "calibration statistics": (0.05, 0.75), "token Fisher": (0.05, 0.75),
+    "hutchinson probes": (0.05, 0.75), "predicted error": (0.75, 0.8), "quantize": (0.8, 0.97),
+}
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Where state lives and how leases behave."""
+
+    data_dir: Path
+    redis_url: str | None = None
+    lease_s: float = 30.0
+    heartbeat_s: float = 2.0
+    max_attempts: int = 3
+    cancel_grace_s: float = 20.0
+    reap_every_s: float = 5.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_dir / "artifacts"
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.data_dir / "staging"
+
+
+def make_huey(settings: WorkerSettings) -> Huey:
+    """Huey on SQLite in the data folder (nothing to install), or on Redis when a URL is configured."""
+    if settings.redis_url:
+        return RedisHuey("bitplan", url=settings.redis_url)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return SqliteHuey("bitplan", filename=str(settings.data_dir / "queue.db"))
+
+
+def _child_main(request: dict[str, Any], staging: str, messages: Any, stop: Any) -> None:
+    """The pipeline in a fresh process; everything it reports goes through ``messages``."""
+    from bitplan.errors import BitplanError
+    from bitplan.pipeline import RunConfig, run_budgets
+    from sensitivity import Cancelled
+
+    def on_progress(stage: str, done: int, total: int) -> None:
+        messages.put(("progress", stage, done, total))
+
+    try:
+        budgets = request["budgets"]
+        config = RunConfig(model=request["model"], out_dir=Path(staging) / "0",
+                           bits_per_weight=budgets[0] if budgets else None, budget_bytes=request.get("bytes"),
+                           uniform_bits=request.get("uniform_bits"),
+                           candidate_bits=tuple(request["candidate_bits"]), group_size=request["group_size"],
+                           metric=request["metric"], solver=request["solver"],
+                           num_samples=request["num_samples"], seq_len=request["seq_len"])
+        out_dirs = [Path(staging) / str(i) for i in range(max(len(budgets), 1))]
+        results = run_budgets(config, budgets or [None], out_dirs=out_dirs, on_progress=on_progress,
+                              should_stop=stop.is_set)
+        messages.put(("result", [r.to_json() for r in results]))
+    except Cancelled:
+        messages.put(("cancelled",))
+    except BitplanError as error:
+        messages.put(("error", {"code": type(error).__name__, "message": str(error), "retryable": False}))
+    except MemoryError:
+        messages.put(("error", {"code": "out_of_memory", "message": "the job ran out of memory",
+                                "retryable": True}))
+    except Exception as error:  # noqa: BLE001 - reported to the caller, the worker lives on
+        messages.put(("error", {"code": "internal", "message": f"{type(error).__name__}: {error}",
+                                "retryable": True}))
+
+
+def overall_fraction(stage: str, done: int, total: int) -> float:
+    low, high = STAGE_SPAN.get(stage, (0.0, 0.0))
+    return low + (high - low) * (done / max(total, 1))
+
+
+class JobRunner:
+    """Runs one attempt of a job; Huey calls :meth:`__call__` with the job id."""
+
+    def __init__(self, store: JobStore, settings: WorkerSettings) -> None:
+        self.store = store
+        self.settings = settings
+
+    def __call__(self, job_id: str) -> None:
+        fence = self.store.claim(job_id, self.settings.lease_s)
+        if fence is None:
+            return  # finished, cancelled or claimed by another attempt: nothing to do
+        job = self.store.get(job_id)
+        assert job is not None
+        staging = self.settings.staging_dir / f"{job_id}-attempt{fence}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        context = multiprocessing.get_context("spawn")
+        messages = context.Queue()
+        stop = context.Event()
+        child = context.Process(target=_child_main, args=(job.request, str(staging), messages, stop), daemon=True)
+        child.start()
+        outcome: tuple[Any, ...] | None = None
+        last_beat = time.monotonic()
+        cancel_at: float | None = None
+        fraction = 0.0
+        try:
+            while True:
+                try:
+                    message = messages.get(timeout=0.2)
+                except queue.Empty:
+                    message = None
+                if message is not None and message[0] == "progress":
+                    fraction = max(fraction, overall_fraction(*message[1:]))
+                    self.store.progress(job_id, fence, message[1], fraction,
+                                        {"done": message[2], "total": message[3]})
+                elif message is not None:
+                    outcome = message
+                if time.monotonic() - last_beat >= self.settings.heartbeat_s:
+                    last_beat = time.monotonic()
+                    if self.store.heartbeat(job_id, fence, self.settings.lease_s) and not stop.is_set():
+                        stop.set()
+                        cancel_at = time.monotonic()
+                if cancel_at is not None and time.monotonic() - cancel_at > self.settings.cancel_grace_s:
+                    child.kill()
+                    outcome = outcome or ("cancelled",)
+                if outcome is not None or (not child.is_alive() and messages.empty()):
+                    break
+            child.join(timeout=30)
+            if child.is_alive():
+                child.kill()
+            self._conclude(job_id, fence, outcome, child.exitcode, staging)
+        except StaleAttempt:
+            logger.warning("job %s: attempt %d lost its lease; its work is discarded", job_id, fence)
+            child.kill()
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _conclude(self, job_id: str, fence: int, outcome: tuple[Any, ...] | None, exitcode: int | None,
+                  staging: Path) -> None:
+        if outcome is None:
+            self.store.finish(job_id, fence, "failed", error={
+                "code": "worker_crashed", "retryable": True,
+                "message": f"the job's process ended with exit code {exitcode} before reporting a result"})
+        elif outcome[0] == "cancelled":
+            self.store.finish(job_id, fence, "cancelled")
+        elif outcome[0] == "error":
+            self.store.finish(job_id, fence, "failed", error=outcome[1])
+        else:
+            self.store.heartbeat(job_id, fence, self.settings.lease_s)  # still ours? (raises StaleAttempt if not)
+            artifacts = []
+            for index, run in enumerate(outcome[1]):
+                artifact_id = f"{job_id}-{index}"
+                target = self.settings.artifacts_dir / artifact_id
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(staging / str(index), target)
+                artifacts.append({"id": artifact_id, "bits_per_weight": run["bits_per_weight"],
+                                  "bytes": run["bytes"], "manifest_sha256": run["manifest_sha256"]})
+                run["artifact"] = artifact_id
+            self.store.finish(job_id, fence, "succeeded", result={"artifacts": artifacts, "runs": outcome[1]})
+
+
+class EmbeddedConsumer(Consumer):
+    """Huey's consumer running in threads of the API process (no signal handlers: the server owns them)."""
+
+    def _set_signal_handlers(self) -> None:
+        pass
+
+
+class WorkerPool:
+    """A Huey consumer plus the lease reaper, started and stopped together."""
+
+    def __init__(self, huey: Huey, store: JobStore, settings: WorkerSettings, *, workers: int = 1,
+                 embedded: bool = True) -> None:
+        self.huey, self.store, self.settings = huey, store, settings
+        consumer_class = EmbeddedConsumer if embedded else Consumer
+        self.consumer = consumer_class(huey, workers=workers, worker_type="thread", periodic=False,
+                                       initial_delay=0.05, max_delay=0.5)
+        self._stop = threading.Event()
+        self._reaper = threading.Thread(target=self._reap_loop, name="bitplan-reaper", daemon=True)
+
+    def start(self) -> None:
+        for job_id in self.store.queued_ids():  # a queue message may have been lost: claiming is idempotent
+            enqueue(self.huey, job_id)
+        self._reaper.start()
+        self.consumer.start()
+
+    def run_forever(self) -> None:
+        """For ``bitplan worker``: Huey's own consumer loop (with its signal handling) in this thread."""
+        for job_id in self.store.queued_ids():
+            enqueue(self.huey, job_id)
+        self._reaper.start()
+        self.consumer.run()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.consumer.stop(graceful=False)
+
+    def _reap_loop(self) -> None:
+        while not self._stop.wait(self.settings.reap_every_s):
+            try:
+                for job_id in self.store.reap(self.settings.max_attempts):
+                    enqueue(self.huey, job_id)
+            except Exception:  # noqa: BLE001 - keep reaping
+                logger.exception("reaper pass failed")
+
+
+_TASKS: dict[int, Any] = {}
+
+
+def register_runner(huey: Huey, runner: JobRunner) -> None:
+    """Register the job task on this Huey instance."""
+    _TASKS[id(huey)] = huey.task(name="run_job")(runner)
+
+
+def enqueue(huey: Huey, job_id: str) -> None:
+    _TASKS[id(huey)](job_id)

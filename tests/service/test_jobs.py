@@ -1,0 +1,190 @@
+"""Jobs through HTTP with the embedded backend (SQLite store, Huey on SQLite, a worker thread in the app)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import ServiceSettings, create_app, hash_key
+
+SMALL = {"num_samples": 2, "seq_len": 32, "group_size": 64}
+
+
+def settings_for(tmp_path: Path, tiny_llama_dir: Path, **overrides: object) -> ServiceSettings:
+    values = {"data_dir": tmp_path / "data", "model_roots": [tiny_llama_dir.parent], "lease_s": 5.0,
+              "heartbeat_s": 0.3, **overrides}
+    return ServiceSettings(**values)  # type: ignore[arg-type]
+
+
+def wait_for(client: TestClient, job_id: str, statuses: set[str], timeout: float = 180.0,
+             headers: dict[str, str] | None = None) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}", headers=headers or {}).json()
+        if job["status"] in statuses:
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not reach {statuses}: {job}")
+
+
+@pytest.fixture()
+def service(tmp_path: Path, tiny_llama_dir: Path):
+    with TestClient(create_app(settings_for(tmp_path, tiny_llama_dir))) as client:
+        yield client
+
+
+def test_full_job_end_to_end(service: TestClient, tiny_llama_dir: Path) -> None:
+    response = service.post("/v1/jobs", json={"model": tiny_llama_dir.name, "bits_per_weight": [3.5, 4.5], **SMALL})
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    assert response.headers["location"] == f"/v1/jobs/{job_id}"
+    job = wait_for(service, job_id, {"succeeded", "failed"})
+    assert job["status"] == "succeeded", job["error"]
+    assert job["progress"]["fraction"] == 1.0 and job["attempt"] == 1
+    assert [a["bits_per_weight"] <= b for a, b in zip(job["allocation"], [3.5, 4.5], strict=True)] == [True, True]
+    assert all(a["kl_divergence"] > 0 for a in job["allocation"])
+    artifact = service.get(f"/v1/artifacts/{job['artifacts'][0]['id']}").json()
+    files = {f["name"]: f for f in artifact["files"]}
+    assert {"quantized.safetensors", "manifest.json"} <= set(files)
+    url = f"/v1/artifacts/{artifact['id']}/files/quantized.safetensors"
+    whole = service.get(url)
+    assert whole.status_code == 200
+    assert hashlib.sha256(whole.content).hexdigest() == files["quantized.safetensors"]["sha256"]
+    assert whole.headers["etag"] == f'"{files["quantized.safetensors"]["sha256"]}"'
+    head = service.head(url)
+    assert head.status_code == 200 and int(head.headers["content-length"]) == len(whole.content)
+    part = service.get(url, headers={"Range": "bytes=10-19"})
+    assert part.status_code == 206 and part.content == whole.content[10:20]
+    events = service.get(f"/v1/jobs/{job_id}/events").json()["items"]
+    kinds = [e["kind"] for e in events]
+    assert kinds[0] == "queued" and kinds[1] == "running" and kinds[-1] == "succeeded" and "progress" in kinds
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    page = service.get(f"/v1/jobs/{job_id}/events", params={"after": 2, "limit": 3}).json()
+    assert [e["seq"] for e in page["items"]] == [3, 4, 5] and page["next_after"] == 5
+    stream = service.get(f"/v1/jobs/{job_id}/events/stream", headers={"Last-Event-ID": str(len(events) - 2)})
+    ids = [int(line[4:]) for line in stream.text.splitlines() if line.startswith("id: ")]
+    assert ids == [len(events) - 1, len(events)]
+
+
+def test_idempotent_post_and_conflicting_reuse(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    app = create_app(settings_for(tmp_path, tiny_llama_dir, embedded_worker=False))
+    client = TestClient(app)
+    body = {"model": tiny_llama_dir.name, "bits_per_weight": 4.0, **SMALL}
+    first = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "abc"})
+    second = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "abc"})
+    assert first.status_code == second.status_code == 202
+    assert first.json()["id"] == second.json()["id"]
+    assert app.state.huey.pending_count() == 1
+    clash = client.post("/v1/jobs", json={**body, "bits_per_weight": 3.0}, headers={"Idempotency-Key": "abc"})
+    assert clash.status_code == 409 and "different request" in clash.json()["detail"]
+    assert len(client.get("/v1/jobs").json()["items"]) == 1
+
+
+def test_cancel_queued_is_immediate_and_idempotent(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    client = TestClient(create_app(settings_for(tmp_path, tiny_llama_dir, embedded_worker=False)))
+    job_id = client.post("/v1/jobs", json={"model": tiny_llama_dir.name, "bits_per_weight": 4.0, **SMALL}).json()["id"]
+    for _ in range(2):
+        response = client.post(f"/v1/jobs/{job_id}/cancel")
+        assert response.status_code == 202 and response.json()["status"] == "cancelled"
+
+
+def test_cancel_running_stops_and_publishes_nothing(service: TestClient, tiny_llama_dir: Path) -> None:
+    body = {"model": tiny_llama_dir.name, "bits_per_weight": 4.0, "num_samples": 400, "seq_len": 64,
+            "group_size": 64}
+    job_id = service.post("/v1/jobs", json=body).json()["id"]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        job = service.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] == "running" and job["progress"]["fraction"] > 0.05:
+            break
+        time.sleep(0.1)
+    started = time.monotonic()
+    assert service.post(f"/v1/jobs/{job_id}/cancel").json()["status"] in ("cancelling", "cancelled")
+    job = wait_for(service, job_id, {"cancelled", "succeeded", "failed"}, timeout=30)
+    assert job["status"] == "cancelled" and time.monotonic() - started < 15
+    assert job["artifacts"] == []
+    data = service.app.state.settings.data_dir  # type: ignore[attr-defined]
+    assert not list((data / "artifacts").glob(f"{job_id}*")) and not list((data / "staging").glob(f"{job_id}*"))
+
+
+def test_restart_loses_no_job(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    before = TestClient(create_app(settings_for(tmp_path, tiny_llama_dir, embedded_worker=False)))
+    job_id = before.post("/v1/jobs", json={"model": tiny_llama_dir.name, "bits_per_weight": 4.0, **SMALL}).json()["id"]
+    before.app.state.store.close()  # type: ignore[attr-defined]
+    with TestClient(create_app(settings_for(tmp_path, tiny_llama_dir))) as after:
+        assert wait_for(after, job_id, {"succeeded", "failed"})["status"] == "succeeded"
+
+
+@pytest.mark.parametrize("body, status, reason", [
+    ({"model": "../etc/passwd", "bits_per_weight": 4.0}, 422, "'..'"),
+    ({"model": "/etc", "bits_per_weight": 4.0}, 422, "outside the allowed roots"),
+    ({"model": "https://example.com/m.gguf", "bits_per_weight": 4.0}, 422, "not fetched"),
+    ({"model": "smollm2-135m", "bits_per_weight": 0.5}, 422, "below the smallest achievable size"),
+    ({"model": "smollm2-135m", "bits_per_weight": -1}, 422, "positive"),
+    ({"model": "smollm2-135m", "bits_per_weight": [4.0] * 50}, 422, "at most"),
+    ({"model": "smollm2-135m"}, 422, "exactly one"),
+    ({"model": "smollm2-135m", "bits_per_weight": 4.0, "metric": "magic"}, 422, "unknown metric"),
+    ({"model": "smollm2-135m", "bits_per_weight": 4.0, "surprise": 1}, 422, "extra"),
+])
+def test_bad_jobs_are_refused_before_queueing(tmp_path: Path, tiny_llama_dir: Path, body: dict, status: int,
+                                              reason: str) -> None:
+    app = create_app(settings_for(tmp_path, tiny_llama_dir, embedded_worker=False))
+    response = TestClient(app).post("/v1/jobs", json=body)
+    assert response.status_code == status, response.text
+    assert reason in json.dumps(response.json())
+    assert app.state.huey.pending_count() == 0
+
+
+def test_bad_model_files_under_a_root(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    root = tmp_path / "models"
+    root.mkdir()
+    (root / "weights.bin").write_bytes(b"\x80\x02pickle")
+    bad = root / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((tiny_llama_dir / "config.json").read_text())
+    (bad / "model.safetensors").write_bytes((2**40).to_bytes(8, "little") + b"{}")
+    (root / "escape").symlink_to(tiny_llama_dir)
+    client = TestClient(create_app(settings_for(tmp_path, tiny_llama_dir, model_roots=[root],
+                                                embedded_worker=False)))
+    for model, reason in (("weights.bin", "pickle"), ("bad", "header"), ("escape", "outside the allowed roots")):
+        response = client.post("/v1/jobs", json={"model": model, "bits_per_weight": 4.0})
+        assert response.status_code == 422 and reason in response.json()["detail"], (model, response.text)
+
+
+def test_keys_see_only_their_own_jobs_and_limits(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    keys = {hash_key("alice-key"): "alice", hash_key("bob-key"): "bob"}
+    client = TestClient(create_app(settings_for(tmp_path, tiny_llama_dir, api_keys=keys, embedded_worker=False,
+                                                max_active_jobs=1)))
+    alice, bob = {"Authorization": "Bearer alice-key"}, {"Authorization": "Bearer bob-key"}
+    body = {"model": tiny_llama_dir.name, "bits_per_weight": 4.0, **SMALL}
+    assert client.post("/v1/jobs", json=body).status_code == 401
+    assert client.post("/v1/jobs", json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
+    job_id = client.post("/v1/jobs", json=body, headers=alice).json()["id"]
+    assert client.get(f"/v1/jobs/{job_id}", headers=bob).status_code == 404
+    assert client.post(f"/v1/jobs/{job_id}/cancel", headers=bob).status_code == 404
+    assert client.get("/v1/jobs", headers=bob).json()["items"] == []
+    limited = client.post("/v1/jobs", json=body, headers=alice)
+    assert limited.status_code == 429 and limited.headers["retry-after"] == "30"
+    assert client.post("/v1/jobs", content=b"x" * 100_000, headers={**alice, "content-type": "application/json"}
+                       ).status_code == 413
+
+
+def test_cursor_pagination(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    client = TestClient(create_app(settings_for(tmp_path, tiny_llama_dir, embedded_worker=False,
+                                                max_active_jobs=10)))
+    ids = [client.post("/v1/jobs", json={"model": tiny_llama_dir.name, "bits_per_weight": 4.0, **SMALL}).json()["id"]
+           for _ in range(5)]
+    seen, cursor = [], None
+    while True:
+        page = client.get("/v1/jobs", params={"limit": 2, **({"cursor": cursor} if cursor else {})}).json()
+        seen += [j["id"] for j in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == ids
+    assert client.get("/v1/jobs", params={"cursor": "garbage"}).status_code == 400
