@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ class Progress:
             self.bar = None
 
 
-def _emit(payload: Any, as_json: bool) -> None:
+def emit(payload: Any, as_json: bool) -> None:
     if as_json:
         sys.stdout.write(json.dumps(payload) + "\n")
     else:
@@ -51,7 +51,7 @@ def _emit(payload: Any, as_json: bool) -> None:
 def _cmd_models(args: argparse.Namespace) -> None:
     from bitplan.models import BUNDLED_MODELS
 
-    _emit([{"id": m.id, "package": m.package.replace("_", "-"), "description": m.description}
+    emit([{"id": m.id, "package": m.package.replace("_", "-"), "description": m.description}
            for m in BUNDLED_MODELS.values()], args.json)
 
 
@@ -106,9 +106,9 @@ def _cmd_run(args: argparse.Namespace) -> None:
     finally:
         progress.close()
     if len(results) == 1:
-        _emit(results[0].to_json(), args.json)
+        emit(results[0].to_json(), args.json)
     else:
-        _emit({"runs": [r.to_json() for r in results]}, args.json)
+        emit({"runs": [r.to_json() for r in results]}, args.json)
 
 
 def _cmd_sensitivity(args: argparse.Namespace) -> None:
@@ -124,7 +124,7 @@ def _cmd_sensitivity(args: argparse.Namespace) -> None:
         result = measure_sensitivity(config, on_progress=progress)
     finally:
         progress.close()
-    _emit(result.to_json(), args.json)
+    emit(result.to_json(), args.json)
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -157,7 +157,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         progress.close()
     payload = result.to_json()
     payload["artifact" if args.artifact else "model"] = args.artifact or args.model
-    _emit(payload, args.json)
+    emit(payload, args.json)
 
 
 def _cmd_allocate(args: argparse.Namespace) -> None:
@@ -176,15 +176,18 @@ def _cmd_allocate(args: argparse.Namespace) -> None:
 
         points, kind = frontier(problem, kind=args.frontier_kind)
         logger.info("frontier: %d %s breakpoints", len(points), kind)
-        _emit(points, args.json)
+        emit(points, args.json)
         return
-    _emit(solve_allocation(problem, solver=args.solver, time_limit_s=args.time_limit).to_json(), args.json)
+    emit(solve_allocation(problem, solver=args.solver, time_limit_s=args.time_limit).to_json(), args.json)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.ArgumentParser:
+    """The command line; ``extend(subparsers)`` adds commands of layers above this one (the service's)."""
     parser = argparse.ArgumentParser(prog="bitplan", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages to stderr")
     sub = parser.add_subparsers(dest="command", required=True)
+    if extend is not None:
+        extend(sub)
 
     models = sub.add_parser("models", help="list the bundled models")
     models.add_argument("--json", action="store_true")
@@ -257,8 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, *, extend: Callable[[Any], None] | None = None) -> int:
+    args = build_parser(extend).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

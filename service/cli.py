@@ -1,0 +1,202 @@
+"""The ``bitplan`` command: the pipeline's commands (``bitplan.cli``) plus the service's: ``serve``, ``worker``,
+``submit``, ``status``, ``wait``, ``download``."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bitplan.cli import emit
+from bitplan.cli import main as pipeline_main
+from bitplan.errors import BitplanError
+
+DEFAULT_URL = "http://127.0.0.1:8321"
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("BITPLAN_DATA_DIR", Path.home() / ".local" / "share" / "bitplan"))
+
+
+def _api_keys(path: str | None) -> dict[str, str]:
+    """``owner:key`` lines (``#`` comments) -> ``{sha256(key): owner}``; keys are held hashed only."""
+    from service.app import hash_key
+
+    if path is None:
+        return {}
+    keys = {}
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        owner, _, key = line.partition(":")
+        if not owner or not key:
+            raise BitplanError(f"{path}:{number}: expected OWNER:KEY")
+        keys[hash_key(key.strip())] = owner.strip()
+    return keys
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from service.app import ServiceSettings, create_app
+
+    keys = _api_keys(args.api_keys)
+    if not _is_loopback(args.host) and not keys:
+        raise BitplanError(f"refusing to listen on {args.host} without API keys: pass --api-keys FILE (OWNER:KEY "
+                           "lines), or bind to 127.0.0.1")
+    settings = ServiceSettings(data_dir=Path(args.data_dir), model_roots=[Path(r) for r in args.model_root],
+                               api_keys=keys, embedded_worker=not args.no_worker, workers=args.workers,
+                               redis_url=args.redis_url)
+    sys.stderr.write(f"bitplan service on http://{args.host}:{args.port} (data in {args.data_dir}, "
+                     f"{'embedded worker' if not args.no_worker else 'no embedded worker'}, "
+                     f"queue on {'Redis' if args.redis_url else 'SQLite'})\n")
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
+
+
+def _cmd_worker(args: argparse.Namespace) -> None:
+    from service.store import JobStore
+    from service.worker import JobRunner, WorkerPool, WorkerSettings, make_huey, register_runner
+
+    settings = WorkerSettings(data_dir=Path(args.data_dir), redis_url=args.redis_url, lease_s=args.lease,
+                              heartbeat_s=args.heartbeat)
+    store = JobStore(settings.data_dir / "jobs.db")
+    huey = make_huey(settings)
+    register_runner(huey, JobRunner(store, settings))
+    sys.stderr.write(f"bitplan worker: {args.workers} thread(s), data in {args.data_dir}\n")
+    WorkerPool(huey, store, settings, workers=args.workers, embedded=False).run_forever()
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from service.client import Client
+
+    return Client(args.url, api_key=args.api_key or os.environ.get("BITPLAN_API_KEY"))
+
+
+def _service_call(function: Any) -> Any:
+    """Turn the client's errors into the CLI's (exit code 2 with the service's reason)."""
+    import httpx
+
+    from service.client import ServiceError
+
+    def wrapped(args: argparse.Namespace) -> None:
+        try:
+            function(args)
+        except ServiceError as error:
+            raise BitplanError(str(error)) from None
+        except httpx.HTTPError as error:
+            raise BitplanError(f"cannot reach the service at {args.url}: {error}") from None
+
+    return wrapped
+
+
+def _cmd_submit(args: argparse.Namespace) -> None:
+    budgets = [float(b) for b in args.bpw.split(",")] if args.bpw else None
+    options: dict[str, Any] = {"metric": args.metric, "solver": args.solver}
+    if budgets is not None:
+        options["bits_per_weight"] = budgets if len(budgets) > 1 else budgets[0]
+    if args.bytes is not None:
+        options["bytes"] = args.bytes
+    if args.uniform_bits is not None:
+        options["uniform_bits"] = args.uniform_bits
+    if args.samples is not None:
+        options["num_samples"] = args.samples
+    if args.seq_len is not None:
+        options["seq_len"] = args.seq_len
+    with _client(args) as client:
+        job = client.jobs.create(model=args.model, idempotency_key=args.idempotency_key, **options)
+        if args.wait:
+            job = client.jobs.wait(job["id"], progress=not args.quiet)
+    emit(job, args.json)
+
+
+def _cmd_status(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        emit(client.jobs.get(args.job_id), args.json)
+
+
+def _cmd_wait(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        emit(client.jobs.wait(args.job_id, progress=not args.quiet), args.json)
+
+
+def _cmd_cancel(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        emit(client.jobs.cancel(args.job_id), args.json)
+
+
+def _cmd_download(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        out = client.artifacts.download(args.artifact_id, args.out)
+    emit({"artifact": args.artifact_id, "path": str(out)}, args.json)
+
+
+def add_service_commands(sub: Any) -> None:
+    serve = sub.add_parser("serve", help="run the HTTP service with an embedded worker")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8321)
+    serve.add_argument("--data-dir", default=str(default_data_dir()))
+    serve.add_argument("--model-root", action="append", default=[],
+                       help="folder whose model files clients may reference by path (repeatable)")
+    serve.add_argument("--api-keys", help="file of OWNER:KEY lines; required to bind beyond loopback")
+    serve.add_argument("--workers", type=int, default=1, help="embedded worker threads (one job each)")
+    serve.add_argument("--no-worker", action="store_true", help="API only; run 'bitplan worker' elsewhere")
+    serve.add_argument("--redis-url", default=os.environ.get("BITPLAN_REDIS_URL"))
+    serve.set_defaults(func=_cmd_serve)
+
+    worker = sub.add_parser("worker", help="run jobs from the queue (beside 'bitplan serve --no-worker')")
+    worker.add_argument("--data-dir", default=str(default_data_dir()))
+    worker.add_argument("--redis-url", default=os.environ.get("BITPLAN_REDIS_URL"))
+    worker.add_argument("--workers", type=int, default=1)
+    worker.add_argument("--lease", type=float, default=30.0, help="seconds a job stays ours without a heartbeat")
+    worker.add_argument("--heartbeat", type=float, default=2.0)
+    worker.set_defaults(func=_cmd_worker)
+
+    def client_command(name: str, help_text: str, func: Any) -> argparse.ArgumentParser:
+        parser = sub.add_parser(name, help=help_text)
+        parser.add_argument("--url", default=os.environ.get("BITPLAN_URL", DEFAULT_URL))
+        parser.add_argument("--api-key", help="API key (default: $BITPLAN_API_KEY)")
+        parser.add_argument("--json", action="store_true")
+        parser.add_argument("--quiet", action="store_true", help="no progress bar")
+        parser.set_defaults(func=_service_call(func))
+        return parser
+
+    submit = client_command("submit", "submit a job to a running service", _cmd_submit)
+    submit.add_argument("--model", required=True)
+    budget = submit.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--bpw", help="bits per weight; comma-separated for a sweep")
+    budget.add_argument("--bytes", type=int)
+    budget.add_argument("--uniform-bits", type=int)
+    submit.add_argument("--metric", default="auto")
+    submit.add_argument("--solver", default="auto")
+    submit.add_argument("--samples", type=int)
+    submit.add_argument("--seq-len", type=int)
+    submit.add_argument("--idempotency-key")
+    submit.add_argument("--wait", action="store_true", help="wait for the job to end (progress on stderr)")
+    for name, help_text, func in (("status", "show a job", _cmd_status), ("wait", "wait for a job", _cmd_wait),
+                                  ("cancel", "cancel a job", _cmd_cancel)):
+        client_command(name, help_text, func).add_argument("job_id")
+    download = client_command("download", "download an artifact, checking every file's sha256", _cmd_download)
+    download.add_argument("artifact_id")
+    download.add_argument("--out", required=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return pipeline_main(argv, extend=add_service_commands)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

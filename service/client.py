@@ -1,0 +1,145 @@
+"""Python client for the bitplan service (httpx): ``client.jobs.create / get / list / cancel / events / wait`` and
+``client.artifacts.download`` with checksum verification.
+
+    from service.client import Client
+    client = Client("http://127.0.0.1:8321")
+    job = client.jobs.create(model="smollm2-135m", bits_per_weight=3.5)
+    job = client.jobs.wait(job["id"])               # progress bar on stderr
+    client.artifacts.download(job["artifacts"][0]["id"], "out/")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class ServiceError(Exception):
+    """A 4xx/5xx answer, with the service's reason."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(f"HTTP {status}: {detail}")
+        self.status = status
+        self.detail = detail
+
+
+class Client:
+    def __init__(self, url: str, *, api_key: str | None = None, timeout: float = 30.0) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        self.jobs = Jobs(self)
+        self.artifacts = Artifacts(self)
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        response = self.http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("detail", response.text)
+            except ValueError:
+                detail = response.text
+            raise ServiceError(response.status_code, str(detail))
+        return response
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+class Jobs:
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def create(self, *, model: str, idempotency_key: str | None = None, **options: Any) -> dict[str, Any]:
+        """Submit a job (``bits_per_weight``, ``bytes`` or ``uniform_bits``, plus ``metric``, ``solver``, ...)."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self.client.request("POST", "/v1/jobs", json={"model": model, **options}, headers=headers).json()
+
+    def get(self, job_id: str) -> dict[str, Any]:
+        return self.client.request("GET", f"/v1/jobs/{job_id}").json()
+
+    def list(self, *, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        """Every job of this key (following the cursor)."""
+        items, cursor = [], None
+        while True:
+            params: dict[str, Any] = {"limit": limit, **({"status": status} if status else {}),
+                                      **({"cursor": cursor} if cursor else {})}
+            page = self.client.request("GET", "/v1/jobs", params=params).json()
+            items += page["items"]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return items
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self.client.request("POST", f"/v1/jobs/{job_id}/cancel").json()
+
+    def events(self, job_id: str, *, after: int = 0) -> list[dict[str, Any]]:
+        items = []
+        while True:
+            page = self.client.request("GET", f"/v1/jobs/{job_id}/events", params={"after": after}).json()
+            items += page["items"]
+            if not page["items"]:
+                return items
+            after = page["next_after"]
+
+    def wait(self, job_id: str, *, poll_s: float = 1.0, timeout_s: float | None = None,
+             progress: bool = True) -> dict[str, Any]:
+        """Poll until the job ends; a progress bar (stage, fraction, ETA) on stderr."""
+        from tqdm import tqdm
+
+        started = time.monotonic()
+        bar = tqdm(total=100, unit="%", file=sys.stderr, disable=not progress, desc="queued")
+        try:
+            while True:
+                job = self.get(job_id)
+                bar.n = round(100 * job["progress"]["fraction"])
+                bar.set_description(job["progress"]["stage"] or job["status"])
+                bar.refresh()
+                if job["status"] in TERMINAL:
+                    return job
+                if timeout_s is not None and time.monotonic() - started > timeout_s:
+                    raise TimeoutError(f"job {job_id} still {job['status']} after {timeout_s} s")
+                time.sleep(poll_s)
+        finally:
+            bar.close()
+
+
+class Artifacts:
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def get(self, artifact_id: str) -> dict[str, Any]:
+        return self.client.request("GET", f"/v1/artifacts/{artifact_id}").json()
+
+    def download(self, artifact_id: str, out_dir: str | Path) -> Path:
+        """Every file of the artifact into ``out_dir``, each checked against its sha256 (then renamed into
+        place, so a failed download leaves no half file)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for entry in self.get(artifact_id)["files"]:
+            target = out / entry["name"]
+            partial = target.with_name(target.name + ".part")
+            digest = hashlib.sha256()
+            with self.client.http.stream("GET", f"/v1/artifacts/{artifact_id}/files/{entry['name']}") as response:
+                if response.status_code >= 400:
+                    raise ServiceError(response.status_code, response.read().decode(errors="replace"))
+                with partial.open("wb") as stream:
+                    for chunk in response.iter_bytes():
+                        digest.update(chunk)
+                        stream.write(chunk)
+            if digest.hexdigest() != entry["sha256"]:
+                partial.unlink()
+                raise ServiceError(502, f"{entry['name']} failed its sha256 check")
+            partial.replace(target)
+        return out

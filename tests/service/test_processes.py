@@ -1,0 +1,132 @@
+"""The service as users run it: ``bitplan serve`` / ``bitplan worker`` processes, the CLI client, and a worker
+killed with SIGKILL in the middle of a job."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.client import Client
+
+SERVICE_CLI = [sys.executable, "-m", "service.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """A process in its own session, so that a kill reaches the job processes it spawned too."""
+    return subprocess.Popen([*SERVICE_CLI, *args], stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def kill_group(process: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=30)
+
+
+def wait_until_up(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"service exited: {log.read_text()}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise AssertionError(f"service did not come up: {log.read_text()}")
+
+
+@pytest.fixture()
+def api_only(tmp_path: Path, tiny_llama_dir: Path) -> Iterator[tuple[str, Path]]:
+    port = free_port()
+    data = tmp_path / "data"
+    log = tmp_path / "serve.log"
+    process = start(["serve", "--port", str(port), "--data-dir", str(data), "--model-root",
+                     str(tiny_llama_dir.parent), "--no-worker"], log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(url, process, log)
+        yield url, data
+    finally:
+        kill_group(process, signal.SIGTERM)
+
+
+def test_serve_submit_wait_download(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    port = free_port()
+    log = tmp_path / "serve.log"
+    process = start(["serve", "--port", str(port), "--data-dir", str(tmp_path / "data"), "--model-root",
+                     str(tiny_llama_dir.parent)], log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(url, process, log)
+        submitted = subprocess.run([*SERVICE_CLI, "submit", "--url", url, "--model", tiny_llama_dir.name, "--bpw",
+                                    "4", "--samples", "2", "--seq-len", "32", "--wait", "--json"],
+                                   capture_output=True, text=True, timeout=300)
+        assert submitted.returncode == 0, submitted.stderr
+        job = json.loads(submitted.stdout.strip().splitlines()[-1])
+        assert job["status"] == "succeeded", job
+        out = tmp_path / "download"
+        downloaded = subprocess.run([*SERVICE_CLI, "download", "--url", url, job["artifacts"][0]["id"], "--out",
+                                     str(out), "--json"], capture_output=True, text=True, timeout=120)
+        assert downloaded.returncode == 0, downloaded.stderr
+        assert (out / "manifest.json").is_file() and (out / "quantized.safetensors").is_file()
+        from bitplan.artifact import load_artifact
+
+        load_artifact(out)  # the downloaded folder loads on its own
+        bad = subprocess.run([*SERVICE_CLI, "status", "--url", url, "no-such-job"], capture_output=True, text=True)
+        assert bad.returncode == 2 and "404" in bad.stderr
+    finally:
+        kill_group(process, signal.SIGTERM)
+
+
+def test_sigkill_of_a_worker_mid_job_ends_on_a_later_attempt(tmp_path: Path, api_only: tuple[str, Path],
+                                                              tiny_llama_dir: Path) -> None:
+    url, data = api_only
+    client = Client(url)
+    job = client.jobs.create(model=tiny_llama_dir.name, bits_per_weight=4.0, num_samples=300, seq_len=64,
+                             group_size=64)
+    worker_args = ["worker", "--data-dir", str(data), "--lease", "3", "--heartbeat", "0.3"]
+    first = start(worker_args, tmp_path / "worker1.log")
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            state = client.jobs.get(job["id"])
+            if state["status"] == "running" and state["progress"]["fraction"] > 0.06:
+                break
+            time.sleep(0.1)
+        assert state["status"] == "running", (state, (tmp_path / "worker1.log").read_text())
+    finally:
+        kill_group(first)  # SIGKILL: no cleanup, no final write
+    second = start(worker_args, tmp_path / "worker2.log")
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            state = client.jobs.get(job["id"])
+            if state["status"] in ("succeeded", "failed", "cancelled"):
+                break
+            time.sleep(0.3)
+        assert state["status"] == "succeeded", (state, (tmp_path / "worker2.log").read_text())
+        assert state["attempt"] == 2
+        kinds = [e["kind"] for e in client.jobs.events(job["id"])]
+        assert "requeued" in kinds
+        assert [p.name for p in (data / "artifacts").iterdir()] == [f"{job['id']}-0"]
+    finally:
+        kill_group(second, signal.SIGTERM)
