@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 from bitplan import __version__
@@ -96,6 +99,20 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     app.state.store = store
     app.state.huey = huey
     app.state.settings = settings
+
+    @app.exception_handler(RequestValidationError)
+    async def readable_validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()]
+        return JSONResponse(status_code=422, content={"detail": "; ".join(parts)})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        headers = dict(error.headers or {})
+        if error.status_code == 405:  # list every method of the path, not only the first route's
+            methods = {m for route in app.routes if isinstance(route, APIRoute)
+                       and route.path_regex.match(request.url.path) for m in route.methods}
+            headers["Allow"] = ", ".join(sorted(methods))
+        return JSONResponse(status_code=error.status_code, content={"detail": error.detail}, headers=headers)
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

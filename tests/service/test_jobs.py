@@ -129,7 +129,7 @@ def test_restart_loses_no_job(tmp_path: Path, tiny_llama_dir: Path) -> None:
     ({"model": "smollm2-135m", "bits_per_weight": [4.0] * 50}, 422, "at most"),
     ({"model": "smollm2-135m"}, 422, "exactly one"),
     ({"model": "smollm2-135m", "bits_per_weight": 4.0, "metric": "magic"}, 422, "unknown metric"),
-    ({"model": "smollm2-135m", "bits_per_weight": 4.0, "surprise": 1}, 422, "extra"),
+    ({"model": "smollm2-135m", "bits_per_weight": 4.0, "surprise": 1}, 422, "body.surprise: Extra inputs"),
 ])
 def test_bad_jobs_are_refused_before_queueing(tmp_path: Path, tiny_llama_dir: Path, body: dict, status: int,
                                               reason: str) -> None:
