@@ -16,7 +16,8 @@ from typing import Any
 
 from fastapi import FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -99,6 +100,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     app.state.store = store
     app.state.huey = huey
     app.state.settings = settings
+    registry = CollectorRegistry()
 
     @app.exception_handler(RequestValidationError)
     async def readable_validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
@@ -147,6 +149,25 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     def ready() -> Health:
         store.count_active("__readiness__")  # the database answers
         return Health(status="ready", version=__version__)
+
+    requests_total = Counter("bitplan_http_requests", "HTTP requests by method and status", ["method", "status"],
+                             registry=registry)
+    jobs_gauge = Gauge("bitplan_jobs", "jobs by status", ["status"], registry=registry)
+    queue_gauge = Gauge("bitplan_queue_pending", "messages waiting in the job queue", registry=registry)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        response = await call_next(request)
+        requests_total.labels(request.method, str(response.status_code)).inc()
+        return response
+
+    @app.get("/metrics", tags=["meta"], response_class=PlainTextResponse,
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
+    def metrics() -> PlainTextResponse:
+        for status, count in store.status_counts().items():
+            jobs_gauge.labels(status).set(count)
+        queue_gauge.set(huey.pending_count())
+        return PlainTextResponse(generate_latest(registry).decode(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", response_model=list[BundledModelPublic], tags=["models"])
     def list_models() -> list[BundledModelPublic]:

@@ -168,6 +168,12 @@ class JobStore:
             rows = self._connection.execute(query, params).fetchall()
         return [Job.from_row(r) for r in rows]
 
+    def status_counts(self) -> dict[str, int]:
+        """Jobs per status (every status present, zeros included)."""
+        with self._lock:
+            rows = self._connection.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
+        return {**dict.fromkeys(STATUSES, 0), **{r[0]: int(r[1]) for r in rows}}
+
     def count_active(self, owner: str) -> int:
         with self._lock:
             return int(self._connection.execute(

@@ -36,3 +36,11 @@ def test_unknown_route_is_404(client: TestClient) -> None:
 def test_openapi_yaml_is_in_sync() -> None:
     assert (ROOT / "openapi.yaml").read_text() == render_openapi(), \
         "openapi.yaml is stale: run python -m service.openapi > openapi.yaml"
+
+
+def test_metrics_count_jobs_and_requests(client: TestClient) -> None:
+    client.get("/healthz")
+    text = client.get("/metrics").text
+    assert 'bitplan_jobs{status="queued"}' in text and "bitplan_queue_pending" in text
+    assert 'bitplan_http_requests_total{method="GET",status="200"}' in text
+    assert client.get("/readyz").json()["status"] == "ready"
