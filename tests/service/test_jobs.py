@@ -188,3 +188,20 @@ def test_cursor_pagination(tmp_path: Path, tiny_llama_dir: Path) -> None:
             break
     assert seen == ids
     assert client.get("/v1/jobs", params={"cursor": "garbage"}).status_code == 400
+
+
+def test_full_job_with_the_queue_on_redis(tmp_path: Path, tiny_llama_dir: Path, redis_url: str) -> None:
+    import redis
+
+    server = redis.Redis.from_url(redis_url)
+    server.flushdb()
+    api_only = create_app(settings_for(tmp_path, tiny_llama_dir, redis_url=redis_url, embedded_worker=False))
+    job_id = TestClient(api_only).post("/v1/jobs", json={"model": tiny_llama_dir.name, "bits_per_weight": 4.0,
+                                                         **SMALL}).json()["id"]
+    queues = [key for key in server.keys("*") if server.type(key) == b"list"]
+    assert len(queues) == 1 and server.llen(queues[0]) == 1  # the job's message waits in Redis
+    api_only.state.store.close()  # type: ignore[attr-defined]
+    with TestClient(create_app(settings_for(tmp_path, tiny_llama_dir, redis_url=redis_url))) as client:
+        job = wait_for(client, job_id, {"succeeded", "failed"})
+        assert job["status"] == "succeeded", job["error"]
+    assert server.llen(queues[0]) == 0
