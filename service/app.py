@@ -40,7 +40,7 @@ from service.schemas import (
     Problem,
     Progress,
 )
-from service.store import TERMINAL, Job, JobStore
+from service.store import TERMINAL, Job, make_store
 from service.worker import JobRunner, WorkerPool, WorkerSettings, enqueue, make_huey, register_runner
 
 LOCAL_OWNER = "local"
@@ -81,7 +81,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Problem} for code in 
 
 
 def create_app(settings: ServiceSettings) -> FastAPI:
-    store = JobStore(settings.data_dir / "jobs.db")
+    store = make_store(settings.data_dir, settings.redis_url)
     worker_settings = settings.worker_settings()
     huey = make_huey(worker_settings)
     register_runner(huey, JobRunner(store, worker_settings))

@@ -68,12 +68,12 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
 
 def _cmd_worker(args: argparse.Namespace) -> None:
-    from service.store import JobStore
+    from service.store import make_store
     from service.worker import JobRunner, WorkerPool, WorkerSettings, make_huey, register_runner
 
     settings = WorkerSettings(data_dir=Path(args.data_dir), redis_url=args.redis_url, lease_s=args.lease,
                               heartbeat_s=args.heartbeat)
-    store = JobStore(settings.data_dir / "jobs.db")
+    store = make_store(settings.data_dir, settings.redis_url)
     huey = make_huey(settings)
     register_runner(huey, JobRunner(store, settings))
     sys.stderr.write(f"bitplan worker: {args.workers} thread(s), data in {args.data_dir}\n")

@@ -291,3 +291,12 @@ class JobStore:
                 (job_id, after, limit)).fetchall()
         return [Event(job_id=r["job_id"], seq=r["seq"], at=r["at"], kind=r["kind"], data=json.loads(r["data"]))
                 for r in rows]
+
+
+def make_store(data_dir: Path, redis_url: str | None) -> Any:
+    """SQLite in the data folder (one machine), or Redis beside the queue (workers on several machines)."""
+    if redis_url:
+        from service.redis_store import RedisJobStore
+
+        return RedisJobStore(redis_url)
+    return JobStore(data_dir / "jobs.db")

@@ -23,7 +23,7 @@ from typing import Any
 from huey import Huey, RedisHuey, SqliteHuey
 from huey.consumer import Consumer
 
-from service.store import JobStore, StaleAttempt
+from service.store import JobStore, StaleAttempt  # JobStore or RedisJobStore (the same methods)
 
 logger = logging.getLogger(__name__)
 

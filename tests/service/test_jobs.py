@@ -198,8 +198,10 @@ def test_full_job_with_the_queue_on_redis(tmp_path: Path, tiny_llama_dir: Path, 
     api_only = create_app(settings_for(tmp_path, tiny_llama_dir, redis_url=redis_url, embedded_worker=False))
     job_id = TestClient(api_only).post("/v1/jobs", json={"model": tiny_llama_dir.name, "bits_per_weight": 4.0,
                                                          **SMALL}).json()["id"]
-    queues = [key for key in server.keys("*") if server.type(key) == b"list"]
+    queues = [key for key in server.keys("*") if server.type(key) == b"list" and not key.startswith(b"bitplan:")]
     assert len(queues) == 1 and server.llen(queues[0]) == 1  # the job's message waits in Redis
+    assert server.exists(f"bitplan:job:{job_id}")  # and its record too: nothing on local disk but artifacts
+    assert not (tmp_path / "data" / "jobs.db").exists()
     api_only.state.store.close()  # type: ignore[attr-defined]
     with TestClient(create_app(settings_for(tmp_path, tiny_llama_dir, redis_url=redis_url))) as client:
         job = wait_for(client, job_id, {"succeeded", "failed"})

@@ -54,17 +54,24 @@ def wait_until_up(url: str, process: subprocess.Popen[bytes], log: Path, timeout
     raise AssertionError(f"service did not come up: {log.read_text()}")
 
 
-@pytest.fixture()
-def api_only(tmp_path: Path, tiny_llama_dir: Path) -> Iterator[tuple[str, Path]]:
+@pytest.fixture(params=["sqlite", "redis"])
+def api_only(request: pytest.FixtureRequest, tmp_path: Path, tiny_llama_dir: Path
+             ) -> Iterator[tuple[str, Path, list[str]]]:
+    """An API-only service, and the backend flags its workers need (SQLite in the data folder, or Redis)."""
     port = free_port()
     data = tmp_path / "data"
     log = tmp_path / "serve.log"
+    backend = ["--redis-url", request.getfixturevalue("redis_url")] if request.param == "redis" else []
+    if backend:
+        import redis
+
+        redis.Redis.from_url(backend[1]).flushdb()
     process = start(["serve", "--port", str(port), "--data-dir", str(data), "--model-root",
-                     str(tiny_llama_dir.parent), "--no-worker"], log)
+                     str(tiny_llama_dir.parent), "--no-worker", *backend], log)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_up(url, process, log)
-        yield url, data
+        yield url, data, backend
     finally:
         kill_group(process, signal.SIGTERM)
 
@@ -97,13 +104,14 @@ def test_serve_submit_wait_download(tmp_path: Path, tiny_llama_dir: Path) -> Non
         kill_group(process, signal.SIGTERM)
 
 
-def test_sigkill_of_a_worker_mid_job_ends_on_a_later_attempt(tmp_path: Path, api_only: tuple[str, Path],
+def test_sigkill_of_a_worker_mid_job_ends_on_a_later_attempt(tmp_path: Path,
+                                                              api_only: tuple[str, Path, list[str]],
                                                               tiny_llama_dir: Path) -> None:
-    url, data = api_only
+    url, data, backend = api_only
     client = Client(url)
-    job = client.jobs.create(model=tiny_llama_dir.name, bits_per_weight=4.0, num_samples=300, seq_len=64,
+    job = client.jobs.create(model=tiny_llama_dir.name, bits_per_weight=4.0, num_samples=200, seq_len=64,
                              group_size=64)
-    worker_args = ["worker", "--data-dir", str(data), "--lease", "3", "--heartbeat", "0.3"]
+    worker_args = ["worker", "--data-dir", str(data), "--lease", "3", "--heartbeat", "0.3", *backend]
     first = start(worker_args, tmp_path / "worker1.log")
     try:
         deadline = time.monotonic() + 120

@@ -1,4 +1,5 @@
-"""The job store's leases, fencing tokens and reaper, without any worker."""
+"""The job stores (SQLite, and Redis on a real redis-server): leases, fencing tokens and reaper, without any
+worker."""
 
 from __future__ import annotations
 
@@ -10,9 +11,15 @@ import pytest
 from service.store import JobStore, StaleAttempt
 
 
-@pytest.fixture()
-def store(tmp_path: Path) -> JobStore:
-    return JobStore(tmp_path / "jobs.db")
+@pytest.fixture(params=["sqlite", "redis"])
+def store(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
+    if request.param == "sqlite":
+        return JobStore(tmp_path / "jobs.db")
+    from service.redis_store import RedisJobStore
+
+    url = request.getfixturevalue("redis_url")
+    redis_store = RedisJobStore(url, prefix=f"test-{tmp_path.name}:")
+    return redis_store
 
 
 def test_claim_is_exclusive_and_fenced(store: JobStore) -> None:
