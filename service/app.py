@@ -29,7 +29,6 @@ from service.schemas import (
     ArtifactFile,
     ArtifactPublic,
     ArtifactRef,
-    BundledModelPublic,
     ErrorInfo,
     EventPage,
     EventPublic,
@@ -37,6 +36,8 @@ from service.schemas import (
     JobCreate,
     JobPage,
     JobPublic,
+    ModelCreate,
+    ModelPublic,
     Problem,
     Progress,
 )
@@ -169,15 +170,43 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         queue_gauge.set(huey.pending_count())
         return PlainTextResponse(generate_latest(registry).decode(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", response_model=list[BundledModelPublic], tags=["models"])
-    def list_models() -> list[BundledModelPublic]:
-        return [BundledModelPublic(id=m.id, package=m.package.replace("_", "-"), description=m.description)
-                for m in BUNDLED_MODELS.values()]
+    @app.get("/v1/models", response_model=list[ModelPublic], tags=["models"], responses=ERRORS)
+    def list_models(authorization: str | None = Header(default=None)) -> list[ModelPublic]:
+        """The bundled models, then the references this key registered."""
+        owner = owner_of(authorization)
+        return [bundled_public(m) for m in BUNDLED_MODELS] + [ModelPublic(**m)
+                                                               for m in store.list_model_records(owner)]
+
+    @app.post("/v1/models", status_code=201, response_model=ModelPublic, tags=["models"], responses=ERRORS)
+    def register_model(body: ModelCreate, response: Response,
+                       authorization: str | None = Header(default=None)) -> ModelPublic:
+        owner = owner_of(authorization)
+        reference = validate_reference(body.reference, settings)
+        kind, path = resolve_reference(reference)
+        size = None if reference in BUNDLED_MODELS else _reference_bytes(kind, path)
+        model = store.add_model(owner, {"name": body.name, "reference": reference, "format": kind, "bytes": size})
+        response.headers["Location"] = f"/v1/models/{model['id']}"
+        return ModelPublic(**model)
+
+    @app.get("/v1/models/{model_id}", response_model=ModelPublic, tags=["models"], responses=ERRORS)
+    def get_model(model_id: str, authorization: str | None = Header(default=None)) -> ModelPublic:
+        owner = owner_of(authorization)
+        if model_id in BUNDLED_MODELS:
+            return bundled_public(model_id)
+        model = store.get_model(owner, model_id)
+        if model is None:
+            raise _error(404, f"no model {model_id!r}")
+        return ModelPublic(**model)
 
     @app.post("/v1/jobs", status_code=202, response_model=JobPublic, tags=["jobs"], responses=ERRORS)
     def create_job(body: JobCreate, response: Response, authorization: str | None = Header(default=None),
                    idempotency_key: str | None = Header(default=None, max_length=200)) -> JobPublic:
         owner = owner_of(authorization)
+        if body.model.startswith("mdl-"):
+            registered = store.get_model(owner, body.model)
+            if registered is None:
+                raise _error(422, f"no registered model {body.model!r} for this key")
+            body = body.model_copy(update={"model": registered["reference"]})
         request = validate_job(body, settings)
         if store.count_active(owner) >= settings.max_active_jobs:
             existing = store.get_by_key(owner, idempotency_key) if idempotency_key else None
@@ -289,6 +318,18 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     return app
 
 
+def bundled_public(model_id: str) -> ModelPublic:
+    model = BUNDLED_MODELS[model_id]
+    return ModelPublic(id=model.id, name=model.description, reference=model.id, format="bundled", bytes=None,
+                       created=0.0)
+
+
+def _reference_bytes(kind: str, path: Path) -> int:
+    if kind == "hf-folder":
+        return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    return path.stat().st_size
+
+
 def _decode_cursor(cursor: str) -> tuple[float, str]:
     created, _, job_id = cursor.partition(":")
     try:
@@ -352,8 +393,7 @@ def validate_reference(reference: str, settings: ServiceSettings) -> str:
     target = inside[0]
     try:
         kind, file = resolve_reference(str(target))
-        size = sum(p.stat().st_size for p in file.parent.iterdir() if p.is_file()) if kind == "hf-folder" \
-            else file.stat().st_size
+        size = _reference_bytes(kind, file)
         if size > settings.max_model_bytes:
             raise _error(413, f"model is {size} bytes, over this service's limit of {settings.max_model_bytes}")
         if kind == "gguf":

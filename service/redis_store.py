@@ -217,6 +217,23 @@ class RedisJobStore:
         jobs = self._jobs(self.redis.zrange(self._key("all"), 0, -1))
         return [j.id for j in sorted(jobs, key=lambda j: j.created) if j.status == "queued"]
 
+    def add_model(self, owner: str, record: dict[str, Any]) -> dict[str, Any]:
+        model = {"id": "mdl-" + uuid.uuid4().hex[:16], "created": time.time(), **record}
+        with self.redis.pipeline() as pipe:
+            pipe.set(self._key("model", owner, model["id"]), json.dumps(model))
+            pipe.zadd(self._key("models", owner), {model["id"]: model["created"]})
+            pipe.execute()
+        return model
+
+    def get_model(self, owner: str, model_id: str) -> dict[str, Any] | None:
+        raw = self.redis.get(self._key("model", owner, model_id))
+        return json.loads(raw) if raw else None
+
+    def list_model_records(self, owner: str) -> list[dict[str, Any]]:
+        ids = self.redis.zrange(self._key("models", owner), 0, -1)
+        raws = self.redis.mget([self._key("model", owner, i.decode()) for i in ids]) if ids else []
+        return [json.loads(r) for r in raws if r]
+
     def events(self, job_id: str, *, after: int = 0, limit: int = 100) -> list[Event]:
         raws = self.redis.lrange(self._key("events", job_id), after, after + limit - 1)
         return [Event(job_id=job_id, **json.loads(r)) for r in raws]

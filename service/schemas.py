@@ -12,12 +12,6 @@ class Health(BaseModel):
     version: str
 
 
-class BundledModelPublic(BaseModel):
-    id: str
-    package: str
-    description: str
-
-
 class JobCreate(BaseModel):
     """A quantization job: a model reference and one budget (several bits-per-weight budgets make a sweep)."""
 
@@ -112,3 +106,21 @@ class Problem(BaseModel):
     """Every 4xx/5xx body."""
 
     detail: str
+
+
+class ModelCreate(BaseModel):
+    """Register a model reference: a bundled id, or a path under one of the service's allowed roots."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reference: str = Field(min_length=1, max_length=4096)
+    name: str | None = Field(default=None, max_length=200)
+
+
+class ModelPublic(BaseModel):
+    id: str
+    name: str | None
+    reference: str
+    format: str
+    bytes: int | None
+    created: float

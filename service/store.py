@@ -41,6 +41,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     UNIQUE (owner, idempotency_key)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, created, id);
+CREATE TABLE IF NOT EXISTS models (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    record TEXT NOT NULL,
+    created REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS events (
     job_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -277,6 +283,26 @@ class JobStore:
         with self._lock:
             return [r[0] for r in self._connection.execute(
                 "SELECT id FROM jobs WHERE status = 'queued' ORDER BY created").fetchall()]
+
+    # -- registered model references ----------------------------------------------------------------------------
+    def add_model(self, owner: str, record: dict[str, Any]) -> dict[str, Any]:
+        model = {"id": "mdl-" + uuid.uuid4().hex[:16], "created": time.time(), **record}
+        with self._transaction() as db:
+            db.execute("INSERT INTO models (id, owner, record, created) VALUES (?, ?, ?, ?)",
+                       (model["id"], owner, json.dumps(model), model["created"]))
+        return model
+
+    def get_model(self, owner: str, model_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._connection.execute("SELECT record FROM models WHERE id = ? AND owner = ?",
+                                           (model_id, owner)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def list_model_records(self, owner: str) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._connection.execute("SELECT record FROM models WHERE owner = ? ORDER BY created",
+                                            (owner,)).fetchall()
+        return [json.loads(r[0]) for r in rows]
 
     # -- events -------------------------------------------------------------------------------------------------
     def _event(self, db: sqlite3.Connection, job_id: str, kind: str, data: dict[str, Any]) -> None:

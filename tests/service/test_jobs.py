@@ -207,3 +207,24 @@ def test_full_job_with_the_queue_on_redis(tmp_path: Path, tiny_llama_dir: Path, 
         job = wait_for(client, job_id, {"succeeded", "failed"})
         assert job["status"] == "succeeded", job["error"]
     assert server.llen(queues[0]) == 0
+
+
+def test_registered_models_are_per_key_and_usable_in_jobs(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    keys = {hash_key("a"): "alice", hash_key("b"): "bob"}
+    client = TestClient(create_app(settings_for(tmp_path, tiny_llama_dir, api_keys=keys, embedded_worker=False)))
+    alice, bob = {"Authorization": "Bearer a"}, {"Authorization": "Bearer b"}
+    created = client.post("/v1/models", json={"reference": tiny_llama_dir.name, "name": "tiny"}, headers=alice)
+    assert created.status_code == 201, created.text
+    model = created.json()
+    assert model["format"] == "hf-folder" and model["bytes"] > 0
+    assert created.headers["location"] == f"/v1/models/{model['id']}"
+    assert client.get(f"/v1/models/{model['id']}", headers=alice).json() == model
+    assert client.get(f"/v1/models/{model['id']}", headers=bob).status_code == 404
+    assert model["id"] in [m["id"] for m in client.get("/v1/models", headers=alice).json()]
+    assert model["id"] not in [m["id"] for m in client.get("/v1/models", headers=bob).json()]
+    job = client.post("/v1/jobs", json={"model": model["id"], "bits_per_weight": 4.0, **SMALL}, headers=alice)
+    assert job.status_code == 202 and job.json()["request"]["model"] == str(tiny_llama_dir.resolve())
+    refused = client.post("/v1/jobs", json={"model": model["id"], "bits_per_weight": 4.0}, headers=bob)
+    assert refused.status_code == 422
+    assert client.post("/v1/models", json={"reference": "../x"}, headers=alice).status_code == 422
+    assert client.get("/v1/models/smollm2-135m", headers=alice).json()["format"] == "bundled"
