@@ -95,9 +95,9 @@ def main() -> None:
         job = httpx.post(f"{base}/v1/jobs", json={"model": args.model, "bits_per_weight": 3.5,
                                                   "num_samples": 16}).json()
         deadline = time.monotonic() + 300
-        while httpx.get(f"{base}/v1/jobs/{job['id']}").json()["status"] == "queued":
-            if time.monotonic() > deadline:
-                raise RuntimeError("the job never started")
+        while httpx.get(f"{base}/v1/jobs/{job['id']}").json()["progress"]["stage"] in (None, "starting"):
+            if time.monotonic() > deadline:  # wait for the compute stages, past the model load
+                raise RuntimeError("the job never reached its compute stages")
             time.sleep(0.5)
         # Alternate the two targets in short rounds so that both see the same phase of the running job.
         rounds = 4
