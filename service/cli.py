@@ -103,6 +103,44 @@ def _service_call(function: Any) -> Any:
     return wrapped
 
 
+def ensure_service(url: str, data_dir: Path, model_roots: Sequence[str] = (), timeout_s: float = 120.0
+                   ) -> int | None:
+    """Start ``bitplan serve`` in the background when nothing answers at the loopback ``url``; it keeps running
+    (for later jobs and notebooks). Returns the new server's pid, or ``None`` when one was already up."""
+    import subprocess
+    import time
+    from urllib.parse import urlparse
+
+    import httpx
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"{url.rstrip('/')}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    if up():
+        return None
+    parsed = urlparse(url)
+    if not _is_loopback(parsed.hostname or ""):
+        raise BitplanError(f"no service answers at {url}, and only a loopback service can be started here")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = (data_dir / "serve.log").open("ab")
+    process = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--host", parsed.hostname or "127.0.0.1",
+                                "--port", str(parsed.port or 80), "--data-dir", str(data_dir),
+                                *[arg for root in model_roots for arg in ("--model-root", root)]],
+                               stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+    (data_dir / "serve.pid").write_text(str(process.pid))
+    deadline = time.monotonic() + timeout_s
+    while not up():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise BitplanError(f"the embedded service did not start; see {data_dir / 'serve.log'}")
+        time.sleep(0.3)
+    sys.stderr.write(f"started the embedded service at {url} (pid {process.pid}, data in {data_dir}); it keeps "
+                     f"running: stop it with 'kill {process.pid}'\n")
+    return process.pid
+
+
 def _cmd_submit(args: argparse.Namespace) -> None:
     budgets = [float(b) for b in args.bpw.split(",")] if args.bpw else None
     options: dict[str, Any] = {"metric": args.metric, "solver": args.solver}
@@ -116,11 +154,21 @@ def _cmd_submit(args: argparse.Namespace) -> None:
         options["num_samples"] = args.samples
     if args.seq_len is not None:
         options["seq_len"] = args.seq_len
+    if args.start_service:
+        ensure_service(args.url, Path(args.data_dir), args.model_root)
     with _client(args) as client:
         job = client.jobs.create(model=args.model, idempotency_key=args.idempotency_key, **options)
-        if args.wait:
+        if args.wait or args.out:
             job = client.jobs.wait(job["id"], progress=not args.quiet)
+        if args.out and job["status"] == "succeeded":
+            runs = job["artifacts"]
+            targets = [Path(args.out)] if len(runs) == 1 else [Path(args.out) / f"bpw-{a['bits_per_weight']:g}"
+                                                               for a in runs]
+            job["downloaded"] = [str(client.artifacts.download(a["id"], t)) for a, t in zip(runs, targets,
+                                                                                           strict=True)]
     emit(job, args.json)
+    if job["status"] in ("failed", "cancelled"):
+        raise BitplanError(f"job {job['id']} {job['status']}: {(job.get('error') or {}).get('message', '')}")
 
 
 def _cmd_status(args: argparse.Namespace) -> None:
@@ -186,6 +234,11 @@ def add_service_commands(sub: Any) -> None:
     submit.add_argument("--seq-len", type=int)
     submit.add_argument("--idempotency-key")
     submit.add_argument("--wait", action="store_true", help="wait for the job to end (progress on stderr)")
+    submit.add_argument("--out", help="after success, download the artifact here (checksums verified); implies --wait")
+    submit.add_argument("--start-service", action="store_true",
+                        help="start 'bitplan serve' in the background first when nothing answers at --url")
+    submit.add_argument("--data-dir", default=str(default_data_dir()), help="data folder of a started service")
+    submit.add_argument("--model-root", action="append", default=[], help="model root of a started service")
     for name, help_text, func in (("status", "show a job", _cmd_status), ("wait", "wait for a job", _cmd_wait),
                                   ("cancel", "cancel a job", _cmd_cancel)):
         client_command(name, help_text, func).add_argument("job_id")

@@ -138,3 +138,25 @@ def test_sigkill_of_a_worker_mid_job_ends_on_a_later_attempt(tmp_path: Path,
         assert [p.name for p in (data / "artifacts").iterdir()] == [f"{job['id']}-0"]
     finally:
         kill_group(second, signal.SIGTERM)
+
+
+def test_submit_starts_the_embedded_service_and_downloads(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    data = tmp_path / "data"
+    args = [*SERVICE_CLI, "submit", "--start-service", "--url", url, "--data-dir", str(data), "--model-root",
+            str(tiny_llama_dir.parent), "--model", tiny_llama_dir.name, "--bpw", "4", "--samples", "2",
+            "--seq-len", "32", "--out", str(tmp_path / "out"), "--json", "--quiet"]
+    try:
+        first = subprocess.run(args, capture_output=True, text=True, timeout=300)
+        assert first.returncode == 0, first.stderr
+        job = json.loads(first.stdout.strip().splitlines()[-1])
+        assert job["status"] == "succeeded" and job["downloaded"] == [str(tmp_path / "out")]
+        assert "started the embedded service" in first.stderr
+        from bitplan.artifact import load_artifact
+
+        load_artifact(tmp_path / "out")
+        second = subprocess.run(args[:-4] + ["--json", "--quiet"], capture_output=True, text=True, timeout=300)
+        assert second.returncode == 0 and "started the embedded service" not in second.stderr  # reused
+    finally:
+        pid = int((data / "serve.pid").read_text())
+        os.killpg(pid, signal.SIGTERM)
