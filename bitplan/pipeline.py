@@ -146,7 +146,8 @@ def budget_in_bytes(config: RunConfig, sizes: dict[str, dict[int, int]], numel: 
 
 def check_budget_coarsely(config: RunConfig) -> None:
     """Reject a bits-per-weight budget below ``min bits + 32 / group size`` (one fp16 scale and zero per full
-    group) before loading anything: no allocation can be smaller."""
+    group) or above ``max bits + 32`` (a group of one weight) before loading anything: no allocation can be
+    smaller, or larger."""
     if config.bits_per_weight is None:
         return
     floor = min(config.candidate_bits) + 32 / config.group_size
@@ -155,6 +156,12 @@ def check_budget_coarsely(config: RunConfig) -> None:
             f"budget {_describe(config)} is below the smallest achievable size: with bits "
             f"{sorted(config.candidate_bits)} and group size {config.group_size} no model goes below {floor:.4f} "
             f"bits per weight (the lowest bit width plus 32 bits of fp16 scale and zero per group)")
+    ceiling = max(config.candidate_bits) + 32
+    if config.bits_per_weight > ceiling:
+        raise BudgetError(
+            f"budget {_describe(config)} is above the largest achievable size: with bits "
+            f"{sorted(config.candidate_bits)} no model goes above {ceiling} bits per weight; give at most the "
+            f"largest candidate width plus its scales and zeros")
 
 
 def _describe(config: RunConfig) -> str:

@@ -20,7 +20,7 @@ class JobCreate(BaseModel):
     model: str = Field(min_length=1, max_length=4096, description="bundled id, or a path under an allowed root")
     bits_per_weight: float | list[float] | None = Field(
         default=None, description="effective bits per weight (scales and zeros counted); a list is a sweep")
-    bytes: int | None = Field(default=None, gt=0, description="budget in bytes of the quantized layers")
+    bytes: int | None = Field(default=None, gt=0, le=2**50, description="budget in bytes of the quantized layers")
     uniform_bits: int | None = Field(default=None, ge=1, le=8, description="uniform baseline")
     metric: str = "auto"
     solver: str = "auto"

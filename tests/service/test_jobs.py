@@ -126,6 +126,8 @@ def test_restart_loses_no_job(tmp_path: Path, tiny_llama_dir: Path) -> None:
     ({"model": "https://example.com/m.gguf", "bits_per_weight": 4.0}, 422, "not fetched"),
     ({"model": "smollm2-135m", "bits_per_weight": 0.5}, 422, "below the smallest achievable size"),
     ({"model": "smollm2-135m", "bits_per_weight": -1}, 422, "positive"),
+    ({"model": "smollm2-135m", "bits_per_weight": 1e9}, 422, "above the largest achievable size"),
+    ({"model": "smollm2-135m", "bytes": 10**30}, 422, "bytes"),
     ({"model": "smollm2-135m", "bits_per_weight": [4.0] * 50}, 422, "at most"),
     ({"model": "smollm2-135m"}, 422, "exactly one"),
     ({"model": "smollm2-135m", "bits_per_weight": 4.0, "metric": "magic"}, 422, "unknown metric"),
