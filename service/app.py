@@ -430,8 +430,8 @@ def job_public(job: Job) -> JobPublic:
 
 
 def default_app() -> FastAPI:
-    """The app for ``uvicorn service.app:app`` and the OpenAPI document: data in ``$BITPLAN_DATA_DIR`` (default
-    ``~/.local/share/bitplan``), no embedded worker."""
+    """An API-only app for ``uvicorn --factory service.app:default_app``: data in ``$BITPLAN_DATA_DIR`` (default
+    ``~/.local/share/bitplan``), jobs run by ``bitplan worker`` processes."""
     import os
 
     data = Path(os.environ.get("BITPLAN_DATA_DIR", Path.home() / ".local" / "share" / "bitplan"))

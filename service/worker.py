@@ -16,7 +16,7 @@ import queue
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,6 @@ class WorkerSettings:
     max_attempts: int = 3
     cancel_grace_s: float = 20.0
     reap_every_s: float = 5.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def artifacts_dir(self) -> Path:
@@ -228,13 +227,18 @@ class WorkerPool:
                 logger.exception("reaper pass failed")
 
 
-_TASKS: dict[int, Any] = {}
+_TASKS: dict[Huey, Any] = {}  # the job task registered on each Huey instance
 
 
 def register_runner(huey: Huey, runner: JobRunner) -> None:
-    """Register the job task on this Huey instance."""
-    _TASKS[id(huey)] = huey.task(name="run_job")(runner)
+    """Register the job task (Huey calls ``runner(job_id)``) on this Huey instance."""
+
+    def run_job(job_id: str) -> None:
+        runner(job_id)
+
+    _TASKS[huey] = huey.task(name="run_job")(run_job)
 
 
 def enqueue(huey: Huey, job_id: str) -> None:
-    _TASKS[id(huey)](job_id)
+    """Put a job id on the queue (claiming is idempotent, so a duplicate message is harmless)."""
+    _TASKS[huey](job_id)
