@@ -24,6 +24,7 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_array
 
+from allocator.lagrangian import block_arrays
 from allocator.problem import Allocation, AllocationProblem, SolverStatus, reject_infeasible_budget
 
 LN2 = math.log(2.0)
@@ -61,21 +62,14 @@ def _fit_line(x: np.ndarray, y: np.ndarray, valid: np.ndarray) -> tuple[np.ndarr
 
 def block_model(problem: AllocationProblem) -> BlockModel:
     """Fit the convex model to every block of ``problem``."""
-    blocks = problem.blocks()
-    width = max(len(problem.units[b[0]].options) for b in blocks)
-    bits = np.full((len(blocks), width), np.nan)
-    sizes = np.full((len(blocks), width), np.inf)
-    costs = np.full((len(blocks), width), np.inf)
-    with_latency = problem.budget.latency is not None
-    latencies = np.full((len(blocks), width), np.inf) if with_latency else None
+    blocks, sizes, costs = block_arrays(problem)
+    bits = np.full(sizes.shape, np.nan)
+    latencies = np.full(sizes.shape, np.inf) if problem.budget.latency is not None else None
     for row, block in enumerate(blocks):
-        block_sizes, block_costs = problem.block_totals(block)
-        n = len(block_sizes)
-        bits[row, :n] = [o.bits for o in problem.units[block[0]].options]
-        sizes[row, :n] = block_sizes
-        costs[row, :n] = block_costs
+        options = problem.units[block[0]].options
+        bits[row, : len(options)] = [o.bits for o in options]
         if latencies is not None:
-            latencies[row, :n] = problem.block_latencies(block)
+            latencies[row, : len(options)] = problem.block_latencies(block)
     allowed = np.isfinite(sizes)
     positive = allowed & (costs > 0)
     # log c = log d + 2 ln2 b, averaged over the options with a positive distortion (c = 0 when there are none).

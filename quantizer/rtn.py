@@ -68,6 +68,12 @@ def quantize_rtn(weight: torch.Tensor, *, bits: int, group_size: int) -> Quantiz
                            group_size=group_size)
 
 
+def quantization_error(weight: torch.Tensor, *, bits: int, group_size: int) -> torch.Tensor:
+    """``dW = Q(W) - W``: the float32 error of RTN-quantizing ``weight`` at ``bits`` (every predictor's input)."""
+    weight = weight.detach().float()
+    return dequantize_weight(quantize_rtn(weight, bits=bits, group_size=group_size)) - weight
+
+
 def dequantize_weight(quantized: QuantizedWeight) -> torch.Tensor:
     """The float32 weight the codes stand for."""
     return dequantize_groupwise(quantized.codes, quantized.scales, quantized.zeros,

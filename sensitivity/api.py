@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantizer.rtn import dequantize_weight, quantize_rtn
+from quantizer.rtn import quantization_error
 from sensitivity.activations import (
     LossFn,
     ProgressFn,
@@ -130,9 +130,7 @@ def functional_loss(model: nn.Module, loss_fn: LossFn, names: Sequence[str], bat
 
 
 def _squared_rtn_error(weight: torch.Tensor, bits: int, group_size: int) -> float:
-    weight = weight.detach()
-    return float((dequantize_weight(quantize_rtn(weight, bits=bits, group_size=group_size)) - weight.float())
-                 .pow(2).sum())
+    return float(quantization_error(weight, bits=bits, group_size=group_size).pow(2).sum())
 
 
 def _hutchinson(

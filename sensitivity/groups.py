@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from quantizer.rtn import dequantize_weight, quantize_rtn
+from quantizer.rtn import quantization_error
 from sensitivity.activations import UnitStatistics
 
 
@@ -34,7 +34,7 @@ def group_output_error(weight: torch.Tensor, stats: UnitStatistics, *, bits_opti
         row_weight = torch.full((out_features,), 1.0 / tokens)
     columns = []
     for bits in bits_options:
-        delta = dequantize_weight(quantize_rtn(weight, bits=bits, group_size=group_size)).float() - weight
+        delta = quantization_error(weight, bits=bits, group_size=group_size)
         energy = torch.nn.functional.pad(delta * delta, (0, pad)) * diag
         per_group = energy.reshape(out_features, n_groups, group_size).sum(dim=2) * row_weight[:, None]
         columns.append(per_group.reshape(-1))
@@ -67,10 +67,10 @@ def group_sensitivity(metric: str, weight: torch.Tensor, stats: UnitStatistics, 
         if metric == "gwq":
             if stats.weight_grad_sq is None:
                 raise ValueError("gwq needs weight-gradient statistics (collect them with weight_grads=True)")
-            delta = dequantize_weight(quantize_rtn(weight.float(), bits=bits, group_size=group_size)).double() - weight
+            delta = quantization_error(weight, bits=bits, group_size=group_size).double()
             values = 0.5 * stats.weight_grad_sq.double() / tokens * delta.pow(2)
         elif metric == "slim_salience":
-            delta = dequantize_weight(quantize_rtn(weight.float(), bits=bits, group_size=group_size)).double() - weight
+            delta = quantization_error(weight, bits=bits, group_size=group_size).double()
             values = 0.5 * rows[:, None] * delta.pow(2) / inverse_hessian_diagonal(stats)[None, :]
         elif metric == "baq":
             step = quantization_step(weight, bits, group_size)

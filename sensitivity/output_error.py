@@ -16,13 +16,12 @@ from collections.abc import Sequence
 
 import torch
 
-from quantizer.rtn import dequantize_weight, quantize_rtn
+from quantizer.rtn import quantization_error
 from sensitivity.activations import UnitStatistics
 
 
-def row_output_error(weight: torch.Tensor, dequantized: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+def row_error(delta: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     """``diag(dW H dW^T)``: ``(out_features,)`` summed squared output error per output channel."""
-    delta = dequantized.float() - weight.detach().float()
     return ((delta @ gram) * delta).sum(dim=1)
 
 
@@ -41,8 +40,7 @@ def predict_output_error(
     weight = weight.detach()
     result = {}
     for bits in bits_options:
-        rows = row_output_error(weight, dequantize_weight(quantize_rtn(weight, bits=bits, group_size=group_size)),
-                                stats.gram)
+        rows = row_error(quantization_error(weight, bits=bits, group_size=group_size), stats.gram)
         if stats.output_grad_sq is not None and fisher:
             value = 0.5 * float((stats.output_grad_sq / tokens * rows).sum()) / tokens
         else:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from quantizer.rtn import dequantize_weight, quantize_rtn
+from quantizer.rtn import quantization_error
 from sensitivity.activations import LossFn, ProgressFn, StopFn, check_stop
 
 
@@ -40,10 +40,8 @@ def token_fisher(
     """
     deltas = {}
     for name, module in units.items():
-        weight = module.weight.detach().float()
-        deltas[name] = torch.stack([
-            dequantize_weight(quantize_rtn(weight, bits=b, group_size=group_size)).float() - weight
-            for b in bits_options])
+        deltas[name] = torch.stack([quantization_error(module.weight, bits=b, group_size=group_size)
+                                    for b in bits_options])
     squares = {name: torch.zeros(len(bits_options), dtype=torch.float64) for name in units}
     energy = dict.fromkeys(units, 0.0)
     tokens = 0

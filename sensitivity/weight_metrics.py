@@ -20,15 +20,10 @@ from collections.abc import Sequence
 
 import torch
 
-from quantizer.rtn import dequantize_weight, quantize_rtn
+from quantizer.rtn import quantization_error
 from sensitivity.activations import UnitStatistics
 
 DAMP = 0.01  # relative diagonal damping of H before inversion (GPTQ's default)
-
-
-def _delta(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    weight = weight.detach().float()
-    return dequantize_weight(quantize_rtn(weight, bits=bits, group_size=group_size)).float() - weight
 
 
 def predict_gwq(weight: torch.Tensor, stats: UnitStatistics, *, bits_options: Sequence[int],
@@ -37,7 +32,8 @@ def predict_gwq(weight: torch.Tensor, stats: UnitStatistics, *, bits_options: Se
     if stats.weight_grad_sq is None:
         raise ValueError("gwq needs weight-gradient statistics (collect them with weight_grads=True)")
     fisher = stats.weight_grad_sq / max(stats.tokens, 1)
-    return {b: max(0.5 * float((fisher * _delta(weight, b, group_size).pow(2)).sum()), 0.0) for b in bits_options}
+    return {b: max(0.5 * float((fisher * quantization_error(weight, bits=b, group_size=group_size).pow(2)).sum()), 0.0)
+            for b in bits_options}
 
 
 def gradient_outlier_mask(stats: UnitStatistics, fraction: float = 0.01) -> torch.Tensor:
@@ -82,7 +78,8 @@ def predict_slim_salience(weight: torch.Tensor, stats: UnitStatistics, *, bits_o
         rows = stats.output_grad_sq.double() / max(stats.tokens, 1)
     result = {}
     for bits in bits_options:
-        error = (_delta(weight, bits, group_size).double().pow(2) / inverse_diag[None, :]).sum(dim=1)
+        delta = quantization_error(weight, bits=bits, group_size=group_size).double()
+        error = (delta.pow(2) / inverse_diag[None, :]).sum(dim=1)
         result[bits] = max(0.5 * float((rows * error).sum()), 0.0)
     return result
 
