@@ -94,6 +94,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
         metric=args.metric, calibration_text=None if args.calibration is None else Path(args.calibration),
         num_samples=args.samples, seq_len=args.seq_len, seed=args.seed, solver=args.solver,
         tie_fused=args.tie_fused, pinned=tuple(_parse_pin(text) for text in args.pin), use_cache=not args.no_cache,
+        quantizer=args.quantizer,
     )
     out = Path(args.out)
     if len(budgets) > 1:
@@ -181,6 +182,15 @@ def _cmd_allocate(args: argparse.Namespace) -> None:
     emit(solve_allocation(problem, solver=args.solver, time_limit_s=args.time_limit).to_json(), args.json)
 
 
+def _cmd_export(args: argparse.Namespace) -> None:
+    from bitplan.exports import export_artifact
+
+    artifact = Path(args.artifact)
+    if not artifact.is_dir():
+        raise BitplanError(f"artifact directory not found: {artifact}")
+    emit(export_artifact(artifact, format=args.format, out=Path(args.out)).to_json(), args.json)
+
+
 def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.ArgumentParser:
     """The command line; ``extend(subparsers)`` adds commands of layers above this one (the service's)."""
     parser = argparse.ArgumentParser(prog="bitplan", description=__doc__)
@@ -215,6 +225,11 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
                      help="q/k/v and gate/up projections of a block share one bit width (fused by runtimes)")
     run.add_argument("--pin", action="append", default=[], metavar="PATTERN=BITS",
                      help="keep units matching an fnmatch pattern at BITS (repeatable), e.g. '*.down_proj=8'")
+    from quantizer.methods import QUANTIZERS
+
+    run.add_argument("--quantizer", default="rtn", choices=QUANTIZERS,
+                     help="rtn: round to nearest; gptq: GPTQ error feedback on calibration inputs; -salience: each "
+                          "group's range searched to minimize input-energy-weighted error (SliM-LLM)")
     run.add_argument("--no-cache", action="store_true",
                      help="measure sensitivities again instead of reusing cached ones ($BITPLAN_CACHE_DIR)")
     run.add_argument("--json", action="store_true")
@@ -244,6 +259,15 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     evaluate.add_argument("--json", action="store_true")
     evaluate.add_argument("--quiet", action="store_true")
     evaluate.set_defaults(func=_cmd_eval)
+
+    from bitplan.exports.common import EXPORT_FORMATS
+
+    export = sub.add_parser("export", help="export an artifact to a format other runtimes load")
+    export.add_argument("--artifact", required=True, help="artifact directory written by bitplan run")
+    export.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+    export.add_argument("--out", required=True, help="a .gguf file, or a folder for compressed-tensors")
+    export.add_argument("--json", action="store_true")
+    export.set_defaults(func=_cmd_export)
 
     allocate = sub.add_parser("allocate", help="solve a JSON allocation problem")
     allocate.add_argument("--problem", required=True)

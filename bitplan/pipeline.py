@@ -21,10 +21,11 @@ from bitplan.calibration import build_calibration_set
 from bitplan.errors import BitplanError, BudgetError
 from bitplan.models import LoadedModel, ModelKind, causal_lm_loss, load_model, use_eager_attention
 from bitplan.units import find_units
-from quantizer.rtn import dequantize_weight, quantize_rtn
+from quantizer.methods import QUANTIZER_LABELS, QUANTIZERS, needs_gram, quantize_unit
+from quantizer.rtn import dequantize_weight
 from quantizer.sizes import quantized_bytes
 from sensitivity import HutchinsonConfig, Metric, SensitivityResult, compute_sensitivity
-from sensitivity.activations import StopFn, check_stop
+from sensitivity.activations import StopFn, check_stop, collect_unit_statistics
 from sensitivity.api import NEEDS_LOSS
 from sensitivity.cache import SensitivityCache, cache_key
 from sensitivity.kl import output_kl
@@ -60,6 +61,7 @@ class RunConfig:
     kl_windows: int = 2  # calibration windows on which to measure the artifact's KL divergence (0: skip)
     use_cache: bool = True  # reuse sensitivities measured before (same model, calibration, metric, parameters)
     cache_dir: Path | None = None  # default: $BITPLAN_CACHE_DIR or ~/.cache/bitplan
+    quantizer: str = "rtn"  # one of quantizer.methods.QUANTIZERS
 
     def __post_init__(self) -> None:
         budgets = [self.bits_per_weight, self.budget_bytes, self.uniform_bits]
@@ -78,6 +80,8 @@ class RunConfig:
             raise BitplanError(f"unknown metric {self.metric!r}; choose one of {', '.join(METRIC_CHOICES)}")
         if self.num_samples < 1 or self.seq_len < 2:
             raise BitplanError(f"need num_samples >= 1 and seq_len >= 2, got {self.num_samples}, {self.seq_len}")
+        if self.quantizer not in QUANTIZERS:
+            raise BitplanError(f"unknown quantizer {self.quantizer!r}; choose one of {', '.join(QUANTIZERS)}")
         for pattern, pin_bits in self.pinned:
             if pin_bits not in bits:
                 raise BitplanError(f"pin {pattern}={pin_bits}: {pin_bits} bits is not a candidate width {list(bits)}")
@@ -260,16 +264,26 @@ def allocation_problem(sizes: dict[str, dict[int, int]], sensitivity: Sensitivit
     )
 
 
+def input_grams(loaded: LoadedModel, units: dict[str, nn.Linear], tokens: torch.Tensor,
+                on_progress: ProgressFn | None, should_stop: StopFn | None) -> dict[str, torch.Tensor]:
+    """Each unit's calibration input Gram matrix ``sum_t x_t x_t^T`` (what GPTQ and salience need)."""
+    stats = collect_unit_statistics(loaded.model, units, list(torch.split(tokens, 1)), on_progress=on_progress,
+                                    should_stop=should_stop)
+    return {name: entry.gram for name, entry in stats.items()}
+
+
 def _quantize_and_write(config: RunConfig, loaded: LoadedModel, units: dict[str, nn.Linear],
                         chosen: dict[str, int], manifest_fields: dict[str, Any], out_dir: Path,
-                        on_progress: ProgressFn | None, should_stop: StopFn | None = None
+                        on_progress: ProgressFn | None, should_stop: StopFn | None = None,
+                        grams: dict[str, torch.Tensor] | None = None,
                         ) -> tuple[Any, dict[str, float], dict[str, Any]]:
-    """Steps 6 and 7: RTN-quantize each unit at its bit width, then pack and write the artifact."""
+    """Steps 6 and 7: quantize each unit at its bit width with ``config.quantizer``, then pack and write."""
     timings = {}
     started = time.perf_counter()
     quantized = {}
     for index, (name, module) in enumerate(units.items()):
-        quantized[name] = quantize_rtn(module.weight, bits=chosen[name], group_size=config.group_size)
+        quantized[name] = quantize_unit(module.weight, method=config.quantizer, bits=chosen[name],
+                                        group_size=config.group_size, gram=None if grams is None else grams[name])
         if on_progress is not None:
             on_progress("quantize", index + 1, len(units))
         check_stop(should_stop, "quantization")
@@ -301,7 +315,7 @@ def run_budgets(config: RunConfig, bits_per_weight: list[float | None], *, out_d
     3. Build the calibration set (text file or built-in text) and record its hash.
     4. Compute the sensitivity: predicted loss increase per (unit, bit width).
     5. Allocate bits per unit exactly (integer program) within each budget.
-    6. Quantize every unit with round-to-nearest at its bit width.
+    6. Quantize every unit at its bit width (RTN, GPTQ, with or without salience calibration).
     7. Pack and write the artifact atomically; sizes are measured from the written file.
     """
     if len(bits_per_weight) != len(out_dirs) or not bits_per_weight:
@@ -331,20 +345,31 @@ def run_budgets(config: RunConfig, bits_per_weight: list[float | None], *, out_d
                            "group_size": config.group_size, "candidate_bits": list(bits),
                            "solver": {"status": "uniform", "objective": None, "lower_bound": None},
                            "sensitivity": {"metric": None, "warnings": []}, "calibration": None,
-                           "quantizer": "rtn-asymmetric"}
+                           "quantizer": QUANTIZER_LABELS[config.quantizer]}
+        tokens = grams = None
+        if needs_gram(config.quantizer) or (config.kl_windows > 0 and loaded.kind is ModelKind.CAUSAL_LM):
+            calibration = build_calibration_set(loaded.tokenizer, text_file=config.calibration_text,
+                                                num_samples=config.num_samples, seq_len=config.seq_len,
+                                                seed=config.seed)
+            tokens = calibration.tokens
+            if needs_gram(config.quantizer):
+                manifest_fields["calibration"] = {"sha256": calibration.sha256, "source": calibration.source,
+                                                  "num_samples": config.num_samples, "seq_len": config.seq_len,
+                                                  "seed": config.seed}
+                grams = input_grams(loaded, units, tokens, on_progress, should_stop)
+                lap("grams")
         written, stage_times, quantized = _quantize_and_write(config, loaded, units, chosen, manifest_fields,
-                                                              out_dirs[0], on_progress, should_stop)
-        tokens = None
-        if config.kl_windows > 0 and loaded.kind is ModelKind.CAUSAL_LM:
-            tokens = build_calibration_set(loaded.tokenizer, text_file=config.calibration_text,
-                                           num_samples=config.kl_windows, seq_len=config.seq_len,
-                                           seed=config.seed).tokens
+                                                              out_dirs[0], on_progress, should_stop, grams)
         kl, stage_times["kl"] = _measure_kl(config, loaded, units, quantized, tokens)
         return [_result(config, written, chosen, sizes, manifest_fields, {**timings, **stage_times}, kl)]
     budget_bytes = [budget_in_bytes(each, sizes, numel) for each in configs]
     lap("plan")
     calibration, sensitivity, tokens = calibrate_and_measure(config, loaded, units, on_progress, should_stop)
     lap("sensitivity")
+    grams = None
+    if needs_gram(config.quantizer):
+        grams = input_grams(loaded, units, tokens, on_progress, should_stop)
+        lap("grams")
     results = []
     for each, budget, out_dir in zip(configs, budget_bytes, out_dirs, strict=True):
         started = time.perf_counter()
@@ -366,11 +391,11 @@ def run_budgets(config: RunConfig, bits_per_weight: list[float | None], *, out_d
                        "objective": allocation.objective, "lower_bound": allocation.lower_bound,
                        "solve_s": allocation.solve_s},
             "sensitivity": {"metric": sensitivity.metric.value, "warnings": list(sensitivity.warnings)},
-            "calibration": calibration, "quantizer": "rtn-asymmetric",
+            "calibration": calibration, "quantizer": QUANTIZER_LABELS[config.quantizer],
         }
         allocation_s = round(time.perf_counter() - started, 3)
         written, stage_times, quantized = _quantize_and_write(each, loaded, units, chosen, manifest_fields, out_dir,
-                                                              on_progress, should_stop)
+                                                              on_progress, should_stop, grams)
         kl, stage_times["kl"] = _measure_kl(config, loaded, units, quantized, tokens)
         results.append(_result(each, written, chosen, sizes, manifest_fields,
                                {**timings, "allocation": allocation_s, **stage_times}, kl))

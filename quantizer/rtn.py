@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.dequant import dequantize_groupwise
+from quantizer.grid import grid_params, salience_calibrated_params, to_codes
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,8 @@ class QuantizedWeight:
         codes: ``(out_features, in_features)`` uint8 in ``[0, 2**bits)``.
         scales: ``(out_features, n_groups)`` float16.
         zeros: ``(out_features, n_groups)`` float16, integer-valued.
+        bits: the width of every group (the widest group's when ``group_bits`` is set).
+        group_bits: one width per column group (mixed precision inside the layer), or ``None``.
     """
 
     codes: torch.Tensor
@@ -24,6 +27,7 @@ class QuantizedWeight:
     zeros: torch.Tensor
     bits: int
     group_size: int
+    group_bits: tuple[int, ...] | None = None
 
 
 def _group_view(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,36 +40,54 @@ def _group_view(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, to
     return padded, mask.reshape(1, n_groups, group_size)
 
 
-def quantize_rtn(weight: torch.Tensor, *, bits: int, group_size: int) -> QuantizedWeight:
-    """Quantize each group of ``group_size`` input columns to ``bits`` bits, asymmetric.
-
-    The range ``[min, max]`` of each group is widened to include 0 (as GPTQ does), so the zero point is an
-    integer code in ``[0, 2**bits)``: ``scale = (max - min) / (2**bits - 1)`` (stored fp16),
-    ``zero = round(-min / scale)``, ``q = clamp(round(w / scale) + zero, 0, 2**bits - 1)``.
-
-    Args:
-        weight: ``(out_features, in_features)`` float.
-    """
+def check_quantization_args(weight: torch.Tensor, bits: int, group_size: int) -> None:
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be between 1 and 8, got {bits}")
     if group_size < 1:
         raise ValueError(f"group_size must be positive, got {group_size}")
+
+
+def quantize_rtn(weight: torch.Tensor, *, bits: int, group_size: int,
+                 salience: torch.Tensor | None = None) -> QuantizedWeight:
+    """Quantize each group of ``group_size`` input columns to ``bits`` bits, asymmetric.
+
+    The range ``[min, max]`` of each group is widened to include 0 (as GPTQ does), so the zero point is an
+    integer code in ``[0, 2**bits)``: ``scale = (max - min) / (2**bits - 1)`` (stored fp16),
+    ``zero = round(-min / scale)``, ``q = clamp(round(w / scale) + zero, 0, 2**bits - 1)``. With ``salience``
+    (``(in_features,)``, for example the Hessian diagonal), each group's range is instead searched to minimize
+    the salience-weighted error (:func:`quantizer.grid.salience_calibrated_params`, SliM-LLM's calibration).
+
+    Args:
+        weight: ``(out_features, in_features)`` float.
+    """
+    check_quantization_args(weight, bits, group_size)
     w = weight.detach().float()
+    if salience is not None:
+        return _quantize_rtn_calibrated(w, bits, group_size, salience.float())
     groups, mask = _group_view(w, group_size)
     inf = torch.tensor(float("inf"))
-    low = torch.where(mask, groups, inf).amin(dim=2).clamp(max=0.0)
-    high = torch.where(mask, groups, -inf).amax(dim=2).clamp(min=0.0)
-    max_code = (1 << bits) - 1
-    scales = ((high - low) / max_code).clamp(min=1e-8).to(torch.float16)
-    scales = torch.where(scales == 0, torch.ones_like(scales), scales)  # fp16 underflow of tiny ranges
-    scale = scales.float()
-    zeros = torch.round(-low / scale).clamp(0, max_code)
-    codes = torch.round(groups / scale.unsqueeze(2)) + zeros.unsqueeze(2)
-    codes = codes.clamp(0, max_code).reshape(w.shape[0], -1)[:, : w.shape[1]].to(torch.uint8)
-    return QuantizedWeight(codes=codes, scales=scales, zeros=zeros.to(torch.float16), bits=bits,
+    low = torch.where(mask, groups, inf).amin(dim=2)
+    high = torch.where(mask, groups, -inf).amax(dim=2)
+    scale, zeros = grid_params(low, high, bits)
+    codes = to_codes(groups, scale.unsqueeze(2), zeros.unsqueeze(2), bits)
+    codes = codes.reshape(w.shape[0], -1)[:, : w.shape[1]].to(torch.uint8)
+    return QuantizedWeight(codes=codes, scales=scale.to(torch.float16), zeros=zeros.to(torch.float16), bits=bits,
                            group_size=group_size)
+
+
+def _quantize_rtn_calibrated(w: torch.Tensor, bits: int, group_size: int, salience: torch.Tensor
+                             ) -> QuantizedWeight:
+    codes, scales, zeros = [], [], []
+    for start in range(0, w.shape[1], group_size):
+        columns = slice(start, start + group_size)
+        scale, zero = salience_calibrated_params(w[:, columns], bits, salience[columns])
+        codes.append(to_codes(w[:, columns], scale, zero, bits))
+        scales.append(scale)
+        zeros.append(zero)
+    return QuantizedWeight(codes=torch.cat(codes, dim=1).to(torch.uint8), scales=torch.cat(scales, dim=1).half(),
+                           zeros=torch.cat(zeros, dim=1).half(), bits=bits, group_size=group_size)
 
 
 def quantization_error(weight: torch.Tensor, *, bits: int, group_size: int) -> torch.Tensor:

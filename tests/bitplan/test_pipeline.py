@@ -95,6 +95,7 @@ def test_budget_out_of_range_is_rejected_before_heavy_work(tiny_llama_dir: Path,
     ({"bits_per_weight": float("nan")}, "positive finite number"),
     ({"bits_per_weight": float("inf")}, "positive finite number"),
     ({"budget_bytes": -5}, "bytes budget must be positive"),
+    ({"bits_per_weight": 4.0, "quantizer": "awq"}, "unknown quantizer 'awq'"),
 ])
 def test_bad_config(kwargs: dict[str, object], message: str, tmp_path: Path) -> None:
     with pytest.raises(BitplanError, match=message):
@@ -166,3 +167,37 @@ def test_several_budgets_compute_sensitivity_once(tiny_llama_dir: Path, tmp_path
     results = pipeline.run_budgets(config, [2.75, 3.0, 3.5, 4.0], out_dirs=[tmp_path / str(i) for i in range(4)])
     assert len(calls) == 1
     assert [r.bits_per_weight <= b + 1e-9 for r, b in zip(results, [2.75, 3.0, 3.5, 4.0], strict=True)] == [True] * 4
+
+
+@pytest.mark.parametrize("quantizer", ["gptq", "gptq-salience", "rtn-salience"])
+def test_calibrated_quantizers_write_the_same_sizes_and_lower_the_layer_error(tiny_llama_dir: Path, tmp_path: Path,
+                                                                              quantizer: str) -> None:
+    from bitplan.pipeline import input_grams
+    from quantizer.methods import quantize_unit
+
+    config = RunConfig(model=str(tiny_llama_dir), out_dir=tmp_path / quantizer, uniform_bits=3, quantizer=quantizer,
+                       **SMALL)
+    result = run_pipeline(config)
+    rtn = run_pipeline(RunConfig(model=str(tiny_llama_dir), out_dir=tmp_path / "rtn", uniform_bits=3, **SMALL))
+    manifest = json.loads((Path(result.artifact) / MANIFEST).read_text())
+    assert result.bytes == rtn.bytes and manifest["quantizer"].startswith(quantizer.split("-")[0])
+    assert len(manifest["calibration"]["sha256"]) == 64
+    loaded_model = load_model(str(tiny_llama_dir))
+    units = find_units(loaded_model.model)
+    from bitplan.calibration import build_calibration_set
+
+    tokens = build_calibration_set(loaded_model.tokenizer, text_file=None, num_samples=2, seq_len=32, seed=0).tokens
+    grams = input_grams(loaded_model, units, tokens, None, None)
+    artifact, _, _ = load_artifact(Path(result.artifact))
+    name = "model.layers.0.mlp.down_proj"
+    ours = artifact.get_submodule(name).dequantized_weight()
+    expected = dequantize_weight(quantize_unit(units[name].weight, method=quantizer, bits=3, group_size=64,
+                                               gram=grams[name]))
+    assert torch.equal(ours, expected)  # the artifact holds exactly what the quantizer gives on the calibration set
+
+    def output_error(weight: torch.Tensor) -> float:
+        delta = weight - units[name].weight.detach()
+        return float(torch.trace(delta @ grams[name] @ delta.T))
+
+    assert output_error(expected) <= output_error(dequantize_weight(quantize_rtn(units[name].weight, bits=3,
+                                                                                  group_size=64))) * 1.0001

@@ -1,0 +1,93 @@
+"""What every export shares: reading an artifact's quantized units back, and the report of an export."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from bitplan.artifact import FLOAT_FILE, QUANTIZED_FILE, read_manifest
+from bitplan.errors import BitplanError
+from bitplan.hashing import sha256_file
+from kernels.bitpack import unpack_bitstream_int32
+
+EXPORT_FORMATS = ("gguf", "compressed-tensors")
+
+
+@dataclass(frozen=True)
+class ArtifactUnit:
+    """One quantized linear layer of an artifact, unpacked: ``codes (out, in)`` uint8, ``scales``/``zeros``
+    ``(out, n_groups)`` float16 (``W = (codes - zero) * scale`` group-wise)."""
+
+    name: str
+    bits: int
+    group_size: int
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    bias: bool
+
+
+@dataclass
+class ExportReport:
+    """What an export wrote and what it weighs; ``to_json`` is ``bitplan export --json``'s contract.
+
+    ``predicted_bytes`` is computed from the chosen types before writing; ``bytes`` is measured from the
+    written files (tensor data only, as the artifact's ``achieved.bytes`` counts); the two must agree.
+    """
+
+    format: str
+    path: str
+    bytes: int
+    predicted_bytes: int
+    file_bytes: int
+    sha256: dict[str, str]
+    artifact_bytes: int
+    units: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_artifact_units(path: Path) -> tuple[dict[str, Any], list[ArtifactUnit], dict[str, torch.Tensor]]:
+    """The manifest (checked against its sha256s), every quantized unit unpacked, and the float tensors
+    (tied aliases included)."""
+    manifest = read_manifest(path)
+    packed = load_file(str(path / QUANTIZED_FILE))
+    units = []
+    for unit in manifest["units"]:
+        name, out_features, in_features = unit["name"], unit["out_features"], unit["in_features"]
+        codes = unpack_bitstream_int32(packed[f"{name}.qweight"], bits=unit["bits"], count=out_features * in_features)
+        units.append(ArtifactUnit(name=name, bits=unit["bits"], group_size=unit["group_size"],
+                                  codes=codes.reshape(out_features, in_features), scales=packed[f"{name}.scales"],
+                                  zeros=packed[f"{name}.zeros"], bias=unit["bias"]))
+    floats = load_file(str(path / FLOAT_FILE))
+    for alias, stored in manifest["tied"].items():
+        floats[alias] = floats[stored]
+    return manifest, units, floats
+
+
+def export_artifact(artifact: Path, *, format: str, out: Path) -> ExportReport:
+    """Export the artifact at ``artifact`` to ``out`` in ``format`` (one of :data:`EXPORT_FORMATS`)."""
+    if format == "gguf":
+        from bitplan.exports.gguf_file import export_gguf
+
+        report = export_gguf(artifact, out)
+    elif format == "compressed-tensors":
+        from bitplan.exports.compressed_tensors_folder import export_compressed_tensors
+
+        report = export_compressed_tensors(artifact, out)
+    else:
+        raise BitplanError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    if report.bytes != report.predicted_bytes:
+        raise RuntimeError(f"{format} export size drifted: predicted {report.predicted_bytes} bytes, "
+                           f"wrote {report.bytes}")
+    return report
+
+
+def file_hashes(paths: list[Path]) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in paths}

@@ -1,0 +1,202 @@
+"""GGUF export: one GGML type per tensor, written with the ``gguf`` package, metadata and tokenizer copied from
+the source model's GGUF file, so llama.cpp and transformers load it.
+
+Type of a quantized unit: the nearest GGML type at or above the unit's bits that holds the artifact's codes
+*exactly*: ``Q4_1`` for 2-4 bits and ``Q5_1`` for 5 bits (blocks of 32 columns with an fp16 scale ``d`` and
+minimum ``m``: our group's ``d = scale``, ``m = -zero * scale``, the codes copied bit for bit; this needs group
+sizes that are multiples of 32), ``Q8_0`` for 6-8 bits (re-quantized from our dequantized weight: a symmetric
+int8 grid of 32 columns, an error far below the artifact's own). ``Q2_K``/``Q3_K`` are smaller but their
+symmetric sub-block grids cannot hold our asymmetric codes, so using them would add a second rounding;
+``gguf`` has no encoder for them either. Every other tensor keeps the source file's type (1-D ones F32).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+from bitplan.errors import BitplanError
+from bitplan.exports.common import ArtifactUnit, ExportReport, file_hashes, read_artifact_units
+from bitplan.models import resolve_reference
+from kernels.dequant import dequantize_groupwise
+
+REQUANTIZABLE = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16,
+                 gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1,
+                 gguf.GGMLQuantizationType.Q5_0, gguf.GGMLQuantizationType.Q5_1}
+BLOCK = 32
+T = gguf.GGMLQuantizationType
+
+
+def unit_type(unit: ArtifactUnit) -> T:
+    """The GGML type a unit is written as (see the module docstring)."""
+    exact = unit.group_size % BLOCK == 0 and unit.codes.shape[1] % BLOCK == 0
+    if exact and unit.bits <= 4:
+        return T.Q4_1
+    if exact and unit.bits == 5:
+        return T.Q5_1
+    return T.Q8_0
+
+
+def tensor_bytes(shape: tuple[int, ...], qtype: T) -> int:
+    """Bytes of a tensor of ``shape`` (numpy order, last dimension contiguous) stored as ``qtype``."""
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    count = int(np.prod(shape))
+    if count % block_size:
+        raise BitplanError(f"a tensor of shape {shape} does not divide into {qtype.name} blocks of {block_size}")
+    return count // block_size * type_size
+
+
+def _block_params(unit: ArtifactUnit) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Codes as ``(out, n_blocks, 32)`` uint8 and each block's fp16 ``d`` and ``m`` as ``(out, n_blocks, 2)`` bytes."""
+    out_features, in_features = unit.codes.shape
+    n_blocks = in_features // BLOCK
+    group_of_block = torch.arange(n_blocks) * BLOCK // unit.group_size
+    scale = unit.scales.float()[:, group_of_block]
+    minimum = -(unit.zeros.float()[:, group_of_block] * scale)
+    d = scale.half().numpy().view(np.uint8).reshape(out_features, n_blocks, 2)
+    m = minimum.half().numpy().view(np.uint8).reshape(out_features, n_blocks, 2)
+    return unit.codes.numpy().reshape(out_features, n_blocks, BLOCK), d, m
+
+
+def encode_q4_1(unit: ArtifactUnit) -> np.ndarray:
+    """``(out, in / 32 * 20)`` uint8: per block ``d`` fp16, ``m`` fp16, 16 bytes of nibbles (value ``k`` in the low
+    nibble of byte ``k``, value ``k + 16`` in its high nibble)."""
+    codes, d, m = _block_params(unit)
+    qs = codes[..., :16] | (codes[..., 16:] << 4)
+    return np.concatenate([d, m, qs], axis=-1).reshape(codes.shape[0], -1)
+
+
+def encode_q5_1(unit: ArtifactUnit) -> np.ndarray:
+    """``(out, in / 32 * 24)`` uint8: ``d``, ``m``, the 32 fifth bits little-endian in 4 bytes, then the low
+    nibbles as in Q4_1."""
+    codes, d, m = _block_params(unit)
+    qh = np.packbits((codes >> 4) & 1, axis=-1, bitorder="little")
+    qs = (codes[..., :16] & 0x0F) | ((codes[..., 16:] & 0x0F) << 4)
+    return np.concatenate([d, m, qh, qs], axis=-1).reshape(codes.shape[0], -1)
+
+
+def encode_unit(unit: ArtifactUnit, qtype: T) -> np.ndarray:
+    if qtype is T.Q4_1:
+        return encode_q4_1(unit)
+    if qtype is T.Q5_1:
+        return encode_q5_1(unit)
+    weight = dequantize_groupwise(unit.codes, unit.scales, unit.zeros, group_size=unit.group_size)
+    return gguf.quants.quantize(weight.numpy(), qtype)
+
+
+def permute_rows_for_llama(tensor: torch.Tensor, n_head: int) -> torch.Tensor:
+    """The row order llama.cpp's converter gives q/k projections (rotary pairs interleaved); transformers'
+    GGUF loader undoes it. Works on any tensor with one row per output feature (codes, scales, zeros)."""
+    rows = tensor.shape[0]
+    return tensor.reshape(n_head, 2, rows // n_head // 2, *tensor.shape[1:]).swapaxes(1, 2).reshape(tensor.shape)
+
+
+def _source_gguf(manifest: dict[str, Any]) -> Path:
+    source = manifest.get("source") or {}
+    try:
+        source_format, path = resolve_reference(source.get("reference", ""))
+    except BitplanError as error:
+        raise BitplanError(f"GGUF export copies the tokenizer and metadata from the source model, which cannot be "
+                           f"found: {error}") from None
+    if source_format != "gguf":
+        raise BitplanError(f"GGUF export copies the tokenizer and metadata from the source model's GGUF file; this "
+                           f"artifact's source {source.get('reference')!r} is a {source_format} model")
+    from bitplan.hashing import sha256_file
+
+    if source.get("sha256") and sha256_file(path) != source["sha256"]:
+        raise BitplanError(f"the source model {path} changed since the artifact was made (sha256 differs)")
+    return path
+
+
+def export_gguf(artifact: Path, out: Path) -> ExportReport:
+    """Write ``out`` (a ``.gguf`` file) from the artifact at ``artifact``."""
+    if out.suffix != ".gguf":
+        raise BitplanError(f"a GGUF export is one file; give --out a path ending in .gguf, got {out}")
+    manifest, units, floats = read_artifact_units(artifact)
+    reader = gguf.GGUFReader(_source_gguf(manifest))
+    arch = str(reader.fields["general.architecture"].contents())
+    arch_id = {name: key for key, name in gguf.MODEL_ARCH_NAMES.items()}.get(arch)
+    if arch_id is None:
+        raise BitplanError(f"the gguf package does not know the architecture {arch!r}")
+    n_blocks = int(reader.fields[f"{arch}.block_count"].contents())
+    name_map = gguf.TensorNameMap(arch_id, n_blocks)
+
+    def gguf_name(hf_name: str) -> str | None:
+        return name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+
+    by_unit = {gguf_name(f"{u.name}.weight"): u for u in units}
+    by_float = {gguf_name(name): tensor for name, tensor in floats.items()}
+    heads = {"attn_q": int(reader.fields[f"{arch}.attention.head_count"].contents())}
+    kv_field = reader.fields.get(f"{arch}.attention.head_count_kv")
+    heads["attn_k"] = int(kv_field.contents()) if kv_field is not None else heads["attn_q"]
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    writer = gguf.GGUFWriter(staging, arch)
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name in ("general.architecture", "general.file_type"):
+            continue
+        value_type = field.types[0]
+        sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), value_type, sub_type=sub_type)
+    writer.add_string("general.quantized_by", f"bitplan (artifact manifest {manifest.get('quantizer', 'rtn')})")
+    predicted = 0
+    unit_rows = []
+    for source_tensor in reader.tensors:
+        name = source_tensor.name
+        if name in by_unit:
+            unit = by_unit[name]
+            kind = name.split(".")[-2]
+            if arch == "llama" and kind in heads:
+                unit = ArtifactUnit(name=unit.name, bits=unit.bits, group_size=unit.group_size,
+                                    codes=permute_rows_for_llama(unit.codes, heads[kind]),
+                                    scales=permute_rows_for_llama(unit.scales, heads[kind]),
+                                    zeros=permute_rows_for_llama(unit.zeros, heads[kind]), bias=unit.bias)
+            qtype = unit_type(unit)
+            data = encode_unit(unit, qtype)
+            shape = tuple(unit.codes.shape)
+            unit_rows.append({"name": unit.name, "gguf_name": name, "bits": unit.bits, "type": qtype.name,
+                              "bytes": tensor_bytes(shape, qtype)})
+        elif name in by_float:
+            tensor = by_float[name].float()
+            qtype = source_tensor.tensor_type if source_tensor.tensor_type in REQUANTIZABLE else T.F16
+            if tensor.dim() == 1:
+                qtype = T.F32
+            shape = tuple(tensor.shape)
+            data = gguf.quants.quantize(tensor.numpy(), qtype)
+        else:  # a tensor of the source that the model does not hold as a parameter (rope_freqs, ...)
+            qtype, shape, data = source_tensor.tensor_type, None, np.asarray(source_tensor.data)
+            predicted += int(source_tensor.n_bytes)
+            writer.add_tensor(name, data, raw_shape=None, raw_dtype=qtype)
+            continue
+        predicted += tensor_bytes(shape, qtype)
+        writer.add_tensor(name, data, raw_dtype=None if qtype in (T.F32, T.F16) else qtype)
+    missing = set(by_unit) - {t.name for t in reader.tensors}
+    if missing:
+        raise BitplanError(f"the source GGUF has no tensor for units {sorted(missing)[:3]}")
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        written = sum(int(t.n_bytes) for t in gguf.GGUFReader(staging).tensors)
+        os.replace(staging, out)
+    finally:
+        if staging.exists():
+            staging.unlink()
+    quantized = sum(row["bytes"] for row in unit_rows)
+    return ExportReport(format="gguf", path=str(out), bytes=written, predicted_bytes=predicted,
+                        file_bytes=out.stat().st_size, sha256=file_hashes([out]),
+                        artifact_bytes=int(manifest["achieved"]["bytes"]), units=unit_rows,
+                        notes=[f"quantized units: {quantized} bytes in GGML blocks "
+                               f"({8 * quantized / manifest['achieved']['numel']:.4f} bits per weight) against the "
+                               f"artifact's {manifest['achieved']['bytes']} "
+                               f"({manifest['achieved']['bits_per_weight']:.4f}): GGML types for 2-4 bits take "
+                               f"5 bits per weight",
+                               "bytes counts every tensor of the file (embeddings and norms too)"])

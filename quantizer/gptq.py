@@ -1,0 +1,97 @@
+"""GPTQ (Frantar et al. 2022) with a bit width per column group (SliM-LLM's variant) and optional
+salience-weighted range calibration of every group (SliM-LLM's quantizer calibration).
+
+Columns are quantized left to right; each one's rounding error is spread over the columns not yet quantized
+through the upper Cholesky factor of the inverse damped Hessian ``H = sum_t x_t x_t^T``, so that the layer
+output error ``||X (W - Q)^T||^2`` stays small. A group's grid (scale, zero) is fitted when the sweep reaches
+its first column, from the weights as updated by then.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from quantizer.grid import grid_params, salience_calibrated_params, to_codes
+from quantizer.rtn import QuantizedWeight, check_quantization_args
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """Attributes:
+        damp: added to the Hessian diagonal, as a fraction of its mean (the reference code's ``percdamp``).
+        block_size: columns updated together (lazy batch updates); a multiple of the group size is rounded to.
+        salience: fit each group's range by the salience-weighted search instead of min/max.
+    """
+
+    damp: float = 0.01
+    block_size: int = 128
+    salience: bool = False
+
+
+def inverse_hessian_factor(gram: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` and the mask of dead (never active) inputs."""
+    hessian = gram.detach().double().clone()
+    dead = torch.diag(hessian) == 0
+    hessian[dead, dead] = 1.0
+    hessian.diagonal().add_(damp * float(torch.diag(hessian).mean()))
+    lower = torch.linalg.cholesky(hessian)
+    inverse = torch.cholesky_inverse(lower)
+    return torch.linalg.cholesky(inverse, upper=True).float(), dead
+
+
+def quantize_gptq(weight: torch.Tensor, gram: torch.Tensor, *, bits: int, group_size: int,
+                  group_bits: Sequence[int] | None = None, config: GPTQConfig = GPTQConfig()) -> QuantizedWeight:
+    """GPTQ-quantize ``weight`` with per-group asymmetric grids.
+
+    Args:
+        weight: ``(out_features, in_features)``.
+        gram: ``(in_features, in_features)`` input Gram matrix ``sum_t x_t x_t^T`` from calibration.
+        bits: the width of every group, unless ``group_bits`` gives one per column group.
+        group_bits: ``ceil(in_features / group_size)`` widths (mixed precision inside the layer).
+    """
+    check_quantization_args(weight, bits, group_size)
+    out_features, in_features = weight.shape
+    n_groups = -(-in_features // group_size)
+    widths = [bits] * n_groups if group_bits is None else [int(b) for b in group_bits]
+    if len(widths) != n_groups or any(not 1 <= b <= 8 for b in widths):
+        raise ValueError(f"group_bits must give {n_groups} widths between 1 and 8, got {list(widths)}")
+    if gram.shape != (in_features, in_features):
+        raise ValueError(f"gram must be ({in_features}, {in_features}), got {tuple(gram.shape)}")
+    w = weight.detach().float().clone()
+    factor, dead = inverse_hessian_factor(gram, config.damp)
+    w[:, dead] = 0.0
+    salience = torch.diag(gram).float() if config.salience else None
+    block = max(group_size, (config.block_size // group_size) * group_size)
+    codes = torch.zeros(out_features, in_features)
+    scales = torch.zeros(out_features, n_groups)
+    zeros = torch.zeros(out_features, n_groups)
+    for start in range(0, in_features, block):
+        stop = min(start + block, in_features)
+        w_block = w[:, start:stop].clone()
+        err_block = torch.zeros_like(w_block)
+        h_block = factor[start:stop, start:stop]
+        scale = zero = None
+        for i in range(stop - start):
+            column = start + i
+            group, offset = divmod(column, group_size)
+            b = widths[group]
+            if offset == 0:
+                values = w_block[:, i : i + group_size]
+                if salience is None:
+                    scale, zero = grid_params(values.amin(dim=1), values.amax(dim=1), b)
+                else:
+                    s, z = salience_calibrated_params(values, b, salience[column : column + values.shape[1]])
+                    scale, zero = s.squeeze(1), z.squeeze(1)
+                scales[:, group] = scale
+                zeros[:, group] = zero
+            q = to_codes(w_block[:, i], scale, zero, b)
+            codes[:, column] = q
+            err = (w_block[:, i] - (q - zero) * scale) / h_block[i, i]
+            w_block[:, i:] -= err.unsqueeze(1) * h_block[i, i:].unsqueeze(0)
+            err_block[:, i] = err
+        w[:, stop:] -= err_block @ factor[start:stop, stop:]
+    return QuantizedWeight(codes=codes.to(torch.uint8), scales=scales.half(), zeros=zeros.half(), bits=max(widths),
+                           group_size=group_size, group_bits=None if group_bits is None else tuple(widths))

@@ -1,0 +1,116 @@
+"""GPTQ against a slow textbook version, against RTN, and the salience-weighted calibration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantizer.gptq import GPTQConfig, quantize_gptq
+from quantizer.grid import grid_params, salience_calibrated_params, to_codes
+from quantizer.rtn import dequantize_weight, quantize_rtn
+
+
+def correlated_inputs(tokens: int, features: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(features, features, generator=generator) / features**0.5
+    return torch.randn(tokens, features, generator=generator) @ (torch.eye(features) + mixing)
+
+
+def textbook_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int, damp: float,
+                  group_bits: list[int] | None = None) -> torch.Tensor:
+    """Column by column with the explicit inverse Hessian, downdated after each column (OBQ order fixed)."""
+    w = weight.double().clone()
+    h = gram.double().clone()
+    h.diagonal().add_(damp * float(torch.diag(h).mean()))
+    h_inv = torch.linalg.inv(h)
+    result = torch.zeros_like(w)
+    for j in range(w.shape[1]):
+        group = j // group_size
+        b = bits if group_bits is None else group_bits[group]
+        if j % group_size == 0:
+            values = w[:, j : j + group_size].float()
+            scale, zero = grid_params(values.amin(dim=1), values.amax(dim=1), b)
+            scale, zero = scale.double(), zero.double()
+        q = ((to_codes(w[:, j].float(), scale.float(), zero.float(), b).double()) - zero) * scale
+        result[:, j] = q
+        err = (w[:, j] - q) / h_inv[j, j]
+        w[:, j + 1 :] -= err.unsqueeze(1) * h_inv[j, j + 1 :].unsqueeze(0)
+        h_inv = h_inv - torch.outer(h_inv[:, j], h_inv[j, :]) / h_inv[j, j]
+    return result.float()
+
+
+def output_error(weight: torch.Tensor, approx: torch.Tensor, x: torch.Tensor) -> float:
+    return float((x @ (approx - weight).T).pow(2).sum())
+
+
+@pytest.mark.parametrize(("bits", "group_size", "group_bits"), [(3, 16, None), (4, 32, None), (2, 16, [2, 4, 3, 8])])
+def test_gptq_matches_textbook_version(bits: int, group_size: int, group_bits: list[int] | None) -> None:
+    torch.manual_seed(1)
+    x = correlated_inputs(256, 64)
+    weight = torch.randn(24, 64)
+    gram = x.T @ x
+    fast = quantize_gptq(weight, gram, bits=bits, group_size=group_size, group_bits=group_bits,
+                         config=GPTQConfig(damp=0.01, block_size=32))
+    slow = textbook_gptq(weight, gram, bits, group_size, 0.01, group_bits)
+    fast_w = dequantize_weight(fast)
+    mismatched = (fast_w - slow).abs() > 1e-3
+    assert mismatched.float().mean() < 0.01  # only rounding ties may flip between the two orders of operations
+    assert output_error(weight, fast_w, x) == pytest.approx(output_error(weight, slow, x), rel=0.02)
+    if group_bits is not None:
+        assert fast.group_bits == tuple(group_bits)
+        for group, b in enumerate(group_bits):
+            assert int(fast.codes[:, group * group_size : (group + 1) * group_size].max()) < 1 << b
+
+
+def test_gptq_with_a_diagonal_hessian_is_rtn() -> None:
+    weight = torch.randn(16, 96)
+    gram = torch.diag(torch.rand(96) + 0.5)
+    gptq = quantize_gptq(weight, gram, bits=3, group_size=32)
+    rtn = quantize_rtn(weight, bits=3, group_size=32)
+    assert torch.equal(gptq.codes, rtn.codes)
+    assert torch.equal(gptq.scales, rtn.scales) and torch.equal(gptq.zeros, rtn.zeros)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_gptq_cuts_the_layer_output_error_of_rtn(bits: int) -> None:
+    x = correlated_inputs(512, 128, seed=3)
+    weight = torch.randn(32, 128)
+    gram = x.T @ x
+    rtn = dequantize_weight(quantize_rtn(weight, bits=bits, group_size=32))
+    gptq = dequantize_weight(quantize_gptq(weight, gram, bits=bits, group_size=32))
+    assert output_error(weight, gptq, x) < 0.8 * output_error(weight, rtn, x)
+
+
+def test_dead_inputs_are_zeroed_and_do_not_break_the_factorization() -> None:
+    x = correlated_inputs(128, 32)
+    x[:, 5] = 0.0
+    quantized = quantize_gptq(torch.randn(8, 32), x.T @ x, bits=4, group_size=16)
+    assert torch.isfinite(dequantize_weight(quantized)).all()
+    assert torch.all(dequantize_weight(quantized)[:, 5].abs() < quantized.scales.float()[:, 0])
+
+
+def test_salience_calibration_never_loses_to_min_max_on_its_own_objective() -> None:
+    torch.manual_seed(4)
+    values = torch.randn(64, 32) * torch.linspace(0.2, 3.0, 32)
+    values[:, 3] *= 8  # an outlier column
+    salience = torch.rand(32) + 0.1
+    for bits in (2, 3, 4):
+        scale, zero = salience_calibrated_params(values, bits, salience)
+        plain_scale, plain_zero = grid_params(values.amin(dim=1, keepdim=True), values.amax(dim=1, keepdim=True),
+                                              bits)
+
+        def weighted_error(s: torch.Tensor, z: torch.Tensor, b: int = bits) -> torch.Tensor:
+            return (((to_codes(values, s, z, b) - z) * s - values).pow(2) * salience).sum(dim=1)
+
+        calibrated, plain = weighted_error(scale, zero), weighted_error(plain_scale, plain_zero)
+        assert torch.all(calibrated <= plain + 1e-6)
+        assert float(calibrated.sum()) < float(plain.sum())  # the search found a better range for some rows
+
+
+def test_calibrated_rtn_and_gptq_keep_codes_in_range() -> None:
+    x = correlated_inputs(128, 80)
+    weight = torch.randn(12, 80)
+    for quantized in (quantize_rtn(weight, bits=3, group_size=32, salience=torch.diag(x.T @ x)),
+                      quantize_gptq(weight, x.T @ x, bits=3, group_size=32, config=GPTQConfig(salience=True))):
+        assert quantized.codes.shape == weight.shape and int(quantized.codes.max()) <= 7
+        assert quantized.scales.shape == (12, 3)
