@@ -7,7 +7,11 @@ Layout of an artifact directory (format version 1):
   biases, the output head unless tied), float32;
 * ``quantized.safetensors``: for each unit ``NAME``: ``NAME.qweight`` int32 words (``bitstream-int32``, see
   :mod:`kernels.bitpack`, codes in row-major ``(out_features, in_features)`` order), ``NAME.scales`` and
-  ``NAME.zeros`` ``(out_features, ceil(in_features / group_size))`` float16;
+  ``NAME.zeros`` ``(out_features, ceil(in_features / group_size))`` float16. Since version 2 a unit whose column
+  groups have different widths (manifest ``group_bits``, ``layout: segments-by-width``) stores one
+  ``NAME.qweight_b{b}``, ``NAME.scales_b{b}``, ``NAME.zeros_b{b}`` per width ``b`` instead: the groups of width
+  ``b`` in their original order, packed as one ``(out_features, K_b)`` matrix (see :mod:`kernels.quant_linear`);
+  the manifest's ``tensors`` names each unit's tensors. Version 1 artifacts still load;
 * ``manifest.json``: format version, per-unit bits and group size, budget, achieved size measured from the
   written file, solver and sensitivity details, calibration hash, and the sha256 of every other file.
 """
@@ -30,12 +34,14 @@ from torch import nn
 from bitplan.errors import ArtifactError
 from bitplan.hashing import sha256_file
 from bitplan.models import ModelKind
-from kernels.bitpack import pack_bitstream_int32
 from kernels.quant_linear import QuantLinear
+from quantizer.mixed import pack_segments
 from quantizer.rtn import QuantizedWeight
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 PACKING_FORMAT = "bitstream-int32"
+MIXED_LAYOUT = "segments-by-width"
 MANIFEST = "manifest.json"
 FLOAT_FILE = "float.safetensors"
 QUANTIZED_FILE = "quantized.safetensors"
@@ -127,16 +133,17 @@ def write_artifact(
         units = []
         for name, q in quantized.items():
             linear = modules[name]
-            packed[f"{name}.qweight"] = pack_bitstream_int32(q.codes, bits=q.bits)
-            packed[f"{name}.scales"] = q.scales.contiguous()
-            packed[f"{name}.zeros"] = q.zeros.contiguous()
+            tensors = pack_segments(q)
+            packed.update({f"{name}.{leaf}": tensor.contiguous() for leaf, tensor in tensors.items()})
+            mixed = q.group_bits is not None and len(set(q.group_bits)) > 1
             units.append({"name": name, "bits": q.bits, "group_size": q.group_size,
                           "in_features": linear.in_features, "out_features": linear.out_features,
-                          "bias": linear.bias is not None})
+                          "bias": linear.bias is not None, "tensors": sorted(tensors),
+                          **({"group_bits": list(q.group_bits), "layout": MIXED_LAYOUT} if mixed else {})})
         save_file(packed, str(staging / QUANTIZED_FILE), metadata={"format": "pt", "packing": PACKING_FORMAT})
         data_bytes = safetensors_data_bytes(staging / QUANTIZED_FILE)
         for unit in units:
-            unit["bytes"] = sum(data_bytes[f"{unit['name']}.{leaf}"] for leaf in ("qweight", "scales", "zeros"))
+            unit["bytes"] = sum(data_bytes[f"{unit['name']}.{leaf}"] for leaf in unit["tensors"])
         total_bytes = sum(data_bytes.values())
         total_numel = sum(u["in_features"] * u["out_features"] for u in units)
         files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
@@ -168,9 +175,9 @@ def read_manifest(path: Path, *, verify: bool = True) -> dict[str, Any]:
     if not manifest_path.is_file():
         raise ArtifactError(f"{path} is not a bitplan artifact: {MANIFEST} is missing")
     manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise ArtifactError(f"artifact format version {manifest.get('format_version')} is not supported "
-                            f"(this bitplan reads version {FORMAT_VERSION})")
+                            f"(this bitplan reads versions {', '.join(map(str, READABLE_VERSIONS))})")
     if verify:
         for name, expected in manifest["files"].items():
             file = path / name
@@ -192,7 +199,8 @@ def load_artifact(path: Path, *, verify: bool = True) -> tuple[nn.Module, Any, d
         parent_name, _, child = unit["name"].rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, QuantLinear(unit["in_features"], unit["out_features"], bits=unit["bits"],
-                                           group_size=unit["group_size"], bias=unit["bias"]))
+                                           group_size=unit["group_size"], bias=unit["bias"],
+                                           group_bits=unit.get("group_bits")))
     state = load_file(str(path / FLOAT_FILE))
     state.update(load_file(str(path / QUANTIZED_FILE)))
     for alias, stored in manifest["tied"].items():

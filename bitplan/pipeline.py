@@ -22,6 +22,7 @@ from bitplan.errors import BitplanError, BudgetError
 from bitplan.models import LoadedModel, ModelKind, causal_lm_loss, load_model, use_eager_attention
 from bitplan.units import find_units
 from quantizer.methods import QUANTIZER_LABELS, QUANTIZERS, needs_gram, quantize_unit
+from quantizer.mixed import mixed_quantized_bytes
 from quantizer.rtn import dequantize_weight
 from quantizer.sizes import quantized_bytes
 from sensitivity import HutchinsonConfig, Metric, SensitivityResult, compute_sensitivity
@@ -62,6 +63,7 @@ class RunConfig:
     use_cache: bool = True  # reuse sensitivities measured before (same model, calibration, metric, parameters)
     cache_dir: Path | None = None  # default: $BITPLAN_CACHE_DIR or ~/.cache/bitplan
     quantizer: str = "rtn"  # one of quantizer.methods.QUANTIZERS
+    mix_groups: bool = False  # column groups of a layer at bits - 1 / bits / bits + 1 within its size (SliM-LLM)
 
     def __post_init__(self) -> None:
         budgets = [self.bits_per_weight, self.budget_bytes, self.uniform_bits]
@@ -85,6 +87,11 @@ class RunConfig:
         for pattern, pin_bits in self.pinned:
             if pin_bits not in bits:
                 raise BitplanError(f"pin {pattern}={pin_bits}: {pin_bits} bits is not a candidate width {list(bits)}")
+
+    @property
+    def needs_grams(self) -> bool:
+        """Whether quantizing needs each unit's calibration input Gram matrix."""
+        return needs_gram(self.quantizer) or self.mix_groups
 
 
 @dataclass
@@ -283,7 +290,8 @@ def _quantize_and_write(config: RunConfig, loaded: LoadedModel, units: dict[str,
     quantized = {}
     for index, (name, module) in enumerate(units.items()):
         quantized[name] = quantize_unit(module.weight, method=config.quantizer, bits=chosen[name],
-                                        group_size=config.group_size, gram=None if grams is None else grams[name])
+                                        group_size=config.group_size, gram=None if grams is None else grams[name],
+                                        mix_groups=config.mix_groups)
         if on_progress is not None:
             on_progress("quantize", index + 1, len(units))
         check_stop(should_stop, "quantization")
@@ -345,14 +353,15 @@ def run_budgets(config: RunConfig, bits_per_weight: list[float | None], *, out_d
                            "group_size": config.group_size, "candidate_bits": list(bits),
                            "solver": {"status": "uniform", "objective": None, "lower_bound": None},
                            "sensitivity": {"metric": None, "warnings": []}, "calibration": None,
-                           "quantizer": QUANTIZER_LABELS[config.quantizer]}
+                           "quantizer": QUANTIZER_LABELS[config.quantizer],
+                           "mix_groups": config.mix_groups}
         tokens = grams = None
-        if needs_gram(config.quantizer) or (config.kl_windows > 0 and loaded.kind is ModelKind.CAUSAL_LM):
+        if config.needs_grams or (config.kl_windows > 0 and loaded.kind is ModelKind.CAUSAL_LM):
             calibration = build_calibration_set(loaded.tokenizer, text_file=config.calibration_text,
                                                 num_samples=config.num_samples, seq_len=config.seq_len,
                                                 seed=config.seed)
             tokens = calibration.tokens
-            if needs_gram(config.quantizer):
+            if config.needs_grams:
                 manifest_fields["calibration"] = {"sha256": calibration.sha256, "source": calibration.source,
                                                   "num_samples": config.num_samples, "seq_len": config.seq_len,
                                                   "seed": config.seed}
@@ -361,13 +370,13 @@ def run_budgets(config: RunConfig, bits_per_weight: list[float | None], *, out_d
         written, stage_times, quantized = _quantize_and_write(config, loaded, units, chosen, manifest_fields,
                                                               out_dirs[0], on_progress, should_stop, grams)
         kl, stage_times["kl"] = _measure_kl(config, loaded, units, quantized, tokens)
-        return [_result(config, written, chosen, sizes, manifest_fields, {**timings, **stage_times}, kl)]
+        return [_result(config, written, chosen, sizes, manifest_fields, {**timings, **stage_times}, kl, quantized)]
     budget_bytes = [budget_in_bytes(each, sizes, numel) for each in configs]
     lap("plan")
     calibration, sensitivity, tokens = calibrate_and_measure(config, loaded, units, on_progress, should_stop)
     lap("sensitivity")
     grams = None
-    if needs_gram(config.quantizer):
+    if config.needs_grams:
         grams = input_grams(loaded, units, tokens, on_progress, should_stop)
         lap("grams")
     results = []
@@ -392,13 +401,14 @@ def run_budgets(config: RunConfig, bits_per_weight: list[float | None], *, out_d
                        "solve_s": allocation.solve_s},
             "sensitivity": {"metric": sensitivity.metric.value, "warnings": list(sensitivity.warnings)},
             "calibration": calibration, "quantizer": QUANTIZER_LABELS[config.quantizer],
+            "mix_groups": config.mix_groups,
         }
         allocation_s = round(time.perf_counter() - started, 3)
         written, stage_times, quantized = _quantize_and_write(each, loaded, units, chosen, manifest_fields, out_dir,
                                                               on_progress, should_stop, grams)
         kl, stage_times["kl"] = _measure_kl(config, loaded, units, quantized, tokens)
         results.append(_result(each, written, chosen, sizes, manifest_fields,
-                               {**timings, "allocation": allocation_s, **stage_times}, kl))
+                               {**timings, "allocation": allocation_s, **stage_times}, kl, quantized))
     return results
 
 
@@ -415,15 +425,22 @@ def _measure_kl(config: RunConfig, loaded: LoadedModel, units: dict[str, nn.Line
 
 
 def _result(config: RunConfig, written: Any, chosen: dict[str, int], sizes: dict[str, dict[int, int]],
-            manifest_fields: dict[str, Any], timings: dict[str, float], kl: float | None) -> RunResult:
-    predicted = sum(sizes[name][b] for name, b in chosen.items())
+            manifest_fields: dict[str, Any], timings: dict[str, float], kl: float | None,
+            quantized: dict[str, Any]) -> RunResult:
+    predicted = 0
+    for name, b in chosen.items():
+        group_bits = quantized[name].group_bits
+        predicted += sizes[name][b] if group_bits is None else mixed_quantized_bytes(
+            *quantized[name].codes.shape, group_bits, config.group_size)
     if predicted != written.quantized_bytes:
         raise RuntimeError(f"size model drifted: predicted {predicted} bytes, wrote {written.quantized_bytes}")
     solver = manifest_fields["solver"]
     return RunResult(
         artifact=str(written.path), bits_per_weight=written.bits_per_weight, bytes=written.quantized_bytes,
         status=solver["status"], objective=solver["objective"], lower_bound=solver["lower_bound"],
-        units=[{"name": n, "bits": b, "group_size": config.group_size} for n, b in chosen.items()],
+        units=[{"name": n, "bits": b, "group_size": config.group_size,
+                **({} if quantized[n].group_bits is None else {"group_bits": list(quantized[n].group_bits)})}
+               for n, b in chosen.items()],
         model=config.model, metric=manifest_fields["sensitivity"]["metric"], budget=manifest_fields["budget"],
         calibration=manifest_fields["calibration"], manifest_sha256=written.manifest_sha256, timings_s=timings,
         predicted_bytes=predicted, warnings=manifest_fields["sensitivity"]["warnings"], kl_divergence=kl,

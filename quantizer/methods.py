@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from quantizer.gptq import GPTQConfig, quantize_gptq
+from quantizer.mixed import choose_group_bits, quantize_rtn_mixed
 from quantizer.rtn import QuantizedWeight, quantize_rtn
 
 QUANTIZERS = ("rtn", "rtn-salience", "gptq", "gptq-salience")
@@ -24,15 +25,27 @@ def check_method(method: str) -> None:
 
 
 def quantize_unit(weight: torch.Tensor, *, method: str, bits: int, group_size: int,
-                  gram: torch.Tensor | None = None, damp: float = 0.01) -> QuantizedWeight:
+                  gram: torch.Tensor | None = None, damp: float = 0.01, mix_groups: bool = False) -> QuantizedWeight:
     """Quantize one linear weight ``(out_features, in_features)`` with ``method``.
 
     ``rtn``: round to nearest, min/max range. ``rtn-salience``: round to nearest, each group's range searched
     to minimize the error weighted by the input energy ``diag(H)``. ``gptq``: GPTQ error feedback.
     ``gptq-salience``: GPTQ with the salience-weighted range search. All but ``rtn`` need ``gram``.
+    ``mix_groups``: column groups take ``bits - 1``, ``bits`` or ``bits + 1`` bits at the layer's size
+    (:func:`quantizer.mixed.choose_group_bits`; needs ``gram``).
     """
-    if needs_gram(method) and gram is None:
-        raise ValueError(f"quantizer {method!r} needs the unit's calibration Gram matrix")
+    if (needs_gram(method) or mix_groups) and gram is None:
+        raise ValueError(f"quantizer {method!r}{' with mixed groups' if mix_groups else ''} needs the unit's "
+                         f"calibration Gram matrix")
+    if mix_groups:
+        group_bits = choose_group_bits(weight, torch.diag(gram), bits=bits, group_size=group_size)
+        if len(set(group_bits)) > 1:
+            if method.startswith("gptq"):
+                config = GPTQConfig(damp=damp, salience=method == "gptq-salience")
+                return quantize_gptq(weight, gram, bits=bits, group_size=group_size, group_bits=group_bits,
+                                     config=config)
+            salience = torch.diag(gram) if method == "rtn-salience" else None
+            return quantize_rtn_mixed(weight, group_bits, group_size=group_size, salience=salience)
     if method == "rtn":
         return quantize_rtn(weight, bits=bits, group_size=group_size)
     if method == "rtn-salience":

@@ -363,14 +363,15 @@ def validate_job(body: JobCreate, settings: ServiceSettings) -> dict[str, Any]:
             config = RunConfig(model=reference, out_dir=Path("."), bits_per_weight=budget, budget_bytes=body.bytes,
                                uniform_bits=body.uniform_bits, candidate_bits=tuple(body.candidate_bits),
                                group_size=body.group_size, metric=body.metric, solver=body.solver,
-                               num_samples=body.num_samples, seq_len=body.seq_len, quantizer=body.quantizer)
+                               num_samples=body.num_samples, seq_len=body.seq_len, quantizer=body.quantizer,
+                               mix_groups=body.mix_groups)
             check_budget_coarsely(config)
     except BitplanError as error:
         raise _error(422, str(error)) from None
     return {"model": reference, "budgets": budgets, "bytes": body.bytes, "uniform_bits": body.uniform_bits,
             "metric": body.metric, "solver": body.solver, "candidate_bits": body.candidate_bits,
             "group_size": body.group_size, "num_samples": body.num_samples, "seq_len": body.seq_len,
-            "quantizer": body.quantizer}
+            "quantizer": body.quantizer, "mix_groups": body.mix_groups}
 
 
 def validate_reference(reference: str, settings: ServiceSettings) -> str:

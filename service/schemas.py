@@ -30,6 +30,7 @@ class JobCreate(BaseModel):
     seq_len: int = Field(default=512, ge=16, le=8192)
     quantizer: Literal["rtn", "rtn-salience", "gptq", "gptq-salience"] = Field(
         default="rtn", description="rtn, or GPTQ error feedback, with or without salience-weighted ranges")
+    mix_groups: bool = Field(default=False, description="column groups of a layer at bits-1/bits/bits+1 (SliM-LLM)")
 
 
 class ErrorInfo(BaseModel):

@@ -79,7 +79,7 @@ def _child_main(request: dict[str, Any], staging: str, messages: Any, stop: Any)
                            candidate_bits=tuple(request["candidate_bits"]), group_size=request["group_size"],
                            metric=request["metric"], solver=request["solver"],
                            num_samples=request["num_samples"], seq_len=request["seq_len"],
-                           quantizer=request.get("quantizer", "rtn"))
+                           quantizer=request.get("quantizer", "rtn"), mix_groups=request.get("mix_groups", False))
         out_dirs = [Path(staging) / str(i) for i in range(max(len(budgets), 1))]
         results = run_budgets(config, budgets or [None], out_dirs=out_dirs, on_progress=on_progress,
                               should_stop=stop.is_set)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from bitplan.artifact import FLOAT_FILE, QUANTIZED_FILE, read_manifest
 from bitplan.errors import BitplanError
 from bitplan.hashing import sha256_file
-from kernels.bitpack import unpack_bitstream_int32
+from kernels.quant_linear import QuantLinear
 
 EXPORT_FORMATS = ("gguf", "compressed-tensors")
 
@@ -60,11 +60,12 @@ def read_artifact_units(path: Path) -> tuple[dict[str, Any], list[ArtifactUnit],
     packed = load_file(str(path / QUANTIZED_FILE))
     units = []
     for unit in manifest["units"]:
-        name, out_features, in_features = unit["name"], unit["out_features"], unit["in_features"]
-        codes = unpack_bitstream_int32(packed[f"{name}.qweight"], bits=unit["bits"], count=out_features * in_features)
-        units.append(ArtifactUnit(name=name, bits=unit["bits"], group_size=unit["group_size"],
-                                  codes=codes.reshape(out_features, in_features), scales=packed[f"{name}.scales"],
-                                  zeros=packed[f"{name}.zeros"], bias=unit["bias"]))
+        layer = QuantLinear(unit["in_features"], unit["out_features"], bits=unit["bits"],
+                            group_size=unit["group_size"], bias=False, group_bits=unit.get("group_bits"))
+        layer.load_state_dict({key: packed[f"{unit['name']}.{key}"] for key in layer.state_dict()})
+        codes, scales, zeros = layer.codes_scales_zeros()
+        units.append(ArtifactUnit(name=unit["name"], bits=layer.bits, group_size=unit["group_size"], codes=codes,
+                                  scales=scales, zeros=zeros, bias=unit["bias"]))
     floats = load_file(str(path / FLOAT_FILE))
     for alias, stored in manifest["tied"].items():
         floats[alias] = floats[stored]

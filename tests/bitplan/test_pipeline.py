@@ -40,7 +40,7 @@ def test_mixed_run_respects_budget_measured_from_files(mixed_run) -> None:
 def test_manifest_records_everything(mixed_run) -> None:
     path = Path(mixed_run.artifact)
     manifest = json.loads((path / MANIFEST).read_text())
-    assert manifest["format_version"] == 1 and manifest["packing"] == "bitstream-int32"
+    assert manifest["format_version"] == 2 and manifest["packing"] == "bitstream-int32"
     assert manifest["solver"]["status"] == "optimal"
     assert manifest["sensitivity"]["metric"] == "token_fisher"
     assert len(manifest["calibration"]["sha256"]) == 64
@@ -201,3 +201,41 @@ def test_calibrated_quantizers_write_the_same_sizes_and_lower_the_layer_error(ti
 
     assert output_error(expected) <= output_error(dequantize_weight(quantize_rtn(units[name].weight, bits=3,
                                                                                   group_size=64))) * 1.0001
+
+
+def test_mixed_groups_inside_layers_round_trip_and_keep_the_size(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from bitplan.exports.common import read_artifact_units
+    from quantizer.rtn import QuantizedWeight
+    from tests.conftest import _word_tokenizer, make_tiny_llama
+
+    model = make_tiny_llama()
+    with torch.no_grad():  # one column group of each down projection carries 8x larger weights: worth more bits
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight[:, :32] *= 8
+    folder = tmp_path / "skewed"
+    model.save_pretrained(folder, safe_serialization=True)
+    _word_tokenizer(512).save_pretrained(folder)
+    small = {**SMALL, "group_size": 32}
+    uniform = run_pipeline(RunConfig(model=str(folder), out_dir=tmp_path / "u", uniform_bits=3, **small))
+    mixed = run_pipeline(RunConfig(model=str(folder), out_dir=tmp_path / "m", uniform_bits=3, mix_groups=True,
+                                   **small))
+    assert mixed.bytes == mixed.predicted_bytes <= uniform.bytes
+    mixed_units = [u for u in mixed.units if "group_bits" in u]
+    assert mixed_units, "some layer should trade widths between its column groups"
+    for unit in mixed_units:
+        assert set(unit["group_bits"]) <= {2, 3, 4} and len(set(unit["group_bits"])) > 1
+    manifest = json.loads((Path(mixed.artifact) / MANIFEST).read_text())
+    layouts = {u["name"]: u.get("layout") for u in manifest["units"]}
+    assert {layouts[u["name"]] for u in mixed_units} == {"segments-by-width"}
+    # the loader's weights are exactly the quantizer's, through the segment packing and its inverse
+    model, _, _ = load_artifact(Path(mixed.artifact))
+    _, units, _ = read_artifact_units(Path(mixed.artifact))
+    by_name = {u.name: u for u in units}
+    for unit in mixed_units:
+        layer = model.get_submodule(unit["name"])
+        exported = by_name[unit["name"]]
+        rebuilt = QuantizedWeight(codes=exported.codes, scales=exported.scales, zeros=exported.zeros,
+                                  bits=exported.bits, group_size=32)
+        assert torch.equal(layer.dequantized_weight(), dequantize_weight(rebuilt))
+        for g, bits in enumerate(unit["group_bits"]):
+            assert int(exported.codes[:, g * 32 : (g + 1) * 32].max()) < 1 << bits

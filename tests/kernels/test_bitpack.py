@@ -41,3 +41,36 @@ def test_out_of_range_values_are_rejected() -> None:
         pack_bitstream_int32(torch.tensor([8]), bits=3)
     with pytest.raises(ValueError, match="bits must be between 1 and 8"):
         pack_bitstream_int32(torch.tensor([1]), bits=9)
+
+
+def test_three_bit_pattern_written_out_in_binary() -> None:
+    # twelve 3-bit values, value i at stream bits [3i, 3i+3), least significant bit first. The 11th (3 = 0b011)
+    # starts at bit 30: its low two bits end word 0, its top bit (0) opens word 1; the 12th (4 = 0b100) is at 1-3.
+    words = pack_bitstream_int32(torch.tensor([1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4]), bits=3)
+    assert words.numel() == 2  # 36 bits
+    assert int(words[0]) & 0xFFFFFFFF == 0b11_010_001_000_111_110_101_100_011_010_001
+    assert int(words[1]) == 0b100_0
+    assert unpack_bitstream_int32(words, bits=3, count=12).tolist() == [1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize("shape", [(8, 64), (24, 192), (5, 576)])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_quantize_pack_load_round_trip(bits: int, shape: tuple[int, int], group_size: int) -> None:
+    """Codes survive packing and QuantLinear's unpacking, uniform and with mixed widths inside the matrix."""
+    from kernels.quant_linear import QuantLinear
+    from quantizer.mixed import mixed_quantized_bytes, pack_segments, quantize_rtn_mixed
+    from quantizer.rtn import dequantize_weight
+
+    weight = torch.randn(*shape, generator=torch.Generator().manual_seed(bits))
+    n_groups = -(-shape[1] // group_size)
+    for group_bits in ((bits,) * n_groups, tuple(max(2, bits - (g % 2)) for g in range(n_groups))):
+        quantized = quantize_rtn_mixed(weight, group_bits, group_size=group_size)
+        tensors = pack_segments(quantized)
+        layer = QuantLinear(shape[1], shape[0], bits=bits, group_size=group_size, bias=False, group_bits=group_bits)
+        layer.load_state_dict(tensors)
+        assert torch.equal(layer.dequantized_weight(), dequantize_weight(quantized))
+        codes, scales, zeros = layer.codes_scales_zeros()
+        assert torch.equal(codes, quantized.codes) and torch.equal(scales, quantized.scales)
+        assert sum(t.numel() * t.element_size() for t in tensors.values()) == mixed_quantized_bytes(
+            *shape, group_bits, group_size)

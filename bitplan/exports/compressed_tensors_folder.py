@@ -1,0 +1,138 @@
+"""compressed-tensors export (``pack-quantized``): a Hugging Face folder that vLLM and SGLang load, with
+``config.json``'s ``quantization_config`` naming one config group per bit width (mixed precision by module).
+
+Each unit's codes are stored as the library stores int quantization: signed ``q = code - 2**(b-1)`` packed densely
+into int32 along the input dimension (``weight_packed``), fp16 ``weight_scale`` per group, the signed zero point
+packed along the output dimension (``weight_zero_point``) and ``weight_shape``. Dequantization
+``(q - zp) * scale`` equals ours exactly. The library needs groups that divide the input width, so a layer with
+a partial last group (576 columns in groups of 128) is written with groups of ``gcd(128, 576) = 64`` sharing their
+parent's scale and zero. A unit with mixed widths inside is written at its widest width (its
+narrower codes are valid codes there), so it weighs more than in our artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from bitplan.artifact import FLOAT_FILE, MANIFEST, QUANTIZED_FILE, safetensors_data_bytes
+from bitplan.errors import BitplanError
+from bitplan.exports.common import ArtifactUnit, ExportReport, file_hashes, read_artifact_units
+
+WEIGHTS_FILE = "model.safetensors"
+SHAPE_BYTES = 16  # weight_shape: two int64
+
+
+def whole_groups(unit: ArtifactUnit) -> ArtifactUnit:
+    """The same weight with groups that divide ``in_features`` (the library requires it): group size
+    ``gcd(group_size, in_features)``, each scale and zero repeated over the smaller groups of its group."""
+    in_features = unit.codes.shape[1]
+    size = math.gcd(unit.group_size, in_features)
+    if size == unit.group_size:
+        return unit
+    repeat = unit.group_size // size
+    n_groups = in_features // size
+
+    def spread(t: torch.Tensor) -> torch.Tensor:
+        return t.repeat_interleave(repeat, dim=1)[:, :n_groups].contiguous()
+
+    return ArtifactUnit(name=unit.name, bits=unit.bits, group_size=size, codes=unit.codes, scales=spread(unit.scales),
+                        zeros=spread(unit.zeros), bias=unit.bias)
+
+
+def unit_tensors(unit: ArtifactUnit) -> dict[str, torch.Tensor]:
+    """The compressed-tensors parameters of one unit (local names)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    offset = 1 << (unit.bits - 1)
+    signed_codes = (unit.codes.to(torch.int16) - offset).to(torch.int8)
+    signed_zeros = (unit.zeros.float().round().to(torch.int16) - offset).to(torch.int8)
+    return {"weight_packed": pack_to_int32(signed_codes, unit.bits),
+            "weight_scale": unit.scales.to(torch.float16).contiguous(),
+            "weight_zero_point": pack_to_int32(signed_zeros, unit.bits, packed_dim=0),
+            "weight_shape": torch.tensor(list(unit.codes.shape), dtype=torch.int64)}
+
+
+def predicted_unit_bytes(unit: ArtifactUnit) -> int:
+    out_features, in_features = unit.codes.shape
+    n_groups = unit.scales.shape[1]
+    packed = out_features * -(-in_features * unit.bits // 32) * 4
+    zero_points = -(-out_features * unit.bits // 32) * n_groups * 4
+    return packed + out_features * n_groups * 2 + zero_points + SHAPE_BYTES
+
+
+def quantization_config(units: list[ArtifactUnit]) -> dict[str, object]:
+    import compressed_tensors
+
+    groups = {}
+    for bits in sorted({u.bits for u in units}):
+        members = [u for u in units if u.bits == bits]
+        for group_size in sorted({u.group_size for u in members}):
+            targets = [f"re:^{re.escape(u.name)}$" for u in members if u.group_size == group_size]
+            groups[f"group_{bits}bit_g{group_size}"] = {
+                "targets": targets,
+                "weights": {"num_bits": bits, "type": "int", "symmetric": False, "strategy": "group",
+                            "group_size": group_size, "dynamic": False, "observer": "minmax"},
+                "input_activations": None, "output_activations": None,
+            }
+    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": groups,
+            "ignore": ["lm_head"], "quantization_status": "compressed", "kv_cache_scheme": None,
+            "version": compressed_tensors.__version__}
+
+
+def export_compressed_tensors(artifact: Path, out: Path) -> ExportReport:
+    """Write the folder ``out`` from the artifact at ``artifact``."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BitplanError(f"--out {out} must be a new or empty folder for a compressed-tensors export")
+    manifest, units, floats = read_artifact_units(artifact)
+    notes = ["bytes counts the quantized layers' tensors (packed codes, fp16 scales, packed zero points, shapes); "
+             "zero points are packed at each layer's width"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
+    try:
+        state = {name: tensor.to(torch.float16).contiguous() for name, tensor in floats.items()
+                 if name not in manifest["tied"]}
+        rows, predicted = [], 0
+        regrouped = [whole_groups(u) for u in units]
+        if any(a.group_size != b.group_size for a, b in zip(units, regrouped, strict=True)):
+            notes.append("compressed-tensors needs groups that divide each layer's input width: layers with a partial "
+                         "last group are written with group size gcd(group size, input width), scales repeated")
+        units = regrouped
+        for unit in units:
+            tensors = unit_tensors(unit)
+            state.update({f"{unit.name}.{key}": value for key, value in tensors.items()})
+            size = predicted_unit_bytes(unit)
+            predicted += size
+            rows.append({"name": unit.name, "bits": unit.bits, "group_size": unit.group_size, "bytes": size})
+        save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        for name in os.listdir(artifact):
+            if name not in (MANIFEST, FLOAT_FILE, QUANTIZED_FILE):
+                shutil.copy2(artifact / name, staging / name)
+        config = json.loads((staging / "config.json").read_text())
+        config["quantization_config"] = quantization_config(units)
+        config["torch_dtype"] = "float16"
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        data = safetensors_data_bytes(staging / WEIGHTS_FILE)
+        unit_prefixes = tuple(f"{u.name}." for u in units)
+        written = sum(size for name, size in data.items() if name.startswith(unit_prefixes))
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if any(u.get("group_bits") for u in manifest["units"]):
+        notes.append("layers with mixed widths inside are written at their widest width")
+    return ExportReport(format="compressed-tensors", path=str(out), bytes=written, predicted_bytes=predicted,
+                        file_bytes=sum(p.stat().st_size for p in out.iterdir()),
+                        sha256=file_hashes(sorted(out.iterdir())), artifact_bytes=int(manifest["achieved"]["bytes"]),
+                        units=rows, notes=notes)
