@@ -4,8 +4,10 @@ effective bits per weight our allocator picks, with each quantizer's time. Print
 
     python bench/quantizers.py [--text ../shared/data/wikitext2/wiki.test.raw] [--windows 64]
 
-Every quantizer gets the same calibration Gram matrices (32 x 512 built-in calibration tokens) and, at 3.5 bits,
-the same allocation (token-level Fisher sensitivities, exact solver), so only the rounding differs.
+Every quantizer gets the same calibration Gram matrices (32 x 512 tokens) and, at 3.5 bits, the same allocation
+(token-level Fisher sensitivities on the same tokens, exact solver), so only the rounding differs. Calibration
+text: ``--calibration builtin`` (the default text a job uses when given none, Python's documentation) or
+``eval-tail`` (the second half of the evaluation text, disjoint from the evaluated windows: in-domain data).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,6 +53,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--mixed-bpw", type=float, default=3.5)
     parser.add_argument("--quantizers", default=",".join(QUANTIZERS))
+    parser.add_argument("--calibration", choices=("builtin", "eval-tail"), default="eval-tail")
     args = parser.parse_args()
     report: dict[str, object] = {
         "benchmark": "quantizers", "model": args.model, "text": str(args.text), "seq_len": args.seq_len,
@@ -61,13 +65,23 @@ def main() -> None:
     started = time.perf_counter()
     loaded = load_model(args.model)
     units = find_units(loaded.model)
-    ids = tokenize_for_perplexity(loaded.tokenizer, read_text(args.text))
+    text = read_text(args.text)
+    ids = tokenize_for_perplexity(loaded.tokenizer, text)
+    calibration_text = None
+    if args.calibration == "eval-tail":
+        first_windows = args.windows * args.seq_len
+        if first_windows >= ids.numel() // 2:
+            raise SystemExit("the evaluated windows reach into the second half of the text; use fewer windows")
+        calibration_text = Path(tempfile.mkdtemp()) / "eval-tail.txt"
+        calibration_text.write_text(text[len(text) // 2 :], encoding="utf-8")
 
     def ppl() -> float:
         return perplexity(loaded.model, ids, seq_len=args.seq_len, max_windows=args.windows).ppl
 
     report["float_ppl"] = ppl()
-    config = RunConfig(model=args.model, out_dir=Path("."), bits_per_weight=args.mixed_bpw, num_samples=args.samples)
+    config = RunConfig(model=args.model, out_dir=Path("."), bits_per_weight=args.mixed_bpw, num_samples=args.samples,
+                       calibration_text=calibration_text)
+    report["calibration"] = args.calibration
     bits = tuple(sorted(set(config.candidate_bits)))
     sizes = unit_sizes(units, bits, config.group_size)
     numel = sum(m.weight.numel() for m in units.values())

@@ -24,11 +24,15 @@ class GPTQConfig:
         damp: added to the Hessian diagonal, as a fraction of its mean (the reference code's ``percdamp``).
         block_size: columns updated together (lazy batch updates); a multiple of the group size is rounded to.
         salience: fit each group's range by the salience-weighted search instead of min/max.
+        act_order: quantize columns in decreasing order of ``H_jj`` (the reference code's ``act_order``), with
+            every group's grid fitted up front from the original weights (its ``static_groups``), so the groups
+            stay contiguous column ranges in the packed format.
     """
 
     damp: float = 0.01
     block_size: int = 128
     salience: bool = False
+    act_order: bool = True
 
 
 def inverse_hessian_factor(gram: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,6 +44,14 @@ def inverse_hessian_factor(gram: torch.Tensor, damp: float) -> tuple[torch.Tenso
     lower = torch.linalg.cholesky(hessian)
     inverse = torch.cholesky_inverse(lower)
     return torch.linalg.cholesky(inverse, upper=True).float(), dead
+
+
+def _fit_grid(values: torch.Tensor, bits: int, salience: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero ``(rows,)`` of one column group: min/max, or the salience-weighted range search."""
+    if salience is None:
+        return grid_params(values.amin(dim=1), values.amax(dim=1), bits)
+    scale, zero = salience_calibrated_params(values, bits, salience)
+    return scale.squeeze(1), zero.squeeze(1)
 
 
 def quantize_gptq(weight: torch.Tensor, gram: torch.Tensor, *, bits: int, group_size: int,
@@ -61,37 +73,44 @@ def quantize_gptq(weight: torch.Tensor, gram: torch.Tensor, *, bits: int, group_
     if gram.shape != (in_features, in_features):
         raise ValueError(f"gram must be ({in_features}, {in_features}), got {tuple(gram.shape)}")
     w = weight.detach().float().clone()
-    factor, dead = inverse_hessian_factor(gram, config.damp)
-    w[:, dead] = 0.0
     salience = torch.diag(gram).float() if config.salience else None
-    block = max(group_size, (config.block_size // group_size) * group_size)
-    codes = torch.zeros(out_features, in_features)
+    order = torch.argsort(torch.diag(gram), descending=True, stable=True) if config.act_order else None
+    if order is not None:
+        gram = gram[order][:, order]
+    factor, dead = inverse_hessian_factor(gram, config.damp)
     scales = torch.zeros(out_features, n_groups)
     zeros = torch.zeros(out_features, n_groups)
+    if order is not None:  # static groups: every grid from the original weights, then the columns reordered
+        for group in range(n_groups):
+            columns = slice(group * group_size, (group + 1) * group_size)
+            scales[:, group], zeros[:, group] = _fit_grid(w[:, columns], widths[group],
+                                                          None if salience is None else salience[columns])
+        w = w[:, order]
+    w[:, dead] = 0.0
+    group_of = (torch.arange(in_features) if order is None else order) // group_size
+    block = max(group_size, (config.block_size // group_size) * group_size)
+    codes = torch.zeros(out_features, in_features)
     for start in range(0, in_features, block):
         stop = min(start + block, in_features)
         w_block = w[:, start:stop].clone()
         err_block = torch.zeros_like(w_block)
         h_block = factor[start:stop, start:stop]
-        scale = zero = None
         for i in range(stop - start):
             column = start + i
-            group, offset = divmod(column, group_size)
+            group = int(group_of[column])
             b = widths[group]
-            if offset == 0:
+            if order is None and column % group_size == 0:  # fit the group's grid when the sweep reaches it
                 values = w_block[:, i : i + group_size]
-                if salience is None:
-                    scale, zero = grid_params(values.amin(dim=1), values.amax(dim=1), b)
-                else:
-                    s, z = salience_calibrated_params(values, b, salience[column : column + values.shape[1]])
-                    scale, zero = s.squeeze(1), z.squeeze(1)
-                scales[:, group] = scale
-                zeros[:, group] = zero
+                scales[:, group], zeros[:, group] = _fit_grid(
+                    values, b, None if salience is None else salience[column : column + values.shape[1]])
+            scale, zero = scales[:, group], zeros[:, group]
             q = to_codes(w_block[:, i], scale, zero, b)
             codes[:, column] = q
             err = (w_block[:, i] - (q - zero) * scale) / h_block[i, i]
             w_block[:, i:] -= err.unsqueeze(1) * h_block[i, i:].unsqueeze(0)
             err_block[:, i] = err
         w[:, stop:] -= err_block @ factor[start:stop, stop:]
+    if order is not None:
+        codes = codes[:, torch.argsort(order)]
     return QuantizedWeight(codes=codes.to(torch.uint8), scales=scales.half(), zeros=zeros.half(), bits=max(widths),
                            group_size=group_size, group_bits=None if group_bits is None else tuple(widths))

@@ -17,24 +17,35 @@ def correlated_inputs(tokens: int, features: int, seed: int = 0) -> torch.Tensor
 
 
 def textbook_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int, damp: float,
-                  group_bits: list[int] | None = None) -> torch.Tensor:
-    """Column by column with the explicit inverse Hessian, downdated after each column (OBQ order fixed)."""
+                  group_bits: list[int] | None = None, act_order: bool = False) -> torch.Tensor:
+    """Column by column with the explicit inverse Hessian, downdated after each column. With ``act_order`` the
+    columns go in decreasing ``H_jj`` order and every group's grid comes from the original weights first."""
     w = weight.double().clone()
     h = gram.double().clone()
     h.diagonal().add_(damp * float(torch.diag(h).mean()))
     h_inv = torch.linalg.inv(h)
     result = torch.zeros_like(w)
-    for j in range(w.shape[1]):
+    width = [bits if group_bits is None else group_bits[j // group_size] for j in range(w.shape[1])]
+    grids = {}
+    if act_order:
+        order = torch.argsort(torch.diag(gram), descending=True, stable=True).tolist()
+        for start in range(0, w.shape[1], group_size):
+            values = w[:, start : start + group_size].float()
+            grids[start // group_size] = grid_params(values.amin(dim=1), values.amax(dim=1), width[start])
+    else:
+        order = list(range(w.shape[1]))
+    remaining = list(order)
+    for j in order:
         group = j // group_size
-        b = bits if group_bits is None else group_bits[group]
-        if j % group_size == 0:
+        if not act_order and j % group_size == 0:
             values = w[:, j : j + group_size].float()
-            scale, zero = grid_params(values.amin(dim=1), values.amax(dim=1), b)
-            scale, zero = scale.double(), zero.double()
-        q = ((to_codes(w[:, j].float(), scale.float(), zero.float(), b).double()) - zero) * scale
+            grids[group] = grid_params(values.amin(dim=1), values.amax(dim=1), width[j])
+        scale, zero = (t.double() for t in grids[group])
+        q = ((to_codes(w[:, j].float(), scale.float(), zero.float(), width[j]).double()) - zero) * scale
         result[:, j] = q
         err = (w[:, j] - q) / h_inv[j, j]
-        w[:, j + 1 :] -= err.unsqueeze(1) * h_inv[j, j + 1 :].unsqueeze(0)
+        remaining.remove(j)
+        w[:, remaining] -= err.unsqueeze(1) * h_inv[j, remaining].unsqueeze(0)
         h_inv = h_inv - torch.outer(h_inv[:, j], h_inv[j, :]) / h_inv[j, j]
     return result.float()
 
@@ -43,15 +54,17 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, x: torch.Tensor) ->
     return float((x @ (approx - weight).T).pow(2).sum())
 
 
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize(("bits", "group_size", "group_bits"), [(3, 16, None), (4, 32, None), (2, 16, [2, 4, 3, 8])])
-def test_gptq_matches_textbook_version(bits: int, group_size: int, group_bits: list[int] | None) -> None:
+def test_gptq_matches_textbook_version(bits: int, group_size: int, group_bits: list[int] | None,
+                                       act_order: bool) -> None:
     torch.manual_seed(1)
-    x = correlated_inputs(256, 64)
+    x = correlated_inputs(256, 64) * torch.linspace(0.2, 3.0, 64)
     weight = torch.randn(24, 64)
     gram = x.T @ x
     fast = quantize_gptq(weight, gram, bits=bits, group_size=group_size, group_bits=group_bits,
-                         config=GPTQConfig(damp=0.01, block_size=32))
-    slow = textbook_gptq(weight, gram, bits, group_size, 0.01, group_bits)
+                         config=GPTQConfig(damp=0.01, block_size=32, act_order=act_order))
+    slow = textbook_gptq(weight, gram, bits, group_size, 0.01, group_bits, act_order)
     fast_w = dequantize_weight(fast)
     mismatched = (fast_w - slow).abs() > 1e-3
     assert mismatched.float().mean() < 0.01  # only rounding ties may flip between the two orders of operations
@@ -65,7 +78,7 @@ def test_gptq_matches_textbook_version(bits: int, group_size: int, group_bits: l
 def test_gptq_with_a_diagonal_hessian_is_rtn() -> None:
     weight = torch.randn(16, 96)
     gram = torch.diag(torch.rand(96) + 0.5)
-    gptq = quantize_gptq(weight, gram, bits=3, group_size=32)
+    gptq = quantize_gptq(weight, gram, bits=3, group_size=32, config=GPTQConfig(act_order=False))
     rtn = quantize_rtn(weight, bits=3, group_size=32)
     assert torch.equal(gptq.codes, rtn.codes)
     assert torch.equal(gptq.scales, rtn.scales) and torch.equal(gptq.zeros, rtn.zeros)
@@ -114,3 +127,17 @@ def test_calibrated_rtn_and_gptq_keep_codes_in_range() -> None:
                       quantize_gptq(weight, x.T @ x, bits=3, group_size=32, config=GPTQConfig(salience=True))):
         assert quantized.codes.shape == weight.shape and int(quantized.codes.max()) <= 7
         assert quantized.scales.shape == (12, 3)
+
+
+def test_act_order_with_a_diagonal_hessian_is_rtn_and_with_correlations_beats_it() -> None:
+    weight = torch.randn(16, 96)
+    gram = torch.diag(torch.rand(96) + 0.5)
+    ordered = quantize_gptq(weight, gram, bits=3, group_size=32, config=GPTQConfig(act_order=True))
+    rtn = quantize_rtn(weight, bits=3, group_size=32)
+    assert torch.equal(ordered.codes, rtn.codes) and torch.equal(ordered.scales, rtn.scales)
+    x = correlated_inputs(512, 128, seed=5) * torch.linspace(0.1, 4.0, 128)  # uneven input energies
+    weight = torch.randn(32, 128)
+    gram = x.T @ x
+    ordered = dequantize_weight(quantize_gptq(weight, gram, bits=3, group_size=32, config=GPTQConfig(act_order=True)))
+    plain = dequantize_weight(quantize_rtn(weight, bits=3, group_size=32))
+    assert output_error(weight, ordered, x) < 0.8 * output_error(weight, plain, x)
