@@ -39,6 +39,7 @@ from bitplan.pipeline import (
 )
 from bitplan.units import find_units
 from quantizer.methods import QUANTIZERS, quantize_unit
+from quantizer.mixed import mixed_quantized_bytes
 from quantizer.rtn import dequantize_weight
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "wiki.test.raw"
@@ -54,6 +55,10 @@ def main() -> None:
     parser.add_argument("--mixed-bpw", type=float, default=3.5)
     parser.add_argument("--quantizers", default=",".join(QUANTIZERS))
     parser.add_argument("--calibration", choices=("builtin", "eval-tail"), default="eval-tail")
+    parser.add_argument("--settings", default="uniform-3,uniform-4,mixed",
+                        help="which of uniform-3, uniform-4 and mixed (at --mixed-bpw) to measure")
+    parser.add_argument("--mix-groups", action="store_true",
+                        help="also measure the mixed setting with widths mixed inside layers (--mix-groups)")
     args = parser.parse_args()
     report: dict[str, object] = {
         "benchmark": "quantizers", "model": args.model, "text": str(args.text), "seq_len": args.seq_len,
@@ -94,23 +99,33 @@ def main() -> None:
     problem = allocation_problem(sizes, sensitivity, bits, budget_in_bytes(config, sizes, numel))
     allocation = solve_allocation(problem)
     mixed = {u.name: u.options[k].bits for u, k in zip(problem.units, allocation.choice, strict=True)}
-    settings = {"uniform-3": dict.fromkeys(units, 3), "uniform-4": dict.fromkeys(units, 4),
-                f"mixed-{args.mixed_bpw:g}": mixed}
+    every = {"uniform-3": (dict.fromkeys(units, 3), False), "uniform-4": (dict.fromkeys(units, 4), False),
+             "mixed": (mixed, False)}
+    settings = {}
+    for name in args.settings.split(","):
+        label = f"mixed-{args.mixed_bpw:g}" if name == "mixed" else name
+        settings[label] = every[name]
+        if name == "mixed" and args.mix_groups:
+            settings[f"{label}+mix-groups"] = (mixed, True)
     originals = {name: module.weight.detach().clone() for name, module in units.items()}
     results = []
-    for label, chosen in settings.items():
-        size = sum(sizes[name][b] for name, b in chosen.items())
+    for label, (chosen, mix_groups) in settings.items():
         for method in args.quantizers.split(","):
             clock = time.perf_counter()
-            dequantized = {name: dequantize_weight(quantize_unit(originals[name], method=method, bits=chosen[name],
-                                                                 group_size=config.group_size, gram=grams[name]))
-                           for name in units}
+            quantized = {name: quantize_unit(originals[name], method=method, bits=chosen[name],
+                                             group_size=config.group_size, gram=grams[name], mix_groups=mix_groups)
+                         for name in units}
             quantize_s = time.perf_counter() - clock
+            dequantized = {name: dequantize_weight(q) for name, q in quantized.items()}
+            size = sum(sizes[name][chosen[name]] if q.group_bits is None else
+                       mixed_quantized_bytes(*q.codes.shape, q.group_bits, config.group_size)
+                       for name, q in quantized.items())
             with torch.no_grad():
                 for name, module in units.items():
                     module.weight.copy_(dequantized[name])
             entry = {"setting": label, "quantizer": method, "bits_per_weight": 8 * size / numel, "bytes": size,
-                     "quantize_s": round(quantize_s, 2), "ppl": ppl()}
+                     "quantize_s": round(quantize_s, 2), "ppl": ppl(),
+                     "layers_with_mixed_groups": sum(q.group_bits is not None for q in quantized.values())}
             results.append(entry)
             sys.stderr.write(json.dumps(entry) + "\n")
             with torch.no_grad():
