@@ -228,8 +228,9 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     from quantizer.methods import QUANTIZERS
 
     run.add_argument("--quantizer", default="rtn", choices=QUANTIZERS,
-                     help="rtn: round to nearest; gptq: GPTQ error feedback on calibration inputs; -salience: each "
-                          "group's range searched to minimize input-energy-weighted error (SliM-LLM)")
+                     help="rtn: round to nearest (-symmetric: grid symmetric around 0); gptq: GPTQ error feedback on "
+                          "calibration inputs (give in-domain --calibration text); -salience: each group's range "
+                          "searched to minimize input-energy-weighted error (SliM-LLM)")
     run.add_argument("--mix-groups", action="store_true",
                      help="column groups of each layer take bits-1, bits or bits+1 within the layer's size (SliM-LLM)")
     run.add_argument("--no-cache", action="store_true",

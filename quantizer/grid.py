@@ -22,6 +22,17 @@ def grid_params(low: torch.Tensor, high: torch.Tensor, bits: int) -> tuple[torch
     return scale, zero
 
 
+def symmetric_grid_params(absmax: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and the fixed zero point ``2**(bits-1)`` of a grid symmetric around 0:
+    ``scale = max|w| / (2**(bits-1) - 1)`` (fp16-representable), so ``-max..max`` are codes ``1..2**bits - 1``."""
+    if bits < 2:
+        raise ValueError("a symmetric grid needs at least 2 bits")
+    half = 1 << (bits - 1)
+    scale = (absmax / (half - 1)).clamp(min=1e-8).to(torch.float16)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale).float()
+    return scale, torch.full_like(scale, float(half))
+
+
 def to_codes(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """``clamp(round(w / scale) + zero, 0, 2**bits - 1)`` as float (broadcasting ``scale`` and ``zero``)."""
     return (torch.round(values / scale) + zero).clamp(0, (1 << bits) - 1)

@@ -64,14 +64,14 @@ def choose_group_bits(weight: torch.Tensor, input_energy: torch.Tensor, *, bits:
 
 
 def quantize_rtn_mixed(weight: torch.Tensor, group_bits: Sequence[int], *, group_size: int,
-                       salience: torch.Tensor | None = None) -> QuantizedWeight:
+                       salience: torch.Tensor | None = None, symmetric: bool = False) -> QuantizedWeight:
     """RTN with one width per column group (each group's grid is the one plain RTN gives it at its width)."""
     codes = torch.zeros(weight.shape, dtype=torch.uint8)
     n_groups = len(group_bits)
     scales = torch.zeros(weight.shape[0], n_groups, dtype=torch.float16)
     zeros = torch.zeros_like(scales)
     for bits in sorted(set(group_bits)):
-        q = quantize_rtn(weight, bits=bits, group_size=group_size, salience=salience)
+        q = quantize_rtn(weight, bits=bits, group_size=group_size, salience=salience, symmetric=symmetric)
         for g in (g for g, b in enumerate(group_bits) if b == bits):
             columns = slice(g * group_size, (g + 1) * group_size)
             codes[:, columns] = q.codes[:, columns]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.dequant import dequantize_groupwise
-from quantizer.grid import grid_params, salience_calibrated_params, to_codes
+from quantizer.grid import grid_params, salience_calibrated_params, symmetric_grid_params, to_codes
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def check_quantization_args(weight: torch.Tensor, bits: int, group_size: int) ->
 
 
 def quantize_rtn(weight: torch.Tensor, *, bits: int, group_size: int,
-                 salience: torch.Tensor | None = None) -> QuantizedWeight:
+                 salience: torch.Tensor | None = None, symmetric: bool = False) -> QuantizedWeight:
     """Quantize each group of ``group_size`` input columns to ``bits`` bits, asymmetric.
 
     The range ``[min, max]`` of each group is widened to include 0 (as GPTQ does), so the zero point is an
@@ -58,6 +58,8 @@ def quantize_rtn(weight: torch.Tensor, *, bits: int, group_size: int,
     ``zero = round(-min / scale)``, ``q = clamp(round(w / scale) + zero, 0, 2**bits - 1)``. With ``salience``
     (``(in_features,)``, for example the Hessian diagonal), each group's range is instead searched to minimize
     the salience-weighted error (:func:`quantizer.grid.salience_calibrated_params`, SliM-LLM's calibration).
+    ``symmetric``: the grid is symmetric around 0 with the fixed zero point ``2**(bits-1)`` and
+    ``scale = max|w| / (2**(bits-1) - 1)`` (same packed format).
 
     Args:
         weight: ``(out_features, in_features)`` float.
@@ -65,12 +67,17 @@ def quantize_rtn(weight: torch.Tensor, *, bits: int, group_size: int,
     check_quantization_args(weight, bits, group_size)
     w = weight.detach().float()
     if salience is not None:
+        if symmetric:
+            raise ValueError("the salience-weighted range search fits asymmetric grids")
         return _quantize_rtn_calibrated(w, bits, group_size, salience.float())
     groups, mask = _group_view(w, group_size)
     inf = torch.tensor(float("inf"))
     low = torch.where(mask, groups, inf).amin(dim=2)
     high = torch.where(mask, groups, -inf).amax(dim=2)
-    scale, zeros = grid_params(low, high, bits)
+    if symmetric:
+        scale, zeros = symmetric_grid_params(torch.maximum(low.abs(), high.abs()), bits)
+    else:
+        scale, zeros = grid_params(low, high, bits)
     codes = to_codes(groups, scale.unsqueeze(2), zeros.unsqueeze(2), bits)
     codes = codes.reshape(w.shape[0], -1)[:, : w.shape[1]].to(torch.uint8)
     return QuantizedWeight(codes=codes, scales=scale.to(torch.float16), zeros=zeros.to(torch.float16), bits=bits,

@@ -28,7 +28,7 @@ class JobCreate(BaseModel):
     group_size: int = Field(default=128, ge=8, le=4096)
     num_samples: int = Field(default=32, ge=1, le=512)
     seq_len: int = Field(default=512, ge=16, le=8192)
-    quantizer: Literal["rtn", "rtn-salience", "gptq", "gptq-salience"] = Field(
+    quantizer: Literal["rtn", "rtn-symmetric", "rtn-salience", "gptq", "gptq-salience"] = Field(
         default="rtn", description="rtn, or GPTQ error feedback, with or without salience-weighted ranges")
     mix_groups: bool = Field(default=False, description="column groups of a layer at bits-1/bits/bits+1 (SliM-LLM)")
 

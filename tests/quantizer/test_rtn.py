@@ -52,3 +52,15 @@ def test_size_model_matches_packed_tensors(bits: int, shape: tuple[int, int], gr
 def test_bad_arguments(kwargs: dict[str, int], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         quantize_rtn(torch.randn(2, 4), **kwargs)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_symmetric_grid_is_centred_and_within_half_a_step(bits: int) -> None:
+    weight = torch.randn(12, 200, generator=torch.Generator().manual_seed(bits))
+    quantized = quantize_rtn(weight, bits=bits, group_size=64, symmetric=True)
+    assert torch.all(quantized.zeros == 2 ** (bits - 1))
+    error = (dequantize_weight(quantized) - weight).abs()
+    step = quantized.scales.float().repeat_interleave(64, dim=1)[:, :200]
+    assert torch.all(error <= step / 2 + 1e-6)
+    assert torch.equal(dequantize_weight(quantize_rtn(-weight, bits=bits, group_size=64, symmetric=True)),
+                       -dequantize_weight(quantized))  # a grid symmetric around 0: Q(-w) = -Q(w)
