@@ -39,8 +39,8 @@ from bitplan.pipeline import (
 )
 from bitplan.units import find_units
 from quantizer.methods import QUANTIZERS, quantize_unit
-from quantizer.mixed import mixed_quantized_bytes
 from quantizer.rtn import dequantize_weight
+from quantizer.sizes import stored_bytes
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "wiki.test.raw"
 
@@ -117,9 +117,7 @@ def main() -> None:
                          for name in units}
             quantize_s = time.perf_counter() - clock
             dequantized = {name: dequantize_weight(q) for name, q in quantized.items()}
-            size = sum(sizes[name][chosen[name]] if q.group_bits is None else
-                       mixed_quantized_bytes(*q.codes.shape, q.group_bits, config.group_size)
-                       for name, q in quantized.items())
+            size = sum(stored_bytes(q) for q in quantized.values())
             with torch.no_grad():
                 for name, module in units.items():
                     module.weight.copy_(dequantized[name])

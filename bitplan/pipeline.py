@@ -22,9 +22,8 @@ from bitplan.errors import BitplanError, BudgetError
 from bitplan.models import LoadedModel, ModelKind, causal_lm_loss, load_model, use_eager_attention
 from bitplan.units import find_units
 from quantizer.methods import QUANTIZER_LABELS, QUANTIZERS, needs_gram, quantize_unit
-from quantizer.mixed import mixed_quantized_bytes
 from quantizer.rtn import dequantize_weight
-from quantizer.sizes import quantized_bytes
+from quantizer.sizes import quantized_bytes, stored_bytes
 from sensitivity import HutchinsonConfig, Metric, SensitivityResult, compute_sensitivity
 from sensitivity.activations import StopFn, check_stop, collect_unit_statistics
 from sensitivity.api import NEEDS_LOSS
@@ -202,6 +201,12 @@ def run_sensitivity(loaded: LoadedModel, units: dict[str, nn.Linear], config: Ru
                                on_progress=on_progress, should_stop=should_stop)
 
 
+def calibration_record(config: RunConfig, calibration: Any) -> dict[str, Any]:
+    """What the manifest says of the calibration set a run used."""
+    return {"sha256": calibration.sha256, "source": calibration.source, "num_samples": config.num_samples,
+            "seq_len": config.seq_len, "seed": config.seed}
+
+
 def calibrate_and_measure(config: RunConfig, loaded: LoadedModel, units: dict[str, nn.Linear],
                           on_progress: ProgressFn | None, should_stop: StopFn | None = None
                           ) -> tuple[dict[str, Any], SensitivityResult, torch.Tensor]:
@@ -210,8 +215,7 @@ def calibrate_and_measure(config: RunConfig, loaded: LoadedModel, units: dict[st
     metric = _resolve_metric(config.metric, loaded.kind)
     calib = build_calibration_set(loaded.tokenizer, text_file=config.calibration_text,
                                   num_samples=config.num_samples, seq_len=config.seq_len, seed=config.seed)
-    record = {"sha256": calib.sha256, "source": calib.source, "num_samples": config.num_samples,
-              "seq_len": config.seq_len, "seed": config.seed}
+    record = calibration_record(config, calib)
     key = cache_key(model_sha256=loaded.source_sha256, calibration_sha256=calib.sha256, metric=metric.value,
                     bits=sorted(set(config.candidate_bits)), group_size=config.group_size,
                     units=list(units), hutchinson=asdict(config.hutchinson) if metric is Metric.HUTCHINSON else None)
@@ -362,15 +366,13 @@ def run_budgets(config: RunConfig, bits_per_weight: list[float | None], *, out_d
                                                 seed=config.seed)
             tokens = calibration.tokens
             if config.needs_grams:
-                manifest_fields["calibration"] = {"sha256": calibration.sha256, "source": calibration.source,
-                                                  "num_samples": config.num_samples, "seq_len": config.seq_len,
-                                                  "seed": config.seed}
+                manifest_fields["calibration"] = calibration_record(config, calibration)
                 grams = input_grams(loaded, units, tokens, on_progress, should_stop)
                 lap("grams")
         written, stage_times, quantized = _quantize_and_write(config, loaded, units, chosen, manifest_fields,
                                                               out_dirs[0], on_progress, should_stop, grams)
         kl, stage_times["kl"] = _measure_kl(config, loaded, units, quantized, tokens)
-        return [_result(config, written, chosen, sizes, manifest_fields, {**timings, **stage_times}, kl, quantized)]
+        return [_result(config, written, chosen, manifest_fields, {**timings, **stage_times}, kl, quantized)]
     budget_bytes = [budget_in_bytes(each, sizes, numel) for each in configs]
     lap("plan")
     calibration, sensitivity, tokens = calibrate_and_measure(config, loaded, units, on_progress, should_stop)
@@ -407,7 +409,7 @@ def run_budgets(config: RunConfig, bits_per_weight: list[float | None], *, out_d
         written, stage_times, quantized = _quantize_and_write(each, loaded, units, chosen, manifest_fields, out_dir,
                                                               on_progress, should_stop, grams)
         kl, stage_times["kl"] = _measure_kl(config, loaded, units, quantized, tokens)
-        results.append(_result(each, written, chosen, sizes, manifest_fields,
+        results.append(_result(each, written, chosen, manifest_fields,
                                {**timings, "allocation": allocation_s, **stage_times}, kl, quantized))
     return results
 
@@ -424,14 +426,9 @@ def _measure_kl(config: RunConfig, loaded: LoadedModel, units: dict[str, nn.Line
     return kl, round(time.perf_counter() - started, 3)
 
 
-def _result(config: RunConfig, written: Any, chosen: dict[str, int], sizes: dict[str, dict[int, int]],
-            manifest_fields: dict[str, Any], timings: dict[str, float], kl: float | None,
-            quantized: dict[str, Any]) -> RunResult:
-    predicted = 0
-    for name, b in chosen.items():
-        group_bits = quantized[name].group_bits
-        predicted += sizes[name][b] if group_bits is None else mixed_quantized_bytes(
-            *quantized[name].codes.shape, group_bits, config.group_size)
+def _result(config: RunConfig, written: Any, chosen: dict[str, int], manifest_fields: dict[str, Any],
+            timings: dict[str, float], kl: float | None, quantized: dict[str, Any]) -> RunResult:
+    predicted = sum(stored_bytes(quantized[name]) for name in chosen)
     if predicted != written.quantized_bytes:
         raise RuntimeError(f"size model drifted: predicted {predicted} bytes, wrote {written.quantized_bytes}")
     solver = manifest_fields["solver"]

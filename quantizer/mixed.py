@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from allocator import AllocationProblem, Budget, Option, Unit, solve_allocation
-from kernels.bitpack import pack_bitstream_int32, packed_words
+from kernels.bitpack import pack_bitstream_int32
 from kernels.quant_linear import segment_layout
 from quantizer.rtn import QuantizedWeight, quantization_error, quantize_rtn
 from quantizer.sizes import SCALE_BYTES, ZERO_BYTES
@@ -97,12 +97,3 @@ def pack_segments(quantized: QuantizedWeight) -> dict[str, torch.Tensor]:
         tensors[f"zeros_b{b}"] = quantized.zeros[:, groups[b]].contiguous()
         start += columns
     return tensors
-
-
-def mixed_quantized_bytes(out_features: int, in_features: int, group_bits: Sequence[int], group_size: int) -> int:
-    """Exact bytes of a mixed-width weight in the segment layout."""
-    total = 0
-    for bits in set(group_bits):
-        columns = sum(min(group_size, in_features - g * group_size) for g, b in enumerate(group_bits) if b == bits)
-        total += 4 * packed_words(out_features * columns, bits)
-    return total + out_features * len(group_bits) * (SCALE_BYTES + ZERO_BYTES)

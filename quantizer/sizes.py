@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 from kernels.bitpack import packed_words
+
+if TYPE_CHECKING:
+    from quantizer.rtn import QuantizedWeight
 
 SCALE_BYTES = 2  # float16
 ZERO_BYTES = 2  # float16
 
 
-def quantized_bytes(out_features: int, in_features: int, *, bits: int, group_size: int) -> int:
+def quantized_bytes(out_features: int, in_features: int, *, bits: int, group_size: int,
+                    group_bits: Sequence[int] | None = None) -> int:
     """Bytes of one ``(out_features, in_features)`` weight: packed int32 words plus one fp16 scale and one fp16
-    zero point per group of ``group_size`` input columns (a partial last group counts as a group)."""
+    zero point per group of ``group_size`` input columns (a partial last group counts as a group). With
+    ``group_bits`` (one width per column group), the codes of each width are packed as one matrix of their own
+    (the ``segments-by-width`` layout, :mod:`kernels.quant_linear`)."""
     n_groups = -(-in_features // group_size)
-    return 4 * packed_words(out_features * in_features, bits) + out_features * n_groups * (SCALE_BYTES + ZERO_BYTES)
+    widths = [bits] * n_groups if group_bits is None else list(group_bits)
+    code_bytes = 0
+    for width in set(widths):
+        columns = sum(min(group_size, in_features - g * group_size) for g, b in enumerate(widths) if b == width)
+        code_bytes += 4 * packed_words(out_features * columns, width)
+    return code_bytes + out_features * n_groups * (SCALE_BYTES + ZERO_BYTES)
+
+
+def stored_bytes(quantized: QuantizedWeight) -> int:
+    """Bytes :func:`quantized_bytes` gives a quantized weight, mixed widths inside included."""
+    return quantized_bytes(*quantized.codes.shape, bits=quantized.bits, group_size=quantized.group_size,
+                           group_bits=quantized.group_bits)

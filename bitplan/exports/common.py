@@ -13,22 +13,9 @@ from bitplan.artifact import FLOAT_FILE, QUANTIZED_FILE, read_manifest
 from bitplan.errors import BitplanError
 from bitplan.hashing import sha256_file
 from kernels.quant_linear import QuantLinear
+from quantizer.rtn import QuantizedWeight
 
 EXPORT_FORMATS = ("gguf", "compressed-tensors")
-
-
-@dataclass(frozen=True)
-class ArtifactUnit:
-    """One quantized linear layer of an artifact, unpacked: ``codes (out, in)`` uint8, ``scales``/``zeros``
-    ``(out, n_groups)`` float16 (``W = (codes - zero) * scale`` group-wise)."""
-
-    name: str
-    bits: int
-    group_size: int
-    codes: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor
-    bias: bool
 
 
 @dataclass
@@ -53,19 +40,22 @@ class ExportReport:
         return asdict(self)
 
 
-def read_artifact_units(path: Path) -> tuple[dict[str, Any], list[ArtifactUnit], dict[str, torch.Tensor]]:
-    """The manifest (checked against its sha256s), every quantized unit unpacked, and the float tensors
-    (tied aliases included)."""
+def read_artifact_units(path: Path) -> tuple[dict[str, Any], dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
+    """The manifest (checked against its sha256s), every quantized unit unpacked (name -> codes, scales and
+    zeros in the original column order), and the float tensors (tied aliases included).
+
+    A unit with mixed widths inside comes back at its widest width (``group_bits`` ``None``): its narrower codes
+    are valid codes of that width, which is how the exports write it."""
     manifest = read_manifest(path)
     packed = load_file(str(path / QUANTIZED_FILE))
-    units = []
+    units = {}
     for unit in manifest["units"]:
         layer = QuantLinear(unit["in_features"], unit["out_features"], bits=unit["bits"],
                             group_size=unit["group_size"], bias=False, group_bits=unit.get("group_bits"))
         layer.load_state_dict({key: packed[f"{unit['name']}.{key}"] for key in layer.state_dict()})
         codes, scales, zeros = layer.codes_scales_zeros()
-        units.append(ArtifactUnit(name=unit["name"], bits=layer.bits, group_size=unit["group_size"], codes=codes,
-                                  scales=scales, zeros=zeros, bias=unit["bias"]))
+        units[unit["name"]] = QuantizedWeight(codes=codes, scales=scales, zeros=zeros, bits=layer.bits,
+                                              group_size=unit["group_size"])
     floats = load_file(str(path / FLOAT_FILE))
     for alias, stored in manifest["tied"].items():
         floats[alias] = floats[stored]

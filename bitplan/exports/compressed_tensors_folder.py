@@ -12,6 +12,7 @@ narrower codes are valid codes there), so it weighs more than in our artifact.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -25,13 +26,14 @@ from safetensors.torch import save_file
 
 from bitplan.artifact import FLOAT_FILE, MANIFEST, QUANTIZED_FILE, safetensors_data_bytes
 from bitplan.errors import BitplanError
-from bitplan.exports.common import ArtifactUnit, ExportReport, file_hashes, read_artifact_units
+from bitplan.exports.common import ExportReport, file_hashes, read_artifact_units
+from quantizer.rtn import QuantizedWeight
 
 WEIGHTS_FILE = "model.safetensors"
 SHAPE_BYTES = 16  # weight_shape: two int64
 
 
-def whole_groups(unit: ArtifactUnit) -> ArtifactUnit:
+def whole_groups(unit: QuantizedWeight) -> QuantizedWeight:
     """The same weight with groups that divide ``in_features`` (the library requires it): group size
     ``gcd(group_size, in_features)``, each scale and zero repeated over the smaller groups of its group."""
     in_features = unit.codes.shape[1]
@@ -44,11 +46,10 @@ def whole_groups(unit: ArtifactUnit) -> ArtifactUnit:
     def spread(t: torch.Tensor) -> torch.Tensor:
         return t.repeat_interleave(repeat, dim=1)[:, :n_groups].contiguous()
 
-    return ArtifactUnit(name=unit.name, bits=unit.bits, group_size=size, codes=unit.codes, scales=spread(unit.scales),
-                        zeros=spread(unit.zeros), bias=unit.bias)
+    return dataclasses.replace(unit, group_size=size, scales=spread(unit.scales), zeros=spread(unit.zeros))
 
 
-def unit_tensors(unit: ArtifactUnit) -> dict[str, torch.Tensor]:
+def unit_tensors(unit: QuantizedWeight) -> dict[str, torch.Tensor]:
     """The compressed-tensors parameters of one unit (local names)."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
@@ -61,7 +62,7 @@ def unit_tensors(unit: ArtifactUnit) -> dict[str, torch.Tensor]:
             "weight_shape": torch.tensor(list(unit.codes.shape), dtype=torch.int64)}
 
 
-def predicted_unit_bytes(unit: ArtifactUnit) -> int:
+def predicted_unit_bytes(unit: QuantizedWeight) -> int:
     out_features, in_features = unit.codes.shape
     n_groups = unit.scales.shape[1]
     packed = out_features * -(-in_features * unit.bits // 32) * 4
@@ -69,20 +70,19 @@ def predicted_unit_bytes(unit: ArtifactUnit) -> int:
     return packed + out_features * n_groups * 2 + zero_points + SHAPE_BYTES
 
 
-def quantization_config(units: list[ArtifactUnit]) -> dict[str, object]:
+def quantization_config(units: dict[str, QuantizedWeight]) -> dict[str, object]:
     import compressed_tensors
 
     groups = {}
-    for bits in sorted({u.bits for u in units}):
-        members = [u for u in units if u.bits == bits]
-        for group_size in sorted({u.group_size for u in members}):
-            targets = [f"re:^{re.escape(u.name)}$" for u in members if u.group_size == group_size]
-            groups[f"group_{bits}bit_g{group_size}"] = {
-                "targets": targets,
-                "weights": {"num_bits": bits, "type": "int", "symmetric": False, "strategy": "group",
-                            "group_size": group_size, "dynamic": False, "observer": "minmax"},
-                "input_activations": None, "output_activations": None,
-            }
+    for bits, group_size in sorted({(u.bits, u.group_size) for u in units.values()}):
+        targets = [f"re:^{re.escape(name)}$" for name, u in units.items()
+                   if (u.bits, u.group_size) == (bits, group_size)]
+        groups[f"group_{bits}bit_g{group_size}"] = {
+            "targets": targets,
+            "weights": {"num_bits": bits, "type": "int", "symmetric": False, "strategy": "group",
+                        "group_size": group_size, "dynamic": False, "observer": "minmax"},
+            "input_activations": None, "output_activations": None,
+        }
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": groups,
             "ignore": ["lm_head"], "quantization_status": "compressed", "kv_cache_scheme": None,
             "version": compressed_tensors.__version__}
@@ -102,17 +102,16 @@ def export_compressed_tensors(artifact: Path, out: Path) -> ExportReport:
         state = {name: tensor.to(torch.float16).contiguous() for name, tensor in floats.items()
                  if name not in manifest["tied"]}
         rows, predicted = [], 0
-        regrouped = [whole_groups(u) for u in units]
-        if any(a.group_size != b.group_size for a, b in zip(units, regrouped, strict=True)):
+        regrouped = {name: whole_groups(u) for name, u in units.items()}
+        if any(regrouped[name].group_size != u.group_size for name, u in units.items()):
             notes.append("compressed-tensors needs groups that divide each layer's input width: layers with a partial "
                          "last group are written with group size gcd(group size, input width), scales repeated")
         units = regrouped
-        for unit in units:
-            tensors = unit_tensors(unit)
-            state.update({f"{unit.name}.{key}": value for key, value in tensors.items()})
+        for name, unit in units.items():
+            state.update({f"{name}.{key}": value for key, value in unit_tensors(unit).items()})
             size = predicted_unit_bytes(unit)
             predicted += size
-            rows.append({"name": unit.name, "bits": unit.bits, "group_size": unit.group_size, "bytes": size})
+            rows.append({"name": name, "bits": unit.bits, "group_size": unit.group_size, "bytes": size})
         save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         for name in os.listdir(artifact):
             if name not in (MANIFEST, FLOAT_FILE, QUANTIZED_FILE):
@@ -122,7 +121,7 @@ def export_compressed_tensors(artifact: Path, out: Path) -> ExportReport:
         config["torch_dtype"] = "float16"
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         data = safetensors_data_bytes(staging / WEIGHTS_FILE)
-        unit_prefixes = tuple(f"{u.name}." for u in units)
+        unit_prefixes = tuple(f"{name}." for name in units)
         written = sum(size for name, size in data.items() if name.startswith(unit_prefixes))
         if out.exists():
             out.rmdir()

@@ -12,6 +12,7 @@ symmetric sub-block grids cannot hold our asymmetric codes, so using them would 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import uuid
 from pathlib import Path
@@ -22,9 +23,10 @@ import numpy as np
 import torch
 
 from bitplan.errors import BitplanError
-from bitplan.exports.common import ArtifactUnit, ExportReport, file_hashes, read_artifact_units
+from bitplan.exports.common import ExportReport, file_hashes, read_artifact_units
+from bitplan.hashing import sha256_file
 from bitplan.models import resolve_reference
-from kernels.dequant import dequantize_groupwise
+from quantizer.rtn import QuantizedWeight, dequantize_weight
 
 REQUANTIZABLE = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16,
                  gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1,
@@ -33,7 +35,7 @@ BLOCK = 32
 T = gguf.GGMLQuantizationType
 
 
-def unit_type(unit: ArtifactUnit) -> T:
+def unit_type(unit: QuantizedWeight) -> T:
     """The GGML type a unit is written as (see the module docstring)."""
     exact = unit.group_size % BLOCK == 0 and unit.codes.shape[1] % BLOCK == 0
     if exact and unit.bits <= 4:
@@ -52,7 +54,7 @@ def tensor_bytes(shape: tuple[int, ...], qtype: T) -> int:
     return count // block_size * type_size
 
 
-def _block_params(unit: ArtifactUnit) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _block_params(unit: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Codes as ``(out, n_blocks, 32)`` uint8 and each block's fp16 ``d`` and ``m`` as ``(out, n_blocks, 2)`` bytes."""
     out_features, in_features = unit.codes.shape
     n_blocks = in_features // BLOCK
@@ -64,7 +66,7 @@ def _block_params(unit: ArtifactUnit) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return unit.codes.numpy().reshape(out_features, n_blocks, BLOCK), d, m
 
 
-def encode_q4_1(unit: ArtifactUnit) -> np.ndarray:
+def encode_q4_1(unit: QuantizedWeight) -> np.ndarray:
     """``(out, in / 32 * 20)`` uint8: per block ``d`` fp16, ``m`` fp16, 16 bytes of nibbles (value ``k`` in the low
     nibble of byte ``k``, value ``k + 16`` in its high nibble)."""
     codes, d, m = _block_params(unit)
@@ -72,7 +74,7 @@ def encode_q4_1(unit: ArtifactUnit) -> np.ndarray:
     return np.concatenate([d, m, qs], axis=-1).reshape(codes.shape[0], -1)
 
 
-def encode_q5_1(unit: ArtifactUnit) -> np.ndarray:
+def encode_q5_1(unit: QuantizedWeight) -> np.ndarray:
     """``(out, in / 32 * 24)`` uint8: ``d``, ``m``, the 32 fifth bits little-endian in 4 bytes, then the low
     nibbles as in Q4_1."""
     codes, d, m = _block_params(unit)
@@ -81,13 +83,12 @@ def encode_q5_1(unit: ArtifactUnit) -> np.ndarray:
     return np.concatenate([d, m, qh, qs], axis=-1).reshape(codes.shape[0], -1)
 
 
-def encode_unit(unit: ArtifactUnit, qtype: T) -> np.ndarray:
+def encode_unit(unit: QuantizedWeight, qtype: T) -> np.ndarray:
     if qtype is T.Q4_1:
         return encode_q4_1(unit)
     if qtype is T.Q5_1:
         return encode_q5_1(unit)
-    weight = dequantize_groupwise(unit.codes, unit.scales, unit.zeros, group_size=unit.group_size)
-    return gguf.quants.quantize(weight.numpy(), qtype)
+    return gguf.quants.quantize(dequantize_weight(unit).numpy(), qtype)
 
 
 def permute_rows_for_llama(tensor: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -107,8 +108,6 @@ def _source_gguf(manifest: dict[str, Any]) -> Path:
     if source_format != "gguf":
         raise BitplanError(f"GGUF export copies the tokenizer and metadata from the source model's GGUF file; this "
                            f"artifact's source {source.get('reference')!r} is a {source_format} model")
-    from bitplan.hashing import sha256_file
-
     if source.get("sha256") and sha256_file(path) != source["sha256"]:
         raise BitplanError(f"the source model {path} changed since the artifact was made (sha256 differs)")
     return path
@@ -130,7 +129,7 @@ def export_gguf(artifact: Path, out: Path) -> ExportReport:
     def gguf_name(hf_name: str) -> str | None:
         return name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
 
-    by_unit = {gguf_name(f"{u.name}.weight"): u for u in units}
+    by_unit = {gguf_name(f"{name}.weight"): (name, q) for name, q in units.items()}
     by_float = {gguf_name(name): tensor for name, tensor in floats.items()}
     heads = {"attn_q": int(reader.fields[f"{arch}.attention.head_count"].contents())}
     kv_field = reader.fields.get(f"{arch}.attention.head_count_kv")
@@ -151,17 +150,16 @@ def export_gguf(artifact: Path, out: Path) -> ExportReport:
     for source_tensor in reader.tensors:
         name = source_tensor.name
         if name in by_unit:
-            unit = by_unit[name]
+            unit_name, unit = by_unit[name]
             kind = name.split(".")[-2]
             if arch == "llama" and kind in heads:
-                unit = ArtifactUnit(name=unit.name, bits=unit.bits, group_size=unit.group_size,
-                                    codes=permute_rows_for_llama(unit.codes, heads[kind]),
-                                    scales=permute_rows_for_llama(unit.scales, heads[kind]),
-                                    zeros=permute_rows_for_llama(unit.zeros, heads[kind]), bias=unit.bias)
+                unit = dataclasses.replace(unit, codes=permute_rows_for_llama(unit.codes, heads[kind]),
+                                           scales=permute_rows_for_llama(unit.scales, heads[kind]),
+                                           zeros=permute_rows_for_llama(unit.zeros, heads[kind]))
             qtype = unit_type(unit)
             data = encode_unit(unit, qtype)
             shape = tuple(unit.codes.shape)
-            unit_rows.append({"name": unit.name, "gguf_name": name, "bits": unit.bits, "type": qtype.name,
+            unit_rows.append({"name": unit_name, "gguf_name": name, "bits": unit.bits, "type": qtype.name,
                               "bytes": tensor_bytes(shape, qtype)})
         elif name in by_float:
             tensor = by_float[name].float()

@@ -7,17 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from bitplan.exports.common import ArtifactUnit
 from bitplan.exports.gguf_file import encode_unit, permute_rows_for_llama, tensor_bytes, unit_type
 from kernels.dequant import dequantize_groupwise
-from quantizer.rtn import quantize_rtn
+from quantizer.rtn import QuantizedWeight, quantize_rtn
 
 
-def artifact_unit(bits: int, group_size: int, shape: tuple[int, int] = (6, 192)) -> ArtifactUnit:
+def artifact_unit(bits: int, group_size: int, shape: tuple[int, int] = (6, 192)) -> QuantizedWeight:
     weight = torch.randn(*shape, generator=torch.Generator().manual_seed(bits * 100 + group_size))
-    q = quantize_rtn(weight, bits=bits, group_size=group_size)
-    return ArtifactUnit(name="layer", bits=bits, group_size=group_size, codes=q.codes, scales=q.scales,
-                        zeros=q.zeros, bias=False)
+    return quantize_rtn(weight, bits=bits, group_size=group_size)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
@@ -45,8 +42,8 @@ def test_a_group_size_not_a_multiple_of_32_falls_back_to_q8_0() -> None:
 
 def test_q4_1_bytes_of_a_known_block() -> None:
     codes = torch.arange(32, dtype=torch.uint8).remainder(16).reshape(1, 32)
-    unit = ArtifactUnit(name="x", bits=4, group_size=32, codes=codes, scales=torch.tensor([[0.5]]).half(),
-                        zeros=torch.tensor([[8.0]]).half(), bias=False)
+    unit = QuantizedWeight(codes=codes, scales=torch.tensor([[0.5]]).half(), zeros=torch.tensor([[8.0]]).half(),
+                           bits=4, group_size=32)
     data = encode_unit(unit, gguf.GGMLQuantizationType.Q4_1)[0]
     assert data[:2].view(np.float16)[0] == 0.5 and data[2:4].view(np.float16)[0] == -4.0
     assert list(data[4:8]) == [0x00, 0x11, 0x22, 0x33]  # values k and k + 16 share byte k

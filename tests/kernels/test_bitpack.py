@@ -59,8 +59,9 @@ def test_three_bit_pattern_written_out_in_binary() -> None:
 def test_quantize_pack_load_round_trip(bits: int, shape: tuple[int, int], group_size: int) -> None:
     """Codes survive packing and QuantLinear's unpacking, uniform and with mixed widths inside the matrix."""
     from kernels.quant_linear import QuantLinear
-    from quantizer.mixed import mixed_quantized_bytes, pack_segments, quantize_rtn_mixed
+    from quantizer.mixed import pack_segments, quantize_rtn_mixed
     from quantizer.rtn import dequantize_weight
+    from quantizer.sizes import quantized_bytes
 
     weight = torch.randn(*shape, generator=torch.Generator().manual_seed(bits))
     n_groups = -(-shape[1] // group_size)
@@ -72,5 +73,5 @@ def test_quantize_pack_load_round_trip(bits: int, shape: tuple[int, int], group_
         assert torch.equal(layer.dequantized_weight(), dequantize_weight(quantized))
         codes, scales, zeros = layer.codes_scales_zeros()
         assert torch.equal(codes, quantized.codes) and torch.equal(scales, quantized.scales)
-        assert sum(t.numel() * t.element_size() for t in tensors.values()) == mixed_quantized_bytes(
-            *shape, group_bits, group_size)
+        assert sum(t.numel() * t.element_size() for t in tensors.values()) == quantized_bytes(
+            *shape, bits=bits, group_size=group_size, group_bits=group_bits)
