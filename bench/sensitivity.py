@@ -42,8 +42,13 @@ from bitplan.models import causal_lm_loss, load_model, use_eager_attention
 from bitplan.pipeline import RunConfig, measure_sensitivity
 from bitplan.units import find_units
 from quantizer.rtn import dequantize_weight, quantize_rtn
-from sensitivity.api import functional_loss
-from sensitivity.hutchinson import double_backward_hvp, estimate_traces, forward_over_reverse_hvp
+from sensitivity.api import SECOND_ORDER_HVP_METHODS, HutchinsonConfig, functional_loss
+from sensitivity.hutchinson import (
+    double_backward_hvp,
+    estimate_traces,
+    forward_over_reverse_hvp,
+    gradient_difference_hvp,
+)
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "wiki.test.raw"
 METRICS = ("token_fisher", "fisher_output_error", "output_error", "gwq", "slim_salience", "baq", "hutchinson")
@@ -94,11 +99,13 @@ def real_loss_increase(model_ref: str, text: Path, sample: list[str], windows: i
     return {"base_loss": float(base.mean()), "windows": len(chunks), "real": real}
 
 
-def hvp_probe_times(model_ref: str, method: str, probes: int, seq_len: int) -> dict[str, Any]:
+def hvp_probe_times(model_ref: str, method: str, probes: int, seq_len: int,
+                    relative_step: float = HutchinsonConfig.relative_step) -> dict[str, Any]:
     """Per-probe time of one Hessian-vector product method on one calibration window; per-unit trace samples."""
     loaded = load_model(model_ref)
     model = loaded.model
-    use_eager_attention(model)
+    if method in SECOND_ORDER_HVP_METHODS or method == "pyhessian":
+        use_eager_attention(model)
     units = find_units(model)
     calib = build_calibration_set(loaded.tokenizer, text_file=None, num_samples=1, seq_len=seq_len)
     batch = calib.tokens
@@ -113,6 +120,15 @@ def hvp_probe_times(model_ref: str, method: str, probes: int, seq_len: int) -> d
         model.requires_grad_(False)
         params = {key: unit_params[key[: -len(".weight")]].requires_grad_(True) for key in unit_keys}
         hvp = double_backward_hvp(causal_lm_loss(model, batch) / batch.numel(), list(params.values()))
+    elif method == "gradient_difference":  # first-order only: the model keeps its SDPA attention
+        model.requires_grad_(False)
+        params = {key: unit_params[key[: -len(".weight")]].requires_grad_(True) for key in unit_keys}
+        weights = list(params.values())
+
+        def gradient_at() -> list[torch.Tensor]:
+            return list(torch.autograd.grad(causal_lm_loss(model, batch) / batch.numel(), weights))
+
+        hvp = gradient_difference_hvp(gradient_at, weights, relative_step=relative_step)
     else:
         model.requires_grad_(False)
         params = {key: unit_params[key[: -len(".weight")]] for key in unit_keys}

@@ -20,13 +20,14 @@ from bitplan.artifact import write_artifact
 from bitplan.calibration import build_calibration_set
 from bitplan.errors import BitplanError, BudgetError
 from bitplan.models import LoadedModel, ModelKind, causal_lm_loss, load_model, use_eager_attention
-from bitplan.units import find_units
+from bitplan.units import find_block_stack, find_units
 from quantizer.methods import QUANTIZER_LABELS, QUANTIZERS, needs_gram, quantize_unit
 from quantizer.rtn import dequantize_weight
 from quantizer.sizes import quantized_bytes, stored_bytes
 from sensitivity import HutchinsonConfig, Metric, SensitivityResult, compute_sensitivity
-from sensitivity.activations import StopFn, check_stop, collect_unit_statistics
-from sensitivity.api import NEEDS_LOSS
+from sensitivity.activations import StopFn, check_stop
+from sensitivity.api import NEEDS_LOSS, SECOND_ORDER_HVP_METHODS
+from sensitivity.blockwise import block_grams
 from sensitivity.cache import SensitivityCache, cache_key
 from sensitivity.kl import output_kl
 
@@ -192,13 +193,15 @@ def run_sensitivity(loaded: LoadedModel, units: dict[str, nn.Linear], config: Ru
     loss_fn = causal_lm_loss if loaded.kind is ModelKind.CAUSAL_LM else None  # metrics that need it were checked
     batches = list(torch.split(tokens, 1))
     if metric is Metric.HUTCHINSON:
-        use_eager_attention(loaded.model)
+        if config.hutchinson.method in SECOND_ORDER_HVP_METHODS:
+            use_eager_attention(loaded.model)
         batches = _hutchinson_batches(tokens)
         if config.hutchinson.method == "jvp":  # torch.func cannot start a graph at detached embeddings
             loss_fn = functools.partial(causal_lm_loss, graph_from_embeddings=False)
     return compute_sensitivity(loaded.model, units, batches, metric=metric, bits_options=config.candidate_bits,
                                group_size=config.group_size, loss_fn=loss_fn, hutchinson=config.hutchinson,
-                               on_progress=on_progress, should_stop=should_stop)
+                               on_progress=on_progress, should_stop=should_stop,
+                               blocks=find_block_stack(loaded.model))
 
 
 def calibration_record(config: RunConfig, calibration: Any) -> dict[str, Any]:
@@ -277,34 +280,57 @@ def allocation_problem(sizes: dict[str, dict[int, int]], sensitivity: Sensitivit
 
 def input_grams(loaded: LoadedModel, units: dict[str, nn.Linear], tokens: torch.Tensor,
                 on_progress: ProgressFn | None, should_stop: StopFn | None) -> dict[str, torch.Tensor]:
-    """Each unit's calibration input Gram matrix ``sum_t x_t x_t^T`` (what GPTQ and salience need)."""
-    stats = collect_unit_statistics(loaded.model, units, list(torch.split(tokens, 1)), on_progress=on_progress,
-                                    should_stop=should_stop)
-    return {name: entry.gram for name, entry in stats.items()}
+    """Every unit's calibration input Gram matrix ``sum_t x_t x_t^T`` (what GPTQ and salience need), all at once
+    (the pipeline itself consumes them block by block, :func:`quantize_units`)."""
+    grams = {}
+    for stats in block_grams(loaded.model, find_block_stack(loaded.model), units, list(torch.split(tokens, 1)),
+                             on_progress=on_progress, should_stop=should_stop):
+        grams.update({name: entry.gram for name, entry in stats.items()})
+    return {name: grams[name] for name in units}
 
 
-def _quantize_and_write(config: RunConfig, loaded: LoadedModel, units: dict[str, nn.Linear],
-                        chosen: dict[str, int], manifest_fields: dict[str, Any], out_dir: Path,
-                        on_progress: ProgressFn | None, should_stop: StopFn | None = None,
-                        grams: dict[str, torch.Tensor] | None = None,
-                        ) -> tuple[Any, dict[str, float], dict[str, Any]]:
-    """Steps 6 and 7: quantize each unit at its bit width with ``config.quantizer``, then pack and write."""
-    timings = {}
-    started = time.perf_counter()
-    quantized = {}
-    for index, (name, module) in enumerate(units.items()):
-        quantized[name] = quantize_unit(module.weight, method=config.quantizer, bits=chosen[name],
-                                        group_size=config.group_size, gram=None if grams is None else grams[name],
-                                        mix_groups=config.mix_groups)
-        if on_progress is not None:
-            on_progress("quantize", index + 1, len(units))
-        check_stop(should_stop, "quantization")
-    timings["quantize"] = round(time.perf_counter() - started, 3)
+def quantize_units(config: RunConfig, loaded: LoadedModel, units: dict[str, nn.Linear],
+                   choices: list[dict[str, int]], tokens: torch.Tensor | None, on_progress: ProgressFn | None,
+                   should_stop: StopFn | None = None) -> list[dict[str, Any]]:
+    """Step 6: every unit at its bit width, for each allocation in ``choices``, with ``config.quantizer``.
+
+    A calibrated quantizer (GPTQ, salience) gets each unit's input Gram matrix; they are collected block by block
+    on ``tokens`` and each block's are dropped as soon as its units are quantized for every allocation, so only
+    one block's Grams are held.
+    """
+    quantized: list[dict[str, Any]] = [{} for _ in choices]
+    done = 0
+
+    def quantize(names: list[str], grams: dict[str, torch.Tensor] | None) -> None:
+        nonlocal done
+        for name in names:
+            for chosen, into in zip(choices, quantized, strict=True):
+                into[name] = quantize_unit(units[name].weight, method=config.quantizer, bits=chosen[name],
+                                           group_size=config.group_size, gram=None if grams is None else grams[name],
+                                           mix_groups=config.mix_groups)
+            done += 1
+            if on_progress is not None:
+                on_progress("quantize", done, len(units))
+            check_stop(should_stop, "quantization")
+
+    if config.needs_grams:
+        if tokens is None:
+            raise BitplanError(f"quantizer {config.quantizer!r} needs calibration tokens")
+        for stats in block_grams(loaded.model, find_block_stack(loaded.model), units, list(torch.split(tokens, 1)),
+                                 should_stop=should_stop):
+            quantize(list(stats), {name: entry.gram for name, entry in stats.items()})
+    else:
+        quantize(list(units), None)
+    return [{name: into[name] for name in units} for into in quantized]
+
+
+def _write(loaded: LoadedModel, quantized: dict[str, Any], manifest_fields: dict[str, Any], out_dir: Path
+           ) -> tuple[Any, dict[str, float]]:
+    """Step 7: pack and write the artifact."""
     started = time.perf_counter()
     written = write_artifact(out_dir, model=loaded.model, tokenizer=loaded.tokenizer, kind=loaded.kind,
                              quantized=quantized, manifest_fields=manifest_fields)
-    timings["write"] = round(time.perf_counter() - started, 3)
-    return written, timings, quantized
+    return written, {"write": round(time.perf_counter() - started, 3)}
 
 
 def run_pipeline(config: RunConfig, *, on_progress: ProgressFn | None = None,
@@ -359,7 +385,7 @@ def run_budgets(config: RunConfig, bits_per_weight: list[float | None], *, out_d
                            "sensitivity": {"metric": None, "warnings": []}, "calibration": None,
                            "quantizer": QUANTIZER_LABELS[config.quantizer],
                            "mix_groups": config.mix_groups}
-        tokens = grams = None
+        tokens = None
         if config.needs_grams or (config.kl_windows > 0 and loaded.kind is ModelKind.CAUSAL_LM):
             calibration = build_calibration_set(loaded.tokenizer, text_file=config.calibration_text,
                                                 num_samples=config.num_samples, seq_len=config.seq_len,
@@ -367,22 +393,17 @@ def run_budgets(config: RunConfig, bits_per_weight: list[float | None], *, out_d
             tokens = calibration.tokens
             if config.needs_grams:
                 manifest_fields["calibration"] = calibration_record(config, calibration)
-                grams = input_grams(loaded, units, tokens, on_progress, should_stop)
-                lap("grams")
-        written, stage_times, quantized = _quantize_and_write(config, loaded, units, chosen, manifest_fields,
-                                                              out_dirs[0], on_progress, should_stop, grams)
+        [quantized] = quantize_units(config, loaded, units, [chosen], tokens, on_progress, should_stop)
+        lap("quantize")
+        written, stage_times = _write(loaded, quantized, manifest_fields, out_dirs[0])
         kl, stage_times["kl"] = _measure_kl(config, loaded, units, quantized, tokens)
         return [_result(config, written, chosen, manifest_fields, {**timings, **stage_times}, kl, quantized)]
     budget_bytes = [budget_in_bytes(each, sizes, numel) for each in configs]
     lap("plan")
     calibration, sensitivity, tokens = calibrate_and_measure(config, loaded, units, on_progress, should_stop)
     lap("sensitivity")
-    grams = None
-    if config.needs_grams:
-        grams = input_grams(loaded, units, tokens, on_progress, should_stop)
-        lap("grams")
-    results = []
-    for each, budget, out_dir in zip(configs, budget_bytes, out_dirs, strict=True):
+    plans = []
+    for each, budget in zip(configs, budget_bytes, strict=True):
         started = time.perf_counter()
         problem = allocation_problem(sizes, sensitivity, bits, budget, tie_fused=config.tie_fused,
                                      pinned=config.pinned)
@@ -405,12 +426,19 @@ def run_budgets(config: RunConfig, bits_per_weight: list[float | None], *, out_d
             "calibration": calibration, "quantizer": QUANTIZER_LABELS[config.quantizer],
             "mix_groups": config.mix_groups,
         }
-        allocation_s = round(time.perf_counter() - started, 3)
-        written, stage_times, quantized = _quantize_and_write(each, loaded, units, chosen, manifest_fields, out_dir,
-                                                              on_progress, should_stop, grams)
+        plans.append((chosen, manifest_fields, round(time.perf_counter() - started, 3)))
+    started = time.perf_counter()
+    all_quantized = quantize_units(config, loaded, units, [chosen for chosen, _, _ in plans], tokens, on_progress,
+                                   should_stop)
+    quantize_s = round(time.perf_counter() - started, 3)  # one pass for all budgets (the Grams are shared)
+    results = []
+    for each, out_dir, (chosen, manifest_fields, allocation_s), quantized in zip(
+            configs, out_dirs, plans, all_quantized, strict=True):
+        written, stage_times = _write(loaded, quantized, manifest_fields, out_dir)
         kl, stage_times["kl"] = _measure_kl(config, loaded, units, quantized, tokens)
         results.append(_result(each, written, chosen, manifest_fields,
-                               {**timings, "allocation": allocation_s, **stage_times}, kl, quantized))
+                               {**timings, "allocation": allocation_s, "quantize": quantize_s, **stage_times}, kl,
+                               quantized))
     return results
 
 

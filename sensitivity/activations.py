@@ -55,6 +55,7 @@ def collect_unit_statistics(
     on_progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
     weight_grads: bool = False,
+    grams: bool = True,
 ) -> dict[str, UnitStatistics]:
     """Run the calibration batches once and accumulate :class:`UnitStatistics` for every unit.
 
@@ -66,12 +67,14 @@ def collect_unit_statistics(
         should_stop: checked before every batch; :class:`Cancelled` is raised when it returns true.
         weight_grads: also accumulate the squared and absolute weight gradient of every batch's loss (needs
             ``loss_fn``; two tensors the size of each weight).
+        grams: accumulate the input Gram matrices; without them ``gram`` is an empty tensor (for callers that
+            collect the Grams block by block, :mod:`sensitivity.blockwise`).
     """
     if weight_grads and loss_fn is None:
         raise ValueError("weight-gradient statistics need a loss function")
     stats = {
         name: UnitStatistics(
-            gram=torch.zeros(m.in_features, m.in_features),
+            gram=torch.zeros(m.in_features, m.in_features) if grams else torch.empty(0),
             tokens=0,
             output_grad_sq=torch.zeros(m.out_features) if loss_fn is not None else None,
             weight_grad_sq=torch.zeros(m.out_features, m.in_features) if weight_grads else None,
@@ -86,12 +89,13 @@ def collect_unit_statistics(
     def make_hook(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]:
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             x = inputs[0].detach()
-            key = (x.data_ptr(), tuple(x.shape))
-            if key not in batch_grams:
-                flat = x.reshape(-1, x.shape[-1]).float()
-                batch_grams[key] = (x, flat.T @ flat)
             entry = stats[name]
-            entry.gram += batch_grams[key][1]
+            if grams:
+                key = (x.data_ptr(), tuple(x.shape))
+                if key not in batch_grams:
+                    flat = x.reshape(-1, x.shape[-1]).float()
+                    batch_grams[key] = (x, flat.T @ flat)
+                entry.gram += batch_grams[key][1]
             entry.tokens += x.numel() // x.shape[-1]
             if entry.output_grad_sq is not None and output.requires_grad:
                 grad_sq = entry.output_grad_sq

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
 
@@ -21,7 +21,14 @@ from sensitivity.activations import (
     check_stop,
     collect_unit_statistics,
 )
-from sensitivity.hutchinson import TraceEstimate, double_backward_hvp, estimate_traces, forward_over_reverse_hvp
+from sensitivity.blockwise import block_grams
+from sensitivity.hutchinson import (
+    TraceEstimate,
+    double_backward_hvp,
+    estimate_traces,
+    forward_over_reverse_hvp,
+    gradient_difference_hvp,
+)
 from sensitivity.output_error import predict_output_error
 from sensitivity.token_fisher import token_fisher
 from sensitivity.weight_metrics import predict_baq, predict_gwq, predict_slim_salience, salience
@@ -94,14 +101,17 @@ class HutchinsonConfig:
     max_probes: int = 16
     rel_tol: float = 0.05
     seed: int = 0
-    method: str = "double_backward"  # or "jvp" (forward over reverse; its loss_fn must work under torch.func)
+    method: str = "double_backward"  # "jvp" (forward over reverse; its loss_fn must work under torch.func) or
+    # "gradient_difference" (central difference of two first-order gradients; works with SDPA attention)
+    relative_step: float = 1e-3  # gradient_difference's step, relative to the rms of the unit weights
 
     def __post_init__(self) -> None:
         if self.method not in HVP_METHODS:
             raise ValueError(f"unknown Hessian-vector product method {self.method!r}; choose {HVP_METHODS}")
 
 
-HVP_METHODS = ("double_backward", "jvp")
+HVP_METHODS = ("double_backward", "jvp", "gradient_difference")
+SECOND_ORDER_HVP_METHODS = ("double_backward", "jvp")  # need second-order autograd (eager attention on CPU)
 
 
 class LossModule(nn.Module):
@@ -149,6 +159,15 @@ def _hutchinson(
         if config.method == "jvp":
             loss_of = functional_loss(model, loss_fn, [f"{name}.weight" for name in params], batch)
             hvp = forward_over_reverse_hvp(loss_of, list(params.values()))
+        elif config.method == "gradient_difference":
+            weights = list(params.values())
+            for weight in weights:
+                weight.requires_grad_(True)
+
+            def gradient_at() -> list[torch.Tensor]:
+                return list(torch.autograd.grad(loss_fn(model, batch) / batch.numel(), weights))
+
+            hvp = gradient_difference_hvp(gradient_at, weights, relative_step=config.relative_step)
         else:
             for weight in params.values():
                 weight.requires_grad_(True)
@@ -193,6 +212,33 @@ def _score(metric: Metric, weight: torch.Tensor, stats: UnitStatistics) -> float
     return float(torch.diagonal(stats.gram).sum()) / tokens
 
 
+def _unit_statistics(
+    model: nn.Module, units: Mapping[str, nn.Linear], batches: Sequence[torch.Tensor], *, metric: Metric,
+    loss_fn: LossFn | None, blocks: tuple[str, nn.ModuleList] | None, on_progress: ProgressFn | None,
+    should_stop: StopFn | None,
+) -> Iterator[dict[str, UnitStatistics]]:
+    """The calibration statistics ``metric`` needs, in pieces the caller consumes and drops.
+
+    With ``blocks``, the Gram matrices are collected block by block (:func:`sensitivity.blockwise.block_grams`):
+    a backward pass first gathers the small per-unit gradient statistics, then one forward pass per block adds
+    that block's Grams, so only one block's Grams are ever held. Without it, one pass gathers everything.
+    """
+    loss = loss_fn if metric in USES_LOSS else None
+    weight_grads = metric is Metric.GWQ
+    if blocks is None or weight_grads:  # GWQ needs no Grams; its weight-gradient statistics are model-sized
+        yield collect_unit_statistics(model, units, batches, loss_fn=loss, on_progress=on_progress,
+                                      should_stop=should_stop, weight_grads=weight_grads, grams=not weight_grads)
+        return
+    gradients = None
+    if loss is not None:
+        gradients = collect_unit_statistics(model, units, batches, loss_fn=loss, on_progress=on_progress,
+                                            should_stop=should_stop, grams=False)
+    for block in block_grams(model, blocks, units, batches, should_stop=should_stop):
+        if gradients is not None:
+            block = {name: replace(gradients.pop(name), gram=entry.gram) for name, entry in block.items()}
+        yield block
+
+
 def compute_sensitivity(
     model: nn.Module,
     units: Mapping[str, nn.Linear],
@@ -205,6 +251,7 @@ def compute_sensitivity(
     hutchinson: HutchinsonConfig | None = None,
     on_progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
+    blocks: tuple[str, nn.ModuleList] | None = None,
 ) -> SensitivityResult:
     """Predicted loss increase of RTN-quantizing each unit at each bit width.
 
@@ -214,6 +261,8 @@ def compute_sensitivity(
         loss_fn: summed token loss ``loss_fn(model, batch)``; required by ``fisher_output_error`` and
             ``hutchinson``.
         should_stop: checked between batches, probes and units; ``Cancelled`` is raised when it returns true.
+        blocks: the model's transformer blocks (``bitplan.units.find_block_stack``), which ``units`` lie in:
+            the Gram-based metrics then hold one block's input Grams at a time.
     """
     started = time.perf_counter()
     if metric in NEEDS_LOSS and loss_fn is None:
@@ -231,18 +280,18 @@ def compute_sensitivity(
                                         group_size=group_size, config=hutchinson or HutchinsonConfig(),
                                         on_progress=on_progress, should_stop=should_stop)
     else:
-        stats = collect_unit_statistics(model, units, batches, loss_fn=loss_fn if metric in USES_LOSS else None,
-                                        on_progress=on_progress, should_stop=should_stop,
-                                        weight_grads=metric is Metric.GWQ)
-        entries = []
-        for index, (name, module) in enumerate(units.items()):
-            check_stop(should_stop, "predicted error")
-            delta = _predict(metric, module.weight, stats[name], bits_options=bits_options, group_size=group_size)
-            entries.append(UnitSensitivity(name=name, numel=module.weight.numel(),
-                                           score=_score(metric, module.weight, stats[name]), delta_loss=delta))
-            del stats[name]
-            if on_progress is not None:
-                on_progress("predicted error", index + 1, len(units))
+        by_name = {}
+        for stats in _unit_statistics(model, units, batches, metric=metric, loss_fn=loss_fn, blocks=blocks,
+                                      on_progress=on_progress, should_stop=should_stop):
+            for name, entry in stats.items():
+                check_stop(should_stop, "predicted error")
+                weight = units[name].weight
+                delta = _predict(metric, weight, entry, bits_options=bits_options, group_size=group_size)
+                by_name[name] = UnitSensitivity(name=name, numel=weight.numel(), score=_score(metric, weight, entry),
+                                                delta_loss=delta)
+                if on_progress is not None:
+                    on_progress("predicted error", len(by_name), len(units))
+        entries = [by_name[name] for name in units]
     for warning in warnings:
         logger.warning(warning)
     return SensitivityResult(metric=metric, units=tuple(entries), seconds=time.perf_counter() - started,

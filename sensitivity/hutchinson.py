@@ -1,9 +1,10 @@
 """Hutchinson estimate of the loss-Hessian trace per parameter block (HAWQ-V2).
 
 ``tr(H_u) = E_v[v_u^T (H v)_u]`` and ``diag(H) = E_v[v * Hv]`` for Rademacher probes ``v``. ``H v`` comes
-either from differentiating ``g . v`` where ``g`` is the gradient built with ``create_graph=True`` (double
-backward, one graph reused by every probe) or from ``torch.func.jvp`` of ``torch.func.grad`` (forward over
-reverse). Samples are returned so callers get an error bar.
+from differentiating ``g . v`` where ``g`` is the gradient built with ``create_graph=True`` (double backward,
+one graph reused by every probe), from ``torch.func.jvp`` of ``torch.func.grad`` (forward over reverse), or from
+a central difference of two first-order gradients (no second-order graph at all). Samples are returned so
+callers get an error bar.
 """
 
 from __future__ import annotations
@@ -61,6 +62,44 @@ def forward_over_reverse_hvp(loss_of: Callable[[tuple[torch.Tensor, ...]], torch
     def hvp(probes: list[torch.Tensor]) -> list[torch.Tensor]:
         _, tangent_out = torch.func.jvp(gradient, (primals,), (tuple(probes),))
         return list(tangent_out)
+
+    return hvp
+
+
+GradientFn = Callable[[], list[torch.Tensor]]  # the loss gradient at the tensors' current values
+
+
+def gradient_difference_hvp(gradient_at: GradientFn, tensors: list[torch.Tensor], *, relative_step: float = 1e-3
+                            ) -> HvpFn:
+    """Central difference of gradients: ``H v = (g(w + h v) - g(w - h v)) / 2h + O(h^2)``.
+
+    Two first-order backward passes per probe and no second-order graph, so it runs with any attention kernel
+    (SDPA included) at first-order memory. ``h = relative_step * rms(w)`` over all ``tensors`` (one step for all
+    of them, so the cross terms between tensors are those of ``H`` itself); the tensors are perturbed in place
+    and restored from a copy after every probe, also when the gradient raises.
+    """
+    originals = [t.detach().clone() for t in tensors]
+    squares = sum(float(t.double().pow(2).sum()) for t in originals)
+    count = sum(t.numel() for t in originals)
+    step = relative_step * math.sqrt(squares / max(count, 1))
+    if step <= 0:
+        raise ValueError("gradient-difference HVP needs nonzero tensors (the step is relative to their size)")
+
+    def gradient_with(probes: list[torch.Tensor], sign: float) -> list[torch.Tensor]:
+        with torch.no_grad():
+            for tensor, original, v in zip(tensors, originals, probes, strict=True):
+                tensor.copy_(original).add_(v, alpha=sign * step)
+        try:
+            return [g.detach() for g in gradient_at()]
+        finally:
+            with torch.no_grad():
+                for tensor, original in zip(tensors, originals, strict=True):
+                    tensor.copy_(original)
+
+    def hvp(probes: list[torch.Tensor]) -> list[torch.Tensor]:
+        plus = gradient_with(probes, 1.0)
+        minus = gradient_with(probes, -1.0)
+        return [(p - m) / (2 * step) for p, m in zip(plus, minus, strict=True)]
 
     return hvp
 

@@ -6,7 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from sensitivity.hutchinson import estimate_hessian_traces, estimate_traces, forward_over_reverse_hvp
+from sensitivity.hutchinson import (
+    estimate_hessian_traces,
+    estimate_traces,
+    forward_over_reverse_hvp,
+    gradient_difference_hvp,
+)
 
 
 def tiny_net() -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
@@ -90,6 +95,45 @@ def test_forward_over_reverse_equals_double_backward() -> None:
         assert forward[name].samples == pytest.approx(reverse[name].samples, rel=1e-5, abs=1e-7)
 
 
+def test_gradient_difference_matches_the_exact_hessian_vector_product() -> None:
+    """Central differences in float64 against H v from the exact Hessian; the weights are restored exactly."""
+    net, x, y = tiny_net()
+    net = net.double()
+    x = x.double()
+    name = "2.weight"
+    weight = dict(net.named_parameters())[name]
+    before = weight.detach().clone()
+
+    def gradient_at() -> list[torch.Tensor]:
+        return list(torch.autograd.grad(nn.functional.cross_entropy(net(x), y), [weight]))
+
+    hvp = gradient_difference_hvp(gradient_at, [weight], relative_step=1e-4)
+    probe = torch.randn(weight.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    params = dict(net.named_parameters())
+
+    def loss_of(flat: torch.Tensor) -> torch.Tensor:
+        patched = {**params, name: flat.reshape(weight.shape)}
+        return nn.functional.cross_entropy(torch.func.functional_call(net, patched, (x,)), y)
+
+    hessian = torch.autograd.functional.hessian(loss_of, weight.detach().reshape(-1))
+    expected = (hessian @ probe.reshape(-1)).reshape(weight.shape)
+    assert torch.allclose(hvp([probe])[0], expected, rtol=1e-6, atol=1e-9)
+    assert torch.equal(weight.detach(), before)
+
+
+def test_gradient_difference_restores_the_weights_when_the_gradient_fails() -> None:
+    weight = torch.nn.Parameter(torch.ones(3))
+    before = weight.detach().clone()
+
+    def failing() -> list[torch.Tensor]:
+        raise RuntimeError("out of memory")
+
+    hvp = gradient_difference_hvp(failing, [weight])
+    with pytest.raises(RuntimeError, match="out of memory"):
+        hvp([torch.ones(3)])
+    assert torch.equal(weight.detach(), before)
+
+
 def test_both_hvp_methods_give_the_same_unit_traces_on_a_tiny_llama() -> None:
     import functools
 
@@ -103,11 +147,15 @@ def test_both_hvp_methods_give_the_same_unit_traces_on_a_tiny_llama() -> None:
     units = find_units(model)
     tokens = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(0))
     results = {}
-    for method in ("double_backward", "jvp"):
+    for method in ("double_backward", "jvp", "gradient_difference"):
         loss_fn = causal_lm_loss if method == "double_backward" else functools.partial(
             causal_lm_loss, graph_from_embeddings=False)
         results[method] = compute_sensitivity(
             model, units, [tokens], metric=Metric.HUTCHINSON, bits_options=(2, 4), group_size=32, loss_fn=loss_fn,
             hutchinson=HutchinsonConfig(min_probes=3, max_probes=3, method=method))
-    for a, b in zip(results["double_backward"].units, results["jvp"].units, strict=True):
-        assert a.score == pytest.approx(b.score, rel=1e-4, abs=1e-6)
+    scale = sum(abs(u.score) for u in results["double_backward"].units)
+    for a, b, c in zip(results["double_backward"].units, results["jvp"].units,
+                       results["gradient_difference"].units, strict=True):
+        assert b.score == pytest.approx(a.score, rel=1e-4, abs=1e-6)
+        # float32 central differences: rounding of order eps * |g| / step, small against the summed trace
+        assert c.score == pytest.approx(a.score, abs=2e-4 * scale)
