@@ -1,14 +1,17 @@
 """Sensitivity benchmark on SmolLM2-135M. Prints one JSON object with:
 
-* every metric's time and peak memory (each in a fresh process, model load included);
+* every metric's time and peak memory (each in a fresh process, model load included), under each calibration
+  set: ``eval-tail`` (the second half of WikiText-2 test: in-domain, disjoint from the evaluated windows) and
+  ``builtin`` (the default calibration text, Python's own documentation);
 * for a sample of units, the Spearman rank correlation between each metric's predicted loss increase at 3 bits
-  and the real increase (quantize that unit alone, measure the WikiText-2 loss over the same windows), with the
-  real increase's standard error and the correlation that measurement noise alone would allow;
+  and the real increase (quantize that unit alone, measure the WikiText-2 loss over the first windows), with a
+  bootstrap interval over units, the real increase's standard error and the correlation that measurement noise
+  alone would allow;
 * Hessian-vector products: a PyHessian-style double-backward loop (every parameter, as PyHessian takes them)
   against ours (double backward over the quantized units only, and forward-over-reverse jvp), time per probe
   and the trace estimates they give for the same probes.
 
-    python bench/sensitivity.py [--units 30] [--windows 32] [--samples 32] [--text FILE]
+    python bench/sensitivity.py [--units 40] [--windows 32] [--samples 32] [--text FILE] [--truth EARLIER.json]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import random
 import resource
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,9 +44,10 @@ from bitplan.calibration import build_calibration_set, read_text
 from bitplan.evaluation import tokenize_for_perplexity
 from bitplan.models import causal_lm_loss, load_model, use_eager_attention
 from bitplan.pipeline import RunConfig, measure_sensitivity
-from bitplan.units import find_units
+from bitplan.units import find_block_stack, find_units
 from quantizer.rtn import dequantize_weight, quantize_rtn
 from sensitivity.api import SECOND_ORDER_HVP_METHODS, HutchinsonConfig, functional_loss
+from sensitivity.blockwise import capture_first_block_inputs
 from sensitivity.hutchinson import (
     double_backward_hvp,
     estimate_traces,
@@ -51,7 +56,8 @@ from sensitivity.hutchinson import (
 )
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "wiki.test.raw"
-METRICS = ("token_fisher", "fisher_output_error", "output_error", "gwq", "slim_salience", "baq", "hutchinson")
+METRICS = ("token_taylor", "token_fisher", "fisher_output_error", "output_error", "gwq", "slim_salience", "baq",
+           "hutchinson")
 
 
 def _in_child(target: Callable[..., dict[str, Any]], args: tuple[Any, ...], queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
@@ -78,22 +84,47 @@ def metric_run(config: RunConfig) -> dict[str, Any]:
 
 def real_loss_increase(model_ref: str, text: Path, sample: list[str], windows: int, seq_len: int,
                        bits: int) -> dict[str, Any]:
-    """Mean WikiText-2 token loss increase (and its standard error over windows) of quantizing each unit alone."""
+    """Mean WikiText-2 token loss increase (and its standard error over windows) of quantizing each unit alone.
+
+    The hidden states entering every block are computed once for all windows, so quantizing a unit of block ``i``
+    re-runs only blocks ``i..L-1``, the final norm and the head (a Llama layout: ``model.model.norm``,
+    ``model.lm_head``); the unquantized loss is checked against the whole model's.
+    """
     loaded = load_model(model_ref)
-    units = find_units(loaded.model)
+    model = loaded.model
+    units = find_units(model)
+    stack_name, stack = find_block_stack(model)
     ids = tokenize_for_perplexity(loaded.tokenizer, read_text(text))
     chunks = [ids[i * seq_len:(i + 1) * seq_len][None] for i in range(min(windows, ids.numel() // seq_len))]
+    inputs = capture_first_block_inputs(model, stack, chunks)
+    entering = [list(inputs.hidden)]
+    with torch.no_grad():
+        for block in stack:
+            outputs = [block(h, *a, **k) for h, a, k in zip(entering[-1], inputs.args, inputs.kwargs, strict=True)]
+            entering.append([o[0] if isinstance(o, tuple) else o for o in outputs])
 
     @torch.no_grad()
-    def window_losses() -> torch.Tensor:
-        return torch.tensor([float(causal_lm_loss(loaded.model, c)) / (c.numel() - 1) for c in chunks])
+    def window_losses(first_block: int) -> torch.Tensor:
+        losses = []
+        for w, chunk in enumerate(chunks):
+            hidden = entering[first_block][w]
+            for block in stack[first_block:]:
+                output = block(hidden, *inputs.args[w], **inputs.kwargs[w])
+                hidden = output[0] if isinstance(output, tuple) else output
+            logits = model.lm_head(model.model.norm(hidden))[0, :-1].float()
+            losses.append(float(torch.nn.functional.cross_entropy(logits, chunk[0, 1:])))
+        return torch.tensor(losses)
 
-    base = window_losses()
+    base = window_losses(len(stack))
+    with torch.no_grad():
+        whole = torch.tensor([float(causal_lm_loss(model, c)) / (c.numel() - 1) for c in chunks[:2]])
+    if not torch.allclose(whole, base[:2], rtol=1e-4, atol=1e-4):
+        raise RuntimeError(f"cached block inputs do not reproduce the model's loss: {whole} vs {base[:2]}")
     real = {}
     for name in sample:
         weight = units[name].weight.data.clone()
         units[name].weight.data = dequantize_weight(quantize_rtn(weight, bits=bits, group_size=128))
-        increase = window_losses() - base
+        increase = window_losses(int(name[len(stack_name) + 1:].split(".")[0])) - base
         units[name].weight.data = weight
         real[name] = {"mean": float(increase.mean()), "std_error": float(increase.std() / math.sqrt(len(chunks)))}
     return {"base_loss": float(base.mean()), "windows": len(chunks), "real": real}
@@ -150,6 +181,37 @@ def hvp_probe_times(model_ref: str, method: str, probes: int, seq_len: int,
             "unit_trace_samples": {k: list(estimates[k].samples) for k in unit_keys}}
 
 
+HVP_METHODS = ("pyhessian", "double_backward", "jvp", "gradient_difference")
+
+
+def compare_hvp_methods(model_ref: str, probes: int, seq_len: int) -> dict[str, Any]:
+    """Each Hessian-vector product method on the same window and the same probes, one after the other in fresh
+    processes: time per probe, its ratio to the PyHessian-style loop, and how far each method's per-unit trace
+    samples are from exact double backward, beside the spread of those samples across probes (Hutchinson's own
+    error, which any method's error should be far below)."""
+    runs = {method: in_fresh_process(hvp_probe_times, model_ref, method, probes, seq_len) for method in HVP_METHODS}
+    reference = runs["double_backward"]["unit_trace_samples"]
+    spread = [float(np.std(values, ddof=1) / max(abs(float(np.mean(values))), 1e-12)) for values in reference.values()]
+    result: dict[str, Any] = {"tokens": seq_len, "probes": probes,
+                              "median_relative_probe_spread": float(np.median(spread))}
+    for method, run in runs.items():
+        samples = run["unit_trace_samples"]
+        differences = [abs(a - b) / max(abs(b), 1e-12) for k in reference
+                       for a, b in zip(samples[k], reference[k], strict=True)]
+        totals = [abs(sum(samples[k][i] for k in reference) / sum(reference[k][i] for k in reference) - 1)
+                  for i in range(probes)]
+        result[method] = {"mean_probe_s": run["mean_probe_s"], "probe_s": run["probe_s"], "setup_s": run["setup_s"],
+                          "peak_rss_gb": round(run["peak_rss_gb"], 2),
+                          "relative_difference_to_double_backward": {
+                              "median_unit_sample": float(np.median(differences)),
+                              "p90_unit_sample": float(np.percentile(differences, 90)),
+                              "max_unit_sample": max(differences), "max_probe_total": max(totals)}}
+    base = result["pyhessian"]["mean_probe_s"]
+    for method in HVP_METHODS[1:]:
+        result[method]["speedup_per_probe_vs_pyhessian"] = base / result[method]["mean_probe_s"]
+    return result
+
+
 def noise_ceiling(real: dict[str, dict[str, float]], draws: int = 2000) -> float:
     """Mean Spearman correlation between the measured increases and a second measurement with the same noise:
     what a perfect predictor could be expected to reach against this measurement."""
@@ -163,12 +225,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--text", type=Path, default=DEFAULT_TEXT)
-    parser.add_argument("--units", type=int, default=30)
+    parser.add_argument("--units", type=int, default=40)
     parser.add_argument("--windows", type=int, default=32, help="WikiText-2 windows for the real loss increase")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--samples", type=int, default=32, help="calibration windows for the metrics")
     parser.add_argument("--bits", type=int, default=3)
-    parser.add_argument("--metrics", default=",".join(METRICS))
+    parser.add_argument("--metrics", default=",".join(METRICS), help="comma-separated ('': skip the correlations)")
+    parser.add_argument("--calibration", default="eval-tail,builtin",
+                        help="comma-separated: eval-tail (second half of --text) and/or builtin (the default text)")
+    parser.add_argument("--truth", type=Path, help="an earlier report whose real increases (same units, windows, "
+                                                   "bits) are reused instead of measured again")
     parser.add_argument("--hvp-probes", type=int, default=3, help="probes per Hessian-vector product method (0: skip)")
     args = parser.parse_args()
     if not args.text.is_file():
@@ -176,49 +242,89 @@ def main() -> None:
     report: dict[str, Any] = {
         "benchmark": "sensitivity", "model": args.model, "cpus": os.cpu_count(), "command": " ".join(sys.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "calibration": f"built-in text, {args.samples} x {args.seq_len} tokens",
-        "real_loss": {"text": str(args.text), "seq_len": args.seq_len, "bits": args.bits, "group_size": 128},
+        "calibration": f"{args.calibration}: {args.samples} x {args.seq_len} tokens each",
     }
-    metrics = {}
-    for metric in args.metrics.split(","):
-        config = RunConfig(model=args.model, out_dir=Path("."), bits_per_weight=4.0, metric=metric,
-                           num_samples=args.samples, seq_len=args.seq_len, use_cache=False)
-        metrics[metric] = in_fresh_process(metric_run, config)
-        sys.stderr.write(f"{metric}: {metrics[metric]['wall_s']:.1f} s\n")
-    names = [u["name"] for u in next(iter(metrics.values()))["result"]["units"]]
+    if args.metrics:
+        report.update(correlation_report(args))
+    if args.hvp_probes > 0:
+        report["hessian_vector_products"] = compare_hvp_methods(args.model, args.hvp_probes, args.seq_len)
+    sys.stdout.write(json.dumps(report) + "\n")
+
+
+def calibration_text(kind: str, text: Path, sample_tokens: int, seq_len: int, windows: int) -> Path | None:
+    """``None`` for the built-in text; for ``eval-tail`` the second half of the evaluation text in a temporary
+    file (in-domain and disjoint from the evaluated windows, which come from the start of the text)."""
+    if kind == "builtin":
+        return None
+    if kind != "eval-tail":
+        raise SystemExit(f"unknown calibration {kind!r}: builtin or eval-tail")
+    if windows * seq_len >= sample_tokens // 2:
+        raise SystemExit("the evaluated windows reach into the second half of the text; use fewer windows")
+    content = read_text(text)
+    path = Path(tempfile.mkdtemp()) / "eval-tail.txt"
+    path.write_text(content[len(content) // 2:], encoding="utf-8")
+    return path
+
+
+def bootstrap_interval(predicted: list[float], real: list[float], draws: int = 2000) -> list[float]:
+    """90% interval of the Spearman correlation over units resampled with replacement."""
+    rng = np.random.default_rng(0)
+    x, y = np.array(predicted), np.array(real)
+    values = []
+    for _ in range(draws):
+        pick = rng.integers(0, len(x), len(x))
+        if len(set(pick.tolist())) > 2:
+            values.append(spearmanr(x[pick], y[pick]).statistic)
+    return [float(np.nanpercentile(values, 5)), float(np.nanpercentile(values, 95))]
+
+
+def correlation_report(args: argparse.Namespace) -> dict[str, Any]:
+    """Every metric's run (time, peak memory) under each calibration set, and the rank correlation of its 3-bit
+    prediction with the real loss increase of quantizing each sampled unit alone."""
+    report: dict[str, Any] = {
+        "real_loss": {"text": str(args.text), "seq_len": args.seq_len, "bits": args.bits, "group_size": 128}}
+    loaded = load_model(args.model)
+    names = list(find_units(loaded.model))
+    text_tokens = tokenize_for_perplexity(loaded.tokenizer, read_text(args.text)).numel()
+    del loaded
     sample = sorted(random.Random(0).sample(names, args.units), key=names.index)
-    measured = in_fresh_process(real_loss_increase, args.model, args.text, sample, args.windows, args.seq_len,
-                                args.bits)
-    real = measured["real"]
-    table = {}
-    for metric, payload in metrics.items():
-        predicted = {u["name"]: u["delta_loss"][str(args.bits)] for u in payload["result"]["units"]}
-        rho = spearmanr([predicted[n] for n in sample], [real[n]["mean"] for n in sample]).statistic
-        table[metric] = {"spearman": float(rho), "wall_s": round(payload["wall_s"], 1),
-                         "sensitivity_s": round(payload["result"]["seconds"], 1),
-                         "peak_rss_gb": round(payload["peak_rss_gb"], 2), "warnings": payload["result"]["warnings"]}
-    report["real_loss"].update({"windows": measured["windows"], "base_loss": measured["base_loss"],
-                                "noise_ceiling_spearman": noise_ceiling(real)})
+    previous = json.loads(args.truth.read_text()) if args.truth else None
+    if previous and [u["name"] for u in previous["units"]] == sample and previous["real_loss"]["windows"] == min(
+            args.windows, text_tokens // args.seq_len) and previous["real_loss"]["bits"] == args.bits:
+        real = {u["name"]: {"mean": u["real_delta_loss"], "std_error": u["std_error"]} for u in previous["units"]}
+        measured = {"windows": previous["real_loss"]["windows"], "base_loss": previous["real_loss"]["base_loss"],
+                    "real": real, "reused_from": str(args.truth)}
+    else:
+        started = time.perf_counter()
+        measured = in_fresh_process(real_loss_increase, args.model, args.text, sample, args.windows, args.seq_len,
+                                    args.bits)
+        measured["seconds"] = round(time.perf_counter() - started, 1)
+        real = measured["real"]
+    report["real_loss"].update({key: measured[key] for key in ("windows", "base_loss", "seconds", "reused_from")
+                                if key in measured})
+    report["real_loss"]["noise_ceiling_spearman"] = noise_ceiling(real)
     report["units"] = [{"name": n, "real_delta_loss": real[n]["mean"], "std_error": real[n]["std_error"]}
                        for n in sample]
-    report["metrics"] = table
-    if args.hvp_probes > 0:
-        runs = {method: in_fresh_process(hvp_probe_times, args.model, method, args.hvp_probes, args.seq_len)
-                for method in ("pyhessian", "double_backward", "jvp")}
-        reference = runs["double_backward"]["unit_trace_samples"]
-        hvp: dict[str, Any] = {"tokens": args.seq_len, "probes": args.hvp_probes}
-        for method, run in runs.items():
-            samples = run["unit_trace_samples"]
-            worst = max(abs(a - b) / max(abs(b), 1e-12) for k in reference
-                        for a, b in zip(samples[k], reference[k], strict=True))
-            hvp[method] = {"mean_probe_s": run["mean_probe_s"], "setup_s": run["setup_s"],
-                           "peak_rss_gb": round(run["peak_rss_gb"], 2),
-                           "max_relative_difference_to_double_backward": worst}
-        base = hvp["pyhessian"]["mean_probe_s"]
-        for method in ("double_backward", "jvp"):
-            hvp[method]["speedup_per_probe_vs_pyhessian"] = base / hvp[method]["mean_probe_s"]
-        report["hessian_vector_products"] = hvp
-    sys.stdout.write(json.dumps(report) + "\n")
+    truth = [real[n]["mean"] for n in sample]
+    report["metrics"] = {}
+    for kind in args.calibration.split(","):
+        text = calibration_text(kind, args.text, text_tokens, args.seq_len, args.windows)
+        table = report["metrics"][kind] = {}
+        for metric in args.metrics.split(","):
+            config = RunConfig(model=args.model, out_dir=Path("."), bits_per_weight=4.0, metric=metric,
+                               num_samples=args.samples, seq_len=args.seq_len, use_cache=False,
+                               calibration_text=text)
+            payload = in_fresh_process(metric_run, config)
+            predicted = {u["name"]: u["delta_loss"][str(args.bits)] for u in payload["result"]["units"]}
+            guess = [predicted[n] for n in sample]
+            table[metric] = {"spearman": float(spearmanr(guess, truth).statistic),
+                             "spearman_bootstrap_90": bootstrap_interval(guess, truth),
+                             "wall_s": round(payload["wall_s"], 1),
+                             "sensitivity_s": round(payload["result"]["seconds"], 1),
+                             "peak_rss_gb": round(payload["peak_rss_gb"], 2),
+                             "warnings": payload["result"]["warnings"], "predicted": guess}
+            sys.stderr.write(f"{kind} {metric}: rho {table[metric]['spearman']:.3f}, {payload['wall_s']:.1f} s\n")
+    return report
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -46,9 +47,10 @@ class Metric(str, Enum):
     SLIM_SALIENCE = "slim_salience"
     BAQ = "baq"
     TOKEN_FISHER = "token_fisher"
+    TOKEN_TAYLOR = "token_taylor"
 
 
-NEEDS_LOSS = {Metric.FISHER_OUTPUT_ERROR, Metric.HUTCHINSON, Metric.GWQ, Metric.TOKEN_FISHER}
+NEEDS_LOSS = {Metric.FISHER_OUTPUT_ERROR, Metric.HUTCHINSON, Metric.GWQ, Metric.TOKEN_FISHER, Metric.TOKEN_TAYLOR}
 USES_LOSS = NEEDS_LOSS | {Metric.SLIM_SALIENCE, Metric.BAQ}  # weighted by output-gradient energy when available
 
 
@@ -101,8 +103,11 @@ class HutchinsonConfig:
     max_probes: int = 16
     rel_tol: float = 0.05
     seed: int = 0
-    method: str = "double_backward"  # "jvp" (forward over reverse; its loss_fn must work under torch.func) or
-    # "gradient_difference" (central difference of two first-order gradients; works with SDPA attention)
+    # "gradient_difference": central difference of two first-order gradients (SDPA attention, first-order memory;
+    # 1.9x faster per probe than a PyHessian-style loop on SmolLM2, per-probe totals within 2e-4 of exact,
+    # bench/results/sensitivity-hvp-smollm2-2026-11-24.json); "double_backward" (exact, eager attention);
+    # "jvp" (forward over reverse; its loss_fn must work under torch.func)
+    method: str = "gradient_difference"
     relative_step: float = 1e-3  # gradient_difference's step, relative to the rms of the unit weights
 
     def __post_init__(self) -> None:
@@ -137,6 +142,19 @@ def functional_loss(model: nn.Module, loss_fn: LossFn, names: Sequence[str], bat
         return torch.func.functional_call(wrapper, dict(zip(keys, weights, strict=True)), (batch,))
 
     return loss_of
+
+
+def taylor_increase(first_order: Mapping[int, float], second_order: Mapping[int, float]) -> dict[int, float]:
+    """``first + second`` order loss change per bit width, made non-increasing in the width from the wide end: a
+    narrower grid is never predicted to cost less than a wider one, since the expansion is most accurate for the
+    small errors of wide grids. The result can be negative: quantizing may lower the calibration loss of weights
+    that were not trained on that text."""
+    result = {}
+    running = -math.inf
+    for bits in sorted(second_order, reverse=True):
+        running = max(running, first_order[bits] + second_order[bits])
+        result[bits] = running
+    return dict(sorted(result.items()))
 
 
 def _squared_rtn_error(weight: torch.Tensor, bits: int, group_size: int) -> float:
@@ -268,12 +286,14 @@ def compute_sensitivity(
     if metric in NEEDS_LOSS and loss_fn is None:
         raise ValueError(f"metric {metric.value!r} needs a loss (a causal language model); use 'output_error'")
     warnings: list[str] = []
-    if metric is Metric.TOKEN_FISHER:
+    if metric in (Metric.TOKEN_FISHER, Metric.TOKEN_TAYLOR):
         assert loss_fn is not None
-        predicted, energy = token_fisher(model, units, batches, loss_fn=loss_fn, bits_options=bits_options,
-                                         group_size=group_size, on_progress=on_progress, should_stop=should_stop)
-        entries = [UnitSensitivity(name=name, numel=module.weight.numel(), score=energy[name],
-                                   delta_loss=predicted[name]) for name, module in units.items()]
+        terms = token_fisher(model, units, batches, loss_fn=loss_fn, bits_options=bits_options,
+                             group_size=group_size, on_progress=on_progress, should_stop=should_stop)
+        entries = [UnitSensitivity(name=name, numel=module.weight.numel(), score=terms.energy[name],
+                                   delta_loss=(taylor_increase(terms.first_order[name], terms.second_order[name])
+                                               if metric is Metric.TOKEN_TAYLOR else terms.second_order[name]))
+                   for name, module in units.items()]
     elif metric is Metric.HUTCHINSON:
         assert loss_fn is not None
         entries, warnings = _hutchinson(model, units, batches, loss_fn, bits_options=bits_options,

@@ -9,17 +9,33 @@ computed exactly, token by token, during the calibration backward passes. ``fish
 the same quantity by separating gradients from inputs (``sum_o F_o [dW H dW^T]_oo``); keeping them together
 keeps the correlations between output channels and between gradients and inputs, which is what made this
 metric rank the real per-layer loss increase of SmolLM2-135M far better (``bench/sensitivity.py``).
+
+The same scalars give the first-order term ``1/N sum_t g_t . dW_b x_t`` for free; ``token_taylor`` adds it
+(the loss change to second order). The gradient of the calibration loss is not zero at weights that were not
+trained on that text (or were themselves quantized), so on calibration text from the target domain the first
+term carries real signal; on text from another domain it is mostly noise.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from quantizer.rtn import quantization_error
 from sensitivity.activations import LossFn, ProgressFn, StopFn, check_stop
+
+
+@dataclass(frozen=True)
+class TokenFisherTerms:
+    """Per unit and bit width, the two Taylor terms of the loss increase, and each unit's output-gradient energy
+    per token."""
+
+    second_order: dict[str, dict[int, float]]
+    first_order: dict[str, dict[int, float]]
+    energy: dict[str, float]
 
 
 def token_fisher(
@@ -32,8 +48,8 @@ def token_fisher(
     group_size: int,
     on_progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
-) -> tuple[dict[str, dict[int, float]], dict[str, float]]:
-    """Predicted loss increase per (unit, bit width), and each unit's output-gradient energy per token.
+) -> TokenFisherTerms:
+    """Both Taylor terms of the loss increase per (unit, bit width), and each unit's output-gradient energy.
 
     The RTN error ``dW_b`` of every unit at every width is held in memory (one float32 copy of the unit weights
     per width) so that each backward pass only adds matrix products.
@@ -43,6 +59,7 @@ def token_fisher(
         deltas[name] = torch.stack([quantization_error(module.weight, bits=b, group_size=group_size)
                                     for b in bits_options])
     squares = {name: torch.zeros(len(bits_options), dtype=torch.float64) for name in units}
+    sums = {name: torch.zeros(len(bits_options), dtype=torch.float64) for name in units}
     energy = dict.fromkeys(units, 0.0)
     tokens = 0
 
@@ -59,6 +76,7 @@ def token_fisher(
                 projected = torch.einsum("to,boi->bti", g, deltas[name])
                 scalars = (projected * flat[None]).sum(dim=2)
                 squares[name] += scalars.double().pow(2).sum(dim=1)
+                sums[name] += scalars.double().sum(dim=1)
                 energy[name] += float(g.pow(2).sum())
 
             output.register_hook(grad_hook)
@@ -81,6 +99,8 @@ def token_fisher(
         for parameter, flag in requires_grad.items():
             parameter.requires_grad_(flag)
     tokens = max(tokens, 1)
-    predicted = {name: {b: 0.5 * float(squares[name][i]) / tokens for i, b in enumerate(bits_options)}
-                 for name in units}
-    return predicted, {name: value / tokens for name, value in energy.items()}
+    return TokenFisherTerms(
+        second_order={name: {b: 0.5 * float(squares[name][i]) / tokens for i, b in enumerate(bits_options)}
+                      for name in units},
+        first_order={name: {b: float(sums[name][i]) / tokens for i, b in enumerate(bits_options)} for name in units},
+        energy={name: value / tokens for name, value in energy.items()})

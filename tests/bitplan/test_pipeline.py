@@ -42,7 +42,7 @@ def test_manifest_records_everything(mixed_run) -> None:
     manifest = json.loads((path / MANIFEST).read_text())
     assert manifest["format_version"] == 2 and manifest["packing"] == "bitstream-int32"
     assert manifest["solver"]["status"] == "optimal"
-    assert manifest["sensitivity"]["metric"] == "token_fisher"
+    assert manifest["sensitivity"]["metric"] == "token_taylor"
     assert len(manifest["calibration"]["sha256"]) == 64
     assert manifest["budget"]["bits_per_weight"] == 4.0
     for name, digest in manifest["files"].items():

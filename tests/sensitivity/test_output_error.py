@@ -68,7 +68,9 @@ def test_every_metric_predicts_more_loss_at_fewer_bits(metric: Metric) -> None:
     result = compute_sensitivity(model, units, [tokens[:1], tokens[1:]], metric=metric, bits_options=(2, 8),
                                  group_size=32, loss_fn=causal_lm_loss)
     assert [u.name for u in result.units] == list(units)
-    assert sum(u.delta_loss[2] for u in result.units) > sum(u.delta_loss[8] for u in result.units) >= 0
+    assert sum(u.delta_loss[2] for u in result.units) > sum(u.delta_loss[8] for u in result.units)
+    if metric is not Metric.TOKEN_TAYLOR:  # the only metric with a (possibly negative) first-order term
+        assert sum(u.delta_loss[8] for u in result.units) >= 0
 
 
 def test_loss_based_metric_needs_a_loss() -> None:

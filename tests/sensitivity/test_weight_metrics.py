@@ -92,7 +92,8 @@ def test_weight_gradient_statistics_match_autograd() -> None:
     assert all(p.grad is None for p in model.parameters())
 
 
-@pytest.mark.parametrize("metric", [Metric.GWQ, Metric.SLIM_SALIENCE, Metric.BAQ, Metric.TOKEN_FISHER])
+@pytest.mark.parametrize("metric", [Metric.GWQ, Metric.SLIM_SALIENCE, Metric.BAQ, Metric.TOKEN_FISHER,
+                                    Metric.TOKEN_TAYLOR])
 def test_every_metric_through_the_interface(metric: Metric) -> None:
     model = make_tiny_llama()
     units = find_units(model)
@@ -102,8 +103,10 @@ def test_every_metric_through_the_interface(metric: Metric) -> None:
                                  group_size=32, loss_fn=causal_lm_loss)
     assert [u.name for u in result.units] == list(units)
     for unit in result.units:
-        assert unit.delta_loss[2] >= unit.delta_loss[4] >= unit.delta_loss[8] >= 0
+        assert unit.delta_loss[2] >= unit.delta_loss[4] >= unit.delta_loss[8]
         assert unit.score >= 0
+        if metric is not Metric.TOKEN_TAYLOR:  # its first-order term may be negative
+            assert unit.delta_loss[8] >= 0
     assert [p.requires_grad for p in model.parameters()] == flags
     assert all(p.grad is None for p in model.parameters())
 
@@ -115,17 +118,33 @@ def test_token_fisher_against_a_direct_per_token_computation() -> None:
     model = make_tiny_llama()
     units = find_units(model)
     tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(5))
-    predicted, energy = token_fisher(model, units, [tokens[:1], tokens[1:]], loss_fn=causal_lm_loss,
-                                     bits_options=(2, 4), group_size=32)
+    terms = token_fisher(model, units, [tokens[:1], tokens[1:]], loss_fn=causal_lm_loss, bits_options=(2, 4),
+                         group_size=32)
     for name in ("model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj"):
         xs, grads = zip(*(captured_io(model, name, tokens[i : i + 1]) for i in range(2)), strict=True)
         x, g = torch.cat(xs), torch.cat(grads)
         weight = units[name].weight.detach()
         for bits in (2, 4):
             delta = dequantize_weight(quantize_rtn(weight, bits=bits, group_size=32)) - weight
-            direct = 0.5 * float((((x @ delta.T) * g).sum(dim=1) ** 2).sum()) / 40
-            assert predicted[name][bits] == pytest.approx(direct, rel=1e-4)
-        assert energy[name] == pytest.approx(float((g ** 2).sum()) / 40, rel=1e-4)
+            per_token = ((x @ delta.T) * g).sum(dim=1)
+            assert terms.second_order[name][bits] == pytest.approx(0.5 * float((per_token ** 2).sum()) / 40, rel=1e-4)
+            assert terms.first_order[name][bits] == pytest.approx(float(per_token.sum()) / 40, rel=1e-4, abs=1e-9)
+            # the first-order term is the directional derivative of the mean loss along the quantization error
+            weight_param = units[name].weight
+            weight_param.requires_grad_(True)
+            loss = sum(causal_lm_loss(model, tokens[i : i + 1]) for i in range(2)) / 40
+            (gradient,) = torch.autograd.grad(loss, [weight_param])
+            weight_param.requires_grad_(False)
+            assert terms.first_order[name][bits] == pytest.approx(float((gradient * delta).sum()), rel=1e-3, abs=1e-8)
+        assert terms.energy[name] == pytest.approx(float((g ** 2).sum()) / 40, rel=1e-4)
+
+
+def test_token_taylor_is_both_terms_made_non_increasing_in_the_width() -> None:
+    from sensitivity.api import taylor_increase
+
+    first = {2: -0.5, 3: 0.2, 4: -0.01, 8: 0.001}
+    second = {2: 0.4, 3: 0.1, 4: 0.02, 8: 0.0001}
+    assert taylor_increase(first, second) == pytest.approx({2: 0.3, 3: 0.3, 4: 0.01, 8: 0.0011})
 
 
 def test_output_kl_against_a_direct_computation_and_restores_weights() -> None:
