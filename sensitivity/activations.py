@@ -46,6 +46,20 @@ class UnitStatistics:
     batches: int = 0
 
 
+SharedGrams = dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]]
+
+
+def add_input_gram(entry: UnitStatistics, x: torch.Tensor, shared: SharedGrams) -> None:
+    """Add ``x^T x`` of a unit's input to ``entry.gram``. Units fed the same tensor (q/k/v, gate/up) share one
+    product through ``shared`` (cleared per batch); the input is kept alive beside its product so that its address
+    cannot be reused by another tensor within the batch."""
+    key = (x.data_ptr(), tuple(x.shape))
+    if key not in shared:
+        flat = x.reshape(-1, x.shape[-1]).float()
+        shared[key] = (x, flat.T @ flat)
+    entry.gram += shared[key][1]
+
+
 def collect_unit_statistics(
     model: nn.Module,
     units: Mapping[str, nn.Linear],
@@ -82,20 +96,14 @@ def collect_unit_statistics(
         )
         for name, m in units.items()
     }
-    # Units fed the same tensor (q/k/v, gate/up) share one product. The input is kept alive with its product
-    # so that its address cannot be reused by another tensor within the batch.
-    batch_grams: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
+    batch_grams: SharedGrams = {}
 
     def make_hook(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]:
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             x = inputs[0].detach()
             entry = stats[name]
             if grams:
-                key = (x.data_ptr(), tuple(x.shape))
-                if key not in batch_grams:
-                    flat = x.reshape(-1, x.shape[-1]).float()
-                    batch_grams[key] = (x, flat.T @ flat)
-                entry.gram += batch_grams[key][1]
+                add_input_gram(entry, x, batch_grams)
             entry.tokens += x.numel() // x.shape[-1]
             if entry.output_grad_sq is not None and output.requires_grad:
                 grad_sq = entry.output_grad_sq

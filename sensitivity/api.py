@@ -144,15 +144,23 @@ def functional_loss(model: nn.Module, loss_fn: LossFn, names: Sequence[str], bat
     return loss_of
 
 
-def taylor_increase(first_order: Mapping[int, float], second_order: Mapping[int, float]) -> dict[int, float]:
-    """``first + second`` order loss change per bit width, made non-increasing in the width from the wide end: a
-    narrower grid is never predicted to cost less than a wider one, since the expansion is most accurate for the
-    small errors of wide grids. The result can be negative: quantizing may lower the calibration loss of weights
-    that were not trained on that text."""
+def taylor_increase(first_order: Mapping[int, float], second_order: Mapping[int, float],
+                    first_order_std_error: Mapping[int, float] | None = None) -> dict[int, float]:
+    """``first + second`` order loss change per bit width.
+
+    The first-order term is an average over calibration batches; with its standard error ``se`` it is shrunk by
+    ``max(0, 1 - se^2 / first^2)`` (positive-part James-Stein), so a slope that the calibration set cannot tell
+    from zero adds nothing. The sum is then made non-increasing in the width from the wide end: a narrower grid
+    is never predicted to cost less than a wider one, since the expansion is most accurate for the small errors
+    of wide grids. The result can be negative: quantizing may lower the calibration loss of weights that were not
+    trained on that text."""
     result = {}
     running = -math.inf
     for bits in sorted(second_order, reverse=True):
-        running = max(running, first_order[bits] + second_order[bits])
+        first = first_order[bits]
+        if first_order_std_error is not None and first != 0.0:
+            first *= max(0.0, 1.0 - (first_order_std_error[bits] / first) ** 2)
+        running = max(running, first + second_order[bits])
         result[bits] = running
     return dict(sorted(result.items()))
 
@@ -291,7 +299,8 @@ def compute_sensitivity(
         terms = token_fisher(model, units, batches, loss_fn=loss_fn, bits_options=bits_options,
                              group_size=group_size, on_progress=on_progress, should_stop=should_stop)
         entries = [UnitSensitivity(name=name, numel=module.weight.numel(), score=terms.energy[name],
-                                   delta_loss=(taylor_increase(terms.first_order[name], terms.second_order[name])
+                                   delta_loss=(taylor_increase(terms.first_order[name], terms.second_order[name],
+                                                               terms.first_order_std_error[name])
                                                if metric is Metric.TOKEN_TAYLOR else terms.second_order[name]))
                    for name, module in units.items()]
     elif metric is Metric.HUTCHINSON:

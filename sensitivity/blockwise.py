@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sensitivity.activations import ProgressFn, StopFn, UnitStatistics, check_stop
+from sensitivity.activations import ProgressFn, SharedGrams, StopFn, UnitStatistics, add_input_gram, check_stop
 
 
 class _ReachedFirstBlock(Exception):
@@ -93,7 +93,7 @@ def block_grams(
         own = {name: module for name, module in units.items() if name.startswith(prefix)}
         stats = {name: UnitStatistics(gram=torch.zeros(m.in_features, m.in_features), tokens=0)
                  for name, m in own.items()}
-        shared: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
+        shared: SharedGrams = {}
         handles = [module.register_forward_hook(_gram_hook(stats[name], shared)) for name, module in own.items()]
         try:
             with torch.no_grad():
@@ -110,18 +110,11 @@ def block_grams(
             yield stats
 
 
-def _gram_hook(entry: UnitStatistics, shared: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]]
+def _gram_hook(entry: UnitStatistics, shared: SharedGrams
                ) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]:
-    """Add ``x^T x`` of the unit's input to ``entry``; units fed the same tensor (q/k/v, gate/up) share one
-    product (the input is kept alive beside it, so that its address is not reused within the batch)."""
-
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         x = inputs[0].detach()
-        key = (x.data_ptr(), tuple(x.shape))
-        if key not in shared:
-            flat = x.reshape(-1, x.shape[-1]).float()
-            shared[key] = (x, flat.T @ flat)
-        entry.gram += shared[key][1]
+        add_input_gram(entry, x, shared)
         entry.tokens += x.numel() // x.shape[-1]
 
     return hook

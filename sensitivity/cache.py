@@ -16,7 +16,7 @@ from typing import Any
 
 from sensitivity.api import SensitivityResult
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: token_taylor shrinks its first-order term
 
 
 def default_cache_dir() -> Path:

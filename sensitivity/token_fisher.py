@@ -18,6 +18,7 @@ term carries real signal; on text from another domain it is mostly noise.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ class TokenFisherTerms:
 
     second_order: dict[str, dict[int, float]]
     first_order: dict[str, dict[int, float]]
+    first_order_std_error: dict[str, dict[int, float]]  # over calibration batches (inf with a single batch)
     energy: dict[str, float]
 
 
@@ -60,6 +62,8 @@ def token_fisher(
                                     for b in bits_options])
     squares = {name: torch.zeros(len(bits_options), dtype=torch.float64) for name in units}
     sums = {name: torch.zeros(len(bits_options), dtype=torch.float64) for name in units}
+    batch_sums = {name: torch.zeros(len(bits_options), dtype=torch.float64) for name in units}
+    batch_sums_sq = {name: torch.zeros(len(bits_options), dtype=torch.float64) for name in units}
     energy = dict.fromkeys(units, 0.0)
     tokens = 0
 
@@ -77,6 +81,7 @@ def token_fisher(
                 scalars = (projected * flat[None]).sum(dim=2)
                 squares[name] += scalars.double().pow(2).sum(dim=1)
                 sums[name] += scalars.double().sum(dim=1)
+                batch_sums[name] += scalars.double().sum(dim=1)
                 energy[name] += float(g.pow(2).sum())
 
             output.register_hook(grad_hook)
@@ -90,6 +95,9 @@ def token_fisher(
         for index, batch in enumerate(batches):
             check_stop(should_stop, "token Fisher")
             loss_fn(model, batch).backward()
+            for name, value in batch_sums.items():
+                batch_sums_sq[name] += value.pow(2)
+                value.zero_()
             tokens += batch.numel()
             if on_progress is not None:
                 on_progress("token Fisher", index + 1, len(batches))
@@ -99,8 +107,19 @@ def token_fisher(
         for parameter, flag in requires_grad.items():
             parameter.requires_grad_(flag)
     tokens = max(tokens, 1)
+    count = len(batches)
+
+    def std_error(name: str, index: int) -> float:
+        """Standard error of the first-order mean from the spread of the per-batch sums."""
+        if count < 2:
+            return math.inf
+        mean = float(sums[name][index]) / count
+        variance = max(float(batch_sums_sq[name][index]) / count - mean * mean, 0.0) * count / (count - 1)
+        return math.sqrt(count * variance) / tokens
+
     return TokenFisherTerms(
         second_order={name: {b: 0.5 * float(squares[name][i]) / tokens for i, b in enumerate(bits_options)}
                       for name in units},
         first_order={name: {b: float(sums[name][i]) / tokens for i, b in enumerate(bits_options)} for name in units},
+        first_order_std_error={name: {b: std_error(name, i) for i, b in enumerate(bits_options)} for name in units},
         energy={name: value / tokens for name, value in energy.items()})

@@ -137,6 +137,11 @@ def test_token_fisher_against_a_direct_per_token_computation() -> None:
             weight_param.requires_grad_(False)
             assert terms.first_order[name][bits] == pytest.approx(float((gradient * delta).sum()), rel=1e-3, abs=1e-8)
         assert terms.energy[name] == pytest.approx(float((g ** 2).sum()) / 40, rel=1e-4)
+        for bits in (2, 4):  # two batches: the standard error of the per-token mean from their two sums
+            delta = dequantize_weight(quantize_rtn(weight, bits=bits, group_size=32)) - weight
+            halves = [float(((xs[i] @ delta.T) * grads[i]).sum()) for i in range(2)]
+            expected = abs(halves[0] - halves[1]) / 40  # sqrt(2 * var) / N with var = (a - b)^2 / 2
+            assert terms.first_order_std_error[name][bits] == pytest.approx(expected, rel=1e-3)
 
 
 def test_token_taylor_is_both_terms_made_non_increasing_in_the_width() -> None:
@@ -145,6 +150,9 @@ def test_token_taylor_is_both_terms_made_non_increasing_in_the_width() -> None:
     first = {2: -0.5, 3: 0.2, 4: -0.01, 8: 0.001}
     second = {2: 0.4, 3: 0.1, 4: 0.02, 8: 0.0001}
     assert taylor_increase(first, second) == pytest.approx({2: 0.3, 3: 0.3, 4: 0.01, 8: 0.0011})
+    # a first-order term within its standard error is shrunk (to nothing at or below one standard error)
+    errors = {2: 1.0, 3: 0.1, 4: 0.0, 8: 0.01}
+    assert taylor_increase(first, second, errors) == pytest.approx({2: 0.4, 3: 0.2 * 0.75 + 0.1, 4: 0.01, 8: 0.0001})
 
 
 def test_output_kl_against_a_direct_computation_and_restores_weights() -> None:
