@@ -259,7 +259,7 @@ def _unit_statistics(
     if loss is not None:
         gradients = collect_unit_statistics(model, units, batches, loss_fn=loss, on_progress=on_progress,
                                             should_stop=should_stop, grams=False)
-    for block in block_grams(model, blocks, units, batches, should_stop=should_stop):
+    for block in block_grams(model, blocks, units, batches, on_progress=on_progress, should_stop=should_stop):
         if gradients is not None:
             block = {name: replace(gradients.pop(name), gram=entry.gram) for name, entry in block.items()}
         yield block

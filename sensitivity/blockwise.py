@@ -105,7 +105,7 @@ def block_grams(
             for handle in handles:
                 handle.remove()
         if on_progress is not None:
-            on_progress("calibration statistics", index + 1, len(stack))
+            on_progress("block statistics", index + 1, len(stack))
         if stats:
             yield stats
 

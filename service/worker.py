@@ -28,7 +28,8 @@ from service.store import JobStore, StaleAttempt  # JobStore or RedisJobStore (t
 logger = logging.getLogger(__name__)
 
 STAGE_SPAN = {  # share of the whole job each pipeline stage stands for, in order
-    "load": (0.0, 0.05), "calibration statistics": (0.05, 0.75), "token Fisher": (0.05, 0.75),
+    "load": (0.0, 0.05), "calibration statistics": (0.05, 0.6), "block statistics": (0.6, 0.75),
+    "token Fisher": (0.05, 0.75),
     "hutchinson probes": (0.05, 0.75), "predicted error": (0.75, 0.8), "quantize": (0.8, 0.97),
 }
 
