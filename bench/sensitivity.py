@@ -100,8 +100,7 @@ def real_loss_increase(model_ref: str, text: Path, sample: list[str], windows: i
     entering = [list(inputs.hidden)]
     with torch.no_grad():
         for block in stack:
-            outputs = [block(h, *a, **k) for h, a, k in zip(entering[-1], inputs.args, inputs.kwargs, strict=True)]
-            entering.append([o[0] if isinstance(o, tuple) else o for o in outputs])
+            entering.append([inputs.run(block, w, hidden) for w, hidden in enumerate(entering[-1])])
 
     @torch.no_grad()
     def window_losses(first_block: int) -> torch.Tensor:
@@ -109,8 +108,7 @@ def real_loss_increase(model_ref: str, text: Path, sample: list[str], windows: i
         for w, chunk in enumerate(chunks):
             hidden = entering[first_block][w]
             for block in stack[first_block:]:
-                output = block(hidden, *inputs.args[w], **inputs.kwargs[w])
-                hidden = output[0] if isinstance(output, tuple) else output
+                hidden = inputs.run(block, w, hidden)
             logits = model.lm_head(model.model.norm(hidden))[0, :-1].float()
             losses.append(float(torch.nn.functional.cross_entropy(logits, chunk[0, 1:])))
         return torch.tensor(losses)

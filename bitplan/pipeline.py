@@ -7,7 +7,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -284,10 +284,17 @@ def input_grams(loaded: LoadedModel, units: dict[str, nn.Linear], tokens: torch.
     """Every unit's calibration input Gram matrix ``sum_t x_t x_t^T`` (what GPTQ and salience need), all at once
     (the pipeline itself consumes them block by block, :func:`quantize_units`)."""
     grams = {}
+    for block in _grams_by_block(loaded, units, tokens, on_progress, should_stop):
+        grams.update(block)
+    return {name: grams[name] for name in units}
+
+
+def _grams_by_block(loaded: LoadedModel, units: dict[str, nn.Linear], tokens: torch.Tensor,
+                    on_progress: ProgressFn | None, should_stop: StopFn | None) -> Iterator[dict[str, torch.Tensor]]:
+    """Unit name -> input Gram matrix, one transformer block at a time (:func:`sensitivity.blockwise.block_grams`)."""
     for stats in block_grams(loaded.model, find_block_stack(loaded.model), units, list(torch.split(tokens, 1)),
                              on_progress=on_progress, should_stop=should_stop):
-        grams.update({name: entry.gram for name, entry in stats.items()})
-    return {name: grams[name] for name in units}
+        yield {name: entry.gram for name, entry in stats.items()}
 
 
 def quantize_units(config: RunConfig, loaded: LoadedModel, units: dict[str, nn.Linear],
@@ -317,9 +324,8 @@ def quantize_units(config: RunConfig, loaded: LoadedModel, units: dict[str, nn.L
     if config.needs_grams:
         if tokens is None:
             raise BitplanError(f"quantizer {config.quantizer!r} needs calibration tokens")
-        for stats in block_grams(loaded.model, find_block_stack(loaded.model), units, list(torch.split(tokens, 1)),
-                                 should_stop=should_stop):
-            quantize(list(stats), {name: entry.gram for name, entry in stats.items()})
+        for grams in _grams_by_block(loaded, units, tokens, None, should_stop):
+            quantize(list(grams), grams)
     else:
         quantize(list(units), None)
     return [{name: into[name] for name in units} for into in quantized]

@@ -181,23 +181,22 @@ def _hutchinson(
     batch = torch.cat(list(batches), dim=0)
     options = {"min_probes": config.min_probes, "max_probes": config.max_probes, "rel_tol": config.rel_tol,
                "seed": config.seed, "on_progress": on_progress, "should_stop": should_stop}
+    weights = list(params.values())
     try:
-        if config.method == "jvp":
+        if config.method == "jvp":  # torch.func differentiates the weights it is handed
             loss_of = functional_loss(model, loss_fn, [f"{name}.weight" for name in params], batch)
-            hvp = forward_over_reverse_hvp(loss_of, list(params.values()))
-        elif config.method == "gradient_difference":
-            weights = list(params.values())
+            hvp = forward_over_reverse_hvp(loss_of, weights)
+        else:
             for weight in weights:
                 weight.requires_grad_(True)
+            if config.method == "gradient_difference":
 
-            def gradient_at() -> list[torch.Tensor]:
-                return list(torch.autograd.grad(loss_fn(model, batch) / batch.numel(), weights))
+                def gradient_at() -> list[torch.Tensor]:
+                    return list(torch.autograd.grad(loss_fn(model, batch) / batch.numel(), weights))
 
-            hvp = gradient_difference_hvp(gradient_at, weights, relative_step=config.relative_step)
-        else:
-            for weight in params.values():
-                weight.requires_grad_(True)
-            hvp = double_backward_hvp(loss_fn(model, batch) / batch.numel(), list(params.values()))
+                hvp = gradient_difference_hvp(gradient_at, weights, relative_step=config.relative_step)
+            else:
+                hvp = double_backward_hvp(loss_fn(model, batch) / batch.numel(), weights)
         traces: dict[str, TraceEstimate] = estimate_traces(hvp, params, **options)  # type: ignore[arg-type]
     finally:
         for parameter, flag in requires_grad.items():

@@ -33,6 +33,11 @@ class BlockInputs:
     args: list[tuple[Any, ...]]
     kwargs: list[dict[str, Any]]
 
+    def run(self, block: nn.Module, position: int, hidden: torch.Tensor) -> torch.Tensor:
+        """``block`` applied to ``hidden`` with batch ``position``'s other arguments; its hidden-state output."""
+        output = block(hidden, *self.args[position], **self.kwargs[position])
+        return output[0] if isinstance(output, tuple) else output
+
 
 def capture_first_block_inputs(model: nn.Module, stack: nn.ModuleList, batches: Sequence[torch.Tensor]
                                ) -> BlockInputs:
@@ -99,8 +104,7 @@ def block_grams(
             with torch.no_grad():
                 for position, hidden in enumerate(inputs.hidden):
                     shared.clear()
-                    output = block(hidden, *inputs.args[position], **inputs.kwargs[position])
-                    inputs.hidden[position] = output[0] if isinstance(output, tuple) else output
+                    inputs.hidden[position] = inputs.run(block, position, hidden)
         finally:
             for handle in handles:
                 handle.remove()
