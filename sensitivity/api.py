@@ -29,9 +29,10 @@ from sensitivity.hutchinson import (
     estimate_traces,
     forward_over_reverse_hvp,
     gradient_difference_hvp,
+    median_relative_error,
 )
 from sensitivity.output_error import predict_output_error
-from sensitivity.token_fisher import token_fisher
+from sensitivity.token_fisher import DEFAULT_ERROR_BYTES, token_fisher
 from sensitivity.weight_metrics import predict_baq, predict_gwq, predict_slim_salience, salience
 
 logger = logging.getLogger(__name__)
@@ -100,8 +101,10 @@ class HutchinsonConfig:
     """Probe settings for the ``hutchinson`` metric."""
 
     min_probes: int = 4
-    max_probes: int = 16
-    rel_tol: float = 0.05
+    max_probes: int = 32
+    rel_tol: float = 0.05  # of the summed trace
+    # and every unit's trace positive with a median relative standard error of at most this (None: not checked)
+    unit_rel_tol: float | None = 0.3
     seed: int = 0
     # "gradient_difference": central difference of two first-order gradients (SDPA attention, first-order memory;
     # 1.9x faster per probe than a PyHessian-style loop on SmolLM2, per-probe totals within 2e-4 of exact,
@@ -180,7 +183,8 @@ def _hutchinson(
     params = {name: m.weight for name, m in units.items()}
     batch = torch.cat(list(batches), dim=0)
     options = {"min_probes": config.min_probes, "max_probes": config.max_probes, "rel_tol": config.rel_tol,
-               "seed": config.seed, "on_progress": on_progress, "should_stop": should_stop}
+               "unit_rel_tol": config.unit_rel_tol, "seed": config.seed, "on_progress": on_progress,
+               "should_stop": should_stop}
     weights = list(params.values())
     try:
         if config.method == "jvp":  # torch.func differentiates the weights it is handed
@@ -202,11 +206,16 @@ def _hutchinson(
         for parameter, flag in requires_grad.items():
             parameter.requires_grad_(flag)
     warnings = []
+    probes = len(next(iter(traces.values())).samples)
     negative = [n for n, t in traces.items() if t.trace < 0]
     if negative:
-        warnings.append(f"{len(negative)} of {len(traces)} Hutchinson traces were negative after "
-                        f"{len(next(iter(traces.values())).samples)} probes and were clamped to 0 "
-                        f"(first: {negative[:3]}); raise max_probes for a tighter estimate")
+        warnings.append(f"{len(negative)} of {len(traces)} Hutchinson traces were negative after {probes} probes "
+                        f"and were clamped to 0 (first: {negative[:3]}); raise max_probes for a tighter estimate")
+    median = median_relative_error(list(traces.values()))
+    if config.unit_rel_tol is not None and median > config.unit_rel_tol:
+        warnings.append(f"after {probes} probes (max_probes) the median relative standard error of the per-unit "
+                        f"Hessian traces is {median:.2f}, above unit_rel_tol {config.unit_rel_tol}; the ranking "
+                        "of units is that uncertain")
     result = []
     for name, module in units.items():
         trace = max(traces[name].trace, 0.0)
@@ -277,6 +286,7 @@ def compute_sensitivity(
     on_progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
     blocks: tuple[str, nn.ModuleList] | None = None,
+    max_error_bytes: int = DEFAULT_ERROR_BYTES,
 ) -> SensitivityResult:
     """Predicted loss increase of RTN-quantizing each unit at each bit width.
 
@@ -288,6 +298,8 @@ def compute_sensitivity(
         should_stop: checked between batches, probes and units; ``Cancelled`` is raised when it returns true.
         blocks: the model's transformer blocks (``bitplan.units.find_block_stack``), which ``units`` lie in:
             the Gram-based metrics then hold one block's input Grams at a time.
+        max_error_bytes: the RTN-error copies ``token_fisher``/``token_taylor`` may hold at once; fewer means
+            more backward passes over the calibration set (:func:`sensitivity.token_fisher.token_fisher`).
     """
     started = time.perf_counter()
     if metric in NEEDS_LOSS and loss_fn is None:
@@ -296,7 +308,8 @@ def compute_sensitivity(
     if metric in (Metric.TOKEN_FISHER, Metric.TOKEN_TAYLOR):
         assert loss_fn is not None
         terms = token_fisher(model, units, batches, loss_fn=loss_fn, bits_options=bits_options,
-                             group_size=group_size, on_progress=on_progress, should_stop=should_stop)
+                             group_size=group_size, max_error_bytes=max_error_bytes, on_progress=on_progress,
+                             should_stop=should_stop)
         entries = [UnitSensitivity(name=name, numel=module.weight.numel(), score=terms.energy[name],
                                    delta_loss=(taylor_increase(terms.first_order[name], terms.second_order[name],
                                                                terms.first_order_std_error[name])

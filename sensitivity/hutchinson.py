@@ -42,6 +42,18 @@ def _summarize(samples: list[float]) -> TraceEstimate:
     return TraceEstimate(trace=mean, std_error=math.sqrt(var / n), samples=tuple(samples))
 
 
+def units_resolved(estimates: list[TraceEstimate], unit_rel_tol: float) -> bool:
+    """Whether per-tensor traces are good enough to rank: none negative (a trace of a loss Hessian at a minimum is
+    not; a negative mean is probe noise), and the median relative standard error at most ``unit_rel_tol``."""
+    return not any(e.trace < 0 for e in estimates) and median_relative_error(estimates) <= unit_rel_tol
+
+
+def median_relative_error(estimates: list[TraceEstimate]) -> float:
+    """The median over tensors of ``std_error / trace`` (infinite for a trace that is not positive)."""
+    relative = sorted(e.std_error / e.trace if e.trace > 0 else math.inf for e in estimates)
+    return relative[len(relative) // 2]
+
+
 def double_backward_hvp(loss: torch.Tensor, tensors: list[torch.Tensor]) -> HvpFn:
     """Reverse-over-reverse (PyHessian style): one gradient graph (``create_graph=True``) reused by every probe."""
     grads = torch.autograd.grad(loss, tensors, create_graph=True)
@@ -127,6 +139,7 @@ def estimate_traces(
     min_probes: int = 4,
     max_probes: int = 32,
     rel_tol: float = 0.05,
+    unit_rel_tol: float | None = None,
     seed: int = 0,
     diagonal: bool = False,
     on_progress: ProgressFn | None = None,
@@ -135,8 +148,9 @@ def estimate_traces(
     """Hutchinson with Rademacher probes through ``hvp``.
 
     Probing stops after ``min_probes`` once the standard error of the summed trace is below ``rel_tol`` of its
-    magnitude, or at ``max_probes``. With ``diagonal``, every element's ``mean(v * Hv)`` (an unbiased estimate
-    of the Hessian diagonal) and its standard error are returned too.
+    magnitude and, with ``unit_rel_tol``, each tensor's own trace is resolved too (:func:`units_resolved`), or
+    at ``max_probes``. With ``diagonal``, every element's ``mean(v * Hv)`` (an unbiased estimate of the Hessian
+    diagonal) and its standard error are returned too.
     """
     if min_probes < 2 or max_probes < min_probes:
         raise ValueError(f"need 2 <= min_probes <= max_probes, got {min_probes}, {max_probes}")
@@ -166,7 +180,8 @@ def estimate_traces(
             on_progress("hutchinson probes", probe + 1, max_probes)
         if probe + 1 >= min_probes:
             summary = _summarize(totals)
-            if summary.std_error <= rel_tol * abs(summary.trace):
+            if summary.std_error <= rel_tol * abs(summary.trace) and (
+                    unit_rel_tol is None or units_resolved([_summarize(v) for v in samples.values()], unit_rel_tol)):
                 break
     result = {}
     for name, values in samples.items():

@@ -40,6 +40,24 @@ class TokenFisherTerms:
     energy: dict[str, float]
 
 
+DEFAULT_ERROR_BYTES = 4 << 30  # RTN-error copies held at once: all of SmolLM2-135M's (1.7 GB) in one pass
+
+
+def unit_chunks(units: Mapping[str, nn.Linear], *, widths: int, max_bytes: int) -> list[list[str]]:
+    """Consecutive runs of unit names whose float32 RTN errors at ``widths`` widths take at most ``max_bytes``
+    (a unit larger than that alone makes a chunk of its own)."""
+    chunks: list[list[str]] = [[]]
+    used = 0
+    for name, module in units.items():
+        size = module.weight.numel() * widths * 4
+        if chunks[-1] and used + size > max_bytes:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(name)
+        used += size
+    return chunks if chunks[0] else []
+
+
 def token_fisher(
     model: nn.Module,
     units: Mapping[str, nn.Linear],
@@ -48,24 +66,23 @@ def token_fisher(
     loss_fn: LossFn,
     bits_options: Sequence[int],
     group_size: int,
+    max_error_bytes: int = DEFAULT_ERROR_BYTES,
     on_progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
 ) -> TokenFisherTerms:
     """Both Taylor terms of the loss increase per (unit, bit width), and each unit's output-gradient energy.
 
-    The RTN error ``dW_b`` of every unit at every width is held in memory (one float32 copy of the unit weights
-    per width) so that each backward pass only adds matrix products.
+    The RTN error ``dW_b`` of a unit at every width is held in memory (one float32 copy of its weights per
+    width) so that each backward pass only adds matrix products. At most ``max_error_bytes`` of them are held at
+    once: the units are taken in chunks that fit, each chunk with its own backward passes over the calibration
+    set (a 7B model's four widths take about 104 GB, so 26 passes over the calibration set at the default 4 GiB).
     """
-    deltas = {}
-    for name, module in units.items():
-        deltas[name] = torch.stack([quantization_error(module.weight, bits=b, group_size=group_size)
-                                    for b in bits_options])
     squares = {name: torch.zeros(len(bits_options), dtype=torch.float64) for name in units}
     sums = {name: torch.zeros(len(bits_options), dtype=torch.float64) for name in units}
     batch_sums = {name: torch.zeros(len(bits_options), dtype=torch.float64) for name in units}
     batch_sums_sq = {name: torch.zeros(len(bits_options), dtype=torch.float64) for name in units}
     energy = dict.fromkeys(units, 0.0)
-    tokens = 0
+    deltas: dict[str, torch.Tensor] = {}
 
     def make_hook(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]:
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -88,24 +105,32 @@ def token_fisher(
 
         return hook
 
-    handles = [module.register_forward_hook(make_hook(name)) for name, module in units.items()]
+    chunks = unit_chunks(units, widths=len(bits_options), max_bytes=max_error_bytes)
+    steps = len(chunks) * len(batches)
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     model.requires_grad_(False)
     try:
-        for index, batch in enumerate(batches):
-            check_stop(should_stop, "token Fisher")
-            loss_fn(model, batch).backward()
-            for name, value in batch_sums.items():
-                batch_sums_sq[name] += value.pow(2)
-                value.zero_()
-            tokens += batch.numel()
-            if on_progress is not None:
-                on_progress("token Fisher", index + 1, len(batches))
+        for chunk_index, chunk in enumerate(chunks):
+            deltas = {name: torch.stack([quantization_error(units[name].weight, bits=b, group_size=group_size)
+                                         for b in bits_options]) for name in chunk}
+            handles = [units[name].register_forward_hook(make_hook(name)) for name in chunk]
+            try:
+                for index, batch in enumerate(batches):
+                    check_stop(should_stop, "token Fisher")
+                    loss_fn(model, batch).backward()
+                    for name in chunk:
+                        batch_sums_sq[name] += batch_sums[name].pow(2)
+                        batch_sums[name].zero_()
+                    if on_progress is not None:
+                        on_progress("token Fisher", chunk_index * len(batches) + index + 1, steps)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            deltas = {}
     finally:
-        for handle in handles:
-            handle.remove()
         for parameter, flag in requires_grad.items():
             parameter.requires_grad_(flag)
+    tokens = sum(batch.numel() for batch in batches)
     tokens = max(tokens, 1)
     count = len(batches)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -159,3 +161,29 @@ def test_both_hvp_methods_give_the_same_unit_traces_on_a_tiny_llama() -> None:
         assert b.score == pytest.approx(a.score, rel=1e-4, abs=1e-6)
         # float32 central differences: rounding of order eps * |g| / step, small against the summed trace
         assert c.score == pytest.approx(a.score, abs=2e-4 * scale)
+
+
+def test_per_unit_rule_probes_until_no_unit_trace_is_negative() -> None:
+    from sensitivity.hutchinson import median_relative_error, units_resolved
+
+    # one tensor with a large positive trace and one whose trace is tiny against its probe noise: the summed
+    # trace is resolved after the minimum, the small tensor is not
+    big = torch.randn(8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    small = torch.randn(8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    curvature = torch.randn(64, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    curvature = 1e-4 * (curvature + curvature.T)  # symmetric, trace 0.0128, large off-diagonal spread
+    curvature.fill_diagonal_(2e-4)
+
+    def hvp(probes: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [10.0 * probes[0], (curvature @ probes[1].reshape(-1)).reshape(8, 8)]
+
+    params = {"big": big, "small": small}
+    summed_only = estimate_traces(hvp, params, min_probes=4, max_probes=200, rel_tol=0.05, seed=3)
+    assert len(summed_only["big"].samples) == 4 and summed_only["small"].trace < 0  # noise, not curvature
+    per_unit = estimate_traces(hvp, params, min_probes=4, max_probes=200, rel_tol=0.05, unit_rel_tol=0.5, seed=3)
+    estimates = list(per_unit.values())
+    assert 4 < len(per_unit["big"].samples) < 200
+    assert units_resolved(estimates, 0.5) and median_relative_error(estimates) <= 0.5
+    negative = dataclasses.replace(per_unit["small"], trace=-1.0)
+    assert not units_resolved([per_unit["big"], negative], 0.5)
+    assert median_relative_error([per_unit["big"], negative]) == float("inf")

@@ -144,6 +144,30 @@ def test_token_fisher_against_a_direct_per_token_computation() -> None:
             assert terms.first_order_std_error[name][bits] == pytest.approx(expected, rel=1e-3)
 
 
+def test_token_fisher_in_chunks_equals_one_pass() -> None:
+    from sensitivity.token_fisher import token_fisher, unit_chunks
+
+    model = make_tiny_llama()
+    units = find_units(model)
+    tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(6))
+    sizes = {name: m.weight.numel() * 2 * 4 for name, m in units.items()}
+    budget = 2 * max(sizes.values())
+    chunks = unit_chunks(units, widths=2, max_bytes=budget)
+    assert [name for chunk in chunks for name in chunk] == list(units)
+    assert len(chunks) > 2 and all(sum(sizes[n] for n in chunk) <= budget for chunk in chunks)
+    assert unit_chunks(units, widths=2, max_bytes=1) == [[name] for name in units]  # one unit is never split
+    steps: list[tuple[int, int]] = []
+    options = {"loss_fn": causal_lm_loss, "bits_options": (2, 4), "group_size": 32}
+    whole = token_fisher(model, units, [tokens[:1], tokens[1:]], **options)
+    chunked = token_fisher(model, units, [tokens[:1], tokens[1:]], max_error_bytes=budget,
+                           on_progress=lambda stage, done, total: steps.append((done, total)), **options)
+    assert steps == [(i + 1, 2 * len(chunks)) for i in range(2 * len(chunks))]
+    for field in ("second_order", "first_order", "first_order_std_error"):
+        for name in units:
+            assert getattr(chunked, field)[name] == pytest.approx(getattr(whole, field)[name], rel=1e-6, abs=1e-12)
+    assert chunked.energy == pytest.approx(whole.energy, rel=1e-6)
+
+
 def test_token_taylor_is_both_terms_made_non_increasing_in_the_width() -> None:
     from sensitivity.api import taylor_increase
 
