@@ -12,6 +12,7 @@
   and the trace estimates they give for the same probes.
 
     python bench/sensitivity.py [--units 40] [--windows 32] [--samples 32] [--text FILE] [--truth EARLIER.json]
+                                [--error-bytes 4294967296,268435456]
 """
 
 from __future__ import annotations
@@ -234,6 +235,9 @@ def main() -> None:
     parser.add_argument("--truth", type=Path, help="an earlier report whose real increases (same units, windows, "
                                                    "bits) are reused instead of measured again")
     parser.add_argument("--hvp-probes", type=int, default=3, help="probes per Hessian-vector product method (0: skip)")
+    parser.add_argument("--error-bytes", default="",
+                        help="comma-separated budgets for token_taylor's RTN-error copies, each run once with the "
+                             "built-in calibration (time, peak memory, predictions against the first); '': skip")
     args = parser.parse_args()
     if not args.text.is_file():
         raise SystemExit(f"WikiText-2 not found at {args.text}; pass --text FILE")
@@ -244,6 +248,8 @@ def main() -> None:
     }
     if args.metrics:
         report.update(correlation_report(args))
+    if args.error_bytes:
+        report["token_taylor_error_budgets"] = error_budget_report(args)
     if args.hvp_probes > 0:
         report["hessian_vector_products"] = compare_hvp_methods(args.model, args.hvp_probes, args.seq_len)
     sys.stdout.write(json.dumps(report) + "\n")
@@ -262,6 +268,28 @@ def calibration_text(kind: str, text: Path, sample_tokens: int, seq_len: int, wi
     path = Path(tempfile.mkdtemp()) / "eval-tail.txt"
     path.write_text(content[len(content) // 2:], encoding="utf-8")
     return path
+
+
+def error_budget_report(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """token_taylor under several limits on the RTN-error copies it holds: fewer bytes, more backward passes over
+    the calibration set, the same predictions."""
+    rows: list[dict[str, Any]] = []
+    for budget in (int(b) for b in args.error_bytes.split(",")):
+        config = RunConfig(model=args.model, out_dir=Path("."), bits_per_weight=4.0, metric="token_taylor",
+                           num_samples=args.samples, seq_len=args.seq_len, use_cache=False, max_error_bytes=budget)
+        payload = in_fresh_process(metric_run, config)
+        predicted = np.array([v for u in payload["result"]["units"] for _, v in sorted(u["delta_loss"].items())])
+        first = rows[0]["predicted"] if rows else predicted
+        rows.append({"max_error_bytes": budget, "wall_s": round(payload["wall_s"], 1),
+                     "sensitivity_s": round(payload["result"]["seconds"], 1),
+                     "peak_rss_gb": round(payload["peak_rss_gb"], 2),
+                     "max_abs_difference_from_first": float(np.abs(predicted - first).max()),
+                     "max_abs_prediction": float(np.abs(predicted).max()), "predicted": predicted})
+        sys.stderr.write(f"token_taylor with max_error_bytes {budget}: {payload['wall_s']:.1f} s, "
+                         f"{payload['peak_rss_gb']:.2f} GB\n")
+    for row in rows:
+        del row["predicted"]
+    return rows
 
 
 def bootstrap_interval(predicted: list[float], real: list[float], draws: int = 2000) -> list[float]:

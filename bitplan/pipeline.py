@@ -30,6 +30,7 @@ from sensitivity.api import NEEDS_LOSS, SECOND_ORDER_HVP_METHODS
 from sensitivity.blockwise import block_grams
 from sensitivity.cache import SensitivityCache, cache_key
 from sensitivity.kl import output_kl
+from sensitivity.token_fisher import DEFAULT_ERROR_BYTES
 
 logger = logging.getLogger(__name__)
 ProgressFn = Callable[[str, int, int], None]
@@ -64,6 +65,7 @@ class RunConfig:
     cache_dir: Path | None = None  # default: $BITPLAN_CACHE_DIR or ~/.cache/bitplan
     quantizer: str = "rtn"  # one of quantizer.methods.QUANTIZERS
     mix_groups: bool = False  # column groups of a layer at bits - 1 / bits / bits + 1 within its size (SliM-LLM)
+    max_error_bytes: int = DEFAULT_ERROR_BYTES  # token metrics: RTN-error copies held at once (more: fewer passes)
 
     def __post_init__(self) -> None:
         budgets = [self.bits_per_weight, self.budget_bytes, self.uniform_bits]
@@ -78,6 +80,8 @@ class RunConfig:
             raise BitplanError(f"bit widths must be between 1 and 8, got {list(bits)}")
         if self.group_size < 1:
             raise BitplanError(f"group size must be a positive number of input columns, got {self.group_size}")
+        if self.max_error_bytes < 1:
+            raise BitplanError(f"max_error_bytes must be a positive number of bytes, got {self.max_error_bytes}")
         if self.metric not in METRIC_CHOICES:
             raise BitplanError(f"unknown metric {self.metric!r}; choose one of {', '.join(METRIC_CHOICES)}")
         if self.num_samples < 1 or self.seq_len < 2:
@@ -202,7 +206,7 @@ def run_sensitivity(loaded: LoadedModel, units: dict[str, nn.Linear], config: Ru
     return compute_sensitivity(loaded.model, units, batches, metric=metric, bits_options=config.candidate_bits,
                                group_size=config.group_size, loss_fn=loss_fn, hutchinson=config.hutchinson,
                                on_progress=on_progress, should_stop=should_stop,
-                               blocks=find_block_stack(loaded.model))
+                               blocks=find_block_stack(loaded.model), max_error_bytes=config.max_error_bytes)
 
 
 def calibration_record(config: RunConfig, calibration: Any) -> dict[str, Any]:
