@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import _own_folder_off_path  # noqa: F401  (before any first-party import)
 import torch
@@ -35,9 +38,11 @@ from bitplan.pipeline import (
     budget_in_bytes,
     calibrate_and_measure,
     input_grams,
+    solve_bits,
     unit_sizes,
 )
-from bitplan.units import find_units
+from bitplan.refine import refine_allocation
+from bitplan.units import find_block_stack, find_units
 from quantizer.methods import QUANTIZERS, quantize_unit
 from quantizer.rtn import dequantize_weight
 from quantizer.sizes import stored_bytes
@@ -59,6 +64,9 @@ def main() -> None:
                         help="which of uniform-3, uniform-4 and mixed (at --mixed-bpw) to measure")
     parser.add_argument("--mix-groups", action="store_true",
                         help="also measure the mixed setting with widths mixed inside layers (--mix-groups)")
+    parser.add_argument("--kl-refine", type=int, default=0, metavar="N",
+                        help="also measure the mixed setting re-solved with block KL shares on N calibration windows "
+                             "(bitplan.refine), once per quantizer")
     args = parser.parse_args()
     report: dict[str, object] = {
         "benchmark": "quantizers", "model": args.model, "text": str(args.text), "seq_len": args.seq_len,
@@ -96,7 +104,8 @@ def main() -> None:
     clock = time.perf_counter()
     grams = input_grams(loaded, units, tokens, None, None)
     report["grams_s"] = round(time.perf_counter() - clock, 1)
-    problem = allocation_problem(sizes, sensitivity, bits, budget_in_bytes(config, sizes, numel))
+    budget = budget_in_bytes(config, sizes, numel)
+    problem = allocation_problem(sizes, sensitivity, bits, budget)
     allocation = solve_allocation(problem)
     mixed = {u.name: u.options[k].bits for u, k in zip(problem.units, allocation.choice, strict=True)}
     every = {"uniform-3": (dict.fromkeys(units, 3), False), "uniform-4": (dict.fromkeys(units, 4), False),
@@ -107,14 +116,28 @@ def main() -> None:
         settings[label] = every[name]
         if name == "mixed" and args.mix_groups:
             settings[f"{label}+mix-groups"] = (mixed, True)
+        if name == "mixed" and args.kl_refine:
+            settings[f"{label}+kl-refine"] = (None, False)  # re-solved per quantizer below
     originals = {name: module.weight.detach().clone() for name, module in units.items()}
     results = []
-    for label, (chosen, mix_groups) in settings.items():
+    for label, (chosen, mix_groups) in settings.items():  # chosen None: the mixed allocation, KL-refined
         for method in args.quantizers.split(","):
+
+            def quantize(bits_of: dict[str, int], method: str = method, mix_groups: bool = mix_groups
+                         ) -> dict[str, Any]:
+                return {name: quantize_unit(originals[name], method=method, bits=bits_of[name],
+                                            group_size=config.group_size, gram=grams[name], mix_groups=mix_groups)
+                        for name in units}
+
+            refinement = None
+            if chosen is None:
+                refinement = refine_allocation(
+                    loaded.model, units, find_block_stack(loaded.model)[0], sensitivity, mixed, quantize(mixed),
+                    tokens[-2 * args.kl_refine:], solve=functools.partial(
+                        solve_bits, config, sizes, bits=bits, budget=budget, numel=numel), quantize=quantize)
+            bits_of = chosen if refinement is None else refinement.chosen
             clock = time.perf_counter()
-            quantized = {name: quantize_unit(originals[name], method=method, bits=chosen[name],
-                                             group_size=config.group_size, gram=grams[name], mix_groups=mix_groups)
-                         for name in units}
+            quantized = quantize(bits_of)
             quantize_s = time.perf_counter() - clock
             dequantized = {name: dequantize_weight(q) for name, q in quantized.items()}
             size = sum(stored_bytes(q) for q in quantized.values())
@@ -123,7 +146,10 @@ def main() -> None:
                     module.weight.copy_(dequantized[name])
             entry = {"setting": label, "quantizer": method, "bits_per_weight": 8 * size / numel, "bytes": size,
                      "quantize_s": round(quantize_s, 2), "ppl": ppl(),
-                     "layers_with_mixed_groups": sum(q.group_bits is not None for q in quantized.values())}
+                     "layers_with_mixed_groups": sum(q.group_bits is not None for q in quantized.values()),
+                     "units_per_bits": dict(sorted(Counter(bits_of.values()).items()))}
+            if refinement is not None:
+                entry["kl_refinement"] = refinement.report
             results.append(entry)
             sys.stderr.write(json.dumps(entry) + "\n")
             with torch.no_grad():

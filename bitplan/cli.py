@@ -94,7 +94,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
         metric=args.metric, calibration_text=None if args.calibration is None else Path(args.calibration),
         num_samples=args.samples, seq_len=args.seq_len, seed=args.seed, solver=args.solver,
         tie_fused=args.tie_fused, pinned=tuple(_parse_pin(text) for text in args.pin), use_cache=not args.no_cache,
-        quantizer=args.quantizer, mix_groups=args.mix_groups,
+        quantizer=args.quantizer, mix_groups=args.mix_groups, kl_refine_windows=args.kl_refine,
     )
     out = Path(args.out)
     if len(budgets) > 1:
@@ -233,6 +233,9 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
                           "searched to minimize input-energy-weighted error (SliM-LLM)")
     run.add_argument("--mix-groups", action="store_true",
                      help="column groups of each layer take bits-1, bits or bits+1 within the layer's size (SliM-LLM)")
+    run.add_argument("--kl-refine", type=int, default=0, metavar="N",
+                     help="re-solve once with each block's measured share of the output KL on N calibration windows "
+                          "(checked on N others; kept only if the KL drops). 0: off")
     run.add_argument("--no-cache", action="store_true",
                      help="measure sensitivities again instead of reusing cached ones ($BITPLAN_CACHE_DIR)")
     run.add_argument("--json", action="store_true")

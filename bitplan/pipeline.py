@@ -20,6 +20,7 @@ from bitplan.artifact import write_artifact
 from bitplan.calibration import build_calibration_set
 from bitplan.errors import BitplanError, BudgetError
 from bitplan.models import LoadedModel, ModelKind, causal_lm_loss, load_model, use_eager_attention
+from bitplan.refine import refine_allocation
 from bitplan.units import find_block_stack, find_units
 from quantizer.methods import QUANTIZER_LABELS, QUANTIZERS, needs_gram, quantize_unit
 from quantizer.rtn import dequantize_weight
@@ -66,6 +67,9 @@ class RunConfig:
     quantizer: str = "rtn"  # one of quantizer.methods.QUANTIZERS
     mix_groups: bool = False  # column groups of a layer at bits - 1 / bits / bits + 1 within its size (SliM-LLM)
     max_error_bytes: int = DEFAULT_ERROR_BYTES  # token metrics: RTN-error copies held at once (more: fewer passes)
+    # > 0: re-solve once with each block's measured share of the output KL (bitplan.refine), measured on this
+    # many calibration windows and checked on as many others; the re-solved allocation is kept if its KL is lower
+    kl_refine_windows: int = 0
 
     def __post_init__(self) -> None:
         budgets = [self.bits_per_weight, self.budget_bytes, self.uniform_bits]
@@ -82,6 +86,12 @@ class RunConfig:
             raise BitplanError(f"group size must be a positive number of input columns, got {self.group_size}")
         if self.max_error_bytes < 1:
             raise BitplanError(f"max_error_bytes must be a positive number of bytes, got {self.max_error_bytes}")
+        if self.kl_refine_windows < 0 or (self.kl_refine_windows and self.num_samples < 2 * self.kl_refine_windows):
+            raise BitplanError(f"KL refinement on {self.kl_refine_windows} windows needs at least "
+                               f"{2 * max(self.kl_refine_windows, 1)} calibration samples (num_samples), "
+                               f"got {self.num_samples}")
+        if self.kl_refine_windows and self.uniform_bits is not None:
+            raise BitplanError("KL refinement re-solves an allocation; uniform bits have none to re-solve")
         if self.metric not in METRIC_CHOICES:
             raise BitplanError(f"unknown metric {self.metric!r}; choose one of {', '.join(METRIC_CHOICES)}")
         if self.num_samples < 1 or self.seq_len < 2:
@@ -416,15 +426,7 @@ def run_budgets(config: RunConfig, bits_per_weight: list[float | None], *, out_d
     plans = []
     for each, budget in zip(configs, budget_bytes, strict=True):
         started = time.perf_counter()
-        problem = allocation_problem(sizes, sensitivity, bits, budget, tie_fused=config.tie_fused,
-                                     pinned=config.pinned)
-        allocation = solve_allocation(problem, solver=config.solver, time_limit_s=config.time_limit_s)
-        if allocation.status in (SolverStatus.INFEASIBLE, SolverStatus.TIME_LIMIT):
-            smallest = "" if allocation.min_feasible_bytes is None else (
-                f" (with these pins the smallest achievable budget is "
-                f"{8 * allocation.min_feasible_bytes / numel:.4f} bits per weight)")
-            raise BudgetError(f"allocation failed ({allocation.status.value}): {allocation.message}{smallest}")
-        chosen = {unit.name: unit.options[k].bits for unit, k in zip(problem.units, allocation.choice, strict=True)}
+        chosen, allocation = _solve(config, sizes, sensitivity, bits, budget, numel)
         manifest_fields = {
             "source": source,
             "budget": {"bits_per_weight": each.bits_per_weight, "bytes": budget},
@@ -442,6 +444,19 @@ def run_budgets(config: RunConfig, bits_per_weight: list[float | None], *, out_d
     all_quantized = quantize_units(config, loaded, units, [chosen for chosen, _, _ in plans], tokens, on_progress,
                                    should_stop)
     quantize_s = round(time.perf_counter() - started, 3)  # one pass for all budgets (the Grams are shared)
+    if config.kl_refine_windows > 0 and loaded.kind is ModelKind.CAUSAL_LM:
+        for index, (budget, (chosen, manifest_fields, allocation_s)) in enumerate(zip(budget_bytes, plans,
+                                                                                      strict=True)):
+            refinement = refine_allocation(
+                loaded.model, units, find_block_stack(loaded.model)[0], sensitivity, chosen, all_quantized[index],
+                tokens[-2 * config.kl_refine_windows:],
+                solve=functools.partial(solve_bits, config, sizes, bits=bits, budget=budget, numel=numel),
+                quantize=lambda bits_of: quantize_units(config, loaded, units, [bits_of], tokens, None,
+                                                        should_stop)[0],
+                on_progress=on_progress)
+            plans[index] = (refinement.chosen, {**manifest_fields, "kl_refinement": refinement.report}, allocation_s)
+            all_quantized[index] = refinement.quantized
+        lap("kl refinement")
     results = []
     for each, out_dir, (chosen, manifest_fields, allocation_s), quantized in zip(
             configs, out_dirs, plans, all_quantized, strict=True):
@@ -451,6 +466,26 @@ def run_budgets(config: RunConfig, bits_per_weight: list[float | None], *, out_d
                                {**timings, "allocation": allocation_s, "quantize": quantize_s, **stage_times}, kl,
                                quantized))
     return results
+
+
+def _solve(config: RunConfig, sizes: dict[str, dict[int, int]], sensitivity: SensitivityResult,
+           bits: tuple[int, ...], budget: int, numel: int) -> tuple[dict[str, int], Any]:
+    """Step 5: bits per unit within ``budget`` bytes, and the solver's result; a clear error when none exists."""
+    problem = allocation_problem(sizes, sensitivity, bits, budget, tie_fused=config.tie_fused, pinned=config.pinned)
+    allocation = solve_allocation(problem, solver=config.solver, time_limit_s=config.time_limit_s)
+    if allocation.status in (SolverStatus.INFEASIBLE, SolverStatus.TIME_LIMIT):
+        smallest = "" if allocation.min_feasible_bytes is None else (
+            f" (with these pins the smallest achievable budget is "
+            f"{8 * allocation.min_feasible_bytes / numel:.4f} bits per weight)")
+        raise BudgetError(f"allocation failed ({allocation.status.value}): {allocation.message}{smallest}")
+    chosen = {unit.name: unit.options[k].bits for unit, k in zip(problem.units, allocation.choice, strict=True)}
+    return chosen, allocation
+
+
+def solve_bits(config: RunConfig, sizes: dict[str, dict[int, int]], sensitivity: SensitivityResult, *,
+                 bits: tuple[int, ...], budget: int, numel: int) -> dict[str, int]:
+    """Bits per unit within ``budget`` bytes under ``sensitivity``'s predictions (``config``'s ties and pins)."""
+    return _solve(config, sizes, sensitivity, bits, budget, numel)[0]
 
 
 def _measure_kl(config: RunConfig, loaded: LoadedModel, units: dict[str, nn.Linear], quantized: dict[str, Any],

@@ -364,14 +364,14 @@ def validate_job(body: JobCreate, settings: ServiceSettings) -> dict[str, Any]:
                                uniform_bits=body.uniform_bits, candidate_bits=tuple(body.candidate_bits),
                                group_size=body.group_size, metric=body.metric, solver=body.solver,
                                num_samples=body.num_samples, seq_len=body.seq_len, quantizer=body.quantizer,
-                               mix_groups=body.mix_groups)
+                               mix_groups=body.mix_groups, kl_refine_windows=body.kl_refine_windows)
             check_budget_coarsely(config)
     except BitplanError as error:
         raise _error(422, str(error)) from None
     return {"model": reference, "budgets": budgets, "bytes": body.bytes, "uniform_bits": body.uniform_bits,
             "metric": body.metric, "solver": body.solver, "candidate_bits": body.candidate_bits,
             "group_size": body.group_size, "num_samples": body.num_samples, "seq_len": body.seq_len,
-            "quantizer": body.quantizer, "mix_groups": body.mix_groups}
+            "quantizer": body.quantizer, "mix_groups": body.mix_groups, "kl_refine_windows": body.kl_refine_windows}
 
 
 def validate_reference(reference: str, settings: ServiceSettings) -> str:

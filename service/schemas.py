@@ -31,6 +31,10 @@ class JobCreate(BaseModel):
     quantizer: Literal["rtn", "rtn-symmetric", "rtn-salience", "gptq", "gptq-salience"] = Field(
         default="rtn", description="rtn, or GPTQ error feedback, with or without salience-weighted ranges")
     mix_groups: bool = Field(default=False, description="column groups of a layer at bits-1/bits/bits+1 (SliM-LLM)")
+    kl_refine_windows: int = Field(
+        default=0, ge=0, le=64,
+        description="re-solve once with each block's measured share of the output KL on this many calibration "
+                    "windows, checked on as many others (needs num_samples >= 2x this); 0: off")
 
 
 class ErrorInfo(BaseModel):

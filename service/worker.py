@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 STAGE_SPAN = {  # share of the whole job each pipeline stage stands for, in order
     "load": (0.0, 0.05), "calibration statistics": (0.05, 0.6), "block statistics": (0.6, 0.75),
     "token Fisher": (0.05, 0.75),
-    "hutchinson probes": (0.05, 0.75), "predicted error": (0.75, 0.8), "quantize": (0.8, 0.97),
+    "hutchinson probes": (0.05, 0.75), "predicted error": (0.75, 0.8), "quantize": (0.8, 0.95),
+    "kl refinement": (0.95, 0.98),
 }
 
 
@@ -80,7 +81,8 @@ def _child_main(request: dict[str, Any], staging: str, messages: Any, stop: Any)
                            candidate_bits=tuple(request["candidate_bits"]), group_size=request["group_size"],
                            metric=request["metric"], solver=request["solver"],
                            num_samples=request["num_samples"], seq_len=request["seq_len"],
-                           quantizer=request.get("quantizer", "rtn"), mix_groups=request.get("mix_groups", False))
+                           quantizer=request.get("quantizer", "rtn"), mix_groups=request.get("mix_groups", False),
+                           kl_refine_windows=request.get("kl_refine_windows", 0))
         out_dirs = [Path(staging) / str(i) for i in range(max(len(budgets), 1))]
         results = run_budgets(config, budgets or [None], out_dirs=out_dirs, on_progress=on_progress,
                               should_stop=stop.is_set)

@@ -1,0 +1,128 @@
+"""Re-solve an allocation with what the whole quantized model measures: each block's share of the output KL.
+
+A per-unit prediction sees one unit quantized alone. Once an allocation is chosen and quantized, the model's
+output KL divergence can be split by block (``KL(all) - KL(all but that block)``, with every other unit
+quantized), which includes the interactions between units. Each block's predicted increases (over the widest
+width) are scaled by its measured share over its predicted share, clamped to ``[1/MAX_SCALE, MAX_SCALE]``, and the
+allocation is solved again. The re-solved allocation is kept only if its KL, measured on calibration windows that
+took no part in the scaling, is lower.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantizer.rtn import dequantize_weight
+from sensitivity import SensitivityResult
+from sensitivity.activations import ProgressFn
+from sensitivity.kl import kl_contributions, output_kl
+
+MAX_SCALE = 4.0
+
+SolveFn = Callable[[SensitivityResult], dict[str, int]]  # sensitivities -> bits per unit within the budget
+QuantizeFn = Callable[[dict[str, int]], dict[str, Any]]  # bits per unit -> quantized tensors per unit
+
+
+@dataclass(frozen=True)
+class Refinement:
+    """The allocation to keep, its quantized units, and what the refinement measured (for the manifest)."""
+
+    chosen: dict[str, int]
+    quantized: dict[str, Any]
+    report: dict[str, Any]
+
+
+def block_groups(unit_names: list[str], stack_name: str | None) -> dict[str, list[str]]:
+    """Unit names grouped by transformer block (``{stack_name}.{i}``); a unit outside the blocks is its own group."""
+    groups: dict[str, list[str]] = {}
+    for name in unit_names:
+        key = name
+        if stack_name is not None and name.startswith(stack_name + "."):
+            key = f"{stack_name}.{name[len(stack_name) + 1:].split('.')[0]}"
+        groups.setdefault(key, []).append(name)
+    return groups
+
+
+def group_scales(sensitivity: SensitivityResult, chosen: Mapping[str, int], groups: Mapping[str, list[str]],
+                 contributions: Mapping[str, float]) -> dict[str, float]:
+    """Per group, its measured share of the KL over its predicted share of the increase (both counted from zero
+    up: a negative measured contribution is noise or a gain and counts as none), clamped."""
+    excess = {u.name: u.delta_loss[chosen[u.name]] - u.delta_loss[max(u.delta_loss)] for u in sensitivity.units}
+    predicted = {g: max(sum(excess[name] for name in names), 0.0) for g, names in groups.items()}
+    measured = {g: max(contributions[g], 0.0) for g in groups}
+    predicted_total, measured_total = sum(predicted.values()), sum(measured.values())
+    scales = {}
+    for group in groups:
+        if predicted_total <= 0 or measured_total <= 0:
+            scales[group] = 1.0
+        elif predicted[group] <= 0:
+            scales[group] = MAX_SCALE if measured[group] > 0 else 1.0
+        else:
+            ratio = (measured[group] / measured_total) / (predicted[group] / predicted_total)
+            scales[group] = min(max(ratio, 1.0 / MAX_SCALE), MAX_SCALE)
+    return scales
+
+
+def rescaled(sensitivity: SensitivityResult, groups: Mapping[str, list[str]], scales: Mapping[str, float]
+             ) -> SensitivityResult:
+    """Each unit's increase over its widest width multiplied by its group's scale (the widest stays put)."""
+    scale_of = {name: scales[group] for group, names in groups.items() for name in names}
+    units = []
+    for unit in sensitivity.units:
+        floor = unit.delta_loss[max(unit.delta_loss)]
+        units.append(replace(unit, delta_loss={b: floor + scale_of[unit.name] * (v - floor)
+                                               for b, v in unit.delta_loss.items()}))
+    return replace(sensitivity, units=tuple(units))
+
+
+def refine_allocation(model: nn.Module, units: Mapping[str, nn.Linear], stack_name: str | None,
+                      sensitivity: SensitivityResult, chosen: dict[str, int], quantized: dict[str, Any],
+                      windows: torch.Tensor, *, solve: SolveFn, quantize: QuantizeFn,
+                      on_progress: ProgressFn | None = None) -> Refinement:
+    """One KL-guided re-solve. ``windows`` (``2n`` calibration windows): the first ``n`` measure the block shares,
+    the last ``n`` compare the two allocations' KL."""
+    started = time.perf_counter()
+    half = windows.shape[0] // 2
+    if half < 1:
+        raise ValueError("KL refinement needs at least two calibration windows")
+    scale_windows = list(torch.split(windows[:half], 1))
+    check_windows = list(torch.split(windows[half: 2 * half], 1))
+    groups = block_groups(list(units), stack_name)
+    replacements = {name: dequantize_weight(q) for name, q in quantized.items()}
+    steps = len(groups) * len(scale_windows)
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if on_progress is not None:
+            on_progress("kl refinement", done, steps)
+
+    _, contributions = kl_contributions(model, units, replacements, groups, scale_windows, on_group=tick)
+    scales = group_scales(sensitivity, chosen, groups, contributions)
+    refined_chosen = solve(rescaled(sensitivity, groups, scales))
+    report: dict[str, Any] = {
+        "scale_windows": len(scale_windows), "check_windows": len(check_windows),
+        "block_kl": {g: round(v, 8) for g, v in contributions.items()},
+        "block_scales": {g: round(v, 4) for g, v in scales.items()},
+        "changed_units": sum(refined_chosen[name] != bits for name, bits in chosen.items()),
+    }
+    kl_first = output_kl(model, units, replacements, check_windows)
+    report["kl_first"] = kl_first
+    if report["changed_units"] == 0:
+        report.update(kept="first", kl_refined=kl_first, seconds=round(time.perf_counter() - started, 3))
+        return Refinement(chosen, quantized, report)
+    refined = quantize(refined_chosen)
+    kl_refined = output_kl(model, units, {name: dequantize_weight(q) for name, q in refined.items()}, check_windows)
+    keep_refined = kl_refined < kl_first
+    report.update(kl_refined=kl_refined, kept="refined" if keep_refined else "first",
+                  seconds=round(time.perf_counter() - started, 3))
+    if keep_refined:
+        return Refinement(refined_chosen, refined, report)
+    return Refinement(chosen, quantized, report)
