@@ -308,7 +308,8 @@ def compute_sensitivity(
     if metric in (Metric.TOKEN_FISHER, Metric.TOKEN_TAYLOR):
         assert loss_fn is not None
         terms = token_fisher(model, units, batches, loss_fn=loss_fn, bits_options=bits_options,
-                             group_size=group_size, max_error_bytes=max_error_bytes, on_progress=on_progress,
+                             group_size=group_size, max_error_bytes=max_error_bytes,
+                             blocks=None if blocks is None else blocks[1], on_progress=on_progress,
                              should_stop=should_stop)
         entries = [UnitSensitivity(name=name, numel=module.weight.numel(), score=terms.energy[name],
                                    delta_loss=(taylor_increase(terms.first_order[name], terms.second_order[name],

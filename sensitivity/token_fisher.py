@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,6 +59,35 @@ def unit_chunks(units: Mapping[str, nn.Linear], *, widths: int, max_bytes: int) 
     return chunks if chunks[0] else []
 
 
+def first_block(blocks: nn.ModuleList, modules: Sequence[nn.Module]) -> int:
+    """Index of the first block that holds any of ``modules`` (0 when none does)."""
+    wanted = {id(m) for m in modules}
+    for index, block in enumerate(blocks):
+        if any(id(m) in wanted for m in block.modules()):
+            return index
+    return 0
+
+
+def graph_from_block(blocks: nn.ModuleList, index: int) -> list[torch.utils.hooks.RemovableHandle]:
+    """Hooks that make the autograd graph start at the hidden states entering ``blocks[index]``: the blocks
+    before it run without a graph (their input is detached) and a backward pass stops at that input."""
+
+    def replace_hidden(requires_grad: bool) -> Callable[..., tuple[tuple[Any, ...], dict[str, Any]]]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+                 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+            if args:
+                return (args[0].detach().requires_grad_(requires_grad), *args[1:]), kwargs
+            hidden = kwargs["hidden_states"].detach().requires_grad_(requires_grad)
+            return args, {**kwargs, "hidden_states": hidden}
+
+        return hook
+
+    handles = [blocks[index].register_forward_pre_hook(replace_hidden(True), with_kwargs=True)]
+    if index > 0:
+        handles.append(blocks[0].register_forward_pre_hook(replace_hidden(False), with_kwargs=True))
+    return handles
+
+
 def token_fisher(
     model: nn.Module,
     units: Mapping[str, nn.Linear],
@@ -67,6 +97,7 @@ def token_fisher(
     bits_options: Sequence[int],
     group_size: int,
     max_error_bytes: int = DEFAULT_ERROR_BYTES,
+    blocks: nn.ModuleList | None = None,
     on_progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
 ) -> TokenFisherTerms:
@@ -76,6 +107,8 @@ def token_fisher(
     width) so that each backward pass only adds matrix products. At most ``max_error_bytes`` of them are held at
     once: the units are taken in chunks that fit, each chunk with its own backward passes over the calibration
     set (a 7B model's four widths take about 104 GB, so 26 passes over the calibration set at the default 4 GiB).
+    With ``blocks`` (the transformer blocks the units lie in), each chunk's graph starts at the input of its
+    first block, so its backward passes stop there.
     """
     squares = {name: torch.zeros(len(bits_options), dtype=torch.float64) for name in units}
     sums = {name: torch.zeros(len(bits_options), dtype=torch.float64) for name in units}
@@ -114,6 +147,8 @@ def token_fisher(
             deltas = {name: torch.stack([quantization_error(units[name].weight, bits=b, group_size=group_size)
                                          for b in bits_options]) for name in chunk}
             handles = [units[name].register_forward_hook(make_hook(name)) for name in chunk]
+            if blocks is not None:
+                handles += graph_from_block(blocks, first_block(blocks, [units[name] for name in chunk]))
             try:
                 for index, batch in enumerate(batches):
                     check_stop(should_stop, "token Fisher")
