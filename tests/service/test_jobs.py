@@ -39,7 +39,8 @@ def service(tmp_path: Path, tiny_llama_dir: Path):
 
 
 def test_full_job_end_to_end(service: TestClient, tiny_llama_dir: Path) -> None:
-    response = service.post("/v1/jobs", json={"model": tiny_llama_dir.name, "bits_per_weight": [3.5, 4.5], **SMALL})
+    response = service.post("/v1/jobs", json={"model": tiny_llama_dir.name, "bits_per_weight": [3.5, 4.5],
+                                              "kl_refine_windows": 1, **SMALL})
     assert response.status_code == 202, response.text
     job_id = response.json()["id"]
     assert response.headers["location"] == f"/v1/jobs/{job_id}"
@@ -56,6 +57,8 @@ def test_full_job_end_to_end(service: TestClient, tiny_llama_dir: Path) -> None:
     assert whole.status_code == 200
     assert hashlib.sha256(whole.content).hexdigest() == files["quantized.safetensors"]["sha256"]
     assert whole.headers["etag"] == f'"{files["quantized.safetensors"]["sha256"]}"'
+    manifest = service.get(f"/v1/artifacts/{artifact['id']}/files/manifest.json").json()
+    assert manifest["kl_refinement"]["kept"] in ("first", "refined")  # the job re-solved with block KL shares
     head = service.head(url)
     assert head.status_code == 200 and int(head.headers["content-length"]) == len(whole.content)
     part = service.get(url, headers={"Range": "bytes=10-19"})
@@ -132,6 +135,9 @@ def test_restart_loses_no_job(tmp_path: Path, tiny_llama_dir: Path) -> None:
     ({"model": "smollm2-135m"}, 422, "exactly one"),
     ({"model": "smollm2-135m", "bits_per_weight": 4.0, "metric": "magic"}, 422, "unknown metric"),
     ({"model": "smollm2-135m", "bits_per_weight": 4.0, "surprise": 1}, 422, "body.surprise: Extra inputs"),
+    ({"model": "smollm2-135m", "bits_per_weight": 4.0, "num_samples": 4, "kl_refine_windows": 4}, 422,
+     "at least 8 calibration samples"),
+    ({"model": "smollm2-135m", "uniform_bits": 4, "kl_refine_windows": 2}, 422, "uniform bits have none"),
 ])
 def test_bad_jobs_are_refused_before_queueing(tmp_path: Path, tiny_llama_dir: Path, body: dict, status: int,
                                               reason: str) -> None:
