@@ -4,8 +4,9 @@ A per-unit prediction sees one unit quantized alone. Once an allocation is chose
 output KL divergence can be split by block (``KL(all) - KL(all but that block)``, with every other unit
 quantized), which includes the interactions between units. Each block's predicted increases (over the widest
 width) are scaled by its measured share over its predicted share, clamped to ``[1/MAX_SCALE, MAX_SCALE]``, and the
-allocation is solved again. The re-solved allocation is kept only if its KL, measured on calibration windows that
-took no part in the scaling, is lower.
+allocation is solved again, with the scales at full strength and damped (``scale ** p`` for each ``p`` in
+``DAMPING``). The allocation with the lowest KL on calibration windows that took no part in the scaling is kept,
+the first one included.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from sensitivity.activations import ProgressFn
 from sensitivity.kl import kl_contributions, output_kl
 
 MAX_SCALE = 4.0
+DAMPING = (1.0, 0.5, 0.25)  # the scales are tried at these powers; each distinct allocation is quantized and checked
 
 SolveFn = Callable[[SensitivityResult], dict[str, int]]  # sensitivities -> bits per unit within the budget
 QuantizeFn = Callable[[dict[str, int]], dict[str, Any]]  # bits per unit -> quantized tensors per unit
@@ -86,7 +88,7 @@ def refine_allocation(model: nn.Module, units: Mapping[str, nn.Linear], stack_na
                       windows: torch.Tensor, *, solve: SolveFn, quantize: QuantizeFn,
                       on_progress: ProgressFn | None = None) -> Refinement:
     """One KL-guided re-solve. ``windows`` (``2n`` calibration windows): the first ``n`` measure the block shares,
-    the last ``n`` compare the two allocations' KL."""
+    the last ``n`` compare the allocations' KL."""
     started = time.perf_counter()
     half = windows.shape[0] // 2
     if half < 1:
@@ -106,23 +108,30 @@ def refine_allocation(model: nn.Module, units: Mapping[str, nn.Linear], stack_na
 
     _, contributions = kl_contributions(model, units, replacements, groups, scale_windows, on_group=tick)
     scales = group_scales(sensitivity, chosen, groups, contributions)
-    refined_chosen = solve(rescaled(sensitivity, groups, scales))
+    kl_first = output_kl(model, units, replacements, check_windows)
     report: dict[str, Any] = {
         "scale_windows": len(scale_windows), "check_windows": len(check_windows),
         "block_kl": {g: round(v, 8) for g, v in contributions.items()},
         "block_scales": {g: round(v, 4) for g, v in scales.items()},
-        "changed_units": sum(refined_chosen[name] != bits for name, bits in chosen.items()),
+        "kl_first": kl_first, "candidates": [],
     }
-    kl_first = output_kl(model, units, replacements, check_windows)
-    report["kl_first"] = kl_first
-    if report["changed_units"] == 0:
-        report.update(kept="first", kl_refined=kl_first, seconds=round(time.perf_counter() - started, 3))
-        return Refinement(chosen, quantized, report)
-    refined = quantize(refined_chosen)
-    kl_refined = output_kl(model, units, {name: dequantize_weight(q) for name, q in refined.items()}, check_windows)
-    keep_refined = kl_refined < kl_first
-    report.update(kl_refined=kl_refined, kept="refined" if keep_refined else "first",
+    best = Refinement(chosen, quantized, {})
+    best_kl, best_power = kl_first, None
+    seen = [chosen]
+    for power in DAMPING:
+        candidate = solve(rescaled(sensitivity, groups, {g: v**power for g, v in scales.items()}))
+        changed = sum(candidate[name] != bits for name, bits in chosen.items())
+        if candidate in seen:
+            report["candidates"].append({"power": power, "changed_units": changed, "kl": None})
+            continue
+        seen.append(candidate)
+        candidate_quantized = quantize(candidate)
+        kl = output_kl(model, units, {name: dequantize_weight(q) for name, q in candidate_quantized.items()},
+                       check_windows)
+        report["candidates"].append({"power": power, "changed_units": changed, "kl": kl})
+        if kl < best_kl:
+            best, best_kl, best_power = Refinement(candidate, candidate_quantized, {}), kl, power
+    report.update(kept="first" if best_power is None else "refined", power=best_power, kl_kept=best_kl,
+                  changed_units=sum(best.chosen[name] != bits for name, bits in chosen.items()),
                   seconds=round(time.perf_counter() - started, 3))
-    if keep_refined:
-        return Refinement(refined_chosen, refined, report)
-    return Refinement(chosen, quantized, report)
+    return replace(best, report=report)
