@@ -67,8 +67,8 @@ class RunConfig:
     quantizer: str = "rtn"  # one of quantizer.methods.QUANTIZERS
     mix_groups: bool = False  # column groups of a layer at bits - 1 / bits / bits + 1 within its size (SliM-LLM)
     max_error_bytes: int = DEFAULT_ERROR_BYTES  # token metrics: RTN-error copies held at once (more: fewer passes)
-    # > 0: re-solve once with each block's measured share of the output KL (bitplan.refine), measured on this
-    # many calibration windows and checked on as many others; the re-solved allocation is kept if its KL is lower
+    # > 0: re-solve with each block's measured share of the output KL (bitplan.refine), measured on this many
+    # calibration windows; the allocation with the lowest KL on as many other windows is kept (the first included)
     kl_refine_windows: int = 0
 
     def __post_init__(self) -> None:
@@ -453,7 +453,7 @@ def run_budgets(config: RunConfig, bits_per_weight: list[float | None], *, out_d
                 solve=functools.partial(solve_bits, config, sizes, bits=bits, budget=budget, numel=numel),
                 quantize=lambda bits_of: quantize_units(config, loaded, units, [bits_of], tokens, None,
                                                         should_stop)[0],
-                on_progress=on_progress)
+                on_progress=on_progress, should_stop=should_stop)
             plans[index] = (refinement.chosen, {**manifest_fields, "kl_refinement": refinement.report}, allocation_s)
             all_quantized[index] = refinement.quantized
         lap("kl refinement")
@@ -483,7 +483,7 @@ def _solve(config: RunConfig, sizes: dict[str, dict[int, int]], sensitivity: Sen
 
 
 def solve_bits(config: RunConfig, sizes: dict[str, dict[int, int]], sensitivity: SensitivityResult, *,
-                 bits: tuple[int, ...], budget: int, numel: int) -> dict[str, int]:
+               bits: tuple[int, ...], budget: int, numel: int) -> dict[str, int]:
     """Bits per unit within ``budget`` bytes under ``sensitivity``'s predictions (``config``'s ties and pins)."""
     return _solve(config, sizes, sensitivity, bits, budget, numel)[0]
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from quantizer.rtn import dequantize_weight
 from sensitivity import SensitivityResult
-from sensitivity.activations import ProgressFn
+from sensitivity.activations import ProgressFn, StopFn, check_stop
 from sensitivity.kl import kl_contributions, output_kl
 
 MAX_SCALE = 4.0
@@ -86,7 +86,7 @@ def rescaled(sensitivity: SensitivityResult, groups: Mapping[str, list[str]], sc
 def refine_allocation(model: nn.Module, units: Mapping[str, nn.Linear], stack_name: str | None,
                       sensitivity: SensitivityResult, chosen: dict[str, int], quantized: dict[str, Any],
                       windows: torch.Tensor, *, solve: SolveFn, quantize: QuantizeFn,
-                      on_progress: ProgressFn | None = None) -> Refinement:
+                      on_progress: ProgressFn | None = None, should_stop: StopFn | None = None) -> Refinement:
     """One KL-guided re-solve. ``windows`` (``2n`` calibration windows): the first ``n`` measure the block shares,
     the last ``n`` compare the allocations' KL."""
     started = time.perf_counter()
@@ -102,6 +102,7 @@ def refine_allocation(model: nn.Module, units: Mapping[str, nn.Linear], stack_na
 
     def tick() -> None:
         nonlocal done
+        check_stop(should_stop, "KL refinement")
         done += 1
         if on_progress is not None:
             on_progress("kl refinement", done, steps)

@@ -98,3 +98,16 @@ def test_pipeline_with_kl_refinement(tiny_llama_dir: Path, tmp_path: Path) -> No
     load_artifact(Path(result.artifact))
     with pytest.raises(BitplanError, match="at least 4 calibration samples"):
         RunConfig(model="x", out_dir=tmp_path, bits_per_weight=3.0, num_samples=3, kl_refine_windows=2)
+
+
+def test_refinement_is_cancelled_between_groups() -> None:
+    from sensitivity import Cancelled
+
+    model = make_tiny_llama()
+    units = find_units(model)
+    windows = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(5))
+    with pytest.raises(Cancelled):
+        refine_allocation(model, units, "model.layers", sensitivity_of({n: {2: 1.0, 8: 0.0} for n in units}),
+                          dict.fromkeys(units, 2), quantized_at(units, 2), windows, solve=lambda _: {},
+                          quantize=lambda _: {}, should_stop=lambda: True)
+    assert all(not torch.equal(m.weight, dequantize_weight(quantized_at({n: m}, 2)[n])) for n, m in units.items())
