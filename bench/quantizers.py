@@ -134,7 +134,8 @@ def main() -> None:
                 refinement = refine_allocation(
                     loaded.model, units, find_block_stack(loaded.model)[0], sensitivity, mixed, quantize(mixed),
                     tokens[-2 * args.kl_refine:], solve=functools.partial(
-                        solve_bits, config, sizes, bits=bits, budget=budget, numel=numel), quantize=quantize)
+                        solve_bits, config, sizes, bits=bits, budget=budget, numel=numel),
+                    quantize=lambda allocations: [quantize(bits_of) for bits_of in allocations])
             bits_of = chosen if refinement is None else refinement.chosen
             clock = time.perf_counter()
             quantized = quantize(bits_of)

@@ -451,8 +451,8 @@ def run_budgets(config: RunConfig, bits_per_weight: list[float | None], *, out_d
                 loaded.model, units, find_block_stack(loaded.model)[0], sensitivity, chosen, all_quantized[index],
                 tokens[-2 * config.kl_refine_windows:],
                 solve=functools.partial(solve_bits, config, sizes, bits=bits, budget=budget, numel=numel),
-                quantize=lambda bits_of: quantize_units(config, loaded, units, [bits_of], tokens, None,
-                                                        should_stop)[0],
+                quantize=lambda allocations: quantize_units(config, loaded, units, allocations, tokens, None,
+                                                            should_stop),
                 on_progress=on_progress, should_stop=should_stop)
             plans[index] = (refinement.chosen, {**manifest_fields, "kl_refinement": refinement.report}, allocation_s)
             all_quantized[index] = refinement.quantized

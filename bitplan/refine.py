@@ -5,7 +5,8 @@ output KL divergence can be split by block (``KL(all) - KL(all but that block)``
 quantized), which includes the interactions between units. Each block's predicted increases (over the widest
 width) are scaled by its measured share over its predicted share, clamped to ``[1/MAX_SCALE, MAX_SCALE]``, and the
 allocation is solved again, with the scales at full strength and damped (``scale ** p`` for each ``p`` in
-``DAMPING``). The allocation with the lowest KL on calibration windows that took no part in the scaling is kept,
+``DAMPING``); the distinct new allocations are quantized together (one calibration pass for GPTQ's Grams). The
+allocation with the lowest KL on calibration windows that took no part in the scaling is kept,
 the first one included.
 """
 
@@ -28,7 +29,7 @@ MAX_SCALE = 4.0
 DAMPING = (1.0, 0.5, 0.25)  # the scales are tried at these powers; each distinct allocation is quantized and checked
 
 SolveFn = Callable[[SensitivityResult], dict[str, int]]  # sensitivities -> bits per unit within the budget
-QuantizeFn = Callable[[dict[str, int]], dict[str, Any]]  # bits per unit -> quantized tensors per unit
+QuantizeFn = Callable[[list[dict[str, int]]], list[dict[str, Any]]]  # allocations -> quantized units, each
 
 
 @dataclass(frozen=True)
@@ -114,25 +115,29 @@ def refine_allocation(model: nn.Module, units: Mapping[str, nn.Linear], stack_na
         "scale_windows": len(scale_windows), "check_windows": len(check_windows),
         "block_kl": {g: round(v, 8) for g, v in contributions.items()},
         "block_scales": {g: round(v, 4) for g, v in scales.items()},
-        "kl_first": kl_first, "candidates": [],
+        "kl_first": kl_first,
     }
-    best = Refinement(chosen, quantized, {})
-    best_kl, best_power = kl_first, None
-    seen = [chosen]
-    for power in DAMPING:
-        candidate = solve(rescaled(sensitivity, groups, {g: v**power for g, v in scales.items()}))
-        changed = sum(candidate[name] != bits for name, bits in chosen.items())
-        if candidate in seen:
-            report["candidates"].append({"power": power, "changed_units": changed, "kl": None})
-            continue
-        seen.append(candidate)
-        candidate_quantized = quantize(candidate)
+    solved = {power: solve(rescaled(sensitivity, groups, {g: v**power for g, v in scales.items()}))
+              for power in DAMPING}
+    distinct: list[dict[str, int]] = []
+    for candidate in solved.values():
+        if candidate != chosen and candidate not in distinct:
+            distinct.append(candidate)
+    checked = []
+    for candidate, candidate_quantized in zip(distinct, quantize(distinct) if distinct else [], strict=True):
         kl = output_kl(model, units, {name: dequantize_weight(q) for name, q in candidate_quantized.items()},
                        check_windows)
-        report["candidates"].append({"power": power, "changed_units": changed, "kl": kl})
-        if kl < best_kl:
-            best, best_kl, best_power = Refinement(candidate, candidate_quantized, {}), kl, power
-    report.update(kept="first" if best_power is None else "refined", power=best_power, kl_kept=best_kl,
-                  changed_units=sum(best.chosen[name] != bits for name, bits in chosen.items()),
-                  seconds=round(time.perf_counter() - started, 3))
-    return replace(best, report=report)
+        checked.append((kl, candidate, candidate_quantized))
+    best_kl, best_chosen, best_quantized = min([(kl_first, chosen, quantized), *checked], key=lambda c: c[0])
+    kl_of = [next((kl for kl, c, _ in checked if c == candidate), None) for candidate in solved.values()]
+    report["candidates"] = [{"power": power, "changed_units": _changed(candidate, chosen), "kl": kl}
+                            for (power, candidate), kl in zip(solved.items(), kl_of, strict=True)]
+    best_power = next((p for p, c in solved.items() if c is best_chosen), None)
+    report.update(quantized_allocations=len(distinct), kept="first" if best_chosen is chosen else "refined",
+                  power=best_power, kl_kept=best_kl,
+                  changed_units=_changed(best_chosen, chosen), seconds=round(time.perf_counter() - started, 3))
+    return Refinement(best_chosen, best_quantized, report)
+
+
+def _changed(candidate: Mapping[str, int], chosen: Mapping[str, int]) -> int:
+    return sum(candidate[name] != bits for name, bits in chosen.items())
