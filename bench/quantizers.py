@@ -46,6 +46,7 @@ from bitplan.units import find_block_stack, find_units
 from quantizer.methods import QUANTIZERS, quantize_unit
 from quantizer.rtn import dequantize_weight
 from quantizer.sizes import stored_bytes
+from sensitivity.kl import swapped_weights
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "wiki.test.raw"
 
@@ -140,22 +141,17 @@ def main() -> None:
             clock = time.perf_counter()
             quantized = quantize(bits_of)
             quantize_s = time.perf_counter() - clock
-            dequantized = {name: dequantize_weight(q) for name, q in quantized.items()}
             size = sum(stored_bytes(q) for q in quantized.values())
-            with torch.no_grad():
-                for name, module in units.items():
-                    module.weight.copy_(dequantized[name])
+            with swapped_weights(units, {name: dequantize_weight(q) for name, q in quantized.items()}):
+                quantized_ppl = ppl()
             entry = {"setting": label, "quantizer": method, "bits_per_weight": 8 * size / numel, "bytes": size,
-                     "quantize_s": round(quantize_s, 2), "ppl": ppl(),
+                     "quantize_s": round(quantize_s, 2), "ppl": quantized_ppl,
                      "layers_with_mixed_groups": sum(q.group_bits is not None for q in quantized.values()),
                      "units_per_bits": dict(sorted(Counter(bits_of.values()).items()))}
             if refinement is not None:
                 entry["kl_refinement"] = refinement.report
             results.append(entry)
             sys.stderr.write(json.dumps(entry) + "\n")
-            with torch.no_grad():
-                for name, module in units.items():
-                    module.weight.copy_(originals[name])
     report["results"] = results
     report["total_s"] = round(time.perf_counter() - started, 1)
     sys.stdout.write(json.dumps(report) + "\n")

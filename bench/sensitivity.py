@@ -45,7 +45,7 @@ from bitplan.calibration import build_calibration_set, read_text
 from bitplan.evaluation import tokenize_for_perplexity
 from bitplan.models import causal_lm_loss, load_model, use_eager_attention
 from bitplan.pipeline import RunConfig, measure_sensitivity
-from bitplan.units import find_block_stack, find_units
+from bitplan.units import block_index, find_block_stack, find_units
 from quantizer.rtn import dequantize_weight, quantize_rtn
 from sensitivity.api import SECOND_ORDER_HVP_METHODS, HutchinsonConfig, functional_loss
 from sensitivity.blockwise import capture_first_block_inputs
@@ -55,6 +55,7 @@ from sensitivity.hutchinson import (
     forward_over_reverse_hvp,
     gradient_difference_hvp,
 )
+from sensitivity.kl import swapped_weights
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "wiki.test.raw"
 METRICS = ("token_taylor", "token_fisher", "fisher_output_error", "output_error", "gwq", "slim_salience", "baq",
@@ -121,10 +122,9 @@ def real_loss_increase(model_ref: str, text: Path, sample: list[str], windows: i
         raise RuntimeError(f"cached block inputs do not reproduce the model's loss: {whole} vs {base[:2]}")
     real = {}
     for name in sample:
-        weight = units[name].weight.data.clone()
-        units[name].weight.data = dequantize_weight(quantize_rtn(weight, bits=bits, group_size=128))
-        increase = window_losses(int(name[len(stack_name) + 1:].split(".")[0])) - base
-        units[name].weight.data = weight
+        quantized = dequantize_weight(quantize_rtn(units[name].weight.detach(), bits=bits, group_size=128))
+        with swapped_weights(units, {name: quantized}):
+            increase = window_losses(block_index(name, stack_name)) - base
         real[name] = {"mean": float(increase.mean()), "std_error": float(increase.std() / math.sqrt(len(chunks)))}
     return {"base_loss": float(base.mean()), "windows": len(chunks), "real": real}
 

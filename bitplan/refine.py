@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bitplan.units import block_index
 from quantizer.rtn import dequantize_weight
 from sensitivity import SensitivityResult
 from sensitivity.activations import ProgressFn, StopFn, check_stop
@@ -45,10 +46,8 @@ def block_groups(unit_names: list[str], stack_name: str | None) -> dict[str, lis
     """Unit names grouped by transformer block (``{stack_name}.{i}``); a unit outside the blocks is its own group."""
     groups: dict[str, list[str]] = {}
     for name in unit_names:
-        key = name
-        if stack_name is not None and name.startswith(stack_name + "."):
-            key = f"{stack_name}.{name[len(stack_name) + 1:].split('.')[0]}"
-        groups.setdefault(key, []).append(name)
+        index = None if stack_name is None else block_index(name, stack_name)
+        groups.setdefault(name if index is None else f"{stack_name}.{index}", []).append(name)
     return groups
 
 

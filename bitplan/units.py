@@ -18,6 +18,12 @@ def find_block_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
+def block_index(name: str, stack_name: str) -> int | None:
+    """The index of the block that unit ``name`` lies in (``{stack_name}.{i}.…``), or ``None`` outside the stack."""
+    prefix = stack_name + "."
+    return int(name[len(prefix):].split(".")[0]) if name.startswith(prefix) else None
+
+
 def find_units(model: nn.Module) -> dict[str, nn.Linear]:
     """Qualified name -> ``nn.Linear`` for every linear layer inside the transformer blocks, in model order.
 

@@ -15,7 +15,7 @@ from torch import nn
 
 
 @contextmanager
-def _weights(units: Mapping[str, nn.Linear], replacements: Mapping[str, torch.Tensor]) -> Iterator[None]:
+def swapped_weights(units: Mapping[str, nn.Linear], replacements: Mapping[str, torch.Tensor]) -> Iterator[None]:
     """Give each unit named in ``replacements`` that weight for the duration; the originals come back after."""
     originals = {name: units[name].weight.data for name in replacements}
     try:
@@ -41,7 +41,7 @@ def output_kl(model: nn.Module, units: Mapping[str, nn.Linear], replacements: Ma
     total, count = 0.0, 0
     for batch in batches:
         reference = torch.log_softmax(model(input_ids=batch).logits.float(), dim=-1)
-        with _weights(units, replacements):
+        with swapped_weights(units, replacements):
             total += _token_kl(model, batch, reference)
         count += batch.numel()
     return total / max(count, 1)
@@ -61,10 +61,10 @@ def kl_contributions(model: nn.Module, units: Mapping[str, nn.Linear], replaceme
     count = 0
     for batch in batches:
         reference = torch.log_softmax(model(input_ids=batch).logits.float(), dim=-1)
-        with _weights(units, replacements):
+        with swapped_weights(units, replacements):
             total += _token_kl(model, batch, reference)
             for group, names in groups.items():
-                with _weights(units, {name: originals[name] for name in names if name in originals}):
+                with swapped_weights(units, {name: originals[name] for name in names if name in originals}):
                     without[group] += _token_kl(model, batch, reference)
                 if on_group is not None:
                     on_group()
