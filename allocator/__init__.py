@@ -1,7 +1,7 @@
 """Bit allocation as a multiple-choice knapsack: problem model, exact ILP solver, brute-force reference."""
 
-from allocator.problem import Allocation, AllocationProblem, Budget, Option, SolverStatus, Unit
-from allocator.solve import problem_from_json, solve_allocation
+from bitplan.allocator.problem import Allocation, AllocationProblem, Budget, Option, SolverStatus, Unit
+from bitplan.allocator.solve import problem_from_json, solve_allocation
 
 __all__ = [
     "Allocation",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 
-from allocator.problem import Allocation, AllocationProblem, SolverStatus
+from bitplan.allocator.problem import Allocation, AllocationProblem, SolverStatus
 
 
 def solve_brute_force(problem: AllocationProblem, *, max_combinations: int = 2_000_000) -> Allocation:

@@ -9,9 +9,8 @@
 from __future__ import annotations
 
 import numpy as np
-
-from allocator.lagrangian import block_arrays, pareto_frontier
-from allocator.problem import AllocationProblem
+from bitplan.allocator.lagrangian import block_arrays, pareto_frontier
+from bitplan.allocator.problem import AllocationProblem
 
 EXACT_POINT_LIMIT = 1_000_000
 

@@ -18,9 +18,8 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-
-from allocator.core import close_gap as close_gap_exactly
-from allocator.problem import Allocation, AllocationProblem, SolverStatus
+from bitplan.allocator.core import close_gap as close_gap_exactly
+from bitplan.allocator.problem import Allocation, AllocationProblem, SolverStatus
 
 
 @dataclass(frozen=True)

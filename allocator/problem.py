@@ -23,6 +23,7 @@ class SolverStatus(str, Enum):
     FEASIBLE = "feasible"  # a solution with a gap to the bound (time limit reached)
     INFEASIBLE = "infeasible"
     TIME_LIMIT = "time_limit"  # no solution found within the time limit
+    UNIFORM = "uniform"  # nothing solved: every unit at one given width (a baseline plan)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from allocator.problem import Allocation, AllocationProblem, SolverStatus, reject_infeasible_budget
+from bitplan.allocator.problem import Allocation, AllocationProblem, SolverStatus, reject_infeasible_budget
 
 
 def solve_pulp(problem: AllocationProblem, *, time_limit_s: float = 60.0) -> Allocation:

@@ -10,8 +10,7 @@ follow the salience order.
 from __future__ import annotations
 
 import numpy as np
-
-from allocator.problem import AllocationProblem, Budget, Option, Unit
+from bitplan.allocator.problem import AllocationProblem, Budget, Option, Unit
 
 
 def salience_search(distortion: np.ndarray, salience: np.ndarray) -> np.ndarray:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from allocator.brute_force import solve_brute_force
-from allocator.convex import solve_convex
-from allocator.ilp import solve_ilp
-from allocator.lagrangian import hull_upgrades, solve_hull, solve_lagrangian
-from allocator.problem import SOLVERS, Allocation, AllocationProblem, Budget, Option, Unit
+from bitplan.allocator.brute_force import solve_brute_force
+from bitplan.allocator.convex import solve_convex
+from bitplan.allocator.ilp import solve_ilp
+from bitplan.allocator.lagrangian import hull_upgrades, solve_hull, solve_lagrangian
+from bitplan.allocator.problem import SOLVERS, Allocation, AllocationProblem, Budget, Option, Unit
 
 EXACT_UNIT_LIMIT = 20_000  # above this many units (with no latency budget) auto uses the hull solver
 
@@ -28,7 +28,7 @@ def solve_allocation(problem: AllocationProblem, *, solver: str = "auto", time_l
     if solver in ("baq", "cvxpy"):
         return with_multiplier(problem, solve_convex(problem, method=solver))
     if solver == "pulp":
-        from allocator.pulp_backend import solve_pulp
+        from bitplan.allocator.pulp_backend import solve_pulp
 
         return with_multiplier(problem, solve_pulp(problem, time_limit_s=time_limit_s))
     if solver == "brute_force":

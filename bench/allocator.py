@@ -15,12 +15,11 @@ import time
 
 import _own_folder_off_path  # noqa: F401  (before any first-party import)
 import numpy as np
-
-from allocator import AllocationProblem, Budget, Option, Unit, solve_allocation
-from allocator.core import close_gap
-from allocator.frontier import exact_frontier
-from allocator.ilp import solve_ilp
-from allocator.lagrangian import hull_upgrades_arrays, pareto_frontier, solve_hull
+from bitplan.allocator import AllocationProblem, Budget, Option, Unit, solve_allocation
+from bitplan.allocator.core import close_gap
+from bitplan.allocator.frontier import exact_frontier
+from bitplan.allocator.ilp import solve_ilp
+from bitplan.allocator.lagrangian import hull_upgrades_arrays, pareto_frontier, solve_hull
 
 BITS = (2, 3, 4, 8)
 GROUP_SIZE = 128
@@ -91,13 +90,13 @@ def smollm2_sensitivities(samples: int) -> tuple[dict[str, object], dict[str, np
     """One calibration pass over SmolLM2-135M (built-in text, ``samples`` x 512 tokens): per-layer and per-group
     predicted loss increase (Fisher-weighted output error) at each bit width, and each layer's shape."""
     import torch
+    from bitplan.sensitivity.activations import collect_unit_statistics
+    from bitplan.sensitivity.groups import group_output_error
+    from bitplan.sensitivity.output_error import predict_output_error
 
     from bitplan.calibration import build_calibration_set
     from bitplan.models import causal_lm_loss, load_model
     from bitplan.units import find_units
-    from sensitivity.activations import collect_unit_statistics
-    from sensitivity.groups import group_output_error
-    from sensitivity.output_error import predict_output_error
 
     started = time.perf_counter()
     loaded = load_model("smollm2-135m")
@@ -120,7 +119,7 @@ def smollm2_sensitivities(samples: int) -> tuple[dict[str, object], dict[str, np
 def real_layer_level(layer: dict[str, np.ndarray], shapes: dict[str, tuple[int, int]], bpw: float,
                      time_limit_s: float) -> dict[str, object]:
     """210 units x 4 bit widths at ``bpw``: every solver on the same instance, and the frontier."""
-    from quantizer.sizes import quantized_bytes
+    from bitplan.quantizer.sizes import quantized_bytes
 
     numel = sum(o * i for o, i in shapes.values())
     units = tuple(Unit(name=name, options=tuple(

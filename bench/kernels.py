@@ -21,10 +21,9 @@ import time
 
 import _own_folder_off_path  # noqa: F401  (before any first-party import)
 import torch
-
-from kernels.quant_linear import QuantLinear
-from kernels.triton_kernels import triton_available
-from quantizer.mixed import pack_segments, quantize_rtn_mixed
+from bitplan.kernels.quant_linear import QuantLinear
+from bitplan.kernels.triton_kernels import triton_available
+from bitplan.quantizer.mixed import pack_segments, quantize_rtn_mixed
 
 
 def timed(fn, repeats: int, cuda: bool) -> float:

@@ -27,8 +27,12 @@ from typing import Any
 
 import _own_folder_off_path  # noqa: F401  (before any first-party import)
 import torch
+from bitplan.allocator import solve_allocation
+from bitplan.quantizer.methods import QUANTIZERS, quantize_unit
+from bitplan.quantizer.rtn import dequantize_weight
+from bitplan.quantizer.sizes import stored_bytes
+from bitplan.sensitivity.kl import swapped_weights
 
-from allocator import solve_allocation
 from bitplan.calibration import read_text
 from bitplan.evaluation import perplexity, tokenize_for_perplexity
 from bitplan.models import load_model
@@ -43,10 +47,6 @@ from bitplan.pipeline import (
 )
 from bitplan.refine import refine_allocation
 from bitplan.units import find_block_stack, find_units
-from quantizer.methods import QUANTIZERS, quantize_unit
-from quantizer.rtn import dequantize_weight
-from quantizer.sizes import stored_bytes
-from sensitivity.kl import swapped_weights
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "wiki.test.raw"
 

@@ -39,6 +39,16 @@ except ModuleNotFoundError:  # a process spawned by this script: its parent alre
     pass
 import numpy as np
 import torch
+from bitplan.quantizer.rtn import dequantize_weight, quantize_rtn
+from bitplan.sensitivity.api import SECOND_ORDER_HVP_METHODS, HutchinsonConfig, functional_loss
+from bitplan.sensitivity.blockwise import capture_first_block_inputs
+from bitplan.sensitivity.hutchinson import (
+    double_backward_hvp,
+    estimate_traces,
+    forward_over_reverse_hvp,
+    gradient_difference_hvp,
+)
+from bitplan.sensitivity.kl import swapped_weights
 from scipy.stats import spearmanr
 
 from bitplan.calibration import build_calibration_set, read_text
@@ -46,16 +56,6 @@ from bitplan.evaluation import tokenize_for_perplexity
 from bitplan.models import causal_lm_loss, load_model, use_eager_attention
 from bitplan.pipeline import RunConfig, measure_sensitivity
 from bitplan.units import block_index, find_block_stack, find_units
-from quantizer.rtn import dequantize_weight, quantize_rtn
-from sensitivity.api import SECOND_ORDER_HVP_METHODS, HutchinsonConfig, functional_loss
-from sensitivity.blockwise import capture_first_block_inputs
-from sensitivity.hutchinson import (
-    double_backward_hvp,
-    estimate_traces,
-    forward_over_reverse_hvp,
-    gradient_difference_hvp,
-)
-from sensitivity.kl import swapped_weights
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "wiki.test.raw"
 METRICS = ("token_taylor", "token_fisher", "fisher_output_error", "output_error", "gwq", "slim_salience", "baq",

@@ -83,7 +83,7 @@ def main() -> None:
     args = parser.parse_args()
     data = Path(tempfile.mkdtemp(prefix="bitplan-bench-service-"))
     service_port, bare_port = free_port(), free_port()
-    service = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(service_port),
+    service = subprocess.Popen([sys.executable, "-m", "bitplan.service.cli", "serve", "--port", str(service_port),
                                 "--data-dir", str(data)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     bare = subprocess.Popen([sys.executable, "-c", BARE_APP.replace("PORT", str(bare_port))],

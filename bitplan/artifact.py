@@ -33,16 +33,23 @@ from torch import nn
 
 from bitplan.errors import ArtifactError
 from bitplan.hashing import sha256_file
+from bitplan.kernels.quant_linear import QuantLinear
+from bitplan.manifest import (
+    FORMAT_VERSION,
+    MANIFEST,
+    MIXED_LAYOUT,
+    PACKING_FORMAT,
+    Achieved,
+    Manifest,
+    RunRecord,
+    UnitRecord,
+    read_manifest,
+    write_manifest,
+)
 from bitplan.models import ModelKind
-from kernels.quant_linear import QuantLinear
-from quantizer.mixed import pack_segments
-from quantizer.rtn import QuantizedWeight
+from bitplan.quantizer.mixed import pack_segments
+from bitplan.quantizer.rtn import QuantizedWeight
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
-PACKING_FORMAT = "bitstream-int32"
-MIXED_LAYOUT = "segments-by-width"
-MANIFEST = "manifest.json"
 FLOAT_FILE = "float.safetensors"
 QUANTIZED_FILE = "quantized.safetensors"
 
@@ -52,7 +59,7 @@ class WrittenArtifact:
     """Where the artifact is, what it holds, and its size as measured from the files."""
 
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     manifest_sha256: str
     quantized_bytes: int
     quantized_numel: int
@@ -111,55 +118,32 @@ def write_artifact(
     tokenizer: Any,
     kind: ModelKind,
     quantized: Mapping[str, QuantizedWeight],
-    manifest_fields: Mapping[str, Any],
+    run: RunRecord | None,
 ) -> WrittenArtifact:
     """Write the artifact under a temporary name, then rename it to ``destination``.
 
     Args:
         quantized: unit name -> its quantized weight; every unit must be an ``nn.Linear`` of ``model``.
-        manifest_fields: extra manifest entries (budget, solver, sensitivity, calibration, ...).
+        run: the pipeline's record of how the artifact was made (budget, solver, sensitivity, calibration, ...).
     """
     destination = destination.resolve()
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = destination.with_name(f".{destination.name}.partial-{uuid.uuid4().hex[:8]}")
     staging.mkdir()
     try:
-        modules = dict(model.named_modules())
         model.config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         float_state, aliases = _float_state(model, set(quantized))
         save_file(float_state, str(staging / FLOAT_FILE), metadata={"format": "pt"})
-        packed: dict[str, torch.Tensor] = {}
-        units = []
-        for name, q in quantized.items():
-            linear = modules[name]
-            tensors = pack_segments(q)
-            packed.update({f"{name}.{leaf}": tensor.contiguous() for leaf, tensor in tensors.items()})
-            mixed = q.group_bits is not None and len(set(q.group_bits)) > 1
-            units.append({"name": name, "bits": q.bits, "group_size": q.group_size,
-                          "in_features": linear.in_features, "out_features": linear.out_features,
-                          "bias": linear.bias is not None, "tensors": sorted(tensors),
-                          **({"group_bits": list(q.group_bits), "layout": MIXED_LAYOUT} if mixed else {})})
-        save_file(packed, str(staging / QUANTIZED_FILE), metadata={"format": "pt", "packing": PACKING_FORMAT})
-        data_bytes = safetensors_data_bytes(staging / QUANTIZED_FILE)
-        for unit in units:
-            unit["bytes"] = sum(data_bytes[f"{unit['name']}.{leaf}"] for leaf in unit["tensors"])
-        total_bytes = sum(data_bytes.values())
-        total_numel = sum(u["in_features"] * u["out_features"] for u in units)
+        units = _write_units(staging, dict(model.named_modules()), quantized)
+        total_bytes = sum(u.bytes for u in units)
+        total_numel = sum(u.in_features * u.out_features for u in units)
         files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "packing": PACKING_FORMAT,
-            "model_kind": kind.value,
-            "units": units,
-            "tied": aliases,
-            "achieved": {"bytes": total_bytes, "numel": total_numel, "bits_per_weight": 8.0 * total_bytes / total_numel,
-                         "file_bytes": sum((staging / n).stat().st_size for n in files)},
-            **manifest_fields,
-            "files": files,
-        }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        manifest_sha = sha256_file(staging / MANIFEST)
+        achieved = Achieved(bytes=total_bytes, numel=total_numel, bits_per_weight=8.0 * total_bytes / total_numel,
+                            file_bytes=sum((staging / n).stat().st_size for n in files))
+        manifest = Manifest(format_version=FORMAT_VERSION, packing=PACKING_FORMAT, model_kind=kind.value,
+                            units=units, tied=aliases, achieved=achieved, run=run, files=files)
+        manifest_sha = write_manifest(staging, manifest)
         _swap_into_place(staging, destination)
     except BaseException:
         if staging.exists():
@@ -169,41 +153,47 @@ def write_artifact(
                            quantized_bytes=total_bytes, quantized_numel=total_numel)
 
 
-def read_manifest(path: Path, *, verify: bool = True) -> dict[str, Any]:
-    """Read ``manifest.json`` and, with ``verify``, check every listed file against its sha256."""
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise ArtifactError(f"{path} is not a bitplan artifact: {MANIFEST} is missing")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format_version") not in READABLE_VERSIONS:
-        raise ArtifactError(f"artifact format version {manifest.get('format_version')} is not supported "
-                            f"(this bitplan reads versions {', '.join(map(str, READABLE_VERSIONS))})")
-    if verify:
-        for name, expected in manifest["files"].items():
-            file = path / name
-            if not file.is_file() or sha256_file(file) != expected:
-                raise ArtifactError(f"artifact file {file} is missing or fails its sha256 check")
-    return manifest
+def _write_units(staging: Path, modules: dict[str, nn.Module], quantized: Mapping[str, QuantizedWeight]
+                 ) -> list[UnitRecord]:
+    """Pack every unit into ``quantized.safetensors``; one record per unit with its bytes measured from the file.
+    The file's metadata has one key only, so its header (and its sha256) is the same on every run."""
+    packed: dict[str, torch.Tensor] = {}
+    layout: list[tuple[str, Any, QuantizedWeight, list[str]]] = []
+    for name, q in quantized.items():
+        tensors = pack_segments(q)
+        packed.update({f"{name}.{leaf}": tensor.contiguous() for leaf, tensor in tensors.items()})
+        layout.append((name, modules[name], q, sorted(tensors)))
+    save_file(packed, str(staging / QUANTIZED_FILE), metadata={"format": "pt"})
+    data_bytes = safetensors_data_bytes(staging / QUANTIZED_FILE)
+    units = []
+    for name, linear, q, leaves in layout:
+        mixed = q.group_bits is not None and len(set(q.group_bits)) > 1
+        units.append(UnitRecord(name=name, bits=q.bits, group_size=q.group_size, in_features=linear.in_features,
+                                out_features=linear.out_features, bias=linear.bias is not None, tensors=leaves,
+                                bytes=sum(data_bytes[f"{name}.{leaf}"] for leaf in leaves),
+                                group_bits=list(q.group_bits) if mixed else None,
+                                layout=MIXED_LAYOUT if mixed else None))
+    return units
 
 
-def load_artifact(path: Path, *, verify: bool = True) -> tuple[nn.Module, Any, dict[str, Any]]:
+def load_artifact(path: Path | str, *, verify: bool = True) -> tuple[nn.Module, Any, Manifest]:
     """Rebuild the quantized model (with ``QuantLinear`` units), its tokenizer and manifest from ``path``."""
     import transformers
 
+    path = Path(path)
     manifest = read_manifest(path, verify=verify)
     config = transformers.AutoConfig.from_pretrained(path)
-    auto = (transformers.AutoModelForCausalLM if manifest["model_kind"] == ModelKind.CAUSAL_LM.value
+    auto = (transformers.AutoModelForCausalLM if manifest.model_kind == ModelKind.CAUSAL_LM.value
             else transformers.AutoModel)
     model = auto.from_config(config, dtype=torch.float32)
-    for unit in manifest["units"]:
-        parent_name, _, child = unit["name"].rpartition(".")
+    for unit in manifest.units:
+        parent_name, _, child = unit.name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, QuantLinear(unit["in_features"], unit["out_features"], bits=unit["bits"],
-                                           group_size=unit["group_size"], bias=unit["bias"],
-                                           group_bits=unit.get("group_bits")))
+        setattr(parent, child, QuantLinear(unit.in_features, unit.out_features, bits=unit.bits,
+                                           group_size=unit.group_size, bias=unit.bias, group_bits=unit.group_bits))
     state = load_file(str(path / FLOAT_FILE))
     state.update(load_file(str(path / QUANTIZED_FILE)))
-    for alias, stored in manifest["tied"].items():
+    for alias, stored in manifest.tied.items():
         state[alias] = state[stored]
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -10,10 +10,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from allocator.problem import SOLVERS
+from bitplan.allocator.problem import SOLVERS
 from bitplan.errors import BitplanError
 
 logger = logging.getLogger("bitplan")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Wider help columns; each generated flag's help already ends with its default."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=36, width=120)
 
 
 class Progress:
@@ -55,55 +62,16 @@ def _cmd_models(args: argparse.Namespace) -> None:
            for m in BUNDLED_MODELS.values()], args.json)
 
 
-def _parse_bits(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise BitplanError(f"--bits takes comma-separated integers such as 2,3,4,8, got {text!r}") from None
-
-
-def _parse_pin(text: str) -> tuple[str, int]:
-    pattern, _, bits = text.rpartition("=")
-    try:
-        return pattern, int(bits)
-    except ValueError:
-        raise BitplanError(f"--pin takes PATTERN=BITS such as 'model.layers.0.*=8', got {text!r}") from None
-
-
-def _parse_budgets(text: str | None) -> list[float]:
-    if text is None:
-        return []
-    try:
-        budgets = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise BitplanError(
-            f"--bpw takes a number or comma-separated numbers such as 3.5 or 3,3.5,4, got {text!r}") from None
-    if not budgets:
-        raise BitplanError("--bpw needs at least one number")
-    return budgets
-
-
 def _cmd_run(args: argparse.Namespace) -> None:
-    from bitplan.pipeline import RunConfig, run_budgets
+    from bitplan.cli_options import spec_from_args
+    from bitplan.pipeline import run_budgets
 
-    budgets = _parse_budgets(args.bpw)
-    config = RunConfig(
-        model=args.model, out_dir=Path(args.out), bits_per_weight=budgets[0] if budgets else None,
-        budget_bytes=args.bytes,
-        uniform_bits=args.uniform_bits, candidate_bits=_parse_bits(args.bits), group_size=args.group_size,
-        metric=args.metric, calibration_text=None if args.calibration is None else Path(args.calibration),
-        num_samples=args.samples, seq_len=args.seq_len, seed=args.seed, solver=args.solver,
-        tie_fused=args.tie_fused, pinned=tuple(_parse_pin(text) for text in args.pin), use_cache=not args.no_cache,
-        quantizer=args.quantizer, mix_groups=args.mix_groups, kl_refine_windows=args.kl_refine,
-    )
+    spec = spec_from_args(args)
     out = Path(args.out)
-    if len(budgets) > 1:
-        out_dirs = [out / f"bpw-{b:g}" for b in budgets]
-    else:
-        out_dirs = [out]
+    out_dirs = [out / f"bpw-{b:g}" for b in spec.budget.bits_per_weight] if spec.budgets > 1 else [out]
     progress = Progress(not args.quiet)
     try:
-        results = run_budgets(config, budgets or [None], out_dirs=out_dirs, on_progress=progress)
+        results = run_budgets(spec, out_dirs=out_dirs, on_progress=progress, use_cache=not args.no_cache)
     finally:
         progress.close()
     if len(results) == 1:
@@ -112,17 +80,22 @@ def _cmd_run(args: argparse.Namespace) -> None:
         emit({"runs": [r.to_json() for r in results]}, args.json)
 
 
-def _cmd_sensitivity(args: argparse.Namespace) -> None:
-    from bitplan.pipeline import RunConfig, measure_sensitivity
+SENSITIVITY_OPTIONS = ("model", "calibration_text", "num_samples", "seq_len", "seed", "metric", "max_error_bytes",
+                       "candidate_bits", "group_size")
 
-    bits = _parse_bits(args.bits)
-    config = RunConfig(model=args.model, out_dir=Path("."), uniform_bits=None, bits_per_weight=float(max(bits)),
-                       candidate_bits=bits, group_size=args.group_size, metric=args.metric,
-                       calibration_text=None if args.calibration is None else Path(args.calibration),
-                       num_samples=args.samples, seq_len=args.seq_len, seed=args.seed, use_cache=not args.no_cache)
+
+def _cmd_sensitivity(args: argparse.Namespace) -> None:
+    from bitplan.cli_options import given_options
+    from bitplan.pipeline import measure_sensitivity
+    from bitplan.spec import JobSpec
+
+    options = given_options(args)
+    probe = JobSpec.from_flat(**options, uniform_bits=8)  # the defaults, to place a budget inside the range
+    bits = probe.allocation.candidate_bits
+    spec = JobSpec.from_flat(**options, bits_per_weight=max(bits) + 32 / probe.quantization.group_size)
     progress = Progress(not args.quiet)
     try:
-        result = measure_sensitivity(config, on_progress=progress)
+        result = measure_sensitivity(spec, on_progress=progress, use_cache=not args.no_cache)
     finally:
         progress.close()
     emit(result.to_json(), args.json)
@@ -137,8 +110,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     if args.artifact is not None:
         from bitplan.artifact import load_artifact
 
-        model, tokenizer, manifest = load_artifact(Path(args.artifact))
-        kind = manifest["model_kind"]
+        model, tokenizer, manifest = load_artifact(args.artifact)
+        kind = manifest.model_kind
     else:
         from bitplan.models import load_model
 
@@ -162,7 +135,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _cmd_allocate(args: argparse.Namespace) -> None:
-    from allocator import problem_from_json, solve_allocation
+    from bitplan.allocator import problem_from_json, solve_allocation
 
     path = Path(args.problem)
     if not path.is_file():
@@ -173,7 +146,7 @@ def _cmd_allocate(args: argparse.Namespace) -> None:
         raise BitplanError(f"problem file {path} is not valid JSON: {error}") from None
     problem = problem_from_json(data)
     if args.frontier:
-        from allocator.frontier import frontier
+        from bitplan.allocator.frontier import frontier
 
         points, kind = frontier(problem, kind=args.frontier_kind)
         logger.info("frontier: %d %s breakpoints", len(points), kind)
@@ -203,57 +176,23 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     models.add_argument("--json", action="store_true")
     models.set_defaults(func=_cmd_models)
 
-    run = sub.add_parser("run", help="allocate bits, quantize and write an artifact")
-    run.add_argument("--model", required=True, help="bundled id, HF folder, .safetensors or .gguf file")
-    budget = run.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--bpw", help="budget in effective bits per weight (scales and zeros counted); several "
-                                      "comma-separated budgets share one sensitivity pass and write OUT/bpw-B")
-    budget.add_argument("--bytes", type=int, help="budget in bytes of the quantized layers")
-    budget.add_argument("--uniform-bits", type=int, help="uniform baseline: every unit at this bit width")
-    run.add_argument("--out", required=True, help="artifact directory to write")
-    run.add_argument("--bits", default="2,3,4,8", help="candidate bit widths (default 2,3,4,8)")
-    run.add_argument("--group-size", type=int, default=128)
-    from bitplan.pipeline import METRIC_CHOICES
+    from bitplan.cli_options import add_spec_arguments
 
-    run.add_argument("--metric", default="auto", choices=METRIC_CHOICES)
-    run.add_argument("--calibration", help="calibration text file (default: built-in text)")
-    run.add_argument("--samples", type=int, default=32, help="calibration windows")
-    run.add_argument("--seq-len", type=int, default=512, help="calibration window length in tokens")
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--solver", default="auto", choices=[s for s in SOLVERS if s != "brute_force"])
-    run.add_argument("--tie-fused", action="store_true",
-                     help="q/k/v and gate/up projections of a block share one bit width (fused by runtimes)")
-    run.add_argument("--pin", action="append", default=[], metavar="PATTERN=BITS",
-                     help="keep units matching an fnmatch pattern at BITS (repeatable), e.g. '*.down_proj=8'")
-    from quantizer.methods import QUANTIZERS
-
-    run.add_argument("--quantizer", default="rtn", choices=QUANTIZERS,
-                     help="rtn: round to nearest (-symmetric: grid symmetric around 0); gptq: GPTQ error feedback on "
-                          "calibration inputs (give in-domain --calibration text); -salience: each group's range "
-                          "searched to minimize input-energy-weighted error (SliM-LLM)")
-    run.add_argument("--mix-groups", action="store_true",
-                     help="column groups of each layer take bits-1, bits or bits+1 within the layer's size (SliM-LLM)")
-    run.add_argument("--kl-refine", type=int, default=0, metavar="N",
-                     help="re-solve once with each block's measured share of the output KL on N calibration windows "
-                          "(checked on N others; kept only if the KL drops). 0: off")
+    run = sub.add_parser("run", help="allocate bits, quantize and write an artifact", formatter_class=HelpFormatter)
+    add_spec_arguments(run)
+    run.add_argument("--out", required=True, help="artifact directory to write (OUT/bpw-B for each budget of a sweep)")
     run.add_argument("--no-cache", action="store_true",
                      help="measure sensitivities again instead of reusing cached ones ($BITPLAN_CACHE_DIR)")
-    run.add_argument("--json", action="store_true")
+    run.add_argument("--json", action="store_true", help="print the result as one JSON line")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=_cmd_run)
 
-    sens = sub.add_parser("sensitivity", help="predicted loss increase per (unit, bit width)")
-    sens.add_argument("--model", required=True)
-    sens.add_argument("--metric", default="auto", choices=METRIC_CHOICES)
-    sens.add_argument("--bits", default="2,3,4,8")
-    sens.add_argument("--group-size", type=int, default=128)
-    sens.add_argument("--calibration")
-    sens.add_argument("--samples", type=int, default=32)
-    sens.add_argument("--seq-len", type=int, default=512)
-    sens.add_argument("--seed", type=int, default=0)
+    sens = sub.add_parser("sensitivity", help="predicted loss increase per (unit, bit width)",
+                          formatter_class=HelpFormatter)
+    add_spec_arguments(sens, only=SENSITIVITY_OPTIONS)
     sens.add_argument("--no-cache", action="store_true", help="measure again instead of reusing a cached result")
-    sens.add_argument("--json", action="store_true")
-    sens.add_argument("--quiet", action="store_true")
+    sens.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    sens.add_argument("--quiet", action="store_true", help="no progress bars")
     sens.set_defaults(func=_cmd_sensitivity)
 
     evaluate = sub.add_parser("eval", help="perplexity of an artifact or a float model on a text file")
@@ -266,11 +205,11 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     evaluate.add_argument("--quiet", action="store_true")
     evaluate.set_defaults(func=_cmd_eval)
 
-    from bitplan.exports.common import EXPORT_FORMATS
+    from bitplan.exports import EXPORTERS
 
     export = sub.add_parser("export", help="export an artifact to a format other runtimes load")
     export.add_argument("--artifact", required=True, help="artifact directory written by bitplan run")
-    export.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+    export.add_argument("--format", required=True, choices=sorted(EXPORTERS))
     export.add_argument("--out", required=True, help="a .gguf file, or a folder for compressed-tensors")
     export.add_argument("--json", action="store_true")
     export.set_defaults(func=_cmd_export)

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from bitplan.stages import Stage
+
 ProgressFn = Callable[[str, int, int], None]
 
 
@@ -53,7 +55,7 @@ def perplexity(
         nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), window[:, 1:].reshape(-1))
         total_nll += float(nll)
         if on_progress is not None:
-            on_progress("perplexity", index + 1, n_windows)
+            on_progress(Stage.PERPLEXITY, index + 1, n_windows)
     return PerplexityResult(ppl=math.exp(total_nll / n_windows), tokens=n_windows * seq_len, windows=n_windows,
                             seq_len=seq_len)
 

@@ -20,11 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from bitplan.quantizer.rtn import dequantize_weight
+from bitplan.sensitivity import SensitivityResult
+from bitplan.sensitivity.activations import ProgressFn, StopFn, check_stop
+from bitplan.sensitivity.kl import kl_contributions, output_kl
+from bitplan.stages import Stage
 from bitplan.units import block_index
-from quantizer.rtn import dequantize_weight
-from sensitivity import SensitivityResult
-from sensitivity.activations import ProgressFn, StopFn, check_stop
-from sensitivity.kl import kl_contributions, output_kl
 
 MAX_SCALE = 4.0
 DAMPING = (1.0, 0.5, 0.25)  # the scales are tried at these powers; each distinct allocation is quantized and checked
@@ -105,7 +106,7 @@ def refine_allocation(model: nn.Module, units: Mapping[str, nn.Linear], stack_na
         check_stop(should_stop, "KL refinement")
         done += 1
         if on_progress is not None:
-            on_progress("kl refinement", done, steps)
+            on_progress(Stage.KL_REFINEMENT, done, steps)
 
     _, contributions = kl_contributions(model, units, replacements, groups, scale_windows, on_group=tick)
     scales = group_scales(sensitivity, chosen, groups, contributions)

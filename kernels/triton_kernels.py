@@ -14,9 +14,8 @@ from __future__ import annotations
 import os
 
 import torch
-
-from kernels.bitpack import unpack_bitstream_int32
-from kernels.dequant import dequantize_groupwise
+from bitplan.kernels.bitpack import unpack_bitstream_int32
+from bitplan.kernels.dequant import dequantize_groupwise
 
 try:
     import triton

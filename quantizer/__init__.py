@@ -1,6 +1,6 @@
 """Weight quantizers and the exact size of every quantization option."""
 
-from quantizer.rtn import QuantizedWeight, dequantize_weight, quantize_rtn
-from quantizer.sizes import quantized_bytes
+from bitplan.quantizer.rtn import QuantizedWeight, dequantize_weight, quantize_rtn
+from bitplan.quantizer.sizes import quantized_bytes
 
 __all__ = ["QuantizedWeight", "dequantize_weight", "quantize_rtn", "quantized_bytes"]

@@ -13,9 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-
-from quantizer.grid import grid_params, salience_calibrated_params, to_codes
-from quantizer.rtn import QuantizedWeight, check_quantization_args
+from bitplan.quantizer.grid import grid_params, salience_calibrated_params, to_codes
+from bitplan.quantizer.rtn import QuantizedWeight, check_quantization_args
 
 
 @dataclass(frozen=True)

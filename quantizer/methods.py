@@ -1,28 +1,95 @@
-"""The quantizers a job can choose, behind one call."""
+"""The quantizers a job can choose, behind one call: a registry of :class:`Quantizer` entries (adding one is
+one function plus one :func:`register` line)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
+from bitplan.quantizer.gptq import GPTQConfig, quantize_gptq
+from bitplan.quantizer.mixed import choose_group_bits, quantize_rtn_mixed
+from bitplan.quantizer.rtn import QuantizedWeight, quantize_rtn
 
-from quantizer.gptq import GPTQConfig, quantize_gptq
-from quantizer.mixed import choose_group_bits, quantize_rtn_mixed
-from quantizer.rtn import QuantizedWeight, quantize_rtn
+# (weight, gram or None, group_bits or None, bits, group_size, damp) -> quantized weight
+QuantizeFn = Callable[[torch.Tensor, "torch.Tensor | None", "list[int] | None", int, int, float], QuantizedWeight]
 
-QUANTIZERS = ("rtn", "rtn-symmetric", "rtn-salience", "gptq", "gptq-salience")
-QUANTIZER_LABELS = {"rtn": "rtn-asymmetric", "rtn-symmetric": "rtn-symmetric",
-                    "rtn-salience": "rtn-asymmetric+salience-calibration", "gptq": "gptq-act-order",
-                    "gptq-salience": "gptq-act-order+salience-calibration"}
+
+@dataclass(frozen=True)
+class Quantizer:
+    """A registered quantizer: its job name, the label the manifest records, and whether it needs each unit's
+    calibration input Gram matrix."""
+
+    name: str
+    label: str
+    needs_gram: bool
+    quantize: QuantizeFn
+
+
+QUANTIZER_REGISTRY: dict[str, Quantizer] = {}
+
+
+def register(name: str, label: str, *, needs_gram: bool) -> Callable[[QuantizeFn], QuantizeFn]:
+    """Register ``function`` as the quantizer ``name``."""
+
+    def add(function: QuantizeFn) -> QuantizeFn:
+        QUANTIZER_REGISTRY[name] = Quantizer(name=name, label=label, needs_gram=needs_gram, quantize=function)
+        return function
+
+    return add
+
+
+def _rtn(weight: torch.Tensor, salience: torch.Tensor | None, group_bits: list[int] | None, bits: int,
+         group_size: int, *, symmetric: bool = False) -> QuantizedWeight:
+    if group_bits is not None:
+        return quantize_rtn_mixed(weight, group_bits, group_size=group_size, salience=salience, symmetric=symmetric)
+    return quantize_rtn(weight, bits=bits, group_size=group_size, salience=salience, symmetric=symmetric)
+
+
+@register("rtn", "rtn-asymmetric", needs_gram=False)
+def _quantize_rtn(weight, gram, group_bits, bits, group_size, damp):  # type: ignore[no-untyped-def]
+    return _rtn(weight, None, group_bits, bits, group_size)
+
+
+@register("rtn-symmetric", "rtn-symmetric", needs_gram=False)
+def _quantize_rtn_symmetric(weight, gram, group_bits, bits, group_size, damp):  # type: ignore[no-untyped-def]
+    return _rtn(weight, None, group_bits, bits, group_size, symmetric=True)
+
+
+@register("rtn-salience", "rtn-asymmetric+salience-calibration", needs_gram=True)
+def _quantize_rtn_salience(weight, gram, group_bits, bits, group_size, damp):  # type: ignore[no-untyped-def]
+    return _rtn(weight, torch.diag(gram), group_bits, bits, group_size)
+
+
+@register("gptq", "gptq-act-order", needs_gram=True)
+def _quantize_gptq(weight, gram, group_bits, bits, group_size, damp):  # type: ignore[no-untyped-def]
+    return quantize_gptq(weight, gram, bits=bits, group_size=group_size, group_bits=group_bits,
+                         config=GPTQConfig(damp=damp, salience=False))
+
+
+@register("gptq-salience", "gptq-act-order+salience-calibration", needs_gram=True)
+def _quantize_gptq_salience(weight, gram, group_bits, bits, group_size, damp):  # type: ignore[no-untyped-def]
+    return quantize_gptq(weight, gram, bits=bits, group_size=group_size, group_bits=group_bits,
+                         config=GPTQConfig(damp=damp, salience=True))
+
+
+QUANTIZERS = tuple(QUANTIZER_REGISTRY)
+QUANTIZER_LABELS = {name: q.label for name, q in QUANTIZER_REGISTRY.items()}
 
 
 def needs_gram(method: str) -> bool:
     """Whether ``method`` needs each unit's calibration input Gram matrix."""
-    check_method(method)
-    return method not in ("rtn", "rtn-symmetric")
+    return _get(method).needs_gram
+
+
+def _get(method: str) -> Quantizer:
+    if method not in QUANTIZER_REGISTRY:
+        raise ValueError(f"unknown quantizer {method!r}; choose one of {', '.join(QUANTIZERS)}")
+    return QUANTIZER_REGISTRY[method]
 
 
 def check_method(method: str) -> None:
-    if method not in QUANTIZERS:
-        raise ValueError(f"unknown quantizer {method!r}; choose one of {', '.join(QUANTIZERS)}")
+    _get(method)
 
 
 def quantize_unit(weight: torch.Tensor, *, method: str, bits: int, group_size: int,
@@ -36,7 +103,8 @@ def quantize_unit(weight: torch.Tensor, *, method: str, bits: int, group_size: i
     ``mix_groups``: column groups take ``bits - 1``, ``bits`` or ``bits + 1`` bits at the layer's size
     (:func:`quantizer.mixed.choose_group_bits`; needs ``gram``).
     """
-    if (needs_gram(method) or mix_groups) and gram is None:
+    quantizer = _get(method)
+    if (quantizer.needs_gram or mix_groups) and gram is None:
         raise ValueError(f"quantizer {method!r}{' with mixed groups' if mix_groups else ''} needs the unit's "
                          f"calibration Gram matrix")
     group_bits = None
@@ -44,11 +112,4 @@ def quantize_unit(weight: torch.Tensor, *, method: str, bits: int, group_size: i
         group_bits = choose_group_bits(weight, torch.diag(gram), bits=bits, group_size=group_size)
         if len(set(group_bits)) == 1:
             group_bits = None
-    if method.startswith("gptq"):
-        config = GPTQConfig(damp=damp, salience=method == "gptq-salience")
-        return quantize_gptq(weight, gram, bits=bits, group_size=group_size, group_bits=group_bits, config=config)
-    salience = torch.diag(gram) if method == "rtn-salience" else None
-    symmetric = method == "rtn-symmetric"
-    if group_bits is not None:
-        return quantize_rtn_mixed(weight, group_bits, group_size=group_size, salience=salience, symmetric=symmetric)
-    return quantize_rtn(weight, bits=bits, group_size=group_size, salience=salience, symmetric=symmetric)
+    return quantizer.quantize(weight, gram, group_bits, bits, group_size, damp)

@@ -7,12 +7,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-
-from allocator import AllocationProblem, Budget, Option, Unit, solve_allocation
-from kernels.bitpack import pack_bitstream_int32
-from kernels.quant_linear import segment_layout
-from quantizer.rtn import QuantizedWeight, quantization_error, quantize_rtn
-from quantizer.sizes import SCALE_BYTES, ZERO_BYTES
+from bitplan.allocator import AllocationProblem, Budget, Option, Unit, solve_allocation
+from bitplan.kernels.bitpack import pack_bitstream_int32
+from bitplan.kernels.quant_linear import segment_layout
+from bitplan.quantizer.rtn import QuantizedWeight, quantization_error, quantize_rtn
+from bitplan.quantizer.sizes import SCALE_BYTES, ZERO_BYTES
 
 WORD_BITS = 32
 

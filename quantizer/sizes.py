@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from kernels.bitpack import packed_words
+from bitplan.kernels.bitpack import packed_words
 
 if TYPE_CHECKING:
-    from quantizer.rtn import QuantizedWeight
+    from bitplan.quantizer.rtn import QuantizedWeight
 
 SCALE_BYTES = 2  # float16
 ZERO_BYTES = 2  # float16

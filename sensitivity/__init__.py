@@ -1,8 +1,8 @@
 """Sensitivity metrics: a predicted loss increase for quantizing each unit at each bit width."""
 
-from sensitivity.activations import Cancelled, UnitStatistics, collect_unit_statistics
-from sensitivity.api import HutchinsonConfig, Metric, SensitivityResult, UnitSensitivity, compute_sensitivity
-from sensitivity.hutchinson import TraceEstimate, estimate_hessian_traces
+from bitplan.sensitivity.activations import Cancelled, UnitStatistics, collect_unit_statistics
+from bitplan.sensitivity.api import HutchinsonConfig, Metric, SensitivityResult, UnitSensitivity, compute_sensitivity
+from bitplan.sensitivity.hutchinson import TraceEstimate, estimate_hessian_traces
 
 __all__ = [
     "Cancelled",

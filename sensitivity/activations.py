@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from bitplan.stages import Stage
+
 ProgressFn = Callable[[str, int, int], None]
 LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 StopFn = Callable[[], bool]
@@ -139,7 +141,7 @@ def collect_unit_statistics(
                     stats[name].batches += 1
                     weight.grad = None
             if on_progress is not None:
-                on_progress("calibration statistics", index + 1, len(batches))
+                on_progress(Stage.CALIBRATION_STATISTICS, index + 1, len(batches))
     finally:
         batch_grams.clear()
         for weight in weights.values():

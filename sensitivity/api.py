@@ -11,10 +11,8 @@ from enum import Enum
 from typing import Any
 
 import torch
-from torch import nn
-
-from quantizer.rtn import quantization_error
-from sensitivity.activations import (
+from bitplan.quantizer.rtn import quantization_error
+from bitplan.sensitivity.activations import (
     LossFn,
     ProgressFn,
     StopFn,
@@ -22,8 +20,8 @@ from sensitivity.activations import (
     check_stop,
     collect_unit_statistics,
 )
-from sensitivity.blockwise import block_grams
-from sensitivity.hutchinson import (
+from bitplan.sensitivity.blockwise import block_grams
+from bitplan.sensitivity.hutchinson import (
     TraceEstimate,
     double_backward_hvp,
     estimate_traces,
@@ -31,9 +29,12 @@ from sensitivity.hutchinson import (
     gradient_difference_hvp,
     median_relative_error,
 )
-from sensitivity.output_error import predict_output_error
-from sensitivity.token_fisher import DEFAULT_ERROR_BYTES, token_fisher
-from sensitivity.weight_metrics import predict_baq, predict_gwq, predict_slim_salience, salience
+from bitplan.sensitivity.output_error import predict_output_error
+from bitplan.sensitivity.token_fisher import DEFAULT_ERROR_BYTES, token_fisher
+from bitplan.sensitivity.weight_metrics import predict_baq, predict_gwq, predict_slim_salience, salience
+from torch import nn
+
+from bitplan.stages import Stage
 
 logger = logging.getLogger(__name__)
 
@@ -332,7 +333,7 @@ def compute_sensitivity(
                 by_name[name] = UnitSensitivity(name=name, numel=weight.numel(), score=_score(metric, weight, entry),
                                                 delta_loss=delta)
                 if on_progress is not None:
-                    on_progress("predicted error", len(by_name), len(units))
+                    on_progress(Stage.PREDICTED_ERROR, len(by_name), len(units))
         entries = [by_name[name] for name in units]
     for warning in warnings:
         logger.warning(warning)

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from bitplan.sensitivity.activations import ProgressFn, SharedGrams, StopFn, UnitStatistics, add_input_gram, check_stop
 from torch import nn
 
-from sensitivity.activations import ProgressFn, SharedGrams, StopFn, UnitStatistics, add_input_gram, check_stop
+from bitplan.stages import Stage
 
 
 class _ReachedFirstBlock(Exception):
@@ -109,7 +110,7 @@ def block_grams(
             for handle in handles:
                 handle.remove()
         if on_progress is not None:
-            on_progress("block statistics", index + 1, len(stack))
+            on_progress(Stage.BLOCK_STATISTICS, index + 1, len(stack))
         if stats:
             yield stats
 

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from sensitivity.api import SensitivityResult
+from bitplan.sensitivity.api import SensitivityResult
 
 CACHE_FORMAT = 2  # 2: token_taylor shrinks its first-order term
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
-from quantizer.rtn import quantization_error
-from sensitivity.activations import UnitStatistics
+from bitplan.quantizer.rtn import quantization_error
+from bitplan.sensitivity.activations import UnitStatistics
 
 
 def group_output_error(weight: torch.Tensor, stats: UnitStatistics, *, bits_options: Sequence[int], group_size: int,
@@ -55,7 +54,7 @@ def group_sensitivity(metric: str, weight: torch.Tensor, stats: UnitStatistics, 
     if metric in ("output_error", "fisher_output_error"):
         return group_output_error(weight, stats, bits_options=bits_options, group_size=group_size,
                                   fisher=metric == "fisher_output_error")
-    from sensitivity.weight_metrics import inverse_hessian_diagonal, quantization_step
+    from bitplan.sensitivity.weight_metrics import inverse_hessian_diagonal, quantization_step
 
     tokens = max(stats.tokens, 1)
     weight = weight.detach().double()

@@ -14,8 +14,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
+from bitplan.sensitivity.activations import check_stop
 
-from sensitivity.activations import check_stop
+from bitplan.stages import Stage
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -177,7 +178,7 @@ def estimate_traces(
                 squares[name] += product.double() ** 2
         totals.append(total)
         if on_progress is not None:
-            on_progress("hutchinson probes", probe + 1, max_probes)
+            on_progress(Stage.HUTCHINSON_PROBES, probe + 1, max_probes)
         if probe + 1 >= min_probes:
             summary = _summarize(totals)
             if summary.std_error <= rel_tol * abs(summary.trace) and (

@@ -15,9 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
-from quantizer.rtn import quantization_error
-from sensitivity.activations import UnitStatistics
+from bitplan.quantizer.rtn import quantization_error
+from bitplan.sensitivity.activations import UnitStatistics
 
 
 def row_error(delta: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:

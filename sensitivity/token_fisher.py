@@ -24,10 +24,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from bitplan.quantizer.rtn import quantization_error
+from bitplan.sensitivity.activations import LossFn, ProgressFn, StopFn, check_stop
 from torch import nn
 
-from quantizer.rtn import quantization_error
-from sensitivity.activations import LossFn, ProgressFn, StopFn, check_stop
+from bitplan.stages import Stage
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,7 @@ def token_fisher(
                         batch_sums_sq[name] += batch_sums[name].pow(2)
                         batch_sums[name].zero_()
                     if on_progress is not None:
-                        on_progress("token Fisher", chunk_index * len(batches) + index + 1, steps)
+                        on_progress(Stage.TOKEN_FISHER, chunk_index * len(batches) + index + 1, steps)
             finally:
                 for handle in handles:
                     handle.remove()

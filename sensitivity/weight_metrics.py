@@ -19,9 +19,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
-from quantizer.rtn import quantization_error
-from sensitivity.activations import UnitStatistics
+from bitplan.quantizer.rtn import quantization_error
+from bitplan.sensitivity.activations import UnitStatistics
 
 DAMP = 0.01  # relative diagonal damping of H before inversion (GPTQ's default)
 

@@ -14,17 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Header, HTTPException, Query, Request, Response
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
-from fastapi.routing import APIRoute
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from bitplan import __version__
-from bitplan.errors import BitplanError
-from bitplan.models import BUNDLED_MODELS, resolve_reference, validate_gguf, validate_safetensors_header
-from service.schemas import (
+from bitplan.service.schemas import (
     AllocationSummary,
     ArtifactFile,
     ArtifactPublic,
@@ -41,8 +31,19 @@ from service.schemas import (
     Problem,
     Progress,
 )
-from service.store import TERMINAL, Job, make_store
-from service.worker import JobRunner, WorkerPool, WorkerSettings, enqueue, make_huey, register_runner
+from bitplan.service.store import TERMINAL, Job, make_store
+from bitplan.service.worker import JobRunner, WorkerPool, WorkerSettings, enqueue, make_huey, register_runner
+from fastapi import FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.routing import APIRoute
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from bitplan import __version__
+from bitplan.errors import BitplanError
+from bitplan.models import BUNDLED_MODELS, resolve_reference, validate_gguf, validate_safetensors_header
+from bitplan.spec import JobSpec
 
 LOCAL_OWNER = "local"
 
@@ -207,7 +208,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             if registered is None:
                 raise _error(422, f"no registered model {body.model!r} for this key")
             body = body.model_copy(update={"model": registered["reference"]})
-        request = validate_job(body, settings)
+        request = validate_job(body, settings).to_dict()
         if store.count_active(owner) >= settings.max_active_jobs:
             existing = store.get_by_key(owner, idempotency_key) if idempotency_key else None
             if existing is None:
@@ -341,37 +342,17 @@ def _decode_cursor(cursor: str) -> tuple[float, str]:
     return value, job_id
 
 
-def validate_job(body: JobCreate, settings: ServiceSettings) -> dict[str, Any]:
-    """Everything that can be checked before queueing: the model reference and the budget (4xx otherwise)."""
-    from allocator.problem import SOLVERS
-    from bitplan.pipeline import METRIC_CHOICES, RunConfig, check_budget_coarsely
-
-    budgets = body.bits_per_weight if isinstance(body.bits_per_weight, list) else (
-        [] if body.bits_per_weight is None else [body.bits_per_weight])
-    if len(budgets) > settings.max_sweep:
+def validate_job(body: JobCreate, settings: ServiceSettings) -> JobSpec:
+    """Everything that can be checked before queueing: the model reference and the job spec (4xx otherwise)."""
+    values = body.model_dump()
+    budgets = values["bits_per_weight"]
+    if isinstance(budgets, list) and len(budgets) > settings.max_sweep:
         raise _error(422, f"a sweep may have at most {settings.max_sweep} budgets, got {len(budgets)}")
-    if isinstance(body.bits_per_weight, list) and not budgets:
-        raise _error(422, "bits_per_weight is an empty list; give a number or a non-empty list")
-    if body.metric not in METRIC_CHOICES:
-        raise _error(422, f"unknown metric {body.metric!r}; choose one of {', '.join(METRIC_CHOICES)}")
-    if body.solver not in SOLVERS or body.solver == "brute_force":
-        raise _error(422, f"unknown solver {body.solver!r}; choose one of "
-                          f"{', '.join(s for s in SOLVERS if s != 'brute_force')}")
-    reference = validate_reference(body.model, settings)
+    values["model"] = validate_reference(body.model, settings)
     try:
-        for budget in budgets or [None]:
-            config = RunConfig(model=reference, out_dir=Path("."), bits_per_weight=budget, budget_bytes=body.bytes,
-                               uniform_bits=body.uniform_bits, candidate_bits=tuple(body.candidate_bits),
-                               group_size=body.group_size, metric=body.metric, solver=body.solver,
-                               num_samples=body.num_samples, seq_len=body.seq_len, quantizer=body.quantizer,
-                               mix_groups=body.mix_groups, kl_refine_windows=body.kl_refine_windows)
-            check_budget_coarsely(config)
+        return JobSpec.from_flat(**values)
     except BitplanError as error:
         raise _error(422, str(error)) from None
-    return {"model": reference, "budgets": budgets, "bytes": body.bytes, "uniform_bits": body.uniform_bits,
-            "metric": body.metric, "solver": body.solver, "candidate_bits": body.candidate_bits,
-            "group_size": body.group_size, "num_samples": body.num_samples, "seq_len": body.seq_len,
-            "quantizer": body.quantizer, "mix_groups": body.mix_groups, "kl_refine_windows": body.kl_refine_windows}
 
 
 def validate_reference(reference: str, settings: ServiceSettings) -> str:

@@ -24,7 +24,7 @@ def default_data_dir() -> Path:
 
 def _api_keys(path: str | None) -> dict[str, str]:
     """``owner:key`` lines (``#`` comments) -> ``{sha256(key): owner}``; keys are held hashed only."""
-    from service.app import hash_key
+    from bitplan.service.app import hash_key
 
     if path is None:
         return {}
@@ -51,8 +51,7 @@ def _is_loopback(host: str) -> bool:
 
 def _cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
-
-    from service.app import ServiceSettings, create_app
+    from bitplan.service.app import ServiceSettings, create_app
 
     keys = _api_keys(args.api_keys)
     if not _is_loopback(args.host) and not keys:
@@ -68,8 +67,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
 
 def _cmd_worker(args: argparse.Namespace) -> None:
-    from service.store import make_store
-    from service.worker import JobRunner, WorkerPool, WorkerSettings, make_huey, register_runner
+    from bitplan.service.store import make_store
+    from bitplan.service.worker import JobRunner, WorkerPool, WorkerSettings, make_huey, register_runner
 
     settings = WorkerSettings(data_dir=Path(args.data_dir), redis_url=args.redis_url, lease_s=args.lease,
                               heartbeat_s=args.heartbeat)
@@ -81,7 +80,7 @@ def _cmd_worker(args: argparse.Namespace) -> None:
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from service.client import Client
+    from bitplan.service.client import Client
 
     return Client(args.url, api_key=args.api_key or os.environ.get("BITPLAN_API_KEY"))
 
@@ -89,8 +88,7 @@ def _client(args: argparse.Namespace) -> Any:
 def _service_call(function: Any) -> Any:
     """Turn the client's errors into the CLI's (exit code 2 with the service's reason)."""
     import httpx
-
-    from service.client import ServiceError
+    from bitplan.service.client import ServiceError
 
     def wrapped(args: argparse.Namespace) -> None:
         try:
@@ -126,7 +124,7 @@ def ensure_service(url: str, data_dir: Path, model_roots: Sequence[str] = (), ti
         raise BitplanError(f"no service answers at {url}, and only a loopback service can be started here")
     data_dir.mkdir(parents=True, exist_ok=True)
     log = (data_dir / "serve.log").open("ab")
-    process = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--host", parsed.hostname or "127.0.0.1",
+    process = subprocess.Popen([sys.executable, "-m", "bitplan.service.cli", "serve", "--host", parsed.hostname or "127.0.0.1",
                                 "--port", str(parsed.port or 80), "--data-dir", str(data_dir),
                                 *[arg for root in model_roots for arg in ("--model-root", root)]],
                                stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)

@@ -1,7 +1,7 @@
 """Python client for the bitplan service (httpx): ``client.jobs.create / get / list / cancel / events / wait`` and
 ``client.artifacts.download`` with checksum verification.
 
-    from service.client import Client
+    from bitplan.service.client import Client
     client = Client("http://127.0.0.1:8321")
     job = client.jobs.create(model="smollm2-135m", bits_per_weight=3.5)
     job = client.jobs.wait(job["id"])               # progress bar on stderr

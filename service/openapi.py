@@ -7,8 +7,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
-
-from service.app import ServiceSettings, create_app
+from bitplan.service.app import ServiceSettings, create_app
 
 
 def render_openapi() -> str:

@@ -17,8 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
-
-from service.store import STATUSES, Event, Job, StaleAttempt
+from bitplan.service.store import STATUSES, Event, Job, StaleAttempt
 
 
 class RedisJobStore:

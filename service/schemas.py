@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from bitplan.spec import OPTIONS, Option
 
 
 class Health(BaseModel):
@@ -12,29 +14,42 @@ class Health(BaseModel):
     version: str
 
 
-class JobCreate(BaseModel):
-    """A quantization job: a model reference and one budget (several bits-per-weight budgets make a sweep)."""
+def _job_field(option: Option) -> tuple[Any, Any]:
+    """The annotation and ``Field`` of one job option. Bounds and choices are documented in the schema and
+    enforced by the spec itself, so the API, the CLI and Python callers get the same message."""
+    extra: dict[str, Any] = {}
+    if option.positive:
+        extra["exclusiveMinimum"] = 0
+    if option.minimum is not None:
+        extra["minimum"] = option.minimum
+    if option.maximum is not None:
+        extra["maximum"] = option.maximum
+    default = option.default
+    annotation: Any = {"int": int, "float": float, "bool": bool, "str": str, "enum": str}.get(option.kind)
+    if option.kind == "enum" and option.choices is not None:
+        extra = {"enum": [c.value for c in option.choices]}
+        default = default.value
+    elif option.kind in ("ints", "floats"):
+        item_type = "integer" if option.kind == "ints" else "number"
+        extra = {"items": {"type": item_type, **extra}, **({"maxItems": option.max_items} if option.max_items else {})}
+        annotation, default = list[int], list(default)
+        if option.kind == "floats":
+            annotation, default = float | list[float] | None, None
+    elif option.kind == "pins":
+        annotation, default = list[str], []
+    if default is None and option.kind in ("int", "float", "str"):
+        annotation = annotation | None
+    if option.name == "model":
+        return str, Field(min_length=1, max_length=4096, description="bundled id, registered model id (mdl-...), or a "
+                          "path under an allowed root")
+    return annotation, Field(default=default, description=option.help, json_schema_extra=extra or None)
 
-    model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(min_length=1, max_length=4096, description="bundled id, or a path under an allowed root")
-    bits_per_weight: float | list[float] | None = Field(
-        default=None, description="effective bits per weight (scales and zeros counted); a list is a sweep")
-    bytes: int | None = Field(default=None, gt=0, le=2**50, description="budget in bytes of the quantized layers")
-    uniform_bits: int | None = Field(default=None, ge=1, le=8, description="uniform baseline")
-    metric: str = "auto"
-    solver: str = "auto"
-    candidate_bits: list[int] = Field(default=[2, 3, 4, 8], min_length=1, max_length=8)
-    group_size: int = Field(default=128, ge=8, le=4096)
-    num_samples: int = Field(default=32, ge=1, le=512)
-    seq_len: int = Field(default=512, ge=16, le=8192)
-    quantizer: Literal["rtn", "rtn-symmetric", "rtn-salience", "gptq", "gptq-salience"] = Field(
-        default="rtn", description="rtn, or GPTQ error feedback, with or without salience-weighted ranges")
-    mix_groups: bool = Field(default=False, description="column groups of a layer at bits-1/bits/bits+1 (SliM-LLM)")
-    kl_refine_windows: int = Field(
-        default=0, ge=0, le=64,
-        description="re-solve once with each block's measured share of the output KL on this many calibration "
-                    "windows, checked on as many others (needs num_samples >= 2x this); 0: off")
+JobCreate = create_model(  # type: ignore[call-overload]
+    "JobCreate", __config__=ConfigDict(extra="forbid"),
+    __doc__="A quantization job: a model reference and one budget (several bits-per-weight budgets make a sweep). "
+            "Generated from the job spec (bitplan.spec.OPTIONS).",
+    **{option.name: _job_field(option) for option in OPTIONS if option.http})
 
 
 class ErrorInfo(BaseModel):

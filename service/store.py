@@ -322,7 +322,7 @@ class JobStore:
 def make_store(data_dir: Path, redis_url: str | None) -> Any:
     """SQLite in the data folder (one machine), or Redis beside the queue (workers on several machines)."""
     if redis_url:
-        from service.redis_store import RedisJobStore
+        from bitplan.service.redis_store import RedisJobStore
 
         return RedisJobStore(redis_url)
     return JobStore(data_dir / "jobs.db")

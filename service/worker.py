@@ -20,20 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bitplan.service.store import JobStore, StaleAttempt
 from huey import Huey, RedisHuey, SqliteHuey
 from huey.consumer import Consumer
 
-from service.store import JobStore, StaleAttempt  # JobStore or RedisJobStore (the same methods)
+from bitplan.stages import overall_fraction  # JobStore or RedisJobStore (the same methods)
 
 logger = logging.getLogger(__name__)
-
-STAGE_SPAN = {  # share of the whole job each pipeline stage stands for, in order
-    "load": (0.0, 0.05), "calibration statistics": (0.05, 0.6), "block statistics": (0.6, 0.75),
-    "token Fisher": (0.05, 0.75),
-    "hutchinson probes": (0.05, 0.75), "predicted error": (0.75, 0.8), "quantize": (0.8, 0.95),
-    "kl refinement": (0.95, 0.98),
-}
-
 
 @dataclass(frozen=True)
 class WorkerSettings:
@@ -66,26 +59,20 @@ def make_huey(settings: WorkerSettings) -> Huey:
 
 def _child_main(request: dict[str, Any], staging: str, messages: Any, stop: Any) -> None:
     """The pipeline in a fresh process; everything it reports goes through ``messages``."""
+    from bitplan.sensitivity import Cancelled
+
     from bitplan.errors import BitplanError
-    from bitplan.pipeline import RunConfig, run_budgets
-    from sensitivity import Cancelled
+    from bitplan.pipeline import run_budgets
+    from bitplan.spec import JobSpec
+    from bitplan.stages import Stage
 
     def on_progress(stage: str, done: int, total: int) -> None:
-        messages.put(("progress", stage, done, total))
+        messages.put(("progress", str(Stage(stage).value), done, total))
 
     try:
-        budgets = request["budgets"]
-        config = RunConfig(model=request["model"], out_dir=Path(staging) / "0",
-                           bits_per_weight=budgets[0] if budgets else None, budget_bytes=request.get("bytes"),
-                           uniform_bits=request.get("uniform_bits"),
-                           candidate_bits=tuple(request["candidate_bits"]), group_size=request["group_size"],
-                           metric=request["metric"], solver=request["solver"],
-                           num_samples=request["num_samples"], seq_len=request["seq_len"],
-                           quantizer=request.get("quantizer", "rtn"), mix_groups=request.get("mix_groups", False),
-                           kl_refine_windows=request.get("kl_refine_windows", 0))
-        out_dirs = [Path(staging) / str(i) for i in range(max(len(budgets), 1))]
-        results = run_budgets(config, budgets or [None], out_dirs=out_dirs, on_progress=on_progress,
-                              should_stop=stop.is_set)
+        spec = JobSpec.from_dict(request)
+        out_dirs = [Path(staging) / str(i) for i in range(spec.budgets)]
+        results = run_budgets(spec, out_dirs=out_dirs, on_progress=on_progress, should_stop=stop.is_set)
         messages.put(("result", [r.to_json() for r in results]))
     except Cancelled:
         messages.put(("cancelled",))
@@ -97,11 +84,6 @@ def _child_main(request: dict[str, Any], staging: str, messages: Any, stop: Any)
     except Exception as error:  # noqa: BLE001 - reported to the caller, the worker lives on
         messages.put(("error", {"code": "internal", "message": f"{type(error).__name__}: {error}",
                                 "retryable": True}))
-
-
-def overall_fraction(stage: str, done: int, total: int) -> float:
-    low, high = STAGE_SPAN.get(stage, (0.0, 0.0))
-    return low + (high - low) * (done / max(total, 1))
 
 
 class JobRunner:

@@ -1,5 +1,8 @@
-"""Exports of a bitplan artifact to the formats other runtimes load (GGUF, compressed-tensors)."""
+"""Exports of a bitplan artifact to the formats other runtimes load (GGUF, compressed-tensors).
 
-from bitplan.exports.common import ExportReport, export_artifact
+Each format is one module that registers its writer (``@register_export(NAME)``) and one import line here."""
 
-__all__ = ["ExportReport", "export_artifact"]
+from bitplan.exports import compressed_tensors_folder, gguf_file  # noqa: F401 - they register their writers
+from bitplan.exports.common import EXPORTERS, ExportReport, export_artifact
+
+__all__ = ["EXPORTERS", "ExportReport", "export_artifact"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -9,13 +10,25 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from bitplan.artifact import FLOAT_FILE, QUANTIZED_FILE, read_manifest
+from bitplan.artifact import FLOAT_FILE, QUANTIZED_FILE
 from bitplan.errors import BitplanError
 from bitplan.hashing import sha256_file
-from kernels.quant_linear import QuantLinear
-from quantizer.rtn import QuantizedWeight
+from bitplan.kernels.quant_linear import QuantLinear
+from bitplan.manifest import Manifest, read_manifest
+from bitplan.quantizer.rtn import QuantizedWeight
 
-EXPORT_FORMATS = ("gguf", "compressed-tensors")
+ExportFn = Callable[[Path, Path], "ExportReport"]
+EXPORTERS: dict[str, ExportFn] = {}  # format name -> writer, filled by register_export in each module
+
+
+def register_export(name: str) -> Callable[[ExportFn], ExportFn]:
+    """Register ``function(artifact, out) -> ExportReport`` as the writer of export format ``name``."""
+
+    def register(function: ExportFn) -> ExportFn:
+        EXPORTERS[name] = function
+        return function
+
+    return register
 
 
 @dataclass
@@ -40,7 +53,7 @@ class ExportReport:
         return asdict(self)
 
 
-def read_artifact_units(path: Path) -> tuple[dict[str, Any], dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
+def read_artifact_units(path: Path) -> tuple[Manifest, dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
     """The manifest (checked against its sha256s), every quantized unit unpacked (name -> codes, scales and
     zeros in the original column order), and the float tensors (tied aliases included).
 
@@ -49,31 +62,25 @@ def read_artifact_units(path: Path) -> tuple[dict[str, Any], dict[str, Quantized
     manifest = read_manifest(path)
     packed = load_file(str(path / QUANTIZED_FILE))
     units = {}
-    for unit in manifest["units"]:
-        layer = QuantLinear(unit["in_features"], unit["out_features"], bits=unit["bits"],
-                            group_size=unit["group_size"], bias=False, group_bits=unit.get("group_bits"))
-        layer.load_state_dict({key: packed[f"{unit['name']}.{key}"] for key in layer.state_dict()})
+    for unit in manifest.units:
+        layer = QuantLinear(unit.in_features, unit.out_features, bits=unit.bits, group_size=unit.group_size,
+                            bias=False, group_bits=unit.group_bits)
+        layer.load_state_dict({key: packed[f"{unit.name}.{key}"] for key in layer.state_dict()})
         codes, scales, zeros = layer.codes_scales_zeros()
-        units[unit["name"]] = QuantizedWeight(codes=codes, scales=scales, zeros=zeros, bits=layer.bits,
-                                              group_size=unit["group_size"])
+        units[unit.name] = QuantizedWeight(codes=codes, scales=scales, zeros=zeros, bits=layer.bits,
+                                           group_size=unit.group_size)
     floats = load_file(str(path / FLOAT_FILE))
-    for alias, stored in manifest["tied"].items():
+    for alias, stored in manifest.tied.items():
         floats[alias] = floats[stored]
     return manifest, units, floats
 
 
 def export_artifact(artifact: Path, *, format: str, out: Path) -> ExportReport:
-    """Export the artifact at ``artifact`` to ``out`` in ``format`` (one of :data:`EXPORT_FORMATS`)."""
-    if format == "gguf":
-        from bitplan.exports.gguf_file import export_gguf
-
-        report = export_gguf(artifact, out)
-    elif format == "compressed-tensors":
-        from bitplan.exports.compressed_tensors_folder import export_compressed_tensors
-
-        report = export_compressed_tensors(artifact, out)
-    else:
-        raise BitplanError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    """Export the artifact at ``artifact`` to ``out`` in ``format`` (a name in :data:`EXPORTERS`)."""
+    if format not in EXPORTERS:
+        raise BitplanError(f"unknown export format {format!r}; choose one of {', '.join(EXPORTERS)}",
+                           param="format")
+    report = EXPORTERS[format](artifact, out)
     if report.bytes != report.predicted_bytes:
         raise RuntimeError(f"{format} export size drifted: predicted {report.predicted_bytes} bytes, "
                            f"wrote {report.bytes}")

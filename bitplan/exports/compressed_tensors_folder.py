@@ -26,8 +26,8 @@ from safetensors.torch import save_file
 
 from bitplan.artifact import FLOAT_FILE, MANIFEST, QUANTIZED_FILE, safetensors_data_bytes
 from bitplan.errors import BitplanError
-from bitplan.exports.common import ExportReport, file_hashes, read_artifact_units
-from quantizer.rtn import QuantizedWeight
+from bitplan.exports.common import ExportReport, file_hashes, read_artifact_units, register_export
+from bitplan.quantizer.rtn import QuantizedWeight
 
 WEIGHTS_FILE = "model.safetensors"
 SHAPE_BYTES = 16  # weight_shape: two int64
@@ -88,6 +88,7 @@ def quantization_config(units: dict[str, QuantizedWeight]) -> dict[str, object]:
             "version": compressed_tensors.__version__}
 
 
+@register_export("compressed-tensors")
 def export_compressed_tensors(artifact: Path, out: Path) -> ExportReport:
     """Write the folder ``out`` from the artifact at ``artifact``."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -100,7 +101,7 @@ def export_compressed_tensors(artifact: Path, out: Path) -> ExportReport:
     staging.mkdir()
     try:
         state = {name: tensor.to(torch.float16).contiguous() for name, tensor in floats.items()
-                 if name not in manifest["tied"]}
+                 if name not in manifest.tied}
         rows, predicted = [], 0
         regrouped = {name: whole_groups(u) for name, u in units.items()}
         if any(regrouped[name].group_size != u.group_size for name, u in units.items()):
@@ -129,9 +130,9 @@ def export_compressed_tensors(artifact: Path, out: Path) -> ExportReport:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if any(u.get("group_bits") for u in manifest["units"]):
+    if any(u.group_bits for u in manifest.units):
         notes.append("layers with mixed widths inside are written at their widest width")
     return ExportReport(format="compressed-tensors", path=str(out), bytes=written, predicted_bytes=predicted,
                         file_bytes=sum(p.stat().st_size for p in out.iterdir()),
-                        sha256=file_hashes(sorted(out.iterdir())), artifact_bytes=int(manifest["achieved"]["bytes"]),
+                        sha256=file_hashes(sorted(out.iterdir())), artifact_bytes=int(manifest.achieved.bytes),
                         units=rows, notes=notes)

@@ -16,17 +16,17 @@ import dataclasses
 import os
 import uuid
 from pathlib import Path
-from typing import Any
 
 import gguf
 import numpy as np
 import torch
 
 from bitplan.errors import BitplanError
-from bitplan.exports.common import ExportReport, file_hashes, read_artifact_units
+from bitplan.exports.common import ExportReport, file_hashes, read_artifact_units, register_export
 from bitplan.hashing import sha256_file
+from bitplan.manifest import Manifest
 from bitplan.models import resolve_reference
-from quantizer.rtn import QuantizedWeight, dequantize_weight
+from bitplan.quantizer.rtn import QuantizedWeight, dequantize_weight
 
 REQUANTIZABLE = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16,
                  gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1,
@@ -98,8 +98,8 @@ def permute_rows_for_llama(tensor: torch.Tensor, n_head: int) -> torch.Tensor:
     return tensor.reshape(n_head, 2, rows // n_head // 2, *tensor.shape[1:]).swapaxes(1, 2).reshape(tensor.shape)
 
 
-def _source_gguf(manifest: dict[str, Any]) -> Path:
-    source = manifest.get("source") or {}
+def _source_gguf(manifest: Manifest) -> Path:
+    source = {} if manifest.run is None else manifest.run.source
     try:
         source_format, path = resolve_reference(source.get("reference", ""))
     except BitplanError as error:
@@ -113,6 +113,7 @@ def _source_gguf(manifest: dict[str, Any]) -> Path:
     return path
 
 
+@register_export("gguf")
 def export_gguf(artifact: Path, out: Path) -> ExportReport:
     """Write ``out`` (a ``.gguf`` file) from the artifact at ``artifact``."""
     if out.suffix != ".gguf":
@@ -144,7 +145,7 @@ def export_gguf(artifact: Path, out: Path) -> ExportReport:
         value_type = field.types[0]
         sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, field.contents(), value_type, sub_type=sub_type)
-    writer.add_string("general.quantized_by", f"bitplan (artifact manifest {manifest.get('quantizer', 'rtn')})")
+    writer.add_string("general.quantized_by", f"bitplan (artifact manifest {'rtn' if manifest.run is None else manifest.run.quantizer})")
     predicted = 0
     unit_rows = []
     for source_tensor in reader.tensors:
@@ -191,10 +192,10 @@ def export_gguf(artifact: Path, out: Path) -> ExportReport:
     quantized = sum(row["bytes"] for row in unit_rows)
     return ExportReport(format="gguf", path=str(out), bytes=written, predicted_bytes=predicted,
                         file_bytes=out.stat().st_size, sha256=file_hashes([out]),
-                        artifact_bytes=int(manifest["achieved"]["bytes"]), units=unit_rows,
+                        artifact_bytes=int(manifest.achieved.bytes), units=unit_rows,
                         notes=[f"quantized units: {quantized} bytes in GGML blocks "
-                               f"({8 * quantized / manifest['achieved']['numel']:.4f} bits per weight) against the "
-                               f"artifact's {manifest['achieved']['bytes']} "
-                               f"({manifest['achieved']['bits_per_weight']:.4f}): GGML types for 2-4 bits take "
+                               f"({8 * quantized / manifest.achieved.numel:.4f} bits per weight) against the "
+                               f"artifact's {manifest.achieved.bytes} "
+                               f"({manifest.achieved.bits_per_weight:.4f}): GGML types for 2-4 bits take "
                                f"5 bits per weight",
                                "bytes counts every tensor of the file (embeddings and norms too)"])

@@ -6,9 +6,8 @@ import json
 import random
 
 import pytest
-
-from allocator import AllocationProblem, Budget, Option, SolverStatus, Unit, problem_from_json, solve_allocation
-from allocator.brute_force import solve_brute_force
+from bitplan.allocator import AllocationProblem, Budget, Option, SolverStatus, Unit, problem_from_json, solve_allocation
+from bitplan.allocator.brute_force import solve_brute_force
 
 
 def random_problem(seed: int, n_units: int, n_options: int = 4, *, ties: bool = False,

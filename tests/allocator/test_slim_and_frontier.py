@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bitplan.allocator import solve_allocation
+from bitplan.allocator.frontier import FrontierTooLarge, exact_frontier, frontier
+from bitplan.allocator.lagrangian import pareto_frontier
+from bitplan.allocator.slim import salience_search, within_layer_problem
 
-from allocator import solve_allocation
-from allocator.frontier import FrontierTooLarge, exact_frontier, frontier
-from allocator.lagrangian import pareto_frontier
-from allocator.slim import salience_search, within_layer_problem
 from tests.allocator.test_ilp import random_problem
 
 
@@ -76,7 +76,7 @@ def test_frontier_falls_back_to_the_hull_when_too_large(monkeypatch: pytest.Monk
     problem = random_problem(1, n_units=12, n_options=4)
     with pytest.raises(FrontierTooLarge):
         exact_frontier(problem, max_points=10)
-    monkeypatch.setattr("allocator.frontier.EXACT_POINT_LIMIT", 10)
+    monkeypatch.setattr("bitplan.allocator.frontier.EXACT_POINT_LIMIT", 10)
     points, kind = frontier(problem, kind="auto")
     assert kind == "hull" and points == pareto_frontier(problem)
     with pytest.raises(FrontierTooLarge):

@@ -7,14 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from bitplan.quantizer.rtn import dequantize_weight, quantize_rtn
 
 from bitplan.artifact import MANIFEST, load_artifact
 from bitplan.errors import ArtifactError, BitplanError, BudgetError
 from bitplan.hashing import sha256_file
 from bitplan.models import load_model
-from bitplan.pipeline import RunConfig, run_pipeline
+from bitplan.pipeline import run_pipeline
+from bitplan.spec import JobSpec
 from bitplan.units import find_units
-from quantizer.rtn import dequantize_weight, quantize_rtn
 
 SMALL = {"num_samples": 2, "seq_len": 32, "group_size": 64}
 
@@ -22,7 +23,7 @@ SMALL = {"num_samples": 2, "seq_len": 32, "group_size": 64}
 @pytest.fixture(scope="module")
 def mixed_run(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("runs") / "mixed"
-    return run_pipeline(RunConfig(model=str(tiny_llama_dir), out_dir=out, bits_per_weight=4.0, **SMALL))
+    return run_pipeline(JobSpec.from_flat(model=str(tiny_llama_dir), bits_per_weight=4.0, **SMALL), out=out)
 
 
 def test_mixed_run_respects_budget_measured_from_files(mixed_run) -> None:
@@ -64,14 +65,13 @@ def test_loader_equals_in_memory_quantized_model(mixed_run, tiny_llama_dir: Path
 
 
 def test_uniform_baseline(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    result = run_pipeline(RunConfig(model=str(tiny_llama_dir), out_dir=tmp_path / "u3", uniform_bits=3, **SMALL))
+    result = run_pipeline(JobSpec.from_flat(model=str(tiny_llama_dir), uniform_bits=3, **SMALL), out=tmp_path / "u3")
     assert result.status == "uniform" and {u["bits"] for u in result.units} == {3}
     assert result.objective is None and result.calibration is None
 
 
 def test_bytes_budget_and_output_error_metric(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    result = run_pipeline(RunConfig(model=str(tiny_llama_dir), out_dir=tmp_path / "b", budget_bytes=20_000,
-                                    metric="output_error", **SMALL))
+    result = run_pipeline(JobSpec.from_flat(model=str(tiny_llama_dir), bytes=20_000, metric="output_error", **SMALL), out=tmp_path / "b")
     assert result.bytes <= 20_000 and result.metric == "output_error"
 
 
@@ -82,7 +82,7 @@ def test_bytes_budget_and_output_error_metric(tiny_llama_dir: Path, tmp_path: Pa
 def test_budget_out_of_range_is_rejected_before_heavy_work(tiny_llama_dir: Path, tmp_path: Path, bpw: float,
                                                            message: str) -> None:
     with pytest.raises(BudgetError, match=message):
-        run_pipeline(RunConfig(model=str(tiny_llama_dir), out_dir=tmp_path / "x", bits_per_weight=bpw, **SMALL))
+        run_pipeline(JobSpec.from_flat(model=str(tiny_llama_dir), bits_per_weight=bpw, **SMALL), out=tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 
@@ -91,15 +91,15 @@ def test_budget_out_of_range_is_rejected_before_heavy_work(tiny_llama_dir: Path,
     ({"bits_per_weight": 4.0, "uniform_bits": 4}, "exactly one of"),
     ({"uniform_bits": 9}, "between 1 and 8"),
     ({"bits_per_weight": 4.0, "metric": "magic"}, "unknown metric 'magic'"),
-    ({"bits_per_weight": 4.0, "group_size": 0}, "group size must be a positive"),
+    ({"bits_per_weight": 4.0, "group_size": 0}, "group size must be between 8 and 4096"),  # one rule (issue 13)
     ({"bits_per_weight": float("nan")}, "positive finite number"),
     ({"bits_per_weight": float("inf")}, "positive finite number"),
-    ({"budget_bytes": -5}, "bytes budget must be positive"),
+    ({"bytes": -5}, "bytes budget must be positive"),
     ({"bits_per_weight": 4.0, "quantizer": "awq"}, "unknown quantizer 'awq'"),
 ])
 def test_bad_config(kwargs: dict[str, object], message: str, tmp_path: Path) -> None:
     with pytest.raises(BitplanError, match=message):
-        RunConfig(model="smollm2-135m", out_dir=tmp_path, **kwargs)
+        JobSpec.from_flat(model="smollm2-135m", **kwargs)
 
 
 def test_refuses_to_overwrite_a_foreign_directory(tiny_llama_dir: Path, tmp_path: Path) -> None:
@@ -107,15 +107,15 @@ def test_refuses_to_overwrite_a_foreign_directory(tiny_llama_dir: Path, tmp_path
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     with pytest.raises(ArtifactError, match="not a bitplan artifact"):
-        run_pipeline(RunConfig(model=str(tiny_llama_dir), out_dir=out, uniform_bits=4, **SMALL))
+        run_pipeline(JobSpec.from_flat(model=str(tiny_llama_dir), uniform_bits=4, **SMALL), out=out)
     assert (out / "notes.txt").read_text() == "keep me"
     assert [p.name for p in tmp_path.iterdir()] == ["precious"]
 
 
 def test_rerun_replaces_an_artifact_whole(tiny_llama_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "a"
-    run_pipeline(RunConfig(model=str(tiny_llama_dir), out_dir=out, uniform_bits=4, **SMALL))
-    second = run_pipeline(RunConfig(model=str(tiny_llama_dir), out_dir=out, uniform_bits=2, **SMALL))
+    run_pipeline(JobSpec.from_flat(model=str(tiny_llama_dir), uniform_bits=4, **SMALL), out=out)
+    second = run_pipeline(JobSpec.from_flat(model=str(tiny_llama_dir), uniform_bits=2, **SMALL), out=out)
     assert json.loads((out / MANIFEST).read_text())["units"][0]["bits"] == 2
     assert second.manifest_sha256 == sha256_file(out / MANIFEST)
     assert [p.name for p in tmp_path.iterdir()] == ["a"]
@@ -123,7 +123,7 @@ def test_rerun_replaces_an_artifact_whole(tiny_llama_dir: Path, tmp_path: Path) 
 
 def test_tampered_artifact_fails_checksum(tiny_llama_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "t"
-    run_pipeline(RunConfig(model=str(tiny_llama_dir), out_dir=out, uniform_bits=4, **SMALL))
+    run_pipeline(JobSpec.from_flat(model=str(tiny_llama_dir), uniform_bits=4, **SMALL), out=out)
     with (out / "quantized.safetensors").open("r+b") as handle:
         handle.seek(-1, 2)
         handle.write(b"\x00" if handle.read(1) != b"\x00" else b"\x01")
@@ -134,8 +134,7 @@ def test_tampered_artifact_fails_checksum(tiny_llama_dir: Path, tmp_path: Path) 
 
 
 def test_fused_ties_and_pins(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    result = run_pipeline(RunConfig(model=str(tiny_llama_dir), out_dir=tmp_path / "tied", bits_per_weight=3.5,
-                                    tie_fused=True, pinned=(("model.layers.0.mlp.down_*", 8),), **SMALL))
+    result = run_pipeline(JobSpec.from_flat(model=str(tiny_llama_dir), bits_per_weight=3.5, tie_fused=True, pinned=(("model.layers.0.mlp.down_*", 8),), **SMALL), out=tmp_path / "tied")
     bits = {u["name"]: u["bits"] for u in result.units}
     assert bits["model.layers.0.mlp.down_proj"] == 8
     for layer in range(2):
@@ -147,24 +146,23 @@ def test_fused_ties_and_pins(tiny_llama_dir: Path, tmp_path: Path) -> None:
 
 def test_pins_that_do_not_fit_or_match_are_explained(tiny_llama_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(BudgetError, match="smallest achievable budget is"):
-        run_pipeline(RunConfig(model=str(tiny_llama_dir), out_dir=tmp_path / "a", bits_per_weight=2.6,
-                               pinned=(("*", 8),), **SMALL))
+        run_pipeline(JobSpec.from_flat(model=str(tiny_llama_dir), bits_per_weight=2.6, pinned=(("*", 8),), **SMALL), out=tmp_path / "a")
     with pytest.raises(BitplanError, match="matches no unit"):
-        run_pipeline(RunConfig(model=str(tiny_llama_dir), out_dir=tmp_path / "b", bits_per_weight=3.5,
-                               pinned=(("*.nonexistent", 8),), **SMALL))
+        run_pipeline(JobSpec.from_flat(model=str(tiny_llama_dir), bits_per_weight=3.5, pinned=(("*.nonexistent", 8),), **SMALL), out=tmp_path / "b")
     with pytest.raises(BitplanError, match="not a candidate width"):
-        RunConfig(model="x", out_dir=tmp_path, bits_per_weight=3.5, pinned=(("*", 5),))
+        JobSpec.from_flat(model="x", bits_per_weight=3.5, pinned=(("*", 5),))
 
 
 def test_several_budgets_compute_sensitivity_once(tiny_llama_dir: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     import bitplan.pipeline as pipeline
+    import bitplan.sensitivity_pass as sensitivity_pass
 
     calls = []
-    original = pipeline.compute_sensitivity
-    monkeypatch.setattr(pipeline, "compute_sensitivity", lambda *a, **k: calls.append(1) or original(*a, **k))
-    config = RunConfig(model=str(tiny_llama_dir), out_dir=tmp_path, bits_per_weight=3.0, **SMALL)
-    results = pipeline.run_budgets(config, [2.75, 3.0, 3.5, 4.0], out_dirs=[tmp_path / str(i) for i in range(4)])
+    original = sensitivity_pass.compute_sensitivity
+    monkeypatch.setattr(sensitivity_pass, "compute_sensitivity", lambda *a, **k: calls.append(1) or original(*a, **k))
+    spec = JobSpec.from_flat(model=str(tiny_llama_dir), bits_per_weight=[2.75, 3.0, 3.5, 4.0], **SMALL)
+    results = pipeline.run_budgets(spec, out_dirs=[tmp_path / str(i) for i in range(4)])
     assert len(calls) == 1
     assert [r.bits_per_weight <= b + 1e-9 for r, b in zip(results, [2.75, 3.0, 3.5, 4.0], strict=True)] == [True] * 4
 
@@ -172,13 +170,13 @@ def test_several_budgets_compute_sensitivity_once(tiny_llama_dir: Path, tmp_path
 @pytest.mark.parametrize("quantizer", ["gptq", "gptq-salience", "rtn-salience"])
 def test_calibrated_quantizers_write_the_same_sizes_and_lower_the_layer_error(tiny_llama_dir: Path, tmp_path: Path,
                                                                               quantizer: str) -> None:
-    from bitplan.pipeline import input_grams
-    from quantizer.methods import quantize_unit
+    from bitplan.quantizer.methods import quantize_unit
 
-    config = RunConfig(model=str(tiny_llama_dir), out_dir=tmp_path / quantizer, uniform_bits=3, quantizer=quantizer,
-                       **SMALL)
-    result = run_pipeline(config)
-    rtn = run_pipeline(RunConfig(model=str(tiny_llama_dir), out_dir=tmp_path / "rtn", uniform_bits=3, **SMALL))
+    from bitplan.quantize import input_grams
+
+    result = run_pipeline(JobSpec.from_flat(model=str(tiny_llama_dir), uniform_bits=3, quantizer=quantizer, **SMALL),
+                          out=tmp_path / quantizer)
+    rtn = run_pipeline(JobSpec.from_flat(model=str(tiny_llama_dir), uniform_bits=3, **SMALL), out=tmp_path / "rtn")
     manifest = json.loads((Path(result.artifact) / MANIFEST).read_text())
     assert result.bytes == rtn.bytes and manifest["quantizer"].startswith(quantizer.split("-")[0])
     assert len(manifest["calibration"]["sha256"]) == 64
@@ -215,9 +213,8 @@ def test_mixed_groups_inside_layers_round_trip_and_keep_the_size(tiny_llama_dir:
     model.save_pretrained(folder, safe_serialization=True)
     _word_tokenizer(512).save_pretrained(folder)
     small = {**SMALL, "group_size": 32}
-    uniform = run_pipeline(RunConfig(model=str(folder), out_dir=tmp_path / "u", uniform_bits=3, **small))
-    mixed = run_pipeline(RunConfig(model=str(folder), out_dir=tmp_path / "m", uniform_bits=3, mix_groups=True,
-                                   **small))
+    uniform = run_pipeline(JobSpec.from_flat(model=str(folder), uniform_bits=3, **small), out=tmp_path / "u")
+    mixed = run_pipeline(JobSpec.from_flat(model=str(folder), uniform_bits=3, mix_groups=True, **small), out=tmp_path / "m")
     assert mixed.bytes == mixed.predicted_bytes <= uniform.bytes
     mixed_units = [u for u in mixed.units if "group_bits" in u]
     assert mixed_units, "some layer should trade widths between its column groups"

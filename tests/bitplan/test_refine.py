@@ -7,15 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from bitplan.quantizer.rtn import dequantize_weight, quantize_rtn
+from bitplan.sensitivity import Metric, SensitivityResult, UnitSensitivity
+from bitplan.sensitivity.kl import kl_contributions, output_kl
 
 from bitplan.artifact import MANIFEST, load_artifact
 from bitplan.errors import BitplanError
-from bitplan.pipeline import RunConfig, run_pipeline
+from bitplan.pipeline import run_pipeline
 from bitplan.refine import MAX_SCALE, block_groups, group_scales, refine_allocation, rescaled
+from bitplan.spec import JobSpec
 from bitplan.units import find_units
-from quantizer.rtn import dequantize_weight, quantize_rtn
-from sensitivity import Metric, SensitivityResult, UnitSensitivity
-from sensitivity.kl import kl_contributions, output_kl
 from tests.conftest import make_tiny_llama
 
 
@@ -85,9 +86,9 @@ def test_the_allocation_with_the_lower_checked_kl_is_kept(first_bits: int, resol
 
 
 def test_pipeline_with_kl_refinement(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    config = RunConfig(model=str(tiny_llama_dir), out_dir=tmp_path / "out", bits_per_weight=3.5, num_samples=4,
-                       seq_len=32, group_size=64, kl_refine_windows=2, use_cache=False)
-    result = run_pipeline(config)
+    spec = JobSpec.from_flat(model=str(tiny_llama_dir), bits_per_weight=3.5, num_samples=4, seq_len=32, group_size=64,
+                             kl_refine_windows=2)
+    result = run_pipeline(spec, out=tmp_path / "out", use_cache=False)
     manifest = json.loads((Path(result.artifact) / MANIFEST).read_text())
     report = manifest["kl_refinement"]
     assert report["scale_windows"] == 2 and report["check_windows"] == 2
@@ -97,11 +98,11 @@ def test_pipeline_with_kl_refinement(tiny_llama_dir: Path, tmp_path: Path) -> No
     assert {unit["name"]: unit["bits"] for unit in manifest["units"]} == {u["name"]: u["bits"] for u in result.units}
     load_artifact(Path(result.artifact))
     with pytest.raises(BitplanError, match="at least 4 calibration samples"):
-        RunConfig(model="x", out_dir=tmp_path, bits_per_weight=3.0, num_samples=3, kl_refine_windows=2)
+        JobSpec.from_flat(model="x", bits_per_weight=3.0, num_samples=3, kl_refine_windows=2)
 
 
 def test_refinement_is_cancelled_between_groups() -> None:
-    from sensitivity import Cancelled
+    from bitplan.sensitivity import Cancelled
 
     model = make_tiny_llama()
     units = find_units(model)

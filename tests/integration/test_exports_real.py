@@ -16,7 +16,8 @@ from bitplan.artifact import load_artifact
 from bitplan.calibration import read_text
 from bitplan.evaluation import perplexity, tokenize_for_perplexity
 from bitplan.exports import export_artifact
-from bitplan.pipeline import RunConfig, run_pipeline
+from bitplan.pipeline import run_pipeline
+from bitplan.spec import JobSpec
 from tests.exports.test_compressed_tensors import decompressed_weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -25,8 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 def test_issue5_exports_of_a_mixed_smollm2_artifact(wikitext: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    run = run_pipeline(RunConfig(model="smollm2-135m", out_dir=tmp_path / "mixed", bits_per_weight=3.75,
-                                 candidate_bits=(2, 3, 4, 5, 8), num_samples=8, kl_windows=0))
+    run = run_pipeline(JobSpec.from_flat(model="smollm2-135m", bits_per_weight=3.75, candidate_bits=(2, 3, 4, 5, 8), num_samples=8, kl_windows=0), out=tmp_path / "mixed")
     assert len({u["bits"] for u in run.units}) > 1
     text = read_text(wikitext)
     model, tokenizer, _ = load_artifact(Path(run.artifact))

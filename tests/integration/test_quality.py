@@ -15,7 +15,8 @@ import pytest
 
 from bitplan.calibration import read_text
 from bitplan.evaluation import artifact_perplexity
-from bitplan.pipeline import RunConfig, run_budgets, run_pipeline
+from bitplan.pipeline import run_pipeline
+from bitplan.spec import JobSpec
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -28,11 +29,11 @@ def test_issue2_mixed_beats_the_line_between_uniform_points(wikitext: Path, tmp_
     text = read_text(wikitext)
     uniform = {}
     for bits in (3, 4):
-        run = run_pipeline(RunConfig(model="smollm2-135m", out_dir=tmp_path / f"u{bits}", uniform_bits=bits))
+        run = run_pipeline(JobSpec.from_flat(model="smollm2-135m", uniform_bits=bits), out=tmp_path / f"u{bits}")
         uniform[bits] = (run.bits_per_weight, artifact_ppl(run.artifact, text))
     midpoint = (uniform[3][0] + uniform[4][0]) / 2
-    config = RunConfig(model="smollm2-135m", out_dir=tmp_path / "mixed", bits_per_weight=midpoint, num_samples=16)
-    mixed = run_budgets(config, [midpoint], out_dirs=[config.out_dir])[0]
+    mixed = run_pipeline(JobSpec.from_flat(model="smollm2-135m", bits_per_weight=midpoint, num_samples=16),
+                         out=tmp_path / "mixed")
     assert mixed.bits_per_weight <= midpoint
     ppl = artifact_ppl(mixed.artifact, text)
     recovery = (math.log(uniform[3][1]) - math.log(ppl)) / (math.log(uniform[3][1]) - math.log(uniform[4][1]))

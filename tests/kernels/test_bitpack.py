@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from kernels.bitpack import pack_bitstream_int32, packed_words, unpack_bitstream_int32
+from bitplan.kernels.bitpack import pack_bitstream_int32, packed_words, unpack_bitstream_int32
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
@@ -58,10 +57,10 @@ def test_three_bit_pattern_written_out_in_binary() -> None:
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_quantize_pack_load_round_trip(bits: int, shape: tuple[int, int], group_size: int) -> None:
     """Codes survive packing and QuantLinear's unpacking, uniform and with mixed widths inside the matrix."""
-    from kernels.quant_linear import QuantLinear
-    from quantizer.mixed import pack_segments, quantize_rtn_mixed
-    from quantizer.rtn import dequantize_weight
-    from quantizer.sizes import quantized_bytes
+    from bitplan.kernels.quant_linear import QuantLinear
+    from bitplan.quantizer.mixed import pack_segments, quantize_rtn_mixed
+    from bitplan.quantizer.rtn import dequantize_weight
+    from bitplan.quantizer.sizes import quantized_bytes
 
     weight = torch.randn(*shape, generator=torch.Generator().manual_seed(bits))
     n_groups = -(-shape[1] // group_size)

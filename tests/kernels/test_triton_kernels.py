@@ -12,14 +12,14 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("the Triton kernels need a CUDA GPU or TRITON_INTERPRET=1 (set by tests/conftest.py)",
                 allow_module_level=True)
 
-from kernels.bitpack import pack_bitstream_int32  # noqa: E402
-from kernels.triton_kernels import (  # noqa: E402
+from bitplan.kernels.bitpack import pack_bitstream_int32  # noqa: E402
+from bitplan.kernels.triton_kernels import (  # noqa: E402
     reference_dequantize,
     reference_matmul,
     triton_dequantize,
     triton_matmul,
 )
-from quantizer.rtn import quantize_rtn  # noqa: E402
+from bitplan.quantizer.rtn import quantize_rtn  # noqa: E402
 
 
 def packed(rows: int, cols: int, bits: int, group_size: int, seed: int = 0):
@@ -53,8 +53,8 @@ def test_fused_matmul_matches_reference(bits: int, batch: int) -> None:
 
 @pytest.mark.parametrize("batch", [1, 16])
 def test_quant_linear_mixed_widths_triton_path_matches_reference(batch: int) -> None:
-    from kernels.quant_linear import QuantLinear
-    from quantizer.mixed import pack_segments, quantize_rtn_mixed
+    from bitplan.kernels.quant_linear import QuantLinear
+    from bitplan.quantizer.mixed import pack_segments, quantize_rtn_mixed
 
     group_bits = (4, 3, 2, 3, 4, 2)
     weight = torch.randn(48, 192)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from quantizer.gptq import GPTQConfig, quantize_gptq
-from quantizer.grid import grid_params, salience_calibrated_params, to_codes
-from quantizer.rtn import dequantize_weight, quantize_rtn
+from bitplan.quantizer.gptq import GPTQConfig, quantize_gptq
+from bitplan.quantizer.grid import grid_params, salience_calibrated_params, to_codes
+from bitplan.quantizer.rtn import dequantize_weight, quantize_rtn
 
 
 def correlated_inputs(tokens: int, features: int, seed: int = 0) -> torch.Tensor:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from kernels.bitpack import pack_bitstream_int32
-from quantizer.rtn import dequantize_weight, quantize_rtn
-from quantizer.sizes import quantized_bytes
+from bitplan.kernels.bitpack import pack_bitstream_int32
+from bitplan.quantizer.rtn import dequantize_weight, quantize_rtn
+from bitplan.quantizer.sizes import quantized_bytes
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from bitplan.sensitivity.cache import SensitivityCache, cache_key
 
 import bitplan.pipeline as pipeline
-from bitplan.pipeline import RunConfig
-from sensitivity.cache import SensitivityCache, cache_key
+import bitplan.sensitivity_pass as sensitivity_pass
+from bitplan.spec import JobSpec
 
 SMALL = {"num_samples": 2, "seq_len": 32, "group_size": 64}
 
@@ -16,16 +17,16 @@ SMALL = {"num_samples": 2, "seq_len": 32, "group_size": 64}
 def test_second_run_reuses_the_cache_and_a_change_misses_it(tiny_llama_dir: Path, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    original = pipeline.compute_sensitivity
-    monkeypatch.setattr(pipeline, "compute_sensitivity", lambda *a, **k: calls.append(1) or original(*a, **k))
-    config = RunConfig(model=str(tiny_llama_dir), out_dir=tmp_path / "a", bits_per_weight=3.5, **SMALL)
-    first = pipeline.run_pipeline(config)
-    second = pipeline.run_pipeline(RunConfig(**{**config.__dict__, "out_dir": tmp_path / "b"}))
+    original = sensitivity_pass.compute_sensitivity
+    monkeypatch.setattr(sensitivity_pass, "compute_sensitivity", lambda *a, **k: calls.append(1) or original(*a, **k))
+    spec = JobSpec.from_flat(model=str(tiny_llama_dir), bits_per_weight=3.5, **SMALL)
+    first = pipeline.run_pipeline(spec, out=tmp_path / "a")
+    second = pipeline.run_pipeline(spec, out=tmp_path / "b")
     assert len(calls) == 1
     assert first.units == second.units and first.objective == second.objective
-    pipeline.run_pipeline(RunConfig(**{**config.__dict__, "out_dir": tmp_path / "c", "seed": 1}))  # new tokens
-    pipeline.run_pipeline(RunConfig(**{**config.__dict__, "out_dir": tmp_path / "d", "metric": "output_error"}))
-    pipeline.run_pipeline(RunConfig(**{**config.__dict__, "out_dir": tmp_path / "e", "use_cache": False}))
+    pipeline.run_pipeline(spec.replace(seed=1), out=tmp_path / "c")  # new tokens
+    pipeline.run_pipeline(spec.replace(metric="output_error"), out=tmp_path / "d")
+    pipeline.run_pipeline(spec, out=tmp_path / "e", use_cache=False)
     assert len(calls) == 4
 
 
@@ -42,7 +43,7 @@ def test_damaged_entry_is_ignored(tmp_path: Path) -> None:
                                            ("hutchinson", 2)])
 def test_cancellation_stops_between_steps_and_writes_nothing(tiny_llama_dir: Path, tmp_path: Path, metric: str,
                                                              after: int) -> None:
-    from sensitivity import Cancelled
+    from bitplan.sensitivity import Cancelled
 
     checks = []
 
@@ -50,9 +51,8 @@ def test_cancellation_stops_between_steps_and_writes_nothing(tiny_llama_dir: Pat
         checks.append(1)
         return len(checks) > after
 
-    config = RunConfig(model=str(tiny_llama_dir), out_dir=tmp_path / "out", bits_per_weight=3.5, metric=metric,
-                       **SMALL)
+    spec = JobSpec.from_flat(model=str(tiny_llama_dir), bits_per_weight=3.5, metric=metric, **SMALL)
     with pytest.raises(Cancelled):
-        pipeline.run_pipeline(config, should_stop=should_stop)
+        pipeline.run_pipeline(spec, out=tmp_path / "out", should_stop=should_stop)
     assert not (tmp_path / "out").exists()
     assert len(checks) == after + 1

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from quantizer.rtn import dequantize_weight, quantize_rtn
-from sensitivity.activations import UnitStatistics
-from sensitivity.groups import group_output_error
+from bitplan.quantizer.rtn import dequantize_weight, quantize_rtn
+from bitplan.sensitivity.activations import UnitStatistics
+from bitplan.sensitivity.groups import group_output_error
 
 
 @pytest.mark.parametrize("fisher", [False, True])
@@ -33,8 +32,8 @@ def test_group_error_equals_direct_loop(fisher: bool, in_features: int, group_si
 
 @pytest.mark.parametrize("metric", ["gwq", "slim_salience", "baq"])
 def test_group_shares_add_up_to_the_unit_prediction(metric: str) -> None:
-    from sensitivity.groups import group_sensitivity
-    from sensitivity.weight_metrics import predict_baq, predict_gwq, predict_slim_salience
+    from bitplan.sensitivity.groups import group_sensitivity
+    from bitplan.sensitivity.weight_metrics import predict_baq, predict_gwq, predict_slim_salience
 
     gen = torch.Generator().manual_seed(4)
     weight = torch.randn(5, 70, generator=gen)

@@ -6,14 +6,13 @@ import dataclasses
 
 import pytest
 import torch
-from torch import nn
-
-from sensitivity.hutchinson import (
+from bitplan.sensitivity.hutchinson import (
     estimate_hessian_traces,
     estimate_traces,
     forward_over_reverse_hvp,
     gradient_difference_hvp,
 )
+from torch import nn
 
 
 def tiny_net() -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
@@ -139,9 +138,10 @@ def test_gradient_difference_restores_the_weights_when_the_gradient_fails() -> N
 def test_both_hvp_methods_give_the_same_unit_traces_on_a_tiny_llama() -> None:
     import functools
 
+    from bitplan.sensitivity import HutchinsonConfig, Metric, compute_sensitivity
+
     from bitplan.models import causal_lm_loss, use_eager_attention
     from bitplan.units import find_units
-    from sensitivity import HutchinsonConfig, Metric, compute_sensitivity
     from tests.conftest import make_tiny_llama
 
     model = make_tiny_llama()
@@ -164,7 +164,7 @@ def test_both_hvp_methods_give_the_same_unit_traces_on_a_tiny_llama() -> None:
 
 
 def test_per_unit_rule_probes_until_no_unit_trace_is_negative() -> None:
-    from sensitivity.hutchinson import median_relative_error, units_resolved
+    from bitplan.sensitivity.hutchinson import median_relative_error, units_resolved
 
     # one tensor with a large positive trace and one whose trace is tiny against its probe noise: the summed
     # trace is resolved after the minimum, the small tensor is not

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from bitplan.models import causal_lm_loss
-from bitplan.units import find_units
-from quantizer.rtn import dequantize_weight, quantize_rtn
-from sensitivity import Metric, collect_unit_statistics, compute_sensitivity
-from sensitivity.activations import UnitStatistics
-from sensitivity.weight_metrics import (
+from bitplan.quantizer.rtn import dequantize_weight, quantize_rtn
+from bitplan.sensitivity import Metric, collect_unit_statistics, compute_sensitivity
+from bitplan.sensitivity.activations import UnitStatistics
+from bitplan.sensitivity.weight_metrics import (
     DAMP,
     gradient_outlier_mask,
     group_salience,
@@ -19,6 +16,9 @@ from sensitivity.weight_metrics import (
     predict_slim_salience,
     salience,
 )
+
+from bitplan.models import causal_lm_loss
+from bitplan.units import find_units
 from tests.conftest import make_tiny_llama
 
 
@@ -112,7 +112,8 @@ def test_every_metric_through_the_interface(metric: Metric) -> None:
 
 
 def test_token_fisher_against_a_direct_per_token_computation() -> None:
-    from sensitivity.token_fisher import token_fisher
+    from bitplan.sensitivity.token_fisher import token_fisher
+
     from tests.sensitivity.test_output_error import captured_io
 
     model = make_tiny_llama()
@@ -145,7 +146,7 @@ def test_token_fisher_against_a_direct_per_token_computation() -> None:
 
 
 def test_token_fisher_in_chunks_equals_one_pass() -> None:
-    from sensitivity.token_fisher import token_fisher, unit_chunks
+    from bitplan.sensitivity.token_fisher import token_fisher, unit_chunks
 
     model = make_tiny_llama()
     units = find_units(model)
@@ -171,7 +172,7 @@ def test_token_fisher_in_chunks_equals_one_pass() -> None:
 
 
 def test_token_taylor_is_both_terms_made_non_increasing_in_the_width() -> None:
-    from sensitivity.api import taylor_increase
+    from bitplan.sensitivity.api import taylor_increase
 
     first = {2: -0.5, 3: 0.2, 4: -0.01, 8: 0.001}
     second = {2: 0.4, 3: 0.1, 4: 0.02, 8: 0.0001}
@@ -182,7 +183,7 @@ def test_token_taylor_is_both_terms_made_non_increasing_in_the_width() -> None:
 
 
 def test_output_kl_against_a_direct_computation_and_restores_weights() -> None:
-    from sensitivity.kl import output_kl
+    from bitplan.sensitivity.kl import output_kl
 
     model = make_tiny_llama()
     units = find_units(model)

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from bitplan.service.app import ServiceSettings, create_app
+from bitplan.service.openapi import render_openapi
 from fastapi.testclient import TestClient
-
-from service.app import ServiceSettings, create_app
-from service.openapi import render_openapi
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from bitplan.service.client import Client
 
-from service.client import Client
-
-SERVICE_CLI = [sys.executable, "-m", "service.cli"]
+SERVICE_CLI = [sys.executable, "-m", "bitplan.service.cli"]
 
 
 def free_port() -> int:

@@ -7,15 +7,14 @@ import time
 from pathlib import Path
 
 import pytest
-
-from service.store import JobStore, StaleAttempt
+from bitplan.service.store import JobStore, StaleAttempt
 
 
 @pytest.fixture(params=["sqlite", "redis"])
 def store(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
     if request.param == "sqlite":
         return JobStore(tmp_path / "jobs.db")
-    from service.redis_store import RedisJobStore
+    from bitplan.service.redis_store import RedisJobStore
 
     url = request.getfixturevalue("redis_url")
     redis_store = RedisJobStore(url, prefix=f"test-{tmp_path.name}:")

@@ -1,0 +1,168 @@
+"""Planning: budgets in bytes, the feasibility checks, the allocation problem (ties, pins) and its solution as a
+:class:`Plan`. A uniform baseline is a plan too, with status ``uniform``."""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from bitplan.allocator import AllocationProblem, Budget, Option, SolverStatus, Unit, solve_allocation
+from bitplan.errors import BitplanError, BudgetError
+from bitplan.quantizer.sizes import quantized_bytes
+from bitplan.sensitivity import SensitivityResult
+
+if TYPE_CHECKING:
+    from bitplan.spec import JobSpec
+
+Sizes = dict[str, dict[int, int]]  # unit name -> bit width -> exact bytes
+
+FUSED_SUFFIXES = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up",
+                  "query": "qkv", "key": "qkv", "value": "qkv"}
+
+
+@dataclass(frozen=True)
+class SolverRecord:
+    """How a plan was found: the solver, its status and certificate (``uniform``: no solve)."""
+
+    name: str | None
+    status: SolverStatus
+    objective: float | None
+    lower_bound: float | None
+    solve_s: float | None
+
+
+UNIFORM = SolverRecord(name=None, status=SolverStatus.UNIFORM, objective=None, lower_bound=None, solve_s=None)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Bits per unit for one budget, the budget in bytes (``None`` for a uniform plan) and how it was found."""
+
+    bits: dict[str, int]
+    budget_bits_per_weight: float | None
+    budget_bytes: int | None
+    solver: SolverRecord
+    seconds: float = 0.0
+
+
+def unit_sizes(units: dict[str, nn.Linear], bits: tuple[int, ...], group_size: int) -> Sizes:
+    """Exact bytes of every unit at every candidate bit width."""
+    return {name: {b: quantized_bytes(m.out_features, m.in_features, bits=b, group_size=group_size) for b in bits}
+            for name, m in units.items()}
+
+
+def check_budget_coarsely(spec: JobSpec) -> None:
+    """Reject a bits-per-weight budget below ``min bits + 32 / group size`` (one fp16 scale and zero per full
+    group) or above ``max bits + 32`` (a group of one weight) before loading anything: no allocation can be
+    smaller, or larger."""
+    bits, group_size = sorted(spec.allocation.candidate_bits), spec.quantization.group_size
+    floor, ceiling = min(bits) + 32 / group_size, max(bits) + 32
+    for index, budget in enumerate(spec.budget.bits_per_weight):
+        if budget < floor:
+            raise BudgetError(
+                f"budget {spec.budget.describe(index)} is below the smallest achievable size: with bits {bits} and "
+                f"group size {group_size} no model goes below {floor:.4f} bits per weight (the lowest bit width "
+                f"plus 32 bits of fp16 scale and zero per group)", param="bits_per_weight")
+        if budget > ceiling:
+            raise BudgetError(
+                f"budget {spec.budget.describe(index)} is above the largest achievable size: with bits {bits} no "
+                f"model goes above {ceiling} bits per weight; give at most the largest candidate width plus its "
+                f"scales and zeros", param="bits_per_weight")
+
+
+def budgets_in_bytes(spec: JobSpec, sizes: Sizes, numel: int) -> list[int]:
+    """Every budget of ``spec`` in bytes, each checked against the achievable range (before any heavy work)."""
+    bits = sorted(spec.allocation.candidate_bits)
+    low = sum(s[bits[0]] for s in sizes.values())
+    high = sum(s[bits[-1]] for s in sizes.values())
+    given = [int(b * numel / 8) for b in spec.budget.bits_per_weight] or [spec.budget.bytes]
+    achievable = (f"with bits {bits} and group size {spec.quantization.group_size} the achievable range is "
+                  f"{8 * low / numel:.4f} to {8 * high / numel:.4f} bits per weight ({low} to {high} bytes)")
+    for index, budget in enumerate(given):
+        if budget < low:
+            raise BudgetError(f"budget {spec.budget.describe(index)} is below the smallest achievable size: "
+                              f"{achievable}", param="bits_per_weight")
+        if budget > high:
+            raise BudgetError(f"budget {spec.budget.describe(index)} is above the largest achievable size: "
+                              f"{achievable}; raise the largest candidate bit width or lower the budget",
+                              param="bits_per_weight")
+    return given
+
+
+def fused_tie(name: str) -> str | None:
+    """The tie label of a unit that runtimes fuse with its siblings (q/k/v, gate/up), else ``None``."""
+    parent, _, leaf = name.rpartition(".")
+    return f"{parent}.{FUSED_SUFFIXES[leaf]}" if leaf in FUSED_SUFFIXES else None
+
+
+def pinned_bits(names: list[str], pinned: tuple[tuple[str, int], ...]) -> dict[str, int]:
+    """Bits per pinned unit from ``(fnmatch pattern, bits)`` pairs (the last matching pattern wins); a pattern
+    that matches nothing is an error, since it is most likely a typo."""
+    result: dict[str, int] = {}
+    for pattern, bits in pinned:
+        matched = fnmatch.filter(names, pattern)
+        if not matched:
+            raise BitplanError(f"pin pattern {pattern!r} matches no unit (units look like {names[0]!r})",
+                               param="pinned")
+        result.update(dict.fromkeys(matched, bits))
+    return result
+
+
+def allocation_problem(sizes: Sizes, sensitivity: SensitivityResult, bits: tuple[int, ...], budget_bytes: int, *,
+                       tie_fused: bool = False, pinned: tuple[tuple[str, int], ...] = ()) -> AllocationProblem:
+    """One unit per linear layer, one option per candidate bit width; fused siblings tied and pins applied."""
+    delta = {u.name: u.delta_loss for u in sensitivity.units}
+    pins = pinned_bits(list(sizes), pinned)
+    return AllocationProblem(
+        units=tuple(Unit(name=name, options=tuple(Option(bits=b, bytes=float(sizes[name][b]),
+                                                         distortion=float(delta[name][b])) for b in bits),
+                         tie=fused_tie(name) if tie_fused else None, min_bits=pins.get(name),
+                         max_bits=pins.get(name))
+                    for name in sizes),
+        budget=Budget(bytes=float(budget_bytes)),
+    )
+
+
+def solve_plan(spec: JobSpec, sizes: Sizes, sensitivity: SensitivityResult, *, budget_bytes: int, numel: int,
+               bits_per_weight: float | None = None) -> Plan:
+    """Bits per unit within ``budget_bytes`` under ``sensitivity``'s predictions (``spec``'s ties and pins); a
+    clear error when no allocation exists."""
+    started = time.perf_counter()
+    allocation = spec.allocation
+    problem = allocation_problem(sizes, sensitivity, spec.widths, budget_bytes, tie_fused=allocation.tie_fused,
+                                 pinned=allocation.pinned)
+    solved = solve_allocation(problem, solver=allocation.solver.value, time_limit_s=allocation.time_limit_s)
+    if solved.status in (SolverStatus.INFEASIBLE, SolverStatus.TIME_LIMIT):
+        smallest = "" if solved.min_feasible_bytes is None else (
+            f" (with these pins the smallest achievable budget is "
+            f"{8 * solved.min_feasible_bytes / numel:.4f} bits per weight)")
+        raise BudgetError(f"allocation failed ({solved.status.value}): {solved.message}{smallest}",
+                          param="bits_per_weight")
+    bits = {unit.name: unit.options[k].bits for unit, k in zip(problem.units, solved.choice, strict=True)}
+    record = SolverRecord(name=solved.solver, status=solved.status, objective=solved.objective,
+                          lower_bound=solved.lower_bound, solve_s=solved.solve_s)
+    return Plan(bits=bits, budget_bits_per_weight=bits_per_weight, budget_bytes=budget_bytes, solver=record,
+                seconds=round(time.perf_counter() - started, 3))
+
+
+def uniform_plan(spec: JobSpec, units: dict[str, nn.Linear]) -> Plan:
+    """Every unit at ``spec``'s uniform width."""
+    width = spec.budget.uniform_bits
+    if width is None:
+        raise BitplanError("a uniform plan needs uniform bits")
+    return Plan(bits=dict.fromkeys(units, width), budget_bits_per_weight=None, budget_bytes=None, solver=UNIFORM)
+
+
+def make_plans(spec: JobSpec, units: dict[str, nn.Linear], sizes: Sizes, sensitivity: SensitivityResult | None,
+               budgets: list[int]) -> list[Plan]:
+    """One plan per budget of ``spec`` (the uniform plan when it has uniform bits)."""
+    if spec.budget.uniform_bits is not None or sensitivity is None:
+        return [uniform_plan(spec, units)]
+    numel = sum(m.weight.numel() for m in units.values())
+    per_budget = list(spec.budget.bits_per_weight) or [None]
+    return [solve_plan(spec, sizes, sensitivity, budget_bytes=budget, numel=numel, bits_per_weight=bpw)
+            for bpw, budget in zip(per_budget, budgets, strict=True)]

@@ -1,0 +1,97 @@
+"""Quantization step: plans -> quantized units (the calibration Grams collected once for every plan), and the
+quantized model's KL divergence to the float one."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from bitplan.errors import BitplanError
+from bitplan.models import LoadedModel, ModelKind
+from bitplan.quantizer.methods import needs_gram, quantize_unit
+from bitplan.quantizer.rtn import QuantizedWeight, dequantize_weight
+from bitplan.sensitivity.activations import StopFn, check_stop
+from bitplan.sensitivity.blockwise import block_grams
+from bitplan.sensitivity.kl import output_kl
+from bitplan.stages import ProgressFn, Stage
+from bitplan.units import find_block_stack
+
+if TYPE_CHECKING:
+    from bitplan.spec import JobSpec
+
+Quantized = dict[str, QuantizedWeight]
+
+
+def spec_needs_grams(spec: JobSpec) -> bool:
+    """Whether quantizing under ``spec`` needs each unit's calibration input Gram matrix."""
+    return needs_gram(spec.quantization.quantizer.value) or spec.quantization.mix_groups
+
+
+def input_grams(loaded: LoadedModel, units: dict[str, nn.Linear], tokens: torch.Tensor,
+                on_progress: ProgressFn | None, should_stop: StopFn | None) -> dict[str, torch.Tensor]:
+    """Every unit's calibration input Gram matrix ``sum_t x_t x_t^T`` (what GPTQ and salience need), all at once
+    (:func:`quantize_plans` consumes them block by block instead)."""
+    grams = {}
+    for block in grams_by_block(loaded, units, tokens, on_progress, should_stop):
+        grams.update(block)
+    return {name: grams[name] for name in units}
+
+
+def grams_by_block(loaded: LoadedModel, units: dict[str, nn.Linear], tokens: torch.Tensor,
+                   on_progress: ProgressFn | None, should_stop: StopFn | None) -> Iterator[dict[str, torch.Tensor]]:
+    """Unit name -> input Gram matrix, one transformer block at a time (:func:`sensitivity.blockwise.block_grams`)."""
+    for stats in block_grams(loaded.model, find_block_stack(loaded.model), units, list(torch.split(tokens, 1)),
+                             on_progress=on_progress, should_stop=should_stop):
+        yield {name: entry.gram for name, entry in stats.items()}
+
+
+def quantize_plans(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], choices: list[dict[str, int]],
+                   tokens: torch.Tensor | None, on_progress: ProgressFn | None = None,
+                   should_stop: StopFn | None = None) -> list[Quantized]:
+    """Every unit at its bit width, for each allocation in ``choices``, with the spec's quantizer.
+
+    A calibrated quantizer (GPTQ, salience) gets each unit's input Gram matrix; they are collected block by block
+    on ``tokens`` and each block's are dropped as soon as its units are quantized for every allocation, so only
+    one block's Grams are held.
+    """
+    options = spec.quantization
+    quantized: list[Quantized] = [{} for _ in choices]
+    done = 0
+
+    def quantize(names: list[str], grams: dict[str, torch.Tensor] | None) -> None:
+        nonlocal done
+        for name in names:
+            for chosen, into in zip(choices, quantized, strict=True):
+                into[name] = quantize_unit(units[name].weight, method=options.quantizer.value, bits=chosen[name],
+                                           group_size=options.group_size, mix_groups=options.mix_groups,
+                                           gram=None if grams is None else grams[name])
+            done += 1
+            if on_progress is not None:
+                on_progress(Stage.QUANTIZE, done, len(units))
+            check_stop(should_stop, "quantization")
+
+    if spec_needs_grams(spec):
+        if tokens is None:
+            raise BitplanError(f"quantizer {options.quantizer.value!r} needs calibration tokens")
+        for grams in grams_by_block(loaded, units, tokens, None, should_stop):
+            quantize(list(grams), grams)
+    else:
+        quantize(list(units), None)
+    return [{name: into[name] for name in units} for into in quantized]
+
+
+def measure_kl(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], quantized: Quantized,
+               tokens: torch.Tensor | None) -> tuple[float | None, float]:
+    """KL divergence of the quantized model's next-token distribution on the first ``kl_windows`` calibration
+    windows (language models only), and the seconds it took."""
+    windows = spec.refinement.kl_windows
+    if windows <= 0 or tokens is None or loaded.kind is not ModelKind.CAUSAL_LM:
+        return None, 0.0
+    started = time.perf_counter()
+    replacements = {name: dequantize_weight(q) for name, q in quantized.items()}
+    kl = output_kl(loaded.model, units, replacements, list(torch.split(tokens[:windows], 1)))
+    return kl, round(time.perf_counter() - started, 3)

@@ -1,0 +1,76 @@
+"""Step 4 of the pipeline: one sensitivity pass over the calibration tokens under the spec's metric, reusing a
+cached result for the same model, calibration tokens, metric and parameters."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from bitplan.errors import SpecError
+from bitplan.models import LoadedModel, ModelKind, causal_lm_loss, use_eager_attention
+from bitplan.sensitivity import Metric, SensitivityResult, compute_sensitivity
+from bitplan.sensitivity.activations import StopFn
+from bitplan.sensitivity.api import NEEDS_LOSS, SECOND_ORDER_HVP_METHODS
+from bitplan.sensitivity.cache import SensitivityCache, cache_key
+from bitplan.spec import JobSpec
+from bitplan.stages import ProgressFn
+from bitplan.units import find_block_stack
+
+logger = logging.getLogger(__name__)
+HUTCHINSON_TOKENS = 512  # one window: a Hessian-vector product costs ~3.5-8 GB per 512 tokens, 5-7 s per probe
+
+
+def resolve_metric(name: str, kind: ModelKind) -> Metric:
+    """``auto`` -> token_taylor for causal LMs, output_error otherwise; a loss-based metric needs a causal LM."""
+    if name == "auto":
+        return Metric.TOKEN_TAYLOR if kind is ModelKind.CAUSAL_LM else Metric.OUTPUT_ERROR
+    metric = Metric(name)
+    if metric in NEEDS_LOSS and kind is not ModelKind.CAUSAL_LM:
+        usable = sorted(m.value for m in Metric if m not in NEEDS_LOSS)
+        raise SpecError(f"metric {name!r} needs a language-model loss; this {kind.value} model supports "
+                        f"{', '.join(repr(m) for m in usable)}", param="metric")
+    return metric
+
+
+def measure(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], calibration: Any,
+            on_progress: ProgressFn | None, should_stop: StopFn | None, cache: SensitivityCache | None
+            ) -> tuple[SensitivityResult, str]:
+    """The sensitivities and whether the cache had them (``hit``, ``miss`` or ``off``)."""
+    options = spec.sensitivity
+    metric = resolve_metric(options.metric.value, loaded.kind)
+    key = cache_key(model_sha256=loaded.source_sha256, calibration_sha256=calibration.sha256, metric=metric.value,
+                    bits=list(spec.widths), group_size=spec.quantization.group_size, units=list(units),
+                    hutchinson=asdict(options.hutchinson) if metric is Metric.HUTCHINSON else None)
+    cached = cache.get(key) if cache is not None else None
+    if cached is not None:
+        logger.info("sensitivity: reusing the cached %s result %s", metric.value, key[:12])
+        return cached, "hit"
+    result = run_sensitivity(spec, loaded, units, metric, calibration.tokens, on_progress, should_stop)
+    if cache is not None:
+        cache.put(key, result)
+    return result, "miss" if cache is not None else "off"
+
+
+def run_sensitivity(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], metric: Metric,
+                    tokens: torch.Tensor, on_progress: ProgressFn | None,
+                    should_stop: StopFn | None = None) -> SensitivityResult:
+    """Predicted loss increase per (unit, candidate bit width) under ``metric``."""
+    loss_fn = causal_lm_loss if loaded.kind is ModelKind.CAUSAL_LM else None  # metrics that need it were checked
+    batches = list(torch.split(tokens, 1))
+    hutchinson = spec.sensitivity.hutchinson
+    if metric is Metric.HUTCHINSON:
+        if hutchinson.method in SECOND_ORDER_HVP_METHODS:
+            use_eager_attention(loaded.model)
+        batches = [tokens[:1, :HUTCHINSON_TOKENS]]
+        if hutchinson.method == "jvp":  # torch.func cannot start a graph at detached embeddings
+            loss_fn = functools.partial(causal_lm_loss, graph_from_embeddings=False)
+    return compute_sensitivity(loaded.model, units, batches, metric=metric, bits_options=spec.widths,
+                               group_size=spec.quantization.group_size, loss_fn=loss_fn, hutchinson=hutchinson,
+                               on_progress=on_progress, should_stop=should_stop,
+                               blocks=find_block_stack(loaded.model),
+                               max_error_bytes=spec.sensitivity.max_error_bytes)

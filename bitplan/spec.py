@@ -1,0 +1,397 @@
+"""The job specification: one versioned, nested, frozen description of a job, and the single source of its
+defaults, rules and help texts.
+
+A job is a model reference plus five parts (:class:`Budget`, :class:`Calibration`, :class:`SensitivityOptions`,
+:class:`Allocation`, :class:`Quantization`, :class:`Refinement`). Every leaf field carries an :class:`Option`
+in its metadata: its flat name (the HTTP field and the keyword of :meth:`JobSpec.from_flat`), its command-line
+flag, its bounds and its help. The CLI (``bitplan.cli.add_spec_arguments``) and the HTTP schema
+(``bitplan.service.schemas.JobCreate``) are generated from :data:`OPTIONS`; a new option is one field here.
+
+Each part checks itself in ``__post_init__`` and :class:`JobSpec` checks what spans parts, so a Python caller,
+the CLI and the API get the same :class:`SpecError` (with the offending ``param``) before any heavy work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from enum import Enum
+from typing import Any
+
+from bitplan.allocator.problem import SOLVERS
+from bitplan.errors import SpecError
+from bitplan.quantizer.methods import QUANTIZERS
+from bitplan.sensitivity.api import HutchinsonConfig, Metric
+from bitplan.sensitivity.token_fisher import DEFAULT_ERROR_BYTES
+
+SPEC_VERSION = 1
+
+MetricChoice = Enum("MetricChoice", {"AUTO": "auto", **{m.name: m.value for m in Metric}}, type=str)  # type: ignore[misc]
+MetricChoice.__doc__ = "A sensitivity metric, or ``auto`` (token_taylor for causal LMs, output_error otherwise)."
+SolverChoice = Enum("SolverChoice", {s.upper(): s for s in SOLVERS if s != "brute_force"}, type=str)  # type: ignore[misc]
+SolverChoice.__doc__ = "An allocation solver (allocator.solve_allocation)."
+QuantizerChoice = Enum("QuantizerChoice", {q.upper().replace("-", "_"): q for q in QUANTIZERS}, type=str)  # type: ignore[misc]
+QuantizerChoice.__doc__ = "A quantizer (quantizer.methods)."
+
+
+@dataclass(frozen=True)
+class Option:
+    """How one spec field crosses the boundaries. ``kind``: int, float, bool, str, enum, ints, floats, pins."""
+
+    kind: str
+    help: str
+    flag: str | None = None  # command-line flag; None: not on the command line
+    http: bool = True  # a field of the HTTP job schema
+    name: str = ""  # flat name (HTTP field); filled from the field name when empty
+    minimum: float | None = None  # inclusive bounds (of every element, for lists)
+    maximum: float | None = None
+    positive: bool = False  # must be > 0 (and finite)
+    label: str = ""  # how messages name it (default: the flat name)
+    choices: type[Enum] | None = None
+    group: str | None = None  # mutually exclusive flags (the budget)
+    max_items: int | None = None
+    part: str = ""  # filled by _collect: the JobSpec attribute holding the field ("" for the model)
+    field: str = ""
+    default: Any = None
+
+
+def _opt(default: Any, kind: str, help: str, **kwargs: Any) -> Any:
+    return field(default=default, metadata={"option": Option(kind=kind, help=help, **kwargs)})
+
+
+def _check_part(part: Any) -> None:
+    """Coerce choices and lists, and check every field of ``part`` against its option's bounds."""
+    for f in fields(part):
+        option: Option | None = f.metadata.get("option")
+        if option is None:
+            continue
+        value = getattr(part, f.name)
+        name = option.name or f.name
+        if option.kind == "str" and hasattr(value, "__fspath__"):
+            value = str(value)
+        if option.kind == "enum" and value is not None:
+            value = _choice(option.choices, value, name)
+        elif option.kind in ("ints", "floats", "pins"):
+            value = tuple(tuple(v) if option.kind == "pins" else v for v in value)
+        object.__setattr__(part, f.name, value)
+        _check_value(option, name, option.label or name, value)
+
+
+def _choice(choices: Any, value: Any, name: str) -> Enum:
+    try:
+        return choices(value)
+    except ValueError:
+        raise SpecError(f"unknown {name} {value!r}; choose one of {', '.join(c.value for c in choices)}",
+                        param=name) from None
+
+
+def _check_value(option: Option, name: str, label: str, value: Any) -> None:
+    if value is None or option.kind == "enum":
+        return
+    if option.kind in ("str", "bool"):
+        if not isinstance(value, str if option.kind == "str" else bool):
+            raise SpecError(f"{name} takes a {'string' if option.kind == 'str' else 'boolean'}, got {value!r}",
+                            param=name)
+        return
+    if option.kind == "pins":
+        for pattern, bits in value:
+            if not pattern or not isinstance(bits, int):
+                raise SpecError(f"{name} takes PATTERN=BITS pairs such as 'model.layers.0.*=8', got "
+                                f"{pattern!r}={bits!r}", param=name)
+        return
+    items = value if option.kind in ("ints", "floats") else (value,)
+    number = int if option.kind in ("int", "ints") else (int, float)
+    if any(isinstance(item, bool) or not isinstance(item, number) for item in items):
+        raise SpecError(f"{name} takes {'integers' if number is int else 'numbers'}, got {value!r}", param=name)
+    if option.max_items is not None and len(items) > option.max_items:
+        raise SpecError(f"{name} takes at most {option.max_items} values, got {len(items)}", param=name)
+    for item in items:
+        _check_number(option, name, label, item)
+
+
+def _check_number(option: Option, name: str, label: str, item: float) -> None:
+    finite = not isinstance(item, float) or math.isfinite(item)
+    if option.positive and (item <= 0 or not finite):
+        rule = "a positive finite number" if isinstance(item, float) or option.kind == "floats" else "positive"
+        raise SpecError(f"{label} must be {rule}, got {item}", param=name)
+    if not finite:
+        raise SpecError(f"{label} must be a finite number, got {item}", param=name)
+    low, high = option.minimum, option.maximum
+    if (low is not None and item < low) or (high is not None and item > high):
+        bounds = f"at most {high:g}" if low is None else f"between {low:g} and {high:g}"
+        raise SpecError(f"{label} must be {bounds}, got {item}", param=name)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Exactly one of: bits-per-weight budgets (several make a sweep), a bytes budget, uniform bits."""
+
+    bits_per_weight: tuple[float, ...] = _opt(
+        (), "floats", "budget in effective bits per weight (scales and zeros counted); several comma-separated "
+        "budgets share one sensitivity pass (a sweep)", flag="--bpw", positive=True, group="budget", max_items=64,
+        label="bits per weight")
+    bytes: int | None = _opt(None, "int", "budget in bytes of the quantized layers", flag="--bytes", positive=True,
+                             maximum=2**50, group="budget", label="a bytes budget")
+    uniform_bits: int | None = _opt(None, "int", "uniform baseline: every layer at this bit width",
+                                    flag="--uniform-bits", minimum=1, maximum=8, group="budget")
+
+    def __post_init__(self) -> None:
+        _check_part(self)
+        given = [bool(self.bits_per_weight), self.bytes is not None, self.uniform_bits is not None]
+        if sum(given) != 1:
+            raise SpecError("give exactly one of a bits-per-weight budget, a bytes budget or uniform bits",
+                            param="bits_per_weight")
+
+    def describe(self, index: int = 0) -> str:
+        if self.bits_per_weight:
+            return f"{self.bits_per_weight[index]:g} bits per weight"
+        if self.bytes is not None:
+            return f"{self.bytes} bytes"
+        return f"uniform {self.uniform_bits} bits"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The calibration windows: from a text file or the built-in text."""
+
+    text: str | None = _opt(None, "str", "calibration text file (default: the built-in text)",
+                            flag="--calibration", http=False, name="calibration_text")
+    num_samples: int = _opt(32, "int", "calibration windows", flag="--samples", minimum=1, maximum=512)
+    seq_len: int = _opt(512, "int", "calibration window length in tokens", flag="--seq-len", minimum=16,
+                        maximum=8192)
+    seed: int = _opt(0, "int", "seed of the calibration windows' sampling", flag="--seed", minimum=0,
+                     maximum=2**32 - 1)
+
+    def __post_init__(self) -> None:
+        _check_part(self)
+
+
+@dataclass(frozen=True)
+class SensitivityOptions:
+    """How the predicted loss increase per (layer, bit width) is measured."""
+
+    metric: Any = _opt(MetricChoice.AUTO, "enum", "sensitivity metric (auto: token_taylor for language models, "
+                       "output_error otherwise)", flag="--metric", choices=MetricChoice)
+    max_error_bytes: int = _opt(DEFAULT_ERROR_BYTES, "int", "token metrics: bytes of rounding errors held at "
+                                "once (less: more passes)", flag="--max-error-bytes", minimum=1, maximum=2**44)
+    hutchinson: HutchinsonConfig = field(default_factory=HutchinsonConfig)
+
+    def __post_init__(self) -> None:
+        _check_part(self)
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """The knapsack: candidate widths, solver, ties and pins."""
+
+    candidate_bits: tuple[int, ...] = _opt((2, 3, 4, 8), "ints", "candidate bit widths", flag="--bits",
+                                           minimum=1, maximum=8, max_items=8)
+    solver: Any = _opt(SolverChoice.AUTO, "enum", "allocation solver", flag="--solver", choices=SolverChoice)
+    time_limit_s: float = _opt(60.0, "float", "solver time limit in seconds (the best solution and its bound "
+                               "are kept)", flag="--time-limit", minimum=0.01, maximum=3600)
+    tie_fused: bool = _opt(False, "bool", "q/k/v and gate/up projections of a block share one bit width "
+                           "(fused by runtimes)", flag="--tie-fused")
+    pinned: tuple[tuple[str, int], ...] = _opt(
+        (), "pins", "keep layers matching an fnmatch pattern at BITS (repeatable; the last match wins), e.g. "
+        "'*.down_proj=8'", flag="--pin")
+
+    def __post_init__(self) -> None:
+        _check_part(self)
+        if not self.candidate_bits:
+            raise SpecError("candidate_bits needs at least one bit width", param="candidate_bits")
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How each layer is quantized at its width."""
+
+    quantizer: Any = _opt(QuantizerChoice.RTN, "enum", "rtn: round to nearest (-symmetric: grid symmetric "
+                          "around 0); gptq: GPTQ error feedback on calibration inputs (give in-domain "
+                          "calibration text); -salience: each group's range searched to minimize the "
+                          "input-energy-weighted error (SliM-LLM)", flag="--quantizer", choices=QuantizerChoice)
+    group_size: int = _opt(128, "int", "input columns per fp16 scale and zero", flag="--group-size", minimum=8,
+                           maximum=4096, label="group size")
+    mix_groups: bool = _opt(False, "bool", "column groups of each layer take bits-1, bits or bits+1 within "
+                            "the layer's size (SliM-LLM)", flag="--mix-groups")
+
+    def __post_init__(self) -> None:
+        _check_part(self)
+
+
+@dataclass(frozen=True)
+class Refinement:
+    """What is measured on the quantized model: the KL check, and the optional KL-guided re-solve."""
+
+    kl_refine_windows: int = _opt(0, "int", "re-solve once with each block's measured share of the output KL "
+                                  "on N calibration windows (checked on N others; kept only if the KL drops); "
+                                  "0: off", flag="--kl-refine", minimum=0, maximum=64)
+    kl_windows: int = _opt(2, "int", "calibration windows on which the artifact's KL divergence is measured "
+                           "(0: skip)", flag="--kl-windows", minimum=0, maximum=512)
+
+    def __post_init__(self) -> None:
+        _check_part(self)
+
+
+PARTS: dict[str, type] = {"budget": Budget, "calibration": Calibration, "sensitivity": SensitivityOptions,
+                          "allocation": Allocation, "quantization": Quantization, "refinement": Refinement}
+MODEL_OPTION = Option(kind="str", help="bundled id, HF folder, .safetensors or .gguf file", flag="--model",
+                      name="model", part="", field="model")
+
+
+def _collect() -> tuple[Option, ...]:
+    """Every option of the spec, with its flat name, part and default filled in."""
+    options = [MODEL_OPTION]
+    for part_name, part in PARTS.items():
+        for f in fields(part):
+            option = f.metadata.get("option")
+            if option is not None:
+                options.append(dataclasses.replace(option, name=option.name or f.name, part=part_name,
+                                                   field=f.name, default=f.default))
+    names = [o.name for o in options]
+    if len(names) != len(set(names)):
+        raise RuntimeError(f"two spec fields share a flat name: {names}")
+    return tuple(options)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One job: a model reference and how to plan, quantize and check it. Frozen; checked on construction."""
+
+    model: str
+    budget: Budget
+    calibration: Calibration = field(default_factory=Calibration)
+    sensitivity: SensitivityOptions = field(default_factory=SensitivityOptions)
+    allocation: Allocation = field(default_factory=Allocation)
+    quantization: Quantization = field(default_factory=Quantization)
+    refinement: Refinement = field(default_factory=Refinement)
+    version: int = SPEC_VERSION
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model or "\x00" in self.model:
+            raise SpecError("model needs a non-empty reference without NUL bytes", param="model")
+        if self.version != SPEC_VERSION:
+            raise SpecError(f"job spec version {self.version} is not supported (this bitplan reads version "
+                            f"{SPEC_VERSION})", param="version")
+        self._check_widths()
+        self._check_refinement()
+        from bitplan.planning import check_budget_coarsely  # the rule lives beside the exact one
+
+        check_budget_coarsely(self)
+
+    def _check_widths(self) -> None:
+        widths = self.widths
+        for pattern, bits in self.allocation.pinned:
+            if bits not in widths:
+                raise SpecError(f"pin {pattern}={bits}: {bits} bits is not a candidate width {list(widths)}",
+                                param="pinned")
+
+    def _check_refinement(self) -> None:
+        windows = self.refinement.kl_refine_windows
+        if windows and self.calibration.num_samples < 2 * windows:
+            raise SpecError(f"KL refinement on {windows} windows needs at least {2 * windows} calibration "
+                            f"samples (num_samples), got {self.calibration.num_samples}", param="kl_refine_windows")
+        if windows and self.budget.uniform_bits is not None:
+            raise SpecError("KL refinement re-solves an allocation; uniform bits have none to re-solve",
+                            param="kl_refine_windows")
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """The bit widths a layer may take: the uniform width alone, or the sorted candidates."""
+        if self.budget.uniform_bits is not None:
+            return (self.budget.uniform_bits,)
+        return tuple(sorted(set(self.allocation.candidate_bits)))
+
+    @property
+    def budgets(self) -> int:
+        """How many artifacts the job writes (one per bits-per-weight budget, else one)."""
+        return max(len(self.budget.bits_per_weight), 1)
+
+    def replace(self, **flat: Any) -> JobSpec:
+        """A copy with some options changed, by flat name (``spec.replace(num_samples=8)``)."""
+        return JobSpec.from_flat(**{**self.to_flat(), **flat})
+
+    @classmethod
+    def from_flat(cls, **values: Any) -> JobSpec:
+        """Build a spec from flat option names (the HTTP fields, the CLI's destinations); unknown names are an
+        error. ``bits_per_weight`` takes a number or a list; ``pinned`` takes pairs or 'PATTERN=BITS' strings."""
+        by_name = {o.name: o for o in OPTIONS}
+        unknown = sorted(set(values) - set(by_name))
+        if unknown:
+            raise SpecError(f"unknown job option {unknown[0]!r}; known: {', '.join(sorted(by_name))}",
+                            param=unknown[0])
+        parts: dict[str, dict[str, Any]] = {name: {} for name in PARTS}
+        for name, value in values.items():
+            option = by_name[name]
+            if option.part:
+                parts[option.part][option.field] = _flat_value(option, value)
+        if "model" not in values:
+            raise SpecError("model is required", param="model")
+        return cls(model=values["model"], **{name: PARTS[name](**kw) for name, kw in parts.items()})
+
+    def to_flat(self) -> dict[str, Any]:
+        """Every option by flat name (the inverse of :meth:`from_flat`)."""
+        flat = {"model": self.model}
+        for option in OPTIONS[1:]:
+            flat[option.name] = getattr(getattr(self, option.part), option.field)
+        return flat
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able nested dict with the spec version (what a job record and the manifest store)."""
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobSpec:
+        """Read back :meth:`to_dict`'s output; an unknown or missing field is an error, never a default."""
+        _exact_keys(data, {f.name for f in fields(cls)}, "job spec")
+        parts = {}
+        for name, part in PARTS.items():
+            values = dict(data[name])
+            _exact_keys(values, {f.name for f in fields(part)}, f"job spec part {name!r}")
+            if name == "sensitivity":
+                hutchinson = dict(values["hutchinson"])
+                _exact_keys(hutchinson, {f.name for f in fields(HutchinsonConfig)}, "hutchinson settings")
+                values["hutchinson"] = HutchinsonConfig(**hutchinson)
+            if name == "allocation":
+                values["pinned"] = tuple(tuple(p) for p in values["pinned"])
+            parts[name] = part(**values)
+        return cls(model=data["model"], version=data["version"], **parts)
+
+
+def _flat_value(option: Option, value: Any) -> Any:
+    if option.kind == "floats" and value is not None and not isinstance(value, (list, tuple)):
+        return (value,)
+    if option.kind == "floats" and value is None:
+        return ()
+    if option.kind == "pins":
+        return tuple(parse_pin(v) if isinstance(v, str) else tuple(v) for v in value)
+    return value
+
+
+def parse_pin(text: str) -> tuple[str, int]:
+    """'PATTERN=BITS' -> (PATTERN, BITS)."""
+    pattern, _, bits = text.rpartition("=")
+    try:
+        return pattern, int(bits)
+    except ValueError:
+        raise SpecError(f"pinned takes PATTERN=BITS such as 'model.layers.0.*=8', got {text!r}",
+                        param="pinned") from None
+
+
+def _exact_keys(data: dict[str, Any], expected: set[str], what: str) -> None:
+    missing, unknown = sorted(expected - set(data)), sorted(set(data) - expected)
+    if missing or unknown:
+        raise SpecError(f"{what}: missing fields {missing}, unknown fields {unknown}", param=what)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+OPTIONS: tuple[Option, ...] = _collect()
