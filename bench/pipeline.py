@@ -22,7 +22,8 @@ import torch
 from bitplan.calibration import read_text
 from bitplan.evaluation import artifact_perplexity, perplexity, tokenize_for_perplexity
 from bitplan.models import load_model
-from bitplan.pipeline import RunConfig, run_budgets
+from bitplan.pipeline import run_budgets
+from bitplan.spec import JobSpec
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "wiki.test.raw"
 
@@ -61,16 +62,15 @@ def main() -> None:
     del loaded
     uniform = {}
     for bits in (3, 4):
-        config = RunConfig(model=args.model, out_dir=args.out / f"uniform-{bits}", uniform_bits=bits)
-        run = run_budgets(config, [None], out_dirs=[config.out_dir])[0]
+        run = run_budgets(JobSpec.from_flat(model=args.model, uniform_bits=bits),
+                          out_dirs=[args.out / f"uniform-{bits}"])[0]
         uniform[bits] = {"bits_per_weight": run.bits_per_weight, "bytes": run.bytes, "timings_s": run.timings_s,
                          **evaluate_artifact(run.artifact, text, args.seq_len, args.windows)}
     report["uniform_rtn"] = {str(b): v for b, v in uniform.items()}
     midpoint = (uniform[3]["bits_per_weight"] + uniform[4]["bits_per_weight"]) / 2
     budgets = [float(b) for b in args.budgets.split(",")] + [round(midpoint, 4)]
-    config = RunConfig(model=args.model, out_dir=args.out, bits_per_weight=budgets[0], metric=args.metric,
-                       num_samples=args.samples)
-    runs = run_budgets(config, budgets, out_dirs=[args.out / f"mixed-{b:g}" for b in budgets])
+    spec = JobSpec.from_flat(model=args.model, bits_per_weight=budgets, metric=args.metric, num_samples=args.samples)
+    runs = run_budgets(spec, out_dirs=[args.out / f"mixed-{b:g}" for b in budgets])
     log3, log4 = math.log(uniform[3]["ppl"]), math.log(uniform[4]["ppl"])
     mixed = []
     for budget, run in zip(budgets, runs, strict=True):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import json
 import os
 import platform
@@ -27,25 +26,20 @@ from typing import Any
 
 import _own_folder_off_path  # noqa: F401  (before any first-party import)
 import torch
-from bitplan.allocator import solve_allocation
 from bitplan.quantizer.methods import QUANTIZERS, quantize_unit
 from bitplan.quantizer.rtn import dequantize_weight
 from bitplan.quantizer.sizes import stored_bytes
+from bitplan.sensitivity.cache import SensitivityCache
 from bitplan.sensitivity.kl import swapped_weights
 
 from bitplan.calibration import read_text
 from bitplan.evaluation import perplexity, tokenize_for_perplexity
 from bitplan.models import load_model
-from bitplan.pipeline import (
-    RunConfig,
-    allocation_problem,
-    budget_in_bytes,
-    calibrate_and_measure,
-    input_grams,
-    solve_bits,
-    unit_sizes,
-)
+from bitplan.pipeline import calibrate_and_measure
+from bitplan.planning import budgets_in_bytes, solve_plan, unit_sizes
+from bitplan.quantize import input_grams
 from bitplan.refine import refine_allocation
+from bitplan.spec import JobSpec
 from bitplan.units import find_block_stack, find_units
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "wiki.test.raw"
@@ -93,22 +87,21 @@ def main() -> None:
         return perplexity(loaded.model, ids, seq_len=args.seq_len, max_windows=args.windows).ppl
 
     report["float_ppl"] = ppl()
-    config = RunConfig(model=args.model, out_dir=Path("."), bits_per_weight=args.mixed_bpw, num_samples=args.samples,
-                       calibration_text=calibration_text)
+    spec = JobSpec.from_flat(model=args.model, bits_per_weight=args.mixed_bpw, num_samples=args.samples,
+                             calibration_text=calibration_text)
     report["calibration"] = args.calibration
-    bits = tuple(sorted(set(config.candidate_bits)))
-    sizes = unit_sizes(units, bits, config.group_size)
+    group_size = spec.quantization.group_size
+    sizes = unit_sizes(units, spec.widths, group_size)
     numel = sum(m.weight.numel() for m in units.values())
     clock = time.perf_counter()
-    _, sensitivity, tokens = calibrate_and_measure(config, loaded, units, None)
+    measured = calibrate_and_measure(spec, loaded, units, None, None, SensitivityCache(None))
+    sensitivity, tokens = measured.sensitivity, measured.tokens
     report["sensitivity_s"] = round(time.perf_counter() - clock, 1)
     clock = time.perf_counter()
     grams = input_grams(loaded, units, tokens, None, None)
     report["grams_s"] = round(time.perf_counter() - clock, 1)
-    budget = budget_in_bytes(config, sizes, numel)
-    problem = allocation_problem(sizes, sensitivity, bits, budget)
-    allocation = solve_allocation(problem)
-    mixed = {u.name: u.options[k].bits for u, k in zip(problem.units, allocation.choice, strict=True)}
+    [budget] = budgets_in_bytes(spec, sizes, numel)
+    mixed = solve_plan(spec, sizes, sensitivity, budget_bytes=budget, numel=numel).bits
     every = {"uniform-3": (dict.fromkeys(units, 3), False), "uniform-4": (dict.fromkeys(units, 4), False),
              "mixed": (mixed, False)}
     settings = {}
@@ -127,15 +120,15 @@ def main() -> None:
             def quantize(bits_of: dict[str, int], method: str = method, mix_groups: bool = mix_groups
                          ) -> dict[str, Any]:
                 return {name: quantize_unit(originals[name], method=method, bits=bits_of[name],
-                                            group_size=config.group_size, gram=grams[name], mix_groups=mix_groups)
+                                            group_size=group_size, gram=grams[name], mix_groups=mix_groups)
                         for name in units}
 
             refinement = None
             if chosen is None:
                 refinement = refine_allocation(
                     loaded.model, units, find_block_stack(loaded.model)[0], sensitivity, mixed, quantize(mixed),
-                    tokens[-2 * args.kl_refine:], solve=functools.partial(
-                        solve_bits, config, sizes, bits=bits, budget=budget, numel=numel),
+                    tokens[-2 * args.kl_refine:], solve=lambda predicted: solve_plan(
+                        spec, sizes, predicted, budget_bytes=budget, numel=numel).bits,
                     quantize=lambda allocations: [quantize(bits_of) for bits_of in allocations])
             bits_of = chosen if refinement is None else refinement.chosen
             clock = time.perf_counter()

@@ -54,7 +54,8 @@ from scipy.stats import spearmanr
 from bitplan.calibration import build_calibration_set, read_text
 from bitplan.evaluation import tokenize_for_perplexity
 from bitplan.models import causal_lm_loss, load_model, use_eager_attention
-from bitplan.pipeline import RunConfig, measure_sensitivity
+from bitplan.pipeline import measure_sensitivity
+from bitplan.spec import JobSpec
 from bitplan.units import block_index, find_block_stack, find_units
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "wiki.test.raw"
@@ -80,8 +81,8 @@ def in_fresh_process(target: Callable[..., dict[str, Any]], *args: Any) -> dict[
     return payload
 
 
-def metric_run(config: RunConfig) -> dict[str, Any]:
-    return {"result": measure_sensitivity(config).to_json()}
+def metric_run(spec: JobSpec) -> dict[str, Any]:
+    return {"result": measure_sensitivity(spec, use_cache=False).to_json()}
 
 
 def real_loss_increase(model_ref: str, text: Path, sample: list[str], windows: int, seq_len: int,
@@ -275,9 +276,9 @@ def error_budget_report(args: argparse.Namespace) -> list[dict[str, Any]]:
     the calibration set, the same predictions."""
     rows: list[dict[str, Any]] = []
     for budget in (int(b) for b in args.error_bytes.split(",")):
-        config = RunConfig(model=args.model, out_dir=Path("."), bits_per_weight=4.0, metric="token_taylor",
-                           num_samples=args.samples, seq_len=args.seq_len, use_cache=False, max_error_bytes=budget)
-        payload = in_fresh_process(metric_run, config)
+        spec = JobSpec.from_flat(model=args.model, bits_per_weight=4.0, metric="token_taylor",
+                                 num_samples=args.samples, seq_len=args.seq_len, max_error_bytes=budget)
+        payload = in_fresh_process(metric_run, spec)
         predicted = np.array([v for u in payload["result"]["units"] for _, v in sorted(u["delta_loss"].items())])
         first = rows[0]["predicted"] if rows else predicted
         rows.append({"max_error_bytes": budget, "wall_s": round(payload["wall_s"], 1),
@@ -337,10 +338,9 @@ def correlation_report(args: argparse.Namespace) -> dict[str, Any]:
         text = calibration_text(kind, args.text, text_tokens, args.seq_len, args.windows)
         table = report["metrics"][kind] = {}
         for metric in args.metrics.split(","):
-            config = RunConfig(model=args.model, out_dir=Path("."), bits_per_weight=4.0, metric=metric,
-                               num_samples=args.samples, seq_len=args.seq_len, use_cache=False,
-                               calibration_text=text)
-            payload = in_fresh_process(metric_run, config)
+            spec = JobSpec.from_flat(model=args.model, bits_per_weight=4.0, metric=metric,
+                                     num_samples=args.samples, seq_len=args.seq_len, calibration_text=text)
+            payload = in_fresh_process(metric_run, spec)
             predicted = {u["name"]: u["delta_loss"][str(args.bits)] for u in payload["result"]["units"]}
             guess = [predicted[n] for n in sample]
             table[metric] = {"spearman": float(spearmanr(guess, truth).statistic),

@@ -34,7 +34,7 @@ def _default_text(option: Option) -> str:
 
 def _argument(option: Option) -> dict[str, Any]:
     """argparse keywords for one option (unset flags stay ``None``, so the spec's default applies)."""
-    shown = "" if option.group else f" (default: {_default_text(option)})"
+    shown = "" if option.group or option.default is None else f" (default: {_default_text(option)})"
     metavar = (option.flag or option.name).lstrip("-").upper().replace("-", "_")
     kwargs: dict[str, Any] = {"dest": option.name, "default": None, "help": option.help + shown, "metavar": metavar}
     if option.kind == "bool":

@@ -124,7 +124,8 @@ def ensure_service(url: str, data_dir: Path, model_roots: Sequence[str] = (), ti
         raise BitplanError(f"no service answers at {url}, and only a loopback service can be started here")
     data_dir.mkdir(parents=True, exist_ok=True)
     log = (data_dir / "serve.log").open("ab")
-    process = subprocess.Popen([sys.executable, "-m", "bitplan.service.cli", "serve", "--host", parsed.hostname or "127.0.0.1",
+    process = subprocess.Popen([sys.executable, "-m", "bitplan.service.cli", "serve", "--host",
+                                parsed.hostname or "127.0.0.1",
                                 "--port", str(parsed.port or 80), "--data-dir", str(data_dir),
                                 *[arg for root in model_roots for arg in ("--model-root", root)]],
                                stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -140,18 +141,16 @@ def ensure_service(url: str, data_dir: Path, model_roots: Sequence[str] = (), ti
 
 
 def _cmd_submit(args: argparse.Namespace) -> None:
-    budgets = [float(b) for b in args.bpw.split(",")] if args.bpw else None
-    options: dict[str, Any] = {"metric": args.metric, "solver": args.solver}
+    from bitplan.cli_options import given_options
+
+    options = given_options(args)
+    options.pop("model")
+    budgets = options.get("bits_per_weight")
     if budgets is not None:
-        options["bits_per_weight"] = budgets if len(budgets) > 1 else budgets[0]
-    if args.bytes is not None:
-        options["bytes"] = args.bytes
-    if args.uniform_bits is not None:
-        options["uniform_bits"] = args.uniform_bits
-    if args.samples is not None:
-        options["num_samples"] = args.samples
-    if args.seq_len is not None:
-        options["seq_len"] = args.seq_len
+        options["bits_per_weight"] = list(budgets) if len(budgets) > 1 else budgets[0]
+    for name in ("candidate_bits",):
+        if name in options:
+            options[name] = list(options[name])
     if args.start_service:
         ensure_service(args.url, Path(args.data_dir), args.model_root)
     with _client(args) as client:
@@ -221,15 +220,9 @@ def add_service_commands(sub: Any) -> None:
         return parser
 
     submit = client_command("submit", "submit a job to a running service", _cmd_submit)
-    submit.add_argument("--model", required=True)
-    budget = submit.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--bpw", help="bits per weight; comma-separated for a sweep")
-    budget.add_argument("--bytes", type=int)
-    budget.add_argument("--uniform-bits", type=int)
-    submit.add_argument("--metric", default="auto")
-    submit.add_argument("--solver", default="auto")
-    submit.add_argument("--samples", type=int)
-    submit.add_argument("--seq-len", type=int)
+    from bitplan.cli_options import add_spec_arguments
+
+    add_spec_arguments(submit, http_only=True)  # every job option the API takes, with the spec's defaults
     submit.add_argument("--idempotency-key")
     submit.add_argument("--wait", action="store_true", help="wait for the job to end (progress on stderr)")
     submit.add_argument("--out", help="after success, download the artifact here (checksums verified); implies --wait")

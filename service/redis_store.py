@@ -1,5 +1,5 @@
-"""Job records and events in Redis: the same store as :class:`service.store.JobStore`, for workers on several
-machines (the queue is on the same Redis through Huey).
+"""Job records and events in Redis, implementing the :class:`bitplan.service.domain.JobStore` protocol, for workers
+on several machines (the queue is on the same Redis through Huey).
 
 Layout under the prefix: ``job:{id}`` (the job as JSON), ``events:{id}`` (a list of JSON events, seq = position),
 ``owner:{owner}`` (sorted set of job ids by creation time), ``idem:{owner}:{key}`` (job id), ``all`` (sorted set
@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
-from bitplan.service.store import STATUSES, Event, Job, StaleAttempt
+from bitplan.service.domain import ACTIVE, LEASED, STATUSES, Event, Job, JobStatus, StaleAttempt
 
 
 class RedisJobStore:
@@ -66,7 +66,7 @@ class RedisJobStore:
     def create(self, owner: str, request: dict[str, Any], idempotency_key: str | None) -> tuple[Job, bool]:
         now = time.time()
         job = Job(id=uuid.uuid4().hex, owner=owner, idempotency_key=idempotency_key, request=request,
-                  status="queued", stage=None, progress=0.0, attempt=0, error=None, result=None, created=now,
+                  status=JobStatus.QUEUED, stage=None, progress=0.0, attempt=0, error=None, result=None, created=now,
                   updated=now, started=None, lease_until=None, cancel_requested=False)
         if idempotency_key is not None:
             claimed = self.redis.set(self._key("idem", owner, idempotency_key), job.id, nx=True)
@@ -115,7 +115,7 @@ class RedisJobStore:
         return counts
 
     def count_active(self, owner: str) -> int:
-        return sum(j.status in ("queued", "running", "cancelling")
+        return sum(j.status in ACTIVE
                    for j in self._jobs(self.redis.zrange(self._key("owner", owner), 0, -1)))
 
     def claim(self, job_id: str, lease_s: float) -> int | None:
@@ -123,14 +123,14 @@ class RedisJobStore:
 
         def change(job: Job) -> tuple[Job | None, list[tuple[str, dict[str, Any]]]]:
             claimed.clear()
-            if job.status != "queued":
+            if job.status != JobStatus.QUEUED:
                 return None, []
             now = time.time()
             if job.cancel_requested:
-                return dataclasses.replace(job, status="cancelled", updated=now), [("cancelled", {})]
+                return dataclasses.replace(job, status=JobStatus.CANCELLED, updated=now), [("cancelled", {})]
             attempt = job.attempt + 1
             claimed.append(attempt)
-            return dataclasses.replace(job, status="running", attempt=attempt, started=now, updated=now,
+            return dataclasses.replace(job, status=JobStatus.RUNNING, attempt=attempt, started=now, updated=now,
                                        lease_until=now + lease_s, stage="starting", progress=0.0), \
                 [("running", {"attempt": attempt})]
 
@@ -142,7 +142,7 @@ class RedisJobStore:
 
     @staticmethod
     def _fenced(job: Job, fence: int) -> None:
-        if job.attempt != fence or job.status not in ("running", "cancelling"):
+        if job.attempt != fence or job.status not in LEASED:
             raise StaleAttempt(f"job {job.id}: attempt {fence} is no longer the current one")
 
     def heartbeat(self, job_id: str, fence: int, lease_s: float) -> bool:
@@ -165,7 +165,7 @@ class RedisJobStore:
     def _finished(job: Job, status: str, result: dict[str, Any] | None, error: dict[str, Any] | None
                   ) -> tuple[Job, list[tuple[str, dict[str, Any]]]]:
         return dataclasses.replace(job, status=status, result=result, error=error, updated=time.time(),
-                                   lease_until=None, progress=1.0 if status == "succeeded" else job.progress), \
+                                   lease_until=None, progress=1.0 if status == JobStatus.SUCCEEDED else job.progress), \
             [(status, {"error": error} if error else {})]
 
     def finish(self, job_id: str, fence: int, status: str, *, result: dict[str, Any] | None = None,
@@ -178,10 +178,11 @@ class RedisJobStore:
 
     def request_cancel(self, job_id: str) -> Job:
         def change(job: Job) -> tuple[Job | None, list[tuple[str, dict[str, Any]]]]:
-            if job.status == "queued":
+            if job.status == JobStatus.QUEUED:
                 return self._finished(dataclasses.replace(job, cancel_requested=True), "cancelled", None, None)
-            if job.status == "running":
-                return dataclasses.replace(job, cancel_requested=True, status="cancelling", updated=time.time()), \
+            if job.status == JobStatus.RUNNING:
+                return dataclasses.replace(job, cancel_requested=True, status=JobStatus.CANCELLING,
+                                           updated=time.time()), \
                     [("cancelling", {})]
             return None, []
 
@@ -191,11 +192,11 @@ class RedisJobStore:
         requeued = []
         now = time.time()
         for job in self._jobs(self.redis.zrange(self._key("all"), 0, -1)):
-            if job.status not in ("running", "cancelling") or job.lease_until is None or job.lease_until >= now:
+            if job.status not in LEASED or job.lease_until is None or job.lease_until >= now:
                 continue
 
             def change(current: Job) -> tuple[Job | None, list[tuple[str, dict[str, Any]]]]:
-                if current.status not in ("running", "cancelling") or current.lease_until is None \
+                if current.status not in LEASED or current.lease_until is None \
                         or current.lease_until >= time.time():
                     return None, []
                 if current.cancel_requested:
@@ -204,17 +205,17 @@ class RedisJobStore:
                     return self._finished(current, "failed", None, {
                         "code": "worker_lost", "retryable": True,
                         "message": f"the worker stopped heartbeating {current.attempt} times; giving up"})
-                return dataclasses.replace(current, status="queued", stage=None, lease_until=None,
+                return dataclasses.replace(current, status=JobStatus.QUEUED, stage=None, lease_until=None,
                                            updated=time.time()), \
                     [("requeued", {"reason": "lease expired", "attempt": current.attempt})]
 
-            if self._transaction(job.id, change).status == "queued":
+            if self._transaction(job.id, change).status == JobStatus.QUEUED:
                 requeued.append(job.id)
         return requeued
 
     def queued_ids(self) -> list[str]:
         jobs = self._jobs(self.redis.zrange(self._key("all"), 0, -1))
-        return [j.id for j in sorted(jobs, key=lambda j: j.created) if j.status == "queued"]
+        return [j.id for j in sorted(jobs, key=lambda j: j.created) if j.status == JobStatus.QUEUED]
 
     def add_model(self, owner: str, record: dict[str, Any]) -> dict[str, Any]:
         model = {"id": "mdl-" + uuid.uuid4().hex[:16], "created": time.time(), **record}

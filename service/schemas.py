@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
+from bitplan.service.domain import JobStatus
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from bitplan.spec import OPTIONS, Option
@@ -83,7 +84,7 @@ class AllocationSummary(BaseModel):
 
 class JobPublic(BaseModel):
     id: str
-    status: Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
+    status: JobStatus
     progress: Progress
     attempt: int
     error: ErrorInfo | None

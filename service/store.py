@@ -14,12 +14,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-TERMINAL = ("succeeded", "failed", "cancelled")
-STATUSES = ("queued", "running", "cancelling", *TERMINAL)
+from bitplan.service.domain import LEASED, STATUSES, TERMINAL, Event, Job, JobStatus, JobStore, StaleAttempt
+
+__all__ = ["STATUSES", "TERMINAL", "Event", "Job", "JobStatus", "JobStore", "SqliteJobStore", "StaleAttempt",
+           "make_store"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -58,51 +59,17 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 
-@dataclass(frozen=True)
-class Job:
-    """One job as stored."""
-
-    id: str
-    owner: str
-    idempotency_key: str | None
-    request: dict[str, Any]
-    status: str
-    stage: str | None
-    progress: float
-    attempt: int
-    error: dict[str, Any] | None
-    result: dict[str, Any] | None
-    created: float
-    updated: float
-    started: float | None
-    lease_until: float | None
-    cancel_requested: bool
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> Job:
-        return cls(id=row["id"], owner=row["owner"], idempotency_key=row["idempotency_key"],
-                   request=json.loads(row["request"]), status=row["status"], stage=row["stage"],
-                   progress=row["progress"], attempt=row["attempt"],
-                   error=json.loads(row["error"]) if row["error"] else None,
-                   result=json.loads(row["result"]) if row["result"] else None, created=row["created"],
-                   updated=row["updated"], started=row["started"], lease_until=row["lease_until"],
-                   cancel_requested=bool(row["cancel_requested"]))
+def job_from_row(row: sqlite3.Row) -> Job:
+    return Job(id=row["id"], owner=row["owner"], idempotency_key=row["idempotency_key"],
+               request=json.loads(row["request"]), status=row["status"], stage=row["stage"],
+               progress=row["progress"], attempt=row["attempt"],
+               error=json.loads(row["error"]) if row["error"] else None,
+               result=json.loads(row["result"]) if row["result"] else None, created=row["created"],
+               updated=row["updated"], started=row["started"], lease_until=row["lease_until"],
+               cancel_requested=bool(row["cancel_requested"]))
 
 
-@dataclass(frozen=True)
-class Event:
-    job_id: str
-    seq: int
-    at: float
-    kind: str
-    data: dict[str, Any]
-
-
-class StaleAttempt(Exception):
-    """A write carried a fencing token older than the job's current attempt."""
-
-
-class JobStore:
+class SqliteJobStore:
     """Thread-safe access to one SQLite file (WAL mode, one connection, a lock around every transaction)."""
 
     def __init__(self, path: Path) -> None:
@@ -138,25 +105,25 @@ class JobStore:
                 row = db.execute("SELECT * FROM jobs WHERE owner = ? AND idempotency_key = ?",
                                  (owner, idempotency_key)).fetchone()
                 if row is not None:
-                    return Job.from_row(row), False
+                    return job_from_row(row), False
             job_id = uuid.uuid4().hex
             db.execute("INSERT INTO jobs (id, owner, idempotency_key, request, status, created, updated) "
                        "VALUES (?, ?, ?, ?, 'queued', ?, ?)",
                        (job_id, owner, idempotency_key, json.dumps(request), now, now))
             self._event(db, job_id, "queued", {})
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return Job.from_row(row), True
+        return job_from_row(row), True
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
             row = self._connection.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return Job.from_row(row) if row else None
+        return job_from_row(row) if row else None
 
     def get_by_key(self, owner: str, idempotency_key: str) -> Job | None:
         with self._lock:
             row = self._connection.execute("SELECT * FROM jobs WHERE owner = ? AND idempotency_key = ?",
                                            (owner, idempotency_key)).fetchone()
-        return Job.from_row(row) if row else None
+        return job_from_row(row) if row else None
 
     def list(self, owner: str, *, status: str | None = None, after: tuple[float, str] | None = None,
              limit: int = 50) -> list[Job]:
@@ -172,7 +139,7 @@ class JobStore:
         params.append(limit)
         with self._lock:
             rows = self._connection.execute(query, params).fetchall()
-        return [Job.from_row(r) for r in rows]
+        return [job_from_row(r) for r in rows]
 
     def status_counts(self) -> dict[str, int]:
         """Jobs per status (every status present, zeros included)."""
@@ -206,7 +173,7 @@ class JobStore:
 
     def _check_fence(self, db: sqlite3.Connection, job_id: str, fence: int) -> sqlite3.Row:
         row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        if row is None or row["attempt"] != fence or row["status"] not in ("running", "cancelling"):
+        if row is None or row["attempt"] != fence or row["status"] not in LEASED:
             raise StaleAttempt(f"job {job_id}: attempt {fence} is no longer the current one")
         return row
 
@@ -255,7 +222,7 @@ class JobStore:
                            (time.time(), job_id))
                 self._event(db, job_id, "cancelling", {})
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return Job.from_row(row)
+        return job_from_row(row)
 
     def reap(self, max_attempts: int) -> list[str]:
         """Jobs whose lease expired: re-queued (ids returned, to enqueue again) or, after ``max_attempts``,
@@ -319,10 +286,10 @@ class JobStore:
                 for r in rows]
 
 
-def make_store(data_dir: Path, redis_url: str | None) -> Any:
+def make_store(data_dir: Path, redis_url: str | None) -> JobStore:
     """SQLite in the data folder (one machine), or Redis beside the queue (workers on several machines)."""
     if redis_url:
         from bitplan.service.redis_store import RedisJobStore
 
         return RedisJobStore(redis_url)
-    return JobStore(data_dir / "jobs.db")
+    return SqliteJobStore(data_dir / "jobs.db")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bitplan.service.store import JobStore, StaleAttempt
+from bitplan.service.domain import ArtifactRecord, JobError, JobResult, JobStatus, JobStore, StaleAttempt
 from huey import Huey, RedisHuey, SqliteHuey
 from huey.consumer import Consumer
 
@@ -77,13 +77,13 @@ def _child_main(request: dict[str, Any], staging: str, messages: Any, stop: Any)
     except Cancelled:
         messages.put(("cancelled",))
     except BitplanError as error:
-        messages.put(("error", {"code": type(error).__name__, "message": str(error), "retryable": False}))
+        messages.put(("error", JobError(code=type(error).__name__, message=str(error), retryable=False).to_dict()))
     except MemoryError:
-        messages.put(("error", {"code": "out_of_memory", "message": "the job ran out of memory",
-                                "retryable": True}))
+        messages.put(("error", JobError(code="out_of_memory", message="the job ran out of memory",
+                                        retryable=True).to_dict()))
     except Exception as error:  # noqa: BLE001 - reported to the caller, the worker lives on
-        messages.put(("error", {"code": "internal", "message": f"{type(error).__name__}: {error}",
-                                "retryable": True}))
+        messages.put(("error", JobError(code="internal", message=f"{type(error).__name__}: {error}",
+                                        retryable=True).to_dict()))
 
 
 class JobRunner:
@@ -107,32 +107,8 @@ class JobRunner:
         stop = context.Event()
         child = context.Process(target=_child_main, args=(job.request, str(staging), messages, stop), daemon=True)
         child.start()
-        outcome: tuple[Any, ...] | None = None
-        last_beat = time.monotonic()
-        cancel_at: float | None = None
-        fraction = 0.0
         try:
-            while True:
-                try:
-                    message = messages.get(timeout=0.2)
-                except queue.Empty:
-                    message = None
-                if message is not None and message[0] == "progress":
-                    fraction = max(fraction, overall_fraction(*message[1:]))
-                    self.store.progress(job_id, fence, message[1], fraction,
-                                        {"done": message[2], "total": message[3]})
-                elif message is not None:
-                    outcome = message
-                if time.monotonic() - last_beat >= self.settings.heartbeat_s:
-                    last_beat = time.monotonic()
-                    if self.store.heartbeat(job_id, fence, self.settings.lease_s) and not stop.is_set():
-                        stop.set()
-                        cancel_at = time.monotonic()
-                if cancel_at is not None and time.monotonic() - cancel_at > self.settings.cancel_grace_s:
-                    child.kill()
-                    outcome = outcome or ("cancelled",)
-                if outcome is not None or (not child.is_alive() and messages.empty()):
-                    break
+            outcome = self._supervise(job_id, fence, child, messages, stop)
             child.join(timeout=30)
             if child.is_alive():
                 child.kill()
@@ -143,29 +119,61 @@ class JobRunner:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
+    def _supervise(self, job_id: str, fence: int, child: Any, messages: Any, stop: Any) -> tuple[Any, ...] | None:
+        """Relay the child's progress, heartbeat the lease, turn a cancel request into ``stop``; the child's
+        outcome message, or ``None`` when it died without one."""
+        outcome: tuple[Any, ...] | None = None
+        last_beat = time.monotonic()
+        cancel_at: float | None = None
+        fraction = 0.0
+        while outcome is None and (child.is_alive() or not messages.empty()):
+            try:
+                message = messages.get(timeout=0.2)
+            except queue.Empty:
+                message = None
+            if message is not None and message[0] == "progress":
+                fraction = max(fraction, overall_fraction(*message[1:]))
+                self.store.progress(job_id, fence, message[1], fraction, {"done": message[2], "total": message[3]})
+            elif message is not None:
+                outcome = message
+            if time.monotonic() - last_beat >= self.settings.heartbeat_s:
+                last_beat = time.monotonic()
+                if self.store.heartbeat(job_id, fence, self.settings.lease_s) and not stop.is_set():
+                    stop.set()
+                    cancel_at = time.monotonic()
+            if cancel_at is not None and time.monotonic() - cancel_at > self.settings.cancel_grace_s:
+                child.kill()
+                outcome = outcome or ("cancelled",)
+        return outcome
+
     def _conclude(self, job_id: str, fence: int, outcome: tuple[Any, ...] | None, exitcode: int | None,
                   staging: Path) -> None:
         if outcome is None:
-            self.store.finish(job_id, fence, "failed", error={
-                "code": "worker_crashed", "retryable": True,
-                "message": f"the job's process ended with exit code {exitcode} before reporting a result"})
+            crashed = JobError(code="worker_crashed", retryable=True,
+                               message=f"the job's process ended with exit code {exitcode} before reporting a result")
+            self.store.finish(job_id, fence, JobStatus.FAILED, error=crashed.to_dict())
         elif outcome[0] == "cancelled":
-            self.store.finish(job_id, fence, "cancelled")
+            self.store.finish(job_id, fence, JobStatus.CANCELLED)
         elif outcome[0] == "error":
-            self.store.finish(job_id, fence, "failed", error=outcome[1])
+            self.store.finish(job_id, fence, JobStatus.FAILED, error=outcome[1])
         else:
             self.store.heartbeat(job_id, fence, self.settings.lease_s)  # still ours? (raises StaleAttempt if not)
-            artifacts = []
-            for index, run in enumerate(outcome[1]):
-                artifact_id = f"{job_id}-{index}"
-                target = self.settings.artifacts_dir / artifact_id
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.rmtree(target, ignore_errors=True)
-                os.replace(staging / str(index), target)
-                artifacts.append({"id": artifact_id, "bits_per_weight": run["bits_per_weight"],
-                                  "bytes": run["bytes"], "manifest_sha256": run["manifest_sha256"]})
-                run["artifact"] = artifact_id
-            self.store.finish(job_id, fence, "succeeded", result={"artifacts": artifacts, "runs": outcome[1]})
+            self.store.finish(job_id, fence, JobStatus.SUCCEEDED,
+                              result=self._publish(job_id, outcome[1], staging).to_dict())
+
+    def _publish(self, job_id: str, runs: list[dict[str, Any]], staging: Path) -> JobResult:
+        """Move each run's staging folder into ``artifacts/`` under its artifact id."""
+        artifacts = []
+        for index, run in enumerate(runs):
+            artifact_id = f"{job_id}-{index}"
+            target = self.settings.artifacts_dir / artifact_id
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(staging / str(index), target)
+            artifacts.append(ArtifactRecord(id=artifact_id, bits_per_weight=run["bits_per_weight"], bytes=run["bytes"],
+                                            manifest_sha256=run["manifest_sha256"]))
+            run["artifact"] = artifact_id
+        return JobResult(artifacts=artifacts, runs=runs)
 
 
 class EmbeddedConsumer(Consumer):

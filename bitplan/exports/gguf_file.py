@@ -145,7 +145,8 @@ def export_gguf(artifact: Path, out: Path) -> ExportReport:
         value_type = field.types[0]
         sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, field.contents(), value_type, sub_type=sub_type)
-    writer.add_string("general.quantized_by", f"bitplan (artifact manifest {'rtn' if manifest.run is None else manifest.run.quantizer})")
+    writer.add_string("general.quantized_by",
+                      f"bitplan (artifact manifest {'rtn' if manifest.run is None else manifest.run.quantizer})")
     predicted = 0
     unit_rows = []
     for source_tensor in reader.tensors:

@@ -71,7 +71,8 @@ def test_uniform_baseline(tiny_llama_dir: Path, tmp_path: Path) -> None:
 
 
 def test_bytes_budget_and_output_error_metric(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    result = run_pipeline(JobSpec.from_flat(model=str(tiny_llama_dir), bytes=20_000, metric="output_error", **SMALL), out=tmp_path / "b")
+    result = run_pipeline(JobSpec.from_flat(model=str(tiny_llama_dir), bytes=20_000, metric="output_error", **SMALL),
+                          out=tmp_path / "b")
     assert result.bytes <= 20_000 and result.metric == "output_error"
 
 
@@ -134,7 +135,8 @@ def test_tampered_artifact_fails_checksum(tiny_llama_dir: Path, tmp_path: Path) 
 
 
 def test_fused_ties_and_pins(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    result = run_pipeline(JobSpec.from_flat(model=str(tiny_llama_dir), bits_per_weight=3.5, tie_fused=True, pinned=(("model.layers.0.mlp.down_*", 8),), **SMALL), out=tmp_path / "tied")
+    result = run_pipeline(JobSpec.from_flat(model=str(tiny_llama_dir), bits_per_weight=3.5, tie_fused=True,
+                                            pinned=(("model.layers.0.mlp.down_*", 8),), **SMALL), out=tmp_path / "tied")
     bits = {u["name"]: u["bits"] for u in result.units}
     assert bits["model.layers.0.mlp.down_proj"] == 8
     for layer in range(2):
@@ -146,9 +148,11 @@ def test_fused_ties_and_pins(tiny_llama_dir: Path, tmp_path: Path) -> None:
 
 def test_pins_that_do_not_fit_or_match_are_explained(tiny_llama_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(BudgetError, match="smallest achievable budget is"):
-        run_pipeline(JobSpec.from_flat(model=str(tiny_llama_dir), bits_per_weight=2.6, pinned=(("*", 8),), **SMALL), out=tmp_path / "a")
+        run_pipeline(JobSpec.from_flat(model=str(tiny_llama_dir), bits_per_weight=2.6, pinned=(("*", 8),), **SMALL),
+                     out=tmp_path / "a")
     with pytest.raises(BitplanError, match="matches no unit"):
-        run_pipeline(JobSpec.from_flat(model=str(tiny_llama_dir), bits_per_weight=3.5, pinned=(("*.nonexistent", 8),), **SMALL), out=tmp_path / "b")
+        run_pipeline(JobSpec.from_flat(model=str(tiny_llama_dir), bits_per_weight=3.5, pinned=(("*.nonexistent", 8),),
+                                       **SMALL), out=tmp_path / "b")
     with pytest.raises(BitplanError, match="not a candidate width"):
         JobSpec.from_flat(model="x", bits_per_weight=3.5, pinned=(("*", 5),))
 
@@ -214,7 +218,8 @@ def test_mixed_groups_inside_layers_round_trip_and_keep_the_size(tiny_llama_dir:
     _word_tokenizer(512).save_pretrained(folder)
     small = {**SMALL, "group_size": 32}
     uniform = run_pipeline(JobSpec.from_flat(model=str(folder), uniform_bits=3, **small), out=tmp_path / "u")
-    mixed = run_pipeline(JobSpec.from_flat(model=str(folder), uniform_bits=3, mix_groups=True, **small), out=tmp_path / "m")
+    mixed = run_pipeline(JobSpec.from_flat(model=str(folder), uniform_bits=3, mix_groups=True, **small),
+                         out=tmp_path / "m")
     assert mixed.bytes == mixed.predicted_bytes <= uniform.bytes
     mixed_units = [u for u in mixed.units if "group_bits" in u]
     assert mixed_units, "some layer should trade widths between its column groups"

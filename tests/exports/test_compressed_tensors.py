@@ -40,7 +40,9 @@ def decompressed_weights(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(("group_size", "mix_groups"), [(64, False), (32, True)])
 def test_library_decompresses_our_weights_exactly(tiny_llama_dir: Path, tmp_path: Path, group_size: int,
                                                    mix_groups: bool) -> None:
-    run = run_pipeline(JobSpec.from_flat(model=str(tiny_llama_dir), bits_per_weight=3.5, candidate_bits=(2, 3, 4, 5, 8), num_samples=2, seq_len=32, group_size=group_size, mix_groups=mix_groups), out=tmp_path / "a")
+    spec = JobSpec.from_flat(model=str(tiny_llama_dir), bits_per_weight=3.5, candidate_bits=(2, 3, 4, 5, 8),
+                             num_samples=2, seq_len=32, group_size=group_size, mix_groups=mix_groups)
+    run = run_pipeline(spec, out=tmp_path / "a")
     report = export_artifact(Path(run.artifact), format="compressed-tensors", out=tmp_path / "ct")
     assert report.bytes == report.predicted_bytes > 0
     config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
@@ -55,7 +57,8 @@ def test_library_decompresses_our_weights_exactly(tiny_llama_dir: Path, tmp_path
 
 
 def test_export_refuses_a_non_empty_folder_and_unknown_formats(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    run = run_pipeline(JobSpec.from_flat(model=str(tiny_llama_dir), uniform_bits=4, num_samples=2, seq_len=32, group_size=64), out=tmp_path / "a")
+    run = run_pipeline(JobSpec.from_flat(model=str(tiny_llama_dir), uniform_bits=4, num_samples=2, seq_len=32,
+                                         group_size=64), out=tmp_path / "a")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("keep me")
     with pytest.raises(BitplanError, match="new or empty folder"):

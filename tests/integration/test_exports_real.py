@@ -26,7 +26,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 def test_issue5_exports_of_a_mixed_smollm2_artifact(wikitext: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    run = run_pipeline(JobSpec.from_flat(model="smollm2-135m", bits_per_weight=3.75, candidate_bits=(2, 3, 4, 5, 8), num_samples=8, kl_windows=0), out=tmp_path / "mixed")
+    run = run_pipeline(JobSpec.from_flat(model="smollm2-135m", bits_per_weight=3.75, candidate_bits=(2, 3, 4, 5, 8),
+                                         num_samples=8, kl_windows=0), out=tmp_path / "mixed")
     assert len({u["bits"] for u in run.units}) > 1
     text = read_text(wikitext)
     model, tokenizer, _ = load_artifact(Path(run.artifact))

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.integration
 
 def test_smollm2_mixed_run_loads_and_evaluates(tmp_path: Path) -> None:
     torch.set_num_threads(2)
-    result = run_pipeline(JobSpec.from_flat(model="smollm2-135m", bits_per_weight=3.75, num_samples=2, seq_len=128), out=tmp_path / "smollm2")
+    result = run_pipeline(JobSpec.from_flat(model="smollm2-135m", bits_per_weight=3.75, num_samples=2, seq_len=128),
+                          out=tmp_path / "smollm2")
     assert result.status == "optimal"
     assert result.bits_per_weight <= 3.75 and len(result.units) == 210
     assert len({u["bits"] for u in result.units}) >= 2
@@ -32,7 +33,8 @@ def test_smollm2_mixed_run_loads_and_evaluates(tmp_path: Path) -> None:
 
 
 def test_minilm_encoder_run(tmp_path: Path) -> None:
-    result = run_pipeline(JobSpec.from_flat(model="minilm-l6", bits_per_weight=4.5, num_samples=2, seq_len=64), out=tmp_path / "minilm")
+    result = run_pipeline(JobSpec.from_flat(model="minilm-l6", bits_per_weight=4.5, num_samples=2, seq_len=64),
+                          out=tmp_path / "minilm")
     assert result.metric == "output_error" and len(result.units) == 36
     assert result.bits_per_weight <= 4.5
     model, tokenizer, _ = load_artifact(Path(result.artifact))

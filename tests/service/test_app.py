@@ -34,7 +34,7 @@ def test_unknown_route_is_404(client: TestClient) -> None:
 
 def test_openapi_yaml_is_in_sync() -> None:
     assert (ROOT / "openapi.yaml").read_text() == render_openapi(), \
-        "openapi.yaml is stale: run python -m service.openapi > openapi.yaml"
+        "openapi.yaml is stale: run python -m bitplan.service.openapi > openapi.yaml"
 
 
 def test_metrics_count_jobs_and_requests(client: TestClient) -> None:

@@ -7,13 +7,14 @@ import time
 from pathlib import Path
 
 import pytest
-from bitplan.service.store import JobStore, StaleAttempt
+from bitplan.service.domain import JobStatus
+from bitplan.service.store import JobStore, SqliteJobStore, StaleAttempt
 
 
 @pytest.fixture(params=["sqlite", "redis"])
 def store(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
     if request.param == "sqlite":
-        return JobStore(tmp_path / "jobs.db")
+        return SqliteJobStore(tmp_path / "jobs.db")
     from bitplan.service.redis_store import RedisJobStore
 
     url = request.getfixturevalue("redis_url")
@@ -74,3 +75,9 @@ def test_cancel_of_a_finished_job_changes_nothing(store: JobStore) -> None:
     assert store.request_cancel(job.id).status == "succeeded"
     with pytest.raises(KeyError):
         store.request_cancel("missing")
+
+
+def test_issue13_both_stores_implement_the_job_store_protocol(store: JobStore) -> None:
+    assert isinstance(store, JobStore)
+    job, _ = store.create("me", {"model": "m"}, None)
+    assert store.get(job.id).status is JobStatus.QUEUED and set(store.status_counts()) == {s.value for s in JobStatus}

@@ -1,0 +1,54 @@
+"""Checking a model reference given by a caller of the service before anything is queued: a bundled id, or a path
+inside one of the allowed roots (symlinks resolved first) whose files have sound headers and an allowed size."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from bitplan.errors import ModelReferenceError, ModelTooLargeError
+from bitplan.models import BUNDLED_MODELS, resolve_reference, validate_gguf, validate_safetensors_header
+
+
+def reference_bytes(kind: str, path: Path) -> int:
+    """Bytes of a model reference on disk (every file of an HF folder)."""
+    if kind == "hf-folder":
+        return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    return path.stat().st_size
+
+
+def check_reference(reference: str, *, roots: Sequence[Path], max_bytes: int) -> str:
+    """The reference as the pipeline will read it: a bundled id, or the resolved path inside an allowed root.
+    Raises :class:`ModelReferenceError` (or :class:`ModelTooLargeError`) saying what to change."""
+    if reference in BUNDLED_MODELS:
+        return reference
+    if "://" in reference:
+        raise ModelReferenceError("model URLs are not fetched; give a bundled id or a path under an allowed root",
+                                  param="model")
+    if ".." in Path(reference).parts:
+        raise ModelReferenceError(f"model path {reference!r} contains '..'; give a path inside an allowed root",
+                                  param="model")
+    if not roots:
+        raise ModelReferenceError(f"{reference!r} is not a bundled model ({', '.join(BUNDLED_MODELS)}) and this "
+                                  "service allows no model paths (start it with --model-root DIR)", param="model")
+    target = _inside_roots(reference, roots)
+    kind, file = resolve_reference(str(target))
+    size = reference_bytes(kind, file)
+    if size > max_bytes:
+        raise ModelTooLargeError(f"model is {size} bytes, over this service's limit of {max_bytes}", param="model")
+    if kind == "gguf":
+        validate_gguf(file)
+    else:
+        for weights in ([file] if kind == "safetensors" else sorted(file.glob("*.safetensors"))):
+            validate_safetensors_header(weights)
+    return str(target)
+
+
+def _inside_roots(reference: str, roots: Sequence[Path]) -> Path:
+    path = Path(reference)
+    candidates = [path.resolve()] if path.is_absolute() else [(root / path).resolve() for root in roots]
+    resolved_roots = [root.resolve() for root in roots]
+    inside = [c for c in candidates if any(c.is_relative_to(r) for r in resolved_roots)]
+    if not inside:
+        raise ModelReferenceError(f"model path {reference!r} is outside the allowed roots", param="model")
+    return inside[0]

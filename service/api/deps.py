@@ -1,0 +1,85 @@
+"""Dependencies of the routes: the service's settings and store, and the caller's identity (API key -> owner)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+from bitplan.service.api.errors import http_error
+from bitplan.service.domain import Job, JobStore
+from fastapi import Depends, Header, Request
+
+LOCAL_OWNER = "local"
+
+
+@dataclass
+class ServiceSettings:
+    """Everything the service is configured with (``bitplan serve`` fills it from flags)."""
+
+    data_dir: Path
+    model_roots: list[Path] = field(default_factory=list)  # folders whose files may be referenced by path
+    api_keys: dict[str, str] = field(default_factory=dict)  # sha256(key) -> owner; empty: one local owner
+    embedded_worker: bool = True
+    workers: int = 1
+    redis_url: str | None = None
+    max_body_bytes: int = 64 * 1024
+    max_active_jobs: int = 4  # per owner, queued + running
+    max_sweep: int = 8
+    max_model_bytes: int = 20 * 2**30
+    lease_s: float = 30.0
+    heartbeat_s: float = 2.0
+    max_attempts: int = 3
+
+    def worker_settings(self) -> Any:
+        from bitplan.service.worker import WorkerSettings
+
+        return WorkerSettings(data_dir=self.data_dir, redis_url=self.redis_url, lease_s=self.lease_s,
+                              heartbeat_s=self.heartbeat_s, max_attempts=self.max_attempts)
+
+
+def hash_key(key: str) -> str:
+    """How an API key is held: its sha256."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def get_settings(request: Request) -> ServiceSettings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def get_store(request: Request) -> JobStore:
+    return request.app.state.store  # type: ignore[no-any-return]
+
+
+def get_huey(request: Request) -> Any:
+    return request.app.state.huey
+
+
+Settings = Annotated[ServiceSettings, Depends(get_settings)]
+Store = Annotated[JobStore, Depends(get_store)]
+Queue = Annotated[Any, Depends(get_huey)]
+
+
+def caller(settings: Settings, authorization: str | None = Header(default=None)) -> str:
+    """The owner the request's API key belongs to (the one local owner when the service has no keys)."""
+    if not settings.api_keys:
+        return LOCAL_OWNER
+    if authorization is None or not authorization.startswith("Bearer "):
+        raise http_error(401, "this service needs an API key: send 'Authorization: Bearer KEY'",
+                         {"WWW-Authenticate": "Bearer"})
+    owner = settings.api_keys.get(hash_key(authorization.removeprefix("Bearer ").strip()))
+    if owner is None:
+        raise http_error(401, "unknown API key", {"WWW-Authenticate": "Bearer"})
+    return owner
+
+
+Owner = Annotated[str, Depends(caller)]
+
+
+def own_job(job_id: str, owner: str, store: JobStore) -> Job:
+    """The caller's job, or a 404 (another owner's job does not exist for this caller)."""
+    job = store.get(job_id)
+    if job is None or job.owner != owner:
+        raise http_error(404, f"no job {job_id!r}")
+    return job

@@ -1,0 +1,155 @@
+"""``/v1/jobs``: create (validated into a job spec before anything is queued), list, read, cancel, events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from bitplan.service.api.deps import Owner, Queue, ServiceSettings, Settings, Store, own_job
+from bitplan.service.api.errors import ERRORS, http_error
+from bitplan.service.domain import TERMINAL, Job, JobStatus
+from bitplan.service.schemas import (
+    AllocationSummary,
+    ArtifactRef,
+    ErrorInfo,
+    EventPage,
+    EventPublic,
+    JobCreate,
+    JobPage,
+    JobPublic,
+    Progress,
+)
+from bitplan.service.worker import enqueue
+from fastapi import APIRouter, Header, Query, Response
+from fastapi.responses import StreamingResponse
+
+from bitplan.references import check_reference
+from bitplan.spec import JobSpec
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
+STATUS_PATTERN = "^(" + "|".join(s.value for s in JobStatus) + ")$"
+
+
+def validate_job(body: JobCreate, settings: ServiceSettings) -> JobSpec:
+    """Everything that can be checked before queueing: the model reference and the job spec (4xx otherwise)."""
+    values = body.model_dump()
+    budgets = values["bits_per_weight"]
+    if isinstance(budgets, list) and len(budgets) > settings.max_sweep:
+        raise http_error(422, f"a sweep may have at most {settings.max_sweep} budgets, got {len(budgets)}")
+    values["model"] = check_reference(body.model, roots=settings.model_roots, max_bytes=settings.max_model_bytes)
+    return JobSpec.from_flat(**values)
+
+
+@router.post("", status_code=202, response_model=JobPublic)
+def create_job(body: JobCreate, response: Response, owner: Owner, store: Store, settings: Settings, huey: Queue,
+               idempotency_key: str | None = Header(default=None, max_length=200)) -> JobPublic:
+    if body.model.startswith("mdl-"):
+        registered = store.get_model(owner, body.model)
+        if registered is None:
+            raise http_error(422, f"no registered model {body.model!r} for this key")
+        body = body.model_copy(update={"model": registered["reference"]})
+    request = validate_job(body, settings).to_dict()
+    if store.count_active(owner) >= settings.max_active_jobs:
+        existing = store.get_by_key(owner, idempotency_key) if idempotency_key else None
+        if existing is None:
+            raise http_error(429, f"at most {settings.max_active_jobs} queued or running jobs per key; retry when "
+                                  "one finishes", {"Retry-After": "30"})
+    job, created = store.create(owner, request, idempotency_key)
+    if not created and job.request != request:
+        raise http_error(409, f"Idempotency-Key {idempotency_key!r} was used for a different request (job "
+                              f"{job.id})")
+    if created:
+        enqueue(huey, job.id)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job_public(job)
+
+
+@router.get("", response_model=JobPage)
+def list_jobs(owner: Owner, store: Store, status: str | None = Query(default=None, pattern=STATUS_PATTERN),
+              cursor: str | None = Query(default=None, max_length=200),
+              limit: int = Query(default=50, ge=1, le=200)) -> JobPage:
+    after = _decode_cursor(cursor) if cursor else None
+    jobs = store.list(owner, status=status, after=after, limit=limit + 1)
+    next_cursor = f"{jobs[limit - 1].created!r}:{jobs[limit - 1].id}" if len(jobs) > limit else None
+    return JobPage(items=[job_public(j) for j in jobs[:limit]], next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def get_job(job_id: str, owner: Owner, store: Store) -> JobPublic:
+    return job_public(own_job(job_id, owner, store))
+
+
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic)
+def cancel_job(job_id: str, owner: Owner, store: Store) -> JobPublic:
+    own_job(job_id, owner, store)
+    return job_public(store.request_cancel(job_id))
+
+
+@router.get("/{job_id}/events", response_model=EventPage)
+def job_events(job_id: str, owner: Owner, store: Store, after: int = Query(default=0, ge=0),
+               limit: int = Query(default=100, ge=1, le=1000)) -> EventPage:
+    own_job(job_id, owner, store)
+    events = store.events(job_id, after=after, limit=limit)
+    return EventPage(items=[EventPublic(seq=e.seq, at=e.at, kind=e.kind, data=e.data) for e in events],
+                     next_after=events[-1].seq if events else after)
+
+
+@router.get("/{job_id}/events/stream", response_class=StreamingResponse)
+async def job_event_stream(job_id: str, owner: Owner, store: Store,
+                           last_event_id: str | None = Header(default=None)) -> StreamingResponse:
+    own_job(job_id, owner, store)
+    start = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
+
+    async def stream() -> AsyncIterator[str]:
+        after = start
+        while True:
+            events = store.events(job_id, after=after, limit=100)
+            for event in events:
+                after = event.seq
+                yield f"id: {event.seq}\nevent: {event.kind}\ndata: {json.dumps(event.data)}\n\n"
+            job = store.get(job_id)
+            if not events and (job is None or job.status in TERMINAL):
+                return
+            if not events:
+                yield ": keep-alive\n\n"
+                await asyncio.sleep(0.5)
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _decode_cursor(cursor: str) -> tuple[float, str]:
+    created, _, job_id = cursor.partition(":")
+    try:
+        value = float(created)
+    except ValueError:
+        value = math.nan
+    if not job_id or not math.isfinite(value):
+        raise http_error(400, f"malformed cursor {cursor!r}; pass next_cursor from the previous page")
+    return value, job_id
+
+
+def _allocation(run: dict[str, Any]) -> AllocationSummary:
+    histogram: dict[str, int] = {}
+    for unit in run["units"]:
+        histogram[str(unit["bits"])] = histogram.get(str(unit["bits"]), 0) + 1
+    return AllocationSummary(bits_per_weight=run["bits_per_weight"], bytes=run["bytes"], status=run["status"],
+                             objective=run["objective"], lower_bound=run["lower_bound"],
+                             kl_divergence=run.get("kl_divergence"), bits_histogram=histogram)
+
+
+def job_public(job: Job) -> JobPublic:
+    """A stored job as the API shows it (progress with an ETA from the elapsed time)."""
+    eta = None
+    if job.status == JobStatus.RUNNING and job.started is not None and job.progress > 0.02:
+        elapsed = time.time() - job.started
+        eta = max(0.0, elapsed * (1 - job.progress) / job.progress)
+    outcome = job.outcome()
+    return JobPublic(id=job.id, status=job.status, progress=Progress(stage=job.stage, fraction=job.progress, eta_s=eta),
+                     attempt=job.attempt, error=ErrorInfo(**job.error) if job.error else None,
+                     artifacts=[ArtifactRef(**vars(a)) for a in outcome.artifacts],
+                     allocation=[_allocation(run) for run in outcome.runs], request=job.request, created=job.created,
+                     updated=job.updated)
