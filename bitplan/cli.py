@@ -195,6 +195,12 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     sens.add_argument("--quiet", action="store_true", help="no progress bars")
     sens.set_defaults(func=_cmd_sensitivity)
 
+    _add_tool_commands(sub)
+    return parser
+
+
+def _add_tool_commands(sub: Any) -> None:
+    """``eval``, ``export`` and ``allocate``."""
     evaluate = sub.add_parser("eval", help="perplexity of an artifact or a float model on a text file")
     evaluate.add_argument("--artifact")
     evaluate.add_argument("--model")
@@ -226,7 +232,6 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     allocate.add_argument("--time-limit", type=float, default=60.0)
     allocate.add_argument("--json", action="store_true")
     allocate.set_defaults(func=_cmd_allocate)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None, *, extend: Callable[[Any], None] | None = None) -> int:

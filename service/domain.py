@@ -64,6 +64,10 @@ class Event:
     data: dict[str, Any]
 
 
+class StaleAttempt(Exception):
+    """A write carried a fencing token older than the job's current attempt."""
+
+
 @dataclass(frozen=True)
 class ArtifactRecord:
     """One published artifact of a job."""
@@ -99,10 +103,6 @@ class JobError:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-class StaleAttempt(Exception):
-    """A write carried a fencing token older than the job's current attempt."""
 
 
 @runtime_checkable

@@ -16,6 +16,7 @@ import dataclasses
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -113,32 +114,41 @@ def _source_gguf(manifest: Manifest) -> Path:
     return path
 
 
-@register_export("gguf")
-def export_gguf(artifact: Path, out: Path) -> ExportReport:
-    """Write ``out`` (a ``.gguf`` file) from the artifact at ``artifact``."""
-    if out.suffix != ".gguf":
-        raise BitplanError(f"a GGUF export is one file; give --out a path ending in .gguf, got {out}")
-    manifest, units, floats = read_artifact_units(artifact)
+@dataclasses.dataclass
+class _Layout:
+    """The source GGUF and where each of our tensors goes in it."""
+
+    reader: Any
+    arch: str
+    by_unit: dict[str, tuple[str, QuantizedWeight]]  # GGUF tensor name -> (unit name, its quantized weight)
+    by_float: dict[str | None, torch.Tensor]  # GGUF tensor name -> float tensor
+    heads: dict[str, int]  # attn_q / attn_k -> heads (llama's row permutation)
+
+
+def _layout(manifest: Manifest, units: dict[str, QuantizedWeight], floats: dict[str, torch.Tensor]) -> _Layout:
     reader = gguf.GGUFReader(_source_gguf(manifest))
     arch = str(reader.fields["general.architecture"].contents())
     arch_id = {name: key for key, name in gguf.MODEL_ARCH_NAMES.items()}.get(arch)
     if arch_id is None:
         raise BitplanError(f"the gguf package does not know the architecture {arch!r}")
-    n_blocks = int(reader.fields[f"{arch}.block_count"].contents())
-    name_map = gguf.TensorNameMap(arch_id, n_blocks)
+    name_map = gguf.TensorNameMap(arch_id, int(reader.fields[f"{arch}.block_count"].contents()))
 
     def gguf_name(hf_name: str) -> str | None:
         return name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
 
-    by_unit = {gguf_name(f"{name}.weight"): (name, q) for name, q in units.items()}
-    by_float = {gguf_name(name): tensor for name, tensor in floats.items()}
     heads = {"attn_q": int(reader.fields[f"{arch}.attention.head_count"].contents())}
     kv_field = reader.fields.get(f"{arch}.attention.head_count_kv")
     heads["attn_k"] = int(kv_field.contents()) if kv_field is not None else heads["attn_q"]
+    layout = _Layout(reader=reader, arch=arch, by_unit={gguf_name(f"{n}.weight"): (n, q) for n, q in units.items()},
+                     by_float={gguf_name(n): t for n, t in floats.items()}, heads=heads)
+    missing = set(layout.by_unit) - {t.name for t in reader.tensors}
+    if missing:
+        raise BitplanError(f"the source GGUF has no tensor for units {sorted(missing)[:3]}")
+    return layout
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
-    writer = gguf.GGUFWriter(staging, arch)
+
+def _copy_metadata(writer: Any, reader: Any, manifest: Manifest) -> None:
+    """Every key of the source GGUF but the file type, and who quantized it."""
     for field in reader.fields.values():
         if field.name.startswith("GGUF.") or field.name in ("general.architecture", "general.file_type"):
             continue
@@ -147,39 +157,61 @@ def export_gguf(artifact: Path, out: Path) -> ExportReport:
         writer.add_key_value(field.name, field.contents(), value_type, sub_type=sub_type)
     writer.add_string("general.quantized_by",
                       f"bitplan (artifact manifest {'rtn' if manifest.run is None else manifest.run.quantizer})")
+
+
+def _unit_tensor(layout: _Layout, name: str) -> tuple[Any, Any, tuple[int, ...], dict[str, Any]]:
+    """A unit's GGML type, encoded blocks, shape and report row."""
+    unit_name, unit = layout.by_unit[name]
+    kind = name.split(".")[-2]
+    if layout.arch == "llama" and kind in layout.heads:
+        heads = layout.heads[kind]
+        unit = dataclasses.replace(unit, codes=permute_rows_for_llama(unit.codes, heads),
+                                   scales=permute_rows_for_llama(unit.scales, heads),
+                                   zeros=permute_rows_for_llama(unit.zeros, heads))
+    qtype = unit_type(unit)
+    shape = tuple(unit.codes.shape)
+    row = {"name": unit_name, "gguf_name": name, "bits": unit.bits, "type": qtype.name,
+           "bytes": tensor_bytes(shape, qtype)}
+    return qtype, encode_unit(unit, qtype), shape, row
+
+
+def _add_tensors(writer: Any, layout: _Layout) -> tuple[int, list[dict[str, Any]]]:
+    """Every tensor of the source, ours in its place; the predicted tensor bytes and one row per unit."""
     predicted = 0
     unit_rows = []
-    for source_tensor in reader.tensors:
+    for source_tensor in layout.reader.tensors:
         name = source_tensor.name
-        if name in by_unit:
-            unit_name, unit = by_unit[name]
-            kind = name.split(".")[-2]
-            if arch == "llama" and kind in heads:
-                unit = dataclasses.replace(unit, codes=permute_rows_for_llama(unit.codes, heads[kind]),
-                                           scales=permute_rows_for_llama(unit.scales, heads[kind]),
-                                           zeros=permute_rows_for_llama(unit.zeros, heads[kind]))
-            qtype = unit_type(unit)
-            data = encode_unit(unit, qtype)
-            shape = tuple(unit.codes.shape)
-            unit_rows.append({"name": unit_name, "gguf_name": name, "bits": unit.bits, "type": qtype.name,
-                              "bytes": tensor_bytes(shape, qtype)})
-        elif name in by_float:
-            tensor = by_float[name].float()
+        if name in layout.by_unit:
+            qtype, data, shape, row = _unit_tensor(layout, name)
+            unit_rows.append(row)
+        elif name in layout.by_float:
+            tensor = layout.by_float[name].float()
             qtype = source_tensor.tensor_type if source_tensor.tensor_type in REQUANTIZABLE else T.F16
             if tensor.dim() == 1:
                 qtype = T.F32
             shape = tuple(tensor.shape)
             data = gguf.quants.quantize(tensor.numpy(), qtype)
         else:  # a tensor of the source that the model does not hold as a parameter (rope_freqs, ...)
-            qtype, shape, data = source_tensor.tensor_type, None, np.asarray(source_tensor.data)
             predicted += int(source_tensor.n_bytes)
-            writer.add_tensor(name, data, raw_shape=None, raw_dtype=qtype)
+            writer.add_tensor(name, np.asarray(source_tensor.data), raw_shape=None, raw_dtype=source_tensor.tensor_type)
             continue
         predicted += tensor_bytes(shape, qtype)
         writer.add_tensor(name, data, raw_dtype=None if qtype in (T.F32, T.F16) else qtype)
-    missing = set(by_unit) - {t.name for t in reader.tensors}
-    if missing:
-        raise BitplanError(f"the source GGUF has no tensor for units {sorted(missing)[:3]}")
+    return predicted, unit_rows
+
+
+@register_export("gguf")
+def export_gguf(artifact: Path, out: Path) -> ExportReport:
+    """Write ``out`` (a ``.gguf`` file) from the artifact at ``artifact``."""
+    if out.suffix != ".gguf":
+        raise BitplanError(f"a GGUF export is one file; give --out a path ending in .gguf, got {out}")
+    manifest, units, floats = read_artifact_units(artifact)
+    layout = _layout(manifest, units, floats)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    writer = gguf.GGUFWriter(staging, layout.arch)
+    _copy_metadata(writer, layout.reader, manifest)
+    predicted, unit_rows = _add_tensors(writer, layout)
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
