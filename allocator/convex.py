@@ -21,10 +21,11 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from bitplan.allocator.lagrangian import block_arrays
-from bitplan.allocator.problem import Allocation, AllocationProblem, SolverStatus, reject_infeasible_budget
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_array
+
+from bitplan.allocator.lagrangian import block_arrays
+from bitplan.allocator.problem import Allocation, AllocationProblem, SolverStatus, reject_infeasible_budget
 
 LN2 = math.log(2.0)
 

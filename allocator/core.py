@@ -14,9 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from bitplan.allocator.ilp import stdout_to_stderr
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_array
+
+from bitplan.allocator.ilp import stdout_to_stderr
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from bitplan.allocator.lagrangian import block_arrays, pareto_frontier
 from bitplan.allocator.problem import AllocationProblem
 

@@ -17,9 +17,10 @@ import time
 from collections.abc import Iterator
 
 import numpy as np
-from bitplan.allocator.problem import Allocation, AllocationProblem, SolverStatus, reject_infeasible_budget
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_array
+
+from bitplan.allocator.problem import Allocation, AllocationProblem, SolverStatus, reject_infeasible_budget
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+
 from bitplan.allocator.core import close_gap as close_gap_exactly
 from bitplan.allocator.problem import Allocation, AllocationProblem, SolverStatus
 

@@ -10,6 +10,7 @@ follow the salience order.
 from __future__ import annotations
 
 import numpy as np
+
 from bitplan.allocator.problem import AllocationProblem, Budget, Option, Unit
 
 

@@ -15,6 +15,7 @@ import time
 
 import _own_folder_off_path  # noqa: F401  (before any first-party import)
 import numpy as np
+
 from bitplan.allocator import AllocationProblem, Budget, Option, Unit, solve_allocation
 from bitplan.allocator.core import close_gap
 from bitplan.allocator.frontier import exact_frontier
@@ -90,12 +91,12 @@ def smollm2_sensitivities(samples: int) -> tuple[dict[str, object], dict[str, np
     """One calibration pass over SmolLM2-135M (built-in text, ``samples`` x 512 tokens): per-layer and per-group
     predicted loss increase (Fisher-weighted output error) at each bit width, and each layer's shape."""
     import torch
-    from bitplan.sensitivity.activations import collect_unit_statistics
-    from bitplan.sensitivity.groups import group_output_error
-    from bitplan.sensitivity.output_error import predict_output_error
 
     from bitplan.calibration import build_calibration_set
     from bitplan.models import causal_lm_loss, load_model
+    from bitplan.sensitivity.activations import collect_unit_statistics
+    from bitplan.sensitivity.groups import group_output_error
+    from bitplan.sensitivity.output_error import predict_output_error
     from bitplan.units import find_units
 
     started = time.perf_counter()

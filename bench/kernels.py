@@ -21,6 +21,7 @@ import time
 
 import _own_folder_off_path  # noqa: F401  (before any first-party import)
 import torch
+
 from bitplan.kernels.quant_linear import QuantLinear
 from bitplan.kernels.triton_kernels import triton_available
 from bitplan.quantizer.mixed import pack_segments, quantize_rtn_mixed

@@ -26,11 +26,6 @@ from typing import Any
 
 import _own_folder_off_path  # noqa: F401  (before any first-party import)
 import torch
-from bitplan.quantizer.methods import QUANTIZERS, quantize_unit
-from bitplan.quantizer.rtn import dequantize_weight
-from bitplan.quantizer.sizes import stored_bytes
-from bitplan.sensitivity.cache import SensitivityCache
-from bitplan.sensitivity.kl import swapped_weights
 
 from bitplan.calibration import read_text
 from bitplan.evaluation import perplexity, tokenize_for_perplexity
@@ -38,7 +33,12 @@ from bitplan.models import load_model
 from bitplan.pipeline import calibrate_and_measure
 from bitplan.planning import budgets_in_bytes, solve_plan, unit_sizes
 from bitplan.quantize import input_grams
+from bitplan.quantizer.methods import QUANTIZERS, quantize_unit
+from bitplan.quantizer.rtn import dequantize_weight
+from bitplan.quantizer.sizes import stored_bytes
 from bitplan.refine import refine_allocation
+from bitplan.sensitivity.cache import SensitivityCache
+from bitplan.sensitivity.kl import swapped_weights
 from bitplan.spec import JobSpec
 from bitplan.units import find_block_stack, find_units
 

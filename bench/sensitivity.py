@@ -39,6 +39,12 @@ except ModuleNotFoundError:  # a process spawned by this script: its parent alre
     pass
 import numpy as np
 import torch
+from scipy.stats import spearmanr
+
+from bitplan.calibration import build_calibration_set, read_text
+from bitplan.evaluation import tokenize_for_perplexity
+from bitplan.models import causal_lm_loss, load_model, use_eager_attention
+from bitplan.pipeline import measure_sensitivity
 from bitplan.quantizer.rtn import dequantize_weight, quantize_rtn
 from bitplan.sensitivity.api import SECOND_ORDER_HVP_METHODS, HutchinsonConfig, functional_loss
 from bitplan.sensitivity.blockwise import capture_first_block_inputs
@@ -49,12 +55,6 @@ from bitplan.sensitivity.hutchinson import (
     gradient_difference_hvp,
 )
 from bitplan.sensitivity.kl import swapped_weights
-from scipy.stats import spearmanr
-
-from bitplan.calibration import build_calibration_set, read_text
-from bitplan.evaluation import tokenize_for_perplexity
-from bitplan.models import causal_lm_loss, load_model, use_eager_attention
-from bitplan.pipeline import measure_sensitivity
 from bitplan.spec import JobSpec
 from bitplan.units import block_index, find_block_stack, find_units
 

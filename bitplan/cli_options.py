@@ -47,9 +47,8 @@ def _argument(option: Option) -> dict[str, Any]:
     kwargs["type"] = types[option.kind]
     if option.kind in ("ints", "floats"):
         kwargs["metavar"] = f"{metavar}[,{metavar}...]"
-    if option.kind == "enum" and option.choices is not None:
-        kwargs["choices"] = [c.value for c in option.choices]
-        kwargs.pop("metavar")
+    if option.kind == "enum" and option.choices is not None:  # checked by the spec, with the API's message
+        kwargs["metavar"] = "{" + ",".join(c.value for c in option.choices) + "}"
     return kwargs
 
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import nn
+
 from bitplan.kernels.bitpack import packed_words, unpack_bitstream_int32
 from bitplan.kernels.triton_kernels import reference_dequantize, triton_available, triton_matmul
-from torch import nn
 
 
 def segment_layout(group_bits: Sequence[int], in_features: int, group_size: int

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 import torch
+
 from bitplan.kernels.bitpack import unpack_bitstream_int32
 from bitplan.kernels.dequant import dequantize_groupwise
 

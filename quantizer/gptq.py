@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
 from bitplan.quantizer.grid import grid_params, salience_calibrated_params, to_codes
 from bitplan.quantizer.rtn import QuantizedWeight, check_quantization_args
 

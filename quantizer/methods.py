@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
 from bitplan.quantizer.gptq import GPTQConfig, quantize_gptq
 from bitplan.quantizer.mixed import choose_group_bits, quantize_rtn_mixed
 from bitplan.quantizer.rtn import QuantizedWeight, quantize_rtn

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+
 from bitplan.allocator import AllocationProblem, Budget, Option, Unit, solve_allocation
 from bitplan.kernels.bitpack import pack_bitstream_int32
 from bitplan.kernels.quant_linear import segment_layout

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from bitplan.kernels.dequant import dequantize_groupwise
 from bitplan.quantizer.grid import grid_params, salience_calibrated_params, symmetric_grid_params, to_codes
 

@@ -11,6 +11,8 @@ from enum import Enum
 from typing import Any
 
 import torch
+from torch import nn
+
 from bitplan.quantizer.rtn import quantization_error
 from bitplan.sensitivity.activations import (
     LossFn,
@@ -32,8 +34,6 @@ from bitplan.sensitivity.hutchinson import (
 from bitplan.sensitivity.output_error import predict_output_error
 from bitplan.sensitivity.token_fisher import DEFAULT_ERROR_BYTES, token_fisher
 from bitplan.sensitivity.weight_metrics import predict_baq, predict_gwq, predict_slim_salience, salience
-from torch import nn
-
 from bitplan.stages import Stage
 
 logger = logging.getLogger(__name__)

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from bitplan.sensitivity.activations import ProgressFn, SharedGrams, StopFn, UnitStatistics, add_input_gram, check_stop
 from torch import nn
 
+from bitplan.sensitivity.activations import ProgressFn, SharedGrams, StopFn, UnitStatistics, add_input_gram, check_stop
 from bitplan.stages import Stage
 
 

@@ -14,8 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
-from bitplan.sensitivity.activations import check_stop
 
+from bitplan.sensitivity.activations import check_stop
 from bitplan.stages import Stage
 
 ProgressFn = Callable[[str, int, int], None]

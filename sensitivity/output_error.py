@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
 from bitplan.quantizer.rtn import quantization_error
 from bitplan.sensitivity.activations import UnitStatistics
 

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from bitplan.quantizer.rtn import quantization_error
-from bitplan.sensitivity.activations import LossFn, ProgressFn, StopFn, check_stop
 from torch import nn
 
+from bitplan.quantizer.rtn import quantization_error
+from bitplan.sensitivity.activations import LossFn, ProgressFn, StopFn, check_stop
 from bitplan.stages import Stage
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
 from bitplan.quantizer.rtn import quantization_error
 from bitplan.sensitivity.activations import UnitStatistics
 

@@ -10,16 +10,16 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from bitplan.service.api.deps import LOCAL_OWNER, ServiceSettings, hash_key
-from bitplan.service.api.errors import install_error_handlers
-from bitplan.service.api.routes import artifacts, jobs, meta, models
-from bitplan.service.store import make_store
-from bitplan.service.worker import JobRunner, WorkerPool, make_huey, register_runner
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from bitplan import __version__
+from bitplan.service.api.deps import LOCAL_OWNER, ServiceSettings, hash_key
+from bitplan.service.api.errors import install_error_handlers
+from bitplan.service.api.routes import artifacts, jobs, meta, models
+from bitplan.service.store import make_store
+from bitplan.service.worker import JobRunner, WorkerPool, make_huey, register_runner
 
 __all__ = ["LOCAL_OWNER", "ServiceSettings", "create_app", "default_app", "hash_key"]
 

@@ -51,6 +51,7 @@ def _is_loopback(host: str) -> bool:
 
 def _cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
+
     from bitplan.service.app import ServiceSettings, create_app
 
     keys = _api_keys(args.api_keys)
@@ -88,6 +89,7 @@ def _client(args: argparse.Namespace) -> Any:
 def _service_call(function: Any) -> Any:
     """Turn the client's errors into the CLI's (exit code 2 with the service's reason)."""
     import httpx
+
     from bitplan.service.client import ServiceError
 
     def wrapped(args: argparse.Namespace) -> None:

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
+
 from bitplan.service.app import ServiceSettings, create_app
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
+
 from bitplan.service.domain import ACTIVE, LEASED, STATUSES, Event, Job, JobStatus, StaleAttempt
 
 

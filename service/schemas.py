@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from bitplan.service.domain import JobStatus
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from bitplan.service.domain import JobStatus
 from bitplan.spec import OPTIONS, Option
 
 

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bitplan.service.domain import ArtifactRecord, JobError, JobResult, JobStatus, JobStore, StaleAttempt
 from huey import Huey, RedisHuey, SqliteHuey
 from huey.consumer import Consumer
 
+from bitplan.service.domain import ArtifactRecord, JobError, JobResult, JobStatus, JobStore, StaleAttempt
 from bitplan.stages import overall_fraction  # JobStore or RedisJobStore (the same methods)
 
 logger = logging.getLogger(__name__)
@@ -59,10 +59,9 @@ def make_huey(settings: WorkerSettings) -> Huey:
 
 def _child_main(request: dict[str, Any], staging: str, messages: Any, stop: Any) -> None:
     """The pipeline in a fresh process; everything it reports goes through ``messages``."""
-    from bitplan.sensitivity import Cancelled
-
     from bitplan.errors import BitplanError
     from bitplan.pipeline import run_budgets
+    from bitplan.sensitivity import Cancelled
     from bitplan.spec import JobSpec
     from bitplan.stages import Stage
 

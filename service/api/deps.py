@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
+from fastapi import Depends, Header, Request
+
 from bitplan.service.api.errors import http_error
 from bitplan.service.domain import Job, JobStore
-from fastapi import Depends, Header, Request
 
 LOCAL_OWNER = "local"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from bitplan.service.schemas import Problem
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -13,6 +12,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bitplan.errors import BitplanError
+from bitplan.service.schemas import Problem
 
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Problem} for code in (400, 401, 404, 409, 413, 422, 429)}
 

@@ -6,11 +6,11 @@ import random
 
 import numpy as np
 import pytest
+
 from bitplan.allocator import AllocationProblem, Budget, Option, SolverStatus, Unit, problem_from_json, solve_allocation
 from bitplan.allocator.brute_force import solve_brute_force
 from bitplan.allocator.core import close_gap
 from bitplan.allocator.lagrangian import hull_upgrades_arrays, solve_hull, solve_lagrangian
-
 from tests.allocator.test_ilp import random_problem
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from bitplan.allocator import AllocationProblem, Budget, Option, SolverStatus, Unit, solve_allocation
-from bitplan.allocator.convex import LN2, block_model, convex_bits, equal_loss_bits
 from scipy.optimize import minimize
 
+from bitplan.allocator import AllocationProblem, Budget, Option, SolverStatus, Unit, solve_allocation
+from bitplan.allocator.convex import LN2, block_model, convex_bits, equal_loss_bits
 from tests.allocator.test_ilp import random_problem
 
 

@@ -6,6 +6,7 @@ import json
 import random
 
 import pytest
+
 from bitplan.allocator import AllocationProblem, Budget, Option, SolverStatus, Unit, problem_from_json, solve_allocation
 from bitplan.allocator.brute_force import solve_brute_force
 

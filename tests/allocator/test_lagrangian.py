@@ -6,9 +6,9 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+
 from bitplan.allocator import AllocationProblem, Budget, SolverStatus, Unit, solve_allocation
 from bitplan.allocator.lagrangian import hull_upgrades_arrays, pareto_frontier, solve_lagrangian
-
 from tests.allocator.test_ilp import random_problem
 
 

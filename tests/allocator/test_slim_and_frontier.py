@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from bitplan.allocator import solve_allocation
 from bitplan.allocator.frontier import FrontierTooLarge, exact_frontier, frontier
 from bitplan.allocator.lagrangian import pareto_frontier
 from bitplan.allocator.slim import salience_search, within_layer_problem
-
 from tests.allocator.test_ilp import random_problem
 
 

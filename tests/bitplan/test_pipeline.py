@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from bitplan.quantizer.rtn import dequantize_weight, quantize_rtn
 
 from bitplan.artifact import MANIFEST, load_artifact
 from bitplan.errors import ArtifactError, BitplanError, BudgetError
 from bitplan.hashing import sha256_file
 from bitplan.models import load_model
 from bitplan.pipeline import run_pipeline
+from bitplan.quantizer.rtn import dequantize_weight, quantize_rtn
 from bitplan.spec import JobSpec
 from bitplan.units import find_units
 
@@ -174,9 +174,8 @@ def test_several_budgets_compute_sensitivity_once(tiny_llama_dir: Path, tmp_path
 @pytest.mark.parametrize("quantizer", ["gptq", "gptq-salience", "rtn-salience"])
 def test_calibrated_quantizers_write_the_same_sizes_and_lower_the_layer_error(tiny_llama_dir: Path, tmp_path: Path,
                                                                               quantizer: str) -> None:
-    from bitplan.quantizer.methods import quantize_unit
-
     from bitplan.quantize import input_grams
+    from bitplan.quantizer.methods import quantize_unit
 
     result = run_pipeline(JobSpec.from_flat(model=str(tiny_llama_dir), uniform_bits=3, quantizer=quantizer, **SMALL),
                           out=tmp_path / quantizer)

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from bitplan.quantizer.rtn import dequantize_weight, quantize_rtn
-from bitplan.sensitivity import Metric, SensitivityResult, UnitSensitivity
-from bitplan.sensitivity.kl import kl_contributions, output_kl
 
 from bitplan.artifact import MANIFEST, load_artifact
 from bitplan.errors import BitplanError
 from bitplan.pipeline import run_pipeline
+from bitplan.quantizer.rtn import dequantize_weight, quantize_rtn
 from bitplan.refine import MAX_SCALE, block_groups, group_scales, refine_allocation, rescaled
+from bitplan.sensitivity import Metric, SensitivityResult, UnitSensitivity
+from bitplan.sensitivity.kl import kl_contributions, output_kl
 from bitplan.spec import JobSpec
 from bitplan.units import find_units
 from tests.conftest import make_tiny_llama

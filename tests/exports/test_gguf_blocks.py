@@ -6,10 +6,10 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from bitplan.kernels.dequant import dequantize_groupwise
-from bitplan.quantizer.rtn import QuantizedWeight, quantize_rtn
 
 from bitplan.exports.gguf_file import encode_unit, permute_rows_for_llama, tensor_bytes, unit_type
+from bitplan.kernels.dequant import dequantize_groupwise
+from bitplan.quantizer.rtn import QuantizedWeight, quantize_rtn
 
 
 def artifact_unit(bits: int, group_size: int, shape: tuple[int, int] = (6, 192)) -> QuantizedWeight:

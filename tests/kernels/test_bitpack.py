@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from bitplan.kernels.bitpack import pack_bitstream_int32, packed_words, unpack_bitstream_int32
 
 

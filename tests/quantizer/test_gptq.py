@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from bitplan.quantizer.gptq import GPTQConfig, quantize_gptq
 from bitplan.quantizer.grid import grid_params, salience_calibrated_params, to_codes
 from bitplan.quantizer.rtn import dequantize_weight, quantize_rtn

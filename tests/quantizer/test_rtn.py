@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from bitplan.kernels.bitpack import pack_bitstream_int32
 from bitplan.quantizer.rtn import dequantize_weight, quantize_rtn
 from bitplan.quantizer.sizes import quantized_bytes

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from bitplan.sensitivity.cache import SensitivityCache, cache_key
 
 import bitplan.pipeline as pipeline
 import bitplan.sensitivity_pass as sensitivity_pass
+from bitplan.sensitivity.cache import SensitivityCache, cache_key
 from bitplan.spec import JobSpec
 
 SMALL = {"num_samples": 2, "seq_len": 32, "group_size": 64}

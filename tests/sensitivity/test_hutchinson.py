@@ -6,13 +6,14 @@ import dataclasses
 
 import pytest
 import torch
+from torch import nn
+
 from bitplan.sensitivity.hutchinson import (
     estimate_hessian_traces,
     estimate_traces,
     forward_over_reverse_hvp,
     gradient_difference_hvp,
 )
-from torch import nn
 
 
 def tiny_net() -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
@@ -138,9 +139,8 @@ def test_gradient_difference_restores_the_weights_when_the_gradient_fails() -> N
 def test_both_hvp_methods_give_the_same_unit_traces_on_a_tiny_llama() -> None:
     import functools
 
-    from bitplan.sensitivity import HutchinsonConfig, Metric, compute_sensitivity
-
     from bitplan.models import causal_lm_loss, use_eager_attention
+    from bitplan.sensitivity import HutchinsonConfig, Metric, compute_sensitivity
     from bitplan.units import find_units
     from tests.conftest import make_tiny_llama
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from bitplan.models import causal_lm_loss
 from bitplan.quantizer.rtn import dequantize_weight, quantize_rtn
 from bitplan.sensitivity import Metric, collect_unit_statistics, compute_sensitivity
 from bitplan.sensitivity.activations import UnitStatistics
@@ -16,8 +18,6 @@ from bitplan.sensitivity.weight_metrics import (
     predict_slim_salience,
     salience,
 )
-
-from bitplan.models import causal_lm_loss
 from bitplan.units import find_units
 from tests.conftest import make_tiny_llama
 
@@ -113,7 +113,6 @@ def test_every_metric_through_the_interface(metric: Metric) -> None:
 
 def test_token_fisher_against_a_direct_per_token_computation() -> None:
     from bitplan.sensitivity.token_fisher import token_fisher
-
     from tests.sensitivity.test_output_error import captured_io
 
     model = make_tiny_llama()

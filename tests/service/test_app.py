@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
+
 from bitplan.service.app import ServiceSettings, create_app
 from bitplan.service.openapi import render_openapi
-from fastapi.testclient import TestClient
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,8 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
-from bitplan.service.app import ServiceSettings, create_app, hash_key
 from fastapi.testclient import TestClient
+
+from bitplan.service.app import ServiceSettings, create_app, hash_key
 
 SMALL = {"num_samples": 2, "seq_len": 32, "group_size": 64}
 

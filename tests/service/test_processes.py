@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from bitplan.service.client import Client
 
 SERVICE_CLI = [sys.executable, "-m", "bitplan.service.cli"]

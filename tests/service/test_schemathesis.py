@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
-from bitplan.service.app import ServiceSettings, create_app  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
+
+from bitplan.service.app import ServiceSettings, create_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = Path(tempfile.mkdtemp(prefix="bitplan-schemathesis-"))

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from bitplan.service.domain import JobStatus
 from bitplan.service.store import JobStore, SqliteJobStore, StaleAttempt
 

@@ -6,14 +6,14 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from bitplan.service.api.deps import Owner, Settings, Store, own_job
-from bitplan.service.api.errors import ERRORS, http_error
-from bitplan.service.domain import JobStatus, JobStore
-from bitplan.service.schemas import ArtifactFile, ArtifactPublic
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
 from bitplan.manifest import MANIFEST, read_manifest
+from bitplan.service.api.deps import Owner, Settings, Store, own_job
+from bitplan.service.api.errors import ERRORS, http_error
+from bitplan.service.domain import JobStatus, JobStore
+from bitplan.service.schemas import ArtifactFile, ArtifactPublic
 
 router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"], responses=ERRORS)
 FILE_RESPONSES: dict[int | str, dict[str, Any]] = {

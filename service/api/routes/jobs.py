@@ -9,6 +9,10 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from fastapi import APIRouter, Header, Query, Response
+from fastapi.responses import StreamingResponse
+
+from bitplan.references import check_reference
 from bitplan.service.api.deps import Owner, Queue, ServiceSettings, Settings, Store, own_job
 from bitplan.service.api.errors import ERRORS, http_error
 from bitplan.service.domain import TERMINAL, Job, JobStatus
@@ -24,10 +28,6 @@ from bitplan.service.schemas import (
     Progress,
 )
 from bitplan.service.worker import enqueue
-from fastapi import APIRouter, Header, Query, Response
-from fastapi.responses import StreamingResponse
-
-from bitplan.references import check_reference
 from bitplan.spec import JobSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)

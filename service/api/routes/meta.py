@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from bitplan.service.api.deps import Queue, Store
-from bitplan.service.schemas import Health, Problem
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from bitplan import __version__
+from bitplan.service.api.deps import Queue, Store
+from bitplan.service.schemas import Health, Problem
 
 router = APIRouter(tags=["meta"])
 

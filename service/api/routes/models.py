@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from bitplan.service.api.deps import Owner, Settings, Store
-from bitplan.service.api.errors import ERRORS, http_error
-from bitplan.service.schemas import ModelCreate, ModelPublic
 from fastapi import APIRouter, Response
 
 from bitplan.models import BUNDLED_MODELS, resolve_reference
 from bitplan.references import check_reference, reference_bytes
+from bitplan.service.api.deps import Owner, Settings, Store
+from bitplan.service.api.errors import ERRORS, http_error
+from bitplan.service.schemas import ModelCreate, ModelPublic
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERRORS)
 

@@ -1,0 +1,82 @@
+"""The job spec (issue 13): one source of defaults, rules and messages for Python, the CLI and the HTTP API."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from bitplan.cli import build_parser
+from bitplan.errors import SpecError
+from bitplan.service.schemas import JobCreate
+from bitplan.spec import OPTIONS, SPEC_VERSION, JobSpec
+from bitplan.stages import STAGE_SPAN, Stage, overall_fraction
+
+
+def test_issue13_cli_flags_and_http_fields_come_from_the_spec() -> None:
+    run = build_parser()._subparsers._group_actions[0].choices["run"]  # type: ignore[union-attr]
+    flags = {flag for action in run._actions for flag in action.option_strings}
+    assert {o.flag for o in OPTIONS if o.flag} <= flags
+    assert set(JobCreate.model_fields) == {o.name for o in OPTIONS if o.http}
+    for option in OPTIONS:
+        if option.http and option.name != "model":
+            default = JobCreate.model_fields[option.name].default
+            expected = getattr(option.default, "value", option.default)
+            assert default == (list(expected) if isinstance(expected, tuple) and expected else expected or default)
+
+
+def test_issue13_spec_round_trips_and_reading_back_is_strict() -> None:
+    spec = JobSpec.from_flat(model="m", bits_per_weight=[3, 3.5], pinned=["*.down_proj=8"], solver="highs", seed=7)
+    data = spec.to_dict()
+    assert data["version"] == SPEC_VERSION and JobSpec.from_dict(data) == spec
+    assert spec.allocation.pinned == (("*.down_proj", 8),) and spec.budgets == 2
+    with pytest.raises(SpecError, match="unknown fields \\['surprise'\\]"):
+        JobSpec.from_dict({**data, "surprise": 1})
+    with pytest.raises(SpecError, match="missing fields \\['seed'\\]"):
+        JobSpec.from_dict({**data, "calibration": {k: v for k, v in data["calibration"].items() if k != "seed"}})
+    with pytest.raises(SpecError, match="version 99"):
+        JobSpec.from_dict({**data, "version": 99})
+    with pytest.raises(SpecError, match="unknown job option 'samples'"):
+        JobSpec.from_flat(model="m", bits_per_weight=3.5, samples=4)
+
+
+def test_issue13_every_part_field_is_an_option_or_a_nested_config() -> None:
+    named = {(o.part, o.field) for o in OPTIONS}
+    for part in ("budget", "calibration", "allocation", "quantization", "refinement"):
+        for f in fields(getattr(JobSpec.from_flat(model="m", uniform_bits=4), part)):
+            assert (part, f.name) in named, f"{part}.{f.name} has no option metadata"
+
+
+def test_issue13_a_bad_solver_fails_before_any_work_with_one_message(tmp_path: Path) -> None:
+    message = "unknown solver 'nope'; choose one of auto, highs, pulp, lagrangian, baq, cvxpy"
+    with pytest.raises(SpecError, match=message) as caught:
+        JobSpec.from_flat(model="does-not-exist", bits_per_weight=3.5, solver="nope")
+    assert caught.value.param == "solver"
+    result = subprocess.run([sys.executable, "-m", "bitplan.service.cli", "run", "--model", "does-not-exist",
+                             "--bpw", "3.5", "--solver", "nope", "--out", str(tmp_path / "x")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_issue13_every_stage_has_a_span_and_unknown_stages_are_refused() -> None:
+    assert set(STAGE_SPAN) == set(Stage)
+    for stage in Stage:
+        low, high = stage.span
+        assert 0.0 <= low <= high <= 1.0
+        assert overall_fraction(stage.value, 3, 3) == pytest.approx(high)
+    with pytest.raises(ValueError):
+        overall_fraction("a stage nobody declared", 1, 2)
+
+
+def test_issue13_the_pipeline_reports_only_declared_stages(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from bitplan.pipeline import run_pipeline
+
+    seen: list[str] = []
+    spec = JobSpec.from_flat(model=str(tiny_llama_dir), bits_per_weight=3.5, num_samples=2, seq_len=32,
+                             group_size=64, quantizer="gptq")
+    run_pipeline(spec, out=tmp_path / "a", on_progress=lambda stage, done, total: seen.append(stage))
+    assert {Stage(s) for s in seen} >= {Stage.LOAD, Stage.TOKEN_FISHER, Stage.QUANTIZE, Stage.WRITE, Stage.KL_CHECK}
