@@ -68,7 +68,7 @@ def quantize_plans(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linea
             for chosen, into in zip(choices, quantized, strict=True):
                 into[name] = quantize_unit(units[name].weight, method=options.quantizer.value, bits=chosen[name],
                                            group_size=options.group_size, mix_groups=options.mix_groups,
-                                           gram=None if grams is None else grams[name])
+                                           damp=options.gptq_damp, gram=None if grams is None else grams[name])
             done += 1
             if on_progress is not None:
                 on_progress(Stage.QUANTIZE, done, len(units))

@@ -214,6 +214,9 @@ class Quantization:
                            maximum=4096, label="group size")
     mix_groups: bool = _opt(False, "bool", "column groups of each layer take bits-1, bits or bits+1 within "
                             "the layer's size (SliM-LLM)", flag="--mix-groups")
+    gptq_damp: float = _opt(0.01, "float", "GPTQ: dampening added to the Gram diagonal, as a fraction of its mean "
+                            "(more: steadier on little calibration data, less error feedback)", flag="--gptq-damp",
+                            minimum=0.0001, maximum=1.0)
 
     def __post_init__(self) -> None:
         _check_part(self)

@@ -80,3 +80,30 @@ def test_issue13_the_pipeline_reports_only_declared_stages(tiny_llama_dir: Path,
                              group_size=64, quantizer="gptq")
     run_pipeline(spec, out=tmp_path / "a", on_progress=lambda stage, done, total: seen.append(stage))
     assert {Stage(s) for s in seen} >= {Stage.LOAD, Stage.TOKEN_FISHER, Stage.QUANTIZE, Stage.WRITE, Stage.KL_CHECK}
+
+
+def test_issue13_gptq_damp_reaches_cli_api_and_manifest(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """The option added to show what a new option costs: one spec field and the line where it acts."""
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from bitplan.pipeline import run_pipeline
+    from bitplan.service.app import ServiceSettings, create_app
+
+    help_text = subprocess.run([sys.executable, "-m", "bitplan.service.cli", "run", "--help"], capture_output=True,
+                               text=True, check=True).stdout
+    assert "--gptq-damp" in help_text and "(default: 0.01)" in help_text
+    with TestClient(create_app(ServiceSettings(data_dir=tmp_path / "svc", embedded_worker=False,
+                                               model_roots=[tiny_llama_dir.parent]))) as client:
+        body = {"model": str(tiny_llama_dir), "uniform_bits": 3, "quantizer": "gptq", "gptq_damp": 0.2}
+        job = client.post("/v1/jobs", json=body).json()
+        assert job["request"]["quantization"]["gptq_damp"] == 0.2
+        refused = client.post("/v1/jobs", json={**body, "gptq_damp": 5})
+        assert refused.status_code == 422 and "gptq_damp must be between 0.0001 and 1, got 5" in refused.text
+    small = {"num_samples": 2, "seq_len": 32, "group_size": 64, "uniform_bits": 3, "quantizer": "gptq"}
+    runs = [run_pipeline(JobSpec.from_flat(model=str(tiny_llama_dir), gptq_damp=damp, **small),
+                         out=tmp_path / f"d{damp}") for damp in (0.01, 0.5)]
+    manifests = [json.loads((Path(r.artifact) / "manifest.json").read_text()) for r in runs]
+    assert [m["job"]["quantization"]["gptq_damp"] for m in manifests] == [0.01, 0.5]
+    assert manifests[0]["files"]["quantized.safetensors"] != manifests[1]["files"]["quantized.safetensors"]
