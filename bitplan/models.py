@@ -83,6 +83,8 @@ def _accepted() -> str:
 def validate_safetensors_header(path: Path) -> None:
     """Check a safetensors file's header before any loader touches it: a JSON header that fits in the file,
     and every tensor's byte range inside the data section with a size consistent with its dtype and shape."""
+    if not path.is_file():
+        raise ModelReferenceError(f"{path.name} is not a regular file")
     size = path.stat().st_size
     with path.open("rb") as handle:
         prefix = handle.read(8)
@@ -99,18 +101,32 @@ def validate_safetensors_header(path: Path) -> None:
     data_size = size - 8 - header_len
     if not isinstance(header, dict):
         raise ModelReferenceError(f"{path} has a corrupt safetensors header (not a JSON object)")
+    ranges = _tensor_ranges(path, header, data_size)
+    ranges.sort()
+    for (start, end, name), (next_start, _, next_name) in zip(ranges, ranges[1:]):
+        if next_start < end:
+            raise ModelReferenceError(f"{path}: tensors {name!r} and {next_name!r} overlap in the data section")
+
+
+def _tensor_ranges(path: Path, header: dict[str, Any], data_size: int) -> list[tuple[int, int, str]]:
+    """Each tensor's byte range, checked against its dtype, shape and the data section."""
+    ranges = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         try:
             start, end = (int(v) for v in entry["data_offsets"])
-            numel = math.prod(int(d) for d in entry["shape"])
+            dims = [int(d) for d in entry["shape"]]
             itemsize = _SAFETENSORS_ITEMSIZE[entry["dtype"]]
         except (KeyError, TypeError, ValueError):
             raise ModelReferenceError(f"{path}: tensor {name!r} has a malformed header entry") from None
-        if not 0 <= start <= end <= data_size or end - start != numel * itemsize:
+        if any(d < 0 for d in dims):
+            raise ModelReferenceError(f"{path}: tensor {name!r} has a negative dimension {dims}")
+        if not 0 <= start <= end <= data_size or end - start != math.prod(dims) * itemsize:
             raise ModelReferenceError(f"{path}: tensor {name!r} has byte range [{start}, {end}) inconsistent with "
                                       f"its shape and dtype or outside the file's {data_size} data bytes")
+        ranges.append((start, end, name))
+    return ranges
 
 
 _SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
@@ -181,6 +197,8 @@ def validate_gguf(path: Path) -> None:
 
     from gguf import GGUFReader
 
+    if not path.is_file():
+        raise ModelReferenceError(f"{path.name} is not a regular file")
     size = path.stat().st_size
     try:
         reader = GGUFReader(path)
@@ -226,7 +244,9 @@ def _load_safetensors(path: Path, folder: Path, reference: str) -> tuple[nn.Modu
         validate_safetensors_header(weights)
     try:
         if path.is_dir():
-            model = auto.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
+            model, info = auto.from_pretrained(folder, dtype=torch.float32, use_safetensors=True,
+                                               output_loading_info=True)
+            _refuse_incomplete(reference, config, info["missing_keys"], info["unexpected_keys"])
         else:
             model = _from_single_safetensors(auto, config, path, reference)
     except (ValueError, OSError, RuntimeError) as error:
@@ -238,6 +258,19 @@ def _load_safetensors(path: Path, folder: Path, reference: str) -> tuple[nn.Modu
     except (ValueError, OSError) as error:
         raise ModelReferenceError(f"{reference!r} has no usable tokenizer files beside config.json ({error})") from None
     return model, tokenizer, kind
+
+
+def _refuse_incomplete(reference: str, config: Any, missing: Any, unexpected: Any) -> None:
+    """A weight the config needs that the files lack would be initialized at random: refuse the model (and one the
+    model does not know would be dropped)."""
+    tied = getattr(config, "tie_word_embeddings", False)
+    missing = [k for k in missing if not k.endswith("position_ids") and not (tied and k.endswith("lm_head.weight"))]
+    if missing:
+        raise ModelReferenceError(f"{reference!r} lacks {len(missing)} weights the config needs, e.g. {missing[:3]}")
+    unexpected = [k for k in unexpected if not k.endswith("position_ids")]
+    if unexpected:
+        raise ModelReferenceError(f"{reference!r} holds {len(unexpected)} weights the config does not use, e.g. "
+                                  f"{unexpected[:3]}")
 
 
 def _from_single_safetensors(auto: Any, config: Any, path: Path, reference: str) -> nn.Module:
@@ -260,12 +293,21 @@ def _from_single_safetensors(auto: Any, config: Any, path: Path, reference: str)
 
 
 def load_model(reference: str) -> LoadedModel:
-    """Load a float32 model in eval mode from any accepted reference."""
+    """Load a float32 model in eval mode from any accepted reference. Whatever the files make a loader fail with
+    is the reference's fault: it comes back as :class:`ModelReferenceError` (not retryable), never as an internal
+    error."""
     source_format, path = resolve_reference(reference)
-    if source_format == "gguf":
-        model, tokenizer, kind = _load_gguf(path, reference)
-    else:
-        model, tokenizer, kind = _load_safetensors(path, path if path.is_dir() else path.parent, reference)
+    try:
+        if source_format == "gguf":
+            model, tokenizer, kind = _load_gguf(path, reference)
+        else:
+            model, tokenizer, kind = _load_safetensors(path, path if path.is_dir() else path.parent, reference)
+    except ModelReferenceError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a malformed file can make a loader raise anything
+        raise ModelReferenceError(f"cannot load {reference!r}: {type(error).__name__}: {error}") from None
     nn.Module.float(model).eval()
     digest_target = path if path.is_file() else sorted(path.glob("*.safetensors"))[0]
     return LoadedModel(model=model, tokenizer=tokenizer, kind=kind, reference=reference,

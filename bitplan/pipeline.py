@@ -18,7 +18,7 @@ from torch import nn
 
 from bitplan.artifact import WrittenArtifact, write_artifact
 from bitplan.calibration import build_calibration_set
-from bitplan.errors import BitplanError
+from bitplan.errors import BitplanError, ModelReferenceError
 from bitplan.manifest import RunRecord
 from bitplan.models import LoadedModel, ModelKind, load_model
 from bitplan.planning import Plan, Sizes, budgets_in_bytes, make_plans, solve_plan, unit_sizes
@@ -119,6 +119,8 @@ def run_budgets(spec: JobSpec, *, out_dirs: list[Path], on_progress: ProgressFn 
     if on_progress is not None:
         on_progress(Stage.LOAD, 1, 1)
     units = find_units(loaded.model)  # 2
+    if not units:
+        raise ModelReferenceError(f"{spec.model!r} has no linear layers inside its transformer blocks to quantize")
     sizes = unit_sizes(units, spec.widths, spec.quantization.group_size)
     numel = sum(m.weight.numel() for m in units.values())
     budgets = [None] if spec.budget.uniform_bits is not None else budgets_in_bytes(spec, sizes, numel)

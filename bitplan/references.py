@@ -3,6 +3,7 @@ inside one of the allowed roots (symlinks resolved first) whose files have sound
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +23,9 @@ def check_reference(reference: str, *, roots: Sequence[Path], max_bytes: int) ->
     Raises :class:`ModelReferenceError` (or :class:`ModelTooLargeError`) saying what to change."""
     if reference in BUNDLED_MODELS:
         return reference
+    if "\x00" in reference or any(ord(c) < 32 for c in reference):
+        raise ModelReferenceError("model reference contains a NUL or control character; give a bundled id or a "
+                                  "plain path under an allowed root", param="model")
     if "://" in reference:
         raise ModelReferenceError("model URLs are not fetched; give a bundled id or a path under an allowed root",
                                   param="model")
@@ -33,6 +37,7 @@ def check_reference(reference: str, *, roots: Sequence[Path], max_bytes: int) ->
                                   "service allows no model paths (start it with --model-root DIR)", param="model")
     target = _inside_roots(reference, roots)
     kind, file = resolve_reference(str(target))
+    _check_files(reference, kind, file, roots)
     size = reference_bytes(kind, file)
     if size > max_bytes:
         raise ModelTooLargeError(f"model is {size} bytes, over this service's limit of {max_bytes}", param="model")
@@ -52,3 +57,21 @@ def _inside_roots(reference: str, roots: Sequence[Path]) -> Path:
     if not inside:
         raise ModelReferenceError(f"model path {reference!r} is outside the allowed roots", param="model")
     return inside[0]
+
+
+def _check_files(reference: str, kind: str, path: Path, roots: Sequence[Path]) -> None:
+    """Every file the loader will open is a regular file whose real path stays inside an allowed root (no symlink
+    out of a root, no FIFO or device that would hang a read)."""
+    folder = path if path.is_dir() else path.parent
+    files = list(folder.iterdir()) if kind == "hf-folder" else [path, folder / "config.json"]
+    resolved_roots = [root.resolve() for root in roots]
+    for file in files:
+        if not file.exists() and not file.is_symlink():
+            continue
+        real = file.resolve()
+        if not any(real.is_relative_to(r) for r in resolved_roots):
+            raise ModelReferenceError(f"model file {file.name!r} of {reference!r} links outside the allowed roots",
+                                      param="model")
+        if not stat.S_ISREG(real.stat().st_mode) and not real.is_dir():
+            raise ModelReferenceError(f"model file {file.name!r} of {reference!r} is not a regular file",
+                                      param="model")

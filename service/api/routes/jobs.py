@@ -32,6 +32,7 @@ from bitplan.spec import JobSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
 STATUS_PATTERN = "^(" + "|".join(s.value for s in JobStatus) + ")$"
+MAX_SEQ = 2**53  # event sequence numbers stay below this (integers every store and JSON client holds exactly)
 
 
 def validate_job(body: JobCreate, settings: ServiceSettings) -> JobSpec:
@@ -90,7 +91,7 @@ def cancel_job(job_id: str, owner: Owner, store: Store) -> JobPublic:
 
 
 @router.get("/{job_id}/events", response_model=EventPage)
-def job_events(job_id: str, owner: Owner, store: Store, after: int = Query(default=0, ge=0),
+def job_events(job_id: str, owner: Owner, store: Store, after: int = Query(default=0, ge=0, le=MAX_SEQ),
                limit: int = Query(default=100, ge=1, le=1000)) -> EventPage:
     own_job(job_id, owner, store)
     events = store.events(job_id, after=after, limit=limit)
@@ -102,7 +103,8 @@ def job_events(job_id: str, owner: Owner, store: Store, after: int = Query(defau
 async def job_event_stream(job_id: str, owner: Owner, store: Store,
                            last_event_id: str | None = Header(default=None)) -> StreamingResponse:
     own_job(job_id, owner, store)
-    start = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
+    digits = last_event_id is not None and last_event_id.isascii() and last_event_id.isdigit()
+    start = min(int(last_event_id[:40]) if digits else 0, MAX_SEQ)  # type: ignore[index]
 
     async def stream() -> AsyncIterator[str]:
         after = start

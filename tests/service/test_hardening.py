@@ -1,0 +1,129 @@
+"""Regression tests for the faults found by attacking the service (issue 15), each named after its fault, on both
+stores where the fault involves the store."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from safetensors.torch import load_file, save_file
+
+from bitplan.errors import ModelReferenceError
+from bitplan.models import load_model
+from bitplan.service.app import ServiceSettings, create_app
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def api(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """An API-only service (no worker) with ``tmp_path/root`` as its model root, on either store."""
+    root = tmp_path / "root"
+    root.mkdir()
+    redis_url = None
+    if request.param == "redis":
+        import redis
+
+        redis_url = request.getfixturevalue("redis_url")
+        redis.Redis.from_url(redis_url).flushdb()
+    settings = ServiceSettings(data_dir=tmp_path / "data", model_roots=[root], embedded_worker=False,
+                               redis_url=redis_url)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        client.root = root  # type: ignore[attr-defined]
+        yield client
+
+
+def _copy_model(tiny_llama_dir: Path, root: Path, name: str = "tiny") -> Path:
+    target = root / name
+    shutil.copytree(tiny_llama_dir, target)
+    return target
+
+
+def test_issue15_fault1_nul_byte_in_a_model_reference_is_a_422(api: TestClient) -> None:
+    for path, body in (("/v1/jobs", {"model": "tiny\x00x", "bits_per_weight": 4.0}),
+                       ("/v1/models", {"reference": "tiny\x00x"})):
+        response = api.post(path, json=body)
+        assert response.status_code == 422 and "NUL" in response.json()["detail"], response.text
+
+
+def test_issue15_fault2_oversized_integers_are_4xx_not_500(api: TestClient, tiny_llama_dir: Path) -> None:
+    _copy_model(tiny_llama_dir, api.root)  # type: ignore[attr-defined]
+    job = api.post("/v1/jobs", json={"model": "tiny", "uniform_bits": 4}).json()
+    for after in ("9223372036854775808", "9223372036854775807", str(10**30)):
+        response = api.get(f"/v1/jobs/{job['id']}/events", params={"after": after})
+        assert response.status_code == 422, response.text
+    api.post(f"/v1/jobs/{job['id']}/cancel")  # terminal: the stream ends by itself
+    stream = api.get(f"/v1/jobs/{job['id']}/events/stream", headers={"Last-Event-ID": "9" * 30})
+    assert stream.status_code == 200 and "Traceback" not in stream.text
+
+
+def test_issue15_fault4_a_symlink_out_of_the_root_is_refused(api: TestClient, tiny_llama_dir: Path,
+                                                             tmp_path: Path) -> None:
+    folder = _copy_model(tiny_llama_dir, api.root)  # type: ignore[attr-defined]
+    outside = tmp_path / "outside.safetensors"
+    shutil.move(folder / "model.safetensors", outside)
+    os.symlink(outside, folder / "model.safetensors")
+    for path, body in (("/v1/jobs", {"model": "tiny", "bits_per_weight": 4.0}), ("/v1/models", {"reference": "tiny"})):
+        response = api.post(path, json=body)
+        assert response.status_code == 422 and "links outside the allowed roots" in response.text, response.text
+
+
+def test_issue15_fault11_a_fifo_where_a_model_file_should_be_is_refused_at_once(api: TestClient,
+                                                                               tiny_llama_dir: Path) -> None:
+    folder = _copy_model(tiny_llama_dir, api.root)  # type: ignore[attr-defined]
+    (folder / "model.safetensors").unlink()
+    os.mkfifo(folder / "model.safetensors")
+    response = api.post("/v1/models", json={"reference": "tiny"})
+    assert response.status_code == 422 and "not a regular file" in response.text, response.text
+
+
+def _rewrite_header(path: Path, change) -> None:  # type: ignore[no-untyped-def]
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + length])
+    change(header)
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (length - len(encoded)) if len(encoded) <= length else b""
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + length:])
+
+
+@pytest.mark.parametrize("fault", ["overlapping offsets", "negative dimension"])
+def test_issue15_fault10_bad_tensor_headers_fail_registration(api: TestClient, tiny_llama_dir: Path,
+                                                              fault: str) -> None:
+    folder = _copy_model(tiny_llama_dir, api.root)  # type: ignore[attr-defined]
+
+    def overlap(header: dict) -> None:
+        norms = sorted(n for n in header if n.endswith("layernorm.weight"))  # same shape and dtype
+        header[norms[1]]["data_offsets"] = header[norms[0]]["data_offsets"]
+
+    def negative(header: dict) -> None:
+        name = next(n for n in header if n != "__metadata__" and len(header[n]["shape"]) == 2)
+        rows, cols = header[name]["shape"]
+        header[name]["shape"] = [-rows, -cols]
+
+    _rewrite_header(folder / "model.safetensors", overlap if fault == "overlapping offsets" else negative)
+    response = api.post("/v1/models", json={"reference": "tiny"})
+    expected = "overlap" if fault == "overlapping offsets" else "negative dimension"
+    assert response.status_code == 422 and expected in response.text, response.text
+
+
+def test_issue15_fault5_a_missing_weight_is_refused_not_randomly_initialized(tiny_llama_dir: Path,
+                                                                            tmp_path: Path) -> None:
+    folder = _copy_model(tiny_llama_dir, tmp_path)
+    state = load_file(str(folder / "model.safetensors"))
+    del state["model.layers.1.mlp.down_proj.weight"]
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelReferenceError, match="lacks 1 weights the config needs"):
+        load_model(str(folder))
+
+
+def test_issue15_fault10_a_malformed_config_is_bad_input_not_an_internal_error(tiny_llama_dir: Path,
+                                                                              tmp_path: Path) -> None:
+    folder = _copy_model(tiny_llama_dir, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "hidden_size": "abc"}))
+    with pytest.raises(ModelReferenceError, match="cannot"):
+        load_model(str(folder))
