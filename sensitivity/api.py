@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -32,6 +33,7 @@ from bitplan.sensitivity.hutchinson import (
     median_relative_error,
 )
 from bitplan.sensitivity.output_error import predict_output_error
+from bitplan.sensitivity.registry import METRICS, ComputeFn, MetricInputs, register_metric
 from bitplan.sensitivity.token_fisher import DEFAULT_ERROR_BYTES, token_fisher
 from bitplan.sensitivity.weight_metrics import predict_baq, predict_gwq, predict_slim_salience, salience
 from bitplan.stages import Stage
@@ -51,9 +53,6 @@ class Metric(str, Enum):
     TOKEN_FISHER = "token_fisher"
     TOKEN_TAYLOR = "token_taylor"
 
-
-NEEDS_LOSS = {Metric.FISHER_OUTPUT_ERROR, Metric.HUTCHINSON, Metric.GWQ, Metric.TOKEN_FISHER, Metric.TOKEN_TAYLOR}
-USES_LOSS = NEEDS_LOSS | {Metric.SLIM_SALIENCE, Metric.BAQ}  # weighted by output-gradient energy when available
 
 
 @dataclass(frozen=True)
@@ -226,25 +225,22 @@ def _hutchinson(
     return result, warnings
 
 
-def _predict(metric: Metric, weight: torch.Tensor, stats: UnitStatistics, *, bits_options: Sequence[int],
-             group_size: int) -> dict[int, float]:
-    if metric in (Metric.OUTPUT_ERROR, Metric.FISHER_OUTPUT_ERROR):
-        return predict_output_error(weight, stats, bits_options=bits_options, group_size=group_size,
-                                    fisher=metric is Metric.FISHER_OUTPUT_ERROR)
-    predictor = {Metric.GWQ: predict_gwq, Metric.SLIM_SALIENCE: predict_slim_salience, Metric.BAQ: predict_baq}
-    return predictor[metric](weight, stats, bits_options=bits_options, group_size=group_size)
-
-
-def _score(metric: Metric, weight: torch.Tensor, stats: UnitStatistics) -> float:
-    """The metric's own per-unit number: output-gradient energy, input energy, weight Fisher or salience."""
+def _gradient_energy(weight: torch.Tensor, stats: UnitStatistics) -> float:
+    """Output-gradient energy per token, or input energy without a loss."""
     tokens = max(stats.tokens, 1)
-    if metric is Metric.GWQ and stats.weight_grad_sq is not None:
-        return float(stats.weight_grad_sq.sum()) / tokens
-    if metric is Metric.SLIM_SALIENCE:
-        return float(salience(weight, stats).mean())
     if stats.output_grad_sq is not None:
         return float(stats.output_grad_sq.sum()) / tokens
     return float(torch.diagonal(stats.gram).sum()) / tokens
+
+
+def _weight_fisher(weight: torch.Tensor, stats: UnitStatistics) -> float:
+    if stats.weight_grad_sq is not None:
+        return float(stats.weight_grad_sq.sum()) / max(stats.tokens, 1)
+    return _gradient_energy(weight, stats)
+
+
+def _mean_salience(weight: torch.Tensor, stats: UnitStatistics) -> float:
+    return float(salience(weight, stats).mean())
 
 
 def _unit_statistics(
@@ -258,8 +254,9 @@ def _unit_statistics(
     a backward pass first gathers the small per-unit gradient statistics, then one forward pass per block adds
     that block's Grams, so only one block's Grams are ever held. Without it, one pass gathers everything.
     """
-    loss = loss_fn if metric in USES_LOSS else None
-    weight_grads = metric is Metric.GWQ
+    entry = METRICS[metric.value]
+    loss = loss_fn if entry.uses_loss else None
+    weight_grads = entry.weight_grads
     if blocks is None or weight_grads:  # GWQ needs no Grams; its weight-gradient statistics are model-sized
         yield collect_unit_statistics(model, units, batches, loss_fn=loss, on_progress=on_progress,
                                       should_stop=should_stop, weight_grads=weight_grads, grams=not weight_grads)
@@ -303,41 +300,76 @@ def compute_sensitivity(
             more backward passes over the calibration set (:func:`sensitivity.token_fisher.token_fisher`).
     """
     started = time.perf_counter()
-    if metric in NEEDS_LOSS and loss_fn is None:
+    entry = METRICS[metric.value]
+    if entry.needs_loss and loss_fn is None:
         raise ValueError(f"metric {metric.value!r} needs a loss (a causal language model); use 'output_error'")
-    warnings: list[str] = []
-    if metric in (Metric.TOKEN_FISHER, Metric.TOKEN_TAYLOR):
-        assert loss_fn is not None
-        terms = token_fisher(model, units, batches, loss_fn=loss_fn, bits_options=bits_options,
-                             group_size=group_size, max_error_bytes=max_error_bytes,
-                             blocks=None if blocks is None else blocks[1], on_progress=on_progress,
-                             should_stop=should_stop)
-        entries = [UnitSensitivity(name=name, numel=module.weight.numel(), score=terms.energy[name],
-                                   delta_loss=(taylor_increase(terms.first_order[name], terms.second_order[name],
-                                                               terms.first_order_std_error[name])
-                                               if metric is Metric.TOKEN_TAYLOR else terms.second_order[name]))
-                   for name, module in units.items()]
-    elif metric is Metric.HUTCHINSON:
-        assert loss_fn is not None
-        entries, warnings = _hutchinson(model, units, batches, loss_fn, bits_options=bits_options,
-                                        group_size=group_size, config=hutchinson or HutchinsonConfig(),
-                                        on_progress=on_progress, should_stop=should_stop)
-    else:
-        by_name = {}
-        for stats in _unit_statistics(model, units, batches, metric=metric, loss_fn=loss_fn, blocks=blocks,
-                                      on_progress=on_progress, should_stop=should_stop):
-            for name, entry in stats.items():
-                check_stop(should_stop, "predicted error")
-                weight = units[name].weight
-                delta = _predict(metric, weight, entry, bits_options=bits_options, group_size=group_size)
-                by_name[name] = UnitSensitivity(name=name, numel=weight.numel(), score=_score(metric, weight, entry),
-                                                delta_loss=delta)
-                if on_progress is not None:
-                    on_progress(Stage.PREDICTED_ERROR, len(by_name), len(units))
-        entries = [by_name[name] for name in units]
+    inputs = MetricInputs(model=model, units=units, batches=batches, bits_options=bits_options,
+                          group_size=group_size, loss_fn=loss_fn, hutchinson=hutchinson or HutchinsonConfig(),
+                          on_progress=on_progress, should_stop=should_stop, blocks=blocks,
+                          max_error_bytes=max_error_bytes)
+    entries, warnings = entry.compute(inputs)
     for warning in warnings:
         logger.warning(warning)
     return SensitivityResult(metric=metric, units=tuple(entries), seconds=time.perf_counter() - started,
                              warnings=tuple(warnings))
 
 
+
+
+def _token_terms(inputs: MetricInputs, *, taylor: bool) -> tuple[list[UnitSensitivity], list[str]]:
+    """token_fisher (second order) or token_taylor (first + second order) from the token Fisher pass."""
+    blocks = inputs.blocks
+    terms = token_fisher(inputs.model, inputs.units, inputs.batches, loss_fn=inputs.loss_fn,
+                         bits_options=inputs.bits_options, group_size=inputs.group_size,
+                         max_error_bytes=inputs.max_error_bytes, blocks=None if blocks is None else blocks[1],
+                         on_progress=inputs.on_progress, should_stop=inputs.should_stop)
+    return [UnitSensitivity(name=name, numel=module.weight.numel(), score=terms.energy[name],
+                            delta_loss=(taylor_increase(terms.first_order[name], terms.second_order[name],
+                                                        terms.first_order_std_error[name])
+                                        if taylor else terms.second_order[name]))
+            for name, module in inputs.units.items()], []
+
+
+def _statistics_metric(metric: Metric, predict: Callable[..., dict[int, float]],
+                       score: Callable[[torch.Tensor, UnitStatistics], float]) -> ComputeFn:
+    """A metric computed from each unit's calibration statistics (Grams, gradient energies) one block at a time."""
+
+    def compute(inputs: MetricInputs) -> tuple[list[UnitSensitivity], list[str]]:
+        by_name = {}
+        for stats in _unit_statistics(inputs.model, inputs.units, inputs.batches, metric=metric,
+                                      loss_fn=inputs.loss_fn, blocks=inputs.blocks, on_progress=inputs.on_progress,
+                                      should_stop=inputs.should_stop):
+            for name, entry in stats.items():
+                check_stop(inputs.should_stop, "predicted error")
+                weight = inputs.units[name].weight
+                delta = predict(weight, entry, bits_options=inputs.bits_options, group_size=inputs.group_size)
+                by_name[name] = UnitSensitivity(name=name, numel=weight.numel(), score=score(weight, entry),
+                                                delta_loss=delta)
+                if inputs.on_progress is not None:
+                    inputs.on_progress(Stage.PREDICTED_ERROR, len(by_name), len(inputs.units))
+        return [by_name[name] for name in inputs.units], []
+
+    return compute
+
+
+register_metric(Metric.TOKEN_TAYLOR.value, needs_loss=True)(functools.partial(_token_terms, taylor=True))
+register_metric(Metric.TOKEN_FISHER.value, needs_loss=True)(functools.partial(_token_terms, taylor=False))
+register_metric(Metric.HUTCHINSON.value, needs_loss=True)(
+    lambda inputs: _hutchinson(inputs.model, inputs.units, inputs.batches, inputs.loss_fn,
+                               bits_options=inputs.bits_options, group_size=inputs.group_size,
+                               config=inputs.hutchinson, on_progress=inputs.on_progress,
+                               should_stop=inputs.should_stop))
+register_metric(Metric.OUTPUT_ERROR.value, needs_loss=False)(
+    _statistics_metric(Metric.OUTPUT_ERROR, functools.partial(predict_output_error, fisher=False), _gradient_energy))
+register_metric(Metric.FISHER_OUTPUT_ERROR.value, needs_loss=True)(
+    _statistics_metric(Metric.FISHER_OUTPUT_ERROR, functools.partial(predict_output_error, fisher=True),
+                       _gradient_energy))
+register_metric(Metric.GWQ.value, needs_loss=True, weight_grads=True)(
+    _statistics_metric(Metric.GWQ, predict_gwq, _weight_fisher))
+register_metric(Metric.SLIM_SALIENCE.value, needs_loss=False, uses_loss=True)(
+    _statistics_metric(Metric.SLIM_SALIENCE, predict_slim_salience, _mean_salience))
+register_metric(Metric.BAQ.value, needs_loss=False, uses_loss=True)(
+    _statistics_metric(Metric.BAQ, predict_baq, _gradient_energy))
+
+NEEDS_LOSS = {Metric(name) for name, entry in METRICS.items() if entry.needs_loss}
+USES_LOSS = {Metric(name) for name, entry in METRICS.items() if entry.uses_loss}  # gradient-weighted when available

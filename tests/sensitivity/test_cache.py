@@ -56,3 +56,10 @@ def test_cancellation_stops_between_steps_and_writes_nothing(tiny_llama_dir: Pat
         pipeline.run_pipeline(spec, out=tmp_path / "out", should_stop=should_stop)
     assert not (tmp_path / "out").exists()
     assert len(checks) == after + 1
+
+
+def test_issue13_every_metric_is_registered_once() -> None:
+    from bitplan.sensitivity import Metric
+    from bitplan.sensitivity.registry import METRICS
+
+    assert set(METRICS) == {m.value for m in Metric}

@@ -1,0 +1,60 @@
+"""The registry of sensitivity metrics: each is a name, what it needs from the calibration pass, and a function
+from :class:`MetricInputs` to per-unit predictions. Adding a metric is one function plus one
+:func:`register_metric` line (and its name in ``sensitivity.api.Metric``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class MetricInputs:
+    """Everything a metric may use: the model, its units, the calibration batches and the pass's settings."""
+
+    model: nn.Module
+    units: Mapping[str, nn.Linear]
+    batches: Sequence[torch.Tensor]
+    bits_options: Sequence[int]
+    group_size: int
+    loss_fn: Any  # LossFn or None
+    hutchinson: Any  # HutchinsonConfig
+    on_progress: Any
+    should_stop: Any
+    blocks: tuple[str, nn.ModuleList] | None
+    max_error_bytes: int
+
+
+ComputeFn = Callable[[MetricInputs], "tuple[list[Any], list[str]]"]  # -> (UnitSensitivity per unit, warnings)
+
+
+@dataclass(frozen=True)
+class MetricEntry:
+    """A registered metric. ``needs_loss``: only for models with a loss (causal LMs); ``uses_loss``: weighted by
+    output gradients when a loss is there; ``weight_grads``: needs batch gradients of the weights."""
+
+    name: str
+    needs_loss: bool
+    uses_loss: bool
+    weight_grads: bool
+    compute: ComputeFn
+
+
+METRICS: dict[str, MetricEntry] = {}
+
+
+def register_metric(name: str, *, needs_loss: bool, uses_loss: bool | None = None,
+                    weight_grads: bool = False) -> Callable[[ComputeFn], ComputeFn]:
+    """Register ``compute`` as the metric ``name``."""
+
+    def add(compute: ComputeFn) -> ComputeFn:
+        METRICS[name] = MetricEntry(name=name, needs_loss=needs_loss,
+                                    uses_loss=needs_loss if uses_loss is None else uses_loss,
+                                    weight_grads=weight_grads, compute=compute)
+        return compute
+
+    return add
