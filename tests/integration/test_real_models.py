@@ -26,7 +26,7 @@ def test_smollm2_mixed_run_loads_and_evaluates(tmp_path: Path) -> None:
     assert len({u["bits"] for u in result.units}) >= 2
     assert result.units[0]["name"] == "model.layers.0.self_attn.q_proj"
     model, tokenizer, manifest = load_artifact(Path(result.artifact))
-    assert manifest["achieved"]["bytes"] == result.bytes
+    assert manifest.achieved.bytes == result.bytes
     ids = tokenize_for_perplexity(tokenizer, builtin_text()[:20000])
     ppl = perplexity(model, ids, seq_len=256, max_windows=2).ppl
     assert math.isfinite(ppl) and ppl < 200, ppl
