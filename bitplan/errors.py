@@ -9,10 +9,11 @@ class BitplanError(ValueError):
 
     status = 422  # the HTTP status the service answers with
     code = "invalid_input"  # a stable code for callers
+    default_param: str | None = None  # the job option this kind of error is about, when there is one
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
-        self.param = param
+        self.param = param if param is not None else self.default_param
 
 
 class SpecError(BitplanError):
@@ -25,6 +26,7 @@ class ModelReferenceError(BitplanError):
     """The model reference is unknown, missing, unsafe (pickle) or of an unsupported architecture."""
 
     code = "invalid_model"
+    default_param = "model"
 
 
 class BudgetError(BitplanError):

@@ -11,12 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from bitplan import __version__
 from bitplan.service.api.deps import LOCAL_OWNER, ServiceSettings, hash_key
-from bitplan.service.api.errors import install_error_handlers
+from bitplan.service.api.errors import install_error_handlers, problem
 from bitplan.service.api.routes import artifacts, jobs, meta, models
 from bitplan.service.store import make_store
 from bitplan.service.worker import JobRunner, WorkerPool, make_huey, register_runner
@@ -81,8 +80,7 @@ def _install_middleware(app: FastAPI, settings: ServiceSettings, telemetry: Tele
     async def limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-            return JSONResponse(status_code=413, content={
-                "detail": f"request body over the limit of {settings.max_body_bytes} bytes"})
+            return problem(413, f"request body over the limit of {settings.max_body_bytes} bytes")
         return await call_next(request)
 
 

@@ -126,9 +126,15 @@ class ArtifactPublic(BaseModel):
 
 
 class Problem(BaseModel):
-    """Every 4xx/5xx body."""
+    """Every 4xx/5xx body: RFC 9457 problem details (``application/problem+json``) with a stable ``code`` and
+    the offending ``param`` when one is known."""
 
-    detail: str
+    type: str = Field(description="a URI naming the kind of problem (urn:bitplan:problem:CODE)")
+    title: str = Field(description="the HTTP status phrase")
+    status: int
+    detail: str = Field(description="what was wrong and what is accepted, for people")
+    code: str = Field(description="a stable code for programs (invalid_option, not_found, ...)")
+    param: str | None = Field(default=None, description="the request field at fault, when known")
 
 
 class ModelCreate(BaseModel):

@@ -1,8 +1,12 @@
-"""One place that turns errors into HTTP responses: the :class:`~bitplan.errors.BitplanError` family (each class
-carries its status), request validation and HTTP errors, all as ``{"detail": str}``."""
+"""One place that turns errors into HTTP responses, all as RFC 9457 problem details (``application/problem+json``
+with ``type``, ``title``, ``status``, ``detail``, a stable ``code`` and the offending ``param``): the
+:class:`~bitplan.errors.BitplanError` family (each class carries its status and code), request validation errors
+and HTTP errors. A message never carries the server's own paths."""
 
 from __future__ import annotations
 
+import http
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
@@ -14,7 +18,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from bitplan.errors import BitplanError
 from bitplan.service.schemas import Problem
 
-ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Problem} for code in (400, 401, 404, 409, 413, 422, 429)}
+PROBLEM_TYPE = "application/problem+json"
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": Problem, "content": {PROBLEM_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+    for code in (400, 401, 404, 409, 413, 422, 429)}
+STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                405: "method_not_allowed", 409: "conflict", 413: "too_large", 416: "range_not_satisfiable",
+                422: "invalid_input", 429: "too_many_jobs", 503: "unavailable", 507: "insufficient_storage"}
 
 
 def http_error(status: int, detail: str, headers: dict[str, str] | None = None) -> HTTPException:
@@ -22,17 +32,37 @@ def http_error(status: int, detail: str, headers: dict[str, str] | None = None) 
     return HTTPException(status_code=status, detail=detail, headers=headers)
 
 
+def problem(status: int, detail: str, *, code: str | None = None, param: str | None = None,
+            headers: dict[str, str] | None = None) -> JSONResponse:
+    """A problem-details response."""
+    code = code or STATUS_CODES.get(status, "error")
+    body = Problem(type=f"urn:bitplan:problem:{code}", title=http.HTTPStatus(status).phrase, status=status,
+                   detail=detail, code=code, param=param)
+    return JSONResponse(status_code=status, content=body.model_dump(), headers=headers, media_type=PROBLEM_TYPE)
+
+
+def _without_server_paths(request: Request, message: str) -> str:
+    """Root-relative paths in place of the service's own folders (a caller names models relative to a root)."""
+    settings = request.app.state.settings
+    for folder in [*settings.model_roots, settings.data_dir]:
+        for form in {str(Path(folder)), str(Path(folder).resolve())}:
+            message = message.replace(form.rstrip("/") + "/", "")
+    return message
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers on ``app``."""
 
     @app.exception_handler(BitplanError)
-    async def bad_input(_: Request, error: BitplanError) -> JSONResponse:
-        return JSONResponse(status_code=error.status, content={"detail": str(error)})
+    async def bad_input(request: Request, error: BitplanError) -> JSONResponse:
+        return problem(error.status, _without_server_paths(request, str(error)), code=error.code, param=error.param)
 
     @app.exception_handler(RequestValidationError)
     async def readable_validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
-        parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()]
-        return JSONResponse(status_code=422, content={"detail": "; ".join(parts)})
+        errors = error.errors()
+        parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors]
+        param = str(errors[0]["loc"][-1]) if errors and errors[0].get("loc") else None
+        return problem(422, "; ".join(parts), code="invalid_request", param=param)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_exception(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -41,4 +71,4 @@ def install_error_handlers(app: FastAPI) -> None:
             methods = {m for route in app.routes if isinstance(route, APIRoute)
                        and route.path_regex.match(request.url.path) for m in route.methods}
             headers["Allow"] = ", ".join(sorted(methods))
-        return JSONResponse(status_code=error.status_code, content={"detail": error.detail}, headers=headers)
+        return problem(error.status_code, str(error.detail), headers=headers)

@@ -127,3 +127,19 @@ def test_issue15_fault10_a_malformed_config_is_bad_input_not_an_internal_error(t
     (folder / "config.json").write_text(json.dumps({**config, "hidden_size": "abc"}))
     with pytest.raises(ModelReferenceError, match="cannot"):
         load_model(str(folder))
+
+
+def test_issue14_errors_are_problem_details_without_server_paths(api: TestClient, tiny_llama_dir: Path) -> None:
+    folder = _copy_model(tiny_llama_dir, api.root)  # type: ignore[attr-defined]
+    (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    refused = api.post("/v1/models", json={"reference": "tiny"})
+    body = refused.json()
+    assert refused.status_code == 422 and refused.headers["content-type"] == "application/problem+json"
+    assert {"type", "title", "status", "detail", "code"} <= set(body) and body["status"] == 422
+    assert body["code"] == "invalid_model" and body["param"] == "model"
+    assert str(api.root) not in body["detail"] and "tiny/model.safetensors" in body["detail"]  # type: ignore
+    missing = api.get("/v1/jobs/nope")
+    assert missing.status_code == 404 and missing.json()["code"] == "not_found"
+    assert missing.headers["content-type"] == "application/problem+json"
+    invalid = api.post("/v1/jobs", json={"model": "smollm2-135m", "bits_per_weight": 3.5, "solver": "nope"}).json()
+    assert invalid["code"] == "invalid_option" and invalid["param"] == "solver"
