@@ -68,6 +68,10 @@ class StaleAttempt(Exception):
     """A write carried a fencing token older than the job's current attempt."""
 
 
+class TooManyJobs(Exception):
+    """The owner already has its maximum of queued and running jobs."""
+
+
 @dataclass(frozen=True)
 class ArtifactRecord:
     """One published artifact of a job."""
@@ -111,7 +115,8 @@ class JobStore(Protocol):
     job carries its fence (the attempt number); a stale one raises :class:`StaleAttempt`."""
 
     def close(self) -> None: ...
-    def create(self, owner: str, request: dict[str, Any], idempotency_key: str | None) -> tuple[Job, bool]: ...
+    def create(self, owner: str, request: dict[str, Any], idempotency_key: str | None, *,
+               max_active: int | None = None) -> tuple[Job, bool]: ...
     def get(self, job_id: str) -> Job | None: ...
     def get_by_key(self, owner: str, idempotency_key: str) -> Job | None: ...
     def list(self, owner: str, *, status: str | None = None, after: tuple[float, str] | None = None,

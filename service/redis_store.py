@@ -18,7 +18,7 @@ from typing import Any
 
 import redis
 
-from bitplan.service.domain import ACTIVE, LEASED, STATUSES, Event, Job, JobStatus, StaleAttempt
+from bitplan.service.domain import ACTIVE, LEASED, STATUSES, Event, Job, JobStatus, StaleAttempt, TooManyJobs
 
 
 class RedisJobStore:
@@ -64,7 +64,22 @@ class RedisJobStore:
                     continue
 
     # -- jobs ---------------------------------------------------------------------------------------------------
-    def create(self, owner: str, request: dict[str, Any], idempotency_key: str | None) -> tuple[Job, bool]:
+    def create(self, owner: str, request: dict[str, Any], idempotency_key: str | None, *,
+               max_active: int | None = None) -> tuple[Job, bool]:
+        """As :meth:`SqliteJobStore.create`; the count and the insert hold the owner's lock (a Redis lock)."""
+        if max_active is None:
+            return self._create(owner, request, idempotency_key, None)
+        with self.redis.lock(self._key("create-lock", owner), timeout=30, blocking_timeout=30):
+            return self._create(owner, request, idempotency_key, max_active)
+
+    def _create(self, owner: str, request: dict[str, Any], idempotency_key: str | None,
+                max_active: int | None) -> tuple[Job, bool]:
+        if max_active is not None and idempotency_key is not None:
+            existing = self.get_by_key(owner, idempotency_key)
+            if existing is not None:
+                return existing, False
+        if max_active is not None and self.count_active(owner) >= max_active:
+            raise TooManyJobs(owner)
         now = time.time()
         job = Job(id=uuid.uuid4().hex, owner=owner, idempotency_key=idempotency_key, request=request,
                   status=JobStatus.QUEUED, stage=None, progress=0.0, attempt=0, error=None, result=None, created=now,

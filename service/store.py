@@ -17,7 +17,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bitplan.service.domain import LEASED, STATUSES, TERMINAL, Event, Job, JobStatus, JobStore, StaleAttempt
+from bitplan.service.domain import (
+    LEASED,
+    STATUSES,
+    TERMINAL,
+    Event,
+    Job,
+    JobStatus,
+    JobStore,
+    StaleAttempt,
+    TooManyJobs,
+)
 
 __all__ = ["STATUSES", "TERMINAL", "Event", "Job", "JobStatus", "JobStore", "SqliteJobStore", "StaleAttempt",
            "make_store"]
@@ -96,9 +106,11 @@ class SqliteJobStore:
             self._connection.execute("COMMIT")
 
     # -- jobs ---------------------------------------------------------------------------------------------------
-    def create(self, owner: str, request: dict[str, Any], idempotency_key: str | None) -> tuple[Job, bool]:
+    def create(self, owner: str, request: dict[str, Any], idempotency_key: str | None, *,
+               max_active: int | None = None) -> tuple[Job, bool]:
         """Insert a queued job; with an idempotency key already used by ``owner``, return that job instead.
-        Returns ``(job, created)``."""
+        Returns ``(job, created)``. With ``max_active``, the owner's active jobs are counted in the same
+        transaction as the insert (:class:`TooManyJobs` when at the cap), so concurrent requests cannot pass it."""
         now = time.time()
         with self._transaction() as db:
             if idempotency_key is not None:
@@ -106,6 +118,8 @@ class SqliteJobStore:
                                  (owner, idempotency_key)).fetchone()
                 if row is not None:
                     return job_from_row(row), False
+            if max_active is not None and self._active(db, owner) >= max_active:
+                raise TooManyJobs(owner)
             job_id = uuid.uuid4().hex
             db.execute("INSERT INTO jobs (id, owner, idempotency_key, request, status, created, updated) "
                        "VALUES (?, ?, ?, ?, 'queued', ?, ?)",
@@ -146,6 +160,11 @@ class SqliteJobStore:
         with self._lock:
             rows = self._connection.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
         return {**dict.fromkeys(STATUSES, 0), **{r[0]: int(r[1]) for r in rows}}
+
+    @staticmethod
+    def _active(db: sqlite3.Connection, owner: str) -> int:
+        return int(db.execute("SELECT COUNT(*) FROM jobs WHERE owner = ? AND status IN ('queued', 'running', "
+                              "'cancelling')", (owner,)).fetchone()[0])
 
     def count_active(self, owner: str) -> int:
         with self._lock:

@@ -29,6 +29,7 @@ class ServiceSettings:
     max_active_jobs: int = 4  # per owner, queued + running
     max_sweep: int = 8
     max_model_bytes: int = 20 * 2**30
+    min_free_bytes: int = 64 * 2**20  # /readyz is not ready below this much free space in the data folder
     lease_s: float = 30.0
     heartbeat_s: float = 2.0
     max_attempts: int = 3

@@ -5,10 +5,14 @@ and HTTP errors. A message never carries the server's own paths."""
 
 from __future__ import annotations
 
+import errno
 import http
+import logging
+import sqlite3
 from pathlib import Path
 from typing import Any
 
+import redis
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -18,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from bitplan.errors import BitplanError
 from bitplan.service.schemas import Problem
 
+logger = logging.getLogger(__name__)
 PROBLEM_TYPE = "application/problem+json"
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": Problem, "content": {PROBLEM_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
@@ -50,8 +55,37 @@ def _without_server_paths(request: Request, message: str) -> str:
     return message
 
 
+def infrastructure_problem(error: BaseException) -> JSONResponse | None:
+    """503 (store unreachable, busy) or 507 (disk full) for an error of the service's own infrastructure, with
+    ``Retry-After``; ``None`` for anything else."""
+    text = str(error).lower()
+    if isinstance(error, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+        return problem(503, "the job store (Redis) cannot be reached; retry shortly", code="store_unavailable",
+                       headers={"Retry-After": "5"})
+    full = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "disk is full" in text \
+        or "disk full" in text
+    if full and isinstance(error, (OSError, sqlite3.Error, redis.exceptions.ResponseError)):
+        return problem(507, "the service's data folder or store is out of space; retry once space is freed",
+                       code="insufficient_storage", headers={"Retry-After": "60"})
+    if isinstance(error, sqlite3.OperationalError):
+        return problem(503, "the job store is busy or unavailable; retry shortly", code="store_unavailable",
+                       headers={"Retry-After": "5"})
+    return None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers on ``app``."""
+
+    async def unexpected(_: Request, error: Exception) -> JSONResponse:
+        response = infrastructure_problem(error)
+        if response is not None:
+            return response
+        logger.error("unexpected error", exc_info=error)
+        return problem(500, "internal error; it has been logged", code="internal")
+
+    for kind in (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ResponseError,
+                 sqlite3.Error, OSError, Exception):  # the infrastructure's own classes first: answered, not raised
+        app.add_exception_handler(kind, unexpected)  # type: ignore[arg-type]
 
     @app.exception_handler(BitplanError)
     async def bad_input(request: Request, error: BitplanError) -> JSONResponse:

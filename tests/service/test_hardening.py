@@ -143,3 +143,53 @@ def test_issue14_errors_are_problem_details_without_server_paths(api: TestClient
     assert missing.headers["content-type"] == "application/problem+json"
     invalid = api.post("/v1/jobs", json={"model": "smollm2-135m", "bits_per_weight": 3.5, "solver": "nope"}).json()
     assert invalid["code"] == "invalid_option" and invalid["param"] == "solver"
+
+
+def test_issue15_fault7_redis_down_is_503_with_retry_after_and_readyz_says_so(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = ServiceSettings(data_dir=tmp_path / "data", embedded_worker=False,
+                               redis_url=f"redis://127.0.0.1:{port}/0")
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        assert client.get("/healthz").status_code == 200
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and "Redis" in ready.json()["detail"] and ready.headers["Retry-After"]
+        for response in (client.get("/v1/jobs"), client.get("/v1/models"),
+                         client.post("/v1/jobs", json={"model": "smollm2-135m", "uniform_bits": 4})):
+            assert response.status_code == 503, response.text
+            assert response.headers["Retry-After"] and response.json()["code"] == "store_unavailable"
+
+
+def test_issue15_fault12_a_full_disk_is_507_and_not_ready_then_recovers(tmp_path: Path) -> None:
+    """On a small tmpfs (root only: CI runs as root); the job store's file fills up."""
+    import subprocess
+
+    data = tmp_path / "small"
+    data.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(data)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        settings = ServiceSettings(data_dir=data, embedded_worker=False, min_free_bytes=256 * 1024,
+                                   max_active_jobs=10_000)
+        with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+            assert client.get("/readyz").status_code == 200
+            filler = data / "filler"
+            try:
+                with filler.open("wb") as handle:
+                    while True:
+                        handle.write(b"x" * 4096)
+                        handle.flush()
+            except OSError:
+                pass
+            body = {"model": "smollm2-135m", "uniform_bits": 4, "pinned": ["x" * 1000 + "=4"] * 40}
+            statuses = {client.post("/v1/jobs", json={**body, "seed": n}).status_code for n in range(20)}
+            assert 500 not in statuses and 507 in statuses, statuses
+            assert client.get("/readyz").status_code == 503
+            filler.unlink()
+            assert client.get("/readyz").status_code == 200
+            assert client.post("/v1/jobs", json={"model": "smollm2-135m", "uniform_bits": 4}).status_code == 202
+    finally:
+        subprocess.run(["umount", "-l", str(data)], check=False)

@@ -82,3 +82,20 @@ def test_issue13_both_stores_implement_the_job_store_protocol(store: JobStore) -
     assert isinstance(store, JobStore)
     job, _ = store.create("me", {"model": "m"}, None)
     assert store.get(job.id).status is JobStatus.QUEUED and set(store.status_counts()) == {s.value for s in JobStatus}
+
+
+def test_issue15_fault6_the_active_job_cap_holds_under_concurrency(store: JobStore) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bitplan.service.domain import TooManyJobs
+
+    def attempt(index: int) -> bool:
+        try:
+            store.create("racer", {"n": index}, None, max_active=4)
+            return True
+        except TooManyJobs:
+            return False
+
+    with ThreadPoolExecutor(16) as pool:
+        created = list(pool.map(attempt, range(16)))
+    assert sum(created) == 4 and store.count_active("racer") == 4

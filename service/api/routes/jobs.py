@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 from bitplan.references import check_reference
 from bitplan.service.api.deps import Owner, Queue, ServiceSettings, Settings, Store, own_job
 from bitplan.service.api.errors import ERRORS, http_error
-from bitplan.service.domain import TERMINAL, Job, JobStatus
+from bitplan.service.domain import TERMINAL, Job, JobStatus, TooManyJobs
 from bitplan.service.schemas import (
     AllocationSummary,
     ArtifactRef,
@@ -54,12 +54,11 @@ def create_job(body: JobCreate, response: Response, owner: Owner, store: Store, 
             raise http_error(422, f"no registered model {body.model!r} for this key")
         body = body.model_copy(update={"model": registered["reference"]})
     request = validate_job(body, settings).to_dict()
-    if store.count_active(owner) >= settings.max_active_jobs:
-        existing = store.get_by_key(owner, idempotency_key) if idempotency_key else None
-        if existing is None:
-            raise http_error(429, f"at most {settings.max_active_jobs} queued or running jobs per key; retry when "
-                                  "one finishes", {"Retry-After": "30"})
-    job, created = store.create(owner, request, idempotency_key)
+    try:
+        job, created = store.create(owner, request, idempotency_key, max_active=settings.max_active_jobs)
+    except TooManyJobs:
+        raise http_error(429, f"at most {settings.max_active_jobs} queued or running jobs per key; retry when one "
+                              "finishes", {"Retry-After": "30"}) from None
     if not created and job.request != request:
         raise http_error(409, f"Idempotency-Key {idempotency_key!r} was used for a different request (job "
                               f"{job.id})")
