@@ -60,6 +60,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
                            "lines), or bind to 127.0.0.1")
     settings = ServiceSettings(data_dir=Path(args.data_dir), model_roots=[Path(r) for r in args.model_root],
                                api_keys=keys, embedded_worker=not args.no_worker, workers=args.workers,
+                               public_metrics=args.public_metrics,
                                redis_url=args.redis_url)
     sys.stderr.write(f"bitplan service on http://{args.host}:{args.port} (data in {args.data_dir}, "
                      f"{'embedded worker' if not args.no_worker else 'no embedded worker'}, "
@@ -199,6 +200,8 @@ def add_service_commands(sub: Any) -> None:
     serve.add_argument("--model-root", action="append", default=[],
                        help="folder whose model files clients may reference by path (repeatable)")
     serve.add_argument("--api-keys", help="file of OWNER:KEY lines; required to bind beyond loopback")
+    serve.add_argument("--public-metrics", action="store_true", help="serve /metrics without a key (default: "
+                                                                     "a key is needed when the service has keys)")
     serve.add_argument("--workers", type=int, default=1, help="embedded worker threads (one job each)")
     serve.add_argument("--no-worker", action="store_true", help="API only; run 'bitplan worker' elsewhere")
     serve.add_argument("--redis-url", default=os.environ.get("BITPLAN_REDIS_URL"))

@@ -9,11 +9,14 @@ nothing. A crash of the child (bad model file, out of memory) fails the job, nev
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
 import queue
 import shutil
+import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -23,7 +26,7 @@ from typing import Any
 from huey import Huey, RedisHuey, SqliteHuey
 from huey.consumer import Consumer
 
-from bitplan.service.domain import ArtifactRecord, JobError, JobResult, JobStatus, JobStore, StaleAttempt
+from bitplan.service.domain import LEASED, ArtifactRecord, JobError, JobResult, JobStatus, JobStore, StaleAttempt
 from bitplan.stages import overall_fraction  # JobStore or RedisJobStore (the same methods)
 
 logger = logging.getLogger(__name__)
@@ -57,8 +60,34 @@ def make_huey(settings: WorkerSettings) -> Huey:
     return SqliteHuey("bitplan", filename=str(settings.data_dir / "queue.db"))
 
 
-def _child_main(request: dict[str, Any], staging: str, messages: Any, stop: Any) -> None:
+def die_with_parent(parent_pid: int) -> None:
+    """Have the kernel kill this process when its parent dies (Linux ``PR_SET_PDEATHSIG``), so that an attempt
+    never outlives a SIGKILLed worker; exits at once if the parent is already gone."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def sweep_staging(store: JobStore, staging_dir: Path) -> list[str]:
+    """Remove staging folders of attempts that no longer hold a lease (killed workers leave them); returns the
+    names removed."""
+    removed = []
+    for folder in sorted(staging_dir.iterdir()) if staging_dir.is_dir() else []:
+        job_id, _, attempt = folder.name.rpartition("-attempt")
+        job = store.get(job_id) if job_id else None
+        holds = (job is not None and job.status in LEASED and attempt.isdigit() and job.attempt == int(attempt)
+                 and job.lease_until is not None and job.lease_until >= time.time())
+        if not holds:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
+    return removed
+
+
+def _child_main(request: dict[str, Any], staging: str, messages: Any, stop: Any, parent_pid: int) -> None:
     """The pipeline in a fresh process; everything it reports goes through ``messages``."""
+    die_with_parent(parent_pid)
     from bitplan.errors import BitplanError
     from bitplan.pipeline import run_budgets
     from bitplan.sensitivity import Cancelled
@@ -104,7 +133,8 @@ class JobRunner:
         context = multiprocessing.get_context("spawn")
         messages = context.Queue()
         stop = context.Event()
-        child = context.Process(target=_child_main, args=(job.request, str(staging), messages, stop), daemon=True)
+        child = context.Process(target=_child_main, args=(job.request, str(staging), messages, stop, os.getpid()),
+                                daemon=True)
         child.start()
         try:
             outcome = self._supervise(job_id, fence, child, messages, stop)
@@ -114,8 +144,12 @@ class JobRunner:
             self._conclude(job_id, fence, outcome, child.exitcode, staging)
         except StaleAttempt:
             logger.warning("job %s: attempt %d lost its lease; its work is discarded", job_id, fence)
-            child.kill()
+        except Exception:  # noqa: BLE001 - the store is unreachable: stop; the lease expires and the job is requeued
+            logger.exception("job %s: attempt %d cannot reach the job store; stopping it", job_id, fence)
         finally:
+            if child.is_alive():
+                child.kill()
+            child.join(timeout=30)  # reaped: no zombie, no writes after the cleanup below
             shutil.rmtree(staging, ignore_errors=True)
 
     def _supervise(self, job_id: str, fence: int, child: Any, messages: Any, stop: Any) -> tuple[Any, ...] | None:
@@ -216,6 +250,8 @@ class WorkerPool:
             try:
                 for job_id in self.store.reap(self.settings.max_attempts):
                     enqueue(self.huey, job_id)
+                for name in sweep_staging(self.store, self.settings.staging_dir):
+                    logger.info("removed the staging folder %s of an attempt that holds no lease", name)
             except Exception:  # noqa: BLE001 - keep reaping
                 logger.exception("reaper pass failed")
 

@@ -30,6 +30,7 @@ class ServiceSettings:
     max_sweep: int = 8
     max_model_bytes: int = 20 * 2**30
     min_free_bytes: int = 64 * 2**20  # /readyz is not ready below this much free space in the data folder
+    public_metrics: bool = False  # /metrics without a key even when the service has API keys
     lease_s: float = 30.0
     heartbeat_s: float = 2.0
     max_attempts: int = 3
@@ -67,10 +68,11 @@ def caller(settings: Settings, authorization: str | None = Header(default=None))
     """The owner the request's API key belongs to (the one local owner when the service has no keys)."""
     if not settings.api_keys:
         return LOCAL_OWNER
-    if authorization is None or not authorization.startswith("Bearer "):
+    scheme, _, key = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():  # the scheme is case-insensitive (RFC 9110)
         raise http_error(401, "this service needs an API key: send 'Authorization: Bearer KEY'",
                          {"WWW-Authenticate": "Bearer"})
-    owner = settings.api_keys.get(hash_key(authorization.removeprefix("Bearer ").strip()))
+    owner = settings.api_keys.get(hash_key(key.strip()))
     if owner is None:
         raise http_error(401, "unknown API key", {"WWW-Authenticate": "Bearer"})
     return owner
@@ -85,3 +87,9 @@ def own_job(job_id: str, owner: str, store: JobStore) -> Job:
     if job is None or job.owner != owner:
         raise http_error(404, f"no job {job_id!r}")
     return job
+
+
+def metrics_caller(settings: Settings, authorization: str | None = Header(default=None)) -> None:
+    """``/metrics`` needs a key when the service has keys, unless it was started with public metrics."""
+    if settings.api_keys and not settings.public_metrics:
+        caller(settings, authorization)

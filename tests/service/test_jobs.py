@@ -57,6 +57,8 @@ def test_full_job_end_to_end(service: TestClient, tiny_llama_dir: Path) -> None:
     assert whole.status_code == 200
     assert hashlib.sha256(whole.content).hexdigest() == files["quantized.safetensors"]["sha256"]
     assert whole.headers["etag"] == f'"{files["quantized.safetensors"]["sha256"]}"'
+    unchanged = service.get(url, headers={"If-None-Match": whole.headers["etag"]})  # issue 15: 304, not 200
+    assert unchanged.status_code == 304 and unchanged.content == b""
     manifest = service.get(f"/v1/artifacts/{artifact['id']}/files/manifest.json").json()
     assert manifest["kl_refinement"]["kept"] in ("first", "refined")  # the job re-solved with block KL shares
     head = service.head(url)
@@ -180,6 +182,9 @@ def test_keys_see_only_their_own_jobs_and_limits(tmp_path: Path, tiny_llama_dir:
     assert limited.status_code == 429 and limited.headers["retry-after"] == "30"
     assert client.post("/v1/jobs", content=b"x" * 100_000, headers={**alice, "content-type": "application/json"}
                        ).status_code == 413
+    assert client.get(f"/v1/jobs/{job_id}", headers={"Authorization": "bearer alice-key"}).status_code == 200
+    assert client.get("/metrics").status_code == 401  # issue 15: metrics need a key when the service has keys
+    assert client.get("/metrics", headers=alice).status_code == 200
 
 
 def test_cursor_pagination(tmp_path: Path, tiny_llama_dir: Path) -> None:

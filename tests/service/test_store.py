@@ -99,3 +99,20 @@ def test_issue15_fault6_the_active_job_cap_holds_under_concurrency(store: JobSto
     with ThreadPoolExecutor(16) as pool:
         created = list(pool.map(attempt, range(16)))
     assert sum(created) == 4 and store.count_active("racer") == 4
+
+
+def test_issue15_fault9_staging_of_attempts_without_a_lease_is_swept(store: JobStore, tmp_path: Path) -> None:
+    from bitplan.service.worker import sweep_staging
+
+    staging = tmp_path / "staging"
+    running, _ = store.create("me", {}, None)
+    fence = store.claim(running.id, lease_s=30)
+    done, _ = store.create("me", {}, None)
+    store.finish(done.id, store.claim(done.id, lease_s=30), "succeeded", result={})
+    for name in (f"{running.id}-attempt{fence}", f"{running.id}-attempt{fence - 1}", f"{done.id}-attempt1",
+                 "nojob-attempt1", "junk"):
+        (staging / name / "0").mkdir(parents=True)
+    removed = sweep_staging(store, staging)
+    assert sorted(removed) == sorted([f"{running.id}-attempt{fence - 1}", f"{done.id}-attempt1", "nojob-attempt1",
+                                      "junk"])
+    assert [p.name for p in staging.iterdir()] == [f"{running.id}-attempt{fence}"]

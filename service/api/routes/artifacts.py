@@ -6,7 +6,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Header, Response
 from fastapi.responses import FileResponse
 
 from bitplan.manifest import MANIFEST, read_manifest
@@ -18,7 +18,8 @@ from bitplan.service.schemas import ArtifactFile, ArtifactPublic
 router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"], responses=ERRORS)
 FILE_RESPONSES: dict[int | str, dict[str, Any]] = {
     **ERRORS, 200: {"content": {"application/octet-stream": {}}, "description": "the file (ETag: its sha256)"},
-    206: {"content": {"application/octet-stream": {}}, "description": "the requested byte range"}}
+    206: {"content": {"application/octet-stream": {}}, "description": "the requested byte range"},
+    304: {"description": "If-None-Match named the file's current ETag"}}
 
 
 def own_artifact(artifact_id: str, owner: str, store: JobStore, data_dir: Path) -> Path:
@@ -53,10 +54,15 @@ def get_artifact(artifact_id: str, owner: Owner, store: Store, settings: Setting
              operation_id="head_artifact_file")
 @router.get("/{artifact_id}/files/{name}", responses=FILE_RESPONSES, response_class=FileResponse,
             operation_id="get_artifact_file")
-def artifact_file(artifact_id: str, name: str, owner: Owner, store: Store, settings: Settings) -> FileResponse:
+def artifact_file(artifact_id: str, name: str, owner: Owner, store: Store, settings: Settings,
+                  if_none_match: str | None = Header(default=None)) -> Response:
     folder = own_artifact(artifact_id, owner, store, settings.data_dir)
     digests = _digests(folder)
     if name not in digests:  # only files the manifest lists: no path tricks
         raise http_error(404, f"artifact {artifact_id!r} has no file {name!r}")
+    etag = f'"{digests[name]}"'
+    if if_none_match is not None and (if_none_match.strip() == "*"
+                                      or etag in [t.strip() for t in if_none_match.split(",")]):
+        return Response(status_code=304, headers={"ETag": etag})
     return FileResponse(folder / name, media_type="application/octet-stream", filename=name,
                         headers={"ETag": f'"{digests[name]}"', "X-Checksum-Sha256": digests[name]})

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import shutil
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from bitplan import __version__
-from bitplan.service.api.deps import Queue, Settings, Store
+from bitplan.service.api.deps import Queue, Settings, Store, metrics_caller
 from bitplan.service.api.errors import problem
 from bitplan.service.schemas import Health, Problem
 
@@ -39,7 +39,7 @@ def ready(store: Store, settings: Settings) -> Health | JSONResponse:
 
 @router.get("/metrics", response_class=PlainTextResponse,
             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
-def metrics(request: Request, store: Store, huey: Queue) -> PlainTextResponse:
+def metrics(request: Request, store: Store, huey: Queue, _: None = Depends(metrics_caller)) -> PlainTextResponse:
     telemetry = request.app.state.telemetry
     for status, count in store.status_counts().items():
         telemetry.jobs.labels(status).set(count)
