@@ -12,6 +12,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bitplan import __version__
 from bitplan.service.api.deps import LOCAL_OWNER, ServiceSettings, hash_key
@@ -76,12 +77,43 @@ def _install_middleware(app: FastAPI, settings: ServiceSettings, telemetry: Tele
         telemetry.requests.labels(request.method, str(response.status_code)).inc()
         return response
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-            return problem(413, f"request body over the limit of {settings.max_body_bytes} bytes")
-        return await call_next(request)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+
+
+class BodyLimit:
+    """Refuse a request body over ``max_bytes`` with a 413: by its Content-Length up front, and by counting what
+    arrives (a chunked body has no length) before the app sees any of it, so at most ``max_bytes`` is held."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = problem(413, f"request body over the limit of {self.max_bytes} bytes")
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            await too_large(scope, receive, send)
+            return
+        messages: list[Message] = []
+        received = 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                await too_large(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
 
 
 def default_app() -> FastAPI:

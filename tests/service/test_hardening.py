@@ -193,3 +193,12 @@ def test_issue15_fault12_a_full_disk_is_507_and_not_ready_then_recovers(tmp_path
             assert client.post("/v1/jobs", json={"model": "smollm2-135m", "uniform_bits": 4}).status_code == 202
     finally:
         subprocess.run(["umount", "-l", str(data)], check=False)
+
+
+def test_issue15_fault3_a_chunked_body_over_the_limit_is_refused_while_read(api: TestClient) -> None:
+    def chunks():  # no Content-Length: the client sends it chunked
+        for _ in range(300):
+            yield b"x" * 1024
+
+    response = api.post("/v1/jobs", content=chunks(), headers={"content-type": "application/json"})
+    assert response.status_code == 413 and response.json()["code"] == "too_large", response.text
