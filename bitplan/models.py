@@ -247,6 +247,10 @@ def _load_safetensors(path: Path, folder: Path, reference: str) -> tuple[nn.Modu
             model, info = auto.from_pretrained(folder, dtype=torch.float32, use_safetensors=True,
                                                output_loading_info=True)
             _refuse_incomplete(reference, config, info["missing_keys"], info["unexpected_keys"])
+            if info.get("mismatched_keys"):
+                first = list(info["mismatched_keys"])[:3]
+                raise ModelReferenceError(f"{reference!r} holds {len(info['mismatched_keys'])} weights whose shape "
+                                          f"differs from what its config needs, e.g. {first}")
         else:
             model = _from_single_safetensors(auto, config, path, reference)
     except (ValueError, OSError, RuntimeError) as error:
