@@ -121,7 +121,10 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         raise BitplanError(f"perplexity needs a causal language model; this model is a {kind}")
     if args.seq_len < 2 or (args.max_windows is not None and args.max_windows < 1):
         raise BitplanError(f"need --seq-len >= 2 and --max-windows >= 1, got {args.seq_len} and {args.max_windows}")
-    ids = tokenize_for_perplexity(tokenizer, read_text(Path(args.text)))
+    from bitplan.quality import HELDOUT_SOURCE, heldout_text
+
+    text = heldout_text() if args.text is None else read_text(Path(args.text))
+    ids = tokenize_for_perplexity(tokenizer, text)
     progress = Progress(not args.quiet)
     try:
         result = perplexity(model, ids, seq_len=args.seq_len, max_windows=args.max_windows, on_progress=progress)
@@ -131,6 +134,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         progress.close()
     payload = result.to_json()
     payload["artifact" if args.artifact else "model"] = args.artifact or args.model
+    payload["text"] = HELDOUT_SOURCE if args.text is None else args.text
     emit(payload, args.json)
 
 
@@ -204,7 +208,8 @@ def _add_tool_commands(sub: Any) -> None:
     evaluate = sub.add_parser("eval", help="perplexity of an artifact or a float model on a text file")
     evaluate.add_argument("--artifact")
     evaluate.add_argument("--model")
-    evaluate.add_argument("--text", required=True)
+    evaluate.add_argument("--text", help="text file (default: the built-in held-back text, "
+                                         "Python's standard-library docstrings)")
     evaluate.add_argument("--seq-len", type=int, default=512)
     evaluate.add_argument("--max-windows", type=int)
     evaluate.add_argument("--json", action="store_true")

@@ -70,6 +70,7 @@ class RunRecord:
     tie_fused: bool = False
     pinned: list[list[Any]] = field(default_factory=list)
     kl_refinement: dict[str, Any] | None = None
+    quality: dict[str, Any] | None = None  # bitplan.quality.QualityReport on held-back windows
     job: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:

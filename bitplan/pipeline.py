@@ -22,8 +22,10 @@ from bitplan.errors import BitplanError, ModelReferenceError
 from bitplan.manifest import RunRecord
 from bitplan.models import LoadedModel, ModelKind, load_model
 from bitplan.planning import Plan, Sizes, budgets_in_bytes, make_plans, solve_plan, unit_sizes
+from bitplan.quality import QualityReport, heldout_windows, measure_quality
 from bitplan.quantize import Quantized, measure_kl, quantize_plans, spec_needs_grams
 from bitplan.quantizer.methods import QUANTIZER_LABELS
+from bitplan.quantizer.rtn import dequantize_weight
 from bitplan.quantizer.sizes import stored_bytes
 from bitplan.refine import refine_allocation
 from bitplan.sensitivity import SensitivityResult
@@ -57,6 +59,7 @@ class RunResult:
     predicted_bytes: int
     warnings: list[str]
     kl_divergence: float | None = None  # mean per-token KL(float || quantized) on calibration windows (nats)
+    quality: dict[str, Any] | None = None  # bitplan.quality.QualityReport on held-back windows (language models)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,6 +72,7 @@ class Measured:
     calibration: dict[str, Any] | None
     tokens: torch.Tensor | None
     sensitivity: SensitivityResult | None
+    heldout: tuple[torch.Tensor, str] | None = None  # held-back windows for the quality report, and their text
 
 
 class Clock:
@@ -104,7 +108,8 @@ def run_budgets(spec: JobSpec, *, out_dirs: list[Path], on_progress: ProgressFn 
     5. Plan each budget: bits per unit by the allocator (a uniform baseline is a trivial plan).
     6. Quantize every unit of every plan (RTN, GPTQ, with or without salience; one Gram pass for all).
     7. Optionally re-solve each plan with the block KL shares the quantized model measures.
-    8. Pack and write each artifact atomically, measure its KL divergence, and report; sizes come from the files.
+    8. Measure each plan's quality on held-back windows, pack and write its artifact atomically, measure its KL
+       divergence on calibration windows, and report; sizes come from the files.
 
     ``use_cache``: reuse sensitivities measured before, kept under ``cache_dir`` (default ``$BITPLAN_CACHE_DIR``
     or ``~/.cache/bitplan``).
@@ -126,6 +131,10 @@ def run_budgets(spec: JobSpec, *, out_dirs: list[Path], on_progress: ProgressFn 
     budgets = [None] if spec.budget.uniform_bits is not None else budgets_in_bytes(spec, sizes, numel)
     clock.lap("plan")
     measured = calibrate_and_measure(spec, loaded, units, on_progress, should_stop, cache)  # 3, 4
+    refinement = spec.refinement
+    if refinement.quality_windows > 0 and loaded.kind is ModelKind.CAUSAL_LM:
+        measured.heldout = heldout_windows(loaded.tokenizer, windows=refinement.quality_windows,
+                                           seq_len=refinement.quality_seq_len)
     if measured.sensitivity is not None:
         clock.lap("sensitivity")
     plans = make_plans(spec, units, sizes, measured.sensitivity, budgets)  # 5
@@ -200,7 +209,7 @@ def _solve_bits(spec: JobSpec, sizes: Sizes, sensitivity: SensitivityResult, *, 
 
 
 def run_record(spec: JobSpec, loaded: LoadedModel, plan: Plan, measured: Measured,
-               refinement: dict[str, Any] | None) -> RunRecord:
+               refinement: dict[str, Any] | None, quality: QualityReport | None = None) -> RunRecord:
     """What the manifest says of how this artifact was made."""
     sensitivity = measured.sensitivity
     if plan.budget_bytes is None:
@@ -217,14 +226,23 @@ def run_record(spec: JobSpec, loaded: LoadedModel, plan: Plan, measured: Measure
         sensitivity={"metric": None if sensitivity is None else sensitivity.metric.value,
                      "warnings": [] if sensitivity is None else list(sensitivity.warnings)},
         calibration=measured.calibration, quantizer=QUANTIZER_LABELS[spec.quantization.quantizer.value],
-        mix_groups=spec.quantization.mix_groups, kl_refinement=refinement, job=spec.to_dict())
+        mix_groups=spec.quantization.mix_groups, kl_refinement=refinement,
+        quality=None if quality is None else quality.to_json(), job=spec.to_dict())
 
 
 def write_run(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], plan: Plan, measured: Measured,
               quantized: Quantized, out_dir: Path, refinement: dict[str, Any] | None, timings: dict[str, float],
               on_progress: ProgressFn | None) -> RunResult:
-    """Step 8: pack and write one artifact, measure its KL divergence, and report it."""
-    record = run_record(spec, loaded, plan, measured, refinement)
+    """Step 8: measure one plan's quality, pack and write its artifact, measure its KL divergence, report it."""
+    started = time.perf_counter()
+    quality = None
+    if measured.heldout is not None:
+        replacements = {name: dequantize_weight(q) for name, q in quantized.items()}
+        quality = measure_quality(loaded.model, units, replacements, measured.heldout[0], text=measured.heldout[1])
+    quality_s = {"quality": round(time.perf_counter() - started, 3)} if quality is not None else {}
+    if on_progress is not None and quality is not None:
+        on_progress(Stage.QUALITY, 1, 1)
+    record = run_record(spec, loaded, plan, measured, refinement, quality)
     started = time.perf_counter()
     written = write_artifact(out_dir, model=loaded.model, tokenizer=loaded.tokenizer, kind=loaded.kind,
                              quantized=quantized, run=record)
@@ -235,7 +253,8 @@ def write_run(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], p
     if on_progress is not None:
         on_progress(Stage.KL_CHECK, 1, 1)
     allocation_s = {} if plan.budget_bytes is None else {"allocation": plan.seconds}
-    return _result(spec, written, plan, record, {**timings, **allocation_s, **stage_times}, kl, quantized)
+    return _result(spec, written, plan, record, {**timings, **allocation_s, **quality_s, **stage_times}, kl,
+                   quantized)
 
 
 def _result(spec: JobSpec, written: WrittenArtifact, plan: Plan, record: RunRecord, timings: dict[str, float],
@@ -252,7 +271,7 @@ def _result(spec: JobSpec, written: WrittenArtifact, plan: Plan, record: RunReco
                for n, b in plan.bits.items()],
         model=spec.model, metric=record.sensitivity["metric"], budget=record.budget, calibration=record.calibration,
         manifest_sha256=written.manifest_sha256, timings_s=timings, predicted_bytes=predicted,
-        warnings=record.sensitivity["warnings"], kl_divergence=kl)
+        warnings=record.sensitivity["warnings"], kl_divergence=kl, quality=record.quality)
 
 
 __all__ = ["RunResult", "calibrate_and_measure", "measure_sensitivity", "resolve_metric", "run_budgets",

@@ -231,6 +231,11 @@ class Refinement:
                                   "0: off", flag="--kl-refine", minimum=0, maximum=64)
     kl_windows: int = _opt(2, "int", "calibration windows on which the artifact's KL divergence is measured "
                            "(0: skip)", flag="--kl-windows", minimum=0, maximum=512)
+    quality_windows: int = _opt(8, "int", "held-back windows (text the calibration did not see) on which the "
+                                "quality report is measured: KL to the source, perplexities, top-1 agreement "
+                                "(0: skip)", flag="--quality-windows", minimum=0, maximum=256)
+    quality_seq_len: int = _opt(512, "int", "tokens per held-back window", flag="--quality-seq-len", minimum=16,
+                                maximum=8192)
 
     def __post_init__(self) -> None:
         _check_part(self)

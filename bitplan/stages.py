@@ -21,6 +21,7 @@ class Stage(str, Enum):
     PREDICTED_ERROR = "predicted error"
     QUANTIZE = "quantize"
     KL_REFINEMENT = "kl refinement"
+    QUALITY = "quality"
     WRITE = "write"
     KL_CHECK = "kl check"
     PERPLEXITY = "perplexity"
@@ -34,7 +35,8 @@ class Stage(str, Enum):
 STAGE_SPAN: dict[Stage, tuple[float, float]] = {
     Stage.LOAD: (0.0, 0.05), Stage.CALIBRATION_STATISTICS: (0.05, 0.6), Stage.BLOCK_STATISTICS: (0.6, 0.75),
     Stage.TOKEN_FISHER: (0.05, 0.75), Stage.HUTCHINSON_PROBES: (0.05, 0.75), Stage.PREDICTED_ERROR: (0.75, 0.8),
-    Stage.QUANTIZE: (0.8, 0.92), Stage.KL_REFINEMENT: (0.92, 0.95), Stage.WRITE: (0.95, 0.97),
+    Stage.QUANTIZE: (0.8, 0.92), Stage.KL_REFINEMENT: (0.92, 0.94), Stage.QUALITY: (0.94, 0.96),
+    Stage.WRITE: (0.96, 0.97),
     Stage.KL_CHECK: (0.97, 1.0), Stage.PERPLEXITY: (0.0, 1.0),
 }
 

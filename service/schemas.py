@@ -72,6 +72,19 @@ class ArtifactRef(BaseModel):
     manifest_sha256: str
 
 
+class QualityPublic(BaseModel):
+    """Quality against the source model on held-back windows (text the calibration did not see)."""
+
+    kl_mean: float = Field(description="mean per-token KL(source || quantized), nats")
+    kl_p99: float = Field(description="99th percentile of the per-token KL, nats")
+    ppl: float = Field(description="perplexity of the quantized model")
+    ppl_source: float = Field(description="perplexity of the source model on the same windows")
+    top1_agreement: float = Field(description="share of tokens whose most likely next token is the source's")
+    windows: int
+    seq_len: int
+    text: str = Field(description="the evaluated text's name")
+
+
 class AllocationSummary(BaseModel):
     bits_per_weight: float
     bytes: int
@@ -80,6 +93,7 @@ class AllocationSummary(BaseModel):
     lower_bound: float | None
     kl_divergence: float | None
     bits_histogram: dict[str, int]
+    quality: QualityPublic | None = None
 
 
 class JobPublic(BaseModel):

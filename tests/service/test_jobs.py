@@ -49,6 +49,9 @@ def test_full_job_end_to_end(service: TestClient, tiny_llama_dir: Path) -> None:
     assert job["progress"]["fraction"] == 1.0 and job["attempt"] == 1
     assert [a["bits_per_weight"] <= b for a, b in zip(job["allocation"], [3.5, 4.5], strict=True)] == [True, True]
     assert all(a["kl_divergence"] > 0 for a in job["allocation"])
+    quality = job["allocation"][0]["quality"]  # issue 14: measured on held-back text
+    assert quality["text"] == "builtin:python-stdlib-docstrings" and quality["ppl_source"] > 0
+    assert {"kl_mean", "kl_p99", "ppl", "top1_agreement", "windows", "seq_len"} <= set(quality)
     artifact = service.get(f"/v1/artifacts/{job['artifacts'][0]['id']}").json()
     files = {f["name"]: f for f in artifact["files"]}
     assert {"quantized.safetensors", "manifest.json"} <= set(files)

@@ -139,7 +139,8 @@ def _allocation(run: dict[str, Any]) -> AllocationSummary:
         histogram[str(unit["bits"])] = histogram.get(str(unit["bits"]), 0) + 1
     return AllocationSummary(bits_per_weight=run["bits_per_weight"], bytes=run["bytes"], status=run["status"],
                              objective=run["objective"], lower_bound=run["lower_bound"],
-                             kl_divergence=run.get("kl_divergence"), bits_histogram=histogram)
+                             kl_divergence=run.get("kl_divergence"), bits_histogram=histogram,
+                             quality=run.get("quality"))
 
 
 def job_public(job: Job) -> JobPublic:
