@@ -241,8 +241,10 @@ def _add_tool_commands(sub: Any) -> None:
 
 def main(argv: Sequence[str] | None = None, *, extend: Callable[[Any], None] | None = None) -> int:
     args = build_parser(extend).parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")  # logs only with -v: the bars say enough
+    if args.verbose:
+        logging.getLogger("httpx").setLevel(logging.INFO)
     try:
         args.func(args)
     except (BitplanError, ValueError) as error:
