@@ -78,7 +78,8 @@ def safetensors_data_bytes(path: Path) -> dict[str, int]:
             for name, entry in header.items() if name != "__metadata__"}
 
 
-def _float_state(model: nn.Module, unit_names: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _float_state(model: nn.Module, unit_names: set[str], dtype: torch.dtype = torch.float32
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Non-unit tensors, each stored once; returns the state and ``alias -> stored name`` for shared ones."""
     state: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
@@ -92,7 +93,7 @@ def _float_state(model: nn.Module, unit_names: set[str]) -> tuple[dict[str, torc
             aliases[name] = seen[key]
             continue
         seen[key] = name
-        state[name] = tensor.detach().float().contiguous().clone()
+        state[name] = tensor.detach().to(dtype if tensor.is_floating_point() else tensor.dtype).contiguous().clone()
     return state, aliases
 
 
@@ -119,12 +120,14 @@ def write_artifact(
     kind: ModelKind,
     quantized: Mapping[str, QuantizedWeight],
     run: RunRecord | None,
+    float_dtype: torch.dtype = torch.float32,
 ) -> WrittenArtifact:
     """Write the artifact under a temporary name, then rename it to ``destination``.
 
     Args:
         quantized: unit name -> its quantized weight; every unit must be an ``nn.Linear`` of ``model``.
         run: the pipeline's record of how the artifact was made (budget, solver, sensitivity, calibration, ...).
+        float_dtype: how the tensors that are not quantized units are stored (the source model's dtype).
     """
     destination = destination.resolve()
     destination.parent.mkdir(parents=True, exist_ok=True)
@@ -133,14 +136,17 @@ def write_artifact(
     try:
         model.config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        float_state, aliases = _float_state(model, set(quantized))
+        float_state, aliases = _float_state(model, set(quantized), float_dtype)
         save_file(float_state, str(staging / FLOAT_FILE), metadata={"format": "pt"})
         units = _write_units(staging, dict(model.named_modules()), quantized)
         total_bytes = sum(u.bytes for u in units)
         total_numel = sum(u.in_features * u.out_features for u in units)
         files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
+        file_bytes = sum((staging / n).stat().st_size for n in files)
+        parameters = sum(p.numel() for p in model.parameters())
         achieved = Achieved(bytes=total_bytes, numel=total_numel, bits_per_weight=8.0 * total_bytes / total_numel,
-                            file_bytes=sum((staging / n).stat().st_size for n in files))
+                            file_bytes=file_bytes, parameters=parameters,
+                            file_bits_per_parameter=8.0 * file_bytes / parameters)
         manifest = Manifest(format_version=FORMAT_VERSION, packing=PACKING_FORMAT, model_kind=kind.value,
                             units=units, tied=aliases, achieved=achieved, run=run, files=files)
         manifest_sha = write_manifest(staging, manifest)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -68,6 +69,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
     spec = spec_from_args(args)
     out = Path(args.out)
+    check_writable(out)
     out_dirs = [out / f"bpw-{b:g}" for b in spec.budget.bits_per_weight] if spec.budgets > 1 else [out]
     progress = Progress(not args.quiet)
     try:
@@ -78,6 +80,16 @@ def _cmd_run(args: argparse.Namespace) -> None:
         emit(results[0].to_json(), args.json)
     else:
         emit({"runs": [r.to_json() for r in results]}, args.json)
+
+
+def check_writable(out: Path) -> None:
+    """Refuse an output folder that cannot be written before any heavy work."""
+    parent = out if out.is_dir() else out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK) or (out.exists() and not out.is_dir()):
+        raise BitplanError(f"cannot write the output folder {out}: {parent} is not writable or {out} is a file",
+                           param="out")
 
 
 SENSITIVITY_OPTIONS = ("model", "calibration_text", "num_samples", "seq_len", "seed", "metric", "max_error_bytes",

@@ -52,6 +52,8 @@ class Achieved:
     numel: int
     bits_per_weight: float
     file_bytes: int
+    parameters: int | None = None  # every parameter of the model (since 0.1: absent in older manifests)
+    file_bits_per_parameter: float | None = None  # the whole folder's bytes * 8 / parameters
 
 
 @dataclass(frozen=True)

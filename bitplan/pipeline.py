@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -60,6 +61,7 @@ class RunResult:
     warnings: list[str]
     kl_divergence: float | None = None  # mean per-token KL(float || quantized) on calibration windows (nats)
     quality: dict[str, Any] | None = None  # bitplan.quality.QualityReport on held-back windows (language models)
+    file_bits_per_parameter: float | None = None  # the whole artifact folder per parameter of the model
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,6 +121,8 @@ def run_budgets(spec: JobSpec, *, out_dirs: list[Path], on_progress: ProgressFn 
                            f"directories")
     cache = SensitivityCache(cache_dir) if use_cache else None
     clock = Clock()
+    if on_progress is not None:
+        on_progress(Stage.LOAD, 0, 1)
     loaded = load_model(spec.model)  # 1
     clock.lap("load")
     if on_progress is not None:
@@ -208,6 +212,20 @@ def _solve_bits(spec: JobSpec, sizes: Sizes, sensitivity: SensitivityResult, *, 
     return solve_plan(spec, sizes, sensitivity, budget_bytes=budget_bytes, numel=numel).bits
 
 
+def source_float_dtype(loaded: LoadedModel) -> torch.dtype:
+    """The dtype the source stores its float tensors in: its config's ``torch_dtype`` when that is fp16 or bf16,
+    fp16 for a GGUF (whose float tensors are fp16/fp32 or themselves quantized), else fp32."""
+    if loaded.source_format == "gguf":
+        return torch.float16
+    folder = loaded.source_path if loaded.source_path.is_dir() else loaded.source_path.parent
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return torch.float32
+    declared = config.get("torch_dtype") or config.get("dtype")
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(str(declared), torch.float32)
+
+
 def run_record(spec: JobSpec, loaded: LoadedModel, plan: Plan, measured: Measured,
                refinement: dict[str, Any] | None, quality: QualityReport | None = None) -> RunRecord:
     """What the manifest says of how this artifact was made."""
@@ -245,7 +263,7 @@ def write_run(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], p
     record = run_record(spec, loaded, plan, measured, refinement, quality)
     started = time.perf_counter()
     written = write_artifact(out_dir, model=loaded.model, tokenizer=loaded.tokenizer, kind=loaded.kind,
-                             quantized=quantized, run=record)
+                             quantized=quantized, run=record, float_dtype=source_float_dtype(loaded))
     stage_times = {"write": round(time.perf_counter() - started, 3)}
     if on_progress is not None:
         on_progress(Stage.WRITE, 1, 1)
@@ -271,7 +289,8 @@ def _result(spec: JobSpec, written: WrittenArtifact, plan: Plan, record: RunReco
                for n, b in plan.bits.items()],
         model=spec.model, metric=record.sensitivity["metric"], budget=record.budget, calibration=record.calibration,
         manifest_sha256=written.manifest_sha256, timings_s=timings, predicted_bytes=predicted,
-        warnings=record.sensitivity["warnings"], kl_divergence=kl, quality=record.quality)
+        warnings=record.sensitivity["warnings"], kl_divergence=kl, quality=record.quality,
+        file_bits_per_parameter=written.manifest.achieved.file_bits_per_parameter)
 
 
 __all__ = ["RunResult", "calibrate_and_measure", "measure_sensitivity", "resolve_metric", "run_budgets",

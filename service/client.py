@@ -100,15 +100,14 @@ class Jobs:
 
         started = time.monotonic()
         bar = tqdm(total=100, file=sys.stderr, disable=not progress, desc="queued",
-                   bar_format="{desc:<24} {percentage:3.0f}%|{bar}| {elapsed} elapsed{postfix}")
+                   bar_format="{desc:<24} {percentage:3.0f}%|{bar}| {elapsed} elapsed {postfix}")
         try:
             while True:
                 job = self.get(job_id)
                 bar.n = round(100 * job["progress"]["fraction"])
                 bar.set_description(job["progress"]["stage"] or job["status"], refresh=False)
                 eta = job["progress"].get("eta_s")
-                bar.set_postfix_str("" if eta is None else f", ETA {eta:.0f} s (from the server's measured rate)",
-                                    refresh=False)
+                bar.postfix = "" if eta is None else f"ETA {eta:.0f} s"
                 bar.refresh()
                 if job["status"] in TERMINAL:
                     return job

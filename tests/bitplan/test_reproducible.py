@@ -36,3 +36,23 @@ def test_issue14_load_artifact_takes_a_str(tiny_llama_dir: Path, tmp_path: Path)
     result = _run(tiny_llama_dir, tmp_path / "a")
     model, _, manifest = load_artifact(result["artifact"])
     assert manifest.achieved.bytes == result["bytes"] and model is not None
+
+
+def test_issue14_float_tensors_keep_the_source_dtype_and_the_folder_size_is_reported(tiny_llama_dir: Path,
+                                                                                     tmp_path: Path) -> None:
+    import shutil
+
+    from safetensors import safe_open
+
+    folder = tmp_path / "fp16-source"
+    shutil.copytree(tiny_llama_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "torch_dtype": "float16"}))
+    result = _run(folder, tmp_path / "out")
+    with safe_open(str(tmp_path / "out" / "float.safetensors"), "pt") as handle:
+        assert {handle.get_tensor(k).dtype for k in handle.keys()} == {__import__("torch").float16}
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    achieved = manifest["achieved"]
+    assert achieved["file_bits_per_parameter"] == result["file_bits_per_parameter"] > result["bits_per_weight"]
+    assert achieved["file_bits_per_parameter"] == 8 * achieved["file_bytes"] / achieved["parameters"]
+    load_artifact(tmp_path / "out")
