@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,30 +22,52 @@ import httpx
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
-class ServiceError(Exception):
-    """A 4xx/5xx answer, with the service's reason."""
+DEFAULT_URL = "http://127.0.0.1:8321"
+RETRIED_STATUS = (429, 503)
+IDEMPOTENT = ("GET", "HEAD", "PUT", "DELETE", "OPTIONS")
 
-    def __init__(self, status: int, detail: str) -> None:
+
+class ServiceError(Exception):
+    """A 4xx/5xx answer, with the service's reason and its problem ``code`` and ``param`` when given."""
+
+    def __init__(self, status: int, detail: str, *, code: str | None = None, param: str | None = None) -> None:
         super().__init__(f"HTTP {status}: {detail}")
-        self.status = status
-        self.detail = detail
+        self.status, self.detail, self.code, self.param = status, detail, code, param
 
 
 class Client:
-    def __init__(self, url: str, *, api_key: str | None = None, timeout: float = 30.0) -> None:
+    """``url`` defaults to ``$BITPLAN_URL`` (else the embedded service's address), ``api_key`` to
+    ``$BITPLAN_API_KEY``. Idempotent calls (and a POST with an ``Idempotency-Key``) are retried with exponential
+    backoff on connection errors and on 429/503 (honouring ``Retry-After``), at most ``retries`` times."""
+
+    def __init__(self, url: str | None = None, *, api_key: str | None = None, timeout: float = 30.0,
+                 retries: int = 4, backoff_s: float = 0.5) -> None:
+        url = url or os.environ.get("BITPLAN_URL", DEFAULT_URL)
+        api_key = api_key or os.environ.get("BITPLAN_API_KEY")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        self.retries, self.backoff_s = retries, backoff_s
         self.jobs = Jobs(self)
         self.artifacts = Artifacts(self)
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        response = self.http.request(method, path, **kwargs)
-        if response.status_code >= 400:
+        headers = kwargs.get("headers") or {}
+        retriable = method.upper() in IDEMPOTENT or "Idempotency-Key" in headers
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries or not retriable
             try:
-                detail = response.json().get("detail", response.text)
-            except ValueError:
-                detail = response.text
-            raise ServiceError(response.status_code, str(detail))
+                response = self.http.request(method, path, **kwargs)
+            except httpx.TransportError:
+                if last:
+                    raise
+                time.sleep(self.backoff_s * 2**attempt)
+                continue
+            if response.status_code in RETRIED_STATUS and not last:
+                time.sleep(_retry_after(response, self.backoff_s * 2**attempt))
+                continue
+            break
+        if response.status_code >= 400:
+            raise _service_error(response)
         return response
 
     def close(self) -> None:
@@ -55,6 +78,22 @@ class Client:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+def _retry_after(response: httpx.Response, fallback: float) -> float:
+    value = response.headers.get("Retry-After", "")
+    return min(float(value), 60.0) if value.replace(".", "", 1).isdigit() else fallback
+
+
+def _service_error(response: httpx.Response) -> ServiceError:
+    try:
+        body = response.json()
+    except ValueError:
+        return ServiceError(response.status_code, response.text)
+    if not isinstance(body, dict):
+        return ServiceError(response.status_code, response.text)
+    return ServiceError(response.status_code, str(body.get("detail", response.text)), code=body.get("code"),
+                        param=body.get("param"))
 
 
 class Jobs:

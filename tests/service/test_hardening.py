@@ -202,3 +202,24 @@ def test_issue15_fault3_a_chunked_body_over_the_limit_is_refused_while_read(api:
 
     response = api.post("/v1/jobs", content=chunks(), headers={"content-type": "application/json"})
     assert response.status_code == 413 and response.json()["code"] == "too_large", response.text
+
+
+def test_issue14_client_retries_429_and_503_honouring_retry_after(monkeypatch: pytest.MonkeyPatch) -> None:
+    import httpx
+
+    from bitplan.service.client import Client, ServiceError
+
+    answers = iter([httpx.Response(503, headers={"Retry-After": "0"}), httpx.Response(429,
+                                                                                      headers={"Retry-After": "0"}),
+                    httpx.Response(200, json={"items": [], "next_cursor": None})])
+    monkeypatch.setenv("BITPLAN_URL", "http://127.0.0.1:9")
+    client = Client(backoff_s=0.0)
+    client.http = httpx.Client(base_url="http://127.0.0.1:9", transport=httpx.MockTransport(lambda _: next(answers)))
+    assert client.request("GET", "/v1/jobs").json() == {"items": [], "next_cursor": None}
+    refused = httpx.Response(422, json={"type": "t", "title": "x", "status": 422, "detail": "bad",
+                                        "code": "invalid_option",
+                                        "param": "solver"})
+    client.http = httpx.Client(base_url="http://127.0.0.1:9", transport=httpx.MockTransport(lambda _: refused))
+    with pytest.raises(ServiceError) as caught:
+        client.request("POST", "/v1/jobs", json={})
+    assert caught.value.code == "invalid_option" and caught.value.param == "solver"
