@@ -18,7 +18,7 @@ from bitplan.sensitivity.activations import StopFn
 from bitplan.sensitivity.api import NEEDS_LOSS, SECOND_ORDER_HVP_METHODS
 from bitplan.sensitivity.cache import SensitivityCache, cache_key
 from bitplan.spec import JobSpec
-from bitplan.stages import ProgressFn
+from bitplan.stages import ProgressFn, Stage
 from bitplan.units import find_block_stack
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,10 @@ def run_sensitivity(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Line
         batches = [tokens[:1, :HUTCHINSON_TOKENS]]
         if hutchinson.method == "jvp":  # torch.func cannot start a graph at detached embeddings
             loss_fn = functools.partial(causal_lm_loss, graph_from_embeddings=False)
+    if on_progress is not None:  # the stage's name from its start (its first step can take a while)
+        first = {Metric.TOKEN_FISHER: Stage.TOKEN_FISHER, Metric.TOKEN_TAYLOR: Stage.TOKEN_FISHER,
+                 Metric.HUTCHINSON: Stage.HUTCHINSON_PROBES}.get(metric, Stage.CALIBRATION_STATISTICS)
+        on_progress(first, 0, 1)
     return compute_sensitivity(loaded.model, units, batches, metric=metric, bits_options=spec.widths,
                                group_size=spec.quantization.group_size, loss_fn=loss_fn, hutchinson=hutchinson,
                                on_progress=on_progress, should_stop=should_stop,
