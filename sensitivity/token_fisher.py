@@ -145,8 +145,6 @@ def token_fisher(
     model.requires_grad_(False)
     try:
         for chunk_index, chunk in enumerate(chunks):
-            if on_progress is not None:  # the stage starts now: the rounding errors take a while to compute
-                on_progress(Stage.TOKEN_FISHER, chunk_index * len(batches), steps)
             deltas = {name: torch.stack([quantization_error(units[name].weight, bits=b, group_size=group_size)
                                          for b in bits_options]) for name in chunk}
             handles = [units[name].register_forward_hook(make_hook(name)) for name in chunk]
