@@ -171,6 +171,14 @@ def _cmd_allocate(args: argparse.Namespace) -> None:
     emit(solve_allocation(problem, solver=args.solver, time_limit_s=args.time_limit).to_json(), args.json)
 
 
+def _cmd_formats(args: argparse.Namespace) -> None:
+    from bitplan.quantizer.formats import FORMATS, REFERENCE_SHAPE
+
+    emit([{"name": f.name, "family": f.family, "bits_per_weight": f.bits_per_weight(),
+           "reference_shape": list(REFERENCE_SHAPE), "needs_importance": f.needs_importance}
+          for f in FORMATS.values()], args.json)
+
+
 def _cmd_export(args: argparse.Namespace) -> None:
     from bitplan.exports import export_artifact
 
@@ -216,7 +224,10 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
 
 
 def _add_tool_commands(sub: Any) -> None:
-    """``eval``, ``export`` and ``allocate``."""
+    """``eval``, ``export``, ``formats`` and ``allocate``."""
+    formats = sub.add_parser("formats", help="list the quantization formats (bits per weight on a 4096 x 4096 weight)")
+    formats.add_argument("--json", action="store_true", help="print the list as one JSON line")
+    formats.set_defaults(func=_cmd_formats)
     evaluate = sub.add_parser("eval", help="perplexity of an artifact or a float model on a text file")
     evaluate.add_argument("--artifact")
     evaluate.add_argument("--model")

@@ -1,0 +1,69 @@
+"""Quantization formats (issue 16, part 1): exact sizes, legality, round trips, and llama.cpp's encoder against
+the gguf package's reference quantizer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf.quants import quantize
+
+from bitplan.quantizer.formats import FORMATS, legal_formats
+from bitplan.quantizer.ggml import quantize_ggml
+from bitplan.quantizer.sizes import stored_bytes
+
+SHAPE = (48, 512)
+
+
+@pytest.fixture(scope="module")
+def weight() -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.randn(*SHAPE)
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_issue16_every_format_round_trips_at_its_exact_size(name: str, weight: torch.Tensor) -> None:
+    fmt = FORMATS[name]
+    importance = torch.rand(SHAPE[1]) + 0.1
+    payload = fmt.encode(weight, importance)
+    size = payload.nbytes if isinstance(payload, np.ndarray) else stored_bytes(payload)
+    assert size == fmt.bytes(SHAPE)
+    decoded = fmt.decode(payload)
+    assert decoded.shape == weight.shape
+    relative = float(((decoded - weight) ** 2).mean() / (weight**2).mean())
+    assert relative < 2.0 ** (-1.2 * fmt.bits_per_weight() + 2.5), (name, relative)  # finer formats, less error
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1])
+def test_issue16_llama_cpp_encoder_matches_the_gguf_reference(qtype: T, weight: torch.Tensor) -> None:
+    """Without an importance vector llama.cpp's legacy encoders are its reference ones, which gguf-py mirrors."""
+    ours = quantize_ggml(weight, qtype)
+    reference = quantize(weight.numpy().astype(np.float32), qtype)
+    decoded = [FORMATS[qtype.name].decode(x) for x in (ours, reference)]
+    assert torch.allclose(decoded[0], decoded[1], atol=1e-6) and (ours == reference).mean() > 0.99
+
+
+def test_issue16_legal_formats_follow_the_row_length() -> None:
+    names = ["Q4_K", "Q4_0", "IQ4_XS", "int4-g128"]
+    assert [f.name for f in legal_formats(names, (576, 576))] == ["Q4_0", "int4-g128"]  # SmolLM2's 576-wide rows
+    assert [f.name for f in legal_formats(names, (1536, 768))] == names
+    with pytest.raises(ValueError, match="unknown format 'Q9_K'"):
+        legal_formats(["Q9_K"], (8, 8))
+    with pytest.raises(ValueError, match="needs rows divisible by 256"):
+        FORMATS["Q4_K"].encode(torch.randn(4, 576), None)
+    with pytest.raises(ValueError, match="needs an importance vector"):
+        FORMATS["IQ2_XXS"].encode(torch.randn(4, 256), None)
+
+
+def test_issue16_formats_json_lists_every_format() -> None:
+    result = subprocess.run([sys.executable, "-m", "bitplan.service.cli", "formats", "--json"], capture_output=True,
+                            text=True, check=True)
+    listed = {row["name"]: row for row in json.loads(result.stdout.splitlines()[-1])}
+    assert set(listed) == set(FORMATS)
+    assert listed["Q4_K"]["family"] == "ggml" and listed["Q4_K"]["bits_per_weight"] == 4.5
+    assert listed["int4-g128"]["family"] == "bitplan-int" and listed["int4-g128"]["bits_per_weight"] == 4.25
