@@ -14,13 +14,13 @@ the CLI and the API get the same :class:`SpecError` (with the offending ``param`
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
 from bitplan.allocator.problem import SOLVERS
 from bitplan.errors import SpecError
+from bitplan.options import Option, check_part, option_field
 from bitplan.quantizer.methods import QUANTIZERS
 from bitplan.sensitivity.api import HutchinsonConfig, Metric
 from bitplan.sensitivity.token_fisher import DEFAULT_ERROR_BYTES
@@ -36,108 +36,20 @@ QuantizerChoice.__doc__ = "A quantizer (quantizer.methods)."
 
 
 @dataclass(frozen=True)
-class Option:
-    """How one spec field crosses the boundaries. ``kind``: int, float, bool, str, enum, ints, floats, pins."""
-
-    kind: str
-    help: str
-    flag: str | None = None  # command-line flag; None: not on the command line
-    http: bool = True  # a field of the HTTP job schema
-    name: str = ""  # flat name (HTTP field); filled from the field name when empty
-    minimum: float | None = None  # inclusive bounds (of every element, for lists)
-    maximum: float | None = None
-    positive: bool = False  # must be > 0 (and finite)
-    label: str = ""  # how messages name it (default: the flat name)
-    choices: type[Enum] | None = None
-    group: str | None = None  # mutually exclusive flags (the budget)
-    max_items: int | None = None
-    part: str = ""  # filled by _collect: the JobSpec attribute holding the field ("" for the model)
-    field: str = ""
-    default: Any = None
-
-
-def _opt(default: Any, kind: str, help: str, **kwargs: Any) -> Any:
-    return field(default=default, metadata={"option": Option(kind=kind, help=help, **kwargs)})
-
-
-def _check_part(part: Any) -> None:
-    """Coerce choices and lists, and check every field of ``part`` against its option's bounds."""
-    for f in fields(part):
-        option: Option | None = f.metadata.get("option")
-        if option is None:
-            continue
-        value = getattr(part, f.name)
-        name = option.name or f.name
-        if option.kind == "str" and hasattr(value, "__fspath__"):
-            value = str(value)
-        if option.kind == "enum" and value is not None:
-            value = _choice(option.choices, value, name)
-        elif option.kind in ("ints", "floats", "pins"):
-            value = tuple(tuple(v) if option.kind == "pins" else v for v in value)
-        object.__setattr__(part, f.name, value)
-        _check_value(option, name, option.label or name, value)
-
-
-def _choice(choices: Any, value: Any, name: str) -> Enum:
-    try:
-        return choices(value)
-    except ValueError:
-        raise SpecError(f"unknown {name} {value!r}; choose one of {', '.join(c.value for c in choices)}",
-                        param=name) from None
-
-
-def _check_value(option: Option, name: str, label: str, value: Any) -> None:
-    if value is None or option.kind == "enum":
-        return
-    if option.kind in ("str", "bool"):
-        if not isinstance(value, str if option.kind == "str" else bool):
-            raise SpecError(f"{name} takes a {'string' if option.kind == 'str' else 'boolean'}, got {value!r}",
-                            param=name)
-        return
-    if option.kind == "pins":
-        for pattern, bits in value:
-            if not pattern or not isinstance(bits, int):
-                raise SpecError(f"{name} takes PATTERN=BITS pairs such as 'model.layers.0.*=8', got "
-                                f"{pattern!r}={bits!r}", param=name)
-        return
-    items = value if option.kind in ("ints", "floats") else (value,)
-    number = int if option.kind in ("int", "ints") else (int, float)
-    if any(isinstance(item, bool) or not isinstance(item, number) for item in items):
-        raise SpecError(f"{name} takes {'integers' if number is int else 'numbers'}, got {value!r}", param=name)
-    if option.max_items is not None and len(items) > option.max_items:
-        raise SpecError(f"{name} takes at most {option.max_items} values, got {len(items)}", param=name)
-    for item in items:
-        _check_number(option, name, label, item)
-
-
-def _check_number(option: Option, name: str, label: str, item: float) -> None:
-    finite = not isinstance(item, float) or math.isfinite(item)
-    if option.positive and (item <= 0 or not finite):
-        rule = "a positive finite number" if isinstance(item, float) or option.kind == "floats" else "positive"
-        raise SpecError(f"{label} must be {rule}, got {item}", param=name)
-    if not finite:
-        raise SpecError(f"{label} must be a finite number, got {item}", param=name)
-    low, high = option.minimum, option.maximum
-    if (low is not None and item < low) or (high is not None and item > high):
-        bounds = f"at most {high:g}" if low is None else f"between {low:g} and {high:g}"
-        raise SpecError(f"{label} must be {bounds}, got {item}", param=name)
-
-
-@dataclass(frozen=True)
 class Budget:
     """Exactly one of: bits-per-weight budgets (several make a sweep), a bytes budget, uniform bits."""
 
-    bits_per_weight: tuple[float, ...] = _opt(
+    bits_per_weight: tuple[float, ...] = option_field(
         (), "floats", "budget in effective bits per weight (scales and zeros counted); several comma-separated "
         "budgets share one sensitivity pass (a sweep)", flag="--bpw", positive=True, group="budget", max_items=64,
         label="bits per weight")
-    bytes: int | None = _opt(None, "int", "budget in bytes of the quantized layers", flag="--bytes", positive=True,
-                             maximum=2**50, group="budget", label="a bytes budget")
-    uniform_bits: int | None = _opt(None, "int", "uniform baseline: every layer at this bit width",
-                                    flag="--uniform-bits", minimum=1, maximum=8, group="budget")
+    bytes: int | None = option_field(None, "int", "budget in bytes of the quantized layers", flag="--bytes",
+                                     positive=True, maximum=2**50, group="budget", label="a bytes budget")
+    uniform_bits: int | None = option_field(None, "int", "uniform baseline: every layer at this bit width",
+                                            flag="--uniform-bits", minimum=1, maximum=8, group="budget")
 
     def __post_init__(self) -> None:
-        _check_part(self)
+        check_part(self)
         given = [bool(self.bits_per_weight), self.bytes is not None, self.uniform_bits is not None]
         if sum(given) != 1:
             raise SpecError("give exactly one of a bits-per-weight budget, a bytes budget or uniform bits",
@@ -155,49 +67,49 @@ class Budget:
 class Calibration:
     """The calibration windows: from a text file or the built-in text."""
 
-    text: str | None = _opt(None, "str", "calibration text file (default: the built-in text)",
-                            flag="--calibration", http=False, name="calibration_text")
-    num_samples: int = _opt(32, "int", "calibration windows", flag="--samples", minimum=1, maximum=512)
-    seq_len: int = _opt(512, "int", "calibration window length in tokens", flag="--seq-len", minimum=16,
-                        maximum=8192)
-    seed: int = _opt(0, "int", "seed of the calibration windows' sampling", flag="--seed", minimum=0,
-                     maximum=2**32 - 1)
+    text: str | None = option_field(None, "str", "calibration text file (default: the built-in text)",
+                                    flag="--calibration", http=False, name="calibration_text")
+    num_samples: int = option_field(32, "int", "calibration windows", flag="--samples", minimum=1, maximum=512)
+    seq_len: int = option_field(512, "int", "calibration window length in tokens", flag="--seq-len", minimum=16,
+                                maximum=8192)
+    seed: int = option_field(0, "int", "seed of the calibration windows' sampling", flag="--seed", minimum=0,
+                             maximum=2**32 - 1)
 
     def __post_init__(self) -> None:
-        _check_part(self)
+        check_part(self)
 
 
 @dataclass(frozen=True)
 class SensitivityOptions:
     """How the predicted loss increase per (layer, bit width) is measured."""
 
-    metric: Any = _opt(MetricChoice.AUTO, "enum", "sensitivity metric (auto: token_taylor for language models, "
-                       "output_error otherwise)", flag="--metric", choices=MetricChoice)
-    max_error_bytes: int = _opt(DEFAULT_ERROR_BYTES, "int", "token metrics: bytes of rounding errors held at "
-                                "once (less: more passes)", flag="--max-error-bytes", minimum=1, maximum=2**44)
+    metric: Any = option_field(MetricChoice.AUTO, "enum", "sensitivity metric (auto: token_taylor for language models, "
+                               "output_error otherwise)", flag="--metric", choices=MetricChoice)
+    max_error_bytes: int = option_field(DEFAULT_ERROR_BYTES, "int", "token metrics: bytes of rounding errors held at "
+                                        "once (less: more passes)", flag="--max-error-bytes", minimum=1, maximum=2**44)
     hutchinson: HutchinsonConfig = field(default_factory=HutchinsonConfig)
 
     def __post_init__(self) -> None:
-        _check_part(self)
+        check_part(self)
 
 
 @dataclass(frozen=True)
 class Allocation:
     """The knapsack: candidate widths, solver, ties and pins."""
 
-    candidate_bits: tuple[int, ...] = _opt((2, 3, 4, 8), "ints", "candidate bit widths", flag="--bits",
-                                           minimum=1, maximum=8, max_items=8)
-    solver: Any = _opt(SolverChoice.AUTO, "enum", "allocation solver", flag="--solver", choices=SolverChoice)
-    time_limit_s: float = _opt(60.0, "float", "solver time limit in seconds (the best solution and its bound "
-                               "are kept)", flag="--time-limit", minimum=0.01, maximum=3600)
-    tie_fused: bool = _opt(False, "bool", "q/k/v and gate/up projections of a block share one bit width "
-                           "(fused by runtimes)", flag="--tie-fused")
-    pinned: tuple[tuple[str, int], ...] = _opt(
-        (), "pins", "keep layers matching an fnmatch pattern at BITS (repeatable; the last match wins), e.g. "
-        "'*.down_proj=8'", flag="--pin")
+    candidate_bits: tuple[int, ...] = option_field((2, 3, 4, 8), "ints", "candidate bit widths", flag="--bits",
+                                                   minimum=1, maximum=8, max_items=8)
+    solver: Any = option_field(SolverChoice.AUTO, "enum", "allocation solver", flag="--solver", choices=SolverChoice)
+    time_limit_s: float = option_field(60.0, "float", "solver time limit in seconds (the best solution and its bound "
+                                       "are kept)", flag="--time-limit", minimum=0.01, maximum=3600)
+    tie_fused: bool = option_field(False, "bool", "q/k/v and gate/up projections of a block share one bit width "
+                                   "(fused by runtimes)", flag="--tie-fused")
+    pinned: tuple[tuple[str, int], ...] = option_field(
+                (), "pins", "keep layers matching an fnmatch pattern at BITS (repeatable; the last match wins), e.g. "
+                "'*.down_proj=8'", flag="--pin")
 
     def __post_init__(self) -> None:
-        _check_part(self)
+        check_part(self)
         if not self.candidate_bits:
             raise SpecError("candidate_bits needs at least one bit width", param="candidate_bits")
 
@@ -206,39 +118,39 @@ class Allocation:
 class Quantization:
     """How each layer is quantized at its width."""
 
-    quantizer: Any = _opt(QuantizerChoice.RTN, "enum", "rtn: round to nearest (-symmetric: grid symmetric "
-                          "around 0); gptq: GPTQ error feedback on calibration inputs (give in-domain "
-                          "calibration text); -salience: each group's range searched to minimize the "
-                          "input-energy-weighted error (SliM-LLM)", flag="--quantizer", choices=QuantizerChoice)
-    group_size: int = _opt(128, "int", "input columns per fp16 scale and zero", flag="--group-size", minimum=8,
-                           maximum=4096, label="group size")
-    mix_groups: bool = _opt(False, "bool", "column groups of each layer take bits-1, bits or bits+1 within "
-                            "the layer's size (SliM-LLM)", flag="--mix-groups")
-    gptq_damp: float = _opt(0.01, "float", "GPTQ: dampening added to the Gram diagonal, as a fraction of its mean "
-                            "(more: steadier on little calibration data, less error feedback)", flag="--gptq-damp",
-                            minimum=0.0001, maximum=1.0)
+    quantizer: Any = option_field(QuantizerChoice.RTN, "enum", "rtn: round to nearest (-symmetric: grid symmetric "
+                                  "around 0); gptq: GPTQ error feedback on calibration inputs (give in-domain "
+                                  "calibration text); -salience: each group's range searched to minimize the "
+                                  "input-energy-weighted error (SliM-LLM)", flag="--quantizer", choices=QuantizerChoice)
+    group_size: int = option_field(128, "int", "input columns per fp16 scale and zero", flag="--group-size", minimum=8,
+                                   maximum=4096, label="group size")
+    mix_groups: bool = option_field(False, "bool", "column groups of each layer take bits-1, bits or bits+1 within "
+                                    "the layer's size (SliM-LLM)", flag="--mix-groups")
+    gptq_damp: float = option_field(0.01, "float", "GPTQ: dampening added to the Gram diagonal, as a fraction of "
+                                    "its mean (more: steadier on little calibration data, less error feedback)",
+                                    flag="--gptq-damp", minimum=0.0001, maximum=1.0)
 
     def __post_init__(self) -> None:
-        _check_part(self)
+        check_part(self)
 
 
 @dataclass(frozen=True)
 class Refinement:
     """What is measured on the quantized model: the KL check, and the optional KL-guided re-solve."""
 
-    kl_refine_windows: int = _opt(0, "int", "re-solve once with each block's measured share of the output KL "
-                                  "on N calibration windows (checked on N others; kept only if the KL drops); "
-                                  "0: off", flag="--kl-refine", minimum=0, maximum=64)
-    kl_windows: int = _opt(2, "int", "calibration windows on which the artifact's KL divergence is measured "
-                           "(0: skip)", flag="--kl-windows", minimum=0, maximum=512)
-    quality_windows: int = _opt(8, "int", "held-back windows (text the calibration did not see) on which the "
-                                "quality report is measured: KL to the source, perplexities, top-1 agreement "
-                                "(0: skip)", flag="--quality-windows", minimum=0, maximum=256)
-    quality_seq_len: int = _opt(512, "int", "tokens per held-back window", flag="--quality-seq-len", minimum=16,
-                                maximum=8192)
+    kl_refine_windows: int = option_field(0, "int", "re-solve once with each block's measured share of the output KL "
+                                          "on N calibration windows (checked on N others; kept only if the KL drops); "
+                                          "0: off", flag="--kl-refine", minimum=0, maximum=64)
+    kl_windows: int = option_field(2, "int", "calibration windows on which the artifact's KL divergence is measured "
+                                   "(0: skip)", flag="--kl-windows", minimum=0, maximum=512)
+    quality_windows: int = option_field(8, "int", "held-back windows (text the calibration did not see) on which the "
+                                        "quality report is measured: KL to the source, perplexities, top-1 agreement "
+                                        "(0: skip)", flag="--quality-windows", minimum=0, maximum=256)
+    quality_seq_len: int = option_field(512, "int", "tokens per held-back window", flag="--quality-seq-len", minimum=16,
+                                        maximum=8192)
 
     def __post_init__(self) -> None:
-        _check_part(self)
+        check_part(self)
 
 
 PARTS: dict[str, type] = {"budget": Budget, "calibration": Calibration, "sensitivity": SensitivityOptions,
