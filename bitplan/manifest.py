@@ -57,15 +57,45 @@ class Achieved:
 
 
 @dataclass(frozen=True)
-class RunRecord:
-    """What the pipeline says of how the artifact was made (plain JSON values; ``job`` is the spec's dict)."""
+class SourceRecord:
+    """The model the artifact was made from."""
 
-    source: dict[str, Any]
+    reference: str
+    format: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class SolverRecord:
+    """How the allocation was found: solver, status (``uniform``: no solve) and certificate."""
+
+    name: str | None
+    status: str
+    objective: float | None
+    lower_bound: float | None
+    solve_s: float | None
+
+
+@dataclass(frozen=True)
+class SensitivityRecord:
+    """The metric that predicted the loss increases (``None`` for a uniform plan) and its warnings."""
+
+    metric: str | None
+    warnings: list[str]
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What the pipeline says of how the artifact was made. ``budget`` is ``{"bits_per_weight", "bytes"}`` or
+    ``{"uniform_bits"}``; ``calibration``, ``kl_refinement`` and ``quality`` are their reports; ``job`` is the
+    job spec's ``to_dict()``."""
+
+    source: SourceRecord
     budget: dict[str, Any]
     group_size: int
     candidate_bits: list[int]
-    solver: dict[str, Any]
-    sensitivity: dict[str, Any]
+    solver: SolverRecord
+    sensitivity: SensitivityRecord
     calibration: dict[str, Any] | None
     quantizer: str
     mix_groups: bool
@@ -77,6 +107,11 @@ class RunRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None or k in ("calibration",)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunRecord:
+        return cls(**{**data, "source": SourceRecord(**data["source"]), "solver": SolverRecord(**data["solver"]),
+                      "sensitivity": SensitivityRecord(**data["sensitivity"])})
 
 
 @dataclass(frozen=True)
@@ -105,7 +140,8 @@ class Manifest:
             return cls(format_version=data["format_version"], packing=data["packing"],
                        model_kind=data["model_kind"], units=[UnitRecord(**u) for u in data["units"]],
                        tied=dict(data["tied"]), achieved=Achieved(**data["achieved"]),
-                       run=RunRecord(**run_data) if "source" in run_data else None, files=dict(data["files"]))
+                       run=RunRecord.from_dict(run_data) if "source" in run_data else None,
+                       files=dict(data["files"]))
         except (KeyError, TypeError) as error:
             raise ArtifactError(f"the artifact's manifest is malformed: {error}") from None
 

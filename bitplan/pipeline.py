@@ -20,7 +20,7 @@ from torch import nn
 from bitplan.artifact import WrittenArtifact, write_artifact
 from bitplan.calibration import build_calibration_set
 from bitplan.errors import BitplanError, ModelReferenceError
-from bitplan.manifest import RunRecord
+from bitplan.manifest import RunRecord, SensitivityRecord, SourceRecord
 from bitplan.models import LoadedModel, ModelKind, load_model
 from bitplan.planning import Plan, Sizes, budgets_in_bytes, make_plans, solve_plan, unit_sizes
 from bitplan.quality import QualityReport, heldout_windows, measure_quality
@@ -234,15 +234,13 @@ def run_record(spec: JobSpec, loaded: LoadedModel, plan: Plan, measured: Measure
         budget: dict[str, Any] = {"uniform_bits": spec.budget.uniform_bits}
     else:
         budget = {"bits_per_weight": plan.budget_bits_per_weight, "bytes": plan.budget_bytes}
-    solver = plan.solver
     return RunRecord(
-        source={"reference": spec.model, "format": loaded.source_format, "sha256": loaded.source_sha256},
+        source=SourceRecord(reference=spec.model, format=loaded.source_format, sha256=loaded.source_sha256),
         budget=budget, group_size=spec.quantization.group_size, candidate_bits=list(spec.widths),
         tie_fused=spec.allocation.tie_fused, pinned=[list(p) for p in spec.allocation.pinned],
-        solver={"name": solver.name, "status": solver.status.value, "objective": solver.objective,
-                "lower_bound": solver.lower_bound, "solve_s": solver.solve_s},
-        sensitivity={"metric": None if sensitivity is None else sensitivity.metric.value,
-                     "warnings": [] if sensitivity is None else list(sensitivity.warnings)},
+        solver=plan.solver,
+        sensitivity=SensitivityRecord(metric=None if sensitivity is None else sensitivity.metric.value,
+                                      warnings=[] if sensitivity is None else list(sensitivity.warnings)),
         calibration=measured.calibration, quantizer=QUANTIZER_LABELS[spec.quantization.quantizer.value],
         mix_groups=spec.quantization.mix_groups, kl_refinement=refinement,
         quality=None if quality is None else quality.to_json(), job=spec.to_dict())
@@ -283,13 +281,13 @@ def _result(spec: JobSpec, written: WrittenArtifact, plan: Plan, record: RunReco
     group_size = spec.quantization.group_size
     return RunResult(
         artifact=str(written.path), bits_per_weight=written.bits_per_weight, bytes=written.quantized_bytes,
-        status=plan.solver.status.value, objective=plan.solver.objective, lower_bound=plan.solver.lower_bound,
+        status=plan.solver.status, objective=plan.solver.objective, lower_bound=plan.solver.lower_bound,
         units=[{"name": n, "bits": b, "group_size": group_size,
                 **({} if quantized[n].group_bits is None else {"group_bits": list(quantized[n].group_bits)})}
                for n, b in plan.bits.items()],
-        model=spec.model, metric=record.sensitivity["metric"], budget=record.budget, calibration=record.calibration,
+        model=spec.model, metric=record.sensitivity.metric, budget=record.budget, calibration=record.calibration,
         manifest_sha256=written.manifest_sha256, timings_s=timings, predicted_bytes=predicted,
-        warnings=record.sensitivity["warnings"], kl_divergence=kl, quality=record.quality,
+        warnings=record.sensitivity.warnings, kl_divergence=kl, quality=record.quality,
         file_bits_per_parameter=written.manifest.achieved.file_bits_per_parameter)
 
 

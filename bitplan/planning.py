@@ -12,6 +12,7 @@ from torch import nn
 
 from bitplan.allocator import AllocationProblem, Budget, Option, SolverStatus, Unit, solve_allocation
 from bitplan.errors import BitplanError, BudgetError
+from bitplan.manifest import SolverRecord
 from bitplan.quantizer.sizes import quantized_bytes
 from bitplan.sensitivity import SensitivityResult
 
@@ -24,18 +25,7 @@ FUSED_SUFFIXES = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj"
                   "query": "qkv", "key": "qkv", "value": "qkv"}
 
 
-@dataclass(frozen=True)
-class SolverRecord:
-    """How a plan was found: the solver, its status and certificate (``uniform``: no solve)."""
-
-    name: str | None
-    status: SolverStatus
-    objective: float | None
-    lower_bound: float | None
-    solve_s: float | None
-
-
-UNIFORM = SolverRecord(name=None, status=SolverStatus.UNIFORM, objective=None, lower_bound=None, solve_s=None)
+UNIFORM = SolverRecord(name=None, status=SolverStatus.UNIFORM.value, objective=None, lower_bound=None, solve_s=None)
 
 
 @dataclass(frozen=True)
@@ -143,7 +133,7 @@ def solve_plan(spec: JobSpec, sizes: Sizes, sensitivity: SensitivityResult, *, b
         raise BudgetError(f"allocation failed ({solved.status.value}): {solved.message}{smallest}",
                           param="bits_per_weight")
     bits = {unit.name: unit.options[k].bits for unit, k in zip(problem.units, solved.choice, strict=True)}
-    record = SolverRecord(name=solved.solver, status=solved.status, objective=solved.objective,
+    record = SolverRecord(name=solved.solver, status=solved.status.value, objective=solved.objective,
                           lower_bound=solved.lower_bound, solve_s=solved.solve_s)
     return Plan(bits=bits, budget_bits_per_weight=bits_per_weight, budget_bytes=budget_bytes, solver=record,
                 seconds=round(time.perf_counter() - started, 3))

@@ -100,16 +100,16 @@ def permute_rows_for_llama(tensor: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def _source_gguf(manifest: Manifest) -> Path:
-    source = {} if manifest.run is None else manifest.run.source
+    source = None if manifest.run is None else manifest.run.source
     try:
-        source_format, path = resolve_reference(source.get("reference", ""))
+        source_format, path = resolve_reference("" if source is None else source.reference)
     except BitplanError as error:
         raise BitplanError(f"GGUF export copies the tokenizer and metadata from the source model, which cannot be "
                            f"found: {error}") from None
     if source_format != "gguf":
         raise BitplanError(f"GGUF export copies the tokenizer and metadata from the source model's GGUF file; this "
-                           f"artifact's source {source.get('reference')!r} is a {source_format} model")
-    if source.get("sha256") and sha256_file(path) != source["sha256"]:
+                           f"artifact's source {source.reference!r} is a {source_format} model")
+    if source is not None and source.sha256 and sha256_file(path) != source.sha256:
         raise BitplanError(f"the source model {path} changed since the artifact was made (sha256 differs)")
     return path
 
