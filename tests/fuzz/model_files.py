@@ -33,11 +33,8 @@ def mutate_safetensors(raw: bytes, mutation: tuple) -> bytes:
     kind = mutation[0]
     if kind == "header_length":
         return struct.pack("<Q", mutation[1] % 2**64) + raw[8:]
-    if kind == "truncate":
-        return raw[: int(len(raw) * mutation[1])]
-    if kind == "flip":
-        position = min(int(len(raw) * mutation[1]), len(raw) - 1)
-        return raw[:position] + bytes([raw[position] ^ mutation[2]]) + raw[position + 1:]
+    if kind in ("truncate", "flip"):
+        return _byte_mutation(raw, mutation)
     if kind == "field":
         header[names[mutation[2] % len(names)]][mutation[1]] = mutation[3]
     if kind == "duplicate":
@@ -73,13 +70,18 @@ def gguf_mutation() -> st.SearchStrategy:
     )
 
 
+def _byte_mutation(raw: bytes, mutation: tuple) -> bytes:
+    """``("truncate", where)`` or ``("flip", where, xor mask)``, ``where`` a fraction of the file."""
+    if mutation[0] == "truncate":
+        return raw[: int(len(raw) * mutation[1])]
+    position = min(int(len(raw) * mutation[1]), len(raw) - 1)
+    return raw[:position] + bytes([raw[position] ^ mutation[2]]) + raw[position + 1:]
+
+
 def mutate_gguf(raw: bytes, mutation: tuple) -> bytes:
     kind = mutation[0]
-    if kind == "truncate":
-        return raw[: int(len(raw) * mutation[1])]
-    if kind == "flip":
-        position = min(int(len(raw) * mutation[1]), len(raw) - 1)
-        return raw[:position] + bytes([raw[position] ^ mutation[2]]) + raw[position + 1:]
+    if kind in ("truncate", "flip"):
+        return _byte_mutation(raw, mutation)
     if kind == "u64":
         return raw[: mutation[1]] + struct.pack("<Q", mutation[2] % 2**64) + raw[mutation[1] + 8:]
     position = int(len(raw) * mutation[1])
