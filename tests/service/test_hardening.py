@@ -223,3 +223,12 @@ def test_issue14_client_retries_429_and_503_honouring_retry_after(monkeypatch: p
     with pytest.raises(ServiceError) as caught:
         client.request("POST", "/v1/jobs", json={})
     assert caught.value.code == "invalid_option" and caught.value.param == "solver"
+
+
+def test_issue14_cancelling_a_finished_job_is_409(api: TestClient) -> None:
+    store = api.app.state.store  # type: ignore[attr-defined]
+    job, _ = store.create("local", {"model": "m"}, None)
+    store.finish(job.id, store.claim(job.id, lease_s=30), "succeeded", result={})
+    refused = api.post(f"/v1/jobs/{job.id}/cancel")
+    assert refused.status_code == 409 and refused.json()["code"] == "conflict"
+    assert store.get(job.id).status == "succeeded"

@@ -85,7 +85,10 @@ def get_job(job_id: str, owner: Owner, store: Store) -> JobPublic:
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic)
 def cancel_job(job_id: str, owner: Owner, store: Store) -> JobPublic:
-    own_job(job_id, owner, store)
+    """Cancel a queued or running job; cancelling a cancelled job again is a no-op, a finished one a 409."""
+    job = own_job(job_id, owner, store)
+    if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+        raise http_error(409, f"job {job_id!r} already {job.status.value}; there is nothing to cancel")
     return job_public(store.request_cancel(job_id))
 
 
