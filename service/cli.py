@@ -164,8 +164,8 @@ def _cmd_submit(args: argparse.Namespace) -> None:
             runs = job["artifacts"]
             targets = [Path(args.out)] if len(runs) == 1 else [Path(args.out) / f"bpw-{a['bits_per_weight']:g}"
                                                                for a in runs]
-            job["downloaded"] = [str(client.artifacts.download(a["id"], t)) for a, t in zip(runs, targets,
-                                                                                           strict=True)]
+            job["downloaded"] = [str(client.artifacts.download(a["id"], t, progress=not args.quiet))
+                                 for a, t in zip(runs, targets, strict=True)]
     emit(job, args.json)
     if job["status"] in ("failed", "cancelled"):
         raise BitplanError(f"job {job['id']} {job['status']}: {(job.get('error') or {}).get('message', '')}")
@@ -188,7 +188,7 @@ def _cmd_cancel(args: argparse.Namespace) -> None:
 
 def _cmd_download(args: argparse.Namespace) -> None:
     with _client(args) as client:
-        out = client.artifacts.download(args.artifact_id, args.out)
+        out = client.artifacts.download(args.artifact_id, args.out, progress=not args.quiet)
     emit({"artifact": args.artifact_id, "path": str(out)}, args.json)
 
 

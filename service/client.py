@@ -80,6 +80,14 @@ class Client:
         self.close()
 
 
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _retry_after(response: httpx.Response, fallback: float) -> float:
     value = response.headers.get("Retry-After", "")
     return min(float(value), 60.0) if value.replace(".", "", 1).isdigit() else fallback
@@ -164,24 +172,39 @@ class Artifacts:
     def get(self, artifact_id: str) -> dict[str, Any]:
         return self.client.request("GET", f"/v1/artifacts/{artifact_id}").json()
 
-    def download(self, artifact_id: str, out_dir: str | Path) -> Path:
-        """Every file of the artifact into ``out_dir``, each checked against its sha256 (then renamed into
-        place, so a failed download leaves no half file)."""
+    def download(self, artifact_id: str, out_dir: str | Path, *, progress: bool = False) -> Path:
+        """Every file of the artifact into ``out_dir``, each checked against its sha256 and then renamed into
+        place (a failed download leaves no file under the final name). An interrupted download resumes from its
+        ``.part`` file with a byte range; a byte bar on stderr with ``progress``."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         for entry in self.get(artifact_id)["files"]:
             target = out / entry["name"]
+            if target.is_file() and _sha256_of(target) == entry["sha256"]:
+                continue  # already here, verified
             partial = target.with_name(target.name + ".part")
-            digest = hashlib.sha256()
-            with self.client.http.stream("GET", f"/v1/artifacts/{artifact_id}/files/{entry['name']}") as response:
-                if response.status_code >= 400:
-                    raise ServiceError(response.status_code, response.read().decode(errors="replace"))
-                with partial.open("wb") as stream:
-                    for chunk in response.iter_bytes():
-                        digest.update(chunk)
-                        stream.write(chunk)
-            if digest.hexdigest() != entry["sha256"]:
+            self._fetch(f"/v1/artifacts/{artifact_id}/files/{entry['name']}", partial, entry["bytes"], progress)
+            if _sha256_of(partial) != entry["sha256"]:
                 partial.unlink()
-                raise ServiceError(502, f"{entry['name']} failed its sha256 check")
+                raise ServiceError(502, f"{entry['name']} failed its sha256 check; download it again")
             partial.replace(target)
         return out
+
+    def _fetch(self, path: str, partial: Path, size: int, progress: bool) -> None:
+        """Fetch ``path`` into ``partial``, continuing a shorter one with ``Range: bytes=N-``."""
+        from tqdm.auto import tqdm
+
+        offset = partial.stat().st_size if partial.is_file() else 0
+        if offset >= size:
+            offset = 0
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        with self.client.http.stream("GET", path, headers=headers) as response:
+            if response.status_code >= 400:
+                raise ServiceError(response.status_code, response.read().decode(errors="replace"))
+            resumed = response.status_code == 206
+            with partial.open("ab" if resumed else "wb") as stream, tqdm(
+                    total=size, initial=offset if resumed else 0, unit="B", unit_scale=True, file=sys.stderr,
+                    disable=not progress, desc=partial.name.removesuffix(".part")) as bar:
+                for chunk in response.iter_bytes():
+                    stream.write(chunk)
+                    bar.update(len(chunk))

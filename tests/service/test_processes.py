@@ -98,6 +98,14 @@ def test_serve_submit_wait_download(tmp_path: Path, tiny_llama_dir: Path) -> Non
         from bitplan.artifact import load_artifact
 
         load_artifact(out)  # the downloaded folder loads on its own
+        whole = (out / "quantized.safetensors").read_bytes()  # issue 14: an interrupted download resumes
+        (out / "quantized.safetensors").unlink()
+        (out / "quantized.safetensors.part").write_bytes(whole[: len(whole) // 2])
+        again = subprocess.run([*SERVICE_CLI, "download", "--url", url, job["artifacts"][0]["id"], "--out",
+                                str(out), "--json"], capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0, again.stderr
+        assert (out / "quantized.safetensors").read_bytes() == whole
+        assert not (out / "quantized.safetensors.part").exists()
         bad = subprocess.run([*SERVICE_CLI, "status", "--url", url, "no-such-job"], capture_output=True, text=True)
         assert bad.returncode == 2 and "404" in bad.stderr
     finally:
