@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import time
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from bitplan.hashing import sha256_file
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -78,14 +79,6 @@ class Client:
 
     def __exit__(self, *_: object) -> None:
         self.close()
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _retry_after(response: httpx.Response, fallback: float) -> float:
@@ -180,11 +173,11 @@ class Artifacts:
         out.mkdir(parents=True, exist_ok=True)
         for entry in self.get(artifact_id)["files"]:
             target = out / entry["name"]
-            if target.is_file() and _sha256_of(target) == entry["sha256"]:
+            if target.is_file() and sha256_file(target) == entry["sha256"]:
                 continue  # already here, verified
             partial = target.with_name(target.name + ".part")
             self._fetch(f"/v1/artifacts/{artifact_id}/files/{entry['name']}", partial, entry["bytes"], progress)
-            if _sha256_of(partial) != entry["sha256"]:
+            if sha256_file(partial) != entry["sha256"]:
                 partial.unlink()
                 raise ServiceError(502, f"{entry['name']} failed its sha256 check; download it again")
             partial.replace(target)
