@@ -99,12 +99,12 @@ SENSITIVITY_OPTIONS = ("model", "calibration_text", "num_samples", "seq_len", "s
 def _cmd_sensitivity(args: argparse.Namespace) -> None:
     from bitplan.cli_options import given_options
     from bitplan.pipeline import measure_sensitivity
-    from bitplan.spec import JobSpec
+    from bitplan.spec import Allocation, JobSpec, Quantization
 
     options = given_options(args)
-    probe = JobSpec.from_flat(**options, uniform_bits=8)  # the defaults, to place a budget inside the range
-    bits = probe.allocation.candidate_bits
-    spec = JobSpec.from_flat(**options, bits_per_weight=max(bits) + 32 / probe.quantization.group_size)
+    bits = options.get("candidate_bits", Allocation().candidate_bits)
+    group_size = options.get("group_size", Quantization().group_size)
+    spec = JobSpec.from_flat(**options, bits_per_weight=max(bits) + 32 / group_size)  # a budget inside the range
     progress = Progress(not args.quiet)
     try:
         result = measure_sensitivity(spec, on_progress=progress, use_cache=not args.no_cache)

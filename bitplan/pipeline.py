@@ -252,8 +252,9 @@ def write_run(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], p
     """Step 8: measure one plan's quality, pack and write its artifact, measure its KL divergence, report it."""
     started = time.perf_counter()
     quality = None
+    checks = measured.heldout is not None or (spec.refinement.kl_windows > 0 and loaded.kind is ModelKind.CAUSAL_LM)
+    replacements = {name: dequantize_weight(q) for name, q in quantized.items()} if checks else {}  # both checks
     if measured.heldout is not None:
-        replacements = {name: dequantize_weight(q) for name, q in quantized.items()}
         quality = measure_quality(loaded.model, units, replacements, measured.heldout[0], text=measured.heldout[1])
     quality_s = {"quality": round(time.perf_counter() - started, 3)} if quality is not None else {}
     if on_progress is not None and quality is not None:
@@ -265,7 +266,7 @@ def write_run(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], p
     stage_times = {"write": round(time.perf_counter() - started, 3)}
     if on_progress is not None:
         on_progress(Stage.WRITE, 1, 1)
-    kl, stage_times["kl"] = measure_kl(spec, loaded, units, quantized, measured.tokens)
+    kl, stage_times["kl"] = measure_kl(spec, loaded, units, replacements, measured.tokens)
     if on_progress is not None:
         on_progress(Stage.KL_CHECK, 1, 1)
     allocation_s = {} if plan.budget_bytes is None else {"allocation": plan.seconds}

@@ -19,7 +19,7 @@ from torch import nn
 
 from bitplan.calibration import read_text
 from bitplan.errors import BitplanError
-from bitplan.sensitivity.kl import swapped_weights
+from bitplan.sensitivity.kl import per_token_kl, swapped_weights
 
 HELDOUT_SOURCE = "builtin:python-stdlib-docstrings"
 HELDOUT_MODULES = ("argparse", "collections", "csv", "datetime", "decimal", "email.message", "fractions",
@@ -83,7 +83,7 @@ def measure_quality(model: nn.Module, units: dict[str, nn.Linear], replacements:
         with swapped_weights(units, replacements):
             quantized = torch.log_softmax(model(window).logits[0, :-1].float(), dim=-1)
         targets = window[0, 1:]
-        kl_tokens.append((source.exp() * (source - quantized)).sum(dim=-1).clamp_min(0.0))
+        kl_tokens.append(per_token_kl(source, quantized).clamp_min(0.0))
         nll_source -= float(source.gather(1, targets[:, None]).sum())
         nll_quantized -= float(quantized.gather(1, targets[:, None]).sum())
         agree += int((source.argmax(-1) == quantized.argmax(-1)).sum())

@@ -13,7 +13,7 @@ from torch import nn
 from bitplan.errors import BitplanError
 from bitplan.models import LoadedModel, ModelKind
 from bitplan.quantizer.methods import needs_gram, quantize_unit
-from bitplan.quantizer.rtn import QuantizedWeight, dequantize_weight
+from bitplan.quantizer.rtn import QuantizedWeight
 from bitplan.sensitivity.activations import StopFn, check_stop
 from bitplan.sensitivity.blockwise import block_grams
 from bitplan.sensitivity.kl import output_kl
@@ -84,14 +84,13 @@ def quantize_plans(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linea
     return [{name: into[name] for name in units} for into in quantized]
 
 
-def measure_kl(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], quantized: Quantized,
-               tokens: torch.Tensor | None) -> tuple[float | None, float]:
-    """KL divergence of the quantized model's next-token distribution on the first ``kl_windows`` calibration
-    windows (language models only), and the seconds it took."""
+def measure_kl(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear],
+               replacements: dict[str, torch.Tensor], tokens: torch.Tensor | None) -> tuple[float | None, float]:
+    """KL divergence of the quantized model's next-token distribution (``replacements``: each unit's dequantized
+    weight) on the first ``kl_windows`` calibration windows (language models only), and the seconds it took."""
     windows = spec.refinement.kl_windows
     if windows <= 0 or tokens is None or loaded.kind is not ModelKind.CAUSAL_LM:
         return None, 0.0
     started = time.perf_counter()
-    replacements = {name: dequantize_weight(q) for name, q in quantized.items()}
     kl = output_kl(loaded.model, units, replacements, list(torch.split(tokens[:windows], 1)))
     return kl, round(time.perf_counter() - started, 3)

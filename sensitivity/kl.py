@@ -27,10 +27,15 @@ def swapped_weights(units: Mapping[str, nn.Linear], replacements: Mapping[str, t
             units[name].weight.data = weight
 
 
+def per_token_kl(reference: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """``KL(reference || logprobs)`` at every position: log-probabilities ``(..., vocab)`` -> ``(...)``."""
+    return (reference.exp() * (reference - logprobs)).sum(dim=-1)
+
+
 def _token_kl(model: nn.Module, batch: torch.Tensor, reference: torch.Tensor) -> float:
     """Summed per-token ``KL(reference || model)`` on ``batch`` (reference: float log-probabilities)."""
     logprobs = torch.log_softmax(model(input_ids=batch).logits.float(), dim=-1)
-    return float((reference.exp() * (reference - logprobs)).sum())
+    return float(per_token_kl(reference, logprobs).sum())
 
 
 @torch.no_grad()
