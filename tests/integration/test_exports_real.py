@@ -41,6 +41,19 @@ def test_issue5_exports_of_a_mixed_smollm2_artifact(wikitext: Path, tmp_path: Pa
     theirs = perplexity(exported.eval(), tokenize_for_perplexity(exported_tokenizer, text), seq_len=512,
                         max_windows=16).ppl
     assert abs(theirs / ours - 1) < 0.02, (ours, theirs)
+    import os
+
+    from llama_cpp import Llama  # the runtime GGUF users run: it loads our file and predicts from it
+
+    gguf_path = tmp_path / "gguf" / "model.gguf"
+    assert os.path.getsize(gguf_path) == report.file_bytes
+    runtime = Llama(model_path=str(gguf_path), n_ctx=64, logits_all=True, verbose=False)
+    prompt = runtime.tokenize(b"The capital of France is")
+    runtime.eval(prompt)
+    logits = torch.tensor(runtime.scores[len(prompt) - 1])
+    with torch.no_grad():
+        reference = exported(torch.tensor([prompt])).logits[0, -1]
+    assert torch.isfinite(logits).all() and int(logits.argmax()) == int(reference.argmax())
 
     report = export_artifact(Path(run.artifact), format="compressed-tensors", out=tmp_path / "ct")
     assert report.bytes == report.predicted_bytes
