@@ -11,7 +11,10 @@ Layout of an artifact directory (format version 1):
   groups have different widths (manifest ``group_bits``, ``layout: segments-by-width``) stores one
   ``NAME.qweight_b{b}``, ``NAME.scales_b{b}``, ``NAME.zeros_b{b}`` per width ``b`` instead: the groups of width
   ``b`` in their original order, packed as one ``(out_features, K_b)`` matrix (see :mod:`kernels.quant_linear`);
-  the manifest's ``tensors`` names each unit's tensors. Version 1 artifacts still load;
+  the manifest's ``tensors`` names each unit's tensors. Since version 3 a unit in a GGML type (manifest ``format``
+  ``Q4_K`` etc., ``layout: ggml-blocks``) stores ``NAME.ggml``, its ``(out_features, row_bytes)`` uint8 blocks as
+  llama.cpp lays them out; it loads as a float ``nn.Linear`` (dequantized by the ``gguf`` package), and the GGUF
+  export copies its blocks unchanged. Versions 1 and 2 still load;
 * ``manifest.json``: format version, per-unit bits and group size, budget, achieved size measured from the
   written file, solver and sensitivity details, calibration hash, and the sha256 of every other file.
 """
@@ -36,6 +39,7 @@ from bitplan.hashing import sha256_file
 from bitplan.kernels.quant_linear import QuantLinear
 from bitplan.manifest import (
     FORMAT_VERSION,
+    GGML_LAYOUT,
     MANIFEST,
     MIXED_LAYOUT,
     PACKING_FORMAT,
@@ -47,6 +51,7 @@ from bitplan.manifest import (
     write_manifest,
 )
 from bitplan.models import ModelKind
+from bitplan.quantizer.formats import FORMATS, GgmlWeight
 from bitplan.quantizer.mixed import pack_segments
 from bitplan.quantizer.rtn import QuantizedWeight
 
@@ -118,9 +123,10 @@ def write_artifact(
     model: nn.Module,
     tokenizer: Any,
     kind: ModelKind,
-    quantized: Mapping[str, QuantizedWeight],
+    quantized: Mapping[str, QuantizedWeight | GgmlWeight],
     run: RunRecord | None,
     float_dtype: torch.dtype = torch.float32,
+    formats: Mapping[str, str] | None = None,
 ) -> WrittenArtifact:
     """Write the artifact under a temporary name, then rename it to ``destination``.
 
@@ -128,6 +134,7 @@ def write_artifact(
         quantized: unit name -> its quantized weight; every unit must be an ``nn.Linear`` of ``model``.
         run: the pipeline's record of how the artifact was made (budget, solver, sensitivity, calibration, ...).
         float_dtype: how the tensors that are not quantized units are stored (the source model's dtype).
+        formats: unit name -> the format name the manifest records (default ``int{bits}-g{group}``).
     """
     destination = destination.resolve()
     destination.parent.mkdir(parents=True, exist_ok=True)
@@ -138,7 +145,7 @@ def write_artifact(
         tokenizer.save_pretrained(staging)
         float_state, aliases = _float_state(model, set(quantized), float_dtype)
         save_file(float_state, str(staging / FLOAT_FILE), metadata={"format": "pt"})
-        units = _write_units(staging, dict(model.named_modules()), quantized)
+        units = _write_units(staging, dict(model.named_modules()), quantized, formats)
         total_bytes = sum(u.bytes for u in units)
         total_numel = sum(u.in_features * u.out_features for u in units)
         files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
@@ -159,27 +166,41 @@ def write_artifact(
                            quantized_bytes=total_bytes, quantized_numel=total_numel)
 
 
-def _write_units(staging: Path, modules: dict[str, nn.Module], quantized: Mapping[str, QuantizedWeight]
-                 ) -> list[UnitRecord]:
+def _write_units(staging: Path, modules: dict[str, nn.Module], quantized: Mapping[str, QuantizedWeight | GgmlWeight],
+                 formats: Mapping[str, str] | None = None) -> list[UnitRecord]:
     """Pack every unit into ``quantized.safetensors``; one record per unit with its bytes measured from the file.
     The file's metadata has one key only, so its header (and its sha256) is the same on every run."""
     packed: dict[str, torch.Tensor] = {}
-    layout: list[tuple[str, Any, QuantizedWeight, list[str]]] = []
+    layout: list[tuple[str, Any, QuantizedWeight | GgmlWeight, list[str]]] = []
     for name, q in quantized.items():
-        tensors = pack_segments(q)
+        tensors = {"ggml": torch.from_numpy(q.payload.copy())} if isinstance(q, GgmlWeight) else pack_segments(q)
         packed.update({f"{name}.{leaf}": tensor.contiguous() for leaf, tensor in tensors.items()})
         layout.append((name, modules[name], q, sorted(tensors)))
     save_file(packed, str(staging / QUANTIZED_FILE), metadata={"format": "pt"})
     data_bytes = safetensors_data_bytes(staging / QUANTIZED_FILE)
     units = []
     for name, linear, q, leaves in layout:
+        common = {"name": name, "in_features": linear.in_features, "out_features": linear.out_features,
+                  "bias": linear.bias is not None, "tensors": leaves,
+                  "bytes": sum(data_bytes[f"{name}.{leaf}"] for leaf in leaves)}
+        if isinstance(q, GgmlWeight):
+            units.append(UnitRecord(**common, bits=q.bits, group_size=ggml_block(q.qtype), layout=GGML_LAYOUT,
+                                    format=q.qtype))
+            continue
         mixed = q.group_bits is not None and len(set(q.group_bits)) > 1
-        units.append(UnitRecord(name=name, bits=q.bits, group_size=q.group_size, in_features=linear.in_features,
-                                out_features=linear.out_features, bias=linear.bias is not None, tensors=leaves,
-                                bytes=sum(data_bytes[f"{name}.{leaf}"] for leaf in leaves),
+        default = f"int{q.bits}-g{q.group_size}"
+        units.append(UnitRecord(**common, bits=q.bits, group_size=q.group_size,
                                 group_bits=list(q.group_bits) if mixed else None,
-                                layout=MIXED_LAYOUT if mixed else None))
+                                layout=MIXED_LAYOUT if mixed else None,
+                                format=None if mixed else (formats or {}).get(name, default)))
     return units
+
+
+def ggml_block(qtype: str) -> int:
+    """Weights per block along a row of GGML type ``qtype``."""
+    from bitplan.quantizer.ggml import block_size
+
+    return block_size(FORMATS[qtype].ggml_type)
 
 
 def load_artifact(path: Path | str, *, verify: bool = True) -> tuple[nn.Module, Any, Manifest]:
@@ -192,13 +213,19 @@ def load_artifact(path: Path | str, *, verify: bool = True) -> tuple[nn.Module, 
     auto = (transformers.AutoModelForCausalLM if manifest.model_kind == ModelKind.CAUSAL_LM.value
             else transformers.AutoModel)
     model = auto.from_config(config, dtype=torch.float32)
+    state = load_file(str(path / FLOAT_FILE))
+    state.update(load_file(str(path / QUANTIZED_FILE)))
     for unit in manifest.units:
         parent_name, _, child = unit.name.rpartition(".")
         parent = model.get_submodule(parent_name)
+        if unit.layout == GGML_LAYOUT:  # a float layer with the weight llama.cpp's blocks stand for
+            blocks = state.pop(f"{unit.name}.ggml")
+            shape = (unit.out_features, unit.in_features)
+            weight = FORMATS[str(unit.format)].decode(GgmlWeight(str(unit.format), blocks.numpy(), shape))
+            state[f"{unit.name}.weight"] = weight
+            continue
         setattr(parent, child, QuantLinear(unit.in_features, unit.out_features, bits=unit.bits,
                                            group_size=unit.group_size, bias=unit.bias, group_bits=unit.group_bits))
-    state = load_file(str(path / FLOAT_FILE))
-    state.update(load_file(str(path / QUANTIZED_FILE)))
     for alias, stored in manifest.tied.items():
         state[alias] = state[stored]
     missing, unexpected = model.load_state_dict(state, strict=False)

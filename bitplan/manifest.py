@@ -1,7 +1,8 @@
 """The artifact's manifest as a typed, versioned record: the only module that writes ``manifest.json`` or reads
 it back. Everything else uses :class:`Manifest`'s attributes.
 
-On disk (format version 2): ``format_version``, ``packing``, ``model_kind``, ``units`` (one record per layer),
+On disk (format version 3; a unit's ``format`` and the ``ggml-blocks`` layout since 3): ``format_version``,
+``packing``, ``model_kind``, ``units`` (one record per layer),
 ``tied`` (alias -> stored tensor), ``achieved`` (sizes measured from the written files), the run's record
 (``source``, ``budget``, ``group_size``, ``candidate_bits``, ``tie_fused``, ``pinned``, ``solver``,
 ``sensitivity``, ``calibration``, ``quantizer``, ``mix_groups``, ``kl_refinement``, ``job``: the job spec) and
@@ -18,10 +19,11 @@ from typing import Any
 from bitplan.errors import ArtifactError
 from bitplan.hashing import sha256_file
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 PACKING_FORMAT = "bitstream-int32"
 MIXED_LAYOUT = "segments-by-width"
+GGML_LAYOUT = "ggml-blocks"  # since version 3: the unit's weight is one uint8 tensor of GGML blocks
 MANIFEST = "manifest.json"
 
 
@@ -39,9 +41,11 @@ class UnitRecord:
     bytes: int = 0
     group_bits: list[int] | None = None  # mixed widths inside the layer (``layout``: segments-by-width)
     layout: str | None = None
+    format: str | None = None  # since version 3: the format's name (``int4-g128``, ``Q4_K``; formats issue)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None or k not in ("group_bits", "layout")}
+        return {k: v for k, v in asdict(self).items()
+                if v is not None or k not in ("group_bits", "layout", "format")}
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,7 @@ class RunRecord:
     kl_refinement: dict[str, Any] | None = None
     quality: dict[str, Any] | None = None  # bitplan.quality.QualityReport on held-back windows
     job: dict[str, Any] | None = None
+    formats: list[str] | None = None  # the candidate formats, when the job chose among formats
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None or k in ("calibration",)}

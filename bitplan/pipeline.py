@@ -24,14 +24,14 @@ from bitplan.manifest import RunRecord, SensitivityRecord, SourceRecord
 from bitplan.models import LoadedModel, ModelKind, load_model
 from bitplan.planning import Plan, Sizes, budgets_in_bytes, make_plans, solve_plan, unit_sizes
 from bitplan.quality import QualityReport, heldout_windows, measure_quality
-from bitplan.quantize import Quantized, measure_kl, quantize_plans, spec_needs_grams
+from bitplan.quantize import Importance, Quantized, measure_kl, quantize_plans, spec_needs_grams
+from bitplan.quantizer.formats import GgmlWeight, decode_weight, encoded_bytes
 from bitplan.quantizer.methods import QUANTIZER_LABELS
-from bitplan.quantizer.rtn import dequantize_weight
-from bitplan.quantizer.sizes import stored_bytes
 from bitplan.refine import refine_allocation
 from bitplan.sensitivity import SensitivityResult
 from bitplan.sensitivity.activations import StopFn
 from bitplan.sensitivity.cache import SensitivityCache
+from bitplan.sensitivity.importance import input_energy
 from bitplan.sensitivity_pass import measure, resolve_metric
 from bitplan.spec import JobSpec
 from bitplan.stages import ProgressFn, Stage
@@ -75,6 +75,7 @@ class Measured:
     tokens: torch.Tensor | None
     sensitivity: SensitivityResult | None
     heldout: tuple[torch.Tensor, str] | None = None  # held-back windows for the quality report, and their text
+    importance: Importance | None = None  # per-column input energy (formats' encoders), when the job has formats
 
 
 class Clock:
@@ -130,7 +131,7 @@ def run_budgets(spec: JobSpec, *, out_dirs: list[Path], on_progress: ProgressFn 
     units = find_units(loaded.model)  # 2
     if not units:
         raise ModelReferenceError(f"{spec.model!r} has no linear layers inside its transformer blocks to quantize")
-    sizes = unit_sizes(units, spec.widths, spec.quantization.group_size)
+    sizes = unit_sizes(units, spec.widths, spec.quantization.group_size, spec.quantization.format_names)
     numel = sum(m.weight.numel() for m in units.values())
     budgets = [None] if spec.budget.uniform_bits is not None else budgets_in_bytes(spec, sizes, numel)
     clock.lap("plan")
@@ -142,8 +143,8 @@ def run_budgets(spec: JobSpec, *, out_dirs: list[Path], on_progress: ProgressFn 
     if measured.sensitivity is not None:
         clock.lap("sensitivity")
     plans = make_plans(spec, units, sizes, measured.sensitivity, budgets)  # 5
-    quantized = quantize_plans(spec, loaded, units, [p.bits for p in plans], measured.tokens, on_progress,
-                               should_stop)  # 6
+    quantized = quantize_plans(spec, loaded, units, [p.bits if p.formats is None else p.formats for p in plans],
+                               measured.tokens, on_progress, should_stop, importance=measured.importance)  # 6
     clock.lap("quantize")
     reports: list[dict[str, Any] | None] = [None] * len(plans)
     if spec.refinement.kl_refine_windows > 0 and loaded.kind is ModelKind.CAUSAL_LM and measured.sensitivity:
@@ -170,9 +171,13 @@ def calibrate_and_measure(spec: JobSpec, loaded: LoadedModel, units: dict[str, n
     if uniform:
         return Measured(calibration=record if spec_needs_grams(spec) else None, tokens=calib.tokens,
                         sensitivity=None)
-    sensitivity, cache_state = measure(spec, loaded, units, calib, on_progress, should_stop, cache)
+    importance = None
+    if spec.quantization.format_names is not None:
+        importance = input_energy(loaded.model, units, list(torch.split(calib.tokens, 1)), on_progress=on_progress,
+                                  should_stop=should_stop)
+    sensitivity, cache_state = measure(spec, loaded, units, calib, on_progress, should_stop, cache, importance)
     return Measured(calibration={**record, "sensitivity_cache": cache_state}, tokens=calib.tokens,
-                    sensitivity=sensitivity)
+                    sensitivity=sensitivity, importance=importance)
 
 
 def measure_sensitivity(spec: JobSpec, *, on_progress: ProgressFn | None = None, should_stop: StopFn | None = None,
@@ -243,7 +248,8 @@ def run_record(spec: JobSpec, loaded: LoadedModel, plan: Plan, measured: Measure
                                       warnings=[] if sensitivity is None else list(sensitivity.warnings)),
         calibration=measured.calibration, quantizer=QUANTIZER_LABELS[spec.quantization.quantizer.value],
         mix_groups=spec.quantization.mix_groups, kl_refinement=refinement,
-        quality=None if quality is None else quality.to_json(), job=spec.to_dict())
+        quality=None if quality is None else quality.to_json(), job=spec.to_dict(),
+        formats=None if spec.quantization.format_names is None else list(spec.quantization.format_names))
 
 
 def write_run(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], plan: Plan, measured: Measured,
@@ -253,7 +259,7 @@ def write_run(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], p
     started = time.perf_counter()
     quality = None
     checks = measured.heldout is not None or (spec.refinement.kl_windows > 0 and loaded.kind is ModelKind.CAUSAL_LM)
-    replacements = {name: dequantize_weight(q) for name, q in quantized.items()} if checks else {}  # both checks
+    replacements = {name: decode_weight(q) for name, q in quantized.items()} if checks else {}  # both checks
     if measured.heldout is not None:
         quality = measure_quality(loaded.model, units, replacements, measured.heldout[0], text=measured.heldout[1])
     quality_s = {"quality": round(time.perf_counter() - started, 3)} if quality is not None else {}
@@ -262,7 +268,8 @@ def write_run(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], p
     record = run_record(spec, loaded, plan, measured, refinement, quality)
     started = time.perf_counter()
     written = write_artifact(out_dir, model=loaded.model, tokenizer=loaded.tokenizer, kind=loaded.kind,
-                             quantized=quantized, run=record, float_dtype=source_float_dtype(loaded))
+                             quantized=quantized, run=record, float_dtype=source_float_dtype(loaded),
+                             formats={name: unit_format(spec, plan, name) for name in plan.bits})
     stage_times = {"write": round(time.perf_counter() - started, 3)}
     if on_progress is not None:
         on_progress(Stage.WRITE, 1, 1)
@@ -276,20 +283,33 @@ def write_run(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], p
 
 def _result(spec: JobSpec, written: WrittenArtifact, plan: Plan, record: RunRecord, timings: dict[str, float],
             kl: float | None, quantized: Quantized) -> RunResult:
-    predicted = sum(stored_bytes(quantized[name]) for name in plan.bits)
+    predicted = sum(encoded_bytes(quantized[name]) for name in plan.bits)
     if predicted != written.quantized_bytes:
         raise RuntimeError(f"size model drifted: predicted {predicted} bytes, wrote {written.quantized_bytes}")
-    group_size = spec.quantization.group_size
     return RunResult(
         artifact=str(written.path), bits_per_weight=written.bits_per_weight, bytes=written.quantized_bytes,
         status=plan.solver.status, objective=plan.solver.objective, lower_bound=plan.solver.lower_bound,
-        units=[{"name": n, "bits": b, "group_size": group_size,
-                **({} if quantized[n].group_bits is None else {"group_bits": list(quantized[n].group_bits)})}
-               for n, b in plan.bits.items()],
+        units=[_unit_json(n, b, quantized[n], unit_format(spec, plan, n)) for n, b in plan.bits.items()],
         model=spec.model, metric=record.sensitivity.metric, budget=record.budget, calibration=record.calibration,
         manifest_sha256=written.manifest_sha256, timings_s=timings, predicted_bytes=predicted,
         warnings=record.sensitivity.warnings, kl_divergence=kl, quality=record.quality,
         file_bits_per_parameter=written.manifest.achieved.file_bits_per_parameter)
+
+
+def unit_format(spec: JobSpec, plan: Plan, name: str) -> str:
+    """The format a unit was stored in: the plan's choice, or the integer grid of its width and group size."""
+    if plan.formats is not None:
+        return plan.formats[name]
+    symmetric = "-sym" if spec.quantization.quantizer.value == "rtn-symmetric" else ""
+    return f"int{plan.bits[name]}-g{spec.quantization.group_size}{symmetric}"
+
+
+def _unit_json(name: str, bits: int, encoded: Any, fmt: str) -> dict[str, Any]:
+    """One entry of the result's ``units``: its format, bits and group size (GGML types: none, blocks are fixed)."""
+    if isinstance(encoded, GgmlWeight):
+        return {"name": name, "bits": bits, "format": fmt}
+    mixed = {} if encoded.group_bits is None else {"group_bits": list(encoded.group_bits)}
+    return {"name": name, "bits": bits, "group_size": encoded.group_size, "format": fmt, **mixed}
 
 
 __all__ = ["RunResult", "calibrate_and_measure", "measure_sensitivity", "resolve_metric", "run_budgets",

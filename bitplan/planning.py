@@ -6,20 +6,21 @@ from __future__ import annotations
 import fnmatch
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from bitplan.allocator import AllocationProblem, Budget, Option, SolverStatus, Unit, solve_allocation
 from bitplan.errors import BitplanError, BudgetError
 from bitplan.manifest import SolverRecord
+from bitplan.quantizer.formats import FORMATS
 from bitplan.quantizer.sizes import quantized_bytes
 from bitplan.sensitivity import SensitivityResult
 
 if TYPE_CHECKING:
     from bitplan.spec import JobSpec
 
-Sizes = dict[str, dict[int, int]]  # unit name -> bit width -> exact bytes
+Sizes = dict[str, dict[Any, int]]  # unit name -> option (bit width, or format name) -> exact bytes
 
 FUSED_SUFFIXES = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up",
                   "query": "qkv", "key": "qkv", "value": "qkv"}
@@ -37,12 +38,30 @@ class Plan:
     budget_bytes: int | None
     solver: SolverRecord
     seconds: float = 0.0
+    formats: dict[str, str] | None = None  # the format per unit when the job chose among formats
 
 
-def unit_sizes(units: dict[str, nn.Linear], bits: tuple[int, ...], group_size: int) -> Sizes:
-    """Exact bytes of every unit at every candidate bit width."""
-    return {name: {b: quantized_bytes(m.out_features, m.in_features, bits=b, group_size=group_size) for b in bits}
-            for name, m in units.items()}
+def option_key(plan: Plan, name: str) -> Any:
+    """The option ``plan`` chose for unit ``name``: its format name, or its bit width."""
+    return plan.bits[name] if plan.formats is None else plan.formats[name]
+
+
+def unit_sizes(units: dict[str, nn.Linear], bits: tuple[int, ...], group_size: int,
+               formats: tuple[str, ...] | None = None) -> Sizes:
+    """Exact bytes of every unit at every candidate bit width, or at every candidate format legal for its shape
+    (``formats``). A unit that no candidate format can store is an error naming its shape."""
+    if formats is None:
+        return {name: {b: quantized_bytes(m.out_features, m.in_features, bits=b, group_size=group_size)
+                       for b in bits} for name, m in units.items()}
+    sizes: Sizes = {}
+    for name, m in units.items():
+        shape = (m.out_features, m.in_features)
+        sizes[name] = {f: FORMATS[f].bytes(shape) for f in formats if FORMATS[f].legal(shape)}
+        if not sizes[name]:
+            raise BudgetError(f"no candidate format can store {name} ({m.out_features} x {m.in_features}): "
+                              f"{', '.join(formats)} need rows divisible by their block size; add a format with "
+                              f"32-weight blocks (Q4_0, Q8_0) or an integer grid (int4-g32)", param="formats")
+    return sizes
 
 
 def check_budget_coarsely(spec: JobSpec) -> None:
@@ -67,10 +86,12 @@ def check_budget_coarsely(spec: JobSpec) -> None:
 def budgets_in_bytes(spec: JobSpec, sizes: Sizes, numel: int) -> list[int]:
     """Every budget of ``spec`` in bytes, each checked against the achievable range (before any heavy work)."""
     bits = sorted(spec.allocation.candidate_bits)
-    low = sum(s[bits[0]] for s in sizes.values())
-    high = sum(s[bits[-1]] for s in sizes.values())
+    low = sum(min(s.values()) for s in sizes.values())
+    high = sum(max(s.values()) for s in sizes.values())
     given = [int(b * numel / 8) for b in spec.budget.bits_per_weight] or [spec.budget.bytes]
-    achievable = (f"with bits {bits} and group size {spec.quantization.group_size} the achievable range is "
+    chosen = (f"with bits {bits} and group size {spec.quantization.group_size}" if spec.quantization.formats is None
+              else f"with formats {spec.quantization.formats!r}")
+    achievable = (f"{chosen} the achievable range is "
                   f"{8 * low / numel:.4f} to {8 * high / numel:.4f} bits per weight ({low} to {high} bytes)")
     for index, budget in enumerate(given):
         if budget < low:
@@ -78,7 +99,7 @@ def budgets_in_bytes(spec: JobSpec, sizes: Sizes, numel: int) -> list[int]:
                               f"{achievable}", param="bits_per_weight")
         if budget > high:
             raise BudgetError(f"budget {spec.budget.describe(index)} is above the largest achievable size: "
-                              f"{achievable}; raise the largest candidate bit width or lower the budget",
+                              f"{achievable}; add wider candidates or lower the budget",
                               param="bits_per_weight")
     return given
 
@@ -102,16 +123,28 @@ def pinned_bits(names: list[str], pinned: tuple[tuple[str, int], ...]) -> dict[s
     return result
 
 
-def allocation_problem(sizes: Sizes, sensitivity: SensitivityResult, bits: tuple[int, ...], budget_bytes: int, *,
-                       tie_fused: bool = False, pinned: tuple[tuple[str, int], ...] = ()) -> AllocationProblem:
-    """One unit per linear layer, one option per candidate bit width; fused siblings tied and pins applied."""
+def option_bits(key: Any) -> int:
+    """The bit width an option key stands for: itself, or a format's nominal width (what pins name)."""
+    return key if isinstance(key, int) else FORMATS[key].nominal_bits
+
+
+def allocation_problem(sizes: Sizes, sensitivity: SensitivityResult, bits: tuple[int, ...] | None, budget_bytes: int,
+                       *, tie_fused: bool = False, pinned: tuple[tuple[str, int], ...] = ()) -> AllocationProblem:
+    """One unit per linear layer, one option per candidate bit width (``bits``) or, with ``bits=None``, per key of
+    ``sizes[name]`` (its legal formats); fused siblings tied (when they have the same options) and pins applied."""
     delta = {u.name: u.delta_loss for u in sensitivity.units}
     pins = pinned_bits(list(sizes), pinned)
+    keys = {name: list(bits) if bits is not None else list(sizes[name]) for name in sizes}
+    ties = {name: fused_tie(name) if tie_fused else None for name in sizes}
+    options_of_tie: dict[str, set[tuple[Any, ...]]] = {}
+    for name, tie in ties.items():
+        if tie is not None:
+            options_of_tie.setdefault(tie, set()).add(tuple(keys[name]))
     return AllocationProblem(
-        units=tuple(Unit(name=name, options=tuple(Option(bits=b, bytes=float(sizes[name][b]),
-                                                         distortion=float(delta[name][b])) for b in bits),
-                         tie=fused_tie(name) if tie_fused else None, min_bits=pins.get(name),
-                         max_bits=pins.get(name))
+        units=tuple(Unit(name=name, options=tuple(Option(bits=option_bits(k), bytes=float(sizes[name][k]),
+                                                         distortion=float(delta[name][k])) for k in keys[name]),
+                         tie=ties[name] if ties[name] is not None and len(options_of_tie[ties[name]]) == 1 else None,
+                         min_bits=pins.get(name), max_bits=pins.get(name))
                     for name in sizes),
         budget=Budget(bytes=float(budget_bytes)),
     )
@@ -123,8 +156,9 @@ def solve_plan(spec: JobSpec, sizes: Sizes, sensitivity: SensitivityResult, *, b
     clear error when no allocation exists."""
     started = time.perf_counter()
     allocation = spec.allocation
-    problem = allocation_problem(sizes, sensitivity, spec.widths, budget_bytes, tie_fused=allocation.tie_fused,
-                                 pinned=allocation.pinned)
+    formats = spec.quantization.format_names
+    problem = allocation_problem(sizes, sensitivity, spec.widths if formats is None else None, budget_bytes,
+                                 tie_fused=allocation.tie_fused, pinned=allocation.pinned)
     solved = solve_allocation(problem, solver=allocation.solver.value, time_limit_s=allocation.time_limit_s)
     if solved.status in (SolverStatus.INFEASIBLE, SolverStatus.TIME_LIMIT):
         smallest = "" if solved.min_feasible_bytes is None else (
@@ -133,10 +167,12 @@ def solve_plan(spec: JobSpec, sizes: Sizes, sensitivity: SensitivityResult, *, b
         raise BudgetError(f"allocation failed ({solved.status.value}): {solved.message}{smallest}",
                           param="bits_per_weight")
     bits = {unit.name: unit.options[k].bits for unit, k in zip(problem.units, solved.choice, strict=True)}
+    chosen = None if formats is None else {unit.name: list(sizes[unit.name])[k]
+                                           for unit, k in zip(problem.units, solved.choice, strict=True)}
     record = SolverRecord(name=solved.solver, status=solved.status.value, objective=solved.objective,
                           lower_bound=solved.lower_bound, solve_s=solved.solve_s)
     return Plan(bits=bits, budget_bits_per_weight=bits_per_weight, budget_bytes=budget_bytes, solver=record,
-                seconds=round(time.perf_counter() - started, 3))
+                seconds=round(time.perf_counter() - started, 3), formats=chosen)
 
 
 def uniform_plan(spec: JobSpec, units: dict[str, nn.Linear]) -> Plan:

@@ -12,6 +12,7 @@ from torch import nn
 
 from bitplan.errors import BitplanError
 from bitplan.models import LoadedModel, ModelKind
+from bitplan.quantizer.formats import FORMATS, GgmlWeight
 from bitplan.quantizer.methods import needs_gram, quantize_unit
 from bitplan.quantizer.rtn import QuantizedWeight
 from bitplan.sensitivity.activations import StopFn, check_stop
@@ -23,12 +24,32 @@ from bitplan.units import find_block_stack
 if TYPE_CHECKING:
     from bitplan.spec import JobSpec
 
-Quantized = dict[str, QuantizedWeight]
+Quantized = dict[str, "QuantizedWeight | GgmlWeight"]
+Importance = dict[str, torch.Tensor]  # unit name -> per-column input energy on the calibration set
 
 
 def spec_needs_grams(spec: JobSpec) -> bool:
-    """Whether quantizing under ``spec`` needs each unit's calibration input Gram matrix."""
+    """Whether quantizing under ``spec`` needs each unit's calibration input Gram matrix (formats take only its
+    diagonal, :func:`sensitivity.importance.input_energy`)."""
+    if spec.quantization.format_names is not None:
+        return False
     return needs_gram(spec.quantization.quantizer.value) or spec.quantization.mix_groups
+
+
+def encoder_importance(spec: JobSpec, fmt: str, importance: Importance | None, name: str) -> torch.Tensor | None:
+    """The importance vector ``fmt``'s encoder gets for unit ``name``: llama.cpp's always (what llama-imatrix
+    would give it), our integer grids' only with ``--quantizer rtn-salience`` (plain ``rtn`` is min/max)."""
+    if importance is None:
+        return None
+    if FORMATS[fmt].family == "bitplan-int" and spec.quantization.quantizer.value != "rtn-salience":
+        return None
+    return importance[name]
+
+
+def encode_unit(spec: JobSpec, weight: torch.Tensor, fmt: str, importance: Importance | None,
+                name: str) -> QuantizedWeight | GgmlWeight:
+    """``weight`` in format ``fmt`` by that format's encoder."""
+    return FORMATS[fmt].encode(weight.detach().float(), encoder_importance(spec, fmt, importance, name))
 
 
 def input_grams(loaded: LoadedModel, units: dict[str, nn.Linear], tokens: torch.Tensor,
@@ -49,10 +70,12 @@ def grams_by_block(loaded: LoadedModel, units: dict[str, nn.Linear], tokens: tor
         yield {name: entry.gram for name, entry in stats.items()}
 
 
-def quantize_plans(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], choices: list[dict[str, int]],
-                   tokens: torch.Tensor | None, on_progress: ProgressFn | None = None,
-                   should_stop: StopFn | None = None) -> list[Quantized]:
-    """Every unit at its bit width, for each allocation in ``choices``, with the spec's quantizer.
+def quantize_plans(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear],
+                   choices: list[dict[str, int]] | list[dict[str, str]], tokens: torch.Tensor | None,
+                   on_progress: ProgressFn | None = None, should_stop: StopFn | None = None,
+                   importance: Importance | None = None) -> list[Quantized]:
+    """Every unit at its bit width, for each allocation in ``choices``, with the spec's quantizer; or, where an
+    allocation names formats (strings), in its format by that format's encoder with ``importance``.
 
     A calibrated quantizer (GPTQ, salience) gets each unit's input Gram matrix; they are collected block by block
     on ``tokens`` and each block's are dropped as soon as its units are quantized for every allocation, so only
@@ -66,6 +89,9 @@ def quantize_plans(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linea
         nonlocal done
         for name in names:
             for chosen, into in zip(choices, quantized, strict=True):
+                if isinstance(chosen[name], str):
+                    into[name] = encode_unit(spec, units[name].weight, chosen[name], importance, name)
+                    continue
                 into[name] = quantize_unit(units[name].weight, method=options.quantizer.value, bits=chosen[name],
                                            group_size=options.group_size, mix_groups=options.mix_groups,
                                            damp=options.gptq_damp, gram=None if grams is None else grams[name])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -13,9 +14,12 @@ from torch import nn
 
 from bitplan.errors import SpecError
 from bitplan.models import LoadedModel, ModelKind, causal_lm_loss, use_eager_attention
+from bitplan.planning import unit_sizes
+from bitplan.quantize import Importance, encode_unit
+from bitplan.quantizer.formats import decode_weight
 from bitplan.sensitivity import Metric, SensitivityResult, compute_sensitivity
 from bitplan.sensitivity.activations import StopFn
-from bitplan.sensitivity.api import NEEDS_LOSS, SECOND_ORDER_HVP_METHODS
+from bitplan.sensitivity.api import NEEDS_LOSS, SECOND_ORDER_HVP_METHODS, TAKES_ERRORS
 from bitplan.sensitivity.cache import SensitivityCache, cache_key
 from bitplan.spec import JobSpec
 from bitplan.stages import ProgressFn, Stage
@@ -37,20 +41,45 @@ def resolve_metric(name: str, kind: ModelKind) -> Metric:
     return metric
 
 
+def format_errors(spec: JobSpec, units: dict[str, nn.Linear], importance: Importance | None
+                  ) -> tuple[dict[str, list[str]], Callable[[str, Any], torch.Tensor]]:
+    """Per unit its legal candidate formats, and each one's real weight error ``decode(encode(W)) - W`` with the
+    encoder the quantize step will run (same importance vector)."""
+    names = spec.quantization.format_names
+    assert names is not None
+    options = {name: list(sizes) for name, sizes in unit_sizes(units, spec.widths, 8, names).items()}
+
+    def error_of(name: str, fmt: Any) -> torch.Tensor:
+        weight = units[name].weight.detach().float()
+        return decode_weight(encode_unit(spec, weight, str(fmt), importance, name)) - weight
+
+    return options, error_of
+
+
 def measure(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], calibration: Any,
-            on_progress: ProgressFn | None, should_stop: StopFn | None, cache: SensitivityCache | None
-            ) -> tuple[SensitivityResult, str]:
-    """The sensitivities and whether the cache had them (``hit``, ``miss`` or ``off``)."""
+            on_progress: ProgressFn | None, should_stop: StopFn | None, cache: SensitivityCache | None,
+            importance: Importance | None = None) -> tuple[SensitivityResult, str]:
+    """The sensitivities and whether the cache had them (``hit``, ``miss`` or ``off``). With formats, each
+    option's error is that format's with its encoder (``importance``: the calibration's input energy)."""
     options = spec.sensitivity
     metric = resolve_metric(options.metric.value, loaded.kind)
+    formats = spec.quantization.format_names
+    if formats is not None and metric not in TAKES_ERRORS:
+        raise SpecError(f"metric {metric.value!r} predicts from RTN errors only; with --formats choose one of "
+                        f"{', '.join(sorted(m.value for m in TAKES_ERRORS))}", param="metric")
+    salience = spec.quantization.quantizer.value == "rtn-salience"
+    encoder = None if formats is None else {"formats": list(formats), "ggml": "ggml_quantize_chunk",
+                                            "int_encoder": "rtn-salience" if salience else "rtn"}
     key = cache_key(model_sha256=loaded.source_sha256, calibration_sha256=calibration.sha256, metric=metric.value,
                     bits=list(spec.widths), group_size=spec.quantization.group_size, units=list(units),
-                    hutchinson=asdict(options.hutchinson) if metric is Metric.HUTCHINSON else None)
+                    hutchinson=asdict(options.hutchinson) if metric is Metric.HUTCHINSON else None,
+                    **({} if encoder is None else {"encoder": encoder}))
     cached = cache.get(key) if cache is not None else None
     if cached is not None:
         logger.info("sensitivity: reusing the cached %s result %s", metric.value, key[:12])
         return cached, "hit"
-    result = run_sensitivity(spec, loaded, units, metric, calibration.tokens, on_progress, should_stop)
+    result = run_sensitivity(spec, loaded, units, metric, calibration.tokens, on_progress, should_stop,
+                             importance=importance)
     if cache is not None:
         cache.put(key, result)
     return result, "miss" if cache is not None else "off"
@@ -58,8 +87,11 @@ def measure(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], cal
 
 def run_sensitivity(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], metric: Metric,
                     tokens: torch.Tensor, on_progress: ProgressFn | None,
-                    should_stop: StopFn | None = None) -> SensitivityResult:
-    """Predicted loss increase per (unit, candidate bit width) under ``metric``."""
+                    should_stop: StopFn | None = None, importance: Importance | None = None) -> SensitivityResult:
+    """Predicted loss increase per (unit, candidate bit width), or per (unit, legal candidate format), under
+    ``metric``."""
+    errors = {} if spec.quantization.format_names is None else dict(
+        zip(("options", "error_of"), format_errors(spec, units, importance), strict=True))
     loss_fn = causal_lm_loss if loaded.kind is ModelKind.CAUSAL_LM else None  # metrics that need it were checked
     batches = list(torch.split(tokens, 1))
     hutchinson = spec.sensitivity.hutchinson
@@ -77,4 +109,4 @@ def run_sensitivity(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Line
                                group_size=spec.quantization.group_size, loss_fn=loss_fn, hutchinson=hutchinson,
                                on_progress=on_progress, should_stop=should_stop,
                                blocks=find_block_stack(loaded.model),
-                               max_error_bytes=spec.sensitivity.max_error_bytes)
+                               max_error_bytes=spec.sensitivity.max_error_bytes, **errors)

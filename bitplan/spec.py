@@ -21,6 +21,7 @@ from typing import Any
 from bitplan.allocator.problem import SOLVERS
 from bitplan.errors import SpecError
 from bitplan.options import Option, check_part, option_field
+from bitplan.quantizer.formats import FORMATS, resolve_formats
 from bitplan.quantizer.methods import QUANTIZERS
 from bitplan.sensitivity.api import HutchinsonConfig, Metric
 from bitplan.sensitivity.token_fisher import DEFAULT_ERROR_BYTES
@@ -129,9 +130,29 @@ class Quantization:
     gptq_damp: float = option_field(0.01, "float", "GPTQ: dampening added to the Gram diagonal, as a fraction of "
                                     "its mean (more: steadier on little calibration data, less error feedback)",
                                     flag="--gptq-damp", minimum=0.0001, maximum=1.0)
+    formats: str | None = option_field(
+        None, "str", "candidate formats per layer: a preset (bitplan-default: the --bits widths at --group-size; "
+        "bitplan-int; gguf-k; gguf-legacy; gguf-all) or comma-separated names from `bitplan formats`; each layer "
+        "chooses among the ones legal for its shape, with the real error of each", flag="--formats")
 
     def __post_init__(self) -> None:
         check_part(self)
+        try:
+            names = resolve_formats(self.formats)
+        except ValueError as error:
+            raise SpecError(str(error), param="formats") from None
+        if names is not None and self.quantizer.value.startswith("gptq"):
+            raise SpecError("formats are encoded by their own encoders (round to nearest with the calibration "
+                            "importance, or llama.cpp's); GPTQ runs on the --bits widths only: drop --formats or "
+                            "choose --quantizer rtn or rtn-salience", param="formats")
+        if names is not None and self.mix_groups:
+            raise SpecError("--mix-groups mixes widths inside a layer of one grid; it does not combine with "
+                            "--formats", param="formats")
+
+    @property
+    def format_names(self) -> tuple[str, ...] | None:
+        """The candidate format names, or ``None`` for the --bits widths at --group-size."""
+        return resolve_formats(self.formats)
 
 
 @dataclass(frozen=True)
@@ -197,9 +218,29 @@ class JobSpec:
         self._check_refinement()
         from bitplan.planning import check_budget_coarsely  # the rule lives beside the exact one
 
-        check_budget_coarsely(self)
+        if self.quantization.format_names is None:
+            check_budget_coarsely(self)
+
+    def _check_formats(self) -> None:
+        names = self.quantization.format_names
+        if names is None:
+            return
+        if self.budget.uniform_bits is not None:
+            raise SpecError("--formats chooses a format per layer under a budget; a uniform baseline takes "
+                            "--uniform-bits with --group-size", param="formats")
+        if self.refinement.kl_refine_windows:
+            raise SpecError("KL refinement re-solves bit widths; it does not yet combine with --formats",
+                            param="kl_refine_windows")
+        nominal = sorted({FORMATS[n].nominal_bits for n in names})
+        for pattern, bits in self.allocation.pinned:
+            if bits not in nominal:
+                raise SpecError(f"pin {pattern}={bits}: no candidate format has {bits} bits (the formats have "
+                                f"{nominal})", param="pinned")
 
     def _check_widths(self) -> None:
+        if self.quantization.format_names is not None:
+            self._check_formats()
+            return
         widths = self.widths
         for pattern, bits in self.allocation.pinned:
             if bits not in widths:

@@ -12,10 +12,15 @@ Families:
 
 The importance vector is the diagonal of a layer's calibration input Gram matrix (``llama-imatrix``'s sum of
 squared activations per input column). Adding a format is one entry in :data:`FORMATS`.
+
+A job's candidate set is a preset (:data:`PRESETS`) or a comma-separated list of names (:func:`resolve_formats`).
+An encoded weight is a :class:`~bitplan.quantizer.rtn.QuantizedWeight` (integer grids) or a :class:`GgmlWeight`
+(GGML blocks); :func:`decode_weight` and :func:`encoded_bytes` take either.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,10 +29,24 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from bitplan.quantizer import ggml
-from bitplan.quantizer.rtn import dequantize_weight, quantize_rtn
-from bitplan.quantizer.sizes import quantized_bytes
+from bitplan.quantizer.rtn import QuantizedWeight, dequantize_weight, quantize_rtn
+from bitplan.quantizer.sizes import quantized_bytes, stored_bytes
 
 Shape = tuple[int, int]  # (out_features, in_features)
+
+
+@dataclass(frozen=True)
+class GgmlWeight:
+    """A weight stored as GGML blocks: ``payload`` ``(rows, row_bytes)`` uint8 of type ``qtype`` (a name)."""
+
+    qtype: str
+    payload: Any  # numpy uint8 array
+    shape: Shape
+
+    @property
+    def bits(self) -> int:
+        return FORMATS[self.qtype].nominal_bits
+
 REFERENCE_SHAPE = (4096, 4096)
 
 
@@ -41,7 +60,9 @@ class Format:
     bytes: Callable[[Shape], int]
     encode: Callable[[torch.Tensor, "torch.Tensor | None"], Any]
     decode: Callable[[Any], torch.Tensor]
+    nominal_bits: int = 0  # the width a pin ``PATTERN=BITS`` names (Q4_K and int4-g32 are both 4)
     needs_importance: bool = False
+    ggml_type: Any = None  # the GGMLQuantizationType of a ggml-family format
 
     def bits_per_weight(self, shape: Shape = REFERENCE_SHAPE) -> float:
         """Stored bits per weight of a ``shape`` matrix (every scale, zero and header counted)."""
@@ -60,7 +81,7 @@ def _int_format(bits: int, group_size: int, symmetric: bool) -> Format:
     return Format(name=f"int{bits}-g{group_size}{'-sym' if symmetric else ''}", family="bitplan-int",
                   legal=lambda shape: shape[1] >= 1,
                   bytes=lambda shape: quantized_bytes(shape[0], shape[1], bits=bits, group_size=group_size),
-                  encode=encode, decode=dequantize_weight)
+                  encode=encode, decode=dequantize_weight, nominal_bits=bits)
 
 
 def _ggml_format(qtype: T) -> Format:
@@ -69,9 +90,16 @@ def _ggml_format(qtype: T) -> Format:
 
     return Format(name=qtype.name, family="ggml", legal=legal,
                   bytes=lambda shape: shape[0] * ggml.row_bytes(qtype, shape[1]),
-                  encode=lambda weight, importance: ggml.quantize_ggml(weight, qtype, importance),
-                  decode=lambda payload: ggml.dequantize_ggml(payload, qtype),
-                  needs_importance=ggml.requires_importance(qtype))
+                  encode=lambda weight, importance: GgmlWeight(
+                      qtype.name, ggml.quantize_ggml(weight, qtype, importance), tuple(weight.shape)),
+                  decode=lambda payload: ggml.dequantize_ggml(payload.payload, qtype),
+                  needs_importance=ggml.requires_importance(qtype), nominal_bits=_nominal_bits(qtype.name),
+                  ggml_type=qtype)
+
+
+def _nominal_bits(name: str) -> int:
+    """Q4_K -> 4, IQ3_XXS -> 3, Q8_0 -> 8."""
+    return int(re.match(r"I?Q(\d)", name).group(1))  # type: ignore[union-attr]
 
 
 GGML_TYPES = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.IQ4_NL, T.IQ4_XS,
@@ -94,3 +122,44 @@ def legal_formats(names: list[str], shape: Shape) -> list[Format]:
     if unknown:
         raise ValueError(f"unknown format {unknown[0]!r}; `bitplan formats --json` lists them")
     return [FORMATS[n] for n in names if FORMATS[n].legal(shape)]
+
+
+GGUF_LEGACY = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+# A preset maps to format names; "bitplan-default" is the job's own candidate widths at its group size, encoded
+# by its quantizer (the behaviour without --formats), so it maps to None.
+PRESETS: dict[str, tuple[str, ...] | None] = {
+    "bitplan-default": None,
+    "bitplan-int": tuple(f"int{b}-g{g}" for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128)),
+    "gguf-k": ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", *GGUF_LEGACY),
+    "gguf-legacy": GGUF_LEGACY,
+    "gguf-all": tuple(f.name for f in FORMATS.values() if f.family == "ggml"),
+}
+
+
+def resolve_formats(value: str | None) -> tuple[str, ...] | None:
+    """A preset name or a comma-separated list of format names -> the format names (``None``: the job's own
+    candidate widths, as without ``--formats``). Raises ``ValueError`` naming what is unknown."""
+    if value is None or value.strip() in ("", "bitplan-default"):
+        return None
+    if value.strip() in PRESETS:
+        return PRESETS[value.strip()]
+    names = tuple(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+    unknown = [n for n in names if n not in FORMATS]
+    if unknown or not names:
+        raise ValueError(f"unknown format {unknown[0] if unknown else value!r}; give a preset "
+                         f"({', '.join(PRESETS)}) or format names from `bitplan formats`")
+    return names
+
+
+def decode_weight(encoded: QuantizedWeight | GgmlWeight) -> torch.Tensor:
+    """The float32 weight an encoded one stands for (what the runtime computes with)."""
+    if isinstance(encoded, GgmlWeight):
+        return FORMATS[encoded.qtype].decode(encoded)
+    return dequantize_weight(encoded)
+
+
+def encoded_bytes(encoded: QuantizedWeight | GgmlWeight) -> int:
+    """Stored bytes of an encoded weight (what ``Format.bytes`` predicted for its shape)."""
+    if isinstance(encoded, GgmlWeight):
+        return int(encoded.payload.nbytes)
+    return stored_bytes(encoded)

@@ -62,7 +62,7 @@ class UnitSensitivity:
     name: str
     numel: int
     score: float
-    delta_loss: dict[int, float]
+    delta_loss: dict[Any, float]  # keyed by bit width, or by format name when the pass was given options
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ class SensitivityResult:
         return cls(metric=Metric(data["metric"]), seconds=float(data["seconds"]),
                    warnings=tuple(str(w) for w in data["warnings"]),
                    units=tuple(UnitSensitivity(name=u["name"], numel=int(u["numel"]), score=float(u["score"]),
-                                               delta_loss={int(b): float(v) for b, v in u["delta_loss"].items()})
+                                               delta_loss={_key(b): float(v) for b, v in u["delta_loss"].items()})
                                for u in data["units"]))
 
     def to_json(self) -> dict[str, object]:
@@ -94,6 +94,11 @@ class SensitivityResult:
                 for u in self.units
             ],
         }
+
+
+def _key(text: str) -> int | str:
+    """A JSON key back to a bit width (digits) or a format name."""
+    return int(text) if text.isdigit() else text
 
 
 @dataclass(frozen=True)
@@ -147,8 +152,9 @@ def functional_loss(model: nn.Module, loss_fn: LossFn, names: Sequence[str], bat
     return loss_of
 
 
-def taylor_increase(first_order: Mapping[int, float], second_order: Mapping[int, float],
-                    first_order_std_error: Mapping[int, float] | None = None) -> dict[int, float]:
+def taylor_increase(first_order: Mapping[Any, float], second_order: Mapping[Any, float],
+                    first_order_std_error: Mapping[Any, float] | None = None, *, monotone: bool = True
+                    ) -> dict[Any, float]:
     """``first + second`` order loss change per bit width.
 
     The first-order term is an average over calibration batches; with its standard error ``se`` it is shrunk by
@@ -156,16 +162,17 @@ def taylor_increase(first_order: Mapping[int, float], second_order: Mapping[int,
     from zero adds nothing. The sum is then made non-increasing in the width from the wide end: a narrower grid
     is never predicted to cost less than a wider one, since the expansion is most accurate for the small errors
     of wide grids. The result can be negative: quantizing may lower the calibration loss of weights that were not
-    trained on that text."""
+    trained on that text. ``monotone=False`` (options that are formats, not widths of one grid) skips the
+    ordering step."""
     result = {}
     running = -math.inf
-    for bits in sorted(second_order, reverse=True):
+    for bits in (sorted(second_order, reverse=True) if monotone else second_order):
         first = first_order[bits]
         if first_order_std_error is not None and first != 0.0:
             first *= max(0.0, 1.0 - (first_order_std_error[bits] / first) ** 2)
-        running = max(running, first + second_order[bits])
+        running = max(running, first + second_order[bits]) if monotone else first + second_order[bits]
         result[bits] = running
-    return dict(sorted(result.items()))
+    return dict(sorted(result.items())) if monotone else result
 
 
 def _squared_rtn_error(weight: torch.Tensor, bits: int, group_size: int) -> float:
@@ -175,9 +182,10 @@ def _squared_rtn_error(weight: torch.Tensor, bits: int, group_size: int) -> floa
 def _hutchinson(
     model: nn.Module, units: Mapping[str, nn.Linear], batches: Sequence[torch.Tensor], loss_fn: LossFn,
     *, bits_options: Sequence[int], group_size: int, config: HutchinsonConfig, on_progress: ProgressFn | None,
-    should_stop: StopFn | None = None,
+    should_stop: StopFn | None = None, options: Mapping[str, Sequence[Any]] | None = None,
+    error_of: Callable[[str, Any], torch.Tensor] | None = None,
 ) -> tuple[list[UnitSensitivity], list[str]]:
-    """HAWQ-V2: ``delta_loss(b) = 0.5 * tr(H_u) / numel_u * ||Q_b(W_u) - W_u||^2``."""
+    """HAWQ-V2: ``delta_loss(b) = 0.5 * tr(H_u) / numel_u * ||Q_b(W_u) - W_u||^2`` (or of each option's error)."""
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     model.requires_grad_(False)
     params = {name: m.weight for name, m in units.items()}
@@ -220,7 +228,11 @@ def _hutchinson(
     for name, module in units.items():
         trace = max(traces[name].trace, 0.0)
         numel = module.weight.numel()
-        delta = {b: 0.5 * trace / numel * _squared_rtn_error(module.weight, b, group_size) for b in bits_options}
+        if options is not None and error_of is not None:
+            delta = {key: 0.5 * trace / numel * float(error_of(name, key).float().pow(2).sum())
+                     for key in options[name]}
+        else:
+            delta = {b: 0.5 * trace / numel * _squared_rtn_error(module.weight, b, group_size) for b in bits_options}
         result.append(UnitSensitivity(name=name, numel=numel, score=traces[name].trace, delta_loss=delta))
     return result, warnings
 
@@ -285,6 +297,8 @@ def compute_sensitivity(
     should_stop: StopFn | None = None,
     blocks: tuple[str, nn.ModuleList] | None = None,
     max_error_bytes: int = DEFAULT_ERROR_BYTES,
+    options: Mapping[str, Sequence[Any]] | None = None,
+    error_of: Callable[[str, Any], torch.Tensor] | None = None,
 ) -> SensitivityResult:
     """Predicted loss increase of RTN-quantizing each unit at each bit width.
 
@@ -298,15 +312,21 @@ def compute_sensitivity(
             the Gram-based metrics then hold one block's input Grams at a time.
         max_error_bytes: the RTN-error copies ``token_fisher``/``token_taylor`` may hold at once; fewer means
             more backward passes over the calibration set (:func:`sensitivity.token_fisher.token_fisher`).
+        options, error_of: per unit its option keys (format names) and ``error_of(name, key) -> dW``, each
+            option's real weight error (``decode(encode(W)) - W``); predictions are then keyed by option. Only
+            metrics registered with ``takes_errors`` accept them.
     """
     started = time.perf_counter()
     entry = METRICS[metric.value]
     if entry.needs_loss and loss_fn is None:
         raise ValueError(f"metric {metric.value!r} needs a loss (a causal language model); use 'output_error'")
+    if options is not None and not entry.takes_errors:
+        raise ValueError(f"metric {metric.value!r} predicts from RTN errors only; with formats use one of "
+                         f"{', '.join(sorted(m.value for m in TAKES_ERRORS))}")
     inputs = MetricInputs(model=model, units=units, batches=batches, bits_options=bits_options,
                           group_size=group_size, loss_fn=loss_fn, hutchinson=hutchinson or HutchinsonConfig(),
                           on_progress=on_progress, should_stop=should_stop, blocks=blocks,
-                          max_error_bytes=max_error_bytes)
+                          max_error_bytes=max_error_bytes, options=options, error_of=error_of)
     entries, warnings = entry.compute(inputs)
     for warning in warnings:
         logger.warning(warning)
@@ -322,10 +342,12 @@ def _token_terms(inputs: MetricInputs, *, taylor: bool) -> tuple[list[UnitSensit
     terms = token_fisher(inputs.model, inputs.units, inputs.batches, loss_fn=inputs.loss_fn,
                          bits_options=inputs.bits_options, group_size=inputs.group_size,
                          max_error_bytes=inputs.max_error_bytes, blocks=None if blocks is None else blocks[1],
-                         on_progress=inputs.on_progress, should_stop=inputs.should_stop)
+                         on_progress=inputs.on_progress, should_stop=inputs.should_stop, options=inputs.options,
+                         error_of=inputs.error_of)
     return [UnitSensitivity(name=name, numel=module.weight.numel(), score=terms.energy[name],
                             delta_loss=(taylor_increase(terms.first_order[name], terms.second_order[name],
-                                                        terms.first_order_std_error[name])
+                                                        terms.first_order_std_error[name],
+                                                        monotone=inputs.options is None)
                                         if taylor else terms.second_order[name]))
             for name, module in inputs.units.items()], []
 
@@ -342,7 +364,10 @@ def _statistics_metric(metric: Metric, predict: Callable[..., dict[int, float]],
             for name, entry in stats.items():
                 check_stop(inputs.should_stop, "predicted error")
                 weight = inputs.units[name].weight
-                delta = predict(weight, entry, bits_options=inputs.bits_options, group_size=inputs.group_size)
+                errors = ({} if inputs.options is None or inputs.error_of is None else
+                          {"errors": {key: inputs.error_of(name, key) for key in inputs.options[name]}})
+                delta = predict(weight, entry, bits_options=inputs.bits_options, group_size=inputs.group_size,
+                                **errors)
                 by_name[name] = UnitSensitivity(name=name, numel=weight.numel(), score=score(weight, entry),
                                                 delta_loss=delta)
                 if inputs.on_progress is not None:
@@ -352,16 +377,18 @@ def _statistics_metric(metric: Metric, predict: Callable[..., dict[int, float]],
     return compute
 
 
-register_metric(Metric.TOKEN_TAYLOR.value, needs_loss=True)(functools.partial(_token_terms, taylor=True))
-register_metric(Metric.TOKEN_FISHER.value, needs_loss=True)(functools.partial(_token_terms, taylor=False))
-register_metric(Metric.HUTCHINSON.value, needs_loss=True)(
+register_metric(Metric.TOKEN_TAYLOR.value, needs_loss=True, takes_errors=True)(
+    functools.partial(_token_terms, taylor=True))
+register_metric(Metric.TOKEN_FISHER.value, needs_loss=True, takes_errors=True)(
+    functools.partial(_token_terms, taylor=False))
+register_metric(Metric.HUTCHINSON.value, needs_loss=True, takes_errors=True)(
     lambda inputs: _hutchinson(inputs.model, inputs.units, inputs.batches, inputs.loss_fn,
                                bits_options=inputs.bits_options, group_size=inputs.group_size,
                                config=inputs.hutchinson, on_progress=inputs.on_progress,
-                               should_stop=inputs.should_stop))
-register_metric(Metric.OUTPUT_ERROR.value, needs_loss=False)(
+                               should_stop=inputs.should_stop, options=inputs.options, error_of=inputs.error_of))
+register_metric(Metric.OUTPUT_ERROR.value, needs_loss=False, takes_errors=True)(
     _statistics_metric(Metric.OUTPUT_ERROR, functools.partial(predict_output_error, fisher=False), _gradient_energy))
-register_metric(Metric.FISHER_OUTPUT_ERROR.value, needs_loss=True)(
+register_metric(Metric.FISHER_OUTPUT_ERROR.value, needs_loss=True, takes_errors=True)(
     _statistics_metric(Metric.FISHER_OUTPUT_ERROR, functools.partial(predict_output_error, fisher=True),
                        _gradient_energy))
 register_metric(Metric.GWQ.value, needs_loss=True, weight_grads=True)(
@@ -372,4 +399,5 @@ register_metric(Metric.BAQ.value, needs_loss=False, uses_loss=True)(
     _statistics_metric(Metric.BAQ, predict_baq, _gradient_energy))
 
 NEEDS_LOSS = {Metric(name) for name, entry in METRICS.items() if entry.needs_loss}
+TAKES_ERRORS = {Metric(name) for name, entry in METRICS.items() if entry.takes_errors}  # accept --formats
 USES_LOSS = {Metric(name) for name, entry in METRICS.items() if entry.uses_loss}  # gradient-weighted when available

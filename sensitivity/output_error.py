@@ -12,7 +12,8 @@ loss increases follow from it:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -32,15 +33,19 @@ def predict_output_error(
     bits_options: Sequence[int],
     group_size: int,
     fisher: bool,
-) -> dict[int, float]:
-    """Predicted loss increase of RTN-quantizing ``weight (out, in)`` at each bit width in ``bits_options``."""
+    errors: Mapping[Any, torch.Tensor] | None = None,
+) -> dict[Any, float]:
+    """Predicted loss increase of RTN-quantizing ``weight (out, in)`` at each bit width in ``bits_options`` (or of
+    each given weight error, keyed as ``errors`` is)."""
     if fisher and stats.output_grad_sq is None:
         raise ValueError("fisher_output_error needs output gradients; collect statistics with a loss function")
     tokens = max(stats.tokens, 1)
     weight = weight.detach()
+    if errors is None:
+        errors = {bits: quantization_error(weight, bits=bits, group_size=group_size) for bits in bits_options}
     result = {}
-    for bits in bits_options:
-        rows = row_error(quantization_error(weight, bits=bits, group_size=group_size), stats.gram)
+    for bits, delta in errors.items():
+        rows = row_error(delta.float(), stats.gram)
         if stats.output_grad_sq is not None and fisher:
             value = 0.5 * float((stats.output_grad_sq / tokens * rows).sum()) / tokens
         else:

@@ -27,6 +27,8 @@ class MetricInputs:
     should_stop: Any
     blocks: tuple[str, nn.ModuleList] | None
     max_error_bytes: int
+    options: Mapping[str, Sequence[Any]] | None = None  # per unit, its option keys (format names) ...
+    error_of: Callable[[str, Any], torch.Tensor] | None = None  # ... and each option's weight error dW
 
 
 ComputeFn = Callable[[MetricInputs], "tuple[list[Any], list[str]]"]  # -> (UnitSensitivity per unit, warnings)
@@ -42,19 +44,20 @@ class MetricEntry:
     uses_loss: bool
     weight_grads: bool
     compute: ComputeFn
+    takes_errors: bool = False  # predicts from any weight error (``MetricInputs.options`` / ``error_of``)
 
 
 METRICS: dict[str, MetricEntry] = {}
 
 
-def register_metric(name: str, *, needs_loss: bool, uses_loss: bool | None = None,
-                    weight_grads: bool = False) -> Callable[[ComputeFn], ComputeFn]:
+def register_metric(name: str, *, needs_loss: bool, uses_loss: bool | None = None, weight_grads: bool = False,
+                    takes_errors: bool = False) -> Callable[[ComputeFn], ComputeFn]:
     """Register ``compute`` as the metric ``name``."""
 
     def add(compute: ComputeFn) -> ComputeFn:
         METRICS[name] = MetricEntry(name=name, needs_loss=needs_loss,
                                     uses_loss=needs_loss if uses_loss is None else uses_loss,
-                                    weight_grads=weight_grads, compute=compute)
+                                    weight_grads=weight_grads, compute=compute, takes_errors=takes_errors)
         return compute
 
     return add

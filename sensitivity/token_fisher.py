@@ -36,22 +36,26 @@ class TokenFisherTerms:
     """Per unit and bit width, the two Taylor terms of the loss increase, and each unit's output-gradient energy
     per token."""
 
-    second_order: dict[str, dict[int, float]]
-    first_order: dict[str, dict[int, float]]
-    first_order_std_error: dict[str, dict[int, float]]  # over calibration batches (inf with a single batch)
+    second_order: dict[str, dict[Any, float]]  # keyed by bit width, or by option key (a format name)
+    first_order: dict[str, dict[Any, float]]
+    first_order_std_error: dict[str, dict[Any, float]]  # over calibration batches (inf with a single batch)
     energy: dict[str, float]
 
+
+Key = Any  # an option key: a bit width (int) or a format name (str)
+ErrorFn = Callable[[str, Any], torch.Tensor]  # (unit name, option key) -> weight error dW
 
 DEFAULT_ERROR_BYTES = 4 << 30  # RTN-error copies held at once: all of SmolLM2-135M's (1.7 GB) in one pass
 
 
-def unit_chunks(units: Mapping[str, nn.Linear], *, widths: int, max_bytes: int) -> list[list[str]]:
-    """Consecutive runs of unit names whose float32 RTN errors at ``widths`` widths take at most ``max_bytes``
-    (a unit larger than that alone makes a chunk of its own)."""
+def unit_chunks(units: Mapping[str, nn.Linear], *, widths: int | Mapping[str, int], max_bytes: int
+                ) -> list[list[str]]:
+    """Consecutive runs of unit names whose float32 errors at ``widths`` options (one count, or one per unit) take
+    at most ``max_bytes`` (a unit larger than that alone makes a chunk of its own)."""
     chunks: list[list[str]] = [[]]
     used = 0
     for name, module in units.items():
-        size = module.weight.numel() * widths * 4
+        size = module.weight.numel() * (widths if isinstance(widths, int) else widths[name]) * 4
         if chunks[-1] and used + size > max_bytes:
             chunks.append([])
             used = 0
@@ -101,6 +105,8 @@ def token_fisher(
     blocks: nn.ModuleList | None = None,
     on_progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
+    options: Mapping[str, Sequence[Key]] | None = None,
+    error_of: ErrorFn | None = None,
 ) -> TokenFisherTerms:
     """Both Taylor terms of the loss increase per (unit, bit width), and each unit's output-gradient energy.
 
@@ -110,11 +116,22 @@ def token_fisher(
     set (a 7B model's four widths take about 104 GB, so 26 passes over the calibration set at the default 4 GiB).
     With ``blocks`` (the transformer blocks the units lie in), each chunk's graph starts at the input of its
     first block, so its backward passes stop there.
+
+    ``options`` (unit name -> its option keys) and ``error_of(name, key) -> dW`` replace the RTN errors at
+    ``bits_options``: the terms are then those of any weight error, such as each candidate format's
+    ``decode(encode(W)) - W`` (:mod:`bitplan.quantizer.formats`); the results are keyed by option key.
     """
-    squares = {name: torch.zeros(len(bits_options), dtype=torch.float64) for name in units}
-    sums = {name: torch.zeros(len(bits_options), dtype=torch.float64) for name in units}
-    batch_sums = {name: torch.zeros(len(bits_options), dtype=torch.float64) for name in units}
-    batch_sums_sq = {name: torch.zeros(len(bits_options), dtype=torch.float64) for name in units}
+    if options is None or error_of is None:
+        options = {name: list(bits_options) for name in units}
+
+        def error_of(name: str, bits: Key) -> torch.Tensor:
+            return quantization_error(units[name].weight, bits=int(bits), group_size=group_size)
+
+    keys = {name: list(options[name]) for name in units}
+    squares = {name: torch.zeros(len(keys[name]), dtype=torch.float64) for name in units}
+    sums = {name: torch.zeros(len(keys[name]), dtype=torch.float64) for name in units}
+    batch_sums = {name: torch.zeros(len(keys[name]), dtype=torch.float64) for name in units}
+    batch_sums_sq = {name: torch.zeros(len(keys[name]), dtype=torch.float64) for name in units}
     energy = dict.fromkeys(units, 0.0)
     deltas: dict[str, torch.Tensor] = {}
 
@@ -139,14 +156,13 @@ def token_fisher(
 
         return hook
 
-    chunks = unit_chunks(units, widths=len(bits_options), max_bytes=max_error_bytes)
+    chunks = unit_chunks(units, widths={name: len(k) for name, k in keys.items()}, max_bytes=max_error_bytes)
     steps = len(chunks) * len(batches)
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     model.requires_grad_(False)
     try:
         for chunk_index, chunk in enumerate(chunks):
-            deltas = {name: torch.stack([quantization_error(units[name].weight, bits=b, group_size=group_size)
-                                         for b in bits_options]) for name in chunk}
+            deltas = {name: torch.stack([error_of(name, key).float() for key in keys[name]]) for name in chunk}
             handles = [units[name].register_forward_hook(make_hook(name)) for name in chunk]
             if blocks is not None:
                 handles += graph_from_block(blocks, first_block(blocks, [units[name] for name in chunk]))
@@ -179,8 +195,8 @@ def token_fisher(
         return math.sqrt(count * variance) / tokens
 
     return TokenFisherTerms(
-        second_order={name: {b: 0.5 * float(squares[name][i]) / tokens for i, b in enumerate(bits_options)}
+        second_order={name: {b: 0.5 * float(squares[name][i]) / tokens for i, b in enumerate(keys[name])}
                       for name in units},
-        first_order={name: {b: float(sums[name][i]) / tokens for i, b in enumerate(bits_options)} for name in units},
-        first_order_std_error={name: {b: std_error(name, i) for i, b in enumerate(bits_options)} for name in units},
+        first_order={name: {b: float(sums[name][i]) / tokens for i, b in enumerate(keys[name])} for name in units},
+        first_order_std_error={name: {b: std_error(name, i) for i, b in enumerate(keys[name])} for name in units},
         energy={name: value / tokens for name, value in energy.items()})

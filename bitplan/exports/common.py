@@ -14,7 +14,8 @@ from bitplan.artifact import FLOAT_FILE, QUANTIZED_FILE
 from bitplan.errors import BitplanError
 from bitplan.hashing import sha256_file
 from bitplan.kernels.quant_linear import QuantLinear
-from bitplan.manifest import Manifest, read_manifest
+from bitplan.manifest import GGML_LAYOUT, Manifest, read_manifest
+from bitplan.quantizer.formats import GgmlWeight
 from bitplan.quantizer.rtn import QuantizedWeight
 
 ExportFn = Callable[[Path, Path], "ExportReport"]
@@ -53,16 +54,22 @@ class ExportReport:
         return asdict(self)
 
 
-def read_artifact_units(path: Path) -> tuple[Manifest, dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
+def read_artifact_units(path: Path
+                        ) -> tuple[Manifest, dict[str, QuantizedWeight | GgmlWeight], dict[str, torch.Tensor]]:
     """The manifest (checked against its sha256s), every quantized unit unpacked (name -> codes, scales and
-    zeros in the original column order), and the float tensors (tied aliases included).
+    zeros in the original column order; a unit in a GGML type as its blocks), and the float tensors (tied
+    aliases included).
 
     A unit with mixed widths inside comes back at its widest width (``group_bits`` ``None``): its narrower codes
     are valid codes of that width, which is how the exports write it."""
     manifest = read_manifest(path)
     packed = load_file(str(path / QUANTIZED_FILE))
-    units = {}
+    units: dict[str, QuantizedWeight | GgmlWeight] = {}
     for unit in manifest.units:
+        if unit.layout == GGML_LAYOUT:
+            units[unit.name] = GgmlWeight(str(unit.format), packed[f"{unit.name}.ggml"].numpy(),
+                                          (unit.out_features, unit.in_features))
+            continue
         layer = QuantLinear(unit.in_features, unit.out_features, bits=unit.bits, group_size=unit.group_size,
                             bias=False, group_bits=unit.group_bits)
         layer.load_state_dict({key: packed[f"{unit.name}.{key}"] for key in layer.state_dict()})

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from bitplan.artifact import FLOAT_FILE, MANIFEST, QUANTIZED_FILE, safetensors_data_bytes
 from bitplan.errors import BitplanError
 from bitplan.exports.common import ExportReport, file_hashes, read_artifact_units, register_export
+from bitplan.quantizer.formats import GgmlWeight
 from bitplan.quantizer.rtn import QuantizedWeight
 
 WEIGHTS_FILE = "model.safetensors"
@@ -94,6 +95,11 @@ def export_compressed_tensors(artifact: Path, out: Path) -> ExportReport:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BitplanError(f"--out {out} must be a new or empty folder for a compressed-tensors export")
     manifest, units, floats = read_artifact_units(artifact)
+    ggml_units = [name for name, u in units.items() if isinstance(u, GgmlWeight)]
+    if ggml_units:
+        raise BitplanError(f"{len(ggml_units)} units of this artifact are stored in GGML types (first: "
+                           f"{ggml_units[0]}), which compressed-tensors cannot hold; export it as gguf, or make "
+                           f"the artifact with integer formats (--formats bitplan-int)", param="format")
     notes = ["bytes counts the quantized layers' tensors (packed codes, fp16 scales, packed zero points, shapes); "
              "zero points are packed at each layer's width"]
     out.parent.mkdir(parents=True, exist_ok=True)

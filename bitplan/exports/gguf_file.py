@@ -27,6 +27,7 @@ from bitplan.exports.common import ExportReport, file_hashes, read_artifact_unit
 from bitplan.hashing import sha256_file
 from bitplan.manifest import Manifest
 from bitplan.models import resolve_reference
+from bitplan.quantizer.formats import GgmlWeight
 from bitplan.quantizer.rtn import QuantizedWeight, dequantize_weight
 
 REQUANTIZABLE = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16,
@@ -120,12 +121,13 @@ class _Layout:
 
     reader: Any
     arch: str
-    by_unit: dict[str, tuple[str, QuantizedWeight]]  # GGUF tensor name -> (unit name, its quantized weight)
+    by_unit: dict[str, tuple[str, QuantizedWeight | GgmlWeight]]  # GGUF tensor name -> (unit name, its weight)
     by_float: dict[str | None, torch.Tensor]  # GGUF tensor name -> float tensor
     heads: dict[str, int]  # attn_q / attn_k -> heads (llama's row permutation)
 
 
-def _layout(manifest: Manifest, units: dict[str, QuantizedWeight], floats: dict[str, torch.Tensor]) -> _Layout:
+def _layout(manifest: Manifest, units: dict[str, QuantizedWeight | GgmlWeight],
+            floats: dict[str, torch.Tensor]) -> _Layout:
     reader = gguf.GGUFReader(_source_gguf(manifest))
     arch = str(reader.fields["general.architecture"].contents())
     arch_id = {name: key for key, name in gguf.MODEL_ARCH_NAMES.items()}.get(arch)
@@ -160,9 +162,18 @@ def _copy_metadata(writer: Any, reader: Any, manifest: Manifest) -> None:
 
 
 def _unit_tensor(layout: _Layout, name: str) -> tuple[Any, Any, tuple[int, ...], dict[str, Any]]:
-    """A unit's GGML type, encoded blocks, shape and report row."""
+    """A unit's GGML type, encoded blocks, shape and report row. A unit already in a GGML type keeps its blocks
+    byte for byte (rows permuted for llama's q/k, which moves whole rows of blocks)."""
     unit_name, unit = layout.by_unit[name]
     kind = name.split(".")[-2]
+    if isinstance(unit, GgmlWeight):
+        payload = unit.payload
+        if layout.arch == "llama" and kind in layout.heads:
+            payload = permute_rows_for_llama(torch.from_numpy(payload), layout.heads[kind]).numpy()
+        qtype = T[unit.qtype]
+        row = {"name": unit_name, "gguf_name": name, "bits": unit.bits, "type": unit.qtype,
+               "bytes": int(payload.nbytes)}
+        return qtype, np.ascontiguousarray(payload), unit.shape, row
     if layout.arch == "llama" and kind in layout.heads:
         heads = layout.heads[kind]
         unit = dataclasses.replace(unit, codes=permute_rows_for_llama(unit.codes, heads),
@@ -229,6 +240,6 @@ def export_gguf(artifact: Path, out: Path) -> ExportReport:
                         notes=[f"quantized units: {quantized} bytes in GGML blocks "
                                f"({8 * quantized / manifest.achieved.numel:.4f} bits per weight) against the "
                                f"artifact's {manifest.achieved.bytes} "
-                               f"({manifest.achieved.bits_per_weight:.4f}): GGML types for 2-4 bits take "
-                               f"5 bits per weight",
+                               f"({manifest.achieved.bits_per_weight:.4f}): units in GGML formats keep their "
+                               f"blocks byte for byte; integer-grid units of 2-4 bits take 5 bits per weight",
                                "bytes counts every tensor of the file (embeddings and norms too)"])

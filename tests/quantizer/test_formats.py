@@ -13,9 +13,8 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf.quants import quantize
 
-from bitplan.quantizer.formats import FORMATS, legal_formats
+from bitplan.quantizer.formats import FORMATS, GgmlWeight, encoded_bytes, legal_formats
 from bitplan.quantizer.ggml import quantize_ggml
-from bitplan.quantizer.sizes import stored_bytes
 
 SHAPE = (48, 512)
 
@@ -31,7 +30,7 @@ def test_issue16_every_format_round_trips_at_its_exact_size(name: str, weight: t
     fmt = FORMATS[name]
     importance = torch.rand(SHAPE[1]) + 0.1
     payload = fmt.encode(weight, importance)
-    size = payload.nbytes if isinstance(payload, np.ndarray) else stored_bytes(payload)
+    size = encoded_bytes(payload)
     assert size == fmt.bytes(SHAPE)
     decoded = fmt.decode(payload)
     assert decoded.shape == weight.shape
@@ -44,7 +43,7 @@ def test_issue16_llama_cpp_encoder_matches_the_gguf_reference(qtype: T, weight: 
     """Without an importance vector llama.cpp's legacy encoders are its reference ones, which gguf-py mirrors."""
     ours = quantize_ggml(weight, qtype)
     reference = quantize(weight.numpy().astype(np.float32), qtype)
-    decoded = [FORMATS[qtype.name].decode(x) for x in (ours, reference)]
+    decoded = [FORMATS[qtype.name].decode(GgmlWeight(qtype.name, x, SHAPE)) for x in (ours, reference)]
     assert torch.allclose(decoded[0], decoded[1], atol=1e-6) and (ours == reference).mean() > 0.99
 
 
