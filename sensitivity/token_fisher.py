@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +63,29 @@ def unit_chunks(units: Mapping[str, nn.Linear], *, widths: int | Mapping[str, in
         chunks[-1].append(name)
         used += size
     return chunks if chunks[0] else []
+
+
+def projected_errors(g: torch.Tensor, deltas: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``(options, tokens)`` scalars ``g_t . dW_b x_t`` for every option ``b`` at once: ``g (T, O)``, ``deltas
+    (B, O, I)``, ``x (T, I)``. The product goes through the narrower side: ``x dW^T`` as one matrix product
+    when ``O <= I`` (a ``T x B*O`` intermediate), ``g dW`` otherwise (``B x T x I``)."""
+    options, out_features, in_features = deltas.shape
+    if out_features <= in_features:
+        through = (x @ deltas.reshape(options * out_features, in_features).T).view(-1, options, out_features)
+        return (through * g[:, None, :]).sum(dim=2).T
+    return (torch.einsum("to,boi->bti", g, deltas) * x[None]).sum(dim=2)
+
+
+def _stack_errors(names: Sequence[str], keys: Mapping[str, list[Key]], error_of: ErrorFn) -> dict[str, torch.Tensor]:
+    """Each unit's errors at its options, ``(options, out, in)`` float32, computed on a thread per core (the
+    encoders are C or torch code that releases the GIL)."""
+    jobs = [(name, key) for name in names for key in keys[name]]
+    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+        errors = list(pool.map(lambda job: error_of(*job).float(), jobs))
+    by_name: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    for (name, _), error in zip(jobs, errors, strict=True):
+        by_name[name].append(error)
+    return {name: torch.stack(values) for name, values in by_name.items()}
 
 
 def first_block(blocks: nn.ModuleList, modules: Sequence[nn.Module]) -> int:
@@ -144,9 +168,7 @@ def token_fisher(
             def grad_hook(grad: torch.Tensor) -> None:
                 g = grad.detach().float().reshape(-1, grad.shape[-1])
                 flat = x.float().reshape(-1, x.shape[-1])
-                # (g_t . dW x_t) = sum_i (g_t dW)_i x_ti, for every width at once.
-                projected = torch.einsum("to,boi->bti", g, deltas[name])
-                scalars = (projected * flat[None]).sum(dim=2)
+                scalars = projected_errors(g, deltas[name], flat)
                 squares[name] += scalars.double().pow(2).sum(dim=1)
                 sums[name] += scalars.double().sum(dim=1)
                 batch_sums[name] += scalars.double().sum(dim=1)
@@ -162,7 +184,7 @@ def token_fisher(
     model.requires_grad_(False)
     try:
         for chunk_index, chunk in enumerate(chunks):
-            deltas = {name: torch.stack([error_of(name, key).float() for key in keys[name]]) for name in chunk}
+            deltas = _stack_errors(chunk, keys, error_of)
             handles = [units[name].register_forward_hook(make_hook(name)) for name in chunk]
             if blocks is not None:
                 handles += graph_from_block(blocks, first_block(blocks, [units[name] for name in chunk]))

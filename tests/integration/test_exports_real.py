@@ -59,3 +59,37 @@ def test_issue5_exports_of_a_mixed_smollm2_artifact(wikitext: Path, tmp_path: Pa
     assert report.bytes == report.predicted_bytes
     for name, weight in decompressed_weights(tmp_path / "ct").items():
         assert torch.equal(weight, model.get_submodule(name).dequantized_weight().half()), name
+
+
+def test_issue16_a_gguf_k_job_writes_the_gguf_llama_cpp_runs_at_the_budget(tmp_path: Path) -> None:
+    """Formats chosen per tensor among llama.cpp's types: the GGUF export copies each unit's blocks byte for
+    byte, llama.cpp loads the file and predicts what transformers predicts from it, and the block-linear bytes in
+    the file are those the job budgeted (the old path stored every 2-4-bit layer as 5-bit Q4_1)."""
+    import gguf
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM
+
+    budget = 4.634  # llama.cpp's Q3_K_M on this model
+    run = run_pipeline(JobSpec.from_flat(model="smollm2-135m", bits_per_weight=budget, formats="gguf-k",
+                                         num_samples=4, seq_len=256, kl_windows=1, quality_windows=0),
+                       out=tmp_path / "gguf-k")
+    assert run.bits_per_weight <= budget and len({u["format"] for u in run.units}) > 1
+    gguf_path = tmp_path / "gguf" / "model.gguf"
+    report = export_artifact(Path(run.artifact), format="gguf", out=gguf_path)
+    assert {row["name"]: row["type"] for row in report.units} == {u["name"]: u["format"] for u in run.units}
+    reader = gguf.GGUFReader(gguf_path)
+    linear = sum(int(t.n_bytes) for t in reader.tensors
+                 if t.name.split(".")[-2] in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
+                                              "ffn_down"))
+    assert linear == run.bytes
+    runtime = Llama(model_path=str(gguf_path), n_ctx=64, logits_all=True, verbose=False)
+    prompt = runtime.tokenize(b"The capital of France is")
+    runtime.eval(prompt)
+    logits = torch.tensor(runtime.scores[len(prompt) - 1])
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "gguf", gguf_file="model.gguf", dtype=torch.float32)
+    ours, _, _ = load_artifact(Path(run.artifact))
+    with torch.no_grad():
+        reference = exported(torch.tensor([prompt])).logits[0, -1]
+        artifact = ours(torch.tensor([prompt])).logits[0, -1]
+    assert torch.allclose(reference, artifact, atol=2e-2 * float(artifact.abs().max()))  # same weights, two loaders
+    assert torch.isfinite(logits).all() and int(logits.argmax()) == int(reference.argmax())

@@ -1,0 +1,167 @@
+"""llama.cpp's presets against ours at exactly their sizes, on the same source file, scored by the same code.
+
+For each preset (Q2_K ... Q6_K) the bundled SmolLM2 GGUF is quantized by llama.cpp's own ``llama_model_quantize``
+(llama-cpp-python; the token embedding kept Q8_0 as in the source, requantizing allowed since the source is
+Q4_1). Its block-linear bytes (the 210 attention and MLP weights) are read from the written file. Ours: one
+bitplan job with one budget per preset at exactly those bytes (``--formats``, default ``gguf-k``: llama.cpp's
+K-quants and legacy types encoded by llama.cpp's own quantizer with our importance vectors), each artifact
+exported to GGUF. Every file, theirs and ours, is then loaded the same way (transformers' GGUF loader) and
+scored on WikiText-2 windows the calibration never saw: mean per-token KL to the source model's logits and
+perplexity. Prints one JSON object; ``ratio_kl`` is ours / theirs.
+
+    python bench/peers.py [--presets Q2_K,Q3_K_M] [--windows 32] [--formats gguf-k] [--out runs/peers]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import _own_folder_off_path  # noqa: F401  (before any first-party import)
+import gguf
+import torch
+
+from bitplan.calibration import read_text
+from bitplan.evaluation import tokenize_for_perplexity
+from bitplan.exports.common import export_artifact
+from bitplan.models import load_model, resolve_reference
+from bitplan.pipeline import run_budgets
+from bitplan.sensitivity.kl import per_token_kl
+from bitplan.spec import JobSpec
+
+DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "wiki.test.raw"
+PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q6_K")
+BLOCK_LINEAR = re.compile(r"blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down))\.weight$")
+Q8_0 = 8  # GGML type id, the source's token embedding type
+
+
+def make_preset(source: Path, out: Path, preset: str) -> float:
+    """``out`` = llama.cpp's ``preset`` of ``source``; returns the seconds it took."""
+    import llama_cpp
+
+    started = time.perf_counter()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{preset}")
+    params.allow_requantize = True
+    params.token_embedding_type = Q8_0
+    status = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params))
+    if status != 0:
+        raise RuntimeError(f"llama_model_quantize({preset}) returned {status}")
+    return round(time.perf_counter() - started, 1)
+
+
+def block_linear(path: Path) -> tuple[int, int, dict[str, int]]:
+    """Bytes and weights of the block-linear tensors of a GGUF file, and how many tensors of each type."""
+    reader = gguf.GGUFReader(path)
+    total, numel, types = 0, 0, {}
+    for tensor in reader.tensors:
+        if BLOCK_LINEAR.search(tensor.name):
+            total += int(tensor.n_bytes)
+            numel += int(tensor.n_elements)
+            types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + 1
+    return total, numel, types
+
+
+@torch.no_grad()
+def window_logprobs(model: torch.nn.Module, windows: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.log_softmax(model(w[None]).logits[0].float(), dim=-1) for w in windows]
+
+
+@torch.no_grad()
+def score(path: Path, windows: list[torch.Tensor], reference: list[torch.Tensor]) -> dict[str, float]:
+    """Mean per-token KL(source || model), its 99th percentile, and perplexity, on ``windows``."""
+    started = time.perf_counter()
+    model = load_model(str(path)).model
+    kls, nll, tokens = [], 0.0, 0
+    for window, ref in zip(windows, reference, strict=True):
+        logprobs = torch.log_softmax(model(window[None]).logits[0].float(), dim=-1)
+        kls.append(per_token_kl(ref, logprobs))
+        nll += float(-logprobs[:-1].gather(1, window[1:, None]).sum())
+        tokens += window.numel() - 1
+    del model
+    gc.collect()
+    every = torch.cat(kls)
+    return {"kl_mean": float(every.mean()), "kl_p99": float(torch.quantile(every.double(), 0.99)),
+            "ppl": math.exp(nll / tokens), "eval_s": round(time.perf_counter() - started, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--text", type=Path, default=DEFAULT_TEXT)
+    parser.add_argument("--presets", default=",".join(PRESETS))
+    parser.add_argument("--formats", default="gguf-k")
+    parser.add_argument("--windows", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--quantizer", default="rtn")
+    parser.add_argument("--out", type=Path, default=Path("runs/peers"))
+    args = parser.parse_args()
+    presets = args.presets.split(",")
+    _, source = resolve_reference(args.model)
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    report: dict[str, object] = {
+        "benchmark": "peers", "model": args.model, "source": str(source), "text": str(args.text),
+        "windows": args.windows, "seq_len": args.seq_len, "formats": args.formats, "quantizer": args.quantizer,
+        "calibration": f"built-in text, {args.samples} x {args.seq_len} tokens",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+                    "torch": torch.__version__},
+        "command": " ".join(sys.argv),
+    }
+    loaded = load_model(args.model)
+    ids = tokenize_for_perplexity(loaded.tokenizer, read_text(args.text))
+    windows = [ids[i * args.seq_len:(i + 1) * args.seq_len] for i in range(args.windows)]
+    reference = window_logprobs(loaded.model, windows)
+    del loaded
+    gc.collect()
+    report["source_scores"] = score(source, windows, reference)
+    theirs = {}
+    for preset in presets:
+        path = args.out / f"llama-{preset}.gguf"
+        seconds = make_preset(source, path, preset)
+        size, numel, types = block_linear(path)
+        theirs[preset] = {"block_linear_bytes": size, "bits_per_weight": 8 * size / numel, "types": types,
+                          "quantize_s": seconds, "file_bytes": path.stat().st_size}
+    numel = block_linear(source)[1]
+    budgets = [8 * theirs[p]["block_linear_bytes"] / numel for p in presets]
+    spec = JobSpec.from_flat(model=args.model, bits_per_weight=budgets, formats=args.formats,
+                             num_samples=args.samples, quantizer=args.quantizer)
+    job_started = time.perf_counter()
+    runs = run_budgets(spec, out_dirs=[args.out / f"ours-{p}" for p in presets])
+    report["job_s"] = round(time.perf_counter() - job_started, 1)
+    report["job_timings_s"] = runs[0].timings_s
+    rows = []
+    for preset, run in zip(presets, runs, strict=True):
+        gguf_path = args.out / f"ours-{preset}.gguf"
+        export_artifact(Path(run.artifact), format="gguf", out=gguf_path)
+        size, _, types = block_linear(gguf_path)
+        ours = {"block_linear_bytes": size, "bits_per_weight": 8 * size / numel, "types": types,
+                "job_kl_check": run.kl_divergence, "file_bytes": gguf_path.stat().st_size,
+                **score(gguf_path, windows, reference)}
+        peer = {**theirs[preset], **score(args.out / f"llama-{preset}.gguf", windows, reference)}
+        rows.append({"preset": preset, "theirs": peer, "ours": ours,
+                     "ours_within_their_bytes": size <= peer["block_linear_bytes"],
+                     "ratio_kl": ours["kl_mean"] / peer["kl_mean"], "ratio_ppl": ours["ppl"] / peer["ppl"]})
+        sys.stderr.write(json.dumps({"preset": preset, "ratio_kl": rows[-1]["ratio_kl"], "ours_kl": ours["kl_mean"],
+                                     "theirs_kl": peer["kl_mean"]}) + "\n")
+    report["rows"] = rows
+    report["lower_kl_than_every_preset"] = all(r["ratio_kl"] < 1 for r in rows)
+    report["median_ratio_kl"] = sorted(r["ratio_kl"] for r in rows)[len(rows) // 2]
+    report["total_s"] = round(time.perf_counter() - started, 1)
+    sys.stdout.write(json.dumps(report) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""Formats as allocation options (issue 16, parts 2-3): the sensitivity sees each format's real error, the
+allocator chooses among the formats legal for each shape, and the artifact stores and loads what was chosen."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bitplan.artifact import MANIFEST, load_artifact
+from bitplan.errors import BudgetError, SpecError
+from bitplan.models import causal_lm_loss, load_model
+from bitplan.pipeline import run_budgets, run_pipeline
+from bitplan.quantizer.formats import FORMATS, PRESETS, decode_weight, resolve_formats
+from bitplan.sensitivity.importance import input_energy
+from bitplan.sensitivity.token_fisher import token_fisher
+from bitplan.spec import JobSpec
+from bitplan.units import find_units
+from tests.conftest import _word_tokenizer
+from tests.sensitivity.test_output_error import captured_io
+
+SMALL = {"num_samples": 2, "seq_len": 32}
+
+
+@pytest.fixture(scope="module")
+def wide_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama whose attention inputs are 256 wide (K-quants legal) and whose MLP input is 96 wide
+    (only 32-blocks and integer grids legal): both cases of SmolLM2 (576 and 1536) in miniature."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, architectures=["LlamaForCausalLM"])
+    folder = tmp_path_factory.mktemp("wide-llama")
+    LlamaForCausalLM(config).eval().save_pretrained(folder, safe_serialization=True)
+    _word_tokenizer(512).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gguf_run(wide_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("runs") / "gguf-k"
+    spec = JobSpec.from_flat(model=str(wide_llama_dir), bits_per_weight=4.6, formats="gguf-k", tie_fused=True,
+                             **SMALL)
+    return run_pipeline(spec, out=out)
+
+
+def test_issue16_units_take_only_formats_legal_for_their_shape(gguf_run, wide_llama_dir: Path) -> None:
+    units = find_units(load_model(str(wide_llama_dir)).model)
+    assert gguf_run.status == "optimal" and gguf_run.bits_per_weight <= 4.6
+    assert gguf_run.bytes == gguf_run.predicted_bytes
+    chosen = {u["name"]: u["format"] for u in gguf_run.units}
+    assert set(chosen.values()) <= set(PRESETS["gguf-k"])
+    for name, fmt in chosen.items():
+        assert FORMATS[fmt].legal((units[name].out_features, units[name].in_features)), (name, fmt)
+    down = [f for n, f in chosen.items() if n.endswith("down_proj")]  # 96 wide: no K-quant can hold it
+    assert all(not f.endswith("_K") for f in down)
+    assert len(set(chosen.values())) > 1, "a 4.6-bpw budget between Q4_0 and Q8_0 should mix formats"
+    for layer in range(2):  # tied siblings share one format
+        prefix = f"model.layers.{layer}."
+        assert len({chosen[prefix + f"self_attn.{p}_proj"] for p in "qkv"}) == 1
+        assert chosen[prefix + "mlp.gate_proj"] == chosen[prefix + "mlp.up_proj"]
+
+
+def test_issue16_manifest_records_formats_and_the_loader_rebuilds_them(gguf_run, wide_llama_dir: Path) -> None:
+    path = Path(gguf_run.artifact)
+    manifest = json.loads((path / MANIFEST).read_text())
+    assert manifest["format_version"] == 3 and manifest["formats"] == list(PRESETS["gguf-k"])
+    by_name = {u["name"]: u for u in manifest["units"]}
+    for unit in gguf_run.units:
+        record = by_name[unit["name"]]
+        assert record["format"] == unit["format"]
+        assert record["bytes"] == FORMATS[unit["format"]].bytes((record["out_features"], record["in_features"]))
+    assert sum(u["bytes"] for u in manifest["units"]) == gguf_run.bytes == manifest["achieved"]["bytes"]
+    # the loaded artifact computes with exactly the decoded formats (llama.cpp's encoder, our importance)
+    loaded_model, _, _ = load_artifact(path)
+    source = load_model(str(wide_llama_dir))
+    units = find_units(source.model)
+    spec = JobSpec.from_flat(model=str(wide_llama_dir), bits_per_weight=4.6, formats="gguf-k", **SMALL)
+    from bitplan.calibration import build_calibration_set
+    from bitplan.quantize import encode_unit
+
+    calib = build_calibration_set(source.tokenizer, text_file=None, num_samples=2, seq_len=32, seed=0)
+    importance = input_energy(source.model, units, list(torch.split(calib.tokens, 1)))
+    with torch.no_grad():
+        for unit in gguf_run.units:
+            weight = units[unit["name"]].weight
+            weight.copy_(decode_weight(encode_unit(spec, weight, unit["format"], importance, unit["name"])))
+    tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(loaded_model(tokens).logits, source.model(tokens).logits, atol=1e-5)
+
+
+def test_issue16_integer_formats_mix_group_sizes_and_grids(wide_llama_dir: Path, tmp_path: Path) -> None:
+    formats = "int3-g32,int4-g64-sym,int4-g128,int8-g32"
+    run = run_pipeline(JobSpec.from_flat(model=str(wide_llama_dir), bits_per_weight=4.3, formats=formats, **SMALL),
+                       out=tmp_path / "int")
+    chosen = {u["format"] for u in run.units}
+    assert chosen <= set(formats.split(",")) and len(chosen) > 1
+    assert run.bits_per_weight <= 4.3 and run.bytes == run.predicted_bytes
+    for unit in run.units:
+        assert unit["group_size"] == int(unit["format"].split("-g")[1].split("-")[0])
+    model, _, manifest = load_artifact(Path(run.artifact))
+    assert {u.format for u in manifest.units} == chosen
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 512, (1, 16))).logits).all()
+
+
+def test_issue16_format_errors_reach_the_token_metric_exactly() -> None:
+    """The per-token terms of any weight error, against a direct computation (the slow reference)."""
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama()
+    units = find_units(model)
+    tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(5))
+    options = {name: ["Q4_0", "int3-g32", "Q8_0"] for name in units}
+
+    def error_of(name: str, fmt: str) -> torch.Tensor:
+        weight = units[name].weight.detach()
+        return FORMATS[fmt].roundtrip(weight) - weight
+
+    terms = token_fisher(model, units, [tokens[:1], tokens[1:]], loss_fn=causal_lm_loss, bits_options=(),
+                         group_size=32, options=options, error_of=error_of)
+    for name in ("model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj"):
+        xs, grads = zip(*(captured_io(model, name, tokens[i : i + 1]) for i in range(2)), strict=True)
+        x, g = torch.cat(xs), torch.cat(grads)
+        for fmt in options[name]:
+            per_token = ((x @ error_of(name, fmt).T) * g).sum(dim=1)
+            assert terms.second_order[name][fmt] == pytest.approx(0.5 * float((per_token**2).sum()) / 40, rel=1e-4)
+            assert terms.first_order[name][fmt] == pytest.approx(float(per_token.sum()) / 40, rel=1e-4, abs=1e-9)
+        assert terms.second_order[name]["Q8_0"] < terms.second_order[name]["Q4_0"]
+
+
+def test_issue16_input_energy_is_the_gram_diagonal() -> None:
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama()
+    units = find_units(model)
+    tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(2))
+    energy = input_energy(model, units, [tokens[:1], tokens[1:]])
+    name = "model.layers.1.mlp.down_proj"
+    xs = torch.cat([captured_io(model, name, tokens[i : i + 1])[0] for i in range(2)])
+    assert torch.allclose(energy[name], torch.diag(xs.T @ xs), rtol=1e-4)
+
+
+def test_issue16_sensitivity_cache_keys_include_the_formats(wide_llama_dir: Path, tmp_path: Path) -> None:
+    base = {"model": str(wide_llama_dir), **SMALL}
+    first = run_budgets(JobSpec.from_flat(bits_per_weight=5.0, formats="gguf-legacy", **base),
+                        out_dirs=[tmp_path / "a"])[0]
+    again = run_budgets(JobSpec.from_flat(bits_per_weight=4.8, formats="gguf-legacy", **base),
+                        out_dirs=[tmp_path / "b"])[0]
+    other = run_budgets(JobSpec.from_flat(bits_per_weight=5.0, formats="Q4_0,Q8_0", **base),
+                        out_dirs=[tmp_path / "c"])[0]
+    assert first.calibration["sensitivity_cache"] == "miss"
+    assert again.calibration["sensitivity_cache"] == "hit"
+    assert other.calibration["sensitivity_cache"] == "miss"
+    assert {u["format"] for u in other.units} <= {"Q4_0", "Q8_0"}
+
+
+@pytest.mark.parametrize(("flat", "param", "message"), [
+    ({"formats": "Q9_K"}, "formats", "unknown format 'Q9_K'"),
+    ({"formats": "gguf-k", "quantizer": "gptq"}, "formats", "GPTQ runs on the --bits widths only"),
+    ({"formats": "gguf-k", "mix_groups": True}, "formats", "does not combine with --formats"),
+    ({"formats": "gguf-k", "pinned": ["*=7"]}, "pinned", "no candidate format has 7 bits"),
+    ({"formats": "gguf-k", "kl_refine_windows": 1}, "kl_refine_windows", "does not yet combine"),
+])
+def test_issue16_bad_format_jobs_are_refused_with_the_field_named(flat: dict, param: str, message: str) -> None:
+    with pytest.raises(SpecError, match=message) as caught:
+        JobSpec.from_flat(model="x", bits_per_weight=4.5, **flat)
+    assert caught.value.param == param
+
+
+def test_issue16_uniform_bits_and_formats_are_refused() -> None:
+    with pytest.raises(SpecError, match="uniform baseline takes"):
+        JobSpec.from_flat(model="x", uniform_bits=4, formats="gguf-k")
+
+
+def test_issue16_a_shape_no_candidate_can_store_is_explained(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(BudgetError, match="no candidate format can store") as caught:  # hidden 64: no K-quant
+        run_pipeline(JobSpec.from_flat(model=str(tiny_llama_dir), bits_per_weight=4.5, formats="Q4_K,Q6_K", **SMALL),
+                     out=tmp_path / "x")
+    assert caught.value.param == "formats"
+
+
+def test_issue16_presets_resolve() -> None:
+    assert resolve_formats(None) is None and resolve_formats("bitplan-default") is None
+    assert resolve_formats("gguf-all") == tuple(n for n, f in FORMATS.items() if f.family == "ggml")
+    assert resolve_formats(" Q4_K , int4-g32,Q4_K") == ("Q4_K", "int4-g32")
+    with pytest.raises(ValueError, match="unknown format"):
+        resolve_formats("Q4_K,nope")
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6)])
+def test_issue16_projected_errors_both_ways_equal_the_direct_sum(shape: tuple[int, int]) -> None:
+    from bitplan.sensitivity.token_fisher import projected_errors
+
+    gen = torch.Generator().manual_seed(3)
+    out_features, in_features = shape
+    g, x = torch.randn(7, out_features, generator=gen), torch.randn(7, in_features, generator=gen)
+    deltas = torch.randn(3, out_features, in_features, generator=gen)
+    direct = torch.stack([torch.stack([g[t] @ deltas[b] @ x[t] for t in range(7)]) for b in range(3)])
+    assert torch.allclose(projected_errors(g, deltas, x), direct, atol=1e-5)
