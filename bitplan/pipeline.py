@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -20,7 +21,7 @@ from torch import nn
 from bitplan.artifact import WrittenArtifact, write_artifact
 from bitplan.calibration import build_calibration_set
 from bitplan.errors import BitplanError, ModelReferenceError
-from bitplan.manifest import RunRecord, SensitivityRecord, SourceRecord
+from bitplan.manifest import MANIFEST, RunRecord, SensitivityRecord, SourceRecord, write_manifest
 from bitplan.models import LoadedModel, ModelKind, load_model
 from bitplan.planning import Plan, Sizes, budgets_in_bytes, make_plans, solve_plan, unit_sizes
 from bitplan.quality import QualityReport, heldout_windows, measure_quality
@@ -38,6 +39,7 @@ from bitplan.stages import ProgressFn, Stage
 from bitplan.units import find_block_stack, find_units
 
 logger = logging.getLogger(__name__)
+GGUF_FILE = "model.gguf"  # the gguf target's file, beside the manifest
 
 
 @dataclass
@@ -62,6 +64,9 @@ class RunResult:
     kl_divergence: float | None = None  # mean per-token KL(float || quantized) on calibration windows (nats)
     quality: dict[str, Any] | None = None  # bitplan.quality.QualityReport on held-back windows (language models)
     file_bits_per_parameter: float | None = None  # the whole artifact folder per parameter of the model
+    target: str = "bitplan"
+    files: list[dict[str, Any]] | None = None  # what the target runs from: name (under artifact), bytes, sha256
+    file_bytes: int | None = None  # bytes of the target's file(s): the GGUF file, or the whole packed folder
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,6 +136,10 @@ def run_budgets(spec: JobSpec, *, out_dirs: list[Path], on_progress: ProgressFn 
     units = find_units(loaded.model)  # 2
     if not units:
         raise ModelReferenceError(f"{spec.model!r} has no linear layers inside its transformer blocks to quantize")
+    if spec.quantization.target.value == "gguf" and loaded.source_format != "gguf":
+        raise ModelReferenceError(f"the gguf target copies the tokenizer and metadata from a source GGUF file; "
+                                  f"{spec.model!r} is a {loaded.source_format} model (HF-folder sources are not yet "
+                                  f"supported for this target)")
     sizes = unit_sizes(units, spec.widths, spec.quantization.group_size, spec.quantization.format_names)
     numel = sum(m.weight.numel() for m in units.values())
     budgets = [None] if spec.budget.uniform_bits is not None else budgets_in_bytes(spec, sizes, numel)
@@ -273,16 +282,40 @@ def write_run(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], p
     stage_times = {"write": round(time.perf_counter() - started, 3)}
     if on_progress is not None:
         on_progress(Stage.WRITE, 1, 1)
+    target, written = write_target(spec, written)
+    stage_times["write"] = round(time.perf_counter() - started, 3)
     kl, stage_times["kl"] = measure_kl(spec, loaded, units, replacements, measured.tokens)
     if on_progress is not None:
         on_progress(Stage.KL_CHECK, 1, 1)
     allocation_s = {} if plan.budget_bytes is None else {"allocation": plan.seconds}
     return _result(spec, written, plan, record, {**timings, **allocation_s, **quality_s, **stage_times}, kl,
-                   quantized)
+                   quantized, target)
+
+
+def write_target(spec: JobSpec, written: WrittenArtifact) -> tuple[list[dict[str, Any]], WrittenArtifact]:
+    """The file(s) the target runs from: for ``gguf``, ``model.gguf`` written beside the manifest (each unit's
+    GGML blocks copied byte for byte; its block-linear bytes must be the artifact's) and added to the manifest's
+    checked files, so the service serves it; for ``bitplan``, the folder's files. One ``{"name", "bytes",
+    "sha256"}`` row each, and the artifact as it now is."""
+    folder = written.path
+    if spec.quantization.target.value == "gguf":
+        from bitplan.exports import export_artifact
+
+        report = export_artifact(folder, format="gguf", out=folder / GGUF_FILE)
+        linear = sum(row["bytes"] for row in report.units)
+        if linear != written.quantized_bytes:
+            raise RuntimeError(f"the GGUF holds {linear} bytes of block weights, the artifact "
+                               f"{written.quantized_bytes}")
+        manifest = dataclasses.replace(written.manifest, files={**written.manifest.files, **report.sha256})
+        written = dataclasses.replace(written, manifest=manifest, manifest_sha256=write_manifest(folder, manifest))
+        return [{"name": GGUF_FILE, "bytes": report.file_bytes, "sha256": report.sha256[GGUF_FILE]}], written
+    files = {**written.manifest.files, MANIFEST: written.manifest_sha256}
+    return [{"name": name, "bytes": (folder / name).stat().st_size, "sha256": digest}
+            for name, digest in sorted(files.items())], written
 
 
 def _result(spec: JobSpec, written: WrittenArtifact, plan: Plan, record: RunRecord, timings: dict[str, float],
-            kl: float | None, quantized: Quantized) -> RunResult:
+            kl: float | None, quantized: Quantized, files: list[dict[str, Any]]) -> RunResult:
     predicted = sum(encoded_bytes(quantized[name]) for name in plan.bits)
     if predicted != written.quantized_bytes:
         raise RuntimeError(f"size model drifted: predicted {predicted} bytes, wrote {written.quantized_bytes}")
@@ -293,7 +326,8 @@ def _result(spec: JobSpec, written: WrittenArtifact, plan: Plan, record: RunReco
         model=spec.model, metric=record.sensitivity.metric, budget=record.budget, calibration=record.calibration,
         manifest_sha256=written.manifest_sha256, timings_s=timings, predicted_bytes=predicted,
         warnings=record.sensitivity.warnings, kl_divergence=kl, quality=record.quality,
-        file_bits_per_parameter=written.manifest.achieved.file_bits_per_parameter)
+        file_bits_per_parameter=written.manifest.achieved.file_bits_per_parameter,
+        target=spec.quantization.target.value, files=files, file_bytes=sum(f["bytes"] for f in files))
 
 
 def unit_format(spec: JobSpec, plan: Plan, name: str) -> str:

@@ -34,6 +34,9 @@ SolverChoice = Enum("SolverChoice", {s.upper(): s for s in SOLVERS if s != "brut
 SolverChoice.__doc__ = "An allocation solver (allocator.solve_allocation)."
 QuantizerChoice = Enum("QuantizerChoice", {q.upper().replace("-", "_"): q for q in QUANTIZERS}, type=str)  # type: ignore[misc]
 QuantizerChoice.__doc__ = "A quantizer (quantizer.methods)."
+TARGETS = {"bitplan": None, "gguf": "gguf-k"}  # target -> its default candidate formats (None: the --bits widths)
+TargetChoice = Enum("TargetChoice", {t.upper().replace("-", "_"): t for t in TARGETS}, type=str)  # type: ignore[misc]
+TargetChoice.__doc__ = "Where the model will run: our packed folder, or a GGUF for llama.cpp."
 
 
 @dataclass(frozen=True)
@@ -133,14 +136,25 @@ class Quantization:
     formats: str | None = option_field(
         None, "str", "candidate formats per layer: a preset (bitplan-default: the --bits widths at --group-size; "
         "bitplan-int; gguf-k; gguf-legacy; gguf-all) or comma-separated names from `bitplan formats`; each layer "
-        "chooses among the ones legal for its shape, with the real error of each", flag="--formats")
+        "chooses among the ones legal for its shape, with the real error of each (default: the target's; "
+        "gguf: gguf-k)", flag="--formats")
+    target: Any = option_field(TargetChoice.BITPLAN, "enum", "the file the model runs from: bitplan (our packed "
+                               "folder) or gguf (OUT/model.gguf beside the manifest, for llama.cpp; its layers "
+                               "choose among GGML types only)", flag="--target", choices=TargetChoice)
 
     def __post_init__(self) -> None:
         check_part(self)
         try:
-            names = resolve_formats(self.formats)
+            names = self.format_names
         except ValueError as error:
             raise SpecError(str(error), param="formats") from None
+        if self.target.value == "gguf" and names is not None and any(FORMATS[n].family != "ggml" for n in names):
+            other = next(n for n in names if FORMATS[n].family != "ggml")
+            raise SpecError(f"the gguf target stores GGML types only; {other!r} is not one (use a gguf-* preset or "
+                            f"GGML type names)", param="formats")
+        if self.target.value == "gguf" and names is None:
+            raise SpecError("the gguf target stores GGML types only; give --formats a gguf-* preset or GGML type "
+                            "names (default gguf-k)", param="formats")
         if names is not None and self.quantizer.value.startswith("gptq"):
             raise SpecError("formats are encoded by their own encoders (round to nearest with the calibration "
                             "importance, or llama.cpp's); GPTQ runs on the --bits widths only: drop --formats or "
@@ -151,8 +165,9 @@ class Quantization:
 
     @property
     def format_names(self) -> tuple[str, ...] | None:
-        """The candidate format names, or ``None`` for the --bits widths at --group-size."""
-        return resolve_formats(self.formats)
+        """The candidate format names (the target's default when none are given), or ``None`` for the --bits
+        widths at --group-size."""
+        return resolve_formats(self.formats if self.formats is not None else TARGETS[self.target.value])
 
 
 @dataclass(frozen=True)
@@ -226,6 +241,10 @@ class JobSpec:
         if names is None:
             return
         if self.budget.uniform_bits is not None:
+            if self.quantization.target.value == "gguf":
+                raise SpecError("the gguf target chooses a GGML type per layer under a budget: give --bpw or "
+                                "--bytes (uniform GGUF baselines are llama.cpp's own presets, bench/peers.py)",
+                                param="uniform_bits")
             raise SpecError("--formats chooses a format per layer under a budget; a uniform baseline takes "
                             "--uniform-bits with --group-size", param="formats")
         if self.refinement.kl_refine_windows:

@@ -7,6 +7,7 @@ every layer to our weights exactly (after its fp16 rounding).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -61,35 +62,44 @@ def test_issue5_exports_of_a_mixed_smollm2_artifact(wikitext: Path, tmp_path: Pa
         assert torch.equal(weight, model.get_submodule(name).dequantized_weight().half()), name
 
 
-def test_issue16_a_gguf_k_job_writes_the_gguf_llama_cpp_runs_at_the_budget(tmp_path: Path) -> None:
-    """Formats chosen per tensor among llama.cpp's types: the GGUF export copies each unit's blocks byte for
-    byte, llama.cpp loads the file and predicts what transformers predicts from it, and the block-linear bytes in
-    the file are those the job budgeted (the old path stored every 2-4-bit layer as 5-bit Q4_1)."""
+def test_issue16_a_gguf_target_job_writes_the_gguf_llama_cpp_runs_at_the_budget(tmp_path: Path) -> None:
+    """``--target gguf``: formats chosen per tensor among llama.cpp's types (gguf-k), ``OUT/model.gguf`` written
+    beside the manifest with each unit's blocks copied byte for byte; llama.cpp loads the file and predicts what
+    transformers predicts from it, and the block-linear bytes in the file are those the job budgeted (the old
+    export stored every 2-4-bit layer as 5-bit Q4_1)."""
     import gguf
     from llama_cpp import Llama
     from transformers import AutoModelForCausalLM
 
+    from bitplan.manifest import read_manifest
+
     budget = 4.634  # llama.cpp's Q3_K_M on this model
-    run = run_pipeline(JobSpec.from_flat(model="smollm2-135m", bits_per_weight=budget, formats="gguf-k",
+    run = run_pipeline(JobSpec.from_flat(model="smollm2-135m", bits_per_weight=budget, target="gguf",
                                          num_samples=4, seq_len=256, kl_windows=1, quality_windows=0),
                        out=tmp_path / "gguf-k")
     assert run.bits_per_weight <= budget and len({u["format"] for u in run.units}) > 1
-    gguf_path = tmp_path / "gguf" / "model.gguf"
-    report = export_artifact(Path(run.artifact), format="gguf", out=gguf_path)
-    assert {row["name"]: row["type"] for row in report.units} == {u["name"]: u["format"] for u in run.units}
+    assert {u["format"] for u in run.units} <= {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0",
+                                                "Q5_1", "Q8_0"}
+    gguf_path = Path(run.artifact) / "model.gguf"
+    assert run.target == "gguf" and run.files[0]["name"] == "model.gguf"
+    assert run.file_bytes == os.path.getsize(gguf_path) == run.files[0]["bytes"]
+    assert read_manifest(Path(run.artifact)).files["model.gguf"] == run.files[0]["sha256"]  # checked, served
     reader = gguf.GGUFReader(gguf_path)
-    linear = sum(int(t.n_bytes) for t in reader.tensors
-                 if t.name.split(".")[-2] in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
-                                              "ffn_down"))
-    assert linear == run.bytes
+    linear = {t.name: t for t in reader.tensors
+              if t.name.split(".")[-2] in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
+                                           "ffn_down")}
+    assert sum(int(t.n_bytes) for t in linear.values()) == run.bytes
+    assert {t.tensor_type.name for t in linear.values()} == {u["format"] for u in run.units}
     runtime = Llama(model_path=str(gguf_path), n_ctx=64, logits_all=True, verbose=False)
     prompt = runtime.tokenize(b"The capital of France is")
     runtime.eval(prompt)
     logits = torch.tensor(runtime.scores[len(prompt) - 1])
-    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "gguf", gguf_file="model.gguf", dtype=torch.float32)
+    exported = AutoModelForCausalLM.from_pretrained(Path(run.artifact), gguf_file="model.gguf", dtype=torch.float32)
     ours, _, _ = load_artifact(Path(run.artifact))
     with torch.no_grad():
         reference = exported(torch.tensor([prompt])).logits[0, -1]
         artifact = ours(torch.tensor([prompt])).logits[0, -1]
     assert torch.allclose(reference, artifact, atol=2e-2 * float(artifact.abs().max()))  # same weights, two loaders
     assert torch.isfinite(logits).all() and int(logits.argmax()) == int(reference.argmax())
+    text = runtime.create_completion("The capital of France is", max_tokens=8, temperature=0.0)["choices"][0]["text"]
+    assert text.strip(), "llama.cpp generated nothing from our file"
