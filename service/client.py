@@ -1,4 +1,5 @@
-"""Python client for the bitplan service (httpx): ``client.jobs.create / get / list / cancel / events / wait`` and
+"""Python client for the bitplan service (httpx): ``client.jobs.create / get / retrieve / list / cancel / events /
+stream / wait`` (``wait`` is woken by the job's server-sent events) and
 ``client.artifacts.download`` with checksum verification.
 
     from bitplan.service.client import Client
@@ -10,9 +11,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -133,27 +136,67 @@ class Jobs:
                 return items
             after = page["next_after"]
 
+    def retrieve(self, job_id: str) -> dict[str, Any]:
+        """The job as it is now (an alias of :meth:`get`, the name other clients use)."""
+        return self.get(job_id)
+
+    def stream(self, job_id: str, *, after: int = 0) -> Iterator[dict[str, Any]]:
+        """The job's events as the server sends them (``/events/stream``, server-sent events), from ``after``;
+        ends when the job has ended and every event was sent. Each is ``{"seq", "kind", "data"}``."""
+        headers = {"Last-Event-ID": str(after), "Accept": "text/event-stream"}
+        with self.client.http.stream("GET", f"/v1/jobs/{job_id}/events/stream", headers=headers,
+                                     timeout=httpx.Timeout(self.client.http.timeout.connect, read=60.0)) as response:
+            if response.status_code >= 400:
+                response.read()
+                raise _service_error(response)
+            event: dict[str, Any] = {}
+            for line in response.iter_lines():
+                if not line:
+                    if "seq" in event:
+                        yield event
+                    event = {}
+                elif line.startswith("id:"):
+                    event["seq"] = int(line[3:].strip())
+                elif line.startswith("event:"):
+                    event["kind"] = line[6:].strip()
+                elif line.startswith("data:"):
+                    event["data"] = json.loads(line[5:].strip() or "null")
+
     def wait(self, job_id: str, *, poll_s: float = 1.0, timeout_s: float | None = None,
              progress: bool = True) -> dict[str, Any]:
-        """Poll until the job ends; a progress bar (stage, fraction, ETA) on stderr."""
+        """Wait until the job ends, woken by its event stream (server-sent events); when the stream breaks, by
+        polling every ``poll_s`` until it can be reopened. A progress bar (stage, fraction, ETA) on stderr."""
         from tqdm import tqdm
 
         started = time.monotonic()
         bar = tqdm(total=100, file=sys.stderr, disable=not progress, desc="queued",
                    bar_format="{desc:<24} {percentage:3.0f}%|{bar}| {elapsed} elapsed {postfix}")
+
+        def show(job: dict[str, Any]) -> bool:
+            bar.n = round(100 * job["progress"]["fraction"])
+            bar.set_description(job["progress"]["stage"] or job["status"], refresh=False)
+            eta = job["progress"].get("eta_s")
+            bar.postfix = "" if eta is None else f"ETA {eta:.0f} s"
+            bar.refresh()
+            if timeout_s is not None and time.monotonic() - started > timeout_s and job["status"] not in TERMINAL:
+                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout_s} s")
+            return job["status"] in TERMINAL
+
+        last_seen = 0
         try:
             while True:
                 job = self.get(job_id)
-                bar.n = round(100 * job["progress"]["fraction"])
-                bar.set_description(job["progress"]["stage"] or job["status"], refresh=False)
-                eta = job["progress"].get("eta_s")
-                bar.postfix = "" if eta is None else f"ETA {eta:.0f} s"
-                bar.refresh()
-                if job["status"] in TERMINAL:
+                if show(job):
                     return job
-                if timeout_s is not None and time.monotonic() - started > timeout_s:
-                    raise TimeoutError(f"job {job_id} still {job['status']} after {timeout_s} s")
-                time.sleep(poll_s)
+                try:
+                    for event in self.stream(job_id, after=last_seen):
+                        last_seen = event["seq"]
+                        if show(self.get(job_id)):
+                            return self.get(job_id)
+                except (httpx.TransportError, ServiceError) as error:
+                    if isinstance(error, ServiceError) and error.status not in RETRIED_STATUS:
+                        raise
+                    time.sleep(poll_s)
         finally:
             bar.close()
 

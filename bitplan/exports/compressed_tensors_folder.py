@@ -121,7 +121,7 @@ def export_compressed_tensors(artifact: Path, out: Path) -> ExportReport:
             rows.append({"name": name, "bits": unit.bits, "group_size": unit.group_size, "bytes": size})
         save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         for name in os.listdir(artifact):
-            if name not in (MANIFEST, FLOAT_FILE, QUANTIZED_FILE):
+            if name not in (MANIFEST, FLOAT_FILE, QUANTIZED_FILE) and not name.endswith(".gguf"):
                 shutil.copy2(artifact / name, staging / name)
         config = json.loads((staging / "config.json").read_text())
         config["quantization_config"] = quantization_config(units)

@@ -149,6 +149,23 @@ def _layout(manifest: Manifest, units: dict[str, QuantizedWeight | GgmlWeight],
     return layout
 
 
+# llama.cpp's llama_ftype for a file whose block weights are mostly of a GGML type (llama.h); the file type is a
+# label (llama.cpp reads every tensor's own type), shown by its loader as "file type".
+FILE_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K": 12, "Q4_K": 15, "Q5_K": 17,
+              "Q6_K": 18, "IQ2_XXS": 19, "IQ2_XS": 20, "IQ3_XXS": 23, "IQ4_NL": 25, "IQ3_S": 26, "IQ2_S": 28,
+              "IQ4_XS": 30}
+
+
+def file_type(units: dict[str, QuantizedWeight | GgmlWeight]) -> int:
+    """``general.file_type``: the llama.cpp file type of the GGML type holding most block weights."""
+    weight: dict[str, int] = {}
+    for unit in units.values():
+        name = unit.qtype if isinstance(unit, GgmlWeight) else unit_type(unit).name
+        weight[name] = weight.get(name, 0) + int(np.prod(unit.shape if isinstance(unit, GgmlWeight)
+                                                         else unit.codes.shape))
+    return FILE_TYPES[max(sorted(weight), key=weight.__getitem__)]
+
+
 def _copy_metadata(writer: Any, reader: Any, manifest: Manifest) -> None:
     """Every key of the source GGUF but the file type, and who quantized it."""
     for field in reader.fields.values():
@@ -222,6 +239,7 @@ def export_gguf(artifact: Path, out: Path) -> ExportReport:
     staging = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
     writer = gguf.GGUFWriter(staging, layout.arch)
     _copy_metadata(writer, layout.reader, manifest)
+    writer.add_file_type(file_type(units))
     predicted, unit_rows = _add_tensors(writer, layout)
     try:
         writer.write_header_to_file()

@@ -244,3 +244,23 @@ def test_registered_models_are_per_key_and_usable_in_jobs(tmp_path: Path, tiny_l
     assert refused.status_code == 422
     assert client.post("/v1/models", json={"reference": "../x"}, headers=alice).status_code == 422
     assert client.get("/v1/models/smollm2-135m", headers=alice).json()["format"] == "bundled"
+
+
+def test_issue14_client_wait_is_woken_by_the_event_stream(service: TestClient, tiny_llama_dir: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Client.jobs.wait`` follows the server-sent events (it never sleeps between polls while the stream is
+    open), and ``stream`` yields every event with its sequence number, ending when the job has ended."""
+    from bitplan.service import client as client_module
+
+    client = client_module.Client()
+    client.http = service  # the app's own test transport (an httpx.Client)
+    sleeps: list[float] = []
+    monkeypatch.setattr(client_module.time, "sleep", sleeps.append)
+    job = client.jobs.create(model=tiny_llama_dir.name, bits_per_weight=4.0, **SMALL)
+    done = client.jobs.wait(job["id"], progress=False)
+    assert done["status"] == "succeeded" and sleeps == []
+    events = list(client.jobs.stream(job["id"]))
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert events[-1]["kind"] == "succeeded" and {e["kind"] for e in events} >= {"progress"}
+    assert list(client.jobs.stream(job["id"], after=events[-2]["seq"])) == events[-1:]
+    assert client.jobs.retrieve(job["id"])["status"] == "succeeded"
