@@ -210,6 +210,8 @@ def load_artifact(path: Path | str, *, verify: bool = True) -> tuple[nn.Module, 
     path = Path(path)
     manifest = read_manifest(path, verify=verify)
     config = transformers.AutoConfig.from_pretrained(path)
+    if getattr(config, "quantization_config", None) is not None:  # a compressed-tensors target's, for transformers
+        del config.quantization_config
     auto = (transformers.AutoModelForCausalLM if manifest.model_kind == ModelKind.CAUSAL_LM.value
             else transformers.AutoModel)
     model = auto.from_config(config, dtype=torch.float32)

@@ -10,7 +10,10 @@ import dataclasses
 import functools
 import json
 import logging
+import os
+import shutil
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ from torch import nn
 from bitplan.artifact import WrittenArtifact, write_artifact
 from bitplan.calibration import build_calibration_set
 from bitplan.errors import BitplanError, ModelReferenceError
+from bitplan.hashing import sha256_file
 from bitplan.manifest import MANIFEST, RunRecord, SensitivityRecord, SourceRecord, write_manifest
 from bitplan.models import LoadedModel, ModelKind, load_model
 from bitplan.planning import Plan, Sizes, budgets_in_bytes, make_plans, solve_plan, unit_sizes
@@ -140,7 +144,8 @@ def run_budgets(spec: JobSpec, *, out_dirs: list[Path], on_progress: ProgressFn 
         raise ModelReferenceError(f"the gguf target copies the tokenizer and metadata from a source GGUF file; "
                                   f"{spec.model!r} is a {loaded.source_format} model (HF-folder sources are not yet "
                                   f"supported for this target)")
-    sizes = unit_sizes(units, spec.widths, spec.quantization.group_size, spec.quantization.format_names)
+    sizes = unit_sizes(units, spec.widths, spec.quantization.group_size, spec.quantization.format_names,
+                       spec.quantization.target.value)
     numel = sum(m.weight.numel() for m in units.values())
     budgets = [None] if spec.budget.uniform_bits is not None else budgets_in_bytes(spec, sizes, numel)
     clock.lap("plan")
@@ -309,9 +314,34 @@ def write_target(spec: JobSpec, written: WrittenArtifact) -> tuple[list[dict[str
         manifest = dataclasses.replace(written.manifest, files={**written.manifest.files, **report.sha256})
         written = dataclasses.replace(written, manifest=manifest, manifest_sha256=write_manifest(folder, manifest))
         return [{"name": GGUF_FILE, "bytes": report.file_bytes, "sha256": report.sha256[GGUF_FILE]}], written
+    if spec.quantization.target.value == "compressed-tensors":
+        return _write_compressed_tensors(written)
     files = {**written.manifest.files, MANIFEST: written.manifest_sha256}
     return [{"name": name, "bytes": (folder / name).stat().st_size, "sha256": digest}
             for name, digest in sorted(files.items())], written
+
+
+def _write_compressed_tensors(written: WrittenArtifact) -> tuple[list[dict[str, Any]], WrittenArtifact]:
+    """The compressed-tensors target: ``model.safetensors`` and a ``config.json`` with its
+    ``quantization_config`` in the artifact folder itself, so ``from_pretrained(OUT)`` loads it (our loader
+    ignores that config entry); both are listed in the manifest. The target's formats divide every layer's
+    input width, so nothing is regrouped; its symmetric grids store no zero points, so its layers weigh a little
+    less than the artifact's (which keeps an fp16 zero per group)."""
+    from bitplan.exports import export_artifact
+
+    folder = written.path
+    staging = folder.with_name(f".{folder.name}.compressed-tensors-{uuid.uuid4().hex[:8]}")
+    try:
+        export_artifact(folder, format="compressed-tensors", out=staging)
+        names = ("model.safetensors", "config.json")
+        for name in names:
+            os.replace(staging / name, folder / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    digests = {name: sha256_file(folder / name) for name in names}
+    manifest = dataclasses.replace(written.manifest, files={**written.manifest.files, **digests})
+    written = dataclasses.replace(written, manifest=manifest, manifest_sha256=write_manifest(folder, manifest))
+    return [{"name": name, "bytes": (folder / name).stat().st_size, "sha256": digests[name]} for name in names], written
 
 
 def _result(spec: JobSpec, written: WrittenArtifact, plan: Plan, record: RunRecord, timings: dict[str, float],

@@ -46,17 +46,27 @@ def option_key(plan: Plan, name: str) -> Any:
     return plan.bits[name] if plan.formats is None else plan.formats[name]
 
 
+def legal_for_target(target: str, fmt: str, shape: tuple[int, int]) -> bool:
+    """Whether ``target`` can hold a ``shape`` weight in ``fmt`` exactly: the format's own rule, and for
+    compressed-tensors groups that divide the input width (the library refuses a partial last group)."""
+    if not FORMATS[fmt].legal(shape):
+        return False
+    if target == "compressed-tensors" and FORMATS[fmt].family == "bitplan-int":
+        return shape[1] % int(fmt.split("-g")[1].split("-")[0]) == 0
+    return True
+
+
 def unit_sizes(units: dict[str, nn.Linear], bits: tuple[int, ...], group_size: int,
-               formats: tuple[str, ...] | None = None) -> Sizes:
+               formats: tuple[str, ...] | None = None, target: str = "bitplan") -> Sizes:
     """Exact bytes of every unit at every candidate bit width, or at every candidate format legal for its shape
-    (``formats``). A unit that no candidate format can store is an error naming its shape."""
+    in ``target`` (``formats``). A unit that no candidate format can store is an error naming its shape."""
     if formats is None:
         return {name: {b: quantized_bytes(m.out_features, m.in_features, bits=b, group_size=group_size)
                        for b in bits} for name, m in units.items()}
     sizes: Sizes = {}
     for name, m in units.items():
         shape = (m.out_features, m.in_features)
-        sizes[name] = {f: FORMATS[f].bytes(shape) for f in formats if FORMATS[f].legal(shape)}
+        sizes[name] = {f: FORMATS[f].bytes(shape) for f in formats if legal_for_target(target, f, shape)}
         if not sizes[name]:
             raise BudgetError(f"no candidate format can store {name} ({m.out_features} x {m.in_features}): "
                               f"{', '.join(formats)} need rows divisible by their block size; add a format with "

@@ -47,7 +47,8 @@ def format_errors(spec: JobSpec, units: dict[str, nn.Linear], importance: Import
     encoder the quantize step will run (same importance vector)."""
     names = spec.quantization.format_names
     assert names is not None
-    options = {name: list(sizes) for name, sizes in unit_sizes(units, spec.widths, 8, names).items()}
+    options = {name: list(sizes) for name, sizes in unit_sizes(units, spec.widths, 8, names,
+                                                                        spec.quantization.target.value).items()}
 
     def error_of(name: str, fmt: Any) -> torch.Tensor:
         weight = units[name].weight.detach().float()

@@ -21,7 +21,7 @@ from typing import Any
 from bitplan.allocator.problem import SOLVERS
 from bitplan.errors import SpecError
 from bitplan.options import Option, check_part, option_field
-from bitplan.quantizer.formats import FORMATS, resolve_formats
+from bitplan.quantizer.formats import FORMATS, PRESETS, resolve_formats
 from bitplan.quantizer.methods import QUANTIZERS
 from bitplan.sensitivity.api import HutchinsonConfig, Metric
 from bitplan.sensitivity.token_fisher import DEFAULT_ERROR_BYTES
@@ -34,9 +34,11 @@ SolverChoice = Enum("SolverChoice", {s.upper(): s for s in SOLVERS if s != "brut
 SolverChoice.__doc__ = "An allocation solver (allocator.solve_allocation)."
 QuantizerChoice = Enum("QuantizerChoice", {q.upper().replace("-", "_"): q for q in QUANTIZERS}, type=str)  # type: ignore[misc]
 QuantizerChoice.__doc__ = "A quantizer (quantizer.methods)."
-TARGETS = {"bitplan": None, "gguf": "gguf-k"}  # target -> its default candidate formats (None: the --bits widths)
+TARGETS = {"bitplan": None, "gguf": "gguf-k", "compressed-tensors": "ct-wna16"}  # target -> default formats
 TargetChoice = Enum("TargetChoice", {t.upper().replace("-", "_"): t for t in TARGETS}, type=str)  # type: ignore[misc]
-TargetChoice.__doc__ = "Where the model will run: our packed folder, or a GGUF for llama.cpp."
+TargetChoice.__doc__ = "Where the model will run: our packed folder, a GGUF for llama.cpp, or compressed-tensors."
+TARGET_LEGAL = {"gguf": "GGML types (a gguf-* preset)", "compressed-tensors": "the ct-wna16 formats (int4/int8, "
+                "groups 32/64/128, symmetric: what transformers loads and vLLM's WNA16 kernels serve)"}
 
 
 @dataclass(frozen=True)
@@ -139,8 +141,10 @@ class Quantization:
         "chooses among the ones legal for its shape, with the real error of each (default: the target's; "
         "gguf: gguf-k)", flag="--formats")
     target: Any = option_field(TargetChoice.BITPLAN, "enum", "the file the model runs from: bitplan (our packed "
-                               "folder) or gguf (OUT/model.gguf beside the manifest, for llama.cpp; its layers "
-                               "choose among GGML types only)", flag="--target", choices=TargetChoice)
+                               "folder), gguf (OUT/model.gguf beside the manifest, for llama.cpp; its layers "
+                               "choose among GGML types only) or compressed-tensors (OUT loads with transformers' "
+                               "from_pretrained; int4/int8 symmetric groups)", flag="--target",
+                               choices=TargetChoice)
 
     def __post_init__(self) -> None:
         check_part(self)
@@ -148,13 +152,14 @@ class Quantization:
             names = self.format_names
         except ValueError as error:
             raise SpecError(str(error), param="formats") from None
-        if self.target.value == "gguf" and names is not None and any(FORMATS[n].family != "ggml" for n in names):
-            other = next(n for n in names if FORMATS[n].family != "ggml")
-            raise SpecError(f"the gguf target stores GGML types only; {other!r} is not one (use a gguf-* preset or "
-                            f"GGML type names)", param="formats")
-        if self.target.value == "gguf" and names is None:
-            raise SpecError("the gguf target stores GGML types only; give --formats a gguf-* preset or GGML type "
-                            "names (default gguf-k)", param="formats")
+        target = self.target.value
+        if target in TARGET_LEGAL:
+            legal = (lambda n: FORMATS[n].family == "ggml") if target == "gguf" else PRESETS["ct-wna16"].__contains__
+            other = [n for n in names or () if not legal(n)]
+            if names is None or other:
+                what = "the --bits widths" if names is None else repr(other[0])
+                raise SpecError(f"the {target} target stores {TARGET_LEGAL[target]}; {what} cannot be stored "
+                                f"there (default: {TARGETS[target]})", param="formats")
         if names is not None and self.quantizer.value.startswith("gptq"):
             raise SpecError("formats are encoded by their own encoders (round to nearest with the calibration "
                             "importance, or llama.cpp's); GPTQ runs on the --bits widths only: drop --formats or "
@@ -241,10 +246,10 @@ class JobSpec:
         if names is None:
             return
         if self.budget.uniform_bits is not None:
-            if self.quantization.target.value == "gguf":
-                raise SpecError("the gguf target chooses a GGML type per layer under a budget: give --bpw or "
-                                "--bytes (uniform GGUF baselines are llama.cpp's own presets, bench/peers.py)",
-                                param="uniform_bits")
+            if self.quantization.target.value != "bitplan":
+                raise SpecError(f"the {self.quantization.target.value} target chooses a format per layer under a "
+                                f"budget: give --bpw or --bytes (uniform GGUF baselines are llama.cpp's own "
+                                f"presets, bench/peers.py)", param="uniform_bits")
             raise SpecError("--formats chooses a format per layer under a budget; a uniform baseline takes "
                             "--uniform-bits with --group-size", param="formats")
         if self.refinement.kl_refine_windows:

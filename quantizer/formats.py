@@ -132,6 +132,9 @@ PRESETS: dict[str, tuple[str, ...] | None] = {
     "bitplan-int": tuple(f"int{b}-g{g}" for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128)),
     "gguf-k": ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", *GGUF_LEGACY),
     "gguf-legacy": GGUF_LEGACY,
+    # what transformers' compressed-tensors integration loads and vLLM's WNA16 kernels (Marlin/Machete, GPTQ
+    # Marlin's table: 4 and 8 bits, groups 32/64/128, symmetric) serve: the compressed-tensors target's set
+    "ct-wna16": tuple(f"int{b}-g{g}-sym" for b in (4, 8) for g in (32, 64, 128)),
     "gguf-all": tuple(f.name for f in FORMATS.values() if f.family == "ggml"),
 }
 

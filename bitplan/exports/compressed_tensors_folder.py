@@ -50,24 +50,32 @@ def whole_groups(unit: QuantizedWeight) -> QuantizedWeight:
     return dataclasses.replace(unit, group_size=size, scales=spread(unit.scales), zeros=spread(unit.zeros))
 
 
+def is_symmetric(unit: QuantizedWeight) -> bool:
+    """Whether every zero point is the grid's middle ``2**(bits-1)`` (our ``-sym`` formats): the library's
+    symmetric scheme, stored without zero points (the one transformers and vLLM's WNA16 kernels load)."""
+    return bool((unit.zeros.float() == float(1 << (unit.bits - 1))).all())
+
+
 def unit_tensors(unit: QuantizedWeight) -> dict[str, torch.Tensor]:
     """The compressed-tensors parameters of one unit (local names)."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     offset = 1 << (unit.bits - 1)
     signed_codes = (unit.codes.to(torch.int16) - offset).to(torch.int8)
-    signed_zeros = (unit.zeros.float().round().to(torch.int16) - offset).to(torch.int8)
-    return {"weight_packed": pack_to_int32(signed_codes, unit.bits),
-            "weight_scale": unit.scales.to(torch.float16).contiguous(),
-            "weight_zero_point": pack_to_int32(signed_zeros, unit.bits, packed_dim=0),
-            "weight_shape": torch.tensor(list(unit.codes.shape), dtype=torch.int64)}
+    tensors = {"weight_packed": pack_to_int32(signed_codes, unit.bits),
+               "weight_scale": unit.scales.to(torch.float16).contiguous(),
+               "weight_shape": torch.tensor(list(unit.codes.shape), dtype=torch.int64)}
+    if not is_symmetric(unit):
+        signed_zeros = (unit.zeros.float().round().to(torch.int16) - offset).to(torch.int8)
+        tensors["weight_zero_point"] = pack_to_int32(signed_zeros, unit.bits, packed_dim=0)
+    return tensors
 
 
 def predicted_unit_bytes(unit: QuantizedWeight) -> int:
     out_features, in_features = unit.codes.shape
     n_groups = unit.scales.shape[1]
     packed = out_features * -(-in_features * unit.bits // 32) * 4
-    zero_points = -(-out_features * unit.bits // 32) * n_groups * 4
+    zero_points = 0 if is_symmetric(unit) else -(-out_features * unit.bits // 32) * n_groups * 4
     return packed + out_features * n_groups * 2 + zero_points + SHAPE_BYTES
 
 
@@ -75,12 +83,13 @@ def quantization_config(units: dict[str, QuantizedWeight]) -> dict[str, object]:
     import compressed_tensors
 
     groups = {}
-    for bits, group_size in sorted({(u.bits, u.group_size) for u in units.values()}):
-        targets = [f"re:^{re.escape(name)}$" for name, u in units.items()
-                   if (u.bits, u.group_size) == (bits, group_size)]
-        groups[f"group_{bits}bit_g{group_size}"] = {
+    schemes = {name: (u.bits, u.group_size, is_symmetric(u)) for name, u in units.items()}
+    for bits, group_size, symmetric in sorted(set(schemes.values())):
+        targets = [f"re:^{re.escape(name)}$" for name, scheme in schemes.items()
+                   if scheme == (bits, group_size, symmetric)]
+        groups[f"group_{bits}bit_g{group_size}{'_sym' if symmetric else ''}"] = {
             "targets": targets,
-            "weights": {"num_bits": bits, "type": "int", "symmetric": False, "strategy": "group",
+            "weights": {"num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": "group",
                         "group_size": group_size, "dynamic": False, "observer": "minmax"},
             "input_activations": None, "output_activations": None,
         }
@@ -121,7 +130,8 @@ def export_compressed_tensors(artifact: Path, out: Path) -> ExportReport:
             rows.append({"name": name, "bits": unit.bits, "group_size": unit.group_size, "bytes": size})
         save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         for name in os.listdir(artifact):
-            if name not in (MANIFEST, FLOAT_FILE, QUANTIZED_FILE) and not name.endswith(".gguf"):
+            if (artifact / name).is_file() and name not in (MANIFEST, FLOAT_FILE, QUANTIZED_FILE, WEIGHTS_FILE) \
+                    and not name.endswith(".gguf"):
                 shutil.copy2(artifact / name, staging / name)
         config = json.loads((staging / "config.json").read_text())
         config["quantization_config"] = quantization_config(units)

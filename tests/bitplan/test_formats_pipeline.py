@@ -203,3 +203,34 @@ def test_issue16_projected_errors_both_ways_equal_the_direct_sum(shape: tuple[in
     deltas = torch.randn(3, out_features, in_features, generator=gen)
     direct = torch.stack([torch.stack([g[t] @ deltas[b] @ x[t] for t in range(7)]) for b in range(3)])
     assert torch.allclose(projected_errors(g, deltas, x), direct, atol=1e-5)
+
+
+def test_issue17_compressed_tensors_target_loads_with_from_pretrained(wide_llama_dir: Path, tmp_path: Path) -> None:
+    """``--target compressed-tensors``: the artifact folder itself loads with transformers' ``from_pretrained``
+    (its compressed-tensors integration, default settings) and computes what our loader computes, up to fp16."""
+    from transformers import AutoModelForCausalLM
+
+    run = run_pipeline(JobSpec.from_flat(model=str(wide_llama_dir), bits_per_weight=6.0, target="compressed-tensors",
+                                         **SMALL), out=tmp_path / "ct")
+    assert run.target == "compressed-tensors" and {f["name"] for f in run.files} == {"model.safetensors",
+                                                                                     "config.json"}
+    chosen = {u["format"] for u in run.units}
+    assert chosen <= set(PRESETS["ct-wna16"]) and {"int4", "int8"} & {f.split("-")[0] for f in chosen}
+    assert all(u["format"] != "int4-g128-sym" for u in run.units if u["name"].endswith("down_proj"))  # 96 wide
+    theirs = AutoModelForCausalLM.from_pretrained(run.artifact).eval()
+    ours, _, manifest = load_artifact(Path(run.artifact))  # still our artifact, every file checked
+    assert "model.safetensors" in manifest.files
+    tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = theirs(tokens).logits.float(), ours(tokens).logits
+    assert torch.allclose(a, b, atol=2e-3 * float(b.abs().max())), float((a - b).abs().max())
+
+
+def test_issue17_targets_refuse_formats_they_cannot_store() -> None:
+    for target, formats in (("gguf", "int4-g32"), ("gguf", "bitplan-default"), ("compressed-tensors", "Q4_0"),
+                            ("compressed-tensors", "int4-g32")):
+        with pytest.raises(SpecError, match=f"the {target} target stores") as caught:
+            JobSpec.from_flat(model="x", bits_per_weight=5.0, target=target, formats=formats)
+        assert caught.value.param == "formats"
+    assert JobSpec.from_flat(model="x", bits_per_weight=5.0, target="gguf").quantization.format_names == \
+        PRESETS["gguf-k"]
