@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--metric", default="auto")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--budgets", default="3.5,3.75")
+    parser.add_argument("--formats", default=None, help="candidate formats (a preset or names; default: --bits)")
+    parser.add_argument("--quantizer", default="rtn")
     args = parser.parse_args()
     text = read_text(args.text)
     report: dict[str, object] = {
@@ -68,8 +70,11 @@ def main() -> None:
                          **evaluate_artifact(run.artifact, text, args.seq_len, args.windows)}
     report["uniform_rtn"] = {str(b): v for b, v in uniform.items()}
     midpoint = (uniform[3]["bits_per_weight"] + uniform[4]["bits_per_weight"]) / 2
-    budgets = [float(b) for b in args.budgets.split(",")] + [round(midpoint, 4)]
-    spec = JobSpec.from_flat(model=args.model, bits_per_weight=budgets, metric=args.metric, num_samples=args.samples)
+    budgets = [float(b) for b in args.budgets.split(",")] + [round(uniform[4]["bits_per_weight"], 4),
+                                                              round(midpoint, 4)]
+    spec = JobSpec.from_flat(model=args.model, bits_per_weight=budgets, metric=args.metric, num_samples=args.samples,
+                             formats=args.formats, quantizer=args.quantizer)
+    report["formats"], report["quantizer"] = args.formats, args.quantizer
     runs = run_budgets(spec, out_dirs=[args.out / f"mixed-{b:g}" for b in budgets])
     log3, log4 = math.log(uniform[3]["ppl"]), math.log(uniform[4]["ppl"])
     mixed = []
@@ -77,11 +82,17 @@ def main() -> None:
         entry = {"budget_bpw": budget, "bits_per_weight": run.bits_per_weight, "bytes": run.bytes,
                  "within_budget": run.bits_per_weight <= budget, "status": run.status, "objective": run.objective,
                  "lower_bound": run.lower_bound, "metric": run.metric, "timings_s": run.timings_s,
-                 "bits_histogram": {str(b): sum(u["bits"] == b for u in run.units) for b in (2, 3, 4, 8)},
+                 "bits_histogram": {str(b): sum(u["bits"] == b for u in run.units) for b in (2, 3, 4, 5, 6, 8)},
+                 "formats_histogram": {f: sum(u["format"] == f for u in run.units)
+                                       for f in sorted({u["format"] for u in run.units})},
                  **evaluate_artifact(run.artifact, text, args.seq_len, args.windows)}
         entry["log_ppl_recovery"] = (log3 - math.log(entry["ppl"])) / (log3 - log4)
         mixed.append(entry)
     report["mixed"] = mixed
+    at_uniform4 = mixed[-2]
+    report["uniform4_size_check"] = {"budget_bpw": at_uniform4["budget_bpw"], "ppl": at_uniform4["ppl"],
+                                     "uniform4_ppl": uniform[4]["ppl"],
+                                     "ppl_reduction": 1 - at_uniform4["ppl"] / uniform[4]["ppl"], "target": 0.2}
     mid = mixed[-1]
     report["midpoint_check"] = {"budget_bpw": mid["budget_bpw"], "ppl": mid["ppl"],
                                 "log_ppl_recovery": mid["log_ppl_recovery"], "target": 0.6,
