@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bitplan.allocator.problem import SOLVERS
-from bitplan.errors import BitplanError
+from bitplan.errors import BitplanError, ExitCode
 
 logger = logging.getLogger("bitplan")
 
@@ -272,7 +272,13 @@ def main(argv: Sequence[str] | None = None, *, extend: Callable[[Any], None] | N
         args.func(args)
     except (BitplanError, ValueError) as error:
         sys.stderr.write(f"error: {error}\n")
-        return 2
+        code = error.exit_code if isinstance(error, BitplanError) else ExitCode.BAD_INPUT
+        if getattr(args, "json", False):  # the last stdout line stays one JSON object, for scripts
+            sys.stdout.write(json.dumps({"error": {
+                "code": getattr(error, "code", "invalid_input"), "message": str(error),
+                "param": getattr(error, "param", None), "exit_code": int(code),
+                **(getattr(error, "details", None) or {})}}) + "\n")
+        return int(code)
     return 0
 
 

@@ -1,7 +1,21 @@
-"""Domain errors. Each message says what was given and what is accepted; the CLI exits with code 2 on them
-and the service maps them to HTTP 4xx (one handler, ``bitplan.service.api.errors``)."""
+"""Domain errors. Each message says what was given and what is accepted; the CLI exits with its
+:class:`ExitCode` and the service maps them to HTTP 4xx (one handler, ``bitplan.service.api.errors``)."""
 
 from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """The command line's exit codes (README, "Command line")."""
+
+    OK = 0
+    INTERNAL = 1  # a bug: a traceback was printed
+    USAGE = 2  # the command line itself (unknown flag, missing argument): argparse's
+    BAD_INPUT = 3  # a job option, model reference, budget or artifact the command refused
+    UNREACHABLE = 4  # no service answered (or it answered 503 until the retries ran out)
+    JOB_FAILED = 5  # the job ran and failed
+    JOB_CANCELLED = 6
 
 
 class BitplanError(ValueError):
@@ -10,10 +24,12 @@ class BitplanError(ValueError):
     status = 422  # the HTTP status the service answers with
     code = "invalid_input"  # a stable code for callers
     default_param: str | None = None  # the job option this kind of error is about, when there is one
+    exit_code = ExitCode.BAD_INPUT
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param if param is not None else self.default_param
+        self.details: dict[str, object] | None = None  # more for a --json error line (the failed job, ...)
 
 
 class SpecError(BitplanError):
@@ -46,3 +62,24 @@ class ModelTooLargeError(ModelReferenceError):
 
     status = 413
     code = "model_too_large"
+
+
+class ServiceUnreachable(BitplanError):
+    """No service answered at the URL (or only with 503 until the client's retries ran out)."""
+
+    code = "service_unreachable"
+    exit_code = ExitCode.UNREACHABLE
+
+
+class JobFailed(BitplanError):
+    """A submitted job ended failed."""
+
+    code = "job_failed"
+    exit_code = ExitCode.JOB_FAILED
+
+
+class JobCancelled(BitplanError):
+    """A submitted job ended cancelled."""
+
+    code = "job_cancelled"
+    exit_code = ExitCode.JOB_CANCELLED

@@ -13,7 +13,7 @@ from typing import Any
 
 from bitplan.cli import emit
 from bitplan.cli import main as pipeline_main
-from bitplan.errors import BitplanError
+from bitplan.errors import BitplanError, JobCancelled, JobFailed, ServiceUnreachable
 
 DEFAULT_URL = "http://127.0.0.1:8321"
 
@@ -88,7 +88,8 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 def _service_call(function: Any) -> Any:
-    """Turn the client's errors into the CLI's (exit code 2 with the service's reason)."""
+    """Turn the client's errors into the CLI's: a 4xx exits 3 (bad input) with the service's reason and code, an
+    unreachable or unavailable service 4."""
     import httpx
 
     from bitplan.service.client import ServiceError
@@ -97,9 +98,13 @@ def _service_call(function: Any) -> Any:
         try:
             function(args)
         except ServiceError as error:
-            raise BitplanError(str(error)) from None
+            if error.status == 503:
+                raise ServiceUnreachable(f"the service at {args.url} is unavailable: {error.detail}") from None
+            failure = BitplanError(str(error), param=error.param)
+            failure.code = error.code or failure.code
+            raise failure from None
         except httpx.HTTPError as error:
-            raise BitplanError(f"cannot reach the service at {args.url}: {error}") from None
+            raise ServiceUnreachable(f"cannot reach the service at {args.url}: {error}") from None
 
     return wrapped
 
@@ -166,9 +171,12 @@ def _cmd_submit(args: argparse.Namespace) -> None:
                                                                for a in runs]
             job["downloaded"] = [str(client.artifacts.download(a["id"], t, progress=not args.quiet))
                                  for a, t in zip(runs, targets, strict=True)]
-    emit(job, args.json)
     if job["status"] in ("failed", "cancelled"):
-        raise BitplanError(f"job {job['id']} {job['status']}: {(job.get('error') or {}).get('message', '')}")
+        kind = JobFailed if job["status"] == "failed" else JobCancelled
+        error = kind(f"job {job['id']} {job['status']}: {(job.get('error') or {}).get('message', '')}")
+        error.details = {"job": job}
+        raise error
+    emit(job, args.json)
 
 
 def _cmd_status(args: argparse.Namespace) -> None:

@@ -1,8 +1,9 @@
-"""The command-line contracts, run as a user would: JSON on the last stdout line, errors with exit code 2."""
+"""The command-line contracts, run as a user would: JSON on the last stdout line, errors with their exit codes."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -61,10 +62,26 @@ def test_uniform_run(tiny_llama_dir: Path, tmp_path: Path) -> None:
     (["run", "--model", "smollm2-135m", "--bpw", "3,abc", "--out", "x"], "--bpw takes a number"),
     (["eval", "--model", "minilm-l6", "--text", "x.txt"], "perplexity needs a causal language model"),
 ])
-def test_bad_input_exits_2_with_reason(args: list[str], message: str) -> None:
+def test_bad_input_exits_with_its_code_and_reason(args: list[str], message: str) -> None:
+    """Exit 3 for input the command refused; 2 is argparse's, for the command line itself (a --bpw that is not
+    a number list is refused by the flag's parser)."""
     result = bitplan(*args, check=False)
-    assert result.returncode == 2
+    assert result.returncode == (2 if "--bpw takes" in message else 3)
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_issue14_exit_codes_and_json_errors() -> None:
+    usage = bitplan("run", "--bogus", check=False)
+    assert usage.returncode == 2 and "usage:" in usage.stderr
+    refused = bitplan("run", "--model", "nope", "--bpw", "4", "--out", "x", "--json", check=False)
+    error = json.loads(refused.stdout.splitlines()[-1])["error"]
+    assert refused.returncode == 3 and error["exit_code"] == 3
+    assert error["code"] == "invalid_model" and error["param"] == "model" and "neither a bundled id" in error["message"]
+    unreachable = subprocess.run([sys.executable, "-m", "bitplan.service.cli", "status", "--url",
+                                  "http://127.0.0.1:9", "some-job", "--json"], capture_output=True, text=True,
+                                 timeout=120, env={**os.environ, "BITPLAN_URL": "http://127.0.0.1:9"})
+    assert unreachable.returncode == 4, unreachable.stderr
+    assert json.loads(unreachable.stdout.splitlines()[-1])["error"]["code"] == "service_unreachable"
 
 
 def test_allocate_contract(tmp_path: Path) -> None:

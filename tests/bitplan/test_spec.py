@@ -58,7 +58,7 @@ def test_issue13_a_bad_solver_fails_before_any_work_with_one_message(tmp_path: P
     result = subprocess.run([sys.executable, "-m", "bitplan.service.cli", "run", "--model", "does-not-exist",
                              "--bpw", "3.5", "--solver", "nope", "--out", str(tmp_path / "x")],
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 3 and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "x").exists()
 
 

@@ -107,7 +107,7 @@ def test_serve_submit_wait_download(tmp_path: Path, tiny_llama_dir: Path) -> Non
         assert (out / "quantized.safetensors").read_bytes() == whole
         assert not (out / "quantized.safetensors.part").exists()
         bad = subprocess.run([*SERVICE_CLI, "status", "--url", url, "no-such-job"], capture_output=True, text=True)
-        assert bad.returncode == 2 and "404" in bad.stderr
+        assert bad.returncode == 3 and "404" in bad.stderr
     finally:
         kill_group(process, signal.SIGTERM)
 
