@@ -48,8 +48,10 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     store = make_store(settings.data_dir, settings.redis_url)
     worker_settings = settings.worker_settings()
     huey = make_huey(worker_settings)
-    register_runner(huey, JobRunner(store, worker_settings))
-    pool = WorkerPool(huey, store, worker_settings, workers=settings.workers) if settings.embedded_worker else None
+    runner = JobRunner(store, worker_settings)
+    register_runner(huey, runner)
+    pool = (WorkerPool(huey, store, worker_settings, workers=settings.workers, runner=runner)
+            if settings.embedded_worker else None)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -76,9 +76,10 @@ def _cmd_worker(args: argparse.Namespace) -> None:
                               heartbeat_s=args.heartbeat)
     store = make_store(settings.data_dir, settings.redis_url)
     huey = make_huey(settings)
-    register_runner(huey, JobRunner(store, settings))
+    runner = JobRunner(store, settings)
+    register_runner(huey, runner)
     sys.stderr.write(f"bitplan worker: {args.workers} thread(s), data in {args.data_dir}\n")
-    WorkerPool(huey, store, settings, workers=args.workers, embedded=False).run_forever()
+    WorkerPool(huey, store, settings, workers=args.workers, embedded=False, runner=runner).run_forever()
 
 
 def _client(args: argparse.Namespace) -> Any:

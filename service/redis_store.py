@@ -204,6 +204,16 @@ class RedisJobStore:
 
         return self._transaction(job_id, change)
 
+    def release(self, job_id: str, fence: int, reason: str) -> bool:
+        def change(job: Job) -> tuple[Job | None, list[tuple[str, dict[str, Any]]]]:
+            self._fenced(job, fence)
+            if job.cancel_requested:
+                return self._finished(job, "cancelled", None, None)
+            return dataclasses.replace(job, status=JobStatus.QUEUED, stage=None, lease_until=None,
+                                       updated=time.time()), [("requeued", {"reason": reason, "attempt": fence})]
+
+        return self._transaction(job_id, change).status == JobStatus.QUEUED
+
     def reap(self, max_attempts: int) -> list[str]:
         requeued = []
         now = time.time()

@@ -227,6 +227,20 @@ class SqliteJobStore:
                     json.dumps(error) if error is not None else None, now, status, job_id))
         self._event(db, job_id, status, {"error": error} if error else {})
 
+    def release(self, job_id: str, fence: int, reason: str) -> bool:
+        """Give a running attempt back (its worker is shutting down): the job is queued again at once (or
+        cancelled when a cancel was pending), so another worker, or this one after a restart, takes it without
+        waiting for the lease to expire. Returns whether it was re-queued."""
+        with self._transaction() as db:
+            row = self._check_fence(db, job_id, fence)
+            if row["cancel_requested"]:
+                self._finish(db, job_id, "cancelled", None, None)
+                return False
+            db.execute("UPDATE jobs SET status = 'queued', stage = NULL, lease_until = NULL, updated = ? WHERE id = ?",
+                       (time.time(), job_id))
+            self._event(db, job_id, "requeued", {"reason": reason, "attempt": fence})
+        return True
+
     def request_cancel(self, job_id: str) -> Job:
         """Idempotent: a queued job is cancelled at once, a running one becomes ``cancelling``."""
         with self._transaction() as db:

@@ -120,8 +120,18 @@ class JobRunner:
     def __init__(self, store: JobStore, settings: WorkerSettings) -> None:
         self.store = store
         self.settings = settings
+        self.shutting_down = threading.Event()  # set by WorkerPool.stop: give running attempts back
+        self._active = 0
+        self._active_lock = threading.Condition()
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no attempt is running here (each gives its job back once ``shutting_down`` is set)."""
+        with self._active_lock:
+            return self._active_lock.wait_for(lambda: self._active == 0, timeout=timeout_s)
 
     def __call__(self, job_id: str) -> None:
+        if self.shutting_down.is_set():
+            return  # stopping: leave the job queued (the next worker to start enqueues every queued job)
         fence = self.store.claim(job_id, self.settings.lease_s)
         if fence is None:
             return  # finished, cancelled or claimed by another attempt: nothing to do
@@ -136,6 +146,8 @@ class JobRunner:
         child = context.Process(target=_child_main, args=(job.request, str(staging), messages, stop, os.getpid()),
                                 daemon=True)
         child.start()
+        with self._active_lock:
+            self._active += 1
         try:
             outcome = self._supervise(job_id, fence, child, messages, stop)
             child.join(timeout=30)
@@ -151,6 +163,9 @@ class JobRunner:
                 child.kill()
             child.join(timeout=30)  # reaped: no zombie, no writes after the cleanup below
             shutil.rmtree(staging, ignore_errors=True)
+            with self._active_lock:
+                self._active -= 1
+                self._active_lock.notify_all()
 
     def _supervise(self, job_id: str, fence: int, child: Any, messages: Any, stop: Any) -> tuple[Any, ...] | None:
         """Relay the child's progress, heartbeat the lease, turn a cancel request into ``stop``; the child's
@@ -177,6 +192,9 @@ class JobRunner:
             if cancel_at is not None and time.monotonic() - cancel_at > self.settings.cancel_grace_s:
                 child.kill()
                 outcome = outcome or ("cancelled",)
+            if outcome is None and self.shutting_down.is_set():
+                child.kill()
+                return ("released",)
         return outcome
 
     def _conclude(self, job_id: str, fence: int, outcome: tuple[Any, ...] | None, exitcode: int | None,
@@ -185,6 +203,9 @@ class JobRunner:
             crashed = JobError(code="worker_crashed", retryable=True,
                                message=f"the job's process ended with exit code {exitcode} before reporting a result")
             self.store.finish(job_id, fence, JobStatus.FAILED, error=crashed.to_dict())
+        elif outcome[0] == "released":
+            if self.store.release(job_id, fence, "worker shut down"):
+                logger.info("job %s: attempt %d given back at shutdown; queued again", job_id, fence)
         elif outcome[0] == "cancelled":
             self.store.finish(job_id, fence, JobStatus.CANCELLED)
         elif outcome[0] == "error":
@@ -209,6 +230,18 @@ class JobRunner:
         return JobResult(artifacts=artifacts, runs=runs)
 
 
+class WorkerConsumer(Consumer):
+    """Huey's consumer for ``bitplan worker``: on SIGTERM/SIGINT (Huey's handlers call ``stop``) the running
+    attempts give their jobs back first (``before_stop``)."""
+
+    before_stop: Any = None
+
+    def stop(self, graceful: bool = False) -> None:
+        if self.before_stop is not None:
+            self.before_stop()
+        super().stop(graceful=graceful)
+
+
 class EmbeddedConsumer(Consumer):
     """Huey's consumer running in threads of the API process (no signal handlers: the server owns them)."""
 
@@ -220,11 +253,13 @@ class WorkerPool:
     """A Huey consumer plus the lease reaper, started and stopped together."""
 
     def __init__(self, huey: Huey, store: JobStore, settings: WorkerSettings, *, workers: int = 1,
-                 embedded: bool = True) -> None:
-        self.huey, self.store, self.settings = huey, store, settings
-        consumer_class = EmbeddedConsumer if embedded else Consumer
+                 embedded: bool = True, runner: JobRunner | None = None) -> None:
+        self.huey, self.store, self.settings, self.runner = huey, store, settings, runner
+        consumer_class = EmbeddedConsumer if embedded else WorkerConsumer
         self.consumer = consumer_class(huey, workers=workers, worker_type="thread", periodic=False,
                                        initial_delay=0.05, max_delay=0.5)
+        if not embedded:
+            self.consumer.before_stop = self._give_back
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, name="bitplan-reaper", daemon=True)
 
@@ -242,8 +277,17 @@ class WorkerPool:
         self.consumer.run()
 
     def stop(self) -> None:
-        self._stop.set()
+        """Stop taking jobs; each running attempt kills its child and gives its job back to the queue (so it
+        does not stay "running" until its lease expires), then the consumer stops."""
+        self._give_back()
         self.consumer.stop(graceful=False)
+
+    def _give_back(self) -> None:
+        self._stop.set()
+        if self.runner is not None and not self.runner.shutting_down.is_set():
+            self.runner.shutting_down.set()
+            if not self.runner.wait_idle(timeout_s=20.0):
+                logger.warning("a running attempt did not give its job back in 20 s; its lease will expire")
 
     def _reap_loop(self) -> None:
         while not self._stop.wait(self.settings.reap_every_s):

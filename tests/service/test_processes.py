@@ -168,3 +168,39 @@ def test_submit_starts_the_embedded_service_and_downloads(tmp_path: Path, tiny_l
     finally:
         pid = int((data / "serve.pid").read_text())
         os.killpg(pid, signal.SIGTERM)
+
+
+def test_issue15_a_sigtermed_worker_gives_its_job_back_at_once(tmp_path: Path, api_only: tuple[str, Path, list[str]],
+                                                                tiny_llama_dir: Path) -> None:
+    """SIGTERM (how a container or systemd stops a worker): the running attempt kills its child, the job is
+    queued again at once (not left "running" until the lease expires: the lease here is 60 s), and no job
+    process or staging folder is left."""
+    url, data, backend = api_only
+    client = Client(url)
+    job = client.jobs.create(model=tiny_llama_dir.name, bits_per_weight=4.0, num_samples=200, seq_len=64,
+                             group_size=64)
+    worker_args = ["worker", "--data-dir", str(data), "--lease", "60", "--heartbeat", "0.3", *backend]
+    first = start(worker_args, tmp_path / "worker1.log")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        state = client.jobs.get(job["id"])
+        if state["status"] == "running" and state["progress"]["fraction"] > 0.06:
+            break
+        time.sleep(0.1)
+    assert state["status"] == "running", (state, (tmp_path / "worker1.log").read_text())
+    stopped_at = time.monotonic()
+    os.kill(first.pid, signal.SIGTERM)  # the worker alone, as a process manager does
+    first.wait(timeout=40)
+    state = client.jobs.get(job["id"])
+    assert state["status"] == "queued" and time.monotonic() - stopped_at < 40, state
+    assert [e["data"].get("reason") for e in client.jobs.events(job["id"]) if e["kind"] == "requeued"] == \
+        ["worker shut down"]
+    staging = data / "staging"
+    assert not staging.exists() or not any(staging.iterdir())
+    deadline = time.monotonic() + 10  # multiprocessing's resource tracker exits on its own once its pipe closes
+    while (orphans := subprocess.run(["pgrep", "-a", "-s", str(first.pid)], capture_output=True,
+                                     text=True).stdout.splitlines()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert orphans == [], orphans  # its session: no job process left
+    # a later worker takes it up as attempt 2 (test_sigkill_of_a_worker_mid_job... runs such a job to the end)
+    assert state["attempt"] == 1 and client.jobs.cancel(job["id"])["status"] == "cancelled"
