@@ -54,6 +54,17 @@ def wait_until_up(url: str, process: subprocess.Popen[bytes], log: Path, timeout
     raise AssertionError(f"service did not come up: {log.read_text()}")
 
 
+def running_mid_job(client: Client, job_id: str, log: Path) -> None:
+    """Wait until the job runs and is past its first steps (a worker stopped now stops it mid-job)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        state = client.jobs.get(job_id)
+        if state["status"] == "running" and state["progress"]["fraction"] > 0.06:
+            return
+        time.sleep(0.1)
+    raise AssertionError((state, log.read_text()))
+
+
 @pytest.fixture(params=["sqlite", "redis"])
 def api_only(request: pytest.FixtureRequest, tmp_path: Path, tiny_llama_dir: Path
              ) -> Iterator[tuple[str, Path, list[str]]]:
@@ -122,13 +133,7 @@ def test_sigkill_of_a_worker_mid_job_ends_on_a_later_attempt(tmp_path: Path,
     worker_args = ["worker", "--data-dir", str(data), "--lease", "3", "--heartbeat", "0.3", *backend]
     first = start(worker_args, tmp_path / "worker1.log")
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            state = client.jobs.get(job["id"])
-            if state["status"] == "running" and state["progress"]["fraction"] > 0.06:
-                break
-            time.sleep(0.1)
-        assert state["status"] == "running", (state, (tmp_path / "worker1.log").read_text())
+        running_mid_job(client, job["id"], tmp_path / "worker1.log")
     finally:
         kill_group(first)  # SIGKILL: no cleanup, no final write
     second = start(worker_args, tmp_path / "worker2.log")
@@ -181,13 +186,7 @@ def test_issue15_a_sigtermed_worker_gives_its_job_back_at_once(tmp_path: Path, a
                              group_size=64)
     worker_args = ["worker", "--data-dir", str(data), "--lease", "60", "--heartbeat", "0.3", *backend]
     first = start(worker_args, tmp_path / "worker1.log")
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        state = client.jobs.get(job["id"])
-        if state["status"] == "running" and state["progress"]["fraction"] > 0.06:
-            break
-        time.sleep(0.1)
-    assert state["status"] == "running", (state, (tmp_path / "worker1.log").read_text())
+    running_mid_job(client, job["id"], tmp_path / "worker1.log")
     stopped_at = time.monotonic()
     os.kill(first.pid, signal.SIGTERM)  # the worker alone, as a process manager does
     first.wait(timeout=40)
