@@ -54,6 +54,16 @@ def wait_until_up(url: str, process: subprocess.Popen[bytes], log: Path, timeout
     raise AssertionError(f"service did not come up: {log.read_text()}")
 
 
+def long_job_and_worker(api_only: tuple[str, Path, list[str]], model_dir: Path, tmp_path: Path, *, lease_s: float
+                        ) -> tuple[Client, dict, list[str], subprocess.Popen[bytes]]:
+    """A job long enough to stop a worker in (200 calibration windows), and a worker process running it."""
+    url, data, backend = api_only
+    client = Client(url)
+    job = client.jobs.create(model=model_dir.name, bits_per_weight=4.0, num_samples=200, seq_len=64, group_size=64)
+    worker_args = ["worker", "--data-dir", str(data), "--lease", str(lease_s), "--heartbeat", "0.3", *backend]
+    return client, job, worker_args, start(worker_args, tmp_path / "worker1.log")
+
+
 def running_mid_job(client: Client, job_id: str, log: Path) -> None:
     """Wait until the job runs and is past its first steps (a worker stopped now stops it mid-job)."""
     deadline = time.monotonic() + 120
@@ -127,11 +137,7 @@ def test_sigkill_of_a_worker_mid_job_ends_on_a_later_attempt(tmp_path: Path,
                                                               api_only: tuple[str, Path, list[str]],
                                                               tiny_llama_dir: Path) -> None:
     url, data, backend = api_only
-    client = Client(url)
-    job = client.jobs.create(model=tiny_llama_dir.name, bits_per_weight=4.0, num_samples=200, seq_len=64,
-                             group_size=64)
-    worker_args = ["worker", "--data-dir", str(data), "--lease", "3", "--heartbeat", "0.3", *backend]
-    first = start(worker_args, tmp_path / "worker1.log")
+    client, job, worker_args, first = long_job_and_worker(api_only, tiny_llama_dir, tmp_path, lease_s=3)
     try:
         running_mid_job(client, job["id"], tmp_path / "worker1.log")
     finally:
@@ -181,11 +187,7 @@ def test_issue15_a_sigtermed_worker_gives_its_job_back_at_once(tmp_path: Path, a
     queued again at once (not left "running" until the lease expires: the lease here is 60 s), and no job
     process or staging folder is left."""
     url, data, backend = api_only
-    client = Client(url)
-    job = client.jobs.create(model=tiny_llama_dir.name, bits_per_weight=4.0, num_samples=200, seq_len=64,
-                             group_size=64)
-    worker_args = ["worker", "--data-dir", str(data), "--lease", "60", "--heartbeat", "0.3", *backend]
-    first = start(worker_args, tmp_path / "worker1.log")
+    client, job, worker_args, first = long_job_and_worker(api_only, tiny_llama_dir, tmp_path, lease_s=60)
     running_mid_job(client, job["id"], tmp_path / "worker1.log")
     stopped_at = time.monotonic()
     os.kill(first.pid, signal.SIGTERM)  # the worker alone, as a process manager does
