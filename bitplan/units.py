@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from bitplan.errors import ModelReferenceError
+
 
 def find_block_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The ``nn.ModuleList`` of transformer blocks: the longest list whose items contain a Linear layer."""
@@ -13,8 +15,9 @@ def find_block_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
             if any(isinstance(m, nn.Linear) for m in module.modules()):
                 if best is None or len(module) > len(best[1]):
                     best = (name, module)
-    if best is None:
-        raise ValueError(f"{type(model).__name__} has no list of blocks containing nn.Linear layers")
+    if best is None:  # bad input (a model with zero layers, say): the caller's, with the model named
+        raise ModelReferenceError(f"{type(model).__name__} has no list of blocks containing nn.Linear layers: "
+                                  f"no linear layers inside its transformer blocks to quantize (zero layers?)")
     return best
 
 

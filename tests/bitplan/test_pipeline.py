@@ -236,3 +236,21 @@ def test_mixed_groups_inside_layers_round_trip_and_keep_the_size(tiny_llama_dir:
         assert torch.equal(layer.dequantized_weight(), dequantize_weight(exported))
         for g, bits in enumerate(unit["group_bits"]):
             assert int(exported.codes[:, g * 32 : (g + 1) * 32].max()) < 1 << bits
+
+
+def test_issue15_a_model_with_zero_layers_is_refused_as_bad_input(tmp_path: Path) -> None:
+    """Fault 10's "zero layers": a config with no transformer blocks loads, but has nothing to quantize; that is
+    the caller's model, not an internal error (the service reports its code, not retryable)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import _word_tokenizer
+
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=0,
+                         num_attention_heads=4, num_key_value_heads=2, architectures=["LlamaForCausalLM"])
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "empty", safe_serialization=True)
+    _word_tokenizer(512).save_pretrained(tmp_path / "empty")
+    with pytest.raises(BitplanError, match="no linear layers inside its transformer blocks") as caught:
+        run_pipeline(JobSpec.from_flat(model=str(tmp_path / "empty"), bits_per_weight=4.0, **SMALL),
+                     out=tmp_path / "out")
+    assert caught.value.code == "invalid_model" and caught.value.status == 422
+    assert not (tmp_path / "out").exists()
