@@ -70,7 +70,8 @@ def measure(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], cal
                         f"{', '.join(sorted(m.value for m in TAKES_ERRORS))}", param="metric")
     salience = spec.quantization.quantizer.value == "rtn-salience"
     encoder = None if formats is None else {"formats": list(formats), "ggml": "ggml_quantize_chunk",
-                                            "int_encoder": "rtn-salience" if salience else "rtn"}
+                                            "int_encoder": "rtn-salience" if salience else "rtn",
+                                            "first_order": ">= 0"}
     key = cache_key(model_sha256=loaded.source_sha256, calibration_sha256=calibration.sha256, metric=metric.value,
                     bits=list(spec.widths), group_size=spec.quantization.group_size, units=list(units),
                     hutchinson=asdict(options.hutchinson) if metric is Metric.HUTCHINSON else None,

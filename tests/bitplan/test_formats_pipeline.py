@@ -234,3 +234,17 @@ def test_issue17_targets_refuse_formats_they_cannot_store() -> None:
         assert caught.value.param == "formats"
     assert JobSpec.from_flat(model="x", bits_per_weight=5.0, target="gguf").quantization.format_names == \
         PRESETS["gguf-k"]
+
+
+def test_issue16_a_format_predicted_better_than_float_is_not_preferred_to_an_exact_one() -> None:
+    """The token metric's first-order term can predict a negative loss increase; with formats it counts as 0,
+    so an exact format (both terms 0) is kept over a coarser one that merely looks helpful on the calibration
+    text, while a real second-order cost stays."""
+    from bitplan.sensitivity.api import taylor_increase
+
+    first = {"Q4_0": -0.5, "Q4_1": 0.0, "Q8_0": 0.01}
+    second = {"Q4_0": 0.2, "Q4_1": 0.0, "Q8_0": 0.001}
+    predicted = taylor_increase(first, second, None, monotone=False)
+    assert predicted == pytest.approx({"Q4_0": 0.2, "Q4_1": 0.0, "Q8_0": 0.011})
+    assert min(predicted, key=predicted.__getitem__) == "Q4_1"
+    assert taylor_increase({4: -0.5, 8: -0.1}, {4: 0.2, 8: 0.0}) == {4: -0.1, 8: -0.1}  # widths: as before
