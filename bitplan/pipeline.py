@@ -311,9 +311,7 @@ def write_target(spec: JobSpec, written: WrittenArtifact) -> tuple[list[dict[str
         if linear != written.quantized_bytes:
             raise RuntimeError(f"the GGUF holds {linear} bytes of block weights, the artifact "
                                f"{written.quantized_bytes}")
-        manifest = dataclasses.replace(written.manifest, files={**written.manifest.files, **report.sha256})
-        written = dataclasses.replace(written, manifest=manifest, manifest_sha256=write_manifest(folder, manifest))
-        return [{"name": GGUF_FILE, "bytes": report.file_bytes, "sha256": report.sha256[GGUF_FILE]}], written
+        return _listed(written, [GGUF_FILE])
     if spec.quantization.target.value == "compressed-tensors":
         return _write_compressed_tensors(written)
     files = {**written.manifest.files, MANIFEST: written.manifest_sha256}
@@ -338,10 +336,18 @@ def _write_compressed_tensors(written: WrittenArtifact) -> tuple[list[dict[str, 
             os.replace(staging / name, folder / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    digests = {name: sha256_file(folder / name) for name in names}
-    manifest = dataclasses.replace(written.manifest, files={**written.manifest.files, **digests})
-    written = dataclasses.replace(written, manifest=manifest, manifest_sha256=write_manifest(folder, manifest))
-    return [{"name": name, "bytes": (folder / name).stat().st_size, "sha256": digests[name]} for name in names], written
+    return _listed(written, list(names))
+
+
+def _listed(written: WrittenArtifact, names: list[str]) -> tuple[list[dict[str, Any]], WrittenArtifact]:
+    """Add the target's files ``names`` (in the artifact folder) to the manifest's checked files, rewrite it,
+    and return their ``{"name", "bytes", "sha256"}`` rows with the artifact as it now is."""
+    folder = written.path
+    rows = [{"name": name, "bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
+            for name in names]
+    manifest = dataclasses.replace(written.manifest,
+                                   files={**written.manifest.files, **{r["name"]: r["sha256"] for r in rows}})
+    return rows, dataclasses.replace(written, manifest=manifest, manifest_sha256=write_manifest(folder, manifest))
 
 
 def _result(spec: JobSpec, written: WrittenArtifact, plan: Plan, record: RunRecord, timings: dict[str, float],
