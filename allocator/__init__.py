@@ -1,7 +1,7 @@
 """Bit allocation as a multiple-choice knapsack: problem model, exact ILP solver, brute-force reference."""
 
 from bitplan.allocator.problem import Allocation, AllocationProblem, Budget, Option, SolverStatus, Unit
-from bitplan.allocator.solve import problem_from_json, solve_allocation
+from bitplan.allocator.solve import problem_from_json, problem_to_json, solve_allocation
 
 __all__ = [
     "Allocation",
@@ -11,5 +11,6 @@ __all__ = [
     "SolverStatus",
     "Unit",
     "problem_from_json",
+    "problem_to_json",
     "solve_allocation",
 ]

@@ -46,14 +46,15 @@ def exact_frontier(problem: AllocationProblem, *, max_points: int | None = None)
     return [{"bytes": float(b), "objective": float(c)} for b, c in zip(front_sizes, front_costs, strict=True)]
 
 
-def frontier(problem: AllocationProblem, *, kind: str = "auto") -> tuple[list[dict[str, float]], str]:
-    """The frontier of the requested ``kind`` (``auto``: exact when under the point limit, else hull), and the
-    kind computed."""
+def frontier(problem: AllocationProblem, *, kind: str = "auto", max_points: int | None = None
+             ) -> tuple[list[dict[str, float]], str]:
+    """The frontier of the requested ``kind`` (``auto``: exact when under the point limit ``max_points``, else
+    hull), and the kind computed."""
     if kind not in ("auto", "exact", "hull"):
         raise ValueError(f"unknown frontier kind {kind!r}; choose auto, exact or hull")
     if kind in ("auto", "exact"):
         try:
-            return exact_frontier(problem), "exact"
+            return exact_frontier(problem, max_points=max_points), "exact"
         except FrontierTooLarge:
             if kind == "exact":
                 raise

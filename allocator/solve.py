@@ -56,6 +56,23 @@ def _optional_int(raw: dict[str, Any], key: str, index: int) -> int | None:
     return int(value)
 
 
+def problem_to_json(problem: AllocationProblem, labels: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """The inverse of :func:`problem_from_json` (``bitplan allocate`` reads what this writes); ``labels``: per unit
+    name, a ``format`` name for each of its options, kept beside them (the reader ignores it)."""
+    units = []
+    for unit in problem.units:
+        names = (labels or {}).get(unit.name)
+        options = [{"bits": o.bits, "bytes": o.bytes, "distortion": o.distortion,
+                    **({} if o.latency is None else {"latency": o.latency}),
+                    **({} if names is None else {"format": names[k]})} for k, o in enumerate(unit.options)]
+        bounds = {key: value for key, value in (("tie", unit.tie), ("min_bits", unit.min_bits),
+                                                ("max_bits", unit.max_bits)) if value is not None}
+        units.append({"name": unit.name, "options": options, **bounds})
+    budget = {key: value for key, value in (("bytes", problem.budget.bytes), ("latency", problem.budget.latency))
+              if value is not None}
+    return {"units": units, "budget": budget}
+
+
 def problem_from_json(data: Any) -> AllocationProblem:
     """Build a problem from ``{"units": [{"name", "options": [{"bits", "bytes", "distortion", "latency"?}],
     "tie"?, "min_bits"?, "max_bits"?, "pin"?}], "budget": {"bytes"?, "latency"?}}`` (``pin``: bits the unit must

@@ -24,10 +24,20 @@ from torch import nn
 from bitplan.artifact import WrittenArtifact, write_artifact
 from bitplan.calibration import build_calibration_set
 from bitplan.errors import BitplanError, ModelReferenceError
+from bitplan.frontier import PROBLEM_FILE, problem_document, write_problem
 from bitplan.hashing import sha256_file
 from bitplan.manifest import MANIFEST, RunRecord, SensitivityRecord, SourceRecord, write_manifest
 from bitplan.models import LoadedModel, ModelKind, load_model
-from bitplan.planning import Plan, Sizes, budgets_in_bytes, make_plans, solve_plan, unit_sizes
+from bitplan.planning import (
+    Plan,
+    Sizes,
+    budgets_in_bytes,
+    job_problem,
+    make_plans,
+    option_labels,
+    solve_plan,
+    unit_sizes,
+)
 from bitplan.quality import QualityReport, heldout_windows, measure_quality
 from bitplan.quantize import Importance, Quantized, measure_kl, quantize_plans, spec_needs_grams
 from bitplan.quantizer.formats import GgmlWeight, decode_weight, encoded_bytes
@@ -165,7 +175,7 @@ def run_budgets(spec: JobSpec, *, out_dirs: list[Path], on_progress: ProgressFn 
         plans, quantized, reports = refine_plans(spec, loaded, units, sizes, measured, plans, quantized,
                                                  on_progress, should_stop)  # 7
         clock.lap("kl refinement")
-    return [write_run(spec, loaded, units, plan, measured, each, out_dir, report, clock.timings, on_progress)
+    return [write_run(spec, loaded, units, plan, measured, each, out_dir, report, clock.timings, on_progress, sizes)
             for plan, each, out_dir, report in zip(plans, quantized, out_dirs, reports, strict=True)]  # 8
 
 
@@ -268,8 +278,9 @@ def run_record(spec: JobSpec, loaded: LoadedModel, plan: Plan, measured: Measure
 
 def write_run(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], plan: Plan, measured: Measured,
               quantized: Quantized, out_dir: Path, refinement: dict[str, Any] | None, timings: dict[str, float],
-              on_progress: ProgressFn | None) -> RunResult:
-    """Step 8: measure one plan's quality, pack and write its artifact, measure its KL divergence, report it."""
+              on_progress: ProgressFn | None, sizes: Sizes | None = None) -> RunResult:
+    """Step 8: measure one plan's quality, pack and write its artifact (with its allocation problem, the
+    frontier's source, when it was solved), measure its KL divergence, report it."""
     started = time.perf_counter()
     quality = None
     checks = measured.heldout is not None or (spec.refinement.kl_windows > 0 and loaded.kind is ModelKind.CAUSAL_LM)
@@ -284,6 +295,11 @@ def write_run(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], p
     written = write_artifact(out_dir, model=loaded.model, tokenizer=loaded.tokenizer, kind=loaded.kind,
                              quantized=quantized, run=record, float_dtype=source_float_dtype(loaded),
                              formats={name: unit_format(spec, plan, name) for name in plan.bits})
+    if sizes is not None and measured.sensitivity is not None and plan.budget_bytes is not None:
+        problem = job_problem(spec, sizes, measured.sensitivity, plan.budget_bytes)
+        write_problem(written.path, problem_document(problem, option_labels(spec, sizes),
+                                                     sum(m.weight.numel() for m in units.values())))
+        _, written = _listed(written, [PROBLEM_FILE])
     stage_times = {"write": round(time.perf_counter() - started, 3)}
     if on_progress is not None:
         on_progress(Stage.WRITE, 1, 1)

@@ -160,6 +160,19 @@ def allocation_problem(sizes: Sizes, sensitivity: SensitivityResult, bits: tuple
     )
 
 
+def job_problem(spec: JobSpec, sizes: Sizes, sensitivity: SensitivityResult, budget_bytes: int
+                ) -> AllocationProblem:
+    """The allocation problem ``spec`` solves at ``budget_bytes``: its widths or formats, ties and pins."""
+    formats = spec.quantization.format_names
+    return allocation_problem(sizes, sensitivity, spec.widths if formats is None else None, budget_bytes,
+                              tie_fused=spec.allocation.tie_fused, pinned=spec.allocation.pinned)
+
+
+def option_labels(spec: JobSpec, sizes: Sizes) -> dict[str, list[str]] | None:
+    """Per unit the format name of each option of :func:`job_problem` (``None`` without formats)."""
+    return None if spec.quantization.format_names is None else {name: list(s) for name, s in sizes.items()}
+
+
 def solve_plan(spec: JobSpec, sizes: Sizes, sensitivity: SensitivityResult, *, budget_bytes: int, numel: int,
                bits_per_weight: float | None = None) -> Plan:
     """Bits per unit within ``budget_bytes`` under ``sensitivity``'s predictions (``spec``'s ties and pins); a
@@ -167,8 +180,7 @@ def solve_plan(spec: JobSpec, sizes: Sizes, sensitivity: SensitivityResult, *, b
     started = time.perf_counter()
     allocation = spec.allocation
     formats = spec.quantization.format_names
-    problem = allocation_problem(sizes, sensitivity, spec.widths if formats is None else None, budget_bytes,
-                                 tie_fused=allocation.tie_fused, pinned=allocation.pinned)
+    problem = job_problem(spec, sizes, sensitivity, budget_bytes)
     solved = solve_allocation(problem, solver=allocation.solver.value, time_limit_s=allocation.time_limit_s)
     if solved.status in (SolverStatus.INFEASIBLE, SolverStatus.TIME_LIMIT):
         smallest = "" if solved.min_feasible_bytes is None else (

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
+from fastapi.responses import RedirectResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -21,6 +23,7 @@ from bitplan.service.api.routes import artifacts, jobs, meta, models
 from bitplan.service.store import make_store
 from bitplan.service.worker import JobRunner, WorkerPool, make_huey, register_runner
 
+DASHBOARD = Path(__file__).with_name("static")
 __all__ = ["LOCAL_OWNER", "ServiceSettings", "create_app", "default_app", "hash_key"]
 
 
@@ -69,7 +72,18 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     _install_middleware(app, settings, app.state.telemetry)
     for router in (meta.router, models.router, jobs.router, artifacts.router):
         app.include_router(router)
+    _install_dashboard(app)
     return app
+
+
+def _install_dashboard(app: FastAPI) -> None:
+    """The dashboard: static files shipped in this package (no build step, no network), at ``/ui/``; ``/``
+    redirects there. The page is a client of ``/v1`` like any other."""
+    app.mount("/ui", StaticFiles(directory=DASHBOARD, html=True), name="ui")
+
+    @app.get("/", include_in_schema=False)
+    def root() -> RedirectResponse:
+        return RedirectResponse("/ui/", status_code=307)
 
 
 def _install_middleware(app: FastAPI, settings: ServiceSettings, telemetry: Telemetry) -> None:

@@ -167,3 +167,58 @@ class ModelPublic(BaseModel):
     format: str
     bytes: int | None
     created: float
+
+
+class FrontierPoint(BaseModel):
+    """One Pareto-optimal allocation of the predicted frontier."""
+
+    bytes: float
+    bits_per_weight: float
+    predicted_loss: float = Field(description="predicted loss increase (the allocation's objective)")
+
+
+class UniformPoint(FrontierPoint):
+    """Every unit at one bit width (with formats: the set's first format of that width each shape allows)."""
+
+    label: str
+    bits: int
+    formats: list[str] | None = None
+
+
+class MeasuredPoint(BaseModel):
+    """An artifact the job wrote, with its measured quality (held-back windows)."""
+
+    artifact: str | None
+    bytes: int
+    bits_per_weight: float
+    predicted_loss: float | None
+    status: str | None
+    kl_mean: float | None = Field(description="mean per-token KL to the source model, nats (held-back windows)")
+    kl_p99: float | None
+    ppl: float | None
+    ppl_source: float | None
+    top1_agreement: float | None
+    kl_calibration: float | None = Field(description="the KL check on calibration windows, nats")
+    eval_text: str | None
+
+
+class FrontierPublic(BaseModel):
+    """The job's predicted frontier (sorted by bytes, predicted loss non-increasing), its uniform baselines and
+    its measured artifacts, all from the allocation problem its artifacts carry (``allocation-problem.json``)."""
+
+    job_id: str
+    kind: str = Field(description="exact (every Pareto-optimal allocation) or hull (the convex hull's breakpoints)")
+    numel: int = Field(description="weights in the allocated layers (bits per weight = 8 * bytes / numel)")
+    points: list[FrontierPoint]
+    uniform: list[UniformPoint]
+    measured: list[MeasuredPoint]
+
+
+class ArtifactsCreate(BaseModel):
+    """More budgets for a finished job: a new job with the same spec (its sensitivity pass comes from the cache)
+    and these budgets."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bits_per_weight: float | list[float] | None = Field(default=None, description="one or more budgets")
+    bytes: int | None = Field(default=None, gt=0, description="a budget in bytes of the quantized layers")

@@ -12,16 +12,20 @@ from typing import Any
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import StreamingResponse
 
+from bitplan.allocator.frontier import FrontierTooLarge
+from bitplan.frontier import PROBLEM_FILE, frontier_csv, job_frontier
 from bitplan.references import check_reference
 from bitplan.service.api.deps import Owner, Queue, ServiceSettings, Settings, Store, own_job
 from bitplan.service.api.errors import ERRORS, http_error
-from bitplan.service.domain import TERMINAL, Job, JobStatus, TooManyJobs
+from bitplan.service.domain import TERMINAL, Job, JobStatus, JobStore, TooManyJobs
 from bitplan.service.schemas import (
     AllocationSummary,
     ArtifactRef,
+    ArtifactsCreate,
     ErrorInfo,
     EventPage,
     EventPublic,
+    FrontierPublic,
     JobCreate,
     JobPage,
     JobPublic,
@@ -53,7 +57,12 @@ def create_job(body: JobCreate, response: Response, owner: Owner, store: Store, 
         if registered is None:
             raise http_error(422, f"no registered model {body.model!r} for this key")
         body = body.model_copy(update={"model": registered["reference"]})
-    request = validate_job(body, settings).to_dict()
+    return submit(validate_job(body, settings).to_dict(), owner, store, settings, huey, response, idempotency_key)
+
+
+def submit(request: dict[str, Any], owner: str, store: JobStore, settings: ServiceSettings, huey: Any,
+           response: Response, idempotency_key: str | None) -> JobPublic:
+    """Store and queue a validated job request (the same request under the same key: the same job)."""
     try:
         job, created = store.create(owner, request, idempotency_key, max_active=settings.max_active_jobs)
     except TooManyJobs:
@@ -90,6 +99,53 @@ def cancel_job(job_id: str, owner: Owner, store: Store) -> JobPublic:
     if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
         raise http_error(409, f"job {job_id!r} already {job.status.value}; there is nothing to cancel")
     return job_public(store.request_cancel(job_id))
+
+
+@router.get("/{job_id}/frontier", response_model=FrontierPublic,
+            responses={200: {"content": {"text/csv": {"schema": {"type": "string"}}},
+                             "description": "the frontier (JSON, or CSV with ?format=csv)"}})
+def job_frontier_route(job_id: str, owner: Owner, store: Store, settings: Settings,
+                       format: str = Query(default="json", pattern="^(json|csv)$"),
+                       kind: str = Query(default="auto", pattern="^(auto|exact|hull)$")) -> Any:
+    """The predicted quality-against-size frontier of a succeeded job, its uniform baselines and its measured
+    artifacts (``kind``: ``exact`` Pareto points, ``hull`` breakpoints, ``auto`` exact while small)."""
+    job = own_job(job_id, owner, store)
+    document = _problem_document(job, settings)
+    try:
+        report = job_frontier(document, job.outcome().runs, kind=kind)
+    except FrontierTooLarge as error:
+        raise http_error(422, f"{error}; ask for kind=hull or kind=auto") from None
+    if format == "csv":
+        return Response(frontier_csv(report), media_type="text/csv")
+    return FrontierPublic(job_id=job.id, **report)
+
+
+@router.post("/{job_id}/artifacts", status_code=202, response_model=JobPublic)
+def more_artifacts(job_id: str, body: ArtifactsCreate, response: Response, owner: Owner, store: Store,
+                   settings: Settings, huey: Queue, idempotency_key: str | None = Header(default=None, max_length=200)
+                   ) -> JobPublic:
+    """Materialise more budgets of a succeeded job: a new job with its spec and these budgets, whose sensitivity
+    pass comes from the cache (its calibration record says ``"sensitivity_cache": "hit"``)."""
+    job = own_job(job_id, owner, store)
+    _problem_document(job, settings)  # a job that planned from a sensitivity pass, and succeeded
+    if (body.bits_per_weight is None) == (body.bytes is None):
+        raise http_error(422, "give exactly one of bits_per_weight (one or more budgets) or bytes")
+    budgets = body.bits_per_weight if isinstance(body.bits_per_weight, list) else [body.bits_per_weight]
+    if body.bits_per_weight is not None and not 1 <= len(budgets) <= settings.max_sweep:
+        raise http_error(422, f"give 1 to {settings.max_sweep} budgets, got {len(budgets)}")
+    spec = JobSpec.from_dict(job.request).replace(bits_per_weight=budgets if body.bytes is None else (),
+                                                  bytes=body.bytes, uniform_bits=None)
+    return submit(spec.to_dict(), owner, store, settings, huey, response, idempotency_key)
+
+
+def _problem_document(job: Job, settings: ServiceSettings) -> dict[str, Any]:
+    """The allocation problem the job's first artifact carries, or a 409 saying why there is none."""
+    if job.status != JobStatus.SUCCEEDED:
+        raise http_error(409, f"job {job.id!r} is {job.status.value}; its frontier exists once it has succeeded")
+    path = settings.data_dir / "artifacts" / f"{job.id}-0" / PROBLEM_FILE
+    if not path.is_file():
+        raise http_error(409, f"job {job.id!r} solved no allocation (uniform bits): it has no frontier")
+    return json.loads(path.read_text())  # type: ignore[no-any-return]
 
 
 @router.get("/{job_id}/events", response_model=EventPage)
