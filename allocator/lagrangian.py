@@ -194,7 +194,13 @@ def _fill_remaining(upgrades: HullUpgrades, taken: np.ndarray, prefix: int, left
 def pareto_frontier(problem: AllocationProblem) -> list[dict[str, float]]:
     """Every breakpoint of the convexified distortion-versus-bytes frontier, smallest first; each is an
     integer allocation optimal at its own byte count."""
-    upgrades = hull_upgrades(problem)
+    sizes, objectives = breakpoints(hull_upgrades(problem))
+    return [{"bytes": float(b), "objective": float(o)} for b, o in zip(sizes, objectives, strict=True)]
+
+
+def breakpoints(upgrades: HullUpgrades) -> tuple[np.ndarray, np.ndarray]:
+    """Bytes and objective of the frontier's breakpoints from sorted hull upgrades: the start, then one point
+    after each upgrade."""
     sizes = upgrades.base_bytes + np.concatenate([[0.0], np.cumsum(upgrades.delta_bytes)])
     objectives = upgrades.base_distortion + np.concatenate([[0.0], np.cumsum(upgrades.delta_distortion)])
-    return [{"bytes": float(b), "objective": float(o)} for b, o in zip(sizes, objectives, strict=True)]
+    return sizes, objectives

@@ -14,10 +14,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bitplan.allocator import AllocationProblem, problem_from_json, problem_to_json
 from bitplan.allocator.frontier import frontier
+from bitplan.allocator.lagrangian import breakpoints, hull_upgrades_arrays
 
 PROBLEM_FILE = "allocation-problem.json"
+API_POINT_LIMIT = 2_000  # points in one answer at most (evenly spread over the frontier); ?limit= for more
 API_EXACT_POINTS = 4_000  # past this many exact points the API answers with the hull's breakpoints (in milliseconds)
 
 
@@ -33,22 +37,42 @@ def write_problem(folder: Path, document: dict[str, Any]) -> Path:
     return path
 
 
-def uniform_points(document: dict[str, Any]) -> list[dict[str, Any]]:
+def option_arrays(document: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bits, bytes and predicted loss of every option, ``(units, max options)``, padded with -1 / +inf."""
+    units = document["units"]
+    width = max(len(u["options"]) for u in units)
+    bits = np.full((len(units), width), -1, dtype=np.int64)
+    sizes = np.full((len(units), width), np.inf)
+    costs = np.full((len(units), width), np.inf)
+    if all(len(u["options"]) == width for u in units):  # the common case, without a Python loop per option
+        bits[:] = [[o["bits"] for o in u["options"]] for u in units]
+        sizes[:] = [[o["bytes"] for o in u["options"]] for u in units]
+        costs[:] = [[o["distortion"] for o in u["options"]] for u in units]
+        return bits, sizes, costs
+    for row, unit in enumerate(units):
+        for k, option in enumerate(unit["options"]):
+            bits[row, k], sizes[row, k], costs[row, k] = option["bits"], option["bytes"], option["distortion"]
+    return bits, sizes, costs
+
+
+def uniform_points(document: dict[str, Any], arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+                   ) -> list[dict[str, Any]]:
     """One point per bit width every unit has: each unit at its first listed option of that width (with formats,
     the set's first format of that width the unit's shape allows, as llama.cpp falls back to a legacy type)."""
-    numel = document["numel"]
-    widths = None
-    for unit in document["units"]:
-        have = {o["bits"] for o in unit["options"]}
-        widths = have if widths is None else widths & have
+    bits, sizes, costs = option_arrays(document) if arrays is None else arrays
+    rows = np.arange(len(bits))
     points = []
-    for width in sorted(widths or ()):
-        chosen = [next(o for o in unit["options"] if o["bits"] == width) for unit in document["units"]]
-        size = sum(o["bytes"] for o in chosen)
-        formats = sorted({o["format"] for o in chosen if "format" in o})
+    for width in sorted(int(w) for w in np.unique(bits) if w >= 0):
+        has = bits == width
+        if not has.any(axis=1).all():
+            continue
+        first = has.argmax(axis=1)
+        size = float(sizes[rows, first].sum())
+        formats = sorted({u["options"][k]["format"] for u, k in zip(document["units"], first.tolist(), strict=True)}
+                         ) if "format" in document["units"][0]["options"][0] else []
         points.append({"label": f"uniform {width}-bit", "bits": width, "bytes": size,
-                       "bits_per_weight": 8 * size / numel, "predicted_loss": sum(o["distortion"] for o in chosen),
-                       **({"formats": formats} if formats else {})})
+                       "bits_per_weight": 8 * size / document["numel"],
+                       "predicted_loss": float(costs[rows, first].sum()), **({"formats": formats} if formats else {})})
     return points
 
 
@@ -68,16 +92,48 @@ def measured_points(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(points, key=lambda p: p["bytes"])
 
 
-def job_frontier(document: dict[str, Any], runs: list[dict[str, Any]], *, kind: str = "auto",
-                 max_points: int = API_EXACT_POINTS) -> dict[str, Any]:
-    """``{"kind", "numel", "points", "uniform", "measured"}``: the predicted frontier (sorted by bytes, predicted
-    loss non-increasing), the uniform baselines and the measured artifacts."""
-    numel = document["numel"]
+def _plain(document: dict[str, Any]) -> bool:
+    """No ties, pins or bounds: every unit is its own block with all its options allowed."""
+    return not any(key in unit for unit in document["units"] for key in ("tie", "min_bits", "max_bits"))
+
+
+def predicted_frontier(document: dict[str, Any], *, kind: str = "auto", max_points: int = API_EXACT_POINTS,
+                       arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+                       ) -> tuple[np.ndarray, np.ndarray, str]:
+    """Bytes and predicted loss of the frontier's points, and the kind computed. A problem with more units than
+    ``max_points`` cannot have a small exact frontier, so ``auto`` goes straight to the hull; a plain one
+    (:func:`_plain`) walks the hull from the option arrays, without building the problem's objects (the fast path;
+    :func:`bitplan.allocator.frontier.frontier` is its reference)."""
+    if kind == "hull" or (kind == "auto" and len(document["units"]) > max_points):
+        if _plain(document):
+            _, sizes, costs = option_arrays(document) if arrays is None else arrays
+            front_sizes, front_costs = breakpoints(hull_upgrades_arrays(sizes, costs))
+            return front_sizes, front_costs, "hull"
+        kind = "hull"
     points, computed = frontier(problem_from_json(document), kind=kind, max_points=max_points)
-    return {"kind": computed, "numel": numel,
-            "points": [{"bytes": p["bytes"], "bits_per_weight": 8 * p["bytes"] / numel,
-                        "predicted_loss": p["objective"]} for p in points],
-            "uniform": uniform_points(document), "measured": measured_points(runs)}
+    return (np.array([p["bytes"] for p in points]), np.array([p["objective"] for p in points]), computed)
+
+
+def thin(count: int, limit: int) -> np.ndarray:
+    """Indices of at most ``limit`` of ``count`` frontier points, evenly spread, the first and last kept."""
+    if count <= limit:
+        return np.arange(count)
+    return np.unique(np.round(np.linspace(0, count - 1, limit)).astype(np.int64))
+
+
+def job_frontier(document: dict[str, Any], runs: list[dict[str, Any]], *, kind: str = "auto",
+                 max_points: int = API_EXACT_POINTS, limit: int = API_POINT_LIMIT) -> dict[str, Any]:
+    """``{"kind", "numel", "total_points", "points", "uniform", "measured"}``: the predicted frontier (sorted by
+    bytes, predicted loss non-increasing; at most ``limit`` of its ``total_points``, evenly spread), the uniform
+    baselines and the measured artifacts."""
+    numel = document["numel"]
+    arrays = option_arrays(document)
+    sizes, costs, computed = predicted_frontier(document, kind=kind, max_points=max_points, arrays=arrays)
+    keep = thin(len(sizes), limit)
+    return {"kind": computed, "numel": numel, "total_points": int(len(sizes)),
+            "points": [{"bytes": b, "bits_per_weight": 8 * b / numel, "predicted_loss": c}
+                       for b, c in zip(sizes[keep].tolist(), costs[keep].tolist(), strict=True)],
+            "uniform": uniform_points(document, arrays), "measured": measured_points(runs)}
 
 
 def frontier_csv(report: dict[str, Any]) -> str:

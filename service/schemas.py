@@ -209,6 +209,8 @@ class FrontierPublic(BaseModel):
     job_id: str
     kind: str = Field(description="exact (every Pareto-optimal allocation) or hull (the convex hull's breakpoints)")
     numel: int = Field(description="weights in the allocated layers (bits per weight = 8 * bytes / numel)")
+    total_points: int = Field(description="points on the whole frontier; ``points`` holds at most ``limit`` of "
+                                          "them, evenly spread, the first and the last included")
     points: list[FrontierPoint]
     uniform: list[UniformPoint]
     measured: list[MeasuredPoint]

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -125,3 +126,25 @@ def test_problem_json_round_trips_and_labels_make_uniform_points() -> None:
     assert uniform[8]["predicted_loss"] == pytest.approx(0.1)
     assert [(p["bytes"], p["predicted_loss"]) for p in report["points"]] == [
         (p["bytes"], p["objective"]) for p in frontier(problem)[0]]
+
+
+def test_fast_hull_path_matches_the_allocator_and_thinning_keeps_the_ends() -> None:
+    from bitplan.frontier import predicted_frontier
+
+    rng = np.random.default_rng(3)
+    units = tuple(Unit(name=f"u{i}", options=tuple(Option(bits=b, bytes=float(rng.integers(50, 90)) * b,
+                                                          distortion=float(rng.lognormal()) * 4.0 ** -b)
+                                                   for b in (2, 3, 4, 8))) for i in range(300))
+    problem = AllocationProblem(units=units, budget=Budget(bytes=1e6))
+    document = {**problem_to_json(problem), "numel": 300 * 128}
+    sizes, costs, kind = predicted_frontier(document, kind="auto", max_points=100)  # 300 units > 100: hull
+    reference, reference_kind = frontier(problem, kind="hull")
+    assert kind == reference_kind == "hull"
+    assert sizes.tolist() == [p["bytes"] for p in reference] and costs.tolist() == [p["objective"] for p in reference]
+    tied = {**document, "units": [{**u, "tie": "t"} if i < 2 else u for i, u in enumerate(document["units"])]}
+    tied_sizes, _, _ = predicted_frontier(tied, kind="hull")  # ties: through the problem's objects
+    assert tied_sizes.tolist() == [p["bytes"] for p in frontier(problem_from_json(tied), kind="hull")[0]]
+    report = job_frontier(document, [], kind="hull", limit=50)
+    assert report["total_points"] == len(reference) > 50 and len(report["points"]) == 50
+    assert report["points"][0]["bytes"] == reference[0]["bytes"]
+    assert report["points"][-1]["bytes"] == reference[-1]["bytes"]
