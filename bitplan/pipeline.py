@@ -162,8 +162,9 @@ def run_budgets(spec: JobSpec, *, out_dirs: list[Path], on_progress: ProgressFn 
     measured = calibrate_and_measure(spec, loaded, units, on_progress, should_stop, cache)  # 3, 4
     refinement = spec.refinement
     if refinement.quality_windows > 0 and loaded.kind is ModelKind.CAUSAL_LM:
+        text = None if refinement.eval_text is None else Path(refinement.eval_text)
         measured.heldout = heldout_windows(loaded.tokenizer, windows=refinement.quality_windows,
-                                           seq_len=refinement.quality_seq_len)
+                                           seq_len=refinement.quality_seq_len, text_file=text)
     if measured.sensitivity is not None:
         clock.lap("sensitivity")
     plans = make_plans(spec, units, sizes, measured.sensitivity, budgets)  # 5

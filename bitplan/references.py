@@ -75,3 +75,34 @@ def _check_files(reference: str, kind: str, path: Path, roots: Sequence[Path]) -
         if not stat.S_ISREG(real.stat().st_mode) and not real.is_dir():
             raise ModelReferenceError(f"model file {file.name!r} of {reference!r} is not a regular file",
                                       param="model")
+
+
+MAX_TEXT_BYTES = 64 * 2**20
+
+
+def check_text_file(reference: str, *, roots: Sequence[Path], param: str) -> str:
+    """A text file a caller names (an evaluation text): a regular UTF-8 file inside an allowed root, at most
+    ``MAX_TEXT_BYTES``; its resolved path, or a :class:`SpecError` naming ``param``."""
+    from bitplan.errors import SpecError
+
+    if "\x00" in reference or any(ord(c) < 32 for c in reference) or "://" in reference \
+            or ".." in Path(reference).parts:
+        raise SpecError(f"{param} must be a plain path under an allowed root (no '..', URL or control character)",
+                        param=param)
+    if not roots:
+        raise SpecError(f"this service allows no file paths (start it with --model-root DIR); leave {param} out "
+                        "to use the built-in text", param=param)
+    path = Path(reference)
+    candidates = [path.resolve()] if path.is_absolute() else [(root / path).resolve() for root in roots]
+    resolved_roots = [root.resolve() for root in roots]
+    inside = [c for c in candidates if any(c.is_relative_to(r) for r in resolved_roots) and c.is_file()]
+    if not inside:
+        raise SpecError(f"{param} {reference!r} is not a file under an allowed root", param=param)
+    target = inside[0]
+    if not stat.S_ISREG(target.stat().st_mode) or target.stat().st_size > MAX_TEXT_BYTES:
+        raise SpecError(f"{param} {reference!r} must be a regular file of at most {MAX_TEXT_BYTES} bytes", param=param)
+    try:
+        target.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SpecError(f"{param} {reference!r} is not UTF-8 text", param=param) from None
+    return str(target)

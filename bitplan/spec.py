@@ -189,6 +189,9 @@ class Refinement:
                                         "(0: skip)", flag="--quality-windows", minimum=0, maximum=256)
     quality_seq_len: int = option_field(512, "int", "tokens per held-back window", flag="--quality-seq-len", minimum=16,
                                         maximum=8192)
+    eval_text: str | None = option_field(None, "str", "text file of the quality report's windows (over HTTP a path "
+                                         "under a model root); default: the built-in held-back text",
+                                         flag="--eval-text")
 
     def __post_init__(self) -> None:
         check_part(self)

@@ -135,6 +135,7 @@ $("#sweep-form").addEventListener("submit", async (event) => {
   }
   if ($("#f-tie").checked) body.tie_fused = true;
   if ($("#f-formats").value.trim()) body.formats = $("#f-formats").value.trim();
+  if ($("#f-eval-text").value.trim()) body.eval_text = $("#f-eval-text").value.trim();
   for (const [id, name] of [["#f-samples", "num_samples"], ["#f-seq-len", "seq_len"], ["#f-group-size", "group_size"]]) {
     if ($(id).value !== "") body[name] = Number($(id).value);
   }

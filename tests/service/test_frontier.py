@@ -148,3 +148,23 @@ def test_fast_hull_path_matches_the_allocator_and_thinning_keeps_the_ends() -> N
     assert report["total_points"] == len(reference) > 50 and len(report["points"]) == 50
     assert report["points"][0]["bytes"] == reference[0]["bytes"]
     assert report["points"][-1]["bytes"] == reference[-1]["bytes"]
+
+
+def test_issue18_eval_text_under_a_root_is_what_the_quality_report_measures(tmp_path: Path,
+                                                                          tiny_llama_dir: Path) -> None:
+    text = tiny_llama_dir.parent / "eval-prose.txt"
+    text.write_text(" ".join(f"word{i % 97} the of and" for i in range(3000)) + "\n")
+    with TestClient(create_app(settings_for(tmp_path, tiny_llama_dir))) as client:
+        for bad, reason in (("../etc/passwd", "'..'"), ("missing.txt", "not a file"), ("a\x00b", "plain path")):
+            refused = client.post("/v1/jobs", json={"model": tiny_llama_dir.name, "bits_per_weight": 4.0,
+                                                    "eval_text": bad, **SMALL})
+            assert refused.status_code == 422 and refused.json()["param"] == "eval_text", refused.text
+            assert reason in refused.json()["detail"]
+        response = client.post("/v1/jobs", json={"model": tiny_llama_dir.name, "bits_per_weight": [4.0],
+                                                 "eval_text": text.name, "quality_seq_len": 64, **SMALL})
+        assert response.status_code == 202, response.text
+        job = wait_for(client, response.json()["id"], {"succeeded", "failed"})
+        assert job["status"] == "succeeded", job["error"]
+        (point,) = client.get(f"/v1/jobs/{job['id']}/frontier").json()["measured"]
+        assert point["eval_text"].endswith("eval-prose.txt") and point["ppl"] > 0
+        assert job["allocation"][0]["quality"]["seq_len"] == 64

@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 
 from bitplan.allocator.frontier import FrontierTooLarge
 from bitplan.frontier import API_POINT_LIMIT, PROBLEM_FILE, frontier_csv, job_frontier
-from bitplan.references import check_reference
+from bitplan.references import check_reference, check_text_file
 from bitplan.service.api.deps import Owner, Queue, ServiceSettings, Settings, Store, own_job
 from bitplan.service.api.errors import ERRORS, http_error
 from bitplan.service.domain import TERMINAL, Job, JobStatus, JobStore, TooManyJobs
@@ -46,6 +46,8 @@ def validate_job(body: JobCreate, settings: ServiceSettings) -> JobSpec:
     if isinstance(budgets, list) and len(budgets) > settings.max_sweep:
         raise http_error(422, f"a sweep may have at most {settings.max_sweep} budgets, got {len(budgets)}")
     values["model"] = check_reference(body.model, roots=settings.model_roots, max_bytes=settings.max_model_bytes)
+    if values.get("eval_text") is not None:
+        values["eval_text"] = check_text_file(values["eval_text"], roots=settings.model_roots, param="eval_text")
     return JobSpec.from_flat(**values)
 
 
