@@ -171,6 +171,32 @@ def _cmd_allocate(args: argparse.Namespace) -> None:
     emit(solve_allocation(problem, solver=args.solver, time_limit_s=args.time_limit).to_json(), args.json)
 
 
+def _cmd_latency(args: argparse.Namespace) -> None:
+    from bitplan.latency import cached_table, measure_table, store_table
+    from bitplan.models import load_model
+    from bitplan.planning import unit_sizes
+    from bitplan.quantizer.formats import resolve_formats
+    from bitplan.units import find_units
+
+    loaded = load_model(args.model)
+    names = resolve_formats(args.formats)
+    used = {f for options in unit_sizes(find_units(loaded.model), (), 8, names, "gguf").values() for f in options}
+    types = [f for f in names if f in used]
+    table = None if args.measure else cached_table(loaded.source_sha256, types)
+    source = "cached"
+    if table is None:
+        progress = Progress(True)
+        try:
+            table = measure_table(args.model, types, rounds=args.rounds, on_progress=progress, loaded=loaded)
+        finally:
+            progress.close()
+        store_table(table)
+        source = "measured"
+    if args.out:
+        Path(args.out).write_text(json.dumps(table.to_json(), indent=1, sort_keys=True) + "\n")
+    emit({**table.to_json(), "source": source, "target": args.target}, args.json)
+
+
 def _cmd_formats(args: argparse.Namespace) -> None:
     from bitplan.quantizer.formats import FORMATS, REFERENCE_SHAPE
 
@@ -247,6 +273,18 @@ def _add_tool_commands(sub: Any) -> None:
     export.add_argument("--out", required=True, help="a .gguf file, or a folder for compressed-tensors")
     export.add_argument("--json", action="store_true")
     export.set_defaults(func=_cmd_export)
+
+    latency = sub.add_parser("latency", help="this machine's latency table for a model (measured, or cached)",
+                             formatter_class=HelpFormatter)
+    latency.add_argument("--target", default="gguf", choices=("gguf",),
+                         help="the runtime timed: gguf (llama.cpp on this CPU through llama-cpp-python)")
+    latency.add_argument("--model", default="smollm2-135m", help="bundled id or GGUF file")
+    latency.add_argument("--formats", default="gguf-k", help="the GGML types to time (a preset or a list)")
+    latency.add_argument("--measure", action="store_true", help="measure again even when a cached table exists")
+    latency.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per variant (medians)")
+    latency.add_argument("--out", help="also write the table to this file (for --latency-table on another machine)")
+    latency.add_argument("--json", action="store_true")
+    latency.set_defaults(func=_cmd_latency)
 
     allocate = sub.add_parser("allocate", help="solve a JSON allocation problem")
     allocate.add_argument("--problem", required=True)

@@ -53,9 +53,10 @@ def _argument(option: Option) -> dict[str, Any]:
 
 
 def add_spec_arguments(parser: argparse.ArgumentParser, *, only: Iterable[str] | None = None,
-                       http_only: bool = False, budget_required: bool = True) -> None:
+                       http_only: bool = False) -> None:
     """Add a flag for every spec option (``only``: these flat names; ``http_only``: those a job request takes).
-    The budget's flags are mutually exclusive."""
+    The size budget's flags are mutually exclusive; which budgets a job needs the spec says (a latency budget may
+    stand alone)."""
     wanted = set(only) if only is not None else None
     groups: dict[str, Any] = {}
     for option in OPTIONS:
@@ -66,7 +67,7 @@ def add_spec_arguments(parser: argparse.ArgumentParser, *, only: Iterable[str] |
         target: Any = parser
         if option.group is not None:
             if option.group not in groups:
-                groups[option.group] = parser.add_mutually_exclusive_group(required=budget_required)
+                groups[option.group] = parser.add_mutually_exclusive_group()
             target = groups[option.group]
         kwargs = _argument(option)
         if option.name == "model":

@@ -109,6 +109,7 @@ class RunRecord:
     quality: dict[str, Any] | None = None  # bitplan.quality.QualityReport on held-back windows
     job: dict[str, Any] | None = None
     formats: list[str] | None = None  # the candidate formats, when the job chose among formats
+    latency: dict[str, Any] | None = None  # a latency budget's report: predicted ms per token, the table used
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None or k in ("calibration",)}

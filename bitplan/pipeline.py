@@ -29,10 +29,12 @@ from bitplan.hashing import sha256_file
 from bitplan.manifest import MANIFEST, RunRecord, SensitivityRecord, SourceRecord, write_manifest
 from bitplan.models import LoadedModel, ModelKind, load_model
 from bitplan.planning import (
+    LatencyPlan,
     Plan,
     Sizes,
     budgets_in_bytes,
     job_problem,
+    latency_plan,
     make_plans,
     option_labels,
     solve_plan,
@@ -81,6 +83,7 @@ class RunResult:
     target: str = "bitplan"
     files: list[dict[str, Any]] | None = None  # what the target runs from: name (under artifact), bytes, sha256
     file_bytes: int | None = None  # bytes of the target's file(s): the GGUF file, or the whole packed folder
+    latency: dict[str, Any] | None = None  # predicted (and measured) decode ms per token, the table used
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -158,6 +161,7 @@ def run_budgets(spec: JobSpec, *, out_dirs: list[Path], on_progress: ProgressFn 
                        spec.quantization.target.value)
     numel = sum(m.weight.numel() for m in units.values())
     budgets = [None] if spec.budget.uniform_bits is not None else budgets_in_bytes(spec, sizes, numel)
+    latency = plan_latency(spec, loaded, units, sizes, on_progress)
     clock.lap("plan")
     measured = calibrate_and_measure(spec, loaded, units, on_progress, should_stop, cache)  # 3, 4
     refinement = spec.refinement
@@ -167,7 +171,7 @@ def run_budgets(spec: JobSpec, *, out_dirs: list[Path], on_progress: ProgressFn 
                                            seq_len=refinement.quality_seq_len, text_file=text)
     if measured.sensitivity is not None:
         clock.lap("sensitivity")
-    plans = make_plans(spec, units, sizes, measured.sensitivity, budgets)  # 5
+    plans = make_plans(spec, units, sizes, measured.sensitivity, budgets, latency)  # 5
     quantized = quantize_plans(spec, loaded, units, [p.bits if p.formats is None else p.formats for p in plans],
                                measured.tokens, on_progress, should_stop, importance=measured.importance)  # 6
     clock.lap("quantize")
@@ -176,8 +180,25 @@ def run_budgets(spec: JobSpec, *, out_dirs: list[Path], on_progress: ProgressFn 
         plans, quantized, reports = refine_plans(spec, loaded, units, sizes, measured, plans, quantized,
                                                  on_progress, should_stop)  # 7
         clock.lap("kl refinement")
-    return [write_run(spec, loaded, units, plan, measured, each, out_dir, report, clock.timings, on_progress, sizes)
-            for plan, each, out_dir, report in zip(plans, quantized, out_dirs, reports, strict=True)]  # 8
+    return [write_run(spec, loaded, units, plan, measured, each, out_dir, report, clock.timings, on_progress, sizes,
+                      latency) for plan, each, out_dir, report in zip(plans, quantized, out_dirs, reports, strict=True)]
+
+
+def plan_latency(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], sizes: Sizes,
+                 on_progress: ProgressFn | None) -> LatencyPlan | None:
+    """Step 2b, with a latency budget: this machine's latency table for the model and the candidate GGML types
+    (cached; measured now when missing, or read from ``--latency-table``), and the budget checked against it."""
+    budget = spec.budget.latency_ms_per_token
+    if budget is None:
+        return None
+    from bitplan.latency import latency_table
+
+    names = spec.quantization.format_names or ()
+    used = {fmt for options in sizes.values() for fmt in options}
+    table_file = None if spec.budget.latency_table is None else Path(spec.budget.latency_table)
+    table, source = latency_table(spec.model, loaded.source_sha256, [f for f in names if f in used],
+                                  table_file=table_file, on_progress=on_progress, loaded=loaded)
+    return latency_plan(table, source, units, sizes, float(budget))
 
 
 def calibrate_and_measure(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear],
@@ -279,7 +300,8 @@ def run_record(spec: JobSpec, loaded: LoadedModel, plan: Plan, measured: Measure
 
 def write_run(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], plan: Plan, measured: Measured,
               quantized: Quantized, out_dir: Path, refinement: dict[str, Any] | None, timings: dict[str, float],
-              on_progress: ProgressFn | None, sizes: Sizes | None = None) -> RunResult:
+              on_progress: ProgressFn | None, sizes: Sizes | None = None, latency: LatencyPlan | None = None
+              ) -> RunResult:
     """Step 8: measure one plan's quality, pack and write its artifact (with its allocation problem, the
     frontier's source, when it was solved), measure its KL divergence, report it."""
     started = time.perf_counter()
@@ -291,13 +313,15 @@ def write_run(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], p
     quality_s = {"quality": round(time.perf_counter() - started, 3)} if quality is not None else {}
     if on_progress is not None and quality is not None:
         on_progress(Stage.QUALITY, 1, 1)
-    record = run_record(spec, loaded, plan, measured, refinement, quality)
+    latency_report = None if latency is None or plan.latency_ms is None else {
+        "predicted_ms_per_token": plan.latency_ms, "budget_ms_per_token": latency.budget_ms, "table": latency.table}
+    record = dataclasses.replace(run_record(spec, loaded, plan, measured, refinement, quality), latency=latency_report)
     started = time.perf_counter()
     written = write_artifact(out_dir, model=loaded.model, tokenizer=loaded.tokenizer, kind=loaded.kind,
                              quantized=quantized, run=record, float_dtype=source_float_dtype(loaded),
                              formats={name: unit_format(spec, plan, name) for name in plan.bits})
     if sizes is not None and measured.sensitivity is not None and plan.budget_bytes is not None:
-        problem = job_problem(spec, sizes, measured.sensitivity, plan.budget_bytes)
+        problem = job_problem(spec, sizes, measured.sensitivity, plan.budget_bytes, latency)
         write_problem(written.path, problem_document(problem, option_labels(spec, sizes),
                                                      sum(m.weight.numel() for m in units.values())))
         _, written = _listed(written, [PROBLEM_FILE])
@@ -306,12 +330,27 @@ def write_run(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], p
         on_progress(Stage.WRITE, 1, 1)
     target, written = write_target(spec, written)
     stage_times["write"] = round(time.perf_counter() - started, 3)
+    if latency_report is not None:
+        latency_report, stage_times["latency check"] = measure_latency(written.path / GGUF_FILE, latency_report)
+        if on_progress is not None:
+            on_progress(Stage.LATENCY_CHECK, 1, 1)
     kl, stage_times["kl"] = measure_kl(spec, loaded, units, replacements, measured.tokens)
     if on_progress is not None:
         on_progress(Stage.KL_CHECK, 1, 1)
     allocation_s = {} if plan.budget_bytes is None else {"allocation": plan.seconds}
     return _result(spec, written, plan, record, {**timings, **allocation_s, **quality_s, **stage_times}, kl,
-                   quantized, target)
+                   quantized, target, latency_report)
+
+
+def measure_latency(gguf: Path, report: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    """The written GGUF's decode time through llama.cpp on this machine (median of interleaved rounds), added to
+    the latency report; and the seconds it took."""
+    from bitplan.latency import time_files
+
+    started = time.perf_counter()
+    (timed,) = time_files([gguf], rounds=3)
+    return {**report, "measured_ms_per_token": timed["decode_ms"],
+            "measured_prefill_ms_per_token": timed["prefill_ms"]}, round(time.perf_counter() - started, 3)
 
 
 def write_target(spec: JobSpec, written: WrittenArtifact) -> tuple[list[dict[str, Any]], WrittenArtifact]:
@@ -368,7 +407,8 @@ def _listed(written: WrittenArtifact, names: list[str]) -> tuple[list[dict[str, 
 
 
 def _result(spec: JobSpec, written: WrittenArtifact, plan: Plan, record: RunRecord, timings: dict[str, float],
-            kl: float | None, quantized: Quantized, files: list[dict[str, Any]]) -> RunResult:
+            kl: float | None, quantized: Quantized, files: list[dict[str, Any]],
+            latency: dict[str, Any] | None = None) -> RunResult:
     predicted = sum(encoded_bytes(quantized[name]) for name in plan.bits)
     if predicted != written.quantized_bytes:
         raise RuntimeError(f"size model drifted: predicted {predicted} bytes, wrote {written.quantized_bytes}")
@@ -380,7 +420,8 @@ def _result(spec: JobSpec, written: WrittenArtifact, plan: Plan, record: RunReco
         manifest_sha256=written.manifest_sha256, timings_s=timings, predicted_bytes=predicted,
         warnings=record.sensitivity.warnings, kl_divergence=kl, quality=record.quality,
         file_bits_per_parameter=written.manifest.achieved.file_bits_per_parameter,
-        target=spec.quantization.target.value, files=files, file_bytes=sum(f["bytes"] for f in files))
+        target=spec.quantization.target.value, files=files, file_bytes=sum(f["bytes"] for f in files),
+        latency=latency)
 
 
 def unit_format(spec: JobSpec, plan: Plan, name: str) -> str:

@@ -39,6 +39,45 @@ class Plan:
     solver: SolverRecord
     seconds: float = 0.0
     formats: dict[str, str] | None = None  # the format per unit when the job chose among formats
+    latency_ms: float | None = None  # predicted decode ms per token (a job with a latency budget)
+
+
+@dataclass(frozen=True)
+class LatencyPlan:
+    """A latency budget in the allocator's terms: each unit's decode milliseconds per token in each of its
+    options (from the measured table), the fixed part, the budget, and what the report says of the table."""
+
+    per_unit: dict[str, dict[Any, float]]
+    fixed_ms: float
+    budget_ms: float
+    table: dict[str, Any]
+
+    @property
+    def fastest_ms(self) -> float:
+        return self.fixed_ms + sum(min(options.values()) for options in self.per_unit.values())
+
+    @property
+    def slowest_ms(self) -> float:
+        return self.fixed_ms + sum(max(options.values()) for options in self.per_unit.values())
+
+    def predict(self, choice: dict[str, Any]) -> float:
+        return self.fixed_ms + sum(self.per_unit[name][key] for name, key in choice.items())
+
+
+def latency_plan(table: Any, source: str, units: dict[str, nn.Linear], sizes: Sizes, budget_ms: float) -> LatencyPlan:
+    """``budget_ms`` against ``table`` (a :class:`bitplan.latency.LatencyTable`) for these units and options;
+    a budget below the fastest achievable decode time is refused, naming that time."""
+    per_unit = {name: {fmt: table.unit_ms(fmt, units[name].weight.numel()) for fmt in sizes[name]}
+                for name in sizes}
+    plan = LatencyPlan(per_unit=per_unit, fixed_ms=table.decode_fixed_ms, budget_ms=budget_ms,
+                       table={"key": table.key, "source": source, "fingerprint": table.fingerprint,
+                              "fit": {k: v for k, v in table.fit.items() if not isinstance(v, list)}})
+    if budget_ms < plan.fastest_ms:
+        raise BudgetError(f"latency budget {budget_ms:g} ms per token is below the fastest achievable "
+                          f"{plan.fastest_ms:.3f} ms per token (every layer at its fastest candidate format on this "
+                          f"machine's measured table); the slowest is {plan.slowest_ms:.3f}",
+                          param="latency_ms_per_token")
+    return plan
 
 
 def option_key(plan: Plan, name: str) -> Any:
@@ -98,6 +137,8 @@ def budgets_in_bytes(spec: JobSpec, sizes: Sizes, numel: int) -> list[int]:
     bits = sorted(spec.allocation.candidate_bits)
     low = sum(min(s.values()) for s in sizes.values())
     high = sum(max(s.values()) for s in sizes.values())
+    if not spec.budget.bits_per_weight and spec.budget.bytes is None:  # a latency budget alone: size is free
+        return [high]
     given = [int(b * numel / 8) for b in spec.budget.bits_per_weight] or [spec.budget.bytes]
     chosen = (f"with bits {bits} and group size {spec.quantization.group_size}" if spec.quantization.formats is None
               else f"with formats {spec.quantization.formats!r}")
@@ -139,7 +180,8 @@ def option_bits(key: Any) -> int:
 
 
 def allocation_problem(sizes: Sizes, sensitivity: SensitivityResult, bits: tuple[int, ...] | None, budget_bytes: int,
-                       *, tie_fused: bool = False, pinned: tuple[tuple[str, int], ...] = ()) -> AllocationProblem:
+                       *, tie_fused: bool = False, pinned: tuple[tuple[str, int], ...] = (),
+                       latency: LatencyPlan | None = None) -> AllocationProblem:
     """One unit per linear layer, one option per candidate bit width (``bits``) or, with ``bits=None``, per key of
     ``sizes[name]`` (its legal formats); fused siblings tied (when they have the same options) and pins applied."""
     delta = {u.name: u.delta_loss for u in sensitivity.units}
@@ -152,20 +194,23 @@ def allocation_problem(sizes: Sizes, sensitivity: SensitivityResult, bits: tuple
             options_of_tie.setdefault(tie, set()).add(tuple(keys[name]))
     return AllocationProblem(
         units=tuple(Unit(name=name, options=tuple(Option(bits=option_bits(k), bytes=float(sizes[name][k]),
-                                                         distortion=float(delta[name][k])) for k in keys[name]),
+                                                         distortion=float(delta[name][k]),
+                                                         latency=None if latency is None else latency.per_unit[name][k])
+                                                  for k in keys[name]),
                          tie=ties[name] if ties[name] is not None and len(options_of_tie[ties[name]]) == 1 else None,
                          min_bits=pins.get(name), max_bits=pins.get(name))
                     for name in sizes),
-        budget=Budget(bytes=float(budget_bytes)),
+        budget=Budget(bytes=float(budget_bytes),
+                      latency=None if latency is None else max(0.0, latency.budget_ms - latency.fixed_ms)),
     )
 
 
-def job_problem(spec: JobSpec, sizes: Sizes, sensitivity: SensitivityResult, budget_bytes: int
-                ) -> AllocationProblem:
-    """The allocation problem ``spec`` solves at ``budget_bytes``: its widths or formats, ties and pins."""
+def job_problem(spec: JobSpec, sizes: Sizes, sensitivity: SensitivityResult, budget_bytes: int,
+                latency: LatencyPlan | None = None) -> AllocationProblem:
+    """The allocation problem ``spec`` solves at ``budget_bytes``: its widths or formats, ties, pins and latency."""
     formats = spec.quantization.format_names
     return allocation_problem(sizes, sensitivity, spec.widths if formats is None else None, budget_bytes,
-                              tie_fused=spec.allocation.tie_fused, pinned=spec.allocation.pinned)
+                              tie_fused=spec.allocation.tie_fused, pinned=spec.allocation.pinned, latency=latency)
 
 
 def option_labels(spec: JobSpec, sizes: Sizes) -> dict[str, list[str]] | None:
@@ -174,27 +219,30 @@ def option_labels(spec: JobSpec, sizes: Sizes) -> dict[str, list[str]] | None:
 
 
 def solve_plan(spec: JobSpec, sizes: Sizes, sensitivity: SensitivityResult, *, budget_bytes: int, numel: int,
-               bits_per_weight: float | None = None) -> Plan:
+               bits_per_weight: float | None = None, latency: LatencyPlan | None = None) -> Plan:
     """Bits per unit within ``budget_bytes`` under ``sensitivity``'s predictions (``spec``'s ties and pins); a
     clear error when no allocation exists."""
     started = time.perf_counter()
     allocation = spec.allocation
     formats = spec.quantization.format_names
-    problem = job_problem(spec, sizes, sensitivity, budget_bytes)
+    problem = job_problem(spec, sizes, sensitivity, budget_bytes, latency)
     solved = solve_allocation(problem, solver=allocation.solver.value, time_limit_s=allocation.time_limit_s)
     if solved.status in (SolverStatus.INFEASIBLE, SolverStatus.TIME_LIMIT):
-        smallest = "" if solved.min_feasible_bytes is None else (
+        smallest = "" if solved.min_feasible_bytes is None or latency is not None else (
             f" (with these pins the smallest achievable budget is "
             f"{8 * solved.min_feasible_bytes / numel:.4f} bits per weight)")
-        raise BudgetError(f"allocation failed ({solved.status.value}): {solved.message}{smallest}",
-                          param="bits_per_weight")
+        both = "" if latency is None else (f" (the size budget and the latency budget of {latency.budget_ms:g} ms "
+                                           "per token cannot both be met: loosen one)")
+        raise BudgetError(f"allocation failed ({solved.status.value}): {solved.message}{smallest}{both}",
+                          param="latency_ms_per_token" if latency is not None else "bits_per_weight")
     bits = {unit.name: unit.options[k].bits for unit, k in zip(problem.units, solved.choice, strict=True)}
     chosen = None if formats is None else {unit.name: list(sizes[unit.name])[k]
                                            for unit, k in zip(problem.units, solved.choice, strict=True)}
     record = SolverRecord(name=solved.solver, status=solved.status.value, objective=solved.objective,
                           lower_bound=solved.lower_bound, solve_s=solved.solve_s)
+    predicted = None if latency is None else latency.predict(chosen if chosen is not None else bits)
     return Plan(bits=bits, budget_bits_per_weight=bits_per_weight, budget_bytes=budget_bytes, solver=record,
-                seconds=round(time.perf_counter() - started, 3), formats=chosen)
+                seconds=round(time.perf_counter() - started, 3), formats=chosen, latency_ms=predicted)
 
 
 def uniform_plan(spec: JobSpec, units: dict[str, nn.Linear]) -> Plan:
@@ -206,11 +254,11 @@ def uniform_plan(spec: JobSpec, units: dict[str, nn.Linear]) -> Plan:
 
 
 def make_plans(spec: JobSpec, units: dict[str, nn.Linear], sizes: Sizes, sensitivity: SensitivityResult | None,
-               budgets: list[int]) -> list[Plan]:
-    """One plan per budget of ``spec`` (the uniform plan when it has uniform bits)."""
+               budgets: list[int], latency: LatencyPlan | None = None) -> list[Plan]:
+    """One plan per budget of ``spec`` (the uniform plan when it has uniform bits), each under ``latency``."""
     if spec.budget.uniform_bits is not None or sensitivity is None:
         return [uniform_plan(spec, units)]
     numel = sum(m.weight.numel() for m in units.values())
     per_budget = list(spec.budget.bits_per_weight) or [None]
-    return [solve_plan(spec, sizes, sensitivity, budget_bytes=budget, numel=numel, bits_per_weight=bpw)
-            for bpw, budget in zip(per_budget, budgets, strict=True)]
+    return [solve_plan(spec, sizes, sensitivity, budget_bytes=budget, numel=numel, bits_per_weight=bpw,
+                       latency=latency) for bpw, budget in zip(per_budget, budgets, strict=True)]

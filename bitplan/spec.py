@@ -53,20 +53,32 @@ class Budget:
                                      positive=True, maximum=2**50, group="budget", label="a bytes budget")
     uniform_bits: int | None = option_field(None, "int", "uniform baseline: every layer at this bit width",
                                             flag="--uniform-bits", minimum=1, maximum=8, group="budget")
+    latency_ms_per_token: float | None = option_field(
+        None, "float", "decode-latency budget in milliseconds per token at batch 1, as predicted by this machine's "
+        "measured latency table (gguf target; alone or with a size budget)", flag="--latency-ms-per-token",
+        positive=True, maximum=1e6, label="a latency budget")
+    latency_table: str | None = option_field(None, "str", "latency table file measured on the machine that will run "
+                                             "the model (bitplan latency --out FILE); default: this machine's",
+                                             flag="--latency-table", http=False)
 
     def __post_init__(self) -> None:
         check_part(self)
         given = [bool(self.bits_per_weight), self.bytes is not None, self.uniform_bits is not None]
-        if sum(given) != 1:
-            raise SpecError("give exactly one of a bits-per-weight budget, a bytes budget or uniform bits",
-                            param="bits_per_weight")
+        if sum(given) > 1 or (sum(given) == 0 and self.latency_ms_per_token is None):
+            raise SpecError("give exactly one of a bits-per-weight budget, a bytes budget or uniform bits (a latency "
+                            "budget may come alone or with one of the first two)", param="bits_per_weight")
+        if self.latency_ms_per_token is not None and self.uniform_bits is not None:
+            raise SpecError("a latency budget chooses formats per layer; a uniform baseline takes no latency budget",
+                            param="latency_ms_per_token")
 
     def describe(self, index: int = 0) -> str:
         if self.bits_per_weight:
             return f"{self.bits_per_weight[index]:g} bits per weight"
         if self.bytes is not None:
             return f"{self.bytes} bytes"
-        return f"uniform {self.uniform_bits} bits"
+        if self.uniform_bits is not None:
+            return f"uniform {self.uniform_bits} bits"
+        return f"{self.latency_ms_per_token:g} ms per token"
 
 
 @dataclass(frozen=True)
@@ -239,6 +251,10 @@ class JobSpec:
                             f"{SPEC_VERSION})", param="version")
         self._check_widths()
         self._check_refinement()
+        if self.budget.latency_ms_per_token is not None and self.quantization.target.value != "gguf":
+            raise SpecError("latency budgets are measured for the gguf target on this CPU (llama.cpp through "
+                            "llama-cpp-python): add --target gguf (the packed target's kernels need a GPU to time)",
+                            param="latency_ms_per_token")
         from bitplan.planning import check_budget_coarsely  # the rule lives beside the exact one
 
         if self.quantization.format_names is None:

@@ -25,6 +25,8 @@ class Stage(str, Enum):
     WRITE = "write"
     KL_CHECK = "kl check"
     PERPLEXITY = "perplexity"
+    LATENCY_TABLE = "latency table"  # measuring this machine's latency table (once per machine and model)
+    LATENCY_CHECK = "latency check"  # timing the written GGUF
 
     @property
     def span(self) -> tuple[float, float]:
@@ -37,6 +39,7 @@ STAGE_SPAN: dict[Stage, tuple[float, float]] = {  # from SmolLM2 at 3.5 bpw on 2
     Stage.TOKEN_FISHER: (0.1, 0.85), Stage.HUTCHINSON_PROBES: (0.1, 0.8), Stage.PREDICTED_ERROR: (0.8, 0.85),
     Stage.QUANTIZE: (0.85, 0.9), Stage.KL_REFINEMENT: (0.9, 0.92), Stage.QUALITY: (0.92, 0.96),
     Stage.WRITE: (0.96, 0.97), Stage.KL_CHECK: (0.97, 1.0), Stage.PERPLEXITY: (0.0, 1.0),
+    Stage.LATENCY_TABLE: (0.05, 0.1), Stage.LATENCY_CHECK: (0.97, 0.98),
 }
 
 
