@@ -239,7 +239,9 @@ def numel_by_type(assignment: dict[str, str], numel: dict[str, int]) -> dict[str
 
 def fit(types: list[str], counts: list[dict[str, int]], times: list[float]) -> tuple[float, dict[str, float]]:
     """Non-negative least squares of ``time = fixed + sum_t k_t * mweights_t``, relative to each time (so every
-    variant weighs the same in percent)."""
+    variant weighs the same in percent). Variants of one model hold the same weights in total, so there the fixed
+    part and a common per-weight part trade off (NNLS settles on one split): predictions for that model do not
+    depend on it, the reported ``fixed`` alone means little."""
     import numpy as np
     from scipy.optimize import nnls
 
