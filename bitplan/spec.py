@@ -57,9 +57,9 @@ class Budget:
         None, "float", "decode-latency budget in milliseconds per token at batch 1, as predicted by this machine's "
         "measured latency table (gguf target; alone or with a size budget)", flag="--latency-ms-per-token",
         positive=True, maximum=1e6, label="a latency budget")
-    latency_table: str | None = option_field(None, "str", "latency table file measured on the machine that will run "
-                                             "the model (bitplan latency --out FILE); default: this machine's",
-                                             flag="--latency-table", http=False)
+    latency_table: str | None = option_field(None, "str", "latency table measured on the machine that will run the "
+                                             "model (bitplan latency --out FILE; over HTTP the id of one uploaded to "
+                                             "/v1/latency-tables); default: this machine's", flag="--latency-table")
 
     def __post_init__(self) -> None:
         check_part(self)

@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from bitplan import __version__
 from bitplan.service.api.deps import LOCAL_OWNER, ServiceSettings, hash_key
 from bitplan.service.api.errors import install_error_handlers, problem
-from bitplan.service.api.routes import artifacts, jobs, meta, models
+from bitplan.service.api.routes import artifacts, jobs, latency, meta, models
 from bitplan.service.store import make_store
 from bitplan.service.worker import JobRunner, WorkerPool, make_huey, register_runner
 
@@ -70,7 +70,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     app.state.telemetry = Telemetry.create()
     install_error_handlers(app)
     _install_middleware(app, settings, app.state.telemetry)
-    for router in (meta.router, models.router, jobs.router, artifacts.router):
+    for router in (meta.router, models.router, jobs.router, artifacts.router, latency.router):
         app.include_router(router)
     _install_dashboard(app)
     return app

@@ -163,6 +163,9 @@ def _cmd_submit(args: argparse.Namespace) -> None:
     if args.start_service:
         ensure_service(args.url, Path(args.data_dir), args.model_root)
     with _client(args) as client:
+        table = options.get("latency_table")
+        if table is not None and Path(table).is_file():  # a table file here: upload it, name it by its id
+            options["latency_table"] = client.latency_tables.upload(table)["id"]
         job = client.jobs.create(model=args.model, idempotency_key=args.idempotency_key, **options)
         if args.wait or args.out:
             job = client.jobs.wait(job["id"], progress=not args.quiet)

@@ -53,6 +53,7 @@ class Client:
         self.retries, self.backoff_s = retries, backoff_s
         self.jobs = Jobs(self)
         self.artifacts = Artifacts(self)
+        self.latency_tables = LatencyTables(self)
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         headers = kwargs.get("headers") or {}
@@ -98,6 +99,22 @@ def _service_error(response: httpx.Response) -> ServiceError:
         return ServiceError(response.status_code, response.text)
     return ServiceError(response.status_code, str(body.get("detail", response.text)), code=body.get("code"),
                         param=body.get("param"))
+
+
+class LatencyTables:
+    """Latency tables measured on the machine that will run a model (``bitplan latency --out FILE``)."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def upload(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+        """Upload a table file; a job names the returned ``id`` in ``latency_table``."""
+        import json
+
+        return self.client.request("POST", "/v1/latency-tables", json=json.loads(Path(path).read_text())).json()
+
+    def list(self) -> list[dict[str, Any]]:
+        return self.client.request("GET", "/v1/latency-tables").json()  # type: ignore[no-any-return]
 
 
 class Jobs:

@@ -224,3 +224,32 @@ class ArtifactsCreate(BaseModel):
 
     bits_per_weight: float | list[float] | None = Field(default=None, description="one or more budgets")
     bytes: int | None = Field(default=None, gt=0, description="a budget in bytes of the quantized layers")
+
+
+class LatencyTablePublic(BaseModel):
+    """An uploaded latency table (``bitplan latency --out FILE`` on the machine that will run the model): a job
+    names it by ``id`` in its ``latency_table`` field."""
+
+    id: str
+    fingerprint: dict[str, Any]
+    model_sha256: str
+    types: list[str]
+    decode_fixed_ms: float
+    decode_ms_per_mweight: dict[str, float]
+
+
+class LatencyTableUpload(BaseModel):
+    """A latency table as ``bitplan latency --out FILE`` writes it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fingerprint: dict[str, Any] = Field(description="the machine it was measured on: CPU, threads, versions")
+    model_sha256: str = Field(pattern="^[0-9a-f]{64}$")
+    types: list[str] = Field(min_length=1, max_length=64)
+    decode_fixed_ms: float = Field(ge=0, le=1e6)
+    decode_ms_per_mweight: dict[str, float]
+    prefill_fixed_ms: float = Field(ge=0, le=1e6)
+    prefill_ms_per_mweight: dict[str, float]
+    fit: dict[str, Any] = Field(default_factory=dict)
+    version: int = 1
+    key: str | None = Field(default=None, description="ignored: the service computes it")

@@ -23,7 +23,7 @@ SHAPES = {"a.q": (576, 576), "a.down": (576, 1536), "a.up": (1536, 576)}
 
 
 def table(**overrides: object) -> LatencyTable:
-    values = {"fingerprint": {"cpu": "test"}, "model_sha256": "m" * 64, "types": TYPES, "decode_fixed_ms": 2.0,
+    values = {"fingerprint": {"cpu": "test"}, "model_sha256": "a" * 64, "types": TYPES, "decode_fixed_ms": 2.0,
               "decode_ms_per_mweight": {"Q4_K": 1.0, "Q6_K": 1.5, "Q4_0": 0.8, "Q5_0": 1.1, "Q8_0": 2.0},
               "prefill_fixed_ms": 1.0, "prefill_ms_per_mweight": dict.fromkeys(TYPES, 0.5), **overrides}
     return LatencyTable(**values)  # type: ignore[arg-type]
@@ -113,15 +113,15 @@ def test_latency_spec_rules_and_the_cli_contract(tmp_path: Path) -> None:
 def test_a_table_file_from_another_machine_must_match_the_model(tmp_path: Path) -> None:
     path = tmp_path / "table.json"
     path.write_text(json.dumps(table().to_json()))
-    loaded, source = latency_table("smollm2-135m", "m" * 64, ["Q4_0", "Q8_0"], table_file=path)
+    loaded, source = latency_table("smollm2-135m", "a" * 64, ["Q4_0", "Q8_0"], table_file=path)
     assert source == "file" and loaded == table()
     with pytest.raises(BitplanError, match="another model"):
-        latency_table("smollm2-135m", "x" * 64, ["Q4_0"], table_file=path)
+        latency_table("smollm2-135m", "b" * 64, ["Q4_0"], table_file=path)
     with pytest.raises(BitplanError, match="no timing for Q2_K"):
-        latency_table("smollm2-135m", "m" * 64, ["Q2_K"], table_file=path)
+        latency_table("smollm2-135m", "a" * 64, ["Q2_K"], table_file=path)
     path.write_text("{}")
     with pytest.raises(BitplanError, match="not a bitplan latency table"):
-        latency_table("smollm2-135m", "m" * 64, ["Q4_0"], table_file=path)
+        latency_table("smollm2-135m", "a" * 64, ["Q4_0"], table_file=path)
 
 
 @pytest.mark.slow

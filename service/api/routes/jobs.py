@@ -17,6 +17,7 @@ from bitplan.frontier import API_POINT_LIMIT, PROBLEM_FILE, frontier_csv, job_fr
 from bitplan.references import check_reference, check_text_file
 from bitplan.service.api.deps import Owner, Queue, ServiceSettings, Settings, Store, own_job
 from bitplan.service.api.errors import ERRORS, http_error
+from bitplan.service.api.routes.latency import table_path
 from bitplan.service.domain import TERMINAL, Job, JobStatus, JobStore, TooManyJobs
 from bitplan.service.schemas import (
     AllocationSummary,
@@ -39,9 +40,11 @@ STATUS_PATTERN = "^(" + "|".join(s.value for s in JobStatus) + ")$"
 MAX_SEQ = 2**53  # event sequence numbers stay below this (integers every store and JSON client holds exactly)
 
 
-def validate_job(body: JobCreate, settings: ServiceSettings) -> JobSpec:
+def validate_job(body: JobCreate, settings: ServiceSettings, owner: str) -> JobSpec:
     """Everything that can be checked before queueing: the model reference and the job spec (4xx otherwise)."""
     values = body.model_dump()
+    if values.get("latency_table") is not None:  # an uploaded table's id -> its stored file
+        values["latency_table"] = str(table_path(settings, owner, values["latency_table"]))
     budgets = values["bits_per_weight"]
     if isinstance(budgets, list) and len(budgets) > settings.max_sweep:
         raise http_error(422, f"a sweep may have at most {settings.max_sweep} budgets, got {len(budgets)}")
@@ -59,7 +62,8 @@ def create_job(body: JobCreate, response: Response, owner: Owner, store: Store, 
         if registered is None:
             raise http_error(422, f"no registered model {body.model!r} for this key")
         body = body.model_copy(update={"model": registered["reference"]})
-    return submit(validate_job(body, settings).to_dict(), owner, store, settings, huey, response, idempotency_key)
+    return submit(validate_job(body, settings, owner).to_dict(), owner, store, settings, huey, response,
+                  idempotency_key)
 
 
 def submit(request: dict[str, Any], owner: str, store: JobStore, settings: ServiceSettings, huey: Any,
