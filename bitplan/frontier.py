@@ -88,7 +88,9 @@ def measured_points(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                        "kl_mean": quality.get("kl_mean", run.get("kl_divergence")), "kl_p99": quality.get("kl_p99"),
                        "ppl": quality.get("ppl"), "ppl_source": quality.get("ppl_source"),
                        "top1_agreement": quality.get("top1_agreement"), "kl_calibration": run.get("kl_divergence"),
-                       "eval_text": quality.get("text")})
+                       "eval_text": quality.get("text"),
+                       "latency_ms": (run.get("latency") or {}).get("predicted_ms_per_token"),
+                       "measured_latency_ms": (run.get("latency") or {}).get("measured_ms_per_token")})
     return sorted(points, key=lambda p: p["bytes"])
 
 

@@ -94,6 +94,8 @@ class AllocationSummary(BaseModel):
     kl_divergence: float | None
     bits_histogram: dict[str, int]
     quality: QualityPublic | None = None
+    latency: dict[str, Any] | None = Field(default=None, description="with a latency budget: predicted and measured "
+                                           "decode ms per token, the budget, the table used")
 
 
 class JobPublic(BaseModel):
@@ -200,6 +202,8 @@ class MeasuredPoint(BaseModel):
     top1_agreement: float | None
     kl_calibration: float | None = Field(description="the KL check on calibration windows, nats")
     eval_text: str | None
+    latency_ms: float | None = Field(default=None, description="predicted decode ms per token (latency budgets)")
+    measured_latency_ms: float | None = Field(default=None, description="the GGUF's decode ms per token, timed")
 
 
 class FrontierPublic(BaseModel):

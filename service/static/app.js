@@ -119,8 +119,11 @@ $("#sweep-form").addEventListener("submit", async (event) => {
   clearErrors();
   const body = { model: $("#f-model").value.trim() };
   try {
-    const values = budgetsFrom($("#f-budgets").value);
-    if ($("#f-budget-unit").value === "bytes") {
+    const latencyOnly = $("#f-budgets").value.trim() === "" && $("#f-latency").value !== "";
+    const values = latencyOnly ? [] : budgetsFrom($("#f-budgets").value);
+    if (latencyOnly) {
+      // a latency budget alone: the size is free
+    } else if ($("#f-budget-unit").value === "bytes") {
       if (values.length !== 1) throw new Error("a bytes budget is one number");
       body.bytes = values[0];
     } else {
@@ -134,6 +137,7 @@ $("#sweep-form").addEventListener("submit", async (event) => {
     if ($(id).value) body[name] = $(id).value;
   }
   if ($("#f-tie").checked) body.tie_fused = true;
+  if ($("#f-latency").value !== "") body.latency_ms_per_token = Number($("#f-latency").value);
   if ($("#f-formats").value.trim()) body.formats = $("#f-formats").value.trim();
   if ($("#f-eval-text").value.trim()) body.eval_text = $("#f-eval-text").value.trim();
   for (const [id, name] of [["#f-samples", "num_samples"], ["#f-seq-len", "seq_len"], ["#f-group-size", "group_size"]]) {
@@ -177,6 +181,7 @@ function budgetsOf(job) {
   const budget = job.request.budget || {};
   if (budget.bits_per_weight && budget.bits_per_weight.length) return budget.bits_per_weight.join(", ") + " bpw";
   if (budget.bytes) return `${fmt.bytes(budget.bytes)} B`;
+  if (budget.latency_ms_per_token) return `${budget.latency_ms_per_token} ms/token`;
   return `uniform ${budget.uniform_bits}`;
 }
 
@@ -510,18 +515,26 @@ function drawHeatmap(manifest) {
     : "No ties: every layer chose on its own.";
 }
 
+function latencyText(latency) {
+  if (!latency) return "–";
+  const measured = latency.measured_ms_per_token ? `, measured ${fmt.num(latency.measured_ms_per_token)}` : "";
+  return `budget ${fmt.num(latency.budget_ms_per_token)} ms/token: predicted ${fmt.num(latency.predicted_ms_per_token)}${measured}`;
+}
+
 function drawCertificate(job, index, manifest) {
   const allocation = job.allocation[index] || {};
   const budget = (job.request.budget.bits_per_weight || [])[index];
   const gap = allocation.objective && allocation.lower_bound !== null && allocation.lower_bound !== undefined
     ? Math.max(0, (allocation.objective - allocation.lower_bound) / Math.abs(allocation.objective)) : null;
   const facts = [
-    ["budget", budget !== undefined ? `${budget} bits per weight` : `${fmt.bytes(job.request.budget.bytes)} bytes`],
+    ["budget", budget !== undefined ? `${budget} bits per weight`
+      : job.request.budget.bytes ? `${fmt.bytes(job.request.budget.bytes)} bytes` : "latency only"],
     ["achieved", `${fmt.num(allocation.bits_per_weight)} bits per weight, ${fmt.bytes(allocation.bytes)} bytes`],
     ["solver", `${(manifest.solver || {}).name || "–"}: ${allocation.status}`],
     ["predicted loss", fmt.num(allocation.objective)],
     ["lower bound", fmt.num(allocation.lower_bound)],
     ["gap", gap === null ? "–" : gap < 1e-6 ? "0% (proven optimal)" : `${(100 * gap).toPrecision(2)}%`],
+    ["decode latency", latencyText(allocation.latency)],
     ["measured KL", allocation.quality ? `${fmt.num(allocation.quality.kl_mean)} nats (${allocation.quality.text})` : fmt.num(allocation.kl_divergence)],
   ];
   $("#certificate").replaceChildren(...facts.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { text: v })]));

@@ -207,7 +207,7 @@ def _allocation(run: dict[str, Any]) -> AllocationSummary:
     return AllocationSummary(bits_per_weight=run["bits_per_weight"], bytes=run["bytes"], status=run["status"],
                              objective=run["objective"], lower_bound=run["lower_bound"],
                              kl_divergence=run.get("kl_divergence"), bits_histogram=histogram,
-                             quality=run.get("quality"))
+                             quality=run.get("quality"), latency=run.get("latency"))
 
 
 def job_public(job: Job) -> JobPublic:
