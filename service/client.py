@@ -54,6 +54,7 @@ class Client:
         self.jobs = Jobs(self)
         self.artifacts = Artifacts(self)
         self.latency_tables = LatencyTables(self)
+        self.models = Models(self)
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         headers = kwargs.get("headers") or {}
@@ -101,30 +102,43 @@ def _service_error(response: httpx.Response) -> ServiceError:
                         param=body.get("param"))
 
 
-class LatencyTables:
-    """Latency tables measured on the machine that will run a model (``bitplan latency --out FILE``)."""
+class Models:
+    """Model references: the bundled ones, and those this key registered (paths under the service's roots)."""
 
     def __init__(self, client: Client) -> None:
         self.client = client
 
-    def upload(self, path: str | os.PathLike[str]) -> dict[str, Any]:
-        """Upload a table file; a job names the returned ``id`` in ``latency_table``."""
-        import json
-
-        return self.client.request("POST", "/v1/latency-tables", json=json.loads(Path(path).read_text())).json()
+    def create(self, reference: str, *, name: str | None = None) -> dict[str, Any]:
+        """Register a reference; jobs then name it by the returned ``id`` (``mdl-...``)."""
+        return self.client.request("POST", "/v1/models", json={"reference": reference, "name": name}).json()
 
     def list(self) -> list[dict[str, Any]]:
-        return self.client.request("GET", "/v1/latency-tables").json()  # type: ignore[no-any-return]
+        return self.client.request("GET", "/v1/models").json()  # type: ignore[no-any-return]
+
+    def get(self, model_id: str) -> dict[str, Any]:
+        return self.client.request("GET", f"/v1/models/{model_id}").json()
 
 
 class Jobs:
+    """Jobs: create, read, list, cancel, follow (events, SSE stream, wait), and more budgets of a finished one."""
+
     def __init__(self, client: Client) -> None:
         self.client = client
+
+    def frontier(self, job_id: str, *, kind: str = "auto") -> dict[str, Any]:
+        """The succeeded job's predicted frontier, uniform baselines and measured artifacts."""
+        return self.client.request("GET", f"/v1/jobs/{job_id}/frontier", params={"kind": kind}).json()
+
+    def more_budgets(self, job_id: str, bits_per_weight: list[float]) -> dict[str, Any]:
+        """A new job with ``job_id``'s spec and these budgets (its sensitivity pass comes from the cache)."""
+        return self.client.request("POST", f"/v1/jobs/{job_id}/artifacts",
+                                   json={"bits_per_weight": bits_per_weight}).json()
 
     def create(self, *, model: str, idempotency_key: str | None = None, **options: Any) -> dict[str, Any]:
         """Submit a job (``bits_per_weight``, ``bytes`` or ``uniform_bits``, plus ``metric``, ``solver``, ...)."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self.client.request("POST", "/v1/jobs", json={"model": model, **options}, headers=headers).json()
+
 
     def get(self, job_id: str) -> dict[str, Any]:
         return self.client.request("GET", f"/v1/jobs/{job_id}").json()
@@ -261,3 +275,19 @@ class Artifacts:
                 for chunk in response.iter_bytes():
                     stream.write(chunk)
                     bar.update(len(chunk))
+
+
+class LatencyTables:
+    """Latency tables measured on the machine that will run a model (``bitplan latency --out FILE``)."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def upload(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+        """Upload a table file; a job names the returned ``id`` in ``latency_table``."""
+        import json
+
+        return self.client.request("POST", "/v1/latency-tables", json=json.loads(Path(path).read_text())).json()
+
+    def list(self) -> list[dict[str, Any]]:
+        return self.client.request("GET", "/v1/latency-tables").json()  # type: ignore[no-any-return]

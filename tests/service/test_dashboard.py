@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bitplan.service.client import Client
 from tests.service.test_processes import free_port, kill_group, start, wait_until_up
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,6 +93,10 @@ def test_issue18_dashboard_sweep_frontier_heatmap_download_cancel(served: str, t
         expect(row.locator(".status")).to_have_text("succeeded", timeout=240_000)
         expect(row.locator(".pct")).to_have_text("100%")
         assert any(f"/v1/jobs/{job_id}/events/stream" in u for u in streams), streams
+        with Client(url, api_key=KEY) as client:  # the Python client sees the same job, frontier and models
+            assert len(client.jobs.frontier(job_id)["measured"]) == 3
+            assert registered["id"] in {m["id"] for m in client.models.list()}
+            assert client.models.get(registered["id"])["reference"] == registered["reference"]
 
         row.locator("button.view").click()
         chart = page.locator("#chart svg")
