@@ -23,7 +23,7 @@ from torch import nn
 
 from bitplan.artifact import WrittenArtifact, write_artifact
 from bitplan.calibration import build_calibration_set
-from bitplan.errors import BitplanError, ModelReferenceError
+from bitplan.errors import BitplanError, BudgetError, ModelReferenceError
 from bitplan.frontier import PROBLEM_FILE, problem_document, write_problem
 from bitplan.hashing import sha256_file
 from bitplan.manifest import MANIFEST, RunRecord, SensitivityRecord, SourceRecord, write_manifest
@@ -160,7 +160,12 @@ def run_budgets(spec: JobSpec, *, out_dirs: list[Path], on_progress: ProgressFn 
     sizes = unit_sizes(units, spec.widths, spec.quantization.group_size, spec.quantization.format_names,
                        spec.quantization.target.value)
     numel = sum(m.weight.numel() for m in units.values())
-    budgets = [None] if spec.budget.uniform_bits is not None else budgets_in_bytes(spec, sizes, numel)
+    overhead = None
+    if spec.budget.file_bytes is not None:
+        from bitplan.exports.gguf_file import file_overhead
+
+        overhead = file_overhead(loaded.source_path, list(units))
+    budgets = [None] if spec.budget.uniform_bits is not None else budgets_in_bytes(spec, sizes, numel, overhead)
     latency = plan_latency(spec, loaded, units, sizes, on_progress)
     clock.lap("plan")
     measured = calibrate_and_measure(spec, loaded, units, on_progress, should_stop, cache)  # 3, 4
@@ -284,7 +289,8 @@ def run_record(spec: JobSpec, loaded: LoadedModel, plan: Plan, measured: Measure
     if plan.budget_bytes is None:
         budget: dict[str, Any] = {"uniform_bits": spec.budget.uniform_bits}
     else:
-        budget = {"bits_per_weight": plan.budget_bits_per_weight, "bytes": plan.budget_bytes}
+        budget = {"bits_per_weight": plan.budget_bits_per_weight, "bytes": plan.budget_bytes,
+                  **({} if spec.budget.file_bytes is None else {"file_bytes": spec.budget.file_bytes})}
     return RunRecord(
         source=SourceRecord(reference=spec.model, format=loaded.source_format, sha256=loaded.source_sha256),
         budget=budget, group_size=spec.quantization.group_size, candidate_bits=list(spec.widths),
@@ -367,6 +373,10 @@ def write_target(spec: JobSpec, written: WrittenArtifact) -> tuple[list[dict[str
         if linear != written.quantized_bytes:
             raise RuntimeError(f"the GGUF holds {linear} bytes of block weights, the artifact "
                                f"{written.quantized_bytes}")
+        limit = spec.budget.file_bytes
+        if limit is not None and report.file_bytes > limit:
+            raise BudgetError(f"the written GGUF has {report.file_bytes} bytes, over the whole-file budget of "
+                              f"{limit}; lower it by {report.file_bytes - limit} bytes", param="file_bytes")
         return _listed(written, [GGUF_FILE])
     if spec.quantization.target.value == "compressed-tensors":
         return _write_compressed_tensors(written)

@@ -132,27 +132,39 @@ def check_budget_coarsely(spec: JobSpec) -> None:
                 f"scales and zeros", param="bits_per_weight")
 
 
-def budgets_in_bytes(spec: JobSpec, sizes: Sizes, numel: int) -> list[int]:
-    """Every budget of ``spec`` in bytes, each checked against the achievable range (before any heavy work)."""
+def budgets_in_bytes(spec: JobSpec, sizes: Sizes, numel: int, file_overhead: int | None = None) -> list[int]:
+    """Every budget of ``spec`` in bytes of the budgeted layers, each checked against the achievable range (before
+    any heavy work); a whole-file budget less ``file_overhead`` (what the file holds besides those layers)."""
     bits = sorted(spec.allocation.candidate_bits)
     low = sum(min(s.values()) for s in sizes.values())
     high = sum(max(s.values()) for s in sizes.values())
-    if not spec.budget.bits_per_weight and spec.budget.bytes is None:  # a latency budget alone: size is free
+    if spec.budget.file_bytes is not None:
+        assert file_overhead is not None, "a whole-file budget needs the file's overhead"
+        given = [spec.budget.file_bytes - file_overhead]
+    elif not spec.budget.bits_per_weight and spec.budget.bytes is None:  # a latency budget alone: size is free
         return [high]
-    given = [int(b * numel / 8) for b in spec.budget.bits_per_weight] or [spec.budget.bytes]
-    chosen = (f"with bits {bits} and group size {spec.quantization.group_size}" if spec.quantization.formats is None
-              else f"with formats {spec.quantization.formats!r}")
+    else:
+        given = [int(b * numel / 8) for b in spec.budget.bits_per_weight] or [spec.budget.bytes]
+    names = spec.quantization.format_names
+    chosen = (f"with bits {bits} and group size {spec.quantization.group_size}" if names is None
+              else f"with formats {spec.quantization.formats or ','.join(names)!r}")
+    extra = "" if file_overhead is None else (f"; as a whole file {low + file_overhead} to {high + file_overhead} "
+                                              "bytes")
     achievable = (f"{chosen} the achievable range is "
-                  f"{8 * low / numel:.4f} to {8 * high / numel:.4f} bits per weight ({low} to {high} bytes)")
+                  f"{8 * low / numel:.4f} to {8 * high / numel:.4f} bits per weight ({low} to {high} bytes{extra})")
     for index, budget in enumerate(given):
         if budget < low:
             raise BudgetError(f"budget {spec.budget.describe(index)} is below the smallest achievable size: "
-                              f"{achievable}", param="bits_per_weight")
+                              f"{achievable}", param=_budget_param(spec))
         if budget > high:
             raise BudgetError(f"budget {spec.budget.describe(index)} is above the largest achievable size: "
                               f"{achievable}; add wider candidates or lower the budget",
-                              param="bits_per_weight")
+                              param=_budget_param(spec))
     return given
+
+
+def _budget_param(spec: JobSpec) -> str:
+    return "file_bytes" if spec.budget.file_bytes is not None else "bits_per_weight"
 
 
 def fused_tie(name: str) -> str | None:

@@ -53,6 +53,10 @@ class Budget:
                                      positive=True, maximum=2**50, group="budget", label="a bytes budget")
     uniform_bits: int | None = option_field(None, "int", "uniform baseline: every layer at this bit width",
                                             flag="--uniform-bits", minimum=1, maximum=8, group="budget")
+    file_bytes: int | None = option_field(None, "int", "budget in bytes of the whole GGUF file (tensors, metadata "
+                                          "and padding, measured from the written file; gguf target)",
+                                          flag="--file-bytes", positive=True, maximum=2**50, group="budget",
+                                          label="a whole-file budget")
     latency_ms_per_token: float | None = option_field(
         None, "float", "decode-latency budget in milliseconds per token at batch 1, as predicted by this machine's "
         "measured latency table (gguf target; alone or with a size budget)", flag="--latency-ms-per-token",
@@ -63,10 +67,12 @@ class Budget:
 
     def __post_init__(self) -> None:
         check_part(self)
-        given = [bool(self.bits_per_weight), self.bytes is not None, self.uniform_bits is not None]
+        given = [bool(self.bits_per_weight), self.bytes is not None, self.uniform_bits is not None,
+                 self.file_bytes is not None]
         if sum(given) > 1 or (sum(given) == 0 and self.latency_ms_per_token is None):
-            raise SpecError("give exactly one of a bits-per-weight budget, a bytes budget or uniform bits (a latency "
-                            "budget may come alone or with one of the first two)", param="bits_per_weight")
+            raise SpecError("give exactly one of a bits-per-weight budget, a bytes budget, a whole-file budget or "
+                            "uniform bits (a latency budget may come alone or with a size budget)",
+                            param="bits_per_weight")
         if self.latency_ms_per_token is not None and self.uniform_bits is not None:
             raise SpecError("a latency budget chooses formats per layer; a uniform baseline takes no latency budget",
                             param="latency_ms_per_token")
@@ -76,6 +82,8 @@ class Budget:
             return f"{self.bits_per_weight[index]:g} bits per weight"
         if self.bytes is not None:
             return f"{self.bytes} bytes"
+        if self.file_bytes is not None:
+            return f"{self.file_bytes} bytes of file"
         if self.uniform_bits is not None:
             return f"uniform {self.uniform_bits} bits"
         return f"{self.latency_ms_per_token:g} ms per token"
@@ -251,6 +259,9 @@ class JobSpec:
                             f"{SPEC_VERSION})", param="version")
         self._check_widths()
         self._check_refinement()
+        if self.budget.file_bytes is not None and self.quantization.target.value != "gguf":
+            raise SpecError("a whole-file budget (--file-bytes) is for the gguf target's one file: add --target gguf, "
+                            "or give --bytes for the quantized layers", param="file_bytes")
         if self.budget.latency_ms_per_token is not None and self.quantization.target.value != "gguf":
             raise SpecError("latency budgets are measured for the gguf target on this CPU (llama.cpp through "
                             "llama-cpp-python): add --target gguf (the packed target's kernels need a GPU to time)",

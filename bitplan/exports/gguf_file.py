@@ -261,3 +261,20 @@ def export_gguf(artifact: Path, out: Path) -> ExportReport:
                                f"({manifest.achieved.bits_per_weight:.4f}): units in GGML formats keep their "
                                f"blocks byte for byte; integer-grid units of 2-4 bits take 5 bits per weight",
                                "bytes counts every tensor of the file (embeddings and norms too)"])
+
+
+# What a whole-file budget leaves aside for ``general.quantized_by``, the file type and tensor padding beyond the
+# source file's own: the file is measured after writing, and a file over its budget is an error.
+FILE_BUDGET_MARGIN = 4096
+
+
+def file_overhead(source: Path, unit_names: list[str]) -> int:
+    """Bytes of a GGUF written from ``source`` that are not the units' tensors (metadata, tokenizer, the other
+    tensors, padding), from the source file itself plus :data:`FILE_BUDGET_MARGIN`."""
+    reader = gguf.GGUFReader(source)
+    arch = str(reader.fields["general.architecture"].contents())
+    arch_id = {name: key for key, name in gguf.MODEL_ARCH_NAMES.items()}[arch]
+    name_map = gguf.TensorNameMap(arch_id, int(reader.fields[f"{arch}.block_count"].contents()))
+    wanted = {name_map.get_name(f"{n}.weight", try_suffixes=(".weight",)) for n in unit_names}
+    units_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.name in wanted)
+    return source.stat().st_size - units_bytes + FILE_BUDGET_MARGIN

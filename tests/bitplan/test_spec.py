@@ -107,3 +107,17 @@ def test_issue13_gptq_damp_reaches_cli_api_and_manifest(tiny_llama_dir: Path, tm
     manifests = [json.loads((Path(r.artifact) / "manifest.json").read_text()) for r in runs]
     assert [m["job"]["quantization"]["gptq_damp"] for m in manifests] == [0.01, 0.5]
     assert manifests[0]["files"]["quantized.safetensors"] != manifests[1]["files"]["quantized.safetensors"]
+
+
+def test_issue17_whole_file_budget_rules() -> None:
+    from bitplan.errors import SpecError
+    from bitplan.spec import JobSpec
+
+    spec = JobSpec.from_flat(model="smollm2-135m", file_bytes=80_000_000, target="gguf")
+    assert spec.budget.describe() == "80000000 bytes of file"
+    for flat, param in (({"file_bytes": 80_000_000}, "file_bytes"),
+                        ({"file_bytes": 80_000_000, "bytes": 5, "target": "gguf"}, "bits_per_weight"),
+                        ({"file_bytes": 0, "target": "gguf"}, "file_bytes")):
+        with pytest.raises(SpecError) as refused:
+            JobSpec.from_flat(model="smollm2-135m", **flat)
+        assert refused.value.param == param, flat

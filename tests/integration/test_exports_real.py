@@ -103,3 +103,21 @@ def test_issue16_a_gguf_target_job_writes_the_gguf_llama_cpp_runs_at_the_budget(
     assert torch.isfinite(logits).all() and int(logits.argmax()) == int(reference.argmax())
     text = runtime.create_completion("The capital of France is", max_tokens=8, temperature=0.0)["choices"][0]["text"]
     assert text.strip(), "llama.cpp generated nothing from our file"
+
+
+def test_issue17_a_whole_file_budget_is_met_by_the_written_gguf(tmp_path: Path) -> None:
+    """``--file-bytes``: the budget counts the whole GGUF (tensors, metadata, padding); the job spends up to it and
+    the written file (measured) stays within it; a budget below the smallest file is refused up front with the
+    achievable range."""
+    from bitplan.errors import BudgetError
+
+    budget = 92_000_000  # binding: the Q4_1 source (98.4 MB as our GGUF) does not fit, the smallest is 85.5 MB
+    run = run_pipeline(JobSpec.from_flat(model="smollm2-135m", file_bytes=budget, target="gguf", num_samples=2,
+                                         seq_len=64, kl_windows=0, quality_windows=0), out=tmp_path / "file")
+    size = os.path.getsize(Path(run.artifact) / "model.gguf")
+    assert run.file_bytes == size <= budget and size > budget - 200_000  # spent, within a few blocks
+    assert run.budget["file_bytes"] == budget
+    with pytest.raises(BudgetError, match="as a whole file") as refused:
+        run_pipeline(JobSpec.from_flat(model="smollm2-135m", file_bytes=10_000_000, target="gguf", num_samples=2,
+                                       seq_len=64), out=tmp_path / "small")
+    assert refused.value.param == "file_bytes"
