@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import RedirectResponse
@@ -65,7 +66,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             pool.stop()
 
     app = FastAPI(title="bitplan", version=__version__, lifespan=lifespan,
-                  description="Decide how many bits each part of a network gets, then quantize it.")
+                  description="Decide how many bits each part of a network gets, then quantize it.",
+                  generate_unique_id_function=lambda route: route.name)  # operationIds: create_job, get_job, ...
     app.state.store, app.state.huey, app.state.settings = store, huey, settings
     app.state.telemetry = Telemetry.create()
     install_error_handlers(app)
@@ -73,7 +75,26 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     for router in (meta.router, models.router, jobs.router, artifacts.router, latency.router):
         app.include_router(router)
     _install_dashboard(app)
+    _optional_auth_in_schema(app)
     return app
+
+
+def _optional_auth_in_schema(app: FastAPI) -> None:
+    """The OpenAPI document says the bearer key is optional (``security: [{HTTPBearer: []}, {}]``): a service
+    started without keys serves everyone, one with keys answers 401 without one."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    if isinstance(operation, dict) and operation.get("security") and {} not in operation["security"]:
+                        operation["security"].append({})
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _install_dashboard(app: FastAPI) -> None:
