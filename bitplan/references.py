@@ -50,13 +50,18 @@ def check_reference(reference: str, *, roots: Sequence[Path], max_bytes: int) ->
 
 
 def _inside_roots(reference: str, roots: Sequence[Path]) -> Path:
-    path = Path(reference)
-    candidates = [path.resolve()] if path.is_absolute() else [(root / path).resolve() for root in roots]
-    resolved_roots = [root.resolve() for root in roots]
-    inside = [c for c in candidates if any(c.is_relative_to(r) for r in resolved_roots)]
+    inside = _candidates_inside(reference, roots)
     if not inside:
         raise ModelReferenceError(f"model path {reference!r} is outside the allowed roots", param="model")
     return inside[0]
+
+
+def _candidates_inside(reference: str, roots: Sequence[Path]) -> list[Path]:
+    """Where ``reference`` resolves (symlinks followed) under each root, keeping those inside a root."""
+    path = Path(reference)
+    candidates = [path.resolve()] if path.is_absolute() else [(root / path).resolve() for root in roots]
+    resolved_roots = [root.resolve() for root in roots]
+    return [c for c in candidates if any(c.is_relative_to(r) for r in resolved_roots)]
 
 
 def _check_files(reference: str, kind: str, path: Path, roots: Sequence[Path]) -> None:
@@ -92,10 +97,7 @@ def check_text_file(reference: str, *, roots: Sequence[Path], param: str) -> str
     if not roots:
         raise SpecError(f"this service allows no file paths (start it with --model-root DIR); leave {param} out "
                         "to use the built-in text", param=param)
-    path = Path(reference)
-    candidates = [path.resolve()] if path.is_absolute() else [(root / path).resolve() for root in roots]
-    resolved_roots = [root.resolve() for root in roots]
-    inside = [c for c in candidates if any(c.is_relative_to(r) for r in resolved_roots) and c.is_file()]
+    inside = [c for c in _candidates_inside(reference, roots) if c.is_file()]
     if not inside:
         raise SpecError(f"{param} {reference!r} is not a file under an allowed root", param=param)
     target = inside[0]

@@ -126,14 +126,19 @@ class _Layout:
     heads: dict[str, int]  # attn_q / attn_k -> heads (llama's row permutation)
 
 
-def _layout(manifest: Manifest, units: dict[str, QuantizedWeight | GgmlWeight],
-            floats: dict[str, torch.Tensor]) -> _Layout:
-    reader = gguf.GGUFReader(_source_gguf(manifest))
+def _name_map(reader: Any) -> tuple[str, Any]:
+    """The architecture of a GGUF and the gguf package's map from Hugging Face tensor names to its names."""
     arch = str(reader.fields["general.architecture"].contents())
     arch_id = {name: key for key, name in gguf.MODEL_ARCH_NAMES.items()}.get(arch)
     if arch_id is None:
         raise BitplanError(f"the gguf package does not know the architecture {arch!r}")
-    name_map = gguf.TensorNameMap(arch_id, int(reader.fields[f"{arch}.block_count"].contents()))
+    return arch, gguf.TensorNameMap(arch_id, int(reader.fields[f"{arch}.block_count"].contents()))
+
+
+def _layout(manifest: Manifest, units: dict[str, QuantizedWeight | GgmlWeight],
+            floats: dict[str, torch.Tensor]) -> _Layout:
+    reader = gguf.GGUFReader(_source_gguf(manifest))
+    arch, name_map = _name_map(reader)
 
     def gguf_name(hf_name: str) -> str | None:
         return name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -272,9 +277,7 @@ def file_overhead(source: Path, unit_names: list[str]) -> int:
     """Bytes of a GGUF written from ``source`` that are not the units' tensors (metadata, tokenizer, the other
     tensors, padding), from the source file itself plus :data:`FILE_BUDGET_MARGIN`."""
     reader = gguf.GGUFReader(source)
-    arch = str(reader.fields["general.architecture"].contents())
-    arch_id = {name: key for key, name in gguf.MODEL_ARCH_NAMES.items()}[arch]
-    name_map = gguf.TensorNameMap(arch_id, int(reader.fields[f"{arch}.block_count"].contents()))
+    _, name_map = _name_map(reader)
     wanted = {name_map.get_name(f"{n}.weight", try_suffixes=(".weight",)) for n in unit_names}
     units_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.name in wanted)
     return source.stat().st_size - units_bytes + FILE_BUDGET_MARGIN

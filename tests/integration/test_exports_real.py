@@ -117,6 +117,11 @@ def test_issue17_a_whole_file_budget_is_met_by_the_written_gguf(tmp_path: Path) 
     size = os.path.getsize(Path(run.artifact) / "model.gguf")
     assert run.file_bytes == size <= budget and size > budget - 200_000  # spent, within a few blocks
     assert run.budget["file_bytes"] == budget
+    from llama_cpp import Llama  # the runtime the budget is for loads the file and generates
+
+    runtime = Llama(model_path=str(Path(run.artifact) / "model.gguf"), n_ctx=64, verbose=False)
+    text = runtime.create_completion("The capital of France is", max_tokens=4, temperature=0.0)["choices"][0]["text"]
+    assert text.strip(), "llama.cpp generated nothing from the file"
     with pytest.raises(BudgetError, match="as a whole file") as refused:
         run_pipeline(JobSpec.from_flat(model="smollm2-135m", file_bytes=10_000_000, target="gguf", num_samples=2,
                                        seq_len=64), out=tmp_path / "small")
