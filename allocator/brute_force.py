@@ -29,6 +29,9 @@ def solve_brute_force(problem: AllocationProblem, *, max_combinations: int = 2_0
             continue
         if problem.budget.latency is not None and latency is not None and latency > problem.budget.latency + 1e-9:
             continue
+        prefill = problem.prefill_of(choice)
+        if problem.budget.prefill is not None and prefill is not None and prefill > problem.budget.prefill + 1e-9:
+            continue
         if best is None or objective < best[0]:
             best = (objective, tuple(choice), used, latency)
     elapsed = time.perf_counter() - started

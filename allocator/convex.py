@@ -205,6 +205,8 @@ def solve_convex(problem: AllocationProblem, *, method: str = "baq") -> Allocati
     early = reject_infeasible_budget(problem, method, started)
     if early is not None:
         return early
+    if problem.budget.prefill is not None:
+        raise ValueError(f"the {method} solver takes no prefill budget; use solver 'highs'")
     model = block_model(problem)
     budget = problem.budget
     if method == "baq":

@@ -67,9 +67,11 @@ def solve_ilp(problem: AllocationProblem, *, time_limit_s: float = 60.0, mip_rel
     if problem.budget.bytes is not None:
         add_row([(int(offsets[u]) + k, o.bytes) for u, unit in enumerate(problem.units)
                  for k, o in enumerate(unit.options)], -np.inf, problem.budget.bytes)
-    if problem.budget.latency is not None:
-        add_row([(int(offsets[u]) + k, float(o.latency or 0.0)) for u, unit in enumerate(problem.units)
-                 for k, o in enumerate(unit.options)], -np.inf, problem.budget.latency)
+    for resource in ("latency", "prefill"):
+        limit = getattr(problem.budget, resource)
+        if limit is not None:
+            add_row([(int(offsets[u]) + k, float(getattr(o, resource) or 0.0)) for u, unit in enumerate(problem.units)
+                     for k, o in enumerate(unit.options)], -np.inf, limit)
     for members in problem.tie_groups().values():
         first = members[0]
         for other in members[1:]:

@@ -141,7 +141,7 @@ def solve_lagrangian(problem: AllocationProblem, *, close_gap: bool = True) -> A
     With ``close_gap`` the blocks that the LP bound leaves open are re-solved exactly (``allocator.core``), which
     proves optimality unless that program grows past its point limit."""
     started = time.perf_counter()
-    if problem.budget.latency is not None or problem.budget.bytes is None:
+    if problem.has_time_budget or problem.budget.bytes is None:
         raise ValueError("the lagrangian solver handles a bytes budget only; use solver 'highs' for latency")
     blocks, sizes, costs = block_arrays(problem)
     upgrades = hull_upgrades_arrays(sizes, costs, blocks=blocks)

@@ -1,9 +1,10 @@
 """The allocation problem: a multiple-choice knapsack over quantization units.
 
 Each unit (a layer, a tensor or a group) has options (a bit width, ...) with a size in bytes (scales and zero
-points counted), a predicted distortion and optionally a latency. Pick one option per unit to minimize total
-distortion subject to a bytes budget (and optionally a latency budget). Units that share a ``tie`` label must
-pick the same option index; ``min_bits`` / ``max_bits`` restrict a unit's options (equal values pin it).
+points counted), a predicted distortion and optionally a latency and a prefill time. Pick one option per unit to
+minimize total distortion subject to a bytes budget (and optionally a latency and a prefill budget). Units that
+share a ``tie`` label must pick the same option index; ``min_bits`` / ``max_bits`` restrict a unit's options
+(equal values pin it).
 """
 
 from __future__ import annotations
@@ -34,14 +35,16 @@ class Option:
     bytes: float
     distortion: float
     latency: float | None = None
+    prefill: float | None = None  # a second time per token (prefill), constrained by ``Budget.prefill``
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.bytes) and self.bytes >= 0):
             raise ValueError(f"option bytes must be a finite number >= 0, got {self.bytes}")
         if not math.isfinite(self.distortion):
             raise ValueError(f"option distortion must be finite, got {self.distortion}")
-        if self.latency is not None and not (math.isfinite(self.latency) and self.latency >= 0):
-            raise ValueError(f"option latency must be a finite number >= 0, got {self.latency}")
+        for name, value in (("latency", self.latency), ("prefill", self.prefill)):
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"option {name} must be a finite number >= 0, got {value}")
 
 
 @dataclass(frozen=True)
@@ -76,11 +79,12 @@ class Budget:
 
     bytes: float | None = None
     latency: float | None = None
+    prefill: float | None = None
 
     def __post_init__(self) -> None:
-        if self.bytes is None and self.latency is None:
-            raise ValueError("a budget needs 'bytes' or 'latency' (or both)")
-        for name, value in (("bytes", self.bytes), ("latency", self.latency)):
+        if self.bytes is None and self.latency is None and self.prefill is None:
+            raise ValueError("a budget needs 'bytes', 'latency' or 'prefill' (or several)")
+        for name, value in (("bytes", self.bytes), ("latency", self.latency), ("prefill", self.prefill)):
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"budget {name} must be a finite number >= 0, got {value}")
 
@@ -103,10 +107,17 @@ class AllocationProblem:
             if not any(self.block_allowed(members)):
                 names = [self.units[i].name for i in members]
                 raise ValueError(f"tied units {names}: their bit bounds leave no option allowed for all of them")
-        if self.budget.latency is not None:
-            missing = [u.name for u in self.units if any(o.latency is None for o in u.options)]
-            if missing:
-                raise ValueError(f"a latency budget needs a latency on every option; missing on {missing[:5]}")
+        for resource in ("latency", "prefill"):
+            if getattr(self.budget, resource) is not None:
+                missing = [u.name for u in self.units if any(getattr(o, resource) is None for o in u.options)]
+                if missing:
+                    raise ValueError(f"a {resource} budget needs a {resource} on every option; missing on "
+                                     f"{missing[:5]}")
+
+    @property
+    def has_time_budget(self) -> bool:
+        """Whether a latency or prefill budget constrains the problem (only HiGHS, PuLP and brute force take one)."""
+        return self.budget.latency is not None or self.budget.prefill is not None
 
     def tie_groups(self) -> dict[str, list[int]]:
         """Map each tie label to the indices of its units."""
@@ -138,12 +149,12 @@ class AllocationProblem:
                  for k in range(n_options)]
         return sizes, costs
 
-    def block_latencies(self, block: list[int]) -> list[float]:
-        """Latency of each option index summed over a block (``inf`` where excluded or unknown)."""
+    def block_latencies(self, block: list[int], resource: str = "latency") -> list[float]:
+        """Latency (or ``prefill``) of each option index summed over a block (``inf`` where excluded or unknown)."""
         allowed = self.block_allowed(block)
         result = []
         for k, ok in enumerate(allowed):
-            values = [self.units[i].options[k].latency for i in block]
+            values = [getattr(self.units[i].options[k], resource) for i in block]
             result.append(math.inf if not ok or any(v is None for v in values) else float(sum(values)))  # type: ignore[arg-type]
         return result
 
@@ -156,12 +167,17 @@ class AllocationProblem:
             high += max(s for s in sizes if math.isfinite(s))
         return low, high
 
-    def min_latency(self) -> float | None:
-        """Smallest total latency any allocation can reach, ``None`` when some option has no latency."""
+    def min_latency(self, resource: str = "latency") -> float | None:
+        """Smallest total latency (or ``prefill``) any allocation can reach, ``None`` when some option has none."""
         total = 0.0
         for block in self.blocks():
-            total += min(self.block_latencies(block))
+            total += min(self.block_latencies(block, resource))
         return total if math.isfinite(total) else None
+
+    def prefill_of(self, choice: list[int] | tuple[int, ...]) -> float | None:
+        """Total prefill time of a choice, ``None`` when some chosen option has none."""
+        values = [unit.options[k].prefill for unit, k in zip(self.units, choice, strict=True)]
+        return None if any(v is None for v in values) else float(sum(values))  # type: ignore[arg-type]
 
     def evaluate(self, choice: list[int] | tuple[int, ...]) -> tuple[float, float, float | None]:
         """Objective, bytes and latency of a choice (one option index per unit)."""
@@ -238,6 +254,10 @@ def reject_infeasible_budget(problem: AllocationProblem, solver: str, started: f
     if problem.budget.latency is not None and fastest is not None and problem.budget.latency < fastest - 1e-9:
         messages.append(f"latency budget of {problem.budget.latency:g} is below the smallest achievable latency "
                         f"{fastest:g}")
+    quickest = problem.min_latency("prefill")
+    if problem.budget.prefill is not None and quickest is not None and problem.budget.prefill < quickest - 1e-9:
+        messages.append(f"prefill budget of {problem.budget.prefill:g} is below the smallest achievable prefill time "
+                        f"{quickest:g}")
     if messages:
         return Allocation.without_solution(problem, status=SolverStatus.INFEASIBLE, solver=solver,
                                            solve_s=time.perf_counter() - started, message="; ".join(messages))

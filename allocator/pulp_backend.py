@@ -28,9 +28,11 @@ def solve_pulp(problem: AllocationProblem, *, time_limit_s: float = 60.0) -> All
     if problem.budget.bytes is not None:
         model += pulp.lpSum(o.bytes * x[u][k] for u, unit in enumerate(problem.units)
                             for k, o in enumerate(unit.options)) <= problem.budget.bytes
-    if problem.budget.latency is not None:
-        model += pulp.lpSum(float(o.latency or 0.0) * x[u][k] for u, unit in enumerate(problem.units)
-                            for k, o in enumerate(unit.options)) <= problem.budget.latency
+    for resource in ("latency", "prefill"):
+        limit = getattr(problem.budget, resource)
+        if limit is not None:
+            model += pulp.lpSum(float(getattr(o, resource) or 0.0) * x[u][k] for u, unit in enumerate(problem.units)
+                                for k, o in enumerate(unit.options)) <= limit
     for members in problem.tie_groups().values():
         for other in members[1:]:
             for k in range(len(problem.units[members[0]].options)):

@@ -19,7 +19,7 @@ def solve_allocation(problem: AllocationProblem, *, solver: str = "auto", time_l
     latency budget is set, else the Lagrangian hull solver with its gap closed on the open blocks.
     ``baq`` / ``cvxpy``: the convex model ``c * 2^(-2b)`` (closed form / convex program), rounded."""
     if solver == "auto":
-        large = len(problem.units) > EXACT_UNIT_LIMIT and problem.budget.latency is None
+        large = len(problem.units) > EXACT_UNIT_LIMIT and not problem.has_time_budget
         solver = "lagrangian" if large else "highs"
     if solver == "highs":
         return with_multiplier(problem, solve_ilp(problem, time_limit_s=time_limit_s))
@@ -38,7 +38,7 @@ def solve_allocation(problem: AllocationProblem, *, solver: str = "auto", time_l
 
 def with_multiplier(problem: AllocationProblem, allocation: Allocation) -> Allocation:
     """Add the LP price of a byte at this budget (marginal distortion per byte) to a bytes-only answer."""
-    if "multiplier" in allocation.extra or not allocation.choice or problem.budget.latency is not None \
+    if "multiplier" in allocation.extra or not allocation.choice or problem.has_time_budget \
             or problem.budget.bytes is None:
         return allocation
     solution = solve_hull(hull_upgrades(problem), problem.budget.bytes)
@@ -63,24 +63,25 @@ def problem_to_json(problem: AllocationProblem, labels: dict[str, list[str]] | N
     for unit in problem.units:
         names = (labels or {}).get(unit.name)
         options = [{"bits": o.bits, "bytes": o.bytes, "distortion": o.distortion,
-                    **({} if o.latency is None else {"latency": o.latency}),
+                    **{key: value for key, value in (("latency", o.latency), ("prefill", o.prefill))
+                       if value is not None},
                     **({} if names is None else {"format": names[k]})} for k, o in enumerate(unit.options)]
         bounds = {key: value for key, value in (("tie", unit.tie), ("min_bits", unit.min_bits),
                                                 ("max_bits", unit.max_bits)) if value is not None}
         units.append({"name": unit.name, "options": options, **bounds})
-    budget = {key: value for key, value in (("bytes", problem.budget.bytes), ("latency", problem.budget.latency))
-              if value is not None}
+    budget = {key: getattr(problem.budget, key) for key in ("bytes", "latency", "prefill")
+              if getattr(problem.budget, key) is not None}
     return {"units": units, "budget": budget}
 
 
 def problem_from_json(data: Any) -> AllocationProblem:
-    """Build a problem from ``{"units": [{"name", "options": [{"bits", "bytes", "distortion", "latency"?}],
-    "tie"?, "min_bits"?, "max_bits"?, "pin"?}], "budget": {"bytes"?, "latency"?}}`` (``pin``: bits the unit must
-    keep), raising ``ValueError`` that says what is wrong."""
+    """Build a problem from ``{"units": [{"name", "options": [{"bits", "bytes", "distortion", "latency"?,
+    "prefill"?}], "tie"?, "min_bits"?, "max_bits"?, "pin"?}], "budget": {"bytes"?, "latency"?, "prefill"?}}``
+    (``pin``: bits the unit must keep), raising ``ValueError`` that says what is wrong."""
     if not isinstance(data, dict) or not isinstance(data.get("units"), list):
         raise ValueError("problem must be a JSON object with a 'units' list and a 'budget' object")
     if not isinstance(data.get("budget"), dict):
-        raise ValueError("problem needs a 'budget' object with 'bytes' and/or 'latency'")
+        raise ValueError("problem needs a 'budget' object with 'bytes', 'latency' and/or 'prefill'")
     units = []
     for index, raw in enumerate(data["units"]):
         if not isinstance(raw, dict) or not isinstance(raw.get("options"), list):
@@ -88,7 +89,8 @@ def problem_from_json(data: Any) -> AllocationProblem:
         try:
             options = tuple(
                 Option(bits=int(o["bits"]), bytes=float(o["bytes"]), distortion=float(o["distortion"]),
-                       latency=None if o.get("latency") is None else float(o["latency"]))
+                       latency=None if o.get("latency") is None else float(o["latency"]),
+                       prefill=None if o.get("prefill") is None else float(o["prefill"]))
                 for o in raw["options"]
             )
         except (KeyError, TypeError) as error:
@@ -103,5 +105,6 @@ def problem_from_json(data: Any) -> AllocationProblem:
     return AllocationProblem(
         units=tuple(units),
         budget=Budget(bytes=None if budget.get("bytes") is None else float(budget["bytes"]),
-                      latency=None if budget.get("latency") is None else float(budget["latency"])),
+                      latency=None if budget.get("latency") is None else float(budget["latency"]),
+                      prefill=None if budget.get("prefill") is None else float(budget["prefill"])),
     )

@@ -191,10 +191,10 @@ def run_budgets(spec: JobSpec, *, out_dirs: list[Path], on_progress: ProgressFn 
 
 def plan_latency(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], sizes: Sizes,
                  on_progress: ProgressFn | None) -> LatencyPlan | None:
-    """Step 2b, with a latency budget: this machine's latency table for the model and the candidate GGML types
-    (cached; measured now when missing, or read from ``--latency-table``), and the budget checked against it."""
-    budget = spec.budget.latency_ms_per_token
-    if budget is None:
+    """Step 2b, with a latency (decode or prefill) budget: this machine's latency table for the model and the
+    candidate GGML types (cached; measured now when missing, or read from ``--latency-table``), and the budgets
+    checked against it."""
+    if not spec.budget.has_time_budget:
         return None
     from bitplan.latency import latency_table
 
@@ -203,7 +203,8 @@ def plan_latency(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear]
     table_file = None if spec.budget.latency_table is None else Path(spec.budget.latency_table)
     table, source = latency_table(spec.model, loaded.source_sha256, [f for f in names if f in used],
                                   table_file=table_file, on_progress=on_progress, loaded=loaded)
-    return latency_plan(table, source, units, sizes, float(budget))
+    return latency_plan(table, source, units, sizes, spec.budget.latency_ms_per_token,
+                        spec.budget.prefill_ms_per_token)
 
 
 def calibrate_and_measure(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear],
@@ -320,7 +321,9 @@ def write_run(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], p
     if on_progress is not None and quality is not None:
         on_progress(Stage.QUALITY, 1, 1)
     latency_report = None if latency is None or plan.latency_ms is None else {
-        "predicted_ms_per_token": plan.latency_ms, "budget_ms_per_token": latency.budget_ms, "table": latency.table}
+        "predicted_ms_per_token": plan.latency_ms, "budget_ms_per_token": latency.budget_ms,
+        "predicted_prefill_ms_per_token": plan.prefill_ms, "prefill_budget_ms_per_token": latency.prefill_budget_ms,
+        "table": latency.table}
     record = dataclasses.replace(run_record(spec, loaded, plan, measured, refinement, quality), latency=latency_report)
     started = time.perf_counter()
     written = write_artifact(out_dir, model=loaded.model, tokenizer=loaded.tokenizer, kind=loaded.kind,
@@ -328,8 +331,10 @@ def write_run(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], p
                              formats={name: unit_format(spec, plan, name) for name in plan.bits})
     if sizes is not None and measured.sensitivity is not None and plan.budget_bytes is not None:
         problem = job_problem(spec, sizes, measured.sensitivity, plan.budget_bytes, latency)
+        fixed = None if latency is None else {"latency_fixed_ms": latency.fixed_ms,
+                                              "prefill_fixed_ms": latency.prefill_fixed_ms}
         write_problem(written.path, problem_document(problem, option_labels(spec, sizes),
-                                                     sum(m.weight.numel() for m in units.values())))
+                                                     sum(m.weight.numel() for m in units.values()), fixed))
         _, written = _listed(written, [PROBLEM_FILE])
     stage_times = {"write": round(time.perf_counter() - started, 3)}
     if on_progress is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -40,43 +40,75 @@ class Plan:
     seconds: float = 0.0
     formats: dict[str, str] | None = None  # the format per unit when the job chose among formats
     latency_ms: float | None = None  # predicted decode ms per token (a job with a latency budget)
+    prefill_ms: float | None = None  # predicted prefill ms per prompt token (the same jobs)
 
 
 @dataclass(frozen=True)
 class LatencyPlan:
-    """A latency budget in the allocator's terms: each unit's decode milliseconds per token in each of its
-    options (from the measured table), the fixed part, the budget, and what the report says of the table."""
+    """Latency budgets in the allocator's terms: each unit's decode (and prefill) milliseconds per token in each
+    of its options (from the measured table), the fixed parts, the budgets (``None``: not constrained), and what
+    the report says of the table."""
 
     per_unit: dict[str, dict[Any, float]]
     fixed_ms: float
-    budget_ms: float
+    budget_ms: float | None
     table: dict[str, Any]
+    prefill_per_unit: dict[str, dict[Any, float]] = field(default_factory=dict)
+    prefill_fixed_ms: float = 0.0
+    prefill_budget_ms: float | None = None
+
+    def _times(self, prefill: bool) -> tuple[dict[str, dict[Any, float]], float]:
+        return (self.prefill_per_unit, self.prefill_fixed_ms) if prefill else (self.per_unit, self.fixed_ms)
+
+    def fastest(self, *, prefill: bool = False) -> float:
+        per_unit, fixed = self._times(prefill)
+        return fixed + sum(min(options.values()) for options in per_unit.values())
+
+    def slowest(self, *, prefill: bool = False) -> float:
+        per_unit, fixed = self._times(prefill)
+        return fixed + sum(max(options.values()) for options in per_unit.values())
 
     @property
     def fastest_ms(self) -> float:
-        return self.fixed_ms + sum(min(options.values()) for options in self.per_unit.values())
+        return self.fastest()
 
     @property
     def slowest_ms(self) -> float:
-        return self.fixed_ms + sum(max(options.values()) for options in self.per_unit.values())
+        return self.slowest()
 
-    def predict(self, choice: dict[str, Any]) -> float:
-        return self.fixed_ms + sum(self.per_unit[name][key] for name, key in choice.items())
+    def predict(self, choice: dict[str, Any], *, prefill: bool = False) -> float:
+        per_unit, fixed = self._times(prefill)
+        return fixed + sum(per_unit[name][key] for name, key in choice.items())
+
+    def describe(self) -> str:
+        """The budgets, as a refusal names them."""
+        parts = [] if self.budget_ms is None else [f"the decode budget of {self.budget_ms:g} ms per token"]
+        if self.prefill_budget_ms is not None:
+            parts.append(f"the prefill budget of {self.prefill_budget_ms:g} ms per prompt token")
+        return " and ".join(parts)
 
 
-def latency_plan(table: Any, source: str, units: dict[str, nn.Linear], sizes: Sizes, budget_ms: float) -> LatencyPlan:
-    """``budget_ms`` against ``table`` (a :class:`bitplan.latency.LatencyTable`) for these units and options;
-    a budget below the fastest achievable decode time is refused, naming that time."""
+def latency_plan(table: Any, source: str, units: dict[str, nn.Linear], sizes: Sizes, budget_ms: float | None,
+                 prefill_budget_ms: float | None = None) -> LatencyPlan:
+    """``budget_ms`` (decode) and ``prefill_budget_ms`` against ``table`` (a :class:`bitplan.latency.LatencyTable`)
+    for these units and options; a budget below the fastest achievable time is refused, naming that time."""
     per_unit = {name: {fmt: table.unit_ms(fmt, units[name].weight.numel()) for fmt in sizes[name]}
                 for name in sizes}
+    prefill = {name: {fmt: table.unit_ms(fmt, units[name].weight.numel(), prefill=True) for fmt in sizes[name]}
+               for name in sizes}
     plan = LatencyPlan(per_unit=per_unit, fixed_ms=table.decode_fixed_ms, budget_ms=budget_ms,
                        table={"key": table.key, "source": source, "fingerprint": table.fingerprint,
-                              "fit": {k: v for k, v in table.fit.items() if not isinstance(v, list)}})
-    if budget_ms < plan.fastest_ms:
-        raise BudgetError(f"latency budget {budget_ms:g} ms per token is below the fastest achievable "
-                          f"{plan.fastest_ms:.3f} ms per token (every layer at its fastest candidate format on this "
-                          f"machine's measured table); the slowest is {plan.slowest_ms:.3f}",
-                          param="latency_ms_per_token")
+                              "fit": {k: v for k, v in table.fit.items() if not isinstance(v, list)}},
+                       prefill_per_unit=prefill, prefill_fixed_ms=table.prefill_fixed_ms,
+                       prefill_budget_ms=prefill_budget_ms)
+    for given, is_prefill, what, unit, param in (
+            (budget_ms, False, "latency", "ms per token", "latency_ms_per_token"),
+            (prefill_budget_ms, True, "prefill", "ms per prompt token", "prefill_ms_per_token")):
+        if given is not None and given < plan.fastest(prefill=is_prefill):
+            raise BudgetError(f"{what} budget {given:g} {unit} is below the fastest achievable "
+                              f"{plan.fastest(prefill=is_prefill):.3f} {unit} (every layer at its fastest candidate "
+                              f"format on this machine's measured table); the slowest is "
+                              f"{plan.slowest(prefill=is_prefill):.3f}", param=param)
     return plan
 
 
@@ -141,7 +173,7 @@ def budgets_in_bytes(spec: JobSpec, sizes: Sizes, numel: int, file_overhead: int
     if spec.budget.file_bytes is not None:
         assert file_overhead is not None, "a whole-file budget needs the file's overhead"
         given = [spec.budget.file_bytes - file_overhead]
-    elif not spec.budget.bits_per_weight and spec.budget.bytes is None:  # a latency budget alone: size is free
+    elif not spec.budget.bits_per_weight and spec.budget.bytes is None:  # a time budget alone: size is free
         return [high]
     else:
         given = [int(b * numel / 8) for b in spec.budget.bits_per_weight] or [spec.budget.bytes]
@@ -207,13 +239,18 @@ def allocation_problem(sizes: Sizes, sensitivity: SensitivityResult, bits: tuple
     return AllocationProblem(
         units=tuple(Unit(name=name, options=tuple(Option(bits=option_bits(k), bytes=float(sizes[name][k]),
                                                          distortion=float(delta[name][k]),
-                                                         latency=None if latency is None else latency.per_unit[name][k])
+                                                         latency=None if latency is None else latency.per_unit[name][k],
+                                                         prefill=None if latency is None
+                                                         else latency.prefill_per_unit[name][k])
                                                   for k in keys[name]),
                          tie=ties[name] if ties[name] is not None and len(options_of_tie[ties[name]]) == 1 else None,
                          min_bits=pins.get(name), max_bits=pins.get(name))
                     for name in sizes),
         budget=Budget(bytes=float(budget_bytes),
-                      latency=None if latency is None else max(0.0, latency.budget_ms - latency.fixed_ms)),
+                      latency=None if latency is None or latency.budget_ms is None
+                      else max(0.0, latency.budget_ms - latency.fixed_ms),
+                      prefill=None if latency is None or latency.prefill_budget_ms is None
+                      else max(0.0, latency.prefill_budget_ms - latency.prefill_fixed_ms)),
     )
 
 
@@ -243,18 +280,21 @@ def solve_plan(spec: JobSpec, sizes: Sizes, sensitivity: SensitivityResult, *, b
         smallest = "" if solved.min_feasible_bytes is None or latency is not None else (
             f" (with these pins the smallest achievable budget is "
             f"{8 * solved.min_feasible_bytes / numel:.4f} bits per weight)")
-        both = "" if latency is None else (f" (the size budget and the latency budget of {latency.budget_ms:g} ms "
-                                           "per token cannot both be met: loosen one)")
+        both = "" if latency is None else (f" (the size budget and {latency.describe()} cannot all be met: "
+                                           "loosen one)")
         raise BudgetError(f"allocation failed ({solved.status.value}): {solved.message}{smallest}{both}",
-                          param="latency_ms_per_token" if latency is not None else "bits_per_weight")
+                          param=spec.budget.time_param if latency is not None else "bits_per_weight")
     bits = {unit.name: unit.options[k].bits for unit, k in zip(problem.units, solved.choice, strict=True)}
     chosen = None if formats is None else {unit.name: list(sizes[unit.name])[k]
                                            for unit, k in zip(problem.units, solved.choice, strict=True)}
     record = SolverRecord(name=solved.solver, status=solved.status.value, objective=solved.objective,
                           lower_bound=solved.lower_bound, solve_s=solved.solve_s)
-    predicted = None if latency is None else latency.predict(chosen if chosen is not None else bits)
+    choice = chosen if chosen is not None else bits
+    predicted = None if latency is None else latency.predict(choice)
+    prefill = None if latency is None else latency.predict(choice, prefill=True)
     return Plan(bits=bits, budget_bits_per_weight=bits_per_weight, budget_bytes=budget_bytes, solver=record,
-                seconds=round(time.perf_counter() - started, 3), formats=chosen, latency_ms=predicted)
+                seconds=round(time.perf_counter() - started, 3), formats=chosen, latency_ms=predicted,
+                prefill_ms=prefill)
 
 
 def uniform_plan(spec: JobSpec, units: dict[str, nn.Linear]) -> Plan:

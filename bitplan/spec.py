@@ -61,6 +61,10 @@ class Budget:
         None, "float", "decode-latency budget in milliseconds per token at batch 1, as predicted by this machine's "
         "measured latency table (gguf target; alone or with a size budget)", flag="--latency-ms-per-token",
         positive=True, maximum=1e6, label="a latency budget")
+    prefill_ms_per_token: float | None = option_field(
+        None, "float", "prefill budget in milliseconds per prompt token (a 32-token prompt), as predicted by this "
+        "machine's measured latency table (gguf target; alone, with a decode budget or with a size budget)",
+        flag="--prefill-ms-per-token", positive=True, maximum=1e6, label="a prefill budget")
     latency_table: str | None = option_field(None, "str", "latency table measured on the machine that will run the "
                                              "model (bitplan latency --out FILE; over HTTP the id of one uploaded to "
                                              "/v1/latency-tables); default: this machine's", flag="--latency-table")
@@ -69,13 +73,23 @@ class Budget:
         check_part(self)
         given = [bool(self.bits_per_weight), self.bytes is not None, self.uniform_bits is not None,
                  self.file_bytes is not None]
-        if sum(given) > 1 or (sum(given) == 0 and self.latency_ms_per_token is None):
+        if sum(given) > 1 or (sum(given) == 0 and not self.has_time_budget):
             raise SpecError("give exactly one of a bits-per-weight budget, a bytes budget, a whole-file budget or "
-                            "uniform bits (a latency budget may come alone or with a size budget)",
+                            "uniform bits (a latency or prefill budget may come alone or with a size budget)",
                             param="bits_per_weight")
-        if self.latency_ms_per_token is not None and self.uniform_bits is not None:
+        if self.has_time_budget and self.uniform_bits is not None:
             raise SpecError("a latency budget chooses formats per layer; a uniform baseline takes no latency budget",
-                            param="latency_ms_per_token")
+                            param=self.time_param)
+
+    @property
+    def has_time_budget(self) -> bool:
+        """Whether a decode-latency or prefill budget is given."""
+        return self.latency_ms_per_token is not None or self.prefill_ms_per_token is not None
+
+    @property
+    def time_param(self) -> str:
+        """The field a refusal of the time budgets names: the decode budget when given, else the prefill one."""
+        return "latency_ms_per_token" if self.latency_ms_per_token is not None else "prefill_ms_per_token"
 
     def describe(self, index: int = 0) -> str:
         if self.bits_per_weight:
@@ -86,7 +100,9 @@ class Budget:
             return f"{self.file_bytes} bytes of file"
         if self.uniform_bits is not None:
             return f"uniform {self.uniform_bits} bits"
-        return f"{self.latency_ms_per_token:g} ms per token"
+        if self.latency_ms_per_token is not None:
+            return f"{self.latency_ms_per_token:g} ms per token"
+        return f"{self.prefill_ms_per_token:g} ms per prompt token"
 
 
 @dataclass(frozen=True)
@@ -262,10 +278,10 @@ class JobSpec:
         if self.budget.file_bytes is not None and self.quantization.target.value != "gguf":
             raise SpecError("a whole-file budget (--file-bytes) is for the gguf target's one file: add --target gguf, "
                             "or give --bytes for the quantized layers", param="file_bytes")
-        if self.budget.latency_ms_per_token is not None and self.quantization.target.value != "gguf":
+        if self.budget.has_time_budget and self.quantization.target.value != "gguf":
             raise SpecError("latency budgets are measured for the gguf target on this CPU (llama.cpp through "
                             "llama-cpp-python): add --target gguf (the packed target's kernels need a GPU to time)",
-                            param="latency_ms_per_token")
+                            param=self.budget.time_param)
         from bitplan.planning import check_budget_coarsely  # the rule lives beside the exact one
 
         if self.quantization.format_names is None:

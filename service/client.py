@@ -125,9 +125,10 @@ class Jobs:
     def __init__(self, client: Client) -> None:
         self.client = client
 
-    def frontier(self, job_id: str, *, kind: str = "auto") -> dict[str, Any]:
-        """The succeeded job's predicted frontier, uniform baselines and measured artifacts."""
-        return self.client.request("GET", f"/v1/jobs/{job_id}/frontier", params={"kind": kind}).json()
+    def frontier(self, job_id: str, *, kind: str = "auto", axis: str = "bytes") -> dict[str, Any]:
+        """The succeeded job's predicted frontier, uniform baselines and measured artifacts (``axis``: ``bytes``,
+        or ``latency`` / ``prefill`` for a job that had a latency budget)."""
+        return self.client.request("GET", f"/v1/jobs/{job_id}/frontier", params={"kind": kind, "axis": axis}).json()
 
     def more_budgets(self, job_id: str, bits_per_weight: list[float]) -> dict[str, Any]:
         """A new job with ``job_id``'s spec and these budgets (its sensitivity pass comes from the cache)."""

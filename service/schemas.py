@@ -177,6 +177,10 @@ class FrontierPoint(BaseModel):
     bytes: float
     bits_per_weight: float
     predicted_loss: float = Field(description="predicted loss increase (the allocation's objective)")
+    latency_ms: float | None = Field(default=None, description="predicted decode ms per token (axis=latency, and "
+                                                               "uniform points of a job with a latency budget)")
+    prefill_ms: float | None = Field(default=None, description="predicted prefill ms per prompt token (axis=prefill, "
+                                                               "and uniform points of a job with a latency budget)")
 
 
 class UniformPoint(FrontierPoint):
@@ -204,6 +208,8 @@ class MeasuredPoint(BaseModel):
     eval_text: str | None
     latency_ms: float | None = Field(default=None, description="predicted decode ms per token (latency budgets)")
     measured_latency_ms: float | None = Field(default=None, description="the GGUF's decode ms per token, timed")
+    prefill_ms: float | None = Field(default=None, description="predicted prefill ms per prompt token")
+    measured_prefill_ms: float | None = Field(default=None, description="the GGUF's prefill ms per token, timed")
 
 
 class FrontierPublic(BaseModel):
@@ -212,6 +218,8 @@ class FrontierPublic(BaseModel):
 
     job_id: str
     kind: str = Field(description="exact (every Pareto-optimal allocation) or hull (the convex hull's breakpoints)")
+    axis: str = Field(default="bytes", description="what the points are sorted by: bytes, or the predicted decode "
+                                                   "(latency) or prefill time")
     numel: int = Field(description="weights in the allocated layers (bits per weight = 8 * bytes / numel)")
     total_points: int = Field(description="points on the whole frontier; ``points`` holds at most ``limit`` of "
                                           "them, evenly spread, the first and the last included")

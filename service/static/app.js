@@ -119,7 +119,7 @@ $("#sweep-form").addEventListener("submit", async (event) => {
   clearErrors();
   const body = { model: $("#f-model").value.trim() };
   try {
-    const latencyOnly = $("#f-budgets").value.trim() === "" && $("#f-latency").value !== "";
+    const latencyOnly = $("#f-budgets").value.trim() === "" && ($("#f-latency").value !== "" || $("#f-prefill").value !== "");
     const values = latencyOnly ? [] : budgetsFrom($("#f-budgets").value);
     if (latencyOnly) {
       // a latency budget alone: the size is free
@@ -138,6 +138,7 @@ $("#sweep-form").addEventListener("submit", async (event) => {
   }
   if ($("#f-tie").checked) body.tie_fused = true;
   if ($("#f-latency").value !== "") body.latency_ms_per_token = Number($("#f-latency").value);
+  if ($("#f-prefill").value !== "") body.prefill_ms_per_token = Number($("#f-prefill").value);
   if ($("#f-formats").value.trim()) body.formats = $("#f-formats").value.trim();
   if ($("#f-eval-text").value.trim()) body.eval_text = $("#f-eval-text").value.trim();
   for (const [id, name] of [["#f-samples", "num_samples"], ["#f-seq-len", "seq_len"], ["#f-group-size", "group_size"]]) {
@@ -182,6 +183,7 @@ function budgetsOf(job) {
   if (budget.bits_per_weight && budget.bits_per_weight.length) return budget.bits_per_weight.join(", ") + " bpw";
   if (budget.bytes) return `${fmt.bytes(budget.bytes)} B`;
   if (budget.latency_ms_per_token) return `${budget.latency_ms_per_token} ms/token`;
+  if (budget.prefill_ms_per_token) return `${budget.prefill_ms_per_token} ms/prompt token`;
   return `uniform ${budget.uniform_bits}`;
 }
 
@@ -342,7 +344,8 @@ function drawChart() {
   const W = 800, H = 450, L = 64, R = 16, T = 16, B = 44;
   const root = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img",
                             "aria-label": "predicted loss and measured quality against size" });
-  const xs = [...data.points, ...data.uniform, ...data.measured].map((p) => p[xKey]);
+  const has = (p) => p[xKey] !== null && p[xKey] !== undefined;  // untimed points have no time to sit at
+  const xs = [...data.points, ...data.uniform, ...data.measured].filter(has).map((p) => p[xKey]);
   const ys = yMode === "kl"
     ? [...data.points, ...data.uniform].map((p) => p.predicted_loss).concat(data.measured.flatMap((p) => [p.predicted_loss, p.kl_mean]))
     : data.measured.flatMap((p) => [p.ppl, p.ppl_source]);
@@ -367,23 +370,24 @@ function drawChart() {
   root.append(svg("line", { class: "axis", x1: L, x2: W - R, y1: H - B, y2: H - B }));
   root.append(svg("line", { class: "axis", x1: L, x2: L, y1: T, y2: H - B }));
   root.append(svg("text", { x: (L + W - R) / 2, y: H - 6, "text-anchor": "middle" },
-                  xKey === "bytes" ? "bytes of the quantized layers" : "bits per weight"));
+                  X_LABELS[xKey]));
   root.append(svg("text", { x: 12, y: (T + H - B) / 2, "text-anchor": "middle", transform: `rotate(-90 12 ${(T + H - B) / 2})` },
                   yMode === "kl" ? "nats per token (log scale)" : "perplexity"));
   const hover = (text) => () => { $("#hover-info").textContent = text; };
   if (yMode === "kl") {
-    const path = data.points.map((p, i) => `${i ? "L" : "M"}${px(p[xKey]).toFixed(1)},${py(p.predicted_loss).toFixed(1)}`).join("");
+    const path = data.points.filter(has).map((p, i) => `${i ? "L" : "M"}${px(p[xKey]).toFixed(1)},${py(p.predicted_loss).toFixed(1)}`).join("");
     root.append(svg("path", { class: "front", d: path }));
     const step = Math.max(1, Math.floor(data.points.length / 200));  // dots for hovering, thinned on big frontiers
     data.points.forEach((p, i) => {
-      if (i % step) return;
+      if (i % step || !has(p)) return;
       const dot = svg("circle", { class: "pt", cx: px(p[xKey]), cy: py(p.predicted_loss), r: 2.5 });
-      const text = `predicted: ${fmt.num(p.bits_per_weight)} bits/weight, ${fmt.bytes(p.bytes)} bytes, loss +${fmt.num(p.predicted_loss)}`;
+      const time = p.latency_ms ? `, ${fmt.num(p.latency_ms)} ms/token` : p.prefill_ms ? `, ${fmt.num(p.prefill_ms)} ms/prompt token` : "";
+      const text = `predicted: ${fmt.num(p.bits_per_weight)} bits/weight, ${fmt.bytes(p.bytes)} bytes${time}, loss +${fmt.num(p.predicted_loss)}`;
       dot.append(svg("title", {}, text));
       dot.addEventListener("mouseenter", hover(text));
       root.append(dot);
     });
-    for (const u of data.uniform) {
+    for (const u of data.uniform.filter(has)) {
       const cx = px(u[xKey]), cy = py(u.predicted_loss);
       const box = svg("rect", { class: "uni", x: cx - 5, y: cy - 5, width: 10, height: 10 });
       const text = `${u.label}${u.formats ? ` (${u.formats.join(", ")})` : ""}: ${fmt.num(u.bits_per_weight)} bits/weight, predicted loss +${fmt.num(u.predicted_loss)}`;
@@ -396,7 +400,7 @@ function drawChart() {
     root.append(svg("line", { class: "srcline", x1: L, x2: W - R, y1: y0, y2: y0 }));
     root.append(svg("text", { x: W - R - 4, y: y0 - 4, "text-anchor": "end" }, "source model"));
   }
-  for (const m of data.measured) {
+  for (const m of data.measured.filter(has)) {
     const cx = px(m[xKey]);
     const value = yMode === "kl" ? m.kl_mean : m.ppl;
     const text = `${m.artifact}: ${fmt.num(m.bits_per_weight)} bits/weight, ${fmt.bytes(m.bytes)} bytes; predicted +${fmt.num(m.predicted_loss)}; measured KL ${fmt.num(m.kl_mean)} (p99 ${fmt.num(m.kl_p99)}), ppl ${fmt.num(m.ppl)} vs source ${fmt.num(m.ppl_source)}`;
@@ -444,7 +448,7 @@ async function selectJob(id) {
   $("#frontier-title").textContent = `Frontier of ${id}`;
   $("#frontier-error").textContent = "";
   try {
-    frontierData = await api(`/v1/jobs/${id}/frontier`);
+    frontierData = await api(`/v1/jobs/${id}/frontier?axis=${axisOf($("#x-axis").value)}`);
   } catch (error) {
     frontierData = null;
     $("#chart").replaceChildren();
@@ -456,7 +460,19 @@ async function selectJob(id) {
   drawPointTable();
 }
 
-$("#x-axis").addEventListener("change", drawChart);
+const X_LABELS = { bits_per_weight: "bits per weight", bytes: "bytes of the quantized layers",
+                   latency_ms: "predicted decode ms per token", prefill_ms: "predicted prefill ms per prompt token" };
+
+function axisOf(xKey) {
+  // the frontier along time is its own computation (the hull of time against loss): fetched per axis
+  return { latency_ms: "latency", prefill_ms: "prefill" }[xKey] || "bytes";
+}
+
+$("#x-axis").addEventListener("change", () => {
+  if (!selectedJob) return;
+  if (frontierData && (frontierData.axis || "bytes") === axisOf($("#x-axis").value)) drawChart();
+  else selectJob(selectedJob);
+});
 $("#y-axis").addEventListener("change", drawChart);
 $("#frontier-csv").addEventListener("click", async (event) => {
   event.preventDefault();

@@ -102,7 +102,7 @@ def test_problem_from_json_round_trip() -> None:
     ({"units": [], "budget": {"bytes": 1}}, "no units"),
     ({"units": [{"name": "a", "options": [{"bits": 2}]}], "budget": {"bytes": 1}}, "needs 'bits', 'bytes'"),
     ({"units": [{"name": "a", "options": [{"bits": 2, "bytes": 1, "distortion": 1}]}], "budget": {}},
-     "needs 'bytes' or 'latency'"),
+     "needs 'bytes', 'latency' or 'prefill'"),
     ({"units": [{"name": "a", "options": [{"bits": 2, "bytes": -1, "distortion": 1}]}], "budget": {"bytes": 1}},
      "bytes must be a finite number"),
 ])

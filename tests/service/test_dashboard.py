@@ -108,6 +108,12 @@ def test_issue18_dashboard_sweep_frontier_heatmap_download_cancel(served: str, t
         chart.locator("circle.meas").first.hover()
         expect(page.locator("#hover-info")).to_contain_text("measured KL")
         page.screenshot(path=str(SHOTS / "frontier-1280.png"), full_page=True)
+        # the frontier along decode time needs a job with a latency budget: this one had none, and says so
+        page.select_option("#x-axis", "latency_ms")
+        expect(page.locator("#frontier-error")).to_contain_text("no latency budget")
+        page.select_option("#x-axis", "bits_per_weight")
+        expect(chart.locator("circle.meas")).to_have_count(3)
+        expect(page.locator("#frontier-error")).to_have_text("")
 
         chart.locator("circle.meas").nth(1).focus()
         page.keyboard.press("Enter")  # the keyboard selects a point too

@@ -90,13 +90,16 @@ def test_issue18_more_budgets_come_from_the_cached_sensitivity(swept) -> None:
     first = client.get(f"/v1/jobs/{job['id']}/frontier").json()
     second = client.get(f"/v1/jobs/{more['id']}/frontier").json()
     assert first["points"] == second["points"]  # the same problem: the same frontier
-    assert [round(m["bits_per_weight"], 6) <= b for m, b in zip(second["measured"], [3.5, 5.0], strict=True)]
+    assert all(round(m["bits_per_weight"], 6) <= b for m, b in zip(second["measured"], [3.5, 5.0], strict=True))
 
 
 def test_issue18_frontier_and_more_budgets_refuse_clearly(swept, tiny_llama_dir: Path) -> None:
     client, job = swept
     assert client.get("/v1/jobs/nope/frontier").status_code == 404
     assert client.get(f"/v1/jobs/{job['id']}/frontier", params={"format": "xml"}).status_code == 422
+    assert client.get(f"/v1/jobs/{job['id']}/frontier", params={"axis": "watts"}).status_code == 422
+    untimed = client.get(f"/v1/jobs/{job['id']}/frontier", params={"axis": "latency"})
+    assert untimed.status_code == 409 and "no latency budget" in untimed.json()["detail"]
     for body in ({}, {"bits_per_weight": 4.0, "bytes": 1000}, {"bits_per_weight": 0.5}, {"extra": 1},
                  {"bits_per_weight": [4.0] * 20}):
         refused = client.post(f"/v1/jobs/{job['id']}/artifacts", json=body)

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import StreamingResponse
 
 from bitplan.allocator.frontier import FrontierTooLarge
-from bitplan.frontier import API_POINT_LIMIT, PROBLEM_FILE, frontier_csv, job_frontier
+from bitplan.frontier import API_POINT_LIMIT, PROBLEM_FILE, NoTimes, frontier_csv, job_frontier
 from bitplan.references import check_reference, check_text_file
 from bitplan.service.api.deps import Owner, Queue, ServiceSettings, Settings, Store, own_job
 from bitplan.service.api.errors import ERRORS, http_error
@@ -113,16 +113,23 @@ def cancel_job(job_id: str, owner: Owner, store: Store) -> JobPublic:
 def job_frontier_route(job_id: str, owner: Owner, store: Store, settings: Settings,
                        format: str = Query(default="json", pattern="^(json|csv)$"),
                        kind: str = Query(default="auto", pattern="^(auto|exact|hull)$"),
-                       limit: int = Query(default=API_POINT_LIMIT, ge=2, le=100_000)) -> Any:
+                       limit: int = Query(default=API_POINT_LIMIT, ge=2, le=100_000),
+                       axis: str = Query(default="bytes", pattern="^(bytes|latency|prefill)$")) -> Any:
     """The predicted quality-against-size frontier of a succeeded job, its uniform baselines and its measured
     artifacts (``kind``: ``exact`` Pareto points, ``hull`` breakpoints, ``auto`` exact while small; at most
-    ``limit`` points, evenly spread, of ``total_points``)."""
+    ``limit`` points, evenly spread, of ``total_points``). ``axis=latency`` (or ``prefill``): quality against
+    predicted decode (prefill) milliseconds per token, for a job that had a latency budget (the hull's
+    breakpoints, each with its bytes)."""
     job = own_job(job_id, owner, store)
     document = _problem_document(job, settings)
     try:
-        report = job_frontier(document, job.outcome().runs, kind=kind, limit=limit)
+        report = job_frontier(document, job.outcome().runs, kind=kind, limit=limit, axis=axis)
     except FrontierTooLarge as error:
         raise http_error(422, f"{error}; ask for kind=hull or kind=auto") from None
+    except NoTimes as error:
+        raise http_error(409, str(error)) from None
+    except ValueError as error:
+        raise http_error(422, str(error)) from None
     if format == "csv":
         return Response(frontier_csv(report), media_type="text/csv")
     return FrontierPublic(job_id=job.id, **report)
