@@ -50,9 +50,8 @@ def _is_loopback(host: str) -> bool:
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
     from bitplan.service.app import ServiceSettings, create_app
+    from bitplan.service.http_server import serve
 
     keys = _api_keys(args.api_keys)
     if not _is_loopback(args.host) and not keys:
@@ -65,7 +64,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     sys.stderr.write(f"bitplan service on http://{args.host}:{args.port} (data in {args.data_dir}, "
                      f"{'embedded worker' if not args.no_worker else 'no embedded worker'}, "
                      f"queue on {'Redis' if args.redis_url else 'SQLite'})\n")
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
+    serve(create_app(settings), host=args.host, port=args.port, header_timeout_s=args.header_timeout)
 
 
 def _cmd_worker(args: argparse.Namespace) -> None:
@@ -208,6 +207,8 @@ def add_service_commands(sub: Any) -> None:
     serve = sub.add_parser("serve", help="run the HTTP service with an embedded worker")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8321)
+    serve.add_argument("--header-timeout", type=float, default=10.0,
+                       help="seconds a client has to send a request's headers before a 408 and a close (default 10)")
     serve.add_argument("--data-dir", default=str(default_data_dir()))
     serve.add_argument("--model-root", action="append", default=[],
                        help="folder whose model files clients may reference by path (repeatable)")

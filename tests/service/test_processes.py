@@ -205,3 +205,46 @@ def test_issue15_a_sigtermed_worker_gives_its_job_back_at_once(tmp_path: Path, a
     assert orphans == [], orphans  # its session: no job process left
     # a later worker takes it up as attempt 2 (test_sigkill_of_a_worker_mid_job... runs such a job to the end)
     assert state["attempt"] == 1 and client.jobs.cancel(job["id"])["status"] == "cancelled"
+
+
+def test_issue15_a_half_sent_request_header_is_answered_408_and_closed(tmp_path: Path) -> None:
+    """Slowloris: a client that sends part of a request's headers used to hold its connection for ever. With
+    ``--header-timeout 1`` it gets a 408 problem and a close within a few seconds; the same holds for a second,
+    half-sent request on a kept-alive connection; a client that sends its headers in time is served."""
+    port = free_port()
+    log = tmp_path / "serve.log"
+    process = start(["serve", "--port", str(port), "--data-dir", str(tmp_path / "data"), "--no-worker",
+                     "--header-timeout", "1"], log)
+    url = f"http://127.0.0.1:{port}"
+
+    def read_all(sock: socket.socket, limit_s: float) -> tuple[bytes, float]:
+        started, chunks = time.monotonic(), []
+        sock.settimeout(limit_s)
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return b"".join(chunks), time.monotonic() - started
+            chunks.append(chunk)
+
+    try:
+        wait_until_up(url, process, log)
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never the blank line that ends the headers
+            answer, waited = read_all(sock, 15)
+        assert answer.startswith(b"HTTP/1.1 408") and b'"code":"request_timeout"' in answer, answer
+        assert waited < 6
+        with socket.create_connection(("127.0.0.1", port)) as sock:  # kept alive: the second request is late
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            time.sleep(0.3)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHo")
+            answer, waited = read_all(sock, 15)
+        assert answer.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 408" in answer and waited < 6, answer
+        with socket.create_connection(("127.0.0.1", port)) as sock:  # slow but in time: served
+            for part in (b"GET /healthz HTTP/1.1\r\n", b"Host: x\r\n", b"Connection: close\r\n\r\n"):
+                sock.sendall(part)
+                time.sleep(0.2)
+            answer, _ = read_all(sock, 15)
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200  # the server is unharmed
+    finally:
+        kill_group(process, signal.SIGTERM)
