@@ -21,6 +21,7 @@ from bitplan import __version__
 from bitplan.service.api.deps import LOCAL_OWNER, ServiceSettings, hash_key
 from bitplan.service.api.errors import install_error_handlers, problem
 from bitplan.service.api.routes import artifacts, jobs, latency, meta, models
+from bitplan.service.retention import RetentionSweeper
 from bitplan.service.store import make_store
 from bitplan.service.worker import JobRunner, WorkerPool, make_huey, register_runner
 
@@ -57,11 +58,18 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     pool = (WorkerPool(huey, store, worker_settings, workers=settings.workers, runner=runner)
             if settings.embedded_worker else None)
 
+    sweeper = None if settings.retention_days is None else RetentionSweeper(
+        store, settings.data_dir, settings.retention_days * 86400.0, settings.retention_sweep_s)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if pool is not None:
             pool.start()
+        if sweeper is not None:
+            sweeper.start()
         yield
+        if sweeper is not None:
+            sweeper.stop()
         if pool is not None:
             pool.stop()
 

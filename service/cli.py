@@ -59,7 +59,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
                            "lines), or bind to 127.0.0.1")
     settings = ServiceSettings(data_dir=Path(args.data_dir), model_roots=[Path(r) for r in args.model_root],
                                api_keys=keys, embedded_worker=not args.no_worker, workers=args.workers,
-                               public_metrics=args.public_metrics,
+                               public_metrics=args.public_metrics, retention_days=args.retention_days,
                                redis_url=args.redis_url)
     sys.stderr.write(f"bitplan service on http://{args.host}:{args.port} (data in {args.data_dir}, "
                      f"{'embedded worker' if not args.no_worker else 'no embedded worker'}, "
@@ -207,6 +207,9 @@ def add_service_commands(sub: Any) -> None:
     serve = sub.add_parser("serve", help="run the HTTP service with an embedded worker")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8321)
+    serve.add_argument("--retention-days", type=float, default=None,
+                       help="delete finished jobs (and their artifacts' disk space) unchanged for this many days "
+                            "(default: keep everything)")
     serve.add_argument("--header-timeout", type=float, default=10.0,
                        help="seconds a client has to send a request's headers before a 408 and a close (default 10)")
     serve.add_argument("--data-dir", default=str(default_data_dir()))

@@ -156,6 +156,10 @@ class Jobs:
             if cursor is None:
                 return items
 
+    def delete(self, job_id: str) -> None:
+        """Delete a finished job with its artifacts (a queued or running one: cancel it first)."""
+        self.client.request("DELETE", f"/v1/jobs/{job_id}")
+
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self.client.request("POST", f"/v1/jobs/{job_id}/cancel").json()
 
@@ -236,6 +240,10 @@ class Jobs:
 class Artifacts:
     def __init__(self, client: Client) -> None:
         self.client = client
+
+    def delete(self, artifact_id: str) -> None:
+        """Delete one artifact's files (its job stays)."""
+        self.client.request("DELETE", f"/v1/artifacts/{artifact_id}")
 
     def get(self, artifact_id: str) -> dict[str, Any]:
         return self.client.request("GET", f"/v1/artifacts/{artifact_id}").json()

@@ -72,6 +72,10 @@ class TooManyJobs(Exception):
     """The owner already has its maximum of queued and running jobs."""
 
 
+class JobActive(Exception):
+    """A job that is still queued or running cannot be deleted (cancel it first)."""
+
+
 @dataclass(frozen=True)
 class ArtifactRecord:
     """One published artifact of a job."""
@@ -91,6 +95,11 @@ class JobResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"artifacts": [asdict(a) for a in self.artifacts], "runs": self.runs}
+
+    def without(self, artifact_id: str) -> JobResult:
+        """This result less one artifact and its run's report (a deleted artifact)."""
+        return JobResult(artifacts=[a for a in self.artifacts if a.id != artifact_id],
+                         runs=[r for r in self.runs if r.get("artifact") != artifact_id])
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobResult:
@@ -136,3 +145,6 @@ class JobStore(Protocol):
     def get_model(self, owner: str, model_id: str) -> dict[str, Any] | None: ...
     def list_model_records(self, owner: str) -> list[dict[str, Any]]: ...
     def events(self, job_id: str, *, after: int = 0, limit: int = 100) -> list[Event]: ...
+    def delete(self, job_id: str) -> Job | None: ...
+    def drop_artifact(self, job_id: str, artifact_id: str) -> Job: ...
+    def finished_before(self, before: float) -> list[str]: ...

@@ -18,7 +18,18 @@ from typing import Any
 
 import redis
 
-from bitplan.service.domain import ACTIVE, LEASED, STATUSES, Event, Job, JobStatus, StaleAttempt, TooManyJobs
+from bitplan.service.domain import (
+    ACTIVE,
+    LEASED,
+    STATUSES,
+    TERMINAL,
+    Event,
+    Job,
+    JobActive,
+    JobStatus,
+    StaleAttempt,
+    TooManyJobs,
+)
 
 
 class RedisJobStore:
@@ -263,3 +274,42 @@ class RedisJobStore:
     def events(self, job_id: str, *, after: int = 0, limit: int = 100) -> list[Event]:
         raws = self.redis.lrange(self._key("events", job_id), after, after + limit - 1)
         return [Event(job_id=job_id, **json.loads(r)) for r in raws]
+
+    # -- deletion and retention -------------------------------------------------------------------------------
+    def delete(self, job_id: str) -> Job | None:
+        """As :meth:`SqliteJobStore.delete`: the job's key, events, indexes and idempotency key, in one
+        transaction watched on the job (a worker's concurrent write retries and then finds no job)."""
+        key = self._key("job", job_id)
+        while True:
+            with self.redis.pipeline() as pipe:
+                try:
+                    pipe.watch(key)
+                    job = self._load(pipe.get(key))
+                    if job is None:
+                        pipe.unwatch()
+                        return None
+                    if job.status not in TERMINAL:
+                        pipe.unwatch()
+                        raise JobActive(job_id)
+                    pipe.multi()
+                    pipe.delete(key, self._key("events", job_id))
+                    pipe.zrem(self._key("owner", job.owner), job_id)
+                    pipe.zrem(self._key("all"), job_id)
+                    if job.idempotency_key is not None:
+                        pipe.delete(self._key("idem", job.owner, job.idempotency_key))
+                    pipe.execute()
+                    return job
+                except redis.WatchError:
+                    continue
+
+    def drop_artifact(self, job_id: str, artifact_id: str) -> Job:
+        def change(job: Job) -> tuple[Job | None, list[tuple[str, dict[str, Any]]]]:
+            result = job.outcome().without(artifact_id)
+            return (dataclasses.replace(job, result=result.to_dict(), updated=time.time()),
+                    [("artifact_deleted", {"artifact": artifact_id})])
+
+        return self._transaction(job_id, change)
+
+    def finished_before(self, before: float) -> list[str]:
+        jobs = self._jobs(self.redis.zrangebyscore(self._key("all"), "-inf", before))  # created before: a superset
+        return [j.id for j in sorted(jobs, key=lambda j: j.updated) if j.status in TERMINAL and j.updated < before]

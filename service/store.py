@@ -23,6 +23,8 @@ from bitplan.service.domain import (
     TERMINAL,
     Event,
     Job,
+    JobActive,
+    JobResult,
     JobStatus,
     JobStore,
     StaleAttempt,
@@ -317,6 +319,43 @@ class SqliteJobStore:
                 (job_id, after, limit)).fetchall()
         return [Event(job_id=r["job_id"], seq=r["seq"], at=r["at"], kind=r["kind"], data=json.loads(r["data"]))
                 for r in rows]
+
+
+    # -- deletion and retention -------------------------------------------------------------------------------
+    def delete(self, job_id: str) -> Job | None:
+        """Remove a finished job with its events (``None`` when there is none); :class:`JobActive` while it is
+        queued or running. Its artifact folders are the caller's to remove."""
+        with self._transaction() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None
+            job = job_from_row(row)
+            if job.status not in TERMINAL:
+                raise JobActive(job_id)
+            db.execute("DELETE FROM events WHERE job_id = ?", (job_id,))
+            db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        return job
+
+    def drop_artifact(self, job_id: str, artifact_id: str) -> Job:
+        """Remove one artifact from a succeeded job's result (its folder is the caller's to remove)."""
+        with self._transaction() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise KeyError(job_id)
+            result = JobResult.from_dict(json.loads(row["result"]) if row["result"] else {}).without(artifact_id)
+            db.execute("UPDATE jobs SET result = ?, updated = ? WHERE id = ?",
+                       (json.dumps(result.to_dict()), time.time(), job_id))
+            self._event(db, job_id, "artifact_deleted", {"artifact": artifact_id})
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return job_from_row(row)
+
+    def finished_before(self, before: float) -> list[str]:
+        """Ids of finished jobs last changed before ``before`` (a retention sweep's candidates)."""
+        marks = ",".join("?" * len(TERMINAL))
+        with self._lock:
+            rows = self._connection.execute(f"SELECT id FROM jobs WHERE status IN ({marks}) AND updated < ? "
+                                            "ORDER BY updated", (*[s.value for s in TERMINAL], before)).fetchall()
+        return [row["id"] for row in rows]
 
 
 def make_store(data_dir: Path, redis_url: str | None) -> JobStore:

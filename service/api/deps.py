@@ -35,6 +35,8 @@ class ServiceSettings:
     lease_s: float = 30.0
     heartbeat_s: float = 2.0
     max_attempts: int = 3
+    retention_days: float | None = None  # finished jobs unchanged this long are deleted with their artifacts
+    retention_sweep_s: float = 600.0  # how often the retention sweep runs
 
     def worker_settings(self) -> Any:
         from bitplan.service.worker import WorkerSettings

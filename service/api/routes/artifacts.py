@@ -13,6 +13,7 @@ from bitplan.manifest import MANIFEST, read_manifest
 from bitplan.service.api.deps import Owner, Settings, Store, own_job
 from bitplan.service.api.errors import ERRORS, http_error
 from bitplan.service.domain import JobStatus, JobStore
+from bitplan.service.retention import delete_artifact
 from bitplan.service.schemas import ArtifactFile, ArtifactPublic
 
 router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"], responses=ERRORS)
@@ -38,6 +39,14 @@ def _digests(folder: Path) -> dict[str, str]:
     digests = dict(read_manifest(folder, verify=False).files)
     digests[MANIFEST] = hashlib.sha256((folder / MANIFEST).read_bytes()).hexdigest()
     return digests
+
+
+@router.delete("/{artifact_id}", status_code=204, response_class=Response)
+def delete_artifact_route(artifact_id: str, owner: Owner, store: Store, settings: Settings) -> Response:
+    """Delete one artifact (its files and disk space); its job and the job's other artifacts stay."""
+    own_artifact(artifact_id, owner, store, settings.data_dir)
+    delete_artifact(store, settings.data_dir, artifact_id.rpartition("-")[0], artifact_id)
+    return Response(status_code=204)
 
 
 @router.get("/{artifact_id}", response_model=ArtifactPublic)

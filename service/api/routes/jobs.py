@@ -18,7 +18,8 @@ from bitplan.references import check_reference, check_text_file
 from bitplan.service.api.deps import Owner, Queue, ServiceSettings, Settings, Store, own_job
 from bitplan.service.api.errors import ERRORS, http_error
 from bitplan.service.api.routes.latency import table_path
-from bitplan.service.domain import TERMINAL, Job, JobStatus, JobStore, TooManyJobs
+from bitplan.service.domain import TERMINAL, Job, JobActive, JobStatus, JobStore, TooManyJobs
+from bitplan.service.retention import delete_job
 from bitplan.service.schemas import (
     AllocationSummary,
     ArtifactRef,
@@ -107,6 +108,19 @@ def cancel_job(job_id: str, owner: Owner, store: Store) -> JobPublic:
     return job_public(store.request_cancel(job_id))
 
 
+@router.delete("/{job_id}", status_code=204, response_class=Response)
+def delete_job_route(job_id: str, owner: Owner, store: Store, settings: Settings) -> Response:
+    """Delete a finished job, its events and its artifacts (their files and disk space); a queued or running job
+    is a 409 (cancel it first)."""
+    own_job(job_id, owner, store)
+    try:
+        delete_job(store, settings.data_dir, job_id)
+    except JobActive:
+        raise http_error(409, f"job {job_id!r} is still queued or running: cancel it first (POST "
+                              f"/v1/jobs/{job_id}/cancel), then delete it once it is cancelled") from None
+    return Response(status_code=204)
+
+
 @router.get("/{job_id}/frontier", response_model=FrontierPublic,
             responses={200: {"content": {"text/csv": {"schema": {"type": "string"}}},
                              "description": "the frontier (JSON, or CSV with ?format=csv)"}})
@@ -157,7 +171,10 @@ def _problem_document(job: Job, settings: ServiceSettings) -> dict[str, Any]:
     """The allocation problem the job's first artifact carries, or a 409 saying why there is none."""
     if job.status != JobStatus.SUCCEEDED:
         raise http_error(409, f"job {job.id!r} is {job.status.value}; its frontier exists once it has succeeded")
-    path = settings.data_dir / "artifacts" / f"{job.id}-0" / PROBLEM_FILE
+    artifacts = job.outcome().artifacts
+    if not artifacts:
+        raise http_error(409, f"job {job.id!r} has no artifacts left (they were deleted): it has no frontier")
+    path = settings.data_dir / "artifacts" / artifacts[0].id / PROBLEM_FILE  # every artifact holds the same problem
     if not path.is_file():
         raise http_error(409, f"job {job.id!r} solved no allocation (uniform bits): it has no frontier")
     return json.loads(path.read_text())  # type: ignore[no-any-return]
