@@ -4,12 +4,14 @@ uvicorn times out an idle keep-alive connection, but not one that has sent part 
 that sends ``GET / HTTP/1.1\\r\\nHost: x\\r\\n`` and nothing more holds a connection (and its buffers) for ever, and
 a few thousand such clients hold the server (slowloris). :class:`HeaderDeadlineProtocol` arms a timer when a
 connection opens and after each response; when the next request's headers are not complete in
-``header_timeout_s`` the connection is answered ``408 Request Timeout`` and closed.
+``header_timeout_s`` the connection is answered ``408 Request Timeout`` and closed. A request that is not HTTP at
+all gets its 400 as a problem (``application/problem+json``), like every other error of the service.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import h11
@@ -46,6 +48,16 @@ class HeaderDeadlineProtocol(H11Protocol):
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():  # headers still incomplete
             self.transport.write(_TIMEOUT_RESPONSE)
             self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        body = json.dumps({"type": "about:blank", "title": "Bad Request", "status": 400, "code": "bad_request",
+                           "detail": f"{msg} (not an HTTP/1.1 request this server can read)"}).encode()
+        event = h11.Response(status_code=400, reason=b"Bad Request",
+                             headers=[(b"content-type", b"application/problem+json"), (b"connection", b"close"),
+                                      (b"content-length", str(len(body)).encode())])
+        for part in (event, h11.Data(data=body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(part))
+        self.transport.close()
 
     def handle_events(self) -> None:
         super().handle_events()

@@ -210,7 +210,8 @@ def test_issue15_a_sigtermed_worker_gives_its_job_back_at_once(tmp_path: Path, a
 def test_issue15_a_half_sent_request_header_is_answered_408_and_closed(tmp_path: Path) -> None:
     """Slowloris: a client that sends part of a request's headers used to hold its connection for ever. With
     ``--header-timeout 1`` it gets a 408 problem and a close within a few seconds; the same holds for a second,
-    half-sent request on a kept-alive connection; a client that sends its headers in time is served."""
+    half-sent request on a kept-alive connection; a client that sends its headers in time is served; bytes that
+    are not HTTP get a 400 problem."""
     port = free_port()
     log = tmp_path / "serve.log"
     process = start(["serve", "--port", str(port), "--data-dir", str(tmp_path / "data"), "--no-worker",
@@ -245,6 +246,11 @@ def test_issue15_a_half_sent_request_header_is_answered_408_and_closed(tmp_path:
                 time.sleep(0.2)
             answer, _ = read_all(sock, 15)
         assert answer.startswith(b"HTTP/1.1 200"), answer
+        with socket.create_connection(("127.0.0.1", port)) as sock:  # not HTTP at all: a 400 problem, not text
+            sock.sendall(b"HELLO THERE\r\n\r\n")
+            answer, _ = read_all(sock, 15)
+        assert answer.startswith(b"HTTP/1.1 400") and b"application/problem+json" in answer, answer
+        assert b'"code": "bad_request"' in answer
         assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200  # the server is unharmed
     finally:
         kill_group(process, signal.SIGTERM)
