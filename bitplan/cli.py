@@ -211,7 +211,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
     artifact = Path(args.artifact)
     if not artifact.is_dir():
         raise BitplanError(f"artifact directory not found: {artifact}")
-    emit(export_artifact(artifact, format=args.format, out=Path(args.out)).to_json(), args.json)
+    emit(export_artifact(artifact, format=args.format, out=Path(args.out), inexact=args.inexact).to_json(), args.json)
 
 
 def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.ArgumentParser:
@@ -271,6 +271,10 @@ def _add_tool_commands(sub: Any) -> None:
     export.add_argument("--artifact", required=True, help="artifact directory written by bitplan run")
     export.add_argument("--format", required=True, choices=sorted(EXPORTERS))
     export.add_argument("--out", required=True, help="a .gguf file, or a folder for compressed-tensors")
+    export.add_argument("--inexact", choices=("refuse", "reencode", "exact"), default=None,
+                        help="gguf: layers no GGML type holds exactly at their size are refused (default, naming "
+                             "them), re-encoded by llama.cpp's quantizer at their width, or kept exact in a larger "
+                             "type; the report gives the size change")
     export.add_argument("--json", action="store_true")
     export.set_defaults(func=_cmd_export)
 

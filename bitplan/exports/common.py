@@ -18,7 +18,7 @@ from bitplan.manifest import GGML_LAYOUT, Manifest, read_manifest
 from bitplan.quantizer.formats import GgmlWeight
 from bitplan.quantizer.rtn import QuantizedWeight
 
-ExportFn = Callable[[Path, Path], "ExportReport"]
+ExportFn = Callable[..., "ExportReport"]  # (artifact, out, **options) -> report
 EXPORTERS: dict[str, ExportFn] = {}  # format name -> writer, filled by register_export in each module
 
 
@@ -49,6 +49,7 @@ class ExportReport:
     artifact_bytes: int
     units: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    inexact: list[dict[str, Any]] = field(default_factory=list)  # units no type of the format held exactly
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,12 +83,16 @@ def read_artifact_units(path: Path
     return manifest, units, floats
 
 
-def export_artifact(artifact: Path, *, format: str, out: Path) -> ExportReport:
-    """Export the artifact at ``artifact`` to ``out`` in ``format`` (a name in :data:`EXPORTERS`)."""
+def export_artifact(artifact: Path, *, format: str, out: Path, inexact: str | None = None) -> ExportReport:
+    """Export the artifact at ``artifact`` to ``out`` in ``format`` (a name in :data:`EXPORTERS`); ``inexact``
+    (gguf): what to do with units the format cannot hold exactly at their size (refuse, reencode, exact)."""
     if format not in EXPORTERS:
         raise BitplanError(f"unknown export format {format!r}; choose one of {', '.join(EXPORTERS)}",
                            param="format")
-    report = EXPORTERS[format](artifact, out)
+    if inexact is not None and format != "gguf":
+        raise BitplanError(f"--inexact is for the gguf export; {format} refuses what it cannot hold exactly",
+                           param="inexact")
+    report = EXPORTERS[format](artifact, out, **({} if inexact is None else {"inexact": inexact}))
     if report.bytes != report.predicted_bytes:
         raise RuntimeError(f"{format} export size drifted: predicted {report.predicted_bytes} bytes, "
                            f"wrote {report.bytes}")

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from bitplan.artifact import FLOAT_FILE, MANIFEST, QUANTIZED_FILE, safetensors_data_bytes
 from bitplan.errors import BitplanError
 from bitplan.exports.common import ExportReport, file_hashes, read_artifact_units, register_export
+from bitplan.exports.vllm_kernels import serving_kernels
 from bitplan.quantizer.formats import GgmlWeight
 from bitplan.quantizer.rtn import QuantizedWeight
 
@@ -109,7 +110,9 @@ def export_compressed_tensors(artifact: Path, out: Path) -> ExportReport:
         raise BitplanError(f"{len(ggml_units)} units of this artifact are stored in GGML types (first: "
                            f"{ggml_units[0]}), which compressed-tensors cannot hold; export it as gguf, or make "
                            f"the artifact with integer formats (--formats bitplan-int)", param="format")
-    notes = ["bytes counts the quantized layers' tensors (packed codes, fp16 scales, packed zero points, shapes); "
+    notes = ["vllm_kernel: the WNA16 kernel vLLM would choose per layer on Hopper (sm90), Ampere (sm80) and Turing "
+             "(sm75) GPUs, by its kernels' rules (bitplan/exports/vllm_kernels.py; a prediction, not run here)",
+             "bytes counts the quantized layers' tensors (packed codes, fp16 scales, packed zero points, shapes); "
              "zero points are packed at each layer's width"]
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
@@ -127,7 +130,9 @@ def export_compressed_tensors(artifact: Path, out: Path) -> ExportReport:
             state.update({f"{name}.{key}": value for key, value in unit_tensors(unit).items()})
             size = predicted_unit_bytes(unit)
             predicted += size
-            rows.append({"name": name, "bits": unit.bits, "group_size": unit.group_size, "bytes": size})
+            out_features, in_features = unit.codes.shape
+            rows.append({"name": name, "bits": unit.bits, "group_size": unit.group_size, "bytes": size,
+                         "vllm_kernel": serving_kernels(unit.bits, unit.group_size, in_features, out_features)})
         save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         for name in os.listdir(artifact):
             if (artifact / name).is_file() and name not in (MANIFEST, FLOAT_FILE, QUANTIZED_FILE, WEIGHTS_FILE) \

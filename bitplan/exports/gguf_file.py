@@ -8,6 +8,13 @@ sizes that are multiples of 32), ``Q8_0`` for 6-8 bits (re-quantized from our de
 int8 grid of 32 columns, an error far below the artifact's own). ``Q2_K``/``Q3_K`` are smaller but their
 symmetric sub-block grids cannot hold our asymmetric codes, so using them would add a second rounding;
 ``gguf`` has no encoder for them either. Every other tensor keeps the source file's type (1-D ones F32).
+
+That exact type is often larger than the unit (a 3-bit layer in groups of 128 takes 3.25 bits per weight in the
+artifact and 5 in ``Q4_1``). ``inexact`` says what happens to such units: ``refuse`` (the default) names them and
+the size they would grow to, and writes nothing; ``reencode`` encodes each of them with llama.cpp's own quantizer
+(``ggml_quantize_chunk``) from its dequantized weight into the GGML type of its width that its rows allow
+(:data:`REENCODE_TYPES`: a second rounding, reported per unit with the size change); ``exact`` keeps the codes
+and the larger file, and reports the growth.
 """
 
 from __future__ import annotations
@@ -35,6 +42,12 @@ REQUANTIZABLE = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, g
                  gguf.GGMLQuantizationType.Q5_0, gguf.GGMLQuantizationType.Q5_1}
 BLOCK = 32
 T = gguf.GGMLQuantizationType
+INEXACT = ("refuse", "reencode", "exact")
+# A unit's width -> the GGML types it is re-encoded into, the first its row length allows (K-quants need rows
+# divisible by 256; the legacy fallback is the smallest legacy type at or above the width, as llama.cpp's presets
+# fall back for such rows).
+REENCODE_TYPES = {2: ("Q2_K", "Q4_0"), 3: ("Q3_K", "Q4_0"), 4: ("Q4_K", "Q4_0"), 5: ("Q5_K", "Q5_0"),
+                  6: ("Q6_K", "Q8_0"), 7: ("Q8_0",), 8: ("Q8_0",)}
 
 
 def unit_type(unit: QuantizedWeight) -> T:
@@ -54,6 +67,55 @@ def tensor_bytes(shape: tuple[int, ...], qtype: T) -> int:
     if count % block_size:
         raise BitplanError(f"a tensor of shape {shape} does not divide into {qtype.name} blocks of {block_size}")
     return count // block_size * type_size
+
+
+def reencode_type(bits: int, columns: int) -> T:
+    """The GGML type a unit of ``bits`` with rows of ``columns`` is re-encoded into (:data:`REENCODE_TYPES`)."""
+    for name in REENCODE_TYPES[min(max(bits, 2), 8)]:
+        if columns % gguf.GGML_QUANT_SIZES[T[name]][0] == 0:
+            return T[name]
+    raise BitplanError(f"no GGML type holds rows of {columns} columns at {bits} bits (legacy types need rows "
+                       f"divisible by {BLOCK})")
+
+
+def resolve_inexact(manifest: Manifest, units: dict[str, QuantizedWeight | GgmlWeight], inexact: str
+                    ) -> tuple[dict[str, QuantizedWeight | GgmlWeight], list[dict[str, Any]]]:
+    """Units whose exact GGML type is larger than the artifact stores them, handled as ``inexact`` says (see the
+    module docstring); the units to write, and one row per such unit (its name, format, bytes before and after)."""
+    if inexact not in INEXACT:
+        raise BitplanError(f"inexact must be one of {', '.join(INEXACT)}, got {inexact!r}", param="inexact")
+    stored = {u.name: int(u.bytes) for u in manifest.units}
+    rows, result = [], dict(units)
+    for name, unit in units.items():
+        if isinstance(unit, GgmlWeight):
+            continue
+        shape = tuple(unit.codes.shape)
+        exact = tensor_bytes(shape, unit_type(unit))
+        if exact <= stored.get(name, exact):
+            continue
+        row = {"name": name, "from": f"int{unit.bits}-g{unit.group_size}", "artifact_bytes": stored[name],
+               "exact_type": unit_type(unit).name, "exact_bytes": exact}
+        if inexact == "reencode":
+            qtype = reencode_type(unit.bits, shape[1])
+            from bitplan.quantizer.ggml import quantize_ggml
+
+            payload = quantize_ggml(dequantize_weight(unit), qtype)
+            result[name] = GgmlWeight(qtype.name, payload, shape)  # type: ignore[arg-type]
+            row.update({"type": qtype.name, "bytes": int(payload.nbytes)})
+        else:
+            row.update({"type": row["exact_type"], "bytes": exact})
+        rows.append(row)
+    if rows and inexact == "refuse":
+        before, after = sum(r["artifact_bytes"] for r in rows), sum(r["exact_bytes"] for r in rows)
+        examples = "; ".join(f"{r['name']} ({r['from']}, {r['artifact_bytes']} bytes) would take "
+                             f"{r['exact_type']} ({r['exact_bytes']} bytes)" for r in rows[:3])
+        raise BitplanError(
+            f"{len(rows)} of {len(units)} layers cannot be stored exactly in a GGML type at their size: {examples}; "
+            f"together {before} -> {after} bytes (+{100 * (after - before) / max(before, 1):.0f}%). Give "
+            f"--inexact reencode to re-encode them with llama.cpp's quantizer at their width (a second rounding), "
+            f"or --inexact exact to keep their codes in the larger file; or plan with --target gguf, which chooses "
+            f"among GGML types from the start", param="inexact")
+    return result, rows
 
 
 def _block_params(unit: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -234,12 +296,15 @@ def _add_tensors(writer: Any, layout: _Layout) -> tuple[int, list[dict[str, Any]
 
 
 @register_export("gguf")
-def export_gguf(artifact: Path, out: Path) -> ExportReport:
-    """Write ``out`` (a ``.gguf`` file) from the artifact at ``artifact``."""
+def export_gguf(artifact: Path, out: Path, inexact: str = "refuse") -> ExportReport:
+    """Write ``out`` (a ``.gguf`` file) from the artifact at ``artifact``; units no GGML type holds exactly at
+    their size are handled as ``inexact`` says (refused by default)."""
     if out.suffix != ".gguf":
         raise BitplanError(f"a GGUF export is one file; give --out a path ending in .gguf, got {out}")
     manifest, units, floats = read_artifact_units(artifact)
-    layout = _layout(manifest, units, floats)
+    layout = _layout(manifest, units, floats)  # the source GGUF first: without it nothing else matters
+    units, inexact_rows = resolve_inexact(manifest, units, inexact)
+    layout.by_unit = {gguf: (name, units[name]) for gguf, (name, _) in layout.by_unit.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
     writer = gguf.GGUFWriter(staging, layout.arch)
@@ -264,8 +329,19 @@ def export_gguf(artifact: Path, out: Path) -> ExportReport:
                                f"({8 * quantized / manifest.achieved.numel:.4f} bits per weight) against the "
                                f"artifact's {manifest.achieved.bytes} "
                                f"({manifest.achieved.bits_per_weight:.4f}): units in GGML formats keep their "
-                               f"blocks byte for byte; integer-grid units of 2-4 bits take 5 bits per weight",
-                               "bytes counts every tensor of the file (embeddings and norms too)"])
+                               f"blocks byte for byte", *_inexact_notes(inexact, inexact_rows),
+                               "bytes counts every tensor of the file (embeddings and norms too)"],
+                        inexact=inexact_rows)
+
+
+def _inexact_notes(inexact: str, rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    before, after = sum(r["artifact_bytes"] for r in rows), sum(r["bytes"] for r in rows)
+    how = ("re-encoded by llama.cpp's quantizer from their dequantized weights (a second rounding)"
+           if inexact == "reencode" else "written exactly in a larger type")
+    return [f"{len(rows)} integer-grid units no GGML type holds exactly at their size were {how}: {before} -> "
+            f"{after} bytes ({100 * (after - before) / max(before, 1):+.1f}%); see 'inexact'"]
 
 
 # What a whole-file budget leaves aside for ``general.quantized_by``, the file type and tensor padding beyond the

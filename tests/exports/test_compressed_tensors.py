@@ -48,6 +48,10 @@ def test_library_decompresses_our_weights_exactly(tiny_llama_dir: Path, tmp_path
     config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     assert config["format"] == "pack-quantized" and config["quant_method"] == "compressed-tensors"
     assert {g["weights"]["num_bits"] for g in config["config_groups"].values()} == {u["bits"] for u in report.units}
+    for row in report.units:  # issue 17: what vLLM would serve each layer with, per GPU generation
+        assert set(row["vllm_kernel"]) == {"sm90", "sm80", "sm75"}
+        if row["bits"] not in (4, 8):
+            assert all(isinstance(k, dict) and "none" in k for k in row["vllm_kernel"].values())
     model, _, _ = load_artifact(Path(run.artifact))
     weights = decompressed_weights(tmp_path / "ct")
     assert set(weights) == {u["name"] for u in run.units}
@@ -68,3 +72,17 @@ def test_export_refuses_a_non_empty_folder_and_unknown_formats(tiny_llama_dir: P
         export_artifact(Path(run.artifact), format="onnx", out=tmp_path / "o")
     with pytest.raises(BitplanError, match="source model's GGUF file"):
         export_artifact(Path(run.artifact), format="gguf", out=tmp_path / "m.gguf")
+
+
+def test_issue17_vllm_kernel_table_follows_its_rules() -> None:
+    from bitplan.exports.vllm_kernels import serving_kernels
+
+    assert serving_kernels(4, 128, 4096, 4096) == {"sm90": "MacheteLinearKernel", "sm80": "MarlinLinearKernel",
+                                                   "sm75": "ExllamaLinearKernel"}
+    assert serving_kernels(4, 32, 4096, 4096)["sm90"] == "MarlinLinearKernel"  # Machete: groups -1 and 128 only
+    small = serving_kernels(8, 64, 576, 576)  # SmolLM2's attention: 576 is no multiple of 128
+    assert small["sm90"] == small["sm80"] == "ExllamaLinearKernel"
+    two_bit = serving_kernels(2, 128, 4096, 4096)["sm90"]
+    assert set(two_bit["none"]) == {"MacheteLinearKernel", "MarlinLinearKernel", "ExllamaLinearKernel"}
+    assert all("4/8-bit" in reason for reason in two_bit["none"].values())
+

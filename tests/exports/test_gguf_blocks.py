@@ -58,3 +58,43 @@ def test_llama_permutation_is_undone_by_transformers() -> None:
     processor = next(cls for cls in TensorProcessor.__subclasses__() if hasattr(cls, "_reverse_permute_weights"))
     restored = processor(config={})._reverse_permute_weights(permuted.numpy(), 3)
     assert np.array_equal(restored, weight.numpy())
+
+
+def test_issue17_units_no_ggml_type_holds_at_their_size_are_refused_reencoded_or_kept_exact() -> None:
+    """An int3-g128 unit takes 3.25 bits per weight in the artifact and 5 in Q4_1 (its exact type): the export
+    refuses it by default (naming it and the growth), re-encodes it with llama.cpp's quantizer into Q3_K (rows of
+    256) or Q4_0 (rows of 96, which K-quants cannot hold), or keeps it exact and reports the growth. An int4-g32
+    unit is exactly Q4_1's size and passes untouched."""
+    from types import SimpleNamespace
+
+    from bitplan.errors import BitplanError
+    from bitplan.exports.gguf_file import resolve_inexact
+    from bitplan.quantizer.formats import GgmlWeight
+    from bitplan.quantizer.ggml import dequantize_ggml
+    from bitplan.quantizer.rtn import dequantize_weight
+    from bitplan.quantizer.sizes import stored_bytes
+
+    units = {"wide": artifact_unit(3, 128, (8, 256)), "narrow": artifact_unit(3, 32, (8, 96)),
+             "fits": artifact_unit(4, 32, (8, 256))}
+    manifest = SimpleNamespace(units=[SimpleNamespace(name=n, bytes=stored_bytes(u)) for n, u in units.items()])
+    with pytest.raises(BitplanError, match="2 of 3 layers cannot be stored exactly") as refused:
+        resolve_inexact(manifest, units, "refuse")  # type: ignore[arg-type]
+    assert refused.value.param == "inexact" and "wide (int3-g128" in str(refused.value)
+    kept, rows = resolve_inexact(manifest, units, "exact")  # type: ignore[arg-type]
+    assert kept == units and {r["name"]: r["type"] for r in rows} == {"wide": "Q4_1", "narrow": "Q4_1"}
+    assert all(r["bytes"] > r["artifact_bytes"] for r in rows)
+    redone, rows = resolve_inexact(manifest, units, "reencode")  # type: ignore[arg-type]
+    assert redone["fits"] is units["fits"]
+    assert {r["name"]: r["type"] for r in rows} == {"wide": "Q3_K", "narrow": "Q4_0"}
+    for name in ("wide", "narrow"):
+        again = redone[name]
+        assert isinstance(again, GgmlWeight) and again.payload.nbytes == next(r["bytes"] for r in rows
+                                                                                 if r["name"] == name)
+        source = dequantize_weight(units[name])
+        decoded = dequantize_ggml(again.payload, gguf.GGMLQuantizationType[again.qtype]).reshape(source.shape)
+        # a second rounding: within a quantization step of the artifact's own weight, never far off
+        assert float((decoded - source).abs().max()) <= float(units[name].scales.float().max())
+    assert next(r for r in rows if r["name"] == "wide")["bytes"] < next(
+        r for r in rows if r["name"] == "wide")["exact_bytes"]
+    with pytest.raises(BitplanError, match="inexact must be one of"):
+        resolve_inexact(manifest, units, "maybe")  # type: ignore[arg-type]

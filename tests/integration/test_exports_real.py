@@ -15,6 +15,7 @@ import torch
 
 from bitplan.artifact import load_artifact
 from bitplan.calibration import read_text
+from bitplan.errors import BitplanError
 from bitplan.evaluation import perplexity, tokenize_for_perplexity
 from bitplan.exports import export_artifact
 from bitplan.pipeline import run_pipeline
@@ -34,8 +35,11 @@ def test_issue5_exports_of_a_mixed_smollm2_artifact(wikitext: Path, tmp_path: Pa
     model, tokenizer, _ = load_artifact(Path(run.artifact))
     ours = perplexity(model, tokenize_for_perplexity(tokenizer, text), seq_len=512, max_windows=16).ppl
 
-    report = export_artifact(Path(run.artifact), format="gguf", out=tmp_path / "gguf" / "model.gguf")
-    assert report.bytes == report.predicted_bytes
+    with pytest.raises(BitplanError, match="cannot be stored exactly") as refused:  # issue 17: never inflates
+        export_artifact(Path(run.artifact), format="gguf", out=tmp_path / "refused.gguf")
+    assert refused.value.param == "inexact" and not (tmp_path / "refused.gguf").exists()
+    report = export_artifact(Path(run.artifact), format="gguf", out=tmp_path / "gguf" / "model.gguf", inexact="exact")
+    assert report.bytes == report.predicted_bytes and report.inexact
     assert {row["type"] for row in report.units} <= {"Q4_1", "Q5_1", "Q8_0"}
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "gguf", gguf_file="model.gguf", dtype=torch.float32)
     exported_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "gguf", gguf_file="model.gguf")
@@ -55,6 +59,14 @@ def test_issue5_exports_of_a_mixed_smollm2_artifact(wikitext: Path, tmp_path: Pa
     with torch.no_grad():
         reference = exported(torch.tensor([prompt])).logits[0, -1]
     assert torch.isfinite(logits).all() and int(logits.argmax()) == int(reference.argmax())
+    # re-encoded at their widths by llama.cpp's quantizer: smaller than the exact file, and llama.cpp runs it
+    smaller = export_artifact(Path(run.artifact), format="gguf", out=tmp_path / "re" / "model.gguf",
+                              inexact="reencode")
+    assert smaller.bytes < report.bytes and {r["type"] for r in smaller.inexact} <= {"Q2_K", "Q3_K", "Q4_K", "Q4_0"}
+    runtime = Llama(model_path=str(tmp_path / "re" / "model.gguf"), n_ctx=64, logits_all=True, verbose=False)
+    runtime.eval(prompt)
+    assert torch.isfinite(torch.tensor(runtime.scores[len(prompt) - 1])).all()
+    assert runtime.create_completion("The capital of France is", max_tokens=4)["choices"][0]["text"] is not None
 
     report = export_artifact(Path(run.artifact), format="compressed-tensors", out=tmp_path / "ct")
     assert report.bytes == report.predicted_bytes
