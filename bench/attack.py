@@ -49,6 +49,9 @@ class Campaign:
         self.http = httpx.Client(base_url=url, timeout=30)
         self.status: collections.Counter[str] = collections.Counter()
         self.violations: list[dict[str, Any]] = []
+        self.accepted: list[str] = []  # every job the service took (202 on POST /v1/jobs)
+        self.outage = False  # while Redis is stopped on purpose a 503 with Retry-After is the documented answer
+        self.outage_503 = 0
 
     def send(self, method: str, path: str, **kwargs: Any) -> httpx.Response | None:
         try:
@@ -58,7 +61,13 @@ class Campaign:
             self.violations.append({"request": f"{method} {path}", "error": f"{type(error).__name__}: {error}"})
             return None
         self.status[str(response.status_code)] += 1
-        if response.status_code >= 500:
+        if method == "POST" and path == "/v1/jobs" and response.status_code == 202:
+            self.accepted.append(response.json()["id"])
+        if self.outage and response.status_code == 503 and "retry-after" in response.headers:
+            self.outage_503 += 1
+            self.status["503"] -= 1
+            self.status["503 (outage)"] += 1
+        elif response.status_code >= 500:
             self.violations.append({"request": f"{method} {path}", "status": response.status_code,
                                     "body": response.text[:300]})
         return response
@@ -80,9 +89,9 @@ class Campaign:
             self.violations.append({"request": repr(payload[:60]), "answer": repr(answer[:120])})
 
 
-def hostile_requests(c: Campaign, root: Path, rng: random.Random) -> list[str]:
-    """One round of the hostile inputs the issue lists (faults 1-4, 6, 10, 11 and the smaller ones); the ids of
-    the jobs it made (the cap flood's, cancelled at once)."""
+def hostile_requests(c: Campaign, root: Path, rng: random.Random) -> None:
+    """One round of the hostile inputs the issue lists (faults 1-4, 6, 10, 11 and the smaller ones); the jobs the
+    cap flood gets in are cancelled at once."""
     for ref in ("tiny\x00", "\x00", "../tiny", "/etc/passwd", "http://example.com/m", "tiny/../../x", "a" * 5000,
                 "escape", "missing-weight", "fifo/model.safetensors", "bad-config", "zero-layers"):
         c.send("POST", "/v1/jobs", json={"model": ref, "bits_per_weight": 4.0, **JOB})
@@ -119,14 +128,7 @@ def hostile_requests(c: Campaign, root: Path, rng: random.Random) -> list[str]:
     made = [a.json()["id"] for a in answers if a is not None and a.status_code == 202]
     for job_id in made:
         c.send("POST", f"/v1/jobs/{job_id}/cancel")
-    deadline = time.monotonic() + 120  # the cancelled ones leave the cap before the next round's jobs
-    while time.monotonic() < deadline:
-        states = [(c.send("GET", f"/v1/jobs/{job_id}") or httpx.Response(404)).status_code == 200 and
-                  c.http.get(f"/v1/jobs/{job_id}").json()["status"] for job_id in made]
-        if all(s in ("cancelled", "succeeded", "failed") for s in states):
-            break
-        time.sleep(1)
-    return made
+
 
 
 def hostile_models(root: Path, tiny: Path) -> None:
@@ -153,6 +155,22 @@ def hostile_models(root: Path, tiny: Path) -> None:
         shutil.copytree(tiny, root / name, dirs_exist_ok=True)
         config = json.loads((tiny / "config.json").read_text())
         (root / name / "config.json").write_text(json.dumps({**config, **change}))
+
+
+def settle(c: Campaign, limit_s: float) -> dict[str, str]:
+    """Wait (at most ``limit_s``) until every job the service took has ended; each job's last status."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        final = {}
+        for job_id in c.accepted:
+            try:
+                response = c.http.get(f"/v1/jobs/{job_id}")
+                final[job_id] = response.json()["status"] if response.status_code == 200 else "missing"
+            except httpx.HTTPError:
+                final[job_id] = "unreachable"
+        if all(s in ("succeeded", "failed", "cancelled") for s in final.values()) or time.monotonic() > deadline:
+            return final
+        time.sleep(2)
 
 
 def start_server(port: int, data: Path, root: Path, log: Path, redis_url: str | None) -> subprocess.Popen[bytes]:
@@ -208,46 +226,34 @@ def run_backend(backend: str, rounds: int, base: Path, tiny: Path) -> dict[str, 
     server = start_server(port, data, root, log, redis_url)
     campaign = Campaign(f"http://127.0.0.1:{port}")
     rng = random.Random(15)
-    submitted: list[str] = []
     stray: list[int] = []
     for round_index in range(rounds):
         for budget in (3.0, 4.0):  # real jobs beside the attacks
-            response = campaign.send("POST", "/v1/jobs", json={"model": "tiny", "bits_per_weight": budget, **JOB})
-            if response is not None and response.status_code == 202:
-                submitted.append(response.json()["id"])
+            campaign.send("POST", "/v1/jobs", json={"model": "tiny", "bits_per_weight": budget, **JOB})
         if round_index == 0:  # the server SIGKILLed mid-job, then started again: its jobs must still finish
-            response = campaign.send("POST", "/v1/jobs", json={"model": "tiny", "bits_per_weight": 4.0,
-                                                               "num_samples": 120, "seq_len": 64})
-            if response is not None and response.status_code == 202:
-                submitted.append(response.json()["id"])
-                time.sleep(4)
+            campaign.send("POST", "/v1/jobs", json={"model": "tiny", "bits_per_weight": 4.0, "num_samples": 120,
+                                                    "seq_len": 64})
+            time.sleep(4)
             stray += stop(server, signal.SIGKILL)
             server = start_server(port, data, root, log, redis_url)
-        submitted += hostile_requests(campaign, root, rng)
+        hostile_requests(campaign, root, rng)
         if round_index == 1 and redis_process is not None:  # Redis stopped mid-job, then started again
-            response = campaign.send("POST", "/v1/jobs", json={"model": "tiny", "bits_per_weight": 4.0,
-                                                               "num_samples": 60, "seq_len": 64})
-            if response is not None and response.status_code == 202:
-                submitted.append(response.json()["id"])
+            campaign.send("POST", "/v1/jobs", json={"model": "tiny", "bits_per_weight": 4.0, "num_samples": 60,
+                                                    "seq_len": 64})
             time.sleep(3)
             redis_process.send_signal(signal.SIGTERM)
             redis_process.wait(timeout=30)
-            for _ in range(20):  # requests while Redis is down: 503, never 500
-                response = campaign.send("GET", "/v1/jobs")
+            campaign.outage = True
+            for _ in range(20):  # requests while Redis is down: 503 with Retry-After, never 500
+                campaign.send("GET", "/v1/jobs")
                 campaign.send("GET", "/readyz")
+                campaign.send("POST", "/v1/jobs", json={"model": "tiny", "bits_per_weight": 4.0, **JOB})
+            campaign.outage = False
             time.sleep(3)
             redis_process = subprocess.Popen(redis_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(2)
-    deadline = time.monotonic() + 900
-    final: dict[str, str] = {}
-    while time.monotonic() < deadline:
-        final = {}
-        for job_id in submitted:
-            response = campaign.send("GET", f"/v1/jobs/{job_id}")
-            final[job_id] = "missing" if response is None or response.status_code != 200 else response.json()["status"]
-        if all(s in ("succeeded", "failed", "cancelled") for s in final.values()):
-            break
-        time.sleep(3)
+        settle(campaign, 600)  # every job taken so far ends before the next round (the per-key cap is 4)
+    final = settle(campaign, 900)
     stray += stop(server, signal.SIGTERM)
     staging = data / "staging"
     left = [p.name for p in staging.iterdir()] if staging.is_dir() else []
@@ -257,7 +263,8 @@ def run_backend(backend: str, rounds: int, base: Path, tiny: Path) -> dict[str, 
     return {"requests": sum(campaign.status.values()), "status": dict(sorted(campaign.status.items())),
             "five_xx": sum(v for k, v in campaign.status.items() if k.startswith("5")),
             "violations": campaign.violations[:20], "violation_count": len(campaign.violations),
-            "jobs_submitted": len(submitted), "jobs_final": dict(collections.Counter(final.values())),
+            "outage_503_with_retry_after": campaign.outage_503,
+            "jobs_submitted": len(campaign.accepted), "jobs_final": dict(collections.Counter(final.values())),
             "jobs_lost": sum(s not in ("succeeded", "cancelled") for s in final.values()),
             "stray_processes": len(stray), "staging_left": len(left)}
 

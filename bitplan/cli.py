@@ -50,6 +50,8 @@ class Progress:
 
 
 def emit(payload: Any, as_json: bool) -> None:
+    if hasattr(payload, "to_dict"):  # a response model of the service's client
+        payload = payload.to_dict()
     if as_json:
         sys.stdout.write(json.dumps(payload) + "\n")
     else:

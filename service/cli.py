@@ -172,12 +172,13 @@ def _cmd_submit(args: argparse.Namespace) -> None:
             runs = job["artifacts"]
             targets = [Path(args.out)] if len(runs) == 1 else [Path(args.out) / f"bpw-{a['bits_per_weight']:g}"
                                                                for a in runs]
-            job["downloaded"] = [str(client.artifacts.download(a["id"], t, progress=not args.quiet))
-                                 for a, t in zip(runs, targets, strict=True)]
+            downloaded = [str(client.artifacts.download(a["id"], t, progress=not args.quiet))
+                          for a, t in zip(runs, targets, strict=True)]
+            job = {**job.to_dict(), "downloaded": downloaded}
     if job["status"] in ("failed", "cancelled"):
         kind = JobFailed if job["status"] == "failed" else JobCancelled
         error = kind(f"job {job['id']} {job['status']}: {(job.get('error') or {}).get('message', '')}")
-        error.details = {"job": job}
+        error.details = {"job": job if isinstance(job, dict) else job.to_dict()}
         raise error
     emit(job, args.json)
 

@@ -5,8 +5,12 @@ stream / wait`` (``wait`` is woken by the job's server-sent events) and
     from bitplan.service.client import Client
     client = Client("http://127.0.0.1:8321")
     job = client.jobs.create(model="smollm2-135m", bits_per_weight=3.5)
-    job = client.jobs.wait(job["id"])               # progress bar on stderr
-    client.artifacts.download(job["artifacts"][0]["id"], "out/")
+    job = client.jobs.wait(job.id)                  # progress bar on stderr
+    client.artifacts.download(job.artifacts[0].id, "out/")
+
+Answers are the service's own response models (``bitplan.service.schemas``: ``JobPublic``, ``ArtifactPublic``,
+``ModelPublic``, ``FrontierPublic``, ``LatencyTablePublic``, ``EventPublic``), typed, and readable as mappings too
+(``job["status"]``); ``.to_dict()`` gives the JSON.
 """
 
 from __future__ import annotations
@@ -24,6 +28,14 @@ import httpx
 from bitplan.hashing import sha256_file
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def _typed(model: str, data: Any) -> Any:
+    """``data`` (a JSON object, or a list of them) as the service's response model ``model``."""
+    from bitplan.service import schemas
+
+    cls = getattr(schemas, model)
+    return [cls.model_validate(item) for item in data] if isinstance(data, list) else cls.model_validate(data)
 
 
 DEFAULT_URL = "http://127.0.0.1:8321"
@@ -108,15 +120,16 @@ class Models:
     def __init__(self, client: Client) -> None:
         self.client = client
 
-    def create(self, reference: str, *, name: str | None = None) -> dict[str, Any]:
-        """Register a reference; jobs then name it by the returned ``id`` (``mdl-...``)."""
-        return self.client.request("POST", "/v1/models", json={"reference": reference, "name": name}).json()
+    def create(self, reference: str, *, name: str | None = None) -> Any:
+        """Register a reference (a ``ModelPublic``); jobs then name it by its ``id`` (``mdl-...``)."""
+        return _typed("ModelPublic", self.client.request("POST", "/v1/models",
+                                                         json={"reference": reference, "name": name}).json())
 
-    def list(self) -> list[dict[str, Any]]:
-        return self.client.request("GET", "/v1/models").json()  # type: ignore[no-any-return]
+    def list(self) -> list[Any]:
+        return _typed("ModelPublic", self.client.request("GET", "/v1/models").json())  # type: ignore[no-any-return]
 
-    def get(self, model_id: str) -> dict[str, Any]:
-        return self.client.request("GET", f"/v1/models/{model_id}").json()
+    def get(self, model_id: str) -> Any:
+        return _typed("ModelPublic", self.client.request("GET", f"/v1/models/{model_id}").json())
 
 
 class Jobs:
@@ -125,33 +138,36 @@ class Jobs:
     def __init__(self, client: Client) -> None:
         self.client = client
 
-    def frontier(self, job_id: str, *, kind: str = "auto", axis: str = "bytes") -> dict[str, Any]:
-        """The succeeded job's predicted frontier, uniform baselines and measured artifacts (``axis``: ``bytes``,
-        or ``latency`` / ``prefill`` for a job that had a latency budget)."""
-        return self.client.request("GET", f"/v1/jobs/{job_id}/frontier", params={"kind": kind, "axis": axis}).json()
+    def frontier(self, job_id: str, *, kind: str = "auto", axis: str = "bytes") -> Any:
+        """The succeeded job's predicted frontier, uniform baselines and measured artifacts (a ``FrontierPublic``;
+        ``axis``: ``bytes``, or ``latency`` / ``prefill`` for a job that had a latency budget)."""
+        return _typed("FrontierPublic", self.client.request("GET", f"/v1/jobs/{job_id}/frontier",
+                                                            params={"kind": kind, "axis": axis}).json())
 
     def more_budgets(self, job_id: str, bits_per_weight: list[float]) -> dict[str, Any]:
         """A new job with ``job_id``'s spec and these budgets (its sensitivity pass comes from the cache)."""
-        return self.client.request("POST", f"/v1/jobs/{job_id}/artifacts",
-                                   json={"bits_per_weight": bits_per_weight}).json()
+        return _typed("JobPublic", self.client.request("POST", f"/v1/jobs/{job_id}/artifacts",
+                                                       json={"bits_per_weight": bits_per_weight}).json())
 
-    def create(self, *, model: str, idempotency_key: str | None = None, **options: Any) -> dict[str, Any]:
-        """Submit a job (``bits_per_weight``, ``bytes`` or ``uniform_bits``, plus ``metric``, ``solver``, ...)."""
+    def create(self, *, model: str, idempotency_key: str | None = None, **options: Any) -> Any:
+        """Submit a job (``bits_per_weight``, ``bytes`` or ``uniform_bits``, plus ``metric``, ``solver``, ...);
+        the queued job as a ``JobPublic``."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        return self.client.request("POST", "/v1/jobs", json={"model": model, **options}, headers=headers).json()
+        return _typed("JobPublic", self.client.request("POST", "/v1/jobs", json={"model": model, **options},
+                                                       headers=headers).json())
 
 
-    def get(self, job_id: str) -> dict[str, Any]:
-        return self.client.request("GET", f"/v1/jobs/{job_id}").json()
+    def get(self, job_id: str) -> Any:
+        return _typed("JobPublic", self.client.request("GET", f"/v1/jobs/{job_id}").json())
 
-    def list(self, *, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    def list(self, *, status: str | None = None, limit: int = 50) -> list[Any]:
         """Every job of this key (following the cursor)."""
         items, cursor = [], None
         while True:
             params: dict[str, Any] = {"limit": limit, **({"status": status} if status else {}),
                                       **({"cursor": cursor} if cursor else {})}
             page = self.client.request("GET", "/v1/jobs", params=params).json()
-            items += page["items"]
+            items += _typed("JobPublic", page["items"])
             cursor = page["next_cursor"]
             if cursor is None:
                 return items
@@ -160,19 +176,19 @@ class Jobs:
         """Delete a finished job with its artifacts (a queued or running one: cancel it first)."""
         self.client.request("DELETE", f"/v1/jobs/{job_id}")
 
-    def cancel(self, job_id: str) -> dict[str, Any]:
-        return self.client.request("POST", f"/v1/jobs/{job_id}/cancel").json()
+    def cancel(self, job_id: str) -> Any:
+        return _typed("JobPublic", self.client.request("POST", f"/v1/jobs/{job_id}/cancel").json())
 
-    def events(self, job_id: str, *, after: int = 0) -> list[dict[str, Any]]:
-        items = []
+    def events(self, job_id: str, *, after: int = 0) -> list[Any]:
+        items: list[Any] = []
         while True:
             page = self.client.request("GET", f"/v1/jobs/{job_id}/events", params={"after": after}).json()
-            items += page["items"]
+            items += _typed("EventPublic", page["items"])
             if not page["items"]:
                 return items
             after = page["next_after"]
 
-    def retrieve(self, job_id: str) -> dict[str, Any]:
+    def retrieve(self, job_id: str) -> Any:
         """The job as it is now (an alias of :meth:`get`, the name other clients use)."""
         return self.get(job_id)
 
@@ -199,7 +215,7 @@ class Jobs:
                     event["data"] = json.loads(line[5:].strip() or "null")
 
     def wait(self, job_id: str, *, poll_s: float = 1.0, timeout_s: float | None = None,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True) -> Any:
         """Wait until the job ends, woken by its event stream (server-sent events); when the stream breaks, by
         polling every ``poll_s`` until it can be reopened. A progress bar (stage, fraction, ETA) on stderr."""
         from tqdm import tqdm
@@ -208,7 +224,7 @@ class Jobs:
         bar = tqdm(total=100, file=sys.stderr, disable=not progress, desc="queued",
                    bar_format="{desc:<24} {percentage:3.0f}%|{bar}| {elapsed} elapsed {postfix}")
 
-        def show(job: dict[str, Any]) -> bool:
+        def show(job: Any) -> bool:
             bar.n = round(100 * job["progress"]["fraction"])
             bar.set_description(job["progress"]["stage"] or job["status"], refresh=False)
             eta = job["progress"].get("eta_s")
@@ -245,8 +261,8 @@ class Artifacts:
         """Delete one artifact's files (its job stays)."""
         self.client.request("DELETE", f"/v1/artifacts/{artifact_id}")
 
-    def get(self, artifact_id: str) -> dict[str, Any]:
-        return self.client.request("GET", f"/v1/artifacts/{artifact_id}").json()
+    def get(self, artifact_id: str) -> Any:
+        return _typed("ArtifactPublic", self.client.request("GET", f"/v1/artifacts/{artifact_id}").json())
 
     def download(self, artifact_id: str, out_dir: str | Path, *, progress: bool = False) -> Path:
         """Every file of the artifact into ``out_dir``, each checked against its sha256 and then renamed into
@@ -292,11 +308,11 @@ class LatencyTables:
     def __init__(self, client: Client) -> None:
         self.client = client
 
-    def upload(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+    def upload(self, path: str | os.PathLike[str]) -> Any:
         """Upload a table file; a job names the returned ``id`` in ``latency_table``."""
-        import json
+        return _typed("LatencyTablePublic", self.client.request("POST", "/v1/latency-tables",
+                                                                json=json.loads(Path(path).read_text())).json())
 
-        return self.client.request("POST", "/v1/latency-tables", json=json.loads(Path(path).read_text())).json()
-
-    def list(self) -> list[dict[str, Any]]:
-        return self.client.request("GET", "/v1/latency-tables").json()  # type: ignore[no-any-return]
+    def list(self) -> list[Any]:
+        tables = self.client.request("GET", "/v1/latency-tables").json()
+        return _typed("LatencyTablePublic", tables)  # type: ignore[no-any-return]

@@ -10,7 +10,30 @@ from bitplan.service.domain import JobStatus
 from bitplan.spec import OPTIONS, Option
 
 
-class Health(BaseModel):
+class Public(BaseModel):
+    """A response model; the Python client returns these (typed: ``job.status``, ``job.progress.eta_s``), and
+    they also read as mappings (``job["status"]``, ``job.get("error")``) for code written against plain dicts;
+    ``to_dict()`` is the JSON the service sent."""
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in type(self).model_fields:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in type(self).model_fields
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in type(self).model_fields else default
+
+    def keys(self) -> list[str]:
+        return list(type(self).model_fields)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class Health(Public):
     status: str
     version: str
 
@@ -53,26 +76,26 @@ JobCreate = create_model(  # type: ignore[call-overload]
     **{option.name: _job_field(option) for option in OPTIONS if option.http})
 
 
-class ErrorInfo(BaseModel):
+class ErrorInfo(Public):
     code: str
     message: str
     retryable: bool
 
 
-class Progress(BaseModel):
+class Progress(Public):
     stage: str | None
     fraction: float
     eta_s: float | None
 
 
-class ArtifactRef(BaseModel):
+class ArtifactRef(Public):
     id: str
     bits_per_weight: float
     bytes: int
     manifest_sha256: str
 
 
-class QualityPublic(BaseModel):
+class QualityPublic(Public):
     """Quality against the source model on held-back windows (text the calibration did not see)."""
 
     kl_mean: float = Field(description="mean per-token KL(source || quantized), nats")
@@ -85,7 +108,7 @@ class QualityPublic(BaseModel):
     text: str = Field(description="the evaluated text's name")
 
 
-class AllocationSummary(BaseModel):
+class AllocationSummary(Public):
     bits_per_weight: float
     bytes: int
     status: str
@@ -98,7 +121,7 @@ class AllocationSummary(BaseModel):
                                            "decode ms per token, the budget, the table used")
 
 
-class JobPublic(BaseModel):
+class JobPublic(Public):
     id: str
     status: JobStatus
     progress: Progress
@@ -111,30 +134,30 @@ class JobPublic(BaseModel):
     updated: float
 
 
-class JobPage(BaseModel):
+class JobPage(Public):
     items: list[JobPublic]
     next_cursor: str | None
 
 
-class EventPublic(BaseModel):
+class EventPublic(Public):
     seq: int
     at: float
     kind: str
     data: dict[str, Any]
 
 
-class EventPage(BaseModel):
+class EventPage(Public):
     items: list[EventPublic]
     next_after: int
 
 
-class ArtifactFile(BaseModel):
+class ArtifactFile(Public):
     name: str
     bytes: int
     sha256: str
 
 
-class ArtifactPublic(BaseModel):
+class ArtifactPublic(Public):
     id: str
     job_id: str
     manifest: dict[str, Any]
@@ -162,7 +185,7 @@ class ModelCreate(BaseModel):
     name: str | None = Field(default=None, max_length=200)
 
 
-class ModelPublic(BaseModel):
+class ModelPublic(Public):
     id: str
     name: str | None
     reference: str
@@ -171,7 +194,7 @@ class ModelPublic(BaseModel):
     created: float
 
 
-class FrontierPoint(BaseModel):
+class FrontierPoint(Public):
     """One Pareto-optimal allocation of the predicted frontier."""
 
     bytes: float
@@ -191,7 +214,7 @@ class UniformPoint(FrontierPoint):
     formats: list[str] | None = None
 
 
-class MeasuredPoint(BaseModel):
+class MeasuredPoint(Public):
     """An artifact the job wrote, with its measured quality (held-back windows)."""
 
     artifact: str | None
@@ -212,7 +235,7 @@ class MeasuredPoint(BaseModel):
     measured_prefill_ms: float | None = Field(default=None, description="the GGUF's prefill ms per token, timed")
 
 
-class FrontierPublic(BaseModel):
+class FrontierPublic(Public):
     """The job's predicted frontier (sorted by bytes, predicted loss non-increasing), its uniform baselines and
     its measured artifacts, all from the allocation problem its artifacts carry (``allocation-problem.json``)."""
 
@@ -238,7 +261,7 @@ class ArtifactsCreate(BaseModel):
     bytes: int | None = Field(default=None, gt=0, description="a budget in bytes of the quantized layers")
 
 
-class LatencyTablePublic(BaseModel):
+class LatencyTablePublic(Public):
     """An uploaded latency table (``bitplan latency --out FILE`` on the machine that will run the model): a job
     names it by ``id`` in its ``latency_table`` field."""
 

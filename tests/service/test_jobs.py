@@ -264,3 +264,31 @@ def test_issue14_client_wait_is_woken_by_the_event_stream(service: TestClient, t
     assert events[-1]["kind"] == "succeeded" and {e["kind"] for e in events} >= {"progress"}
     assert list(client.jobs.stream(job["id"], after=events[-2]["seq"])) == events[-1:]
     assert client.jobs.retrieve(job["id"])["status"] == "succeeded"
+
+
+def test_issue14_the_client_answers_with_the_services_own_models(service: TestClient, tiny_llama_dir: Path
+                                                                 ) -> None:
+    """Typed answers (the service's pydantic models), readable as mappings too, and their JSON unchanged."""
+    from bitplan.service import client as client_module
+    from bitplan.service.domain import JobStatus
+    from bitplan.service.schemas import ArtifactPublic, EventPublic, FrontierPublic, JobPublic, ModelPublic
+
+    client = client_module.Client()
+    client.http = service
+    job = client.jobs.create(model=tiny_llama_dir.name, bits_per_weight=4.0, **SMALL)
+    assert isinstance(job, JobPublic) and job.status is JobStatus.QUEUED and job["status"] == "queued"
+    done = client.jobs.wait(job.id, progress=False)
+    assert isinstance(done, JobPublic) and done.status is JobStatus.SUCCEEDED and done.progress.fraction == 1.0
+    assert done.to_dict() == service.get(f"/v1/jobs/{job.id}").json()  # the same JSON the route sent
+    artifact = client.artifacts.get(done.artifacts[0].id)
+    assert isinstance(artifact, ArtifactPublic) and all(len(f.sha256) == 64 for f in artifact.files)
+    frontier = client.jobs.frontier(job.id)
+    assert isinstance(frontier, FrontierPublic) and frontier.points and frontier.measured[0].artifact == artifact.id
+    events = client.jobs.events(job.id)
+    assert all(isinstance(e, EventPublic) for e in events) and events[0].seq == 1 and events[0].kind == "queued"
+    assert [j.id for j in client.jobs.list()] == [job.id]
+    models = client.models.list()
+    assert all(isinstance(m, ModelPublic) for m in models) and "smollm2-135m" in {m.id for m in models}
+    assert done.get("no-such-field", "default") == "default" and "status" in done
+    with pytest.raises(KeyError):
+        done["no-such-field"]
