@@ -158,17 +158,21 @@ def hostile_models(root: Path, tiny: Path) -> None:
 
 
 def settle(c: Campaign, limit_s: float) -> dict[str, str]:
-    """Wait (at most ``limit_s``) until every job the service took has ended; each job's last status."""
+    """Wait (at most ``limit_s``) until every job the service took has ended; each job's last status (a failed
+    job as ``failed:CODE``)."""
     deadline = time.monotonic() + limit_s
     while True:
         final = {}
         for job_id in c.accepted:
             try:
                 response = c.http.get(f"/v1/jobs/{job_id}")
-                final[job_id] = response.json()["status"] if response.status_code == 200 else "missing"
             except httpx.HTTPError:
                 final[job_id] = "unreachable"
-        if all(s in ("succeeded", "failed", "cancelled") for s in final.values()) or time.monotonic() > deadline:
+                continue
+            job = response.json() if response.status_code == 200 else {"status": "missing"}
+            final[job_id] = job["status"] + (f":{job['error']['code']}" if job.get("error") else "")
+        if all(s.split(":")[0] in ("succeeded", "failed", "cancelled") for s in final.values()) \
+                or time.monotonic() > deadline:
             return final
         time.sleep(2)
 
@@ -261,11 +265,13 @@ def run_backend(backend: str, rounds: int, base: Path, tiny: Path) -> dict[str, 
         redis_process.terminate()
         redis_process.wait(timeout=30)
     return {"requests": sum(campaign.status.values()), "status": dict(sorted(campaign.status.items())),
-            "five_xx": sum(v for k, v in campaign.status.items() if k.startswith("5")),
+            "five_xx": sum(v for k, v in campaign.status.items() if k.startswith("5") and "outage" not in k),
             "violations": campaign.violations[:20], "violation_count": len(campaign.violations),
             "outage_503_with_retry_after": campaign.outage_503,
             "jobs_submitted": len(campaign.accepted), "jobs_final": dict(collections.Counter(final.values())),
-            "jobs_lost": sum(s not in ("succeeded", "cancelled") for s in final.values()),
+            # lost: never finished, gone, or failed for a reason of ours (not the caller's bad input)
+            "jobs_lost": sum(s.split(":")[0] not in ("succeeded", "cancelled", "failed")
+                             or s in ("failed:internal", "failed:worker_lost") for s in final.values()),
             "stray_processes": len(stray), "staging_left": len(left)}
 
 

@@ -77,6 +77,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
                   description="Decide how many bits each part of a network gets, then quantize it.",
                   generate_unique_id_function=lambda route: route.name)  # operationIds: create_job, get_job, ...
     app.state.store, app.state.huey, app.state.settings = store, huey, settings
+    app.state.sweeper = sweeper
     app.state.telemetry = Telemetry.create()
     install_error_handlers(app)
     _install_middleware(app, settings, app.state.telemetry)

@@ -1,5 +1,6 @@
-"""Issue 14: ``DELETE`` of jobs and artifacts (their files and disk space), a 409 for a job still running, and the
-retention sweep (``bitplan serve --retention-days``) on both stores, with a real tiny model."""
+"""Issue 14: ``DELETE`` of jobs and artifacts (their files and disk space), a 409 for a job still queued or
+running, other keys kept out, and the retention sweep (``bitplan serve --retention-days``), on both stores with a
+real tiny model (one real job per store: the suite stays quick)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from bitplan.service.app import create_app
-from bitplan.service.retention import sweep
+from bitplan.service.app import create_app, hash_key
+from bitplan.service.retention import RetentionSweeper, sweep
 from tests.service.test_jobs import SMALL, settings_for, wait_for
+
+KEYS = {hash_key("k1"): "alice", hash_key("k2"): "bob"}
+ALICE, BOB = {"Authorization": "Bearer k1"}, {"Authorization": "Bearer k2"}
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -25,88 +29,74 @@ def backend(request: pytest.FixtureRequest) -> dict[str, object]:
     return {"redis_url": url}
 
 
-def _succeeded(client: TestClient, model: str, budgets: list[float]) -> dict:
-    response = client.post("/v1/jobs", json={"model": model, "bits_per_weight": budgets, **SMALL})
-    assert response.status_code == 202, response.text
-    job = wait_for(client, response.json()["id"], {"succeeded", "failed"})
-    assert job["status"] == "succeeded", job["error"]
-    return job
-
-
-def test_issue14_delete_an_artifact_then_its_job(tmp_path: Path, tiny_llama_dir: Path, backend: dict) -> None:
+def test_issue14_delete_artifacts_and_jobs_and_sweep_old_ones(tmp_path: Path, tiny_llama_dir: Path,
+                                                             backend: dict) -> None:
     data = tmp_path / "data"
-    with TestClient(create_app(settings_for(tmp_path, tiny_llama_dir, **backend))) as client:
-        job = _succeeded(client, tiny_llama_dir.name, [3.0, 4.0])
-        first, second = (a["id"] for a in job["artifacts"])
-        assert (data / "artifacts" / first).is_dir() and (data / "artifacts" / second).is_dir()
-        assert client.delete(f"/v1/artifacts/{first}").status_code == 204
-        assert not (data / "artifacts" / first).exists() and (data / "artifacts" / second).is_dir()
-        assert client.get(f"/v1/artifacts/{first}").status_code == 404
-        assert client.get(f"/v1/artifacts/{first}/files/manifest.json").status_code == 404
-        kept = client.get(f"/v1/jobs/{job['id']}").json()
-        assert [a["id"] for a in kept["artifacts"]] == [second]
-        assert [m["artifact"] for m in client.get(f"/v1/jobs/{job['id']}/frontier").json()["measured"]] == [second]
-        assert client.delete(f"/v1/artifacts/{first}").status_code == 404  # gone is gone
-        events = client.get(f"/v1/jobs/{job['id']}/events").json()["items"]
-        assert events[-1]["kind"] == "artifact_deleted" and events[-1]["data"] == {"artifact": first}
-
-        assert client.delete(f"/v1/jobs/{job['id']}").status_code == 204
-        assert client.get(f"/v1/jobs/{job['id']}").status_code == 404
-        assert client.get(f"/v1/jobs/{job['id']}/events").status_code == 404
-        assert client.get(f"/v1/artifacts/{second}").status_code == 404
-        assert not (data / "artifacts" / second).exists()
-        assert job["id"] not in {j["id"] for j in client.get("/v1/jobs").json()["items"]}
-        assert client.delete(f"/v1/jobs/{job['id']}").status_code == 404
-
-
-def test_issue14_a_queued_job_is_not_deleted_and_other_keys_cannot(tmp_path: Path, tiny_llama_dir: Path,
-                                                                   backend: dict) -> None:
-    from bitplan.service.app import hash_key
-
-    keys = {hash_key("k1"): "alice", hash_key("k2"): "bob"}
-    settings = settings_for(tmp_path, tiny_llama_dir, embedded_worker=False, api_keys=keys, **backend)
-    alice, bob = {"Authorization": "Bearer k1"}, {"Authorization": "Bearer k2"}
-    with TestClient(create_app(settings)) as client:
-        created = client.post("/v1/jobs", json={"model": tiny_llama_dir.name, "bits_per_weight": 4.0, **SMALL},
-                              headers=alice)
+    with TestClient(create_app(settings_for(tmp_path, tiny_llama_dir, api_keys=KEYS, **backend))) as client:
+        store = client.app.state.store  # type: ignore[attr-defined]
+        created = client.post("/v1/jobs", json={"model": tiny_llama_dir.name, "bits_per_weight": [3.0, 4.0],
+                                                **SMALL}, headers=ALICE)
+        assert created.status_code == 202, created.text
         job_id = created.json()["id"]
-        refused = client.delete(f"/v1/jobs/{job_id}", headers=alice)
+        # a second job waits behind the first (one worker): still queued or running, so not deletable
+        second = client.post("/v1/jobs", json={"model": tiny_llama_dir.name, "bits_per_weight": 4.0,
+                                               "num_samples": 400, "seq_len": 64}, headers=ALICE).json()["id"]
+        refused = client.delete(f"/v1/jobs/{second}", headers=ALICE)
         assert refused.status_code == 409 and "cancel it first" in refused.json()["detail"]
         assert refused.headers["content-type"].startswith("application/problem+json")
-        assert client.delete(f"/v1/jobs/{job_id}", headers=bob).status_code == 404  # not bob's to see
-        assert client.post(f"/v1/jobs/{job_id}/cancel", headers=alice).status_code == 202
-        assert client.get(f"/v1/jobs/{job_id}", headers=alice).json()["status"] == "cancelled"
-        assert client.delete(f"/v1/jobs/{job_id}", headers=alice).status_code == 204
+        assert client.delete(f"/v1/jobs/{second}", headers=BOB).status_code == 404  # not bob's to see
+        assert client.post(f"/v1/jobs/{second}/cancel", headers=ALICE).status_code == 202
 
+        job = wait_for(client, job_id, {"succeeded", "failed"}, headers=ALICE)
+        assert job["status"] == "succeeded", job["error"]
+        first, last = (a["id"] for a in job["artifacts"])
+        assert (data / "artifacts" / first).is_dir() and (data / "artifacts" / last).is_dir()
+        assert client.delete(f"/v1/artifacts/{first}", headers=BOB).status_code == 404
+        assert client.delete(f"/v1/artifacts/{first}", headers=ALICE).status_code == 204
+        assert not (data / "artifacts" / first).exists() and (data / "artifacts" / last).is_dir()
+        assert client.get(f"/v1/artifacts/{first}", headers=ALICE).status_code == 404
+        assert client.get(f"/v1/artifacts/{first}/files/manifest.json", headers=ALICE).status_code == 404
+        assert [a["id"] for a in client.get(f"/v1/jobs/{job_id}", headers=ALICE).json()["artifacts"]] == [last]
+        frontier = client.get(f"/v1/jobs/{job_id}/frontier", headers=ALICE).json()
+        assert [m["artifact"] for m in frontier["measured"]] == [last]  # from the artifact that is left
+        assert client.delete(f"/v1/artifacts/{first}", headers=ALICE).status_code == 404  # gone is gone
+        events = client.get(f"/v1/jobs/{job_id}/events", headers=ALICE).json()["items"]
+        assert events[-1]["kind"] == "artifact_deleted" and events[-1]["data"] == {"artifact": first}
 
-def test_issue14_retention_removes_old_finished_jobs_and_orphan_folders(tmp_path: Path, tiny_llama_dir: Path,
-                                                                       backend: dict) -> None:
-    data = tmp_path / "data"
-    with TestClient(create_app(settings_for(tmp_path, tiny_llama_dir, **backend))) as client:
-        old = _succeeded(client, tiny_llama_dir.name, [4.0])
-        store = client.app.state.store  # type: ignore[attr-defined]
-        orphan = data / "artifacts" / "0123abcd-0"  # a folder no job names (a crash between record and files)
+        # the retention sweep: nothing young goes; a folder no job names does; then the old finished jobs
+        orphan = data / "artifacts" / "0123abcd-0"
         orphan.mkdir(parents=True)
         (orphan / "quantized.safetensors").write_bytes(b"x" * 1000)
-        folder = data / "artifacts" / old["artifacts"][0]["id"]
-        size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-        assert sweep(store, data, keep_s=3600) == {"jobs": 0, "orphans": 1, "bytes": 1000}  # too young to go
-        assert folder.is_dir() and not orphan.exists()
-        assert sweep(store, data, keep_s=3600, now=time.time() + 7200) == {"jobs": 1, "orphans": 0, "bytes": size}
-        assert not folder.exists() and client.get(f"/v1/jobs/{old['id']}").status_code == 404
+        assert sweep(store, data, keep_s=3600) == {"jobs": 0, "orphans": 1, "bytes": 1000}
+        assert not orphan.exists() and (data / "artifacts" / last).is_dir()
+        wait_for(client, second, {"cancelled"}, headers=ALICE)
+        size = sum(p.stat().st_size for p in (data / "artifacts" / last).rglob("*") if p.is_file())
+        sweeper = RetentionSweeper(store, data, keep_s=0.5, every_s=0.1)  # what --retention-days runs
+        sweeper.start()
+        try:
+            deadline = time.monotonic() + 30
+            while client.get(f"/v1/jobs/{job_id}", headers=ALICE).status_code != 404:
+                assert time.monotonic() < deadline, "the retention sweep did not remove the finished job"
+                time.sleep(0.2)
+        finally:
+            sweeper.stop()
+        assert size > 0 and not (data / "artifacts" / last).exists()
+        assert client.get(f"/v1/jobs/{second}", headers=ALICE).status_code == 404  # the cancelled one too
+        assert client.get(f"/v1/jobs/{job_id}/events", headers=ALICE).status_code == 404
+        assert client.get("/v1/jobs", headers=ALICE).json()["items"] == []
+        assert client.delete(f"/v1/jobs/{job_id}", headers=ALICE).status_code == 404
 
 
-def test_issue14_the_services_own_sweeper_applies_the_retention(tmp_path: Path, tiny_llama_dir: Path,
-                                                                backend: dict) -> None:
-    """What ``--retention-days`` sets, with a retention of 3 seconds: the finished job is there, then it is gone."""
-    data = tmp_path / "data"
-    settings = settings_for(tmp_path, tiny_llama_dir, retention_days=3 / 86400, retention_sweep_s=0.2, **backend)
-    with TestClient(create_app(settings)) as client:
-        job = _succeeded(client, tiny_llama_dir.name, [4.0])
-        folder = data / "artifacts" / job["artifacts"][0]["id"]
-        assert folder.is_dir()
-        deadline = time.monotonic() + 30
-        while client.get(f"/v1/jobs/{job['id']}").status_code != 404:
-            assert time.monotonic() < deadline, "the retention sweep did not remove the finished job"
-            time.sleep(0.2)
-        assert not folder.exists()
+def test_issue14_delete_of_a_finished_job_and_the_retention_setting(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """``DELETE /v1/jobs/{id}`` of a cancelled job (no worker needed), and ``--retention-days`` wired to the
+    sweeper the service starts."""
+    settings = settings_for(tmp_path, tiny_llama_dir, embedded_worker=False, retention_days=2.0)
+    app = create_app(settings)
+    assert app.state.sweeper.keep_s == 2 * 86400
+    assert create_app(settings_for(tmp_path / "b", tiny_llama_dir, embedded_worker=False)).state.sweeper is None
+    with TestClient(app) as client:
+        job_id = client.post("/v1/jobs", json={"model": tiny_llama_dir.name, "bits_per_weight": 4.0,
+                                               **SMALL}).json()["id"]
+        assert client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+        assert client.delete(f"/v1/jobs/{job_id}").status_code == 204
+        assert client.get(f"/v1/jobs/{job_id}").status_code == 404
