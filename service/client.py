@@ -316,3 +316,97 @@ class LatencyTables:
     def list(self) -> list[Any]:
         tables = self.client.request("GET", "/v1/latency-tables").json()
         return _typed("LatencyTablePublic", tables)  # type: ignore[no-any-return]
+
+
+class AsyncClient:
+    """The same service from asyncio code (``httpx.AsyncClient``), for the calls a notebook or an async platform
+    makes: ``await client.create(...)``, ``get``, ``list``, ``cancel``, ``delete``, ``frontier``, ``wait`` (polls,
+    honouring the job's ``eta_s``), ``artifact``. The same typed answers, retries and environment defaults as
+    :class:`Client`; downloads stay with :class:`Client` (they are file work, not waiting)."""
+
+    def __init__(self, url: str | None = None, *, api_key: str | None = None, timeout: float = 30.0,
+                 retries: int = 4, backoff_s: float = 0.5, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        url = url or os.environ.get("BITPLAN_URL", DEFAULT_URL)
+        api_key = api_key or os.environ.get("BITPLAN_API_KEY")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=timeout,
+                                      transport=transport)
+        self.retries, self.backoff_s = retries, backoff_s
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        import asyncio
+
+        headers = kwargs.get("headers") or {}
+        retriable = method.upper() in IDEMPOTENT or "Idempotency-Key" in headers
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries or not retriable
+            try:
+                response = await self.http.request(method, path, **kwargs)
+            except httpx.TransportError:
+                if last:
+                    raise
+                await asyncio.sleep(self.backoff_s * 2**attempt)
+                continue
+            if response.status_code in RETRIED_STATUS and not last:
+                await asyncio.sleep(_retry_after(response, self.backoff_s * 2**attempt))
+                continue
+            break
+        if response.status_code >= 400:
+            raise _service_error(response)
+        return response
+
+    async def create(self, *, model: str, idempotency_key: str | None = None, **options: Any) -> Any:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        response = await self.request("POST", "/v1/jobs", json={"model": model, **options}, headers=headers)
+        return _typed("JobPublic", response.json())
+
+    async def get(self, job_id: str) -> Any:
+        return _typed("JobPublic", (await self.request("GET", f"/v1/jobs/{job_id}")).json())
+
+    async def list(self, *, status: str | None = None, limit: int = 50) -> list[Any]:
+        items, cursor = [], None
+        while True:
+            params: dict[str, Any] = {"limit": limit, **({"status": status} if status else {}),
+                                      **({"cursor": cursor} if cursor else {})}
+            page = (await self.request("GET", "/v1/jobs", params=params)).json()
+            items += _typed("JobPublic", page["items"])
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return items
+
+    async def cancel(self, job_id: str) -> Any:
+        return _typed("JobPublic", (await self.request("POST", f"/v1/jobs/{job_id}/cancel")).json())
+
+    async def delete(self, job_id: str) -> None:
+        await self.request("DELETE", f"/v1/jobs/{job_id}")
+
+    async def frontier(self, job_id: str, *, kind: str = "auto", axis: str = "bytes") -> Any:
+        response = await self.request("GET", f"/v1/jobs/{job_id}/frontier", params={"kind": kind, "axis": axis})
+        return _typed("FrontierPublic", response.json())
+
+    async def artifact(self, artifact_id: str) -> Any:
+        return _typed("ArtifactPublic", (await self.request("GET", f"/v1/artifacts/{artifact_id}")).json())
+
+    async def wait(self, job_id: str, *, poll_s: float = 1.0, timeout_s: float | None = None) -> Any:
+        """Until the job ends: polls, sleeping ``poll_s`` or, when the service gives an ETA, up to a tenth of it
+        (at most 10 s), so a long job is not polled every second."""
+        import asyncio
+
+        started = time.monotonic()
+        while True:
+            job = await self.get(job_id)
+            if job.status in TERMINAL:
+                return job
+            if timeout_s is not None and time.monotonic() - started > timeout_s:
+                raise TimeoutError(f"job {job_id} still {job.status.value} after {timeout_s} s")
+            eta = job.progress.eta_s
+            await asyncio.sleep(poll_s if not eta else min(max(poll_s, eta / 10), 10.0))
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()

@@ -292,3 +292,35 @@ def test_issue14_the_client_answers_with_the_services_own_models(service: TestCl
     assert done.get("no-such-field", "default") == "default" and "status" in done
     with pytest.raises(KeyError):
         done["no-such-field"]
+
+
+def test_issue14_the_async_client_runs_a_job_to_the_end(service: TestClient, tiny_llama_dir: Path) -> None:
+    """``AsyncClient`` against the running app (its ASGI transport; the embedded worker started by the test
+    client): create, wait, typed answers, the frontier and the artifact, a clear error, cancel and delete."""
+    import asyncio
+
+    import httpx
+
+    from bitplan.service.client import AsyncClient, ServiceError
+    from bitplan.service.domain import JobStatus
+    from bitplan.service.schemas import FrontierPublic, JobPublic
+
+    async def scenario() -> None:
+        async with AsyncClient("http://test", transport=httpx.ASGITransport(app=service.app)) as client:
+            job = await client.create(model=tiny_llama_dir.name, bits_per_weight=4.0, **SMALL)
+            assert isinstance(job, JobPublic) and job.status is JobStatus.QUEUED
+            done = await client.wait(job.id, poll_s=0.2, timeout_s=240)
+            assert done.status is JobStatus.SUCCEEDED and done.artifacts
+            assert isinstance(await client.frontier(job.id), FrontierPublic)
+            artifact = await client.artifact(done.artifacts[0].id)
+            assert {f.name for f in artifact.files} >= {"manifest.json", "quantized.safetensors"}
+            assert [j.id for j in await client.list()] == [job.id]
+            with pytest.raises(ServiceError) as refused:
+                await client.create(model="no-such-model", bits_per_weight=4.0)
+            assert refused.value.status == 422 and refused.value.param == "model"
+            await client.delete(job.id)
+            with pytest.raises(ServiceError) as gone:
+                await client.get(job.id)
+            assert gone.value.status == 404
+
+    asyncio.run(scenario())
