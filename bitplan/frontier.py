@@ -67,9 +67,13 @@ def option_arrays(document: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.
 def uniform_points(document: dict[str, Any], arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
                    ) -> list[dict[str, Any]]:
     """One point per bit width every unit has: each unit at its first listed option of that width (with formats,
-    the set's first format of that width the unit's shape allows, as llama.cpp falls back to a legacy type)."""
+    the set's first format of that width the unit's shape allows, as llama.cpp falls back to a legacy type), with
+    its predicted decode and prefill time when the options carry times."""
     bits, sizes, costs = option_arrays(document) if arrays is None else arrays
     rows = np.arange(len(bits))
+    times = {key: (float(document.get(AXES[axis] or "", 0.0)), t) for axis, key in (("latency", "latency_ms"),
+                                                                                     ("prefill", "prefill_ms"))
+             if (t := _times_of(document, axis)) is not None}  # with a latency budget: each baseline's times
     points = []
     for width in sorted(int(w) for w in np.unique(bits) if w >= 0):
         has = bits == width
@@ -81,7 +85,8 @@ def uniform_points(document: dict[str, Any], arrays: tuple[np.ndarray, np.ndarra
                          ) if "format" in document["units"][0]["options"][0] else []
         points.append({"label": f"uniform {width}-bit", "bits": width, "bytes": size,
                        "bits_per_weight": 8 * size / document["numel"],
-                       "predicted_loss": float(costs[rows, first].sum()), **({"formats": formats} if formats else {})})
+                       "predicted_loss": float(costs[rows, first].sum()), **({"formats": formats} if formats else {}),
+                       **{key: fixed + float(t[rows, first].sum()) for key, (fixed, t) in times.items()}})
     return points
 
 
@@ -206,23 +211,7 @@ def job_frontier(document: dict[str, Any], runs: list[dict[str, Any]], *, kind: 
         for point, t in zip(points, times[keep].tolist(), strict=True):
             point[f"{axis}_ms" if axis == "prefill" else "latency_ms"] = t
     return {"kind": computed, "axis": axis, "numel": numel, "total_points": int(len(sizes)), "points": points,
-            "uniform": _timed_uniform(document, arrays), "measured": measured_points(runs)}
-
-
-def _timed_uniform(document: dict[str, Any], arrays: tuple[np.ndarray, np.ndarray, np.ndarray]
-                   ) -> list[dict[str, Any]]:
-    """The uniform baselines, each with its predicted decode and prefill time when the options carry them."""
-    points = uniform_points(document, arrays)
-    bits = arrays[0]
-    rows = np.arange(len(bits))
-    for axis, key in (("latency", "latency_ms"), ("prefill", "prefill_ms")):
-        times = _times_of(document, axis)
-        if times is None:
-            continue
-        for point in points:
-            first = (bits == point["bits"]).argmax(axis=1)
-            point[key] = float(document.get(AXES[axis] or "", 0.0)) + float(times[rows, first].sum())
-    return points
+            "uniform": uniform_points(document, arrays), "measured": measured_points(runs)}
 
 
 def frontier_csv(report: dict[str, Any]) -> str:

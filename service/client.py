@@ -15,6 +15,7 @@ Answers are the service's own response models (``bitplan.service.schemas``: ``Jo
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -58,10 +59,7 @@ class Client:
 
     def __init__(self, url: str | None = None, *, api_key: str | None = None, timeout: float = 30.0,
                  retries: int = 4, backoff_s: float = 0.5) -> None:
-        url = url or os.environ.get("BITPLAN_URL", DEFAULT_URL)
-        api_key = api_key or os.environ.get("BITPLAN_API_KEY")
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        self.http = httpx.Client(**_connection(url, api_key, timeout))
         self.retries, self.backoff_s = retries, backoff_s
         self.jobs = Jobs(self)
         self.artifacts = Artifacts(self)
@@ -69,24 +67,33 @@ class Client:
         self.models = Models(self)
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        headers = kwargs.get("headers") or {}
-        retriable = method.upper() in IDEMPOTENT or "Idempotency-Key" in headers
-        for attempt in range(self.retries + 1):
-            last = attempt == self.retries or not retriable
+        for attempt in itertools.count():
             try:
                 response = self.http.request(method, path, **kwargs)
             except httpx.TransportError:
-                if last:
+                wait = self._retry_wait(method, kwargs, attempt)
+                if wait is None:
                     raise
-                time.sleep(self.backoff_s * 2**attempt)
+                time.sleep(wait)
                 continue
-            if response.status_code in RETRIED_STATUS and not last:
-                time.sleep(_retry_after(response, self.backoff_s * 2**attempt))
-                continue
-            break
-        if response.status_code >= 400:
-            raise _service_error(response)
-        return response
+            wait = self._retry_wait(method, kwargs, attempt, response)
+            if wait is None:
+                return _checked(response)
+            time.sleep(wait)
+        raise AssertionError("unreachable")
+
+    def _retry_wait(self, method: str, kwargs: dict[str, Any], attempt: int,
+                    response: httpx.Response | None = None) -> float | None:
+        """Seconds to wait before trying again, or ``None``: not retried (a call that is not idempotent, the last
+        attempt, or an answer other than 429/503). Backoff doubles; a ``Retry-After`` wins."""
+        retriable = method.upper() in IDEMPOTENT or "Idempotency-Key" in (kwargs.get("headers") or {})
+        if not retriable or attempt >= self.retries:
+            return None
+        if response is None:
+            return self.backoff_s * 2**attempt
+        if response.status_code not in RETRIED_STATUS:
+            return None
+        return _retry_after(response, self.backoff_s * 2**attempt)
 
     def close(self) -> None:
         self.http.close()
@@ -96,6 +103,25 @@ class Client:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+def _connection(url: str | None, api_key: str | None, timeout: float) -> dict[str, Any]:
+    """The httpx client's base URL, headers and timeout: ``$BITPLAN_URL`` and ``$BITPLAN_API_KEY`` by default."""
+    url = url or os.environ.get("BITPLAN_URL", DEFAULT_URL)
+    api_key = api_key or os.environ.get("BITPLAN_API_KEY")
+    return {"base_url": url.rstrip("/"), "headers": {"Authorization": f"Bearer {api_key}"} if api_key else {},
+            "timeout": timeout}
+
+
+def _checked(response: httpx.Response) -> httpx.Response:
+    if response.status_code >= 400:
+        raise _service_error(response)
+    return response
+
+
+def _page_params(status: str | None, limit: int, cursor: str | None) -> dict[str, Any]:
+    """The query of one page of ``GET /v1/jobs``."""
+    return {"limit": limit, **({"status": status} if status else {}), **({"cursor": cursor} if cursor else {})}
 
 
 def _retry_after(response: httpx.Response, fallback: float) -> float:
@@ -164,9 +190,7 @@ class Jobs:
         """Every job of this key (following the cursor)."""
         items, cursor = [], None
         while True:
-            params: dict[str, Any] = {"limit": limit, **({"status": status} if status else {}),
-                                      **({"cursor": cursor} if cursor else {})}
-            page = self.client.request("GET", "/v1/jobs", params=params).json()
+            page = self.client.request("GET", "/v1/jobs", params=_page_params(status, limit, cursor)).json()
             items += _typed("JobPublic", page["items"])
             cursor = page["next_cursor"]
             if cursor is None:
@@ -326,34 +350,28 @@ class AsyncClient:
 
     def __init__(self, url: str | None = None, *, api_key: str | None = None, timeout: float = 30.0,
                  retries: int = 4, backoff_s: float = 0.5, transport: httpx.AsyncBaseTransport | None = None) -> None:
-        url = url or os.environ.get("BITPLAN_URL", DEFAULT_URL)
-        api_key = api_key or os.environ.get("BITPLAN_API_KEY")
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=timeout,
-                                      transport=transport)
+        self.http = httpx.AsyncClient(**_connection(url, api_key, timeout), transport=transport)
         self.retries, self.backoff_s = retries, backoff_s
+
+    _retry_wait = Client._retry_wait  # the same retry rule as the blocking client
 
     async def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         import asyncio
 
-        headers = kwargs.get("headers") or {}
-        retriable = method.upper() in IDEMPOTENT or "Idempotency-Key" in headers
-        for attempt in range(self.retries + 1):
-            last = attempt == self.retries or not retriable
+        for attempt in itertools.count():
             try:
                 response = await self.http.request(method, path, **kwargs)
             except httpx.TransportError:
-                if last:
+                wait = self._retry_wait(method, kwargs, attempt)
+                if wait is None:
                     raise
-                await asyncio.sleep(self.backoff_s * 2**attempt)
+                await asyncio.sleep(wait)
                 continue
-            if response.status_code in RETRIED_STATUS and not last:
-                await asyncio.sleep(_retry_after(response, self.backoff_s * 2**attempt))
-                continue
-            break
-        if response.status_code >= 400:
-            raise _service_error(response)
-        return response
+            wait = self._retry_wait(method, kwargs, attempt, response)
+            if wait is None:
+                return _checked(response)
+            await asyncio.sleep(wait)
+        raise AssertionError("unreachable")
 
     async def create(self, *, model: str, idempotency_key: str | None = None, **options: Any) -> Any:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
@@ -366,9 +384,7 @@ class AsyncClient:
     async def list(self, *, status: str | None = None, limit: int = 50) -> list[Any]:
         items, cursor = [], None
         while True:
-            params: dict[str, Any] = {"limit": limit, **({"status": status} if status else {}),
-                                      **({"cursor": cursor} if cursor else {})}
-            page = (await self.request("GET", "/v1/jobs", params=params)).json()
+            page = (await self.request("GET", "/v1/jobs", params=_page_params(status, limit, cursor))).json()
             items += _typed("JobPublic", page["items"])
             cursor = page["next_cursor"]
             if cursor is None:

@@ -13,7 +13,7 @@ from bitplan.manifest import MANIFEST, read_manifest
 from bitplan.service.api.deps import Owner, Settings, Store, own_job
 from bitplan.service.api.errors import ERRORS, http_error
 from bitplan.service.domain import JobStatus, JobStore
-from bitplan.service.retention import delete_artifact
+from bitplan.service.retention import artifact_folder, delete_artifact
 from bitplan.service.schemas import ArtifactFile, ArtifactPublic
 
 router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"], responses=ERRORS)
@@ -31,7 +31,7 @@ def own_artifact(artifact_id: str, owner: str, store: JobStore, data_dir: Path) 
     job = own_job(job_id, owner, store)
     if job.status != JobStatus.SUCCEEDED or artifact_id not in {a.id for a in job.outcome().artifacts}:
         raise http_error(404, f"no artifact {artifact_id!r}")
-    return data_dir / "artifacts" / artifact_id
+    return artifact_folder(data_dir, artifact_id)
 
 
 def _digests(folder: Path) -> dict[str, str]:

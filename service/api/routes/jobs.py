@@ -19,7 +19,7 @@ from bitplan.service.api.deps import Owner, Queue, ServiceSettings, Settings, St
 from bitplan.service.api.errors import ERRORS, http_error
 from bitplan.service.api.routes.latency import table_path
 from bitplan.service.domain import TERMINAL, Job, JobActive, JobStatus, JobStore, TooManyJobs
-from bitplan.service.retention import delete_job
+from bitplan.service.retention import artifact_folder, delete_job
 from bitplan.service.schemas import (
     AllocationSummary,
     ArtifactRef,
@@ -174,7 +174,7 @@ def _problem_document(job: Job, settings: ServiceSettings) -> dict[str, Any]:
     artifacts = job.outcome().artifacts
     if not artifacts:
         raise http_error(409, f"job {job.id!r} has no artifacts left (they were deleted): it has no frontier")
-    path = settings.data_dir / "artifacts" / artifacts[0].id / PROBLEM_FILE  # every artifact holds the same problem
+    path = artifact_folder(settings.data_dir, artifacts[0].id) / PROBLEM_FILE  # every artifact: the same problem
     if not path.is_file():
         raise http_error(409, f"job {job.id!r} solved no allocation (uniform bits): it has no frontier")
     return json.loads(path.read_text())  # type: ignore[no-any-return]
