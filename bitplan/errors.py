@@ -64,6 +64,17 @@ class ModelTooLargeError(ModelReferenceError):
     code = "model_too_large"
 
 
+class CursorError(BitplanError):
+    """A list's ``cursor`` is not a ``next_cursor`` that list gave."""
+
+    status = 400
+    code = "invalid_cursor"
+
+    def __init__(self, cursor: str) -> None:
+        super().__init__(f"unknown or malformed cursor {cursor!r}; pass next_cursor from the previous page of this "
+                         "list", param="cursor")
+
+
 class ServiceUnreachable(BitplanError):
     """No service answered at the URL (or only with 503 until the client's retries ran out)."""
 

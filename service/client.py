@@ -82,6 +82,15 @@ class Client:
             time.sleep(wait)
         raise AssertionError("unreachable")
 
+    def pages(self, path: str, model: str, cursor: str | None = None, **query: Any) -> Iterator[Any]:
+        """Every item of the list at ``path`` (as ``model``), following ``next_cursor`` while ``has_more``."""
+        while True:
+            page = self.request("GET", path, params=_page_params(query, cursor)).json()
+            yield from _typed(model, page["items"])
+            if not page["has_more"]:
+                return
+            cursor = page["next_cursor"]
+
     def _retry_wait(self, method: str, kwargs: dict[str, Any], attempt: int,
                     response: httpx.Response | None = None) -> float | None:
         """Seconds to wait before trying again, or ``None``: not retried (a call that is not idempotent, the last
@@ -119,9 +128,9 @@ def _checked(response: httpx.Response) -> httpx.Response:
     return response
 
 
-def _page_params(status: str | None, limit: int, cursor: str | None) -> dict[str, Any]:
-    """The query of one page of ``GET /v1/jobs``."""
-    return {"limit": limit, **({"status": status} if status else {}), **({"cursor": cursor} if cursor else {})}
+def _page_params(query: dict[str, Any], cursor: str | None) -> dict[str, Any]:
+    """The query of one page of a list: ``query`` (its filters and ``limit``), and the cursor when there is one."""
+    return {**{k: v for k, v in query.items() if v is not None}, **({"cursor": cursor} if cursor else {})}
 
 
 def _retry_after(response: httpx.Response, fallback: float) -> float:
@@ -152,7 +161,8 @@ class Models:
                                                          json={"reference": reference, "name": name}).json())
 
     def list(self) -> list[Any]:
-        return _typed("ModelPublic", self.client.request("GET", "/v1/models").json())  # type: ignore[no-any-return]
+        """Every model this key can name (the bundled ones first; following the pages)."""
+        return list(self.client.pages("/v1/models", "ModelPublic"))
 
     def get(self, model_id: str) -> Any:
         return _typed("ModelPublic", self.client.request("GET", f"/v1/models/{model_id}").json())
@@ -187,14 +197,8 @@ class Jobs:
         return _typed("JobPublic", self.client.request("GET", f"/v1/jobs/{job_id}").json())
 
     def list(self, *, status: str | None = None, limit: int = 50) -> list[Any]:
-        """Every job of this key (following the cursor)."""
-        items, cursor = [], None
-        while True:
-            page = self.client.request("GET", "/v1/jobs", params=_page_params(status, limit, cursor)).json()
-            items += _typed("JobPublic", page["items"])
-            cursor = page["next_cursor"]
-            if cursor is None:
-                return items
+        """Every job of this key, oldest first (following the pages)."""
+        return list(self.client.pages("/v1/jobs", "JobPublic", status=status, limit=limit))
 
     def delete(self, job_id: str) -> None:
         """Delete a finished job with its artifacts (a queued or running one: cancel it first)."""
@@ -204,13 +208,9 @@ class Jobs:
         return _typed("JobPublic", self.client.request("POST", f"/v1/jobs/{job_id}/cancel").json())
 
     def events(self, job_id: str, *, after: int = 0) -> list[Any]:
-        items: list[Any] = []
-        while True:
-            page = self.client.request("GET", f"/v1/jobs/{job_id}/events", params={"after": after}).json()
-            items += _typed("EventPublic", page["items"])
-            if not page["items"]:
-                return items
-            after = page["next_after"]
+        """The job's events after sequence number ``after`` (every page)."""
+        return list(self.client.pages(f"/v1/jobs/{job_id}/events", "EventPublic", cursor=str(after) if after else None,
+                                      limit=1000))
 
     def retrieve(self, job_id: str) -> Any:
         """The job as it is now (an alias of :meth:`get`, the name other clients use)."""
@@ -338,8 +338,7 @@ class LatencyTables:
                                                                 json=json.loads(Path(path).read_text())).json())
 
     def list(self) -> list[Any]:
-        tables = self.client.request("GET", "/v1/latency-tables").json()
-        return _typed("LatencyTablePublic", tables)  # type: ignore[no-any-return]
+        return list(self.client.pages("/v1/latency-tables", "LatencyTablePublic"))
 
 
 class AsyncClient:
@@ -382,13 +381,26 @@ class AsyncClient:
         return _typed("JobPublic", (await self.request("GET", f"/v1/jobs/{job_id}")).json())
 
     async def list(self, *, status: str | None = None, limit: int = 50) -> list[Any]:
-        items, cursor = [], None
+        return await self.all_pages("/v1/jobs", "JobPublic", status=status, limit=limit)
+
+    async def models(self) -> list[Any]:
+        """Every model this key can name (the bundled ones first)."""
+        return await self.all_pages("/v1/models", "ModelPublic")
+
+    async def events(self, job_id: str, *, after: int = 0) -> list[Any]:
+        return await self.all_pages(f"/v1/jobs/{job_id}/events", "EventPublic", cursor=str(after) if after else None,
+                                    limit=1000)
+
+    async def all_pages(self, path: str, model: str, cursor: str | None = None, **query: Any) -> list[Any]:
+        """Every item of the list at ``path``, following ``next_cursor`` while ``has_more`` (as
+        :meth:`Client.pages`)."""
+        items: list[Any] = []
         while True:
-            page = (await self.request("GET", "/v1/jobs", params=_page_params(status, limit, cursor))).json()
-            items += _typed("JobPublic", page["items"])
-            cursor = page["next_cursor"]
-            if cursor is None:
+            page = (await self.request("GET", path, params=_page_params(query, cursor))).json()
+            items += _typed(model, page["items"])
+            if not page["has_more"]:
                 return items
+            cursor = page["next_cursor"]
 
     async def cancel(self, job_id: str) -> Any:
         return _typed("JobPublic", (await self.request("POST", f"/v1/jobs/{job_id}/cancel")).json())

@@ -134,9 +134,17 @@ class JobPublic(Public):
     updated: float
 
 
-class JobPage(Public):
+class Page(Public):
+    """Every list answers one page in this shape and takes ``?cursor=`` (a previous page's ``next_cursor``) and
+    ``?limit=``. ``has_more``: another page has items now; ``next_cursor`` is given exactly then (``null`` at the
+    end). A job's events grow at the end: a follower polls again with the last event's ``seq`` as the cursor."""
+
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null when has_more is false")
+    has_more: bool = Field(description="whether another page has items now")
+
+
+class JobPage(Page):
     items: list[JobPublic]
-    next_cursor: str | None
 
 
 class EventPublic(Public):
@@ -146,9 +154,8 @@ class EventPublic(Public):
     data: dict[str, Any]
 
 
-class EventPage(Public):
+class EventPage(Page):
     items: list[EventPublic]
-    next_after: int
 
 
 class ArtifactFile(Public):
@@ -192,6 +199,10 @@ class ModelPublic(Public):
     format: str
     bytes: int | None
     created: float
+
+
+class ModelPage(Page):
+    items: list[ModelPublic]
 
 
 class FrontierPoint(Public):
@@ -271,6 +282,10 @@ class LatencyTablePublic(Public):
     types: list[str]
     decode_fixed_ms: float
     decode_ms_per_mweight: dict[str, float]
+
+
+class LatencyTablePage(Page):
+    items: list[LatencyTablePublic]
 
 
 class LatencyTableUpload(BaseModel):

@@ -55,6 +55,19 @@ async function api(path, { method = "GET", json, raw = false, signal } = {}) {
   return raw ? response : response.json();
 }
 
+// Every item of a list, following next_cursor while has_more (every list of the API pages the same way).
+async function allPages(path) {
+  const items = [];
+  let cursor = null;
+  do {
+    const sep = path.includes("?") ? "&" : "?";
+    const page = await api(cursor === null ? path : `${path}${sep}cursor=${encodeURIComponent(cursor)}`);
+    items.push(...page.items);
+    cursor = page.has_more ? page.next_cursor : null;
+  } while (cursor !== null);
+  return items;
+}
+
 const fmt = {
   num: (v, digits = 4) => (v === null || v === undefined ? "–" : Number(v).toPrecision(digits)),
   bytes: (v) => (v === null || v === undefined ? "–" : Math.round(v).toLocaleString("en-US")),
@@ -169,7 +182,7 @@ async function loadChoices() {
     }
   } catch { /* the form still works with free text */ }
   try {
-    const models = await api("/v1/models");
+    const models = await allPages("/v1/models");
     $("#models").replaceChildren(...models.map((m) => el("option", { value: m.id, text: m.name || m.reference })));
   } catch (error) {
     $("#jobs-error").textContent = error.message;
@@ -297,9 +310,9 @@ async function cancel(id) {
 
 async function loadJobs() {
   try {
-    const page = await api("/v1/jobs?limit=50");
+    const jobs = await allPages("/v1/jobs?limit=200");
     $("#jobs-error").textContent = "";
-    for (const job of [...page.items].reverse()) {
+    for (const job of jobs.reverse()) {
       upsertJob(job);
       if (ACTIVE.has(job.status)) follow(job.id);
     }

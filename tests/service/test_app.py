@@ -26,7 +26,7 @@ def test_health(client: TestClient) -> None:
 def test_models(client: TestClient) -> None:
     response = client.get("/v1/models")
     assert response.status_code == 200
-    assert {"smollm2-135m", "minilm-l6"} <= {m["id"] for m in response.json()}
+    assert {"smollm2-135m", "minilm-l6"} <= {m["id"] for m in response.json()["items"]}
 
 
 def test_unknown_route_is_404(client: TestClient) -> None:

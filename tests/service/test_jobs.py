@@ -6,10 +6,12 @@ import hashlib
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
+from bitplan.models import BUNDLED_MODELS
 from bitplan.service.app import ServiceSettings, create_app, hash_key
 
 SMALL = {"num_samples": 2, "seq_len": 32, "group_size": 64}
@@ -73,7 +75,7 @@ def test_full_job_end_to_end(service: TestClient, tiny_llama_dir: Path) -> None:
     assert kinds[0] == "queued" and kinds[1] == "running" and kinds[-1] == "succeeded" and "progress" in kinds
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
     page = service.get(f"/v1/jobs/{job_id}/events", params={"after": 2, "limit": 3}).json()
-    assert [e["seq"] for e in page["items"]] == [3, 4, 5] and page["next_after"] == 5
+    assert [e["seq"] for e in page["items"]] == [3, 4, 5] and page["has_more"] and page["next_cursor"] == "5"
     stream = service.get(f"/v1/jobs/{job_id}/events/stream", headers={"Last-Event-ID": str(len(events) - 2)})
     ids = [int(line[4:]) for line in stream.text.splitlines() if line.startswith("id: ")]
     assert ids == [len(events) - 1, len(events)]
@@ -190,20 +192,43 @@ def test_keys_see_only_their_own_jobs_and_limits(tmp_path: Path, tiny_llama_dir:
     assert client.get("/metrics", headers=alice).status_code == 200
 
 
-def test_cursor_pagination(tmp_path: Path, tiny_llama_dir: Path) -> None:
+def _walk(client: TestClient, path: str, limit: int) -> tuple[list[Any], list[dict[str, Any]]]:
+    """Every item of a list by following next_cursor while has_more, and every page seen."""
+    items, pages, cursor = [], [], None
+    while True:
+        page = client.get(path, params={"limit": limit, **({"cursor": cursor} if cursor else {})}).json()
+        assert set(page) == {"items", "next_cursor", "has_more"}, page
+        assert (page["next_cursor"] is not None) == page["has_more"]
+        items += page["items"]
+        pages.append(page)
+        if not page["has_more"]:
+            return items, pages
+        cursor = page["next_cursor"]
+
+
+def test_issue14_every_list_pages_in_one_style(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """Jobs, a job's events, models and latency tables: ``?cursor=&limit=`` in, ``items``, ``next_cursor`` and
+    ``has_more`` out, the cursor null exactly at the end; a cursor that is not one is a 400 naming ``cursor``."""
     client = TestClient(create_app(settings_for(tmp_path, tiny_llama_dir, embedded_worker=False,
                                                 max_active_jobs=10)))
     ids = [client.post("/v1/jobs", json={"model": tiny_llama_dir.name, "bits_per_weight": 4.0, **SMALL}).json()["id"]
            for _ in range(5)]
-    seen, cursor = [], None
-    while True:
-        page = client.get("/v1/jobs", params={"limit": 2, **({"cursor": cursor} if cursor else {})}).json()
-        seen += [j["id"] for j in page["items"]]
-        cursor = page["next_cursor"]
-        if cursor is None:
-            break
-    assert seen == ids
-    assert client.get("/v1/jobs", params={"cursor": "garbage"}).status_code == 400
+    jobs, pages = _walk(client, "/v1/jobs", 2)
+    assert [j["id"] for j in jobs] == ids and len(pages) == 3
+    client.post(f"/v1/jobs/{ids[0]}/cancel")  # queued, then cancelled: two events
+    events, _ = _walk(client, f"/v1/jobs/{ids[0]}/events", 1)
+    assert [e["seq"] for e in events] == [1, 2] and [e["kind"] for e in events] == ["queued", "cancelled"]
+    assert client.get(f"/v1/jobs/{ids[0]}/events", params={"cursor": "1"}).json()["items"][0]["seq"] == 2
+    registered = [client.post("/v1/models", json={"reference": tiny_llama_dir.name, "name": f"m{i}"}).json()["id"]
+                  for i in range(3)]
+    models, pages = _walk(client, "/v1/models", 2)
+    assert [m["id"] for m in models] == [*BUNDLED_MODELS, *registered] and len(pages) > 1
+    assert _walk(client, "/v1/latency-tables", 2)[0] == []
+    for path, cursor in (("/v1/jobs", "garbage"), (f"/v1/jobs/{ids[0]}/events", "x1"), ("/v1/models", "mdl-none"),
+                         ("/v1/latency-tables", "nope"), (f"/v1/jobs/{ids[0]}/events", "9" * 30)):
+        refused = client.get(path, params={"cursor": cursor})
+        assert refused.status_code == 400 and refused.json()["param"] == "cursor", (path, refused.text)
+        assert refused.json()["code"] == "invalid_cursor"
 
 
 def test_full_job_with_the_queue_on_redis(tmp_path: Path, tiny_llama_dir: Path, redis_url: str) -> None:
@@ -236,8 +261,8 @@ def test_registered_models_are_per_key_and_usable_in_jobs(tmp_path: Path, tiny_l
     assert created.headers["location"] == f"/v1/models/{model['id']}"
     assert client.get(f"/v1/models/{model['id']}", headers=alice).json() == model
     assert client.get(f"/v1/models/{model['id']}", headers=bob).status_code == 404
-    assert model["id"] in [m["id"] for m in client.get("/v1/models", headers=alice).json()]
-    assert model["id"] not in [m["id"] for m in client.get("/v1/models", headers=bob).json()]
+    assert model["id"] in [m["id"] for m in client.get("/v1/models", headers=alice).json()["items"]]
+    assert model["id"] not in [m["id"] for m in client.get("/v1/models", headers=bob).json()["items"]]
     job = client.post("/v1/jobs", json={"model": model["id"], "bits_per_weight": 4.0, **SMALL}, headers=alice)
     assert job.status_code == 202 and job.json()["request"]["model"] == str(tiny_llama_dir.resolve())
     refused = client.post("/v1/jobs", json={"model": model["id"], "bits_per_weight": 4.0}, headers=bob)

@@ -23,8 +23,8 @@ def test_issue19_upload_list_and_use_a_latency_table(tmp_path: Path, tiny_llama_
         assert created.status_code == 201, created.text
         table_id = created.json()["id"]
         assert table_id == table().key and created.headers["location"] == f"/v1/latency-tables/{table_id}"
-        assert [t["id"] for t in client.get("/v1/latency-tables", headers=alice).json()] == [table_id]
-        assert client.get("/v1/latency-tables", headers=bob).json() == []  # each key sees its own
+        assert [t["id"] for t in client.get("/v1/latency-tables", headers=alice).json()["items"]] == [table_id]
+        assert client.get("/v1/latency-tables", headers=bob).json()["items"] == []  # each key sees its own
         assert client.get(f"/v1/latency-tables/{table_id}", headers=bob).status_code == 404
         assert client.get(f"/v1/latency-tables/{table_id}", headers=alice).json()["types"] == body["types"]
         for bad, param in (({**body, "types": ["int4-g32"]}, "types"),

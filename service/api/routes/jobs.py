@@ -14,9 +14,11 @@ from fastapi.responses import StreamingResponse
 
 from bitplan.allocator.frontier import FrontierTooLarge
 from bitplan.frontier import API_POINT_LIMIT, PROBLEM_FILE, NoTimes, frontier_csv, job_frontier
+from bitplan.errors import CursorError
 from bitplan.references import check_reference, check_text_file
 from bitplan.service.api.deps import Owner, Queue, ServiceSettings, Settings, Store, own_job
 from bitplan.service.api.errors import ERRORS, http_error
+from bitplan.service.api.pagination import CURSOR, one_page
 from bitplan.service.api.routes.latency import table_path
 from bitplan.service.domain import TERMINAL, Job, JobActive, JobStatus, JobStore, TooManyJobs
 from bitplan.service.retention import artifact_folder, delete_job
@@ -86,12 +88,12 @@ def submit(request: dict[str, Any], owner: str, store: JobStore, settings: Servi
 
 @router.get("", response_model=JobPage)
 def list_jobs(owner: Owner, store: Store, status: str | None = Query(default=None, pattern=STATUS_PATTERN),
-              cursor: str | None = Query(default=None, max_length=200),
-              limit: int = Query(default=50, ge=1, le=200)) -> JobPage:
+              cursor: str | None = CURSOR, limit: int = Query(default=50, ge=1, le=200)) -> JobPage:
+    """This key's jobs, oldest first (one page)."""
     after = _decode_cursor(cursor) if cursor else None
-    jobs = store.list(owner, status=status, after=after, limit=limit + 1)
-    next_cursor = f"{jobs[limit - 1].created!r}:{jobs[limit - 1].id}" if len(jobs) > limit else None
-    return JobPage(items=[job_public(j) for j in jobs[:limit]], next_cursor=next_cursor)
+    page = one_page(store.list(owner, status=status, after=after, limit=limit + 1), limit,
+                    lambda job: f"{job.created!r}:{job.id}")
+    return JobPage(**{**page, "items": [job_public(j) for j in page["items"]]})
 
 
 @router.get("/{job_id}", response_model=JobPublic)
@@ -181,12 +183,22 @@ def _problem_document(job: Job, settings: ServiceSettings) -> dict[str, Any]:
 
 
 @router.get("/{job_id}/events", response_model=EventPage)
-def job_events(job_id: str, owner: Owner, store: Store, after: int = Query(default=0, ge=0, le=MAX_SEQ),
+def job_events(job_id: str, owner: Owner, store: Store, cursor: str | None = CURSOR,
+               after: int | None = Query(default=None, ge=0, le=MAX_SEQ, description="the same as cursor: the "
+                                         "sequence number of the last event seen (kept for older callers)"),
                limit: int = Query(default=100, ge=1, le=1000)) -> EventPage:
+    """The job's events in order (one page); an event's cursor is its ``seq``."""
     own_job(job_id, owner, store)
-    events = store.events(job_id, after=after, limit=limit)
-    return EventPage(items=[EventPublic(seq=e.seq, at=e.at, kind=e.kind, data=e.data) for e in events],
-                     next_after=events[-1].seq if events else after)
+    if cursor is not None and after is not None:
+        raise http_error(422, "give cursor or after, not both (they mean the same)")
+    start = after or 0
+    if cursor is not None:
+        if not (cursor.isascii() and cursor.isdigit() and int(cursor[:20]) <= MAX_SEQ):
+            raise CursorError(cursor)
+        start = int(cursor)
+    page = one_page(store.events(job_id, after=start, limit=limit + 1), limit, lambda event: str(event.seq))
+    return EventPage(**{**page, "items": [EventPublic(seq=e.seq, at=e.at, kind=e.kind, data=e.data)
+                                          for e in page["items"]]})
 
 
 @router.get("/{job_id}/events/stream", response_class=StreamingResponse)
@@ -220,7 +232,7 @@ def _decode_cursor(cursor: str) -> tuple[float, str]:
     except ValueError:
         value = math.nan
     if not job_id or not math.isfinite(value):
-        raise http_error(400, f"malformed cursor {cursor!r}; pass next_cursor from the previous page")
+        raise CursorError(cursor)
     return value, job_id
 
 

@@ -8,14 +8,15 @@ import json
 import os
 from pathlib import Path
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Query, Response
 
 from bitplan.errors import BitplanError
 from bitplan.latency import LatencyTable
 from bitplan.quantizer.formats import FORMATS
 from bitplan.service.api.deps import Owner, ServiceSettings, Settings
 from bitplan.service.api.errors import ERRORS, http_error
-from bitplan.service.schemas import LatencyTablePublic, LatencyTableUpload
+from bitplan.service.api.pagination import CURSOR, after_cursor, one_page
+from bitplan.service.schemas import LatencyTablePage, LatencyTablePublic, LatencyTableUpload
 
 router = APIRouter(prefix="/v1/latency-tables", tags=["latency"], responses=ERRORS)
 
@@ -60,11 +61,15 @@ def upload_table(body: LatencyTableUpload, response: Response, owner: Owner, set
     return _public(table)
 
 
-@router.get("", response_model=list[LatencyTablePublic])
-def list_tables(owner: Owner, settings: Settings) -> list[LatencyTablePublic]:
+@router.get("", response_model=LatencyTablePage)
+def list_tables(owner: Owner, settings: Settings, cursor: str | None = CURSOR,
+                limit: int = Query(default=100, ge=1, le=1000)) -> LatencyTablePage:
+    """This key's uploaded tables, by id (one page; a table's cursor is its id)."""
     folder = tables_dir(settings, owner)
-    return [_public(LatencyTable.from_json(json.loads(p.read_text()))) for p in sorted(folder.glob("*.json"))] \
-        if folder.is_dir() else []
+    paths = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    page = one_page(after_cursor(paths, cursor, lambda p: p.stem, limit), limit, lambda p: p.stem)
+    return LatencyTablePage(**{**page, "items": [_public(LatencyTable.from_json(json.loads(p.read_text())))
+                                                 for p in page["items"]]})
 
 
 @router.get("/{table_id}", response_model=LatencyTablePublic)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Query, Response
 
 from bitplan.models import BUNDLED_MODELS, resolve_reference
 from bitplan.references import check_reference, reference_bytes
 from bitplan.service.api.deps import Owner, Settings, Store
 from bitplan.service.api.errors import ERRORS, http_error
-from bitplan.service.schemas import ModelCreate, ModelPublic
+from bitplan.service.api.pagination import CURSOR, after_cursor, one_page
+from bitplan.service.schemas import ModelCreate, ModelPage, ModelPublic
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERRORS)
 
@@ -19,10 +20,13 @@ def bundled_public(model_id: str) -> ModelPublic:
                        created=0.0)
 
 
-@router.get("", response_model=list[ModelPublic])
-def list_models(owner: Owner, store: Store) -> list[ModelPublic]:
-    """The bundled models, then the references this key registered."""
-    return [bundled_public(m) for m in BUNDLED_MODELS] + [ModelPublic(**m) for m in store.list_model_records(owner)]
+@router.get("", response_model=ModelPage)
+def list_models(owner: Owner, store: Store, cursor: str | None = CURSOR,
+                limit: int = Query(default=100, ge=1, le=1000)) -> ModelPage:
+    """The bundled models, then the references this key registered, oldest first (one page; a model's cursor
+    is its id)."""
+    models = [bundled_public(m) for m in BUNDLED_MODELS] + [ModelPublic(**m) for m in store.list_model_records(owner)]
+    return ModelPage(**one_page(after_cursor(models, cursor, lambda m: m.id, limit), limit, lambda m: m.id))
 
 
 @router.post("", status_code=201, response_model=ModelPublic)
