@@ -146,6 +146,7 @@ def write_artifact(
         float_state, aliases = _float_state(model, set(quantized), float_dtype)
         save_file(float_state, str(staging / FLOAT_FILE), metadata={"format": "pt"})
         units = _write_units(staging, dict(model.named_modules()), quantized, formats)
+        _write_transformers_entry(staging, float_state, units)
         total_bytes = sum(u.bytes for u in units)
         total_numel = sum(u.in_features * u.out_features for u in units)
         files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
@@ -164,6 +165,22 @@ def write_artifact(
         raise
     return WrittenArtifact(path=destination, manifest=manifest, manifest_sha256=manifest_sha,
                            quantized_bytes=total_bytes, quantized_numel=total_numel)
+
+
+def _write_transformers_entry(staging: Path, float_state: Mapping[str, torch.Tensor], units: list[UnitRecord]) -> None:
+    """What lets ``AutoModelForCausalLM.from_pretrained(folder)`` load the folder after ``import bitplan``: the
+    ``quantization_config`` in ``config.json`` (:mod:`bitplan.hf_quantizer`) and a safetensors index naming the
+    file of every tensor."""
+    from bitplan.hf_quantizer import INDEX_FILE, quantization_config
+
+    config = json.loads((staging / "config.json").read_text())
+    config["quantization_config"] = quantization_config([u.to_dict() for u in units], FORMAT_VERSION)
+    (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    weight_map = {name: FLOAT_FILE for name in float_state}
+    weight_map.update({f"{u.name}.{leaf}": QUANTIZED_FILE for u in units for leaf in u.tensors})
+    total = sum((staging / f).stat().st_size for f in (FLOAT_FILE, QUANTIZED_FILE))
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _write_units(staging: Path, modules: dict[str, nn.Module], quantized: Mapping[str, QuantizedWeight | GgmlWeight],

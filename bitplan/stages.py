@@ -48,3 +48,56 @@ def overall_fraction(stage: str, done: int, total: int) -> float:
     error: every stage has its span)."""
     low, high = Stage(stage).span
     return low + (high - low) * (min(done, total) / max(total, 1))
+
+
+class EtaModel:
+    """Seconds left in a job, from measured rates. A report ``(stage, done, total)`` at time ``t`` says ``done``
+    of ``total`` steps of ``stage`` are complete, so the time since the previous report was spent on ``stage``.
+    The current stage's time left is its own measured time per step times the steps left; the stages after it
+    take what they took in the last similar job on this machine (``history``: ``[[stage, seconds], ...]`` in
+    the order they ran, as :meth:`durations` gives it), else this job's time per unit of stage span so far times
+    the span left (``STAGE_SPAN``). The time since the last report counts as work already done."""
+
+    def __init__(self, start: float, history: list[tuple[str, float]] | None = None) -> None:
+        self.history = [(str(stage), float(seconds)) for stage, seconds in history or []]
+        self.start = self.last = start
+        self.spent: dict[str, float] = {}  # stage -> seconds attributed to it, in the order first reported
+        self.current: tuple[str, int, int] | None = None
+
+    def observe(self, stage: str, done: int, total: int, now: float) -> None:
+        stage = Stage(stage).value  # plain strings as keys (a str Enum hashes by its name)
+        self.spent[stage] = self.spent.get(stage, 0.0) + max(now - self.last, 0.0)
+        self.last = now
+        self.current = (stage, done, total)
+
+    def durations(self) -> list[tuple[str, float]]:
+        """The measured seconds of every stage reported, in order (a later job's ``history``)."""
+        return list(self.spent.items())
+
+    def remaining_s(self, now: float) -> float | None:
+        """Seconds left at ``now`` (``None`` before anything can be said: no report yet)."""
+        if self.current is None:
+            return None
+        stage, done, total = self.current
+        before = dict(self.history)
+        left_here = self.spent[stage] / done * max(total - done, 0) if done > 0 else \
+            max(before[stage] - self.spent[stage], 0.0) if stage in before else None
+        later = self._later_from_history(stage)
+        if later is None or left_here is None:
+            fraction = overall_fraction(stage, done, total)
+            if fraction <= 0.02:
+                return None
+            per_span = (self.last - self.start) / fraction
+            if left_here is None:
+                left_here = per_span * (Stage(stage).span[1] - fraction)
+            if later is None:
+                later = per_span * (1.0 - Stage(stage).span[1])
+        return max(left_here + later - (now - self.last), 0.0)
+
+    def _later_from_history(self, stage: str) -> float | None:
+        """Seconds the stages after ``stage`` took in the history job (those this job has not reported yet), or
+        ``None`` when there is no history or it never ran ``stage``."""
+        names = [name for name, _ in self.history]
+        if stage not in names:
+            return None
+        return sum(seconds for name, seconds in self.history[names.index(stage) + 1:] if name not in self.spent)

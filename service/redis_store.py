@@ -158,7 +158,7 @@ class RedisJobStore:
             attempt = job.attempt + 1
             claimed.append(attempt)
             return dataclasses.replace(job, status=JobStatus.RUNNING, attempt=attempt, started=now, updated=now,
-                                       lease_until=now + lease_s, stage="starting", progress=0.0), \
+                                       lease_until=now + lease_s, stage="starting", progress=0.0, eta_at=None), \
                 [("running", {"attempt": attempt})]
 
         try:
@@ -180,10 +180,11 @@ class RedisJobStore:
 
         return self._transaction(job_id, change).cancel_requested
 
-    def progress(self, job_id: str, fence: int, stage: str, fraction: float, detail: dict[str, Any]) -> None:
+    def progress(self, job_id: str, fence: int, stage: str, fraction: float, detail: dict[str, Any],
+                 eta_at: float | None = None) -> None:
         def change(job: Job) -> tuple[Job | None, list[tuple[str, dict[str, Any]]]]:
             self._fenced(job, fence)
-            return dataclasses.replace(job, stage=stage, progress=fraction, updated=time.time()), \
+            return dataclasses.replace(job, stage=stage, progress=fraction, updated=time.time(), eta_at=eta_at), \
                 [("progress", {"stage": stage, "fraction": fraction, **detail})]
 
         self._transaction(job_id, change)

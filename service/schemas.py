@@ -83,9 +83,11 @@ class ErrorInfo(Public):
 
 
 class Progress(Public):
-    stage: str | None
-    fraction: float
-    eta_s: float | None
+    stage: str | None = Field(description="the stage last reported (load, token Fisher, quantize, quality, ...)")
+    fraction: float = Field(description="the share of the job's expected time done (never goes back)")
+    eta_s: float | None = Field(description="seconds left, from measured rates: the current stage's time per "
+                                "step, and the later stages' durations in the last job of the same kind on that "
+                                "worker (else this job's time per share of work so far); null until known")
 
 
 class ArtifactRef(Public):

@@ -51,6 +51,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     started REAL,
     lease_until REAL,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
+    eta_at REAL,
     UNIQUE (owner, idempotency_key)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, created, id);
@@ -78,7 +79,7 @@ def job_from_row(row: sqlite3.Row) -> Job:
                error=json.loads(row["error"]) if row["error"] else None,
                result=json.loads(row["result"]) if row["result"] else None, created=row["created"],
                updated=row["updated"], started=row["started"], lease_until=row["lease_until"],
-               cancel_requested=bool(row["cancel_requested"]))
+               cancel_requested=bool(row["cancel_requested"]), eta_at=row["eta_at"])
 
 
 class SqliteJobStore:
@@ -91,6 +92,9 @@ class SqliteJobStore:
         self._connection.execute("PRAGMA journal_mode=WAL")
         self._connection.execute("PRAGMA synchronous=NORMAL")
         self._connection.executescript(SCHEMA)
+        columns = {r["name"] for r in self._connection.execute("PRAGMA table_info(jobs)")}
+        if "eta_at" not in columns:  # a data folder written before the column existed
+            self._connection.execute("ALTER TABLE jobs ADD COLUMN eta_at REAL")
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -187,7 +191,7 @@ class SqliteJobStore:
                 return None
             attempt = row["attempt"] + 1
             db.execute("UPDATE jobs SET status = 'running', attempt = ?, started = ?, updated = ?, "
-                       "lease_until = ?, stage = 'starting', progress = 0 WHERE id = ?",
+                       "lease_until = ?, stage = 'starting', progress = 0, eta_at = NULL WHERE id = ?",
                        (attempt, now, now, now + lease_s, job_id))
             self._event(db, job_id, "running", {"attempt": attempt})
         return attempt
@@ -206,12 +210,13 @@ class SqliteJobStore:
             db.execute("UPDATE jobs SET lease_until = ?, updated = ? WHERE id = ?", (now + lease_s, now, job_id))
             return bool(row["cancel_requested"])
 
-    def progress(self, job_id: str, fence: int, stage: str, fraction: float, detail: dict[str, Any]) -> None:
+    def progress(self, job_id: str, fence: int, stage: str, fraction: float, detail: dict[str, Any],
+                 eta_at: float | None = None) -> None:
         now = time.time()
         with self._transaction() as db:
             self._check_fence(db, job_id, fence)
-            db.execute("UPDATE jobs SET stage = ?, progress = ?, updated = ? WHERE id = ?",
-                       (stage, fraction, now, job_id))
+            db.execute("UPDATE jobs SET stage = ?, progress = ?, updated = ?, eta_at = ? WHERE id = ?",
+                       (stage, fraction, now, eta_at, job_id))
             self._event(db, job_id, "progress", {"stage": stage, "fraction": fraction, **detail})
 
     def finish(self, job_id: str, fence: int, status: str, *, result: dict[str, Any] | None = None,

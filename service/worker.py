@@ -10,6 +10,8 @@ nothing. A crash of the child (bad model file, out of memory) fails the job, nev
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import json
 import logging
 import multiprocessing
 import os
@@ -27,7 +29,7 @@ from huey import Huey, RedisHuey, SqliteHuey
 from huey.consumer import Consumer
 
 from bitplan.service.domain import LEASED, ArtifactRecord, JobError, JobResult, JobStatus, JobStore, StaleAttempt
-from bitplan.stages import overall_fraction  # JobStore or RedisJobStore (the same methods)
+from bitplan.stages import EtaModel, overall_fraction  # JobStore or RedisJobStore (the same methods)
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,40 @@ class WorkerSettings:
     @property
     def staging_dir(self) -> Path:
         return self.data_dir / "staging"
+
+    @property
+    def stage_times_file(self) -> Path:
+        """Each kind of job's measured stage durations on this machine (the ETA of the next one)."""
+        return self.data_dir / "stage-times.json"
+
+
+def stage_times_key(request: dict[str, Any]) -> str:
+    """Jobs that run the same stages at about the same speed: everything but the budgets' values, and their
+    count."""
+    budget = request.get("budget") or {}
+    count = len(budget.get("bits_per_weight") or []) or 1
+    shape = {**{k: v for k, v in request.items() if k != "budget"}, "budgets": count}
+    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def read_stage_times(path: Path, key: str) -> list[tuple[str, float]] | None:
+    try:
+        return [(str(stage), float(seconds)) for stage, seconds in json.loads(path.read_text())[key]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # none measured yet, or an unreadable file: the ETA falls back to the stage spans
+
+
+def write_stage_times(path: Path, key: str, durations: list[tuple[str, float]]) -> None:
+    """Record a succeeded job's stage durations (the newest 200 kinds of job kept; renamed into place)."""
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        table = {}
+    table.pop(key, None)
+    table[key] = [[stage, round(seconds, 3)] for stage, seconds in durations]
+    staging = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    staging.write_text(json.dumps(dict(list(table.items())[-200:])))
+    os.replace(staging, path)
 
 
 def make_huey(settings: WorkerSettings) -> Huey:
@@ -140,6 +176,8 @@ class JobRunner:
         staging = self.settings.staging_dir / f"{job_id}-attempt{fence}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
+        times_key = stage_times_key(job.request)
+        eta = EtaModel(time.monotonic(), read_stage_times(self.settings.stage_times_file, times_key))
         context = multiprocessing.get_context("spawn")
         messages = context.Queue()
         stop = context.Event()
@@ -149,11 +187,13 @@ class JobRunner:
         with self._active_lock:
             self._active += 1
         try:
-            outcome = self._supervise(job_id, fence, child, messages, stop)
+            outcome = self._supervise(job_id, fence, child, messages, stop, eta)
             child.join(timeout=30)
             if child.is_alive():
                 child.kill()
             self._conclude(job_id, fence, outcome, child.exitcode, staging)
+            if outcome is not None and outcome[0] == "result":
+                write_stage_times(self.settings.stage_times_file, times_key, eta.durations())
         except StaleAttempt:
             logger.warning("job %s: attempt %d lost its lease; its work is discarded", job_id, fence)
         except Exception:  # noqa: BLE001 - the store is unreachable: stop; the lease expires and the job is requeued
@@ -167,9 +207,10 @@ class JobRunner:
                 self._active -= 1
                 self._active_lock.notify_all()
 
-    def _supervise(self, job_id: str, fence: int, child: Any, messages: Any, stop: Any) -> tuple[Any, ...] | None:
-        """Relay the child's progress, heartbeat the lease, turn a cancel request into ``stop``; the child's
-        outcome message, or ``None`` when it died without one."""
+    def _supervise(self, job_id: str, fence: int, child: Any, messages: Any, stop: Any,
+                   eta: EtaModel) -> tuple[Any, ...] | None:
+        """Relay the child's progress with its ETA (``eta``, fed every report), heartbeat the lease, turn a
+        cancel request into ``stop``; the child's outcome message, or ``None`` when it died without one."""
         outcome: tuple[Any, ...] | None = None
         last_beat = time.monotonic()
         cancel_at: float | None = None
@@ -180,8 +221,16 @@ class JobRunner:
             except queue.Empty:
                 message = None
             if message is not None and message[0] == "progress":
-                fraction = max(fraction, overall_fraction(*message[1:]))
-                self.store.progress(job_id, fence, message[1], fraction, {"done": message[2], "total": message[3]})
+                now = time.monotonic()
+                eta.observe(*message[1:], now=now)
+                left = eta.remaining_s(now)
+                elapsed = now - eta.start
+                # the bar's fraction is the share of the job's expected time (never going back)
+                share = overall_fraction(*message[1:]) if left is None else elapsed / max(elapsed + left, 1e-9)
+                fraction = max(fraction, min(share, 0.99))
+                detail = {"done": message[2], "total": message[3], "eta_s": None if left is None else round(left, 1)}
+                self.store.progress(job_id, fence, message[1], fraction, detail,
+                                    eta_at=None if left is None else time.time() + left)
             elif message is not None:
                 outcome = message
             if time.monotonic() - last_beat >= self.settings.heartbeat_s:

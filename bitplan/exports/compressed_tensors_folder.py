@@ -28,6 +28,7 @@ from bitplan.artifact import FLOAT_FILE, MANIFEST, QUANTIZED_FILE, safetensors_d
 from bitplan.errors import BitplanError
 from bitplan.exports.common import ExportReport, file_hashes, read_artifact_units, register_export
 from bitplan.exports.vllm_kernels import serving_kernels
+from bitplan.hf_quantizer import INDEX_FILE
 from bitplan.quantizer.formats import GgmlWeight
 from bitplan.quantizer.rtn import QuantizedWeight
 
@@ -135,7 +136,8 @@ def export_compressed_tensors(artifact: Path, out: Path) -> ExportReport:
                          "vllm_kernel": serving_kernels(unit.bits, unit.group_size, in_features, out_features)})
         save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         for name in os.listdir(artifact):
-            if (artifact / name).is_file() and name not in (MANIFEST, FLOAT_FILE, QUANTIZED_FILE, WEIGHTS_FILE) \
+            if (artifact / name).is_file() and name not in (MANIFEST, FLOAT_FILE, QUANTIZED_FILE, WEIGHTS_FILE,
+                                                            INDEX_FILE) \
                     and not name.endswith(".gguf"):
                 shutil.copy2(artifact / name, staging / name)
         config = json.loads((staging / "config.json").read_text())

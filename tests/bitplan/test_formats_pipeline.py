@@ -248,3 +248,25 @@ def test_issue16_a_format_predicted_better_than_float_is_not_preferred_to_an_exa
     assert predicted == pytest.approx({"Q4_0": 0.2, "Q4_1": 0.0, "Q8_0": 0.011})
     assert min(predicted, key=predicted.__getitem__) == "Q4_1"
     assert taylor_increase({4: -0.5, 8: -0.1}, {4: 0.2, 8: 0.0}) == {4: -0.1, 8: -0.1}  # widths: as before
+
+
+def from_pretrained_matches_our_loader(folder: Path) -> None:
+    """transformers' own ``from_pretrained`` of the packed folder (the quantizer ``import bitplan`` registers)
+    loads every tensor and computes the same logits as ``load_artifact``."""
+    from transformers import AutoModelForCausalLM
+
+    import bitplan  # noqa: F401 (registers the quantizer)
+    from bitplan.kernels.quant_linear import QuantLinear
+
+    model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    ours, _, manifest = load_artifact(folder)
+    integer = [u.name for u in manifest.units if u.layout != "ggml-blocks"]
+    assert all(isinstance(model.get_submodule(name), QuantLinear) for name in integer)
+    tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits.float(), ours(tokens).logits.float())
+
+
+def test_issue14_from_pretrained_loads_the_packed_folder_with_ggml_units(gguf_run) -> None:
+    from_pretrained_matches_our_loader(Path(gguf_run.artifact))  # GGML blocks, decoded once loaded

@@ -206,6 +206,7 @@ def test_calibrated_quantizers_write_the_same_sizes_and_lower_the_layer_error(ti
 
 def test_mixed_groups_inside_layers_round_trip_and_keep_the_size(tiny_llama_dir: Path, tmp_path: Path) -> None:
     from bitplan.exports.common import read_artifact_units
+    from tests.bitplan.test_formats_pipeline import from_pretrained_matches_our_loader
     from tests.conftest import _word_tokenizer, make_tiny_llama
 
     model = make_tiny_llama()
@@ -227,6 +228,7 @@ def test_mixed_groups_inside_layers_round_trip_and_keep_the_size(tiny_llama_dir:
     manifest = json.loads((Path(mixed.artifact) / MANIFEST).read_text())
     layouts = {u["name"]: u.get("layout") for u in manifest["units"]}
     assert {layouts[u["name"]] for u in mixed_units} == {"segments-by-width"}
+    from_pretrained_matches_our_loader(Path(mixed.artifact))  # issue 14: transformers loads it too
     # the loader's weights are exactly the quantizer's, through the segment packing and its inverse
     model, _, _ = load_artifact(Path(mixed.artifact))
     _, units, _ = read_artifact_units(Path(mixed.artifact))

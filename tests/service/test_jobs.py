@@ -271,7 +271,7 @@ def test_registered_models_are_per_key_and_usable_in_jobs(tmp_path: Path, tiny_l
     assert client.get("/v1/models/smollm2-135m", headers=alice).json()["format"] == "bundled"
 
 
-def test_issue14_client_wait_is_woken_by_the_event_stream(service: TestClient, tiny_llama_dir: Path,
+def test_issue14_client_wait_is_woken_by_the_event_stream(service: TestClient, tiny_llama_dir: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """``Client.jobs.wait`` follows the server-sent events (it never sleeps between polls while the stream is
     open), and ``stream`` yields every event with its sequence number, ending when the job has ended."""
@@ -289,6 +289,17 @@ def test_issue14_client_wait_is_woken_by_the_event_stream(service: TestClient, t
     assert events[-1]["kind"] == "succeeded" and {e["kind"] for e in events} >= {"progress"}
     assert list(client.jobs.stream(job["id"], after=events[-2]["seq"])) == events[-1:]
     assert client.jobs.retrieve(job["id"])["status"] == "succeeded"
+    # the ETA from measured rates: the job's stage durations are kept for the next job of its kind, which then
+    # has an ETA from its first report on, and its bar's fraction never goes back
+    times = json.loads((tmp_path / "data" / "stage-times.json").read_text())
+    (stages,) = times.values()
+    assert stages[0][0] == "load" and stages[-1][0] == "kl check" and all(s > 0 for _, s in stages)
+    again = client.jobs.wait(client.jobs.create(model=tiny_llama_dir.name, bits_per_weight=3.0, **SMALL).id,
+                             progress=False)
+    progress = [e["data"] for e in client.jobs.events(again.id) if e["kind"] == "progress"]
+    assert progress and all(p["eta_s"] is not None and p["eta_s"] >= 0 for p in progress), progress
+    fractions = [p["fraction"] for p in progress]
+    assert fractions == sorted(fractions) and again.progress.eta_s is None
 
 
 def test_issue14_the_client_answers_with_the_services_own_models(service: TestClient, tiny_llama_dir: Path

@@ -13,8 +13,8 @@ from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import StreamingResponse
 
 from bitplan.allocator.frontier import FrontierTooLarge
-from bitplan.frontier import API_POINT_LIMIT, PROBLEM_FILE, NoTimes, frontier_csv, job_frontier
 from bitplan.errors import CursorError
+from bitplan.frontier import API_POINT_LIMIT, PROBLEM_FILE, NoTimes, frontier_csv, job_frontier
 from bitplan.references import check_reference, check_text_file
 from bitplan.service.api.deps import Owner, Queue, ServiceSettings, Settings, Store, own_job
 from bitplan.service.api.errors import ERRORS, http_error
@@ -247,9 +247,12 @@ def _allocation(run: dict[str, Any]) -> AllocationSummary:
 
 
 def job_public(job: Job) -> JobPublic:
-    """A stored job as the API shows it (progress with an ETA from the elapsed time)."""
+    """A stored job as the API shows it (progress with the worker's ETA from measured rates; a job stored by an
+    older worker: from the elapsed time)."""
     eta = None
-    if job.status == JobStatus.RUNNING and job.started is not None and job.progress > 0.02:
+    if job.status == JobStatus.RUNNING and job.eta_at is not None:
+        eta = max(0.0, job.eta_at - time.time())
+    elif job.status == JobStatus.RUNNING and job.started is not None and job.progress > 0.02:
         elapsed = time.time() - job.started
         eta = max(0.0, elapsed * (1 - job.progress) / job.progress)
     outcome = job.outcome()

@@ -1,0 +1,114 @@
+"""``transformers.AutoModelForCausalLM.from_pretrained(folder)`` of our packed folder, after ``import bitplan``.
+
+The folder's ``config.json`` carries ``quantization_config`` with ``quant_method: "bitplan"`` and each unit's
+layout (width, group size, per-group widths, GGML type), and ``model.safetensors.index.json`` maps every tensor
+to ``float.safetensors`` or ``quantized.safetensors``, so transformers finds the weights the way it finds any
+sharded checkpoint. The quantizer registered here swaps each unit for a ``QuantLinear`` (or, for a unit in a GGML
+type, a holder of its blocks that becomes a float ``nn.Linear`` once loaded) before transformers loads the
+tensors into it. ``import bitplan`` only registers a post-import hook (``wrapt``): transformers is imported, and
+the quantizer registered, when the caller imports transformers, not before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+QUANT_METHOD = "bitplan"
+INDEX_FILE = "model.safetensors.index.json"
+_registered = False
+
+
+def quantization_config(units: list[dict[str, Any]], format_version: int) -> dict[str, Any]:
+    """The ``quantization_config`` written into an artifact's ``config.json``."""
+    keep = ("name", "bits", "group_size", "in_features", "out_features", "bias", "group_bits", "layout", "format")
+    return {"quant_method": QUANT_METHOD, "format_version": format_version,
+            "units": [{k: u[k] for k in keep if u.get(k) is not None} for u in units]}
+
+
+def register(_module: Any = None) -> None:
+    """Register the ``bitplan`` quantization method with transformers (once)."""
+    global _registered
+    if _registered:
+        return
+    import torch
+    from torch import nn
+    from transformers.quantizers.auto import register_quantization_config, register_quantizer
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+
+    from bitplan.kernels.quant_linear import QuantLinear, segment_layout
+    from bitplan.manifest import GGML_LAYOUT
+    from bitplan.quantizer.formats import FORMATS, GgmlWeight
+
+    class _GgmlBlocks(nn.Module):
+        """A unit stored in a GGML type while transformers loads it: its ``ggml`` blocks (decoded after loading)."""
+
+        def __init__(self, unit: dict[str, Any]) -> None:
+            super().__init__()
+            self.unit = unit
+            row_bytes = FORMATS[unit["format"]].bytes((1, unit["in_features"]))
+            self.register_buffer("ggml", torch.zeros(unit["out_features"], row_bytes, dtype=torch.uint8))
+            self.register_buffer("bias", torch.zeros(unit["out_features"]) if unit["bias"] else None)
+
+        def to_linear(self) -> nn.Linear:
+            shape = (self.unit["out_features"], self.unit["in_features"])
+            weight = FORMATS[self.unit["format"]].decode(GgmlWeight(self.unit["format"], self.ggml.numpy(), shape))
+            linear = nn.Linear(shape[1], shape[0], bias=self.bias is not None, dtype=weight.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(weight)
+                if self.bias is not None:
+                    linear.bias.copy_(self.bias)
+            return linear
+
+    @register_quantization_config(QUANT_METHOD)
+    class BitplanConfig(QuantizationConfigMixin):
+        def __init__(self, units: list[dict[str, Any]] | None = None, format_version: int = 0,
+                     **kwargs: Any) -> None:
+            self.quant_method = QUANT_METHOD  # type: ignore[assignment]
+            self.units = list(units or [])
+            self.format_version = format_version
+
+    @register_quantizer(QUANT_METHOD)
+    class BitplanHfQuantizer(HfQuantizer):  # type: ignore[misc]
+        requires_calibration = True  # the folder is already quantized; nothing is quantized while loading
+
+        def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+        def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+            for unit in self.quantization_config.units:
+                parent_name, _, child = unit["name"].rpartition(".")
+                parent = model.get_submodule(parent_name)
+                if unit.get("layout") == GGML_LAYOUT:
+                    setattr(parent, child, _GgmlBlocks(unit))
+                else:
+                    setattr(parent, child, QuantLinear(unit["in_features"], unit["out_features"], bits=unit["bits"],
+                                                       group_size=unit["group_size"], bias=unit["bias"],
+                                                       group_bits=unit.get("group_bits")))
+
+        def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+            for name, module in list(model.named_modules()):
+                if isinstance(module, QuantLinear) and module.group_bits is not None:
+                    # the column order of a mixed layer is not stored (a non-persistent buffer): it was built
+                    # on transformers' meta device, so build it again
+                    module.perm = segment_layout(module.group_bits, module.in_features, module.group_size)[2]
+                if isinstance(module, _GgmlBlocks):
+                    parent_name, _, child = name.rpartition(".")
+                    setattr(model.get_submodule(parent_name), child, module.to_linear())
+            return model
+
+        def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
+            return False  # write with bitplan (the folder is the serialized form)
+
+        @property
+        def is_trainable(self) -> bool:
+            return False
+
+    _registered = True
+
+
+def install_hook() -> None:
+    """Register with transformers once it is imported (now, if it already is)."""
+    import wrapt
+
+    wrapt.register_post_import_hook(register, "transformers")

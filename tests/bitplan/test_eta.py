@@ -1,0 +1,64 @@
+"""The ETA from measured rates (``bitplan.stages.EtaModel``), on a simulated clock: a job whose stages run at
+constant rates is predicted exactly once a job of its kind has run, and its current stage is always predicted
+from its own rate."""
+
+from __future__ import annotations
+
+import pytest
+
+from bitplan.stages import EtaModel, Stage
+
+# (stage, steps, seconds per step): a job of the usual shape, with a long load and a slow quality stage
+PLAN = [(Stage.LOAD, 1, 20.0), (Stage.TOKEN_FISHER, 8, 5.0), (Stage.PREDICTED_ERROR, 2, 1.0),
+        (Stage.QUANTIZE, 10, 0.5), (Stage.QUALITY, 1, 30.0), (Stage.WRITE, 1, 2.0), (Stage.KL_CHECK, 1, 8.0)]
+TOTAL = sum(steps * per for _, steps, per in PLAN)
+
+
+def run(eta: EtaModel, start: float = 100.0) -> list[tuple[float, float | None, float]]:
+    """Feed ``eta`` the reports of one job; at each report and halfway to the next: (time, predicted seconds
+    left, true seconds left)."""
+    now, seen = start, []
+    eta.observe(Stage.LOAD, 0, 1, now)
+    for stage, steps, per in PLAN:
+        for done in range(1, steps + 1):
+            seen.append((now + per / 2, eta.remaining_s(now + per / 2), start + TOTAL - now - per / 2))
+            now += per
+            eta.observe(stage, done, steps, now)
+            seen.append((now, eta.remaining_s(now), start + TOTAL - now))
+    return seen
+
+
+def test_a_job_of_a_kind_already_measured_is_predicted_exactly() -> None:
+    first = EtaModel(100.0)
+    run(first)
+    assert [stage for stage, _ in first.durations()] == [s.value for s, _, _ in PLAN]
+    assert sum(seconds for _, seconds in first.durations()) == pytest.approx(TOTAL)
+    second = EtaModel(500.0, first.durations())
+    for at, predicted, true in run(second, 500.0):
+        assert predicted == pytest.approx(true, abs=1e-6), at
+
+
+def test_without_history_the_current_stage_runs_at_its_own_rate() -> None:
+    eta = EtaModel(0.0)
+    assert eta.remaining_s(0.0) is None  # nothing reported yet
+    eta.observe(Stage.LOAD, 1, 1, 20.0)
+    for done in range(1, 5):  # token Fisher: 5 s a step, 8 steps
+        eta.observe(Stage.TOKEN_FISHER, done, 8, 20.0 + 5 * done)
+    left = eta.remaining_s(40.0)
+    assert left is not None
+    # this stage: 4 steps left at 5 s; the stages after it: this job's seconds per share of the spans so far
+    low, high = Stage.TOKEN_FISHER.span
+    fraction = low + (high - low) * 4 / 8
+    assert left == pytest.approx(4 * 5.0 + 40.0 / fraction * (1 - high))
+    assert eta.remaining_s(42.0) == pytest.approx(left - 2.0)  # time since the last report counts as done
+    assert eta.remaining_s(1e6) == 0.0
+
+
+def test_a_stage_that_did_not_run_before_falls_back_and_a_skipped_one_is_not_waited_for() -> None:
+    history = [(Stage.LOAD.value, 20.0), (Stage.TOKEN_FISHER.value, 40.0), (Stage.QUANTIZE.value, 5.0),
+               (Stage.KL_CHECK.value, 8.0)]
+    eta = EtaModel(0.0, history)
+    eta.observe(Stage.LOAD, 1, 1, 20.0)
+    assert eta.remaining_s(20.0) == pytest.approx(40.0 + 5.0 + 8.0)
+    eta.observe(Stage.QUANTIZE, 5, 10, 22.0)  # the sensitivity came from the cache: no token Fisher this time
+    assert eta.remaining_s(22.0) == pytest.approx(2.0 + 8.0)
