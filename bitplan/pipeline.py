@@ -23,7 +23,7 @@ from torch import nn
 
 from bitplan.artifact import WrittenArtifact, write_artifact
 from bitplan.calibration import build_calibration_set
-from bitplan.errors import BitplanError, BudgetError, ModelReferenceError
+from bitplan.errors import BitplanError, BudgetError, ModelReferenceError, SpecError
 from bitplan.frontier import PROBLEM_FILE, problem_document, write_problem
 from bitplan.hashing import sha256_file
 from bitplan.manifest import MANIFEST, RunRecord, SensitivityRecord, SourceRecord, write_manifest
@@ -56,6 +56,7 @@ from bitplan.units import find_block_stack, find_units
 
 logger = logging.getLogger(__name__)
 GGUF_FILE = "model.gguf"  # the gguf target's file, beside the manifest
+SIDECARS = ("model.imatrix.gguf",)  # files a target writes beside what the runtime loads (not in file_bytes)
 
 
 @dataclass
@@ -153,10 +154,8 @@ def run_budgets(spec: JobSpec, *, out_dirs: list[Path], on_progress: ProgressFn 
     units = find_units(loaded.model)  # 2
     if not units:
         raise ModelReferenceError(f"{spec.model!r} has no linear layers inside its transformer blocks to quantize")
-    if spec.quantization.target.value == "gguf" and loaded.source_format != "gguf":
-        raise ModelReferenceError(f"the gguf target copies the tokenizer and metadata from a source GGUF file; "
-                                  f"{spec.model!r} is a {loaded.source_format} model (HF-folder sources are not yet "
-                                  f"supported for this target)")
+    if spec.quantization.target.value == "gguf":
+        check_gguf_source(spec, loaded)
     sizes = unit_sizes(units, spec.widths, spec.quantization.group_size, spec.quantization.format_names,
                        spec.quantization.target.value)
     numel = sum(m.weight.numel() for m in units.values())
@@ -269,6 +268,25 @@ def _solve_bits(spec: JobSpec, sizes: Sizes, sensitivity: SensitivityResult, *, 
     return solve_plan(spec, sizes, sensitivity, budget_bytes=budget_bytes, numel=numel).bits
 
 
+def check_gguf_source(spec: JobSpec, loaded: LoadedModel) -> None:
+    """The gguf target takes metadata and tokenizer from a GGUF file or a Hugging Face folder of a supported
+    architecture: refused before any heavy work otherwise."""
+    if loaded.source_format not in ("gguf", "hf-folder"):
+        raise ModelReferenceError(f"the gguf target takes the tokenizer and metadata from a GGUF file or a Hugging "
+                                  f"Face folder; {spec.model!r} is a {loaded.source_format} model", param="model")
+    if loaded.source_format == "hf-folder":
+        from bitplan.exports.gguf_source import open_source
+
+        try:
+            open_source(loaded.source_path, {})
+        except BitplanError as error:
+            raise ModelReferenceError(f"the gguf target cannot be written from {spec.model!r}: {error}",
+                                      param="model") from None
+        if spec.budget.latency_ms_per_token is not None or spec.budget.prefill_ms_per_token is not None:
+            raise SpecError("latency budgets time variants of a GGUF source file; this model is a Hugging Face "
+                            "folder (give a size budget, or a GGUF of it)", param="latency_ms_per_token")
+
+
 def source_float_dtype(loaded: LoadedModel) -> torch.dtype:
     """The dtype the source stores its float tensors in: its config's ``torch_dtype`` when that is fp16 or bf16,
     fp16 for a GGUF (whose float tensors are fp16/fp32 or themselves quantized), else fp32."""
@@ -339,7 +357,7 @@ def write_run(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], p
     stage_times = {"write": round(time.perf_counter() - started, 3)}
     if on_progress is not None:
         on_progress(Stage.WRITE, 1, 1)
-    target, written = write_target(spec, written)
+    target, written = write_target(spec, written, measured)
     stage_times["write"] = round(time.perf_counter() - started, 3)
     if latency_report is not None:
         latency_report, stage_times["latency check"] = measure_latency(written.path / GGUF_FILE, latency_report)
@@ -364,11 +382,14 @@ def measure_latency(gguf: Path, report: dict[str, Any]) -> tuple[dict[str, Any],
             "measured_prefill_ms_per_token": timed["prefill_ms"]}, round(time.perf_counter() - started, 3)
 
 
-def write_target(spec: JobSpec, written: WrittenArtifact) -> tuple[list[dict[str, Any]], WrittenArtifact]:
+def write_target(spec: JobSpec, written: WrittenArtifact, measured: Measured | None = None
+                 ) -> tuple[list[dict[str, Any]], WrittenArtifact]:
     """The file(s) the target runs from: for ``gguf``, ``model.gguf`` written beside the manifest (each unit's
-    GGML blocks copied byte for byte; its block-linear bytes must be the artifact's) and added to the manifest's
-    checked files, so the service serves it; for ``bitplan``, the folder's files. One ``{"name", "bytes",
-    "sha256"}`` row each, and the artifact as it now is."""
+    GGML blocks copied byte for byte; its block-linear bytes must be the artifact's) with the importance matrix
+    its encoders used (``model.imatrix.gguf``, llama.cpp's format: ``llama-quantize --imatrix`` re-quantizes the
+    file the way we did), both added to the manifest's checked files, so the service serves them; for
+    ``bitplan``, the folder's files. One ``{"name", "bytes", "sha256"}`` row each, and the artifact as it now
+    is."""
     folder = written.path
     if spec.quantization.target.value == "gguf":
         from bitplan.exports import export_artifact
@@ -382,7 +403,14 @@ def write_target(spec: JobSpec, written: WrittenArtifact) -> tuple[list[dict[str
         if limit is not None and report.file_bytes > limit:
             raise BudgetError(f"the written GGUF has {report.file_bytes} bytes, over the whole-file budget of "
                               f"{limit}; lower it by {report.file_bytes - limit} bytes", param="file_bytes")
-        return _listed(written, [GGUF_FILE])
+        if measured is None or measured.importance is None or measured.tokens is None:
+            return _listed(written, [GGUF_FILE])
+        from bitplan.exports.gguf_file import IMATRIX_FILE, source_model, write_imatrix
+
+        write_imatrix(folder / IMATRIX_FILE, source_model(written.manifest), measured.importance,
+                      tokens=int(measured.tokens.numel()), chunk_size=int(measured.tokens.shape[-1]),
+                      dataset=str((measured.calibration or {}).get("source", "calibration")))
+        return _listed(written, [GGUF_FILE, IMATRIX_FILE])
     if spec.quantization.target.value == "compressed-tensors":
         return _write_compressed_tensors(written)
     files = {**written.manifest.files, MANIFEST: written.manifest_sha256}
@@ -435,7 +463,8 @@ def _result(spec: JobSpec, written: WrittenArtifact, plan: Plan, record: RunReco
         manifest_sha256=written.manifest_sha256, timings_s=timings, predicted_bytes=predicted,
         warnings=record.sensitivity.warnings, kl_divergence=kl, quality=record.quality,
         file_bits_per_parameter=written.manifest.achieved.file_bits_per_parameter,
-        target=spec.quantization.target.value, files=files, file_bytes=sum(f["bytes"] for f in files),
+        target=spec.quantization.target.value, files=files,
+        file_bytes=sum(f["bytes"] for f in files if f["name"] not in SIDECARS),
         latency=latency)
 
 

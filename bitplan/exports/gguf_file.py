@@ -31,6 +31,7 @@ import torch
 
 from bitplan.errors import BitplanError
 from bitplan.exports.common import ExportReport, file_hashes, read_artifact_units, register_export
+from bitplan.exports.gguf_source import GgufSource, open_source
 from bitplan.hashing import sha256_file
 from bitplan.manifest import Manifest
 from bitplan.models import resolve_reference
@@ -162,57 +163,55 @@ def permute_rows_for_llama(tensor: torch.Tensor, n_head: int) -> torch.Tensor:
     return tensor.reshape(n_head, 2, rows // n_head // 2, *tensor.shape[1:]).swapaxes(1, 2).reshape(tensor.shape)
 
 
-def _source_gguf(manifest: Manifest) -> Path:
+def source_model(manifest: Manifest) -> Path:
+    """The model the artifact was made from, whose metadata and tokenizer a GGUF of it takes: a GGUF file or a
+    Hugging Face folder (:mod:`bitplan.exports.gguf_source`), unchanged since (its sha256)."""
     source = None if manifest.run is None else manifest.run.source
     try:
         source_format, path = resolve_reference("" if source is None else source.reference)
     except BitplanError as error:
         raise BitplanError(f"GGUF export copies the tokenizer and metadata from the source model, which cannot be "
                            f"found: {error}") from None
-    if source_format != "gguf":
-        raise BitplanError(f"GGUF export copies the tokenizer and metadata from the source model's GGUF file; this "
-                           f"artifact's source {source.reference!r} is a {source_format} model")
-    if source is not None and source.sha256 and sha256_file(path) != source.sha256:
+    if source_format not in ("gguf", "hf-folder"):
+        raise BitplanError(f"GGUF export takes the tokenizer and metadata from the source model's GGUF file or "
+                           f"Hugging Face folder; this artifact's source {source.reference!r} is a {source_format} "
+                           "model")
+    if source is not None and source.sha256 and source_format == "gguf" and sha256_file(path) != source.sha256:
         raise BitplanError(f"the source model {path} changed since the artifact was made (sha256 differs)")
     return path
 
 
 @dataclasses.dataclass
 class _Layout:
-    """The source GGUF and where each of our tensors goes in it."""
+    """The source and where each of our tensors goes in the file."""
 
-    reader: Any
-    arch: str
+    source: GgufSource
     by_unit: dict[str, tuple[str, QuantizedWeight | GgmlWeight]]  # GGUF tensor name -> (unit name, its weight)
     by_float: dict[str | None, torch.Tensor]  # GGUF tensor name -> float tensor
-    heads: dict[str, int]  # attn_q / attn_k -> heads (llama's row permutation)
+
+    @property
+    def arch(self) -> str:
+        return self.source.arch
+
+    @property
+    def heads(self) -> dict[str, int]:
+        return self.source.heads
 
 
-def _name_map(reader: Any) -> tuple[str, Any]:
-    """The architecture of a GGUF and the gguf package's map from Hugging Face tensor names to its names."""
-    arch = str(reader.fields["general.architecture"].contents())
-    arch_id = {name: key for key, name in gguf.MODEL_ARCH_NAMES.items()}.get(arch)
-    if arch_id is None:
-        raise BitplanError(f"the gguf package does not know the architecture {arch!r}")
-    return arch, gguf.TensorNameMap(arch_id, int(reader.fields[f"{arch}.block_count"].contents()))
+def _unit_shape(unit: QuantizedWeight | GgmlWeight) -> tuple[int, ...]:
+    return tuple(unit.shape) if isinstance(unit, GgmlWeight) else tuple(unit.codes.shape)
 
 
 def _layout(manifest: Manifest, units: dict[str, QuantizedWeight | GgmlWeight],
             floats: dict[str, torch.Tensor]) -> _Layout:
-    reader = gguf.GGUFReader(_source_gguf(manifest))
-    arch, name_map = _name_map(reader)
-
-    def gguf_name(hf_name: str) -> str | None:
-        return name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-
-    heads = {"attn_q": int(reader.fields[f"{arch}.attention.head_count"].contents())}
-    kv_field = reader.fields.get(f"{arch}.attention.head_count_kv")
-    heads["attn_k"] = int(kv_field.contents()) if kv_field is not None else heads["attn_q"]
-    layout = _Layout(reader=reader, arch=arch, by_unit={gguf_name(f"{n}.weight"): (n, q) for n, q in units.items()},
-                     by_float={gguf_name(n): t for n, t in floats.items()}, heads=heads)
-    missing = set(layout.by_unit) - {t.name for t in reader.tensors}
+    shapes = {**{n: tuple(t.shape) for n, t in floats.items()}, **{f"{n}.weight": _unit_shape(q)
+                                                                    for n, q in units.items()}}
+    source = open_source(source_model(manifest), shapes)
+    layout = _Layout(source=source, by_unit={source.gguf_name(f"{n}.weight"): (n, q) for n, q in units.items()},
+                     by_float={source.gguf_name(n): t for n, t in floats.items()})
+    missing = set(layout.by_unit) - {t.name for t in source.tensors}
     if missing:
-        raise BitplanError(f"the source GGUF has no tensor for units {sorted(missing)[:3]}")
+        raise BitplanError(f"the source has no tensor for units {sorted(missing)[:3]}")
     return layout
 
 
@@ -233,14 +232,10 @@ def file_type(units: dict[str, QuantizedWeight | GgmlWeight]) -> int:
     return FILE_TYPES[max(sorted(weight), key=weight.__getitem__)]
 
 
-def _copy_metadata(writer: Any, reader: Any, manifest: Manifest) -> None:
-    """Every key of the source GGUF but the file type, and who quantized it."""
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name in ("general.architecture", "general.file_type"):
-            continue
-        value_type = field.types[0]
-        sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), value_type, sub_type=sub_type)
+def _copy_metadata(writer: Any, source: GgufSource, manifest: Manifest) -> None:
+    """Every key of the source but the file type, and who quantized it."""
+    for key, value, value_type, sub_type in source.metadata:
+        writer.add_key_value(key, value, value_type, sub_type=sub_type)
     writer.add_string("general.quantized_by",
                       f"bitplan (artifact manifest {'rtn' if manifest.run is None else manifest.run.quantizer})")
 
@@ -274,7 +269,7 @@ def _add_tensors(writer: Any, layout: _Layout) -> tuple[int, list[dict[str, Any]
     """Every tensor of the source, ours in its place; the predicted tensor bytes and one row per unit."""
     predicted = 0
     unit_rows = []
-    for source_tensor in layout.reader.tensors:
+    for source_tensor in layout.source.tensors:
         name = source_tensor.name
         if name in layout.by_unit:
             qtype, data, shape, row = _unit_tensor(layout, name)
@@ -282,11 +277,13 @@ def _add_tensors(writer: Any, layout: _Layout) -> tuple[int, list[dict[str, Any]
         elif name in layout.by_float:
             tensor = layout.by_float[name].float()
             qtype = source_tensor.tensor_type if source_tensor.tensor_type in REQUANTIZABLE else T.F16
-            if tensor.dim() == 1:
+            if tensor.dim() == 1 or name.endswith("_norm.weight"):
                 qtype = T.F32
             shape = tuple(tensor.shape)
             data = gguf.quants.quantize(tensor.numpy(), qtype)
         else:  # a tensor of the source that the model does not hold as a parameter (rope_freqs, ...)
+            if source_tensor.data is None:
+                raise BitplanError(f"the artifact has no tensor for {name!r}")
             predicted += int(source_tensor.n_bytes)
             writer.add_tensor(name, np.asarray(source_tensor.data), raw_shape=None, raw_dtype=source_tensor.tensor_type)
             continue
@@ -308,7 +305,7 @@ def export_gguf(artifact: Path, out: Path, inexact: str = "refuse") -> ExportRep
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
     writer = gguf.GGUFWriter(staging, layout.arch)
-    _copy_metadata(writer, layout.reader, manifest)
+    _copy_metadata(writer, layout.source, manifest)
     writer.add_file_type(file_type(units))
     predicted, unit_rows = _add_tensors(writer, layout)
     try:
@@ -352,8 +349,55 @@ FILE_BUDGET_MARGIN = 4096
 def file_overhead(source: Path, unit_names: list[str]) -> int:
     """Bytes of a GGUF written from ``source`` that are not the units' tensors (metadata, tokenizer, the other
     tensors, padding), from the source file itself plus :data:`FILE_BUDGET_MARGIN`."""
+    if source.is_dir():
+        raise BitplanError("a whole-file budget needs a GGUF source for now (its size is measured from it); give "
+                           "--bpw or --bytes for a Hugging Face folder", param="file_bytes")
     reader = gguf.GGUFReader(source)
-    _, name_map = _name_map(reader)
-    wanted = {name_map.get_name(f"{n}.weight", try_suffixes=(".weight",)) for n in unit_names}
+    model = open_source(source)
+    wanted = {model.gguf_name(f"{n}.weight") for n in unit_names}
     units_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.name in wanted)
     return source.stat().st_size - units_bytes + FILE_BUDGET_MARGIN
+
+
+IMATRIX_FILE = "model.imatrix.gguf"  # beside the gguf target's model.gguf
+
+
+class _ImatrixWriter(gguf.GGUFWriter):  # type: ignore[misc]
+    def add_architecture(self) -> None:
+        return None  # an importance matrix names no architecture (as llama.cpp's own files)
+
+
+def write_imatrix(out: Path, source: Path, importance: dict[str, torch.Tensor], *, tokens: int, chunk_size: int,
+                  dataset: str) -> None:
+    """The importance vectors the job's encoders used, as the GGUF importance matrix ``llama-imatrix`` writes and
+    ``llama-quantize --imatrix`` reads: per weight tensor (by its name in ``source``, the GGUF the file goes
+    with) ``NAME.in_sum2``, the sum over calibration tokens of each input column's square, and ``NAME.counts``,
+    the number of tokens (llama.cpp divides one by the other); ``general.type`` ``imatrix``, the calibration
+    text's name in ``imatrix.datasets``, its windows as chunks."""
+    model = open_source(source, {f"{unit}.weight": (0,) for unit in importance})
+    staging = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    writer = _ImatrixWriter(staging, "")
+    try:
+        writer.add_type(gguf.GGUFType.IMATRIX)
+        writer.add_array(gguf.Keys.IMatrix.DATASETS, [dataset])
+        writer.add_uint32(gguf.Keys.IMatrix.CHUNK_COUNT, max(tokens // max(chunk_size, 1), 1))
+        writer.add_uint32(gguf.Keys.IMatrix.CHUNK_SIZE, chunk_size)
+        named = {model.gguf_name(f"{unit}.weight"): vector for unit, vector in importance.items()}
+        for name, vector in sorted(named.items()):
+            writer.add_tensor(f"{name}.in_sum2", vector.detach().float().numpy().astype(np.float32))
+            writer.add_tensor(f"{name}.counts", np.array([tokens], dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(staging, out)
+    finally:
+        if staging.exists():
+            staging.unlink()
+
+
+def read_imatrix(path: Path) -> dict[str, np.ndarray]:
+    """An importance matrix file as llama.cpp's quantizer reads it: tensor name -> ``in_sum2 / counts``."""
+    tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in gguf.GGUFReader(path).tensors}
+    return {name[: -len(".in_sum2")]: values / tensors[name[: -len(".in_sum2")] + ".counts"][0]
+            for name, values in tensors.items() if name.endswith(".in_sum2")}

@@ -116,6 +116,41 @@ def test_issue16_a_gguf_target_job_writes_the_gguf_llama_cpp_runs_at_the_budget(
     assert torch.isfinite(logits).all() and int(logits.argmax()) == int(reference.argmax())
     text = runtime.create_completion("The capital of France is", max_tokens=8, temperature=0.0)["choices"][0]["text"]
     assert text.strip(), "llama.cpp generated nothing from our file"
+    check_the_importance_matrix_beside_it(run, reader)
+
+
+def check_the_importance_matrix_beside_it(run, reader) -> None:  # noqa: ANN001
+    """``model.imatrix.gguf`` (issue 17): listed and checked like the model; read the way llama.cpp's quantizer
+    reads it (``in_sum2 / counts`` per weight tensor), it carries the importance our encoders used: llama.cpp's
+    own quantizer (``ggml_quantize_chunk``) given those vectors writes the file's blocks again, byte for byte."""
+    import numpy as np
+
+    from bitplan.exports.gguf_file import IMATRIX_FILE, read_imatrix
+    from bitplan.manifest import read_manifest
+    from bitplan.models import load_model
+    from bitplan.quantizer.formats import FORMATS
+    from bitplan.quantizer.ggml import quantize_ggml
+
+    folder = Path(run.artifact)
+    assert IMATRIX_FILE in [f["name"] for f in run.files] and IMATRIX_FILE in read_manifest(folder).files
+    assert run.file_bytes == os.path.getsize(folder / "model.gguf")  # the sidecar is not part of the model's size
+    imatrix = read_imatrix(folder / IMATRIX_FILE)
+    tensors = {t.name: t for t in reader.tensors}
+    assert set(imatrix) == {n for n in tensors if n.split(".")[-2] in ("attn_q", "attn_k", "attn_v", "attn_output",
+                                                                      "ffn_gate", "ffn_up", "ffn_down")}
+    source = load_model("smollm2-135m").model
+    formats = {u["name"]: u["format"] for u in run.units}
+    checked = 0
+    for layer in (0, 11, 29):
+        for hf, name in ((f"model.layers.{layer}.mlp.down_proj", f"blk.{layer}.ffn_down.weight"),
+                         (f"model.layers.{layer}.self_attn.v_proj", f"blk.{layer}.attn_v.weight"),
+                         (f"model.layers.{layer}.self_attn.o_proj", f"blk.{layer}.attn_output.weight")):
+            weight = source.get_submodule(hf).weight.detach().float()
+            assert imatrix[name].shape == (weight.shape[1],) and np.all(imatrix[name] >= 0)
+            again = quantize_ggml(weight, FORMATS[formats[hf]].ggml_type, torch.from_numpy(imatrix[name]))
+            assert np.array_equal(again.reshape(-1), np.asarray(tensors[name].data).reshape(-1).view(np.uint8)), name
+            checked += 1
+    assert checked == 9
 
 
 def test_issue17_a_whole_file_budget_is_met_by_the_written_gguf(tmp_path: Path) -> None:

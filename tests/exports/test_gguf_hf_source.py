@@ -1,0 +1,93 @@
+"""The gguf target from a Hugging Face folder (issue 17): small Llama, Qwen2 and Qwen3 models with SmolLM2's real
+byte-level BPE tokenizer, quantized with ``--target gguf``, loaded by llama.cpp itself (llama-cpp-python): its
+tokenizer splits text as transformers' does, and its logits are those of our own loader of the same artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from bitplan.artifact import load_artifact
+from bitplan.errors import ModelReferenceError
+from bitplan.pipeline import run_pipeline
+from bitplan.spec import JobSpec
+
+VOCAB = 49152  # SmolLM2's tokenizer
+TEXT = "The capital of France is Paris. In 1998, 33 people said: it's \"fine\"!"
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2's tokenizer as transformers saves it (``tokenizer.json``), from the bundled GGUF."""
+    from transformers import AutoTokenizer
+
+    from bitplan.models import resolve_reference
+
+    _, path = resolve_reference("smollm2-135m")
+    folder = tmp_path_factory.mktemp("smollm2-tokenizer")
+    AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(folder)
+    return folder
+
+
+def hf_folder(tmp_path: Path, tokenizer: Path, arch: str) -> Path:
+    import shutil
+
+    import transformers
+
+    torch.manual_seed(0)
+    common = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+              "tie_word_embeddings": True, "rms_norm_eps": 1e-5}
+    config_class, model_class = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
+                                 "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+                                 "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}[arch]
+    config = getattr(transformers, config_class)(**common, **({"head_dim": 32} if arch == "qwen3" else {}))
+    model = getattr(transformers, model_class)(config).eval()
+    folder = tmp_path / arch
+    model.save_pretrained(folder, safe_serialization=True)
+    for file in tokenizer.iterdir():
+        shutil.copy(file, folder / file.name)
+    return folder
+
+
+@pytest.mark.parametrize("arch", ["llama", pytest.param("qwen2", marks=pytest.mark.slow),
+                                  pytest.param("qwen3", marks=pytest.mark.slow)])  # the slow ones: in .ci/run
+def test_issue17_a_gguf_from_a_hugging_face_folder_runs_in_llama_cpp(arch: str, tmp_path: Path,
+                                                                   smollm2_tokenizer: Path) -> None:
+    from llama_cpp import Llama
+    from tokenizers import Tokenizer
+
+    folder = hf_folder(tmp_path, smollm2_tokenizer, arch)
+    run = run_pipeline(JobSpec.from_flat(model=str(folder), bits_per_weight=5.5, target="gguf", num_samples=2,
+                                         seq_len=32, kl_windows=0, quality_windows=0), out=tmp_path / "out")
+    assert {u["format"] for u in run.units} <= {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}  # 64-wide rows: 32-blocks
+    gguf_path = Path(run.artifact) / "model.gguf"
+    runtime = Llama(model_path=str(gguf_path), n_ctx=64, logits_all=True, verbose=False)
+    ids = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(TEXT, add_special_tokens=False).ids
+    assert runtime.tokenize(TEXT.encode(), add_bos=False, special=False) == ids  # the vocabulary and pre-tokenizer
+    runtime.eval(ids)
+    theirs = torch.tensor(runtime.scores[: len(ids)])
+    ours, _, _ = load_artifact(Path(run.artifact))
+    with torch.no_grad():
+        expected = ours(torch.tensor([ids])).logits[0]
+    scale = float(expected.abs().max())
+    assert float((theirs - expected).abs().max()) < 0.05 * scale, arch  # llama.cpp rounds activations to 8 bits
+    assert (theirs.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
+
+
+def test_issue17_an_unsupported_hugging_face_architecture_is_refused_naming_the_supported(tmp_path: Path,
+                                                                                          tiny_llama_dir: Path) -> None:
+    import json
+    import shutil
+
+    folder = tmp_path / "other"
+    shutil.copytree(tiny_llama_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["MistralForCausalLM"],
+                                                    "model_type": "mistral"}))
+    with pytest.raises(ModelReferenceError, match="LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM") as refused:
+        run_pipeline(JobSpec.from_flat(model=str(folder), bits_per_weight=5.5, target="gguf", num_samples=2,
+                                       seq_len=32), out=tmp_path / "out")
+    assert refused.value.param == "model"
