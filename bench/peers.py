@@ -12,6 +12,7 @@ importance vectors (what ``llama-quantize --imatrix`` does). Prints one JSON obj
 theirs, ``ratio_kl_vs_importance_peer`` ours / theirs-with-importance.
 
     python bench/peers.py [--presets Q2_K,Q3_K_M] [--windows 32] [--formats gguf-k] [--out runs/peers]
+    python bench/peers.py --target gguf   # every file run by llama.cpp itself; ours also at the whole-file bytes
 """
 
 from __future__ import annotations
@@ -124,22 +125,64 @@ def window_logprobs(model: torch.nn.Module, windows: list[torch.Tensor]) -> list
     return [torch.log_softmax(model(w[None]).logits[0].float(), dim=-1) for w in windows]
 
 
+def llama_cpp_logprobs(path: Path, windows: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict[str, float]]:
+    """Each window's next-token log-probabilities as llama.cpp computes them (llama-cpp-python, this machine's
+    threads), and the model's size as llama.cpp reports it (``llama_model_size``: its "file size" line)."""
+    import llama_cpp
+
+    runtime = llama_cpp.Llama(model_path=str(path), n_ctx=len(windows[0]), n_batch=len(windows[0]),
+                              logits_all=True, n_threads=os.cpu_count(), verbose=False)
+    out = []
+    for window in windows:
+        runtime.reset()
+        runtime.eval(window.tolist())
+        out.append(torch.log_softmax(torch.from_numpy(runtime.scores[: len(window)].copy()).float(), dim=-1))
+    size = int(llama_cpp.llama_model_size(runtime.model))
+    reported = {"llama_cpp_model_bytes": size,
+                "llama_cpp_bpw": 8 * size / int(llama_cpp.llama_model_n_params(runtime.model))}
+    runtime.close()
+    return out, reported
+
+
 @torch.no_grad()
-def score(path: Path, windows: list[torch.Tensor], reference: list[torch.Tensor]) -> dict[str, float]:
-    """Mean per-token KL(source || model), its 99th percentile, and perplexity, on ``windows``."""
+def score(path: Path, windows: list[torch.Tensor], reference: list[torch.Tensor],
+          evaluator: str = "torch") -> dict[str, float]:
+    """Mean per-token KL(source || model), its 99th percentile, and perplexity, on ``windows``: the file loaded by
+    transformers and run by torch, or (``evaluator="llama.cpp"``) run by llama.cpp itself."""
     started = time.perf_counter()
-    model = load_model(str(path)).model
+    extra: dict[str, float] = {}
+    if evaluator == "llama.cpp":
+        logprobs_of, extra = llama_cpp_logprobs(path, windows)
+    else:
+        model = load_model(str(path)).model
+        logprobs_of = window_logprobs(model, windows)
+        del model
+        gc.collect()
     kls, nll, tokens = [], 0.0, 0
-    for window, ref in zip(windows, reference, strict=True):
-        logprobs = torch.log_softmax(model(window[None]).logits[0].float(), dim=-1)
+    for window, ref, logprobs in zip(windows, reference, logprobs_of, strict=True):
         kls.append(per_token_kl(ref, logprobs))
         nll += float(-logprobs[:-1].gather(1, window[1:, None]).sum())
         tokens += window.numel() - 1
-    del model
-    gc.collect()
     every = torch.cat(kls)
     return {"kl_mean": float(every.mean()), "kl_p99": float(torch.quantile(every.double(), 0.99)),
-            "ppl": math.exp(nll / tokens), "eval_s": round(time.perf_counter() - started, 1)}
+            "ppl": math.exp(nll / tokens), "eval_s": round(time.perf_counter() - started, 1),
+            "file_bytes": path.stat().st_size, **extra}
+
+
+def whole_file(args: argparse.Namespace, preset: str, file_bytes: int, windows: list[torch.Tensor],
+               reference: list[torch.Tensor], evaluator: str) -> dict[str, object]:
+    """Ours at the preset's whole-file bytes: a ``--target gguf --file-bytes`` job (its sensitivity from the
+    cache), its ``model.gguf`` scored like the others."""
+    from bitplan.pipeline import run_pipeline
+
+    spec = JobSpec.from_flat(model=args.model, file_bytes=file_bytes, target="gguf", formats=args.formats,
+                             num_samples=args.samples, quantizer=args.quantizer, kl_windows=0, quality_windows=0)
+    run = run_pipeline(spec, out=args.out / f"ours-file-{preset}")
+    path = Path(run.artifact) / "model.gguf"
+    size, numel, types = block_linear(path)
+    return {"budget_file_bytes": file_bytes, "within_budget": path.stat().st_size <= file_bytes,
+            "block_linear_bytes": size, "bits_per_weight": 8 * size / numel, "types": types,
+            **score(path, windows, reference, evaluator)}
 
 
 def main() -> None:
@@ -153,7 +196,11 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--quantizer", default="rtn")
     parser.add_argument("--out", type=Path, default=Path("runs/peers"))
+    parser.add_argument("--target", choices=("bitplan", "gguf"), default="bitplan",
+                        help="gguf: every file run and scored by llama.cpp itself (llama-cpp-python), and ours also "
+                             "at each preset's whole-file bytes (a --target gguf --file-bytes job)")
     args = parser.parse_args()
+    evaluator = "llama.cpp" if args.target == "gguf" else "torch"
     presets = args.presets.split(",")
     _, source = resolve_reference(args.model)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -161,6 +208,7 @@ def main() -> None:
     report: dict[str, object] = {
         "benchmark": "peers", "model": args.model, "source": str(source), "text": str(args.text),
         "windows": args.windows, "seq_len": args.seq_len, "formats": args.formats, "quantizer": args.quantizer,
+        "evaluator": evaluator,
         "calibration": f"built-in text, {args.samples} x {args.seq_len} tokens",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
@@ -170,10 +218,11 @@ def main() -> None:
     loaded = load_model(args.model)
     ids = tokenize_for_perplexity(loaded.tokenizer, read_text(args.text))
     windows = [ids[i * args.seq_len:(i + 1) * args.seq_len] for i in range(args.windows)]
-    reference = window_logprobs(loaded.model, windows)
+    reference = window_logprobs(loaded.model, windows) if evaluator == "torch" else \
+        llama_cpp_logprobs(source, windows)[0]  # the source as the same runtime computes it
     del loaded
     gc.collect()
-    report["source_scores"] = score(source, windows, reference)
+    report["source_scores"] = score(source, windows, reference, evaluator)
     theirs = {}
     for preset in presets:
         path = args.out / f"llama-{preset}.gguf"
@@ -196,19 +245,25 @@ def main() -> None:
         export_artifact(Path(run.artifact), format="gguf", out=gguf_path)
         size, _, types = block_linear(gguf_path)
         ours = {"block_linear_bytes": size, "bits_per_weight": 8 * size / numel, "types": types,
-                "job_kl_check": run.kl_divergence, "file_bytes": gguf_path.stat().st_size,
-                **score(gguf_path, windows, reference)}
-        peer = {**theirs[preset], **score(args.out / f"llama-{preset}.gguf", windows, reference)}
+                "job_kl_check": run.kl_divergence, **score(gguf_path, windows, reference, evaluator)}
+        peer = {**theirs[preset], **score(args.out / f"llama-{preset}.gguf", windows, reference, evaluator)}
         imatrix_size = block_linear(imatrix_peers[preset])[0]
-        imatrix = {"block_linear_bytes": imatrix_size, **score(imatrix_peers[preset], windows, reference)}
-        rows.append({"preset": preset, "theirs": peer, "theirs_with_our_importance": imatrix, "ours": ours,
-                     "ours_within_their_bytes": size <= peer["block_linear_bytes"],
-                     "ratio_kl": ours["kl_mean"] / peer["kl_mean"], "ratio_ppl": ours["ppl"] / peer["ppl"],
-                     "ratio_kl_vs_importance_peer": ours["kl_mean"] / imatrix["kl_mean"]})
+        imatrix = {"block_linear_bytes": imatrix_size, **score(imatrix_peers[preset], windows, reference, evaluator)}
+        row = {"preset": preset, "theirs": peer, "theirs_with_our_importance": imatrix, "ours": ours,
+               "ours_within_their_bytes": size <= peer["block_linear_bytes"],
+               "ratio_kl": ours["kl_mean"] / peer["kl_mean"], "ratio_ppl": ours["ppl"] / peer["ppl"],
+               "ratio_kl_vs_importance_peer": ours["kl_mean"] / imatrix["kl_mean"]}
+        if args.target == "gguf":
+            row["ours_at_file_bytes"] = whole_file(args, preset, peer["file_bytes"], windows, reference, evaluator)
+            row["ratio_kl_at_file_bytes"] = row["ours_at_file_bytes"]["kl_mean"] / peer["kl_mean"]
+        rows.append(row)
         sys.stderr.write(json.dumps({"preset": preset, "ratio_kl": rows[-1]["ratio_kl"], "ours_kl": ours["kl_mean"],
                                      "theirs_kl": peer["kl_mean"]}) + "\n")
     report["rows"] = rows
     report["lower_kl_than_every_preset"] = all(r["ratio_kl"] < 1 for r in rows)
+    if args.target == "gguf":
+        report["lower_kl_than_every_preset_at_file_bytes"] = all(r["ratio_kl_at_file_bytes"] < 1 for r in rows)
+        report["mean_ratio_kl_at_file_bytes"] = sum(r["ratio_kl_at_file_bytes"] for r in rows) / len(rows)
     report["lower_kl_than_every_preset_with_our_importance"] = all(r["ratio_kl_vs_importance_peer"] < 1 for r in rows)
     report["median_ratio_kl"] = sorted(r["ratio_kl"] for r in rows)[len(rows) // 2]
     report["total_s"] = round(time.perf_counter() - started, 1)

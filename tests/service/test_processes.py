@@ -109,6 +109,7 @@ def test_serve_submit_wait_download(tmp_path: Path, tiny_llama_dir: Path) -> Non
                                     "4", "--samples", "2", "--seq-len", "32", "--wait", "--json"],
                                    capture_output=True, text=True, timeout=300)
         assert submitted.returncode == 0, submitted.stderr
+        assert "HTTP Request" not in submitted.stderr  # issue 14: the client's request logs only with -v
         job = json.loads(submitted.stdout.strip().splitlines()[-1])
         assert job["status"] == "succeeded", job
         out = tmp_path / "download"
