@@ -242,7 +242,7 @@ class Jobs:
              progress: bool = True) -> Any:
         """Wait until the job ends, woken by its event stream (server-sent events); when the stream breaks, by
         polling every ``poll_s`` until it can be reopened. A progress bar (stage, fraction, ETA) on stderr."""
-        from tqdm import tqdm
+        from tqdm.auto import tqdm  # a widget in a notebook, a line on a terminal
 
         started = time.monotonic()
         bar = tqdm(total=100, file=sys.stderr, disable=not progress, desc="queued",
