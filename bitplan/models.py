@@ -238,6 +238,12 @@ def _load_safetensors(path: Path, folder: Path, reference: str) -> tuple[nn.Modu
         config = AutoConfig.from_pretrained(folder)
     except (ValueError, KeyError, OSError) as error:
         raise ModelReferenceError(f"cannot read config.json of {reference!r}: {error}") from None
+    quantized = getattr(config, "quantization_config", None)
+    if quantized is not None:
+        method = quantized.get("quant_method") if isinstance(quantized, dict) else getattr(quantized, "quant_method",
+                                                                                            None)
+        raise ModelReferenceError(f"{reference!r} is already quantized ({method}); give the model it was made from "
+                                  "(a bitplan artifact loads with bitplan.artifact.load_artifact)", param="model")
     kind = _kind_of(config, reference)
     auto = _auto_class(kind)
     for weights in sorted(folder.glob("*.safetensors")) if path.is_dir() else [path]:

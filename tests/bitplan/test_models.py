@@ -106,3 +106,16 @@ def test_truncated_gguf(tmp_path: Path) -> None:
         path.write_bytes(handle.read(4 << 20))
     with pytest.raises(ModelReferenceError, match="not a valid GGUF file|past the file's"):
         load_model(str(path))
+
+
+def test_an_already_quantized_folder_is_refused_as_a_source(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """A bitplan artifact folder loads in transformers now (its quantization_config): as a job's model it is
+    refused, naming what to give instead, not quantized a second time."""
+    from bitplan.pipeline import run_pipeline
+    from bitplan.spec import JobSpec
+
+    run = run_pipeline(JobSpec.from_flat(model=str(tiny_llama_dir), uniform_bits=4, num_samples=2, seq_len=32,
+                                         group_size=64), out=tmp_path / "artifact")
+    with pytest.raises(ModelReferenceError, match="already quantized \\(bitplan\\)") as refused:
+        load_model(run.artifact)
+    assert refused.value.param == "model" and "load_artifact" in str(refused.value)
