@@ -24,6 +24,7 @@ from torch import nn
 from bitplan.artifact import WrittenArtifact, write_artifact
 from bitplan.calibration import build_calibration_set
 from bitplan.errors import BitplanError, BudgetError, ModelReferenceError, SpecError
+from bitplan.exports.gguf_file import IMATRIX_FILE
 from bitplan.frontier import PROBLEM_FILE, problem_document, write_problem
 from bitplan.hashing import sha256_file
 from bitplan.manifest import MANIFEST, RunRecord, SensitivityRecord, SourceRecord, write_manifest
@@ -56,7 +57,7 @@ from bitplan.units import find_block_stack, find_units
 
 logger = logging.getLogger(__name__)
 GGUF_FILE = "model.gguf"  # the gguf target's file, beside the manifest
-SIDECARS = ("model.imatrix.gguf",)  # files a target writes beside what the runtime loads (not in file_bytes)
+SIDECARS = (IMATRIX_FILE,)  # files a target writes beside what the runtime loads (not in file_bytes)
 
 
 @dataclass
@@ -405,7 +406,7 @@ def write_target(spec: JobSpec, written: WrittenArtifact, measured: Measured | N
                               f"{limit}; lower it by {report.file_bytes - limit} bytes", param="file_bytes")
         if measured is None or measured.importance is None or measured.tokens is None:
             return _listed(written, [GGUF_FILE])
-        from bitplan.exports.gguf_file import IMATRIX_FILE, source_model, write_imatrix
+        from bitplan.exports.gguf_file import source_model, write_imatrix
 
         write_imatrix(folder / IMATRIX_FILE, source_model(written.manifest), measured.importance,
                       tokens=int(measured.tokens.numel()), chunk_size=int(measured.tokens.shape[-1]),
