@@ -82,6 +82,9 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=6, help="random mixtures the fit does not see")
     parser.add_argument("--windows", type=int, default=16, help="WikiText-2 windows of 512 tokens for the KL")
     parser.add_argument("--text", type=Path, default=DEFAULT_TEXT)
+    parser.add_argument("--evaluator", choices=("torch", "llama.cpp"), default="llama.cpp",
+                        help="what runs every file for the KL: llama.cpp itself (the source's llama.cpp logits are "
+                             "the reference) or transformers + torch")
     parser.add_argument("--out", type=Path, default=Path("runs/latency"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -167,13 +170,17 @@ def main() -> None:
     base = load_model(args.model)
     ids = tokenize_for_perplexity(base.tokenizer, read_text(args.text))
     windows = [ids[i * 512:(i + 1) * 512] for i in range(args.windows)]
-    reference = window_logprobs(base.model, windows)
-    del base
+    if args.evaluator == "llama.cpp":
+        del base
+        reference = peers.llama_cpp_logprobs(Path(source), windows)[0]
+    else:
+        reference = window_logprobs(base.model, windows)
+        del base
     gc.collect()
     as_fast = [t for t, ms in uniform_again.items() if ms <= again[0]["decode_ms"]]
-    uniform_scores = {t: score(p, windows, reference) for t, p in zip(uniform_ms, uniform_paths, strict=True)
-                      if t in as_fast}
-    latency_score = score(job_paths[0], windows, reference)
+    uniform_scores = {t: score(p, windows, reference, args.evaluator)
+                      for t, p in zip(uniform_ms, uniform_paths, strict=True) if t in as_fast}
+    latency_score = score(job_paths[0], windows, reference, args.evaluator)
     report["latency_job"] = {
         "predicted_ms": run_latency.latency["predicted_ms_per_token"], "measured_ms": again[0]["decode_ms"],
         "within_budget_or_5pct": again[0]["decode_ms"] <= 1.05 * budget, "bits_per_weight": run_latency.bits_per_weight,
@@ -186,10 +193,12 @@ def main() -> None:
         "size_met": run_both.bits_per_weight <= size_bpw + 1e-9,
         "predicted_ms": run_both.latency["predicted_ms_per_token"],
         "measured_ms": again[1]["decode_ms"], "latency_met_within_5pct": again[1]["decode_ms"] <= 1.05 * budget,
-        "types": block_linear(job_paths[1])[2], "kl_mean": score(job_paths[1], windows, reference)["kl_mean"]}
+        "types": block_linear(job_paths[1])[2],
+        "kl_mean": score(job_paths[1], windows, reference, args.evaluator)["kl_mean"]}
     report["uniform_decode_ms_second_session"] = uniform_again
     report["q8_0_bits_per_weight"] = q8_bpw
     report["source"] = str(source)
+    report["evaluator"] = args.evaluator
     report["block_linear_pattern"] = BLOCK_LINEAR.pattern
     report["torch_threads"] = torch.get_num_threads()
     report["total_s"] = round(time.perf_counter() - started, 1)

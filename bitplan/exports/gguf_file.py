@@ -31,7 +31,7 @@ import torch
 
 from bitplan.errors import BitplanError
 from bitplan.exports.common import ExportReport, file_hashes, read_artifact_units, register_export
-from bitplan.exports.gguf_source import GgufSource, open_source
+from bitplan.exports.gguf_source import GgufSource, SourceTensor, open_source
 from bitplan.hashing import sha256_file
 from bitplan.manifest import Manifest
 from bitplan.models import resolve_reference
@@ -266,6 +266,22 @@ def _unit_tensor(layout: _Layout, name: str) -> tuple[Any, Any, tuple[int, ...],
     return qtype, encode_unit(unit, qtype), shape, row
 
 
+def unchanged_from_source(source_tensor: SourceTensor, tensor: torch.Tensor, arch: str) -> bool:
+    """Whether the artifact's float ``tensor`` is the source GGUF's tensor as loaded (dequantized, Gemma's norms
+    less 1, rounded to the artifact's dtype), so the file takes the source's bytes as they are: the source's
+    type and values exactly, without a second rounding (and without re-encoding a 262k-row embedding)."""
+    if source_tensor.data is None or source_tensor.tensor_type is None:
+        return False
+    try:
+        values = torch.from_numpy(np.array(gguf.quants.dequantize(source_tensor.data, source_tensor.tensor_type),
+                                           dtype=np.float32))
+    except NotImplementedError:
+        return False
+    if arch in NORM_PLUS_ONE and source_tensor.name.endswith("norm.weight"):
+        values = values - 1
+    return tuple(values.shape) == tuple(tensor.shape) and torch.equal(values.to(tensor.dtype), tensor)
+
+
 def _add_tensors(writer: Any, layout: _Layout) -> tuple[int, list[dict[str, Any]]]:
     """Every tensor of the source, ours in its place; the predicted tensor bytes and one row per unit."""
     predicted = 0
@@ -276,6 +292,11 @@ def _add_tensors(writer: Any, layout: _Layout) -> tuple[int, list[dict[str, Any]
             qtype, data, shape, row = _unit_tensor(layout, name)
             unit_rows.append(row)
         elif name in layout.by_float:
+            if unchanged_from_source(source_tensor, layout.by_float[name], layout.arch):
+                assert source_tensor.data is not None
+                predicted += int(source_tensor.n_bytes)  # the source's own bytes: exact, and no re-encoding
+                writer.add_tensor(name, source_tensor.data, raw_shape=None, raw_dtype=source_tensor.tensor_type)
+                continue
             tensor = layout.by_float[name].float()
             if layout.arch in NORM_PLUS_ONE and "norm.weight" in name:
                 tensor = tensor + 1  # transformers' Gemma RMSNorm scales by (1 + w); llama.cpp's by w

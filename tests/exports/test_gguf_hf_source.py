@@ -45,6 +45,10 @@ def hf_folder(tmp_path: Path, tokenizer: Path, arch: str) -> Path:
                                  "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}[arch]
     config = getattr(transformers, config_class)(**common, **({"head_dim": 32} if arch == "qwen3" else {}))
     model = getattr(transformers, model_class)(config).eval()
+    with torch.no_grad():  # norm weights no fp16 holds exactly (a copy through the artifact's fp16 would show)
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.copy_(1 + 0.1 * torch.randn_like(parameter))
     folder = tmp_path / arch
     model.save_pretrained(folder, safe_serialization=True)
     for file in tokenizer.iterdir():
@@ -75,6 +79,29 @@ def test_issue17_a_gguf_from_a_hugging_face_folder_runs_in_llama_cpp(arch: str, 
     scale = float(expected.abs().max())
     assert float((theirs - expected).abs().max()) < 0.05 * scale, arch  # llama.cpp rounds activations to 8 bits
     assert (theirs.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
+    if arch == "llama":
+        assert_a_gguf_source_keeps_its_other_tensors_byte_for_byte(gguf_path, tmp_path)
+
+
+def assert_a_gguf_source_keeps_its_other_tensors_byte_for_byte(source: Path, tmp_path: Path) -> None:
+    """That GGUF as the source of another gguf-target job: every tensor but the units' is the source's own bytes
+    and type (copied, not re-encoded from the artifact's fp16 copy)."""
+    import gguf
+    import numpy as np
+
+    run = run_pipeline(JobSpec.from_flat(model=str(source), bits_per_weight=4.6, target="gguf", num_samples=2,
+                                         seq_len=32, kl_windows=0, quality_windows=0), out=tmp_path / "again")
+    before = {t.name: t for t in gguf.GGUFReader(source).tensors}
+    after = {t.name: t for t in gguf.GGUFReader(Path(run.artifact) / "model.gguf").tensors}
+    units = {u["name"] for u in run.units}
+    assert set(after) == set(before) and len(units) == 14
+    kept = [name for name in after if not name.endswith(("attn_q.weight", "attn_k.weight", "attn_v.weight",
+                                                         "attn_output.weight", "ffn_gate.weight", "ffn_up.weight",
+                                                         "ffn_down.weight"))]
+    assert "token_embd.weight" in kept and len(kept) == len(after) - 14
+    for name in kept:
+        assert after[name].tensor_type == before[name].tensor_type, name
+        assert np.array_equal(np.asarray(after[name].data), np.asarray(before[name].data)), name
 
 
 def test_issue17_an_unsupported_hugging_face_architecture_is_refused_naming_the_supported(tmp_path: Path,
