@@ -53,7 +53,7 @@ from bitplan.sensitivity.importance import input_energy
 from bitplan.sensitivity_pass import measure, resolve_metric
 from bitplan.spec import JobSpec
 from bitplan.stages import ProgressFn, Stage
-from bitplan.units import find_block_stack, find_units
+from bitplan.units import find_block_stack, find_output_head, find_units
 
 logger = logging.getLogger(__name__)
 GGUF_FILE = "model.gguf"  # the gguf target's file, beside the manifest
@@ -86,6 +86,7 @@ class RunResult:
     files: list[dict[str, Any]] | None = None  # what the target runs from: name (under artifact), bytes, sha256
     file_bytes: int | None = None  # bytes of the target's file(s): the GGUF file, or the whole packed folder
     latency: dict[str, Any] | None = None  # predicted (and measured) decode ms per token, the table used
+    head: list[dict[str, Any]] | None = None  # the output head's format and bytes, when a whole-file budget chose it
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -157,18 +158,20 @@ def run_budgets(spec: JobSpec, *, out_dirs: list[Path], on_progress: ProgressFn 
         raise ModelReferenceError(f"{spec.model!r} has no linear layers inside its transformer blocks to quantize")
     if spec.quantization.target.value == "gguf":
         check_gguf_source(spec, loaded)
-    sizes = unit_sizes(units, spec.widths, spec.quantization.group_size, spec.quantization.format_names,
+    head = head_units(spec, loaded)
+    planned = {**units, **head}  # what the budget counts and the allocator chooses for
+    sizes = unit_sizes(planned, spec.widths, spec.quantization.group_size, spec.quantization.format_names,
                        spec.quantization.target.value)
-    numel = sum(m.weight.numel() for m in units.values())
+    numel = sum(m.weight.numel() for m in planned.values())
     overhead = None
     if spec.budget.file_bytes is not None:
         from bitplan.exports.gguf_file import file_overhead
 
-        overhead = file_overhead(loaded.source_path, list(units))
+        overhead = file_overhead(loaded.source_path, list(planned))
     budgets = [None] if spec.budget.uniform_bits is not None else budgets_in_bytes(spec, sizes, numel, overhead)
     latency = plan_latency(spec, loaded, units, sizes, on_progress)
     clock.lap("plan")
-    measured = calibrate_and_measure(spec, loaded, units, on_progress, should_stop, cache)  # 3, 4
+    measured = calibrate_and_measure(spec, loaded, units, on_progress, should_stop, cache, head)  # 3, 4
     refinement = spec.refinement
     if refinement.quality_windows > 0 and loaded.kind is ModelKind.CAUSAL_LM:
         text = None if refinement.eval_text is None else Path(refinement.eval_text)
@@ -176,17 +179,29 @@ def run_budgets(spec: JobSpec, *, out_dirs: list[Path], on_progress: ProgressFn 
                                            seq_len=refinement.quality_seq_len, text_file=text)
     if measured.sensitivity is not None:
         clock.lap("sensitivity")
-    plans = make_plans(spec, units, sizes, measured.sensitivity, budgets, latency)  # 5
-    quantized = quantize_plans(spec, loaded, units, [p.bits if p.formats is None else p.formats for p in plans],
+    plans = make_plans(spec, planned, sizes, measured.sensitivity, budgets, latency)  # 5
+    quantized = quantize_plans(spec, loaded, planned, [p.bits if p.formats is None else p.formats for p in plans],
                                measured.tokens, on_progress, should_stop, importance=measured.importance)  # 6
     clock.lap("quantize")
     reports: list[dict[str, Any] | None] = [None] * len(plans)
     if spec.refinement.kl_refine_windows > 0 and loaded.kind is ModelKind.CAUSAL_LM and measured.sensitivity:
-        plans, quantized, reports = refine_plans(spec, loaded, units, sizes, measured, plans, quantized,
+        plans, quantized, reports = refine_plans(spec, loaded, planned, sizes, measured, plans, quantized,
                                                  on_progress, should_stop)  # 7
         clock.lap("kl refinement")
-    return [write_run(spec, loaded, units, plan, measured, each, out_dir, report, clock.timings, on_progress, sizes,
-                      latency) for plan, each, out_dir, report in zip(plans, quantized, out_dirs, reports, strict=True)]
+    return [write_run(spec, loaded, planned, plan, measured, each, out_dir, report, clock.timings, on_progress, sizes,
+                      latency, head=tuple(head))
+            for plan, each, out_dir, report in zip(plans, quantized, out_dirs, reports, strict=True)]
+
+
+def head_units(spec: JobSpec, loaded: LoadedModel) -> dict[str, nn.Linear]:
+    """The output head as one more unit to choose a format for: under a whole-file budget of the gguf target,
+    which counts its bytes (in a tied model, the file's ``token_embd``: the embedding and the head are one
+    tensor). Under a budget of the block linear layers alone it keeps the source's type; with a time budget too
+    (the latency table times the block linear layers' types only)."""
+    if (spec.quantization.target.value != "gguf" or spec.budget.file_bytes is None or spec.budget.has_time_budget
+            or spec.quantization.format_names is None):
+        return {}
+    return find_output_head(loaded.model)
 
 
 def plan_latency(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], sizes: Sizes,
@@ -209,8 +224,10 @@ def plan_latency(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear]
 
 def calibrate_and_measure(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear],
                           on_progress: ProgressFn | None, should_stop: StopFn | None,
-                          cache: SensitivityCache | None) -> Measured:
-    """Steps 3-4: the calibration tokens (when anything needs them) and the sensitivities (not for uniform)."""
+                          cache: SensitivityCache | None, head: dict[str, nn.Linear] | None = None) -> Measured:
+    """Steps 3-4: the calibration tokens (when anything needs them) and the sensitivities (not for uniform).
+    ``head``: units measured apart and cached apart (the block layers' result is the one a job without them
+    reuses), then joined (each unit's terms are its own)."""
     uniform = spec.budget.uniform_bits is not None
     wants_kl = spec.refinement.kl_windows > 0 and loaded.kind is ModelKind.CAUSAL_LM
     if uniform and not (spec_needs_grams(spec) or wants_kl):
@@ -225,9 +242,14 @@ def calibrate_and_measure(spec: JobSpec, loaded: LoadedModel, units: dict[str, n
                         sensitivity=None)
     importance = None
     if spec.quantization.format_names is not None:
-        importance = input_energy(loaded.model, units, list(torch.split(calib.tokens, 1)), on_progress=on_progress,
-                                  should_stop=should_stop)
+        importance = input_energy(loaded.model, {**units, **(head or {})}, list(torch.split(calib.tokens, 1)),
+                                  on_progress=on_progress, should_stop=should_stop)
     sensitivity, cache_state = measure(spec, loaded, units, calib, on_progress, should_stop, cache, importance)
+    if head:
+        of_head, _ = measure(spec, loaded, head, calib, on_progress, should_stop, cache, importance)
+        sensitivity = dataclasses.replace(sensitivity, units=sensitivity.units + of_head.units,
+                                          seconds=sensitivity.seconds + of_head.seconds,
+                                          warnings=sensitivity.warnings + of_head.warnings)
     return Measured(calibration={**record, "sensitivity_cache": cache_state}, tokens=calib.tokens,
                     sensitivity=sensitivity, importance=importance)
 
@@ -326,8 +348,8 @@ def run_record(spec: JobSpec, loaded: LoadedModel, plan: Plan, measured: Measure
 
 def write_run(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], plan: Plan, measured: Measured,
               quantized: Quantized, out_dir: Path, refinement: dict[str, Any] | None, timings: dict[str, float],
-              on_progress: ProgressFn | None, sizes: Sizes | None = None, latency: LatencyPlan | None = None
-              ) -> RunResult:
+              on_progress: ProgressFn | None, sizes: Sizes | None = None, latency: LatencyPlan | None = None,
+              head: tuple[str, ...] = ()) -> RunResult:
     """Step 8: measure one plan's quality, pack and write its artifact (with its allocation problem, the
     frontier's source, when it was solved), measure its KL divergence, report it."""
     started = time.perf_counter()
@@ -369,7 +391,7 @@ def write_run(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], p
         on_progress(Stage.KL_CHECK, 1, 1)
     allocation_s = {} if plan.budget_bytes is None else {"allocation": plan.seconds}
     return _result(spec, written, plan, record, {**timings, **allocation_s, **quality_s, **stage_times}, kl,
-                   quantized, target, latency_report)
+                   quantized, target, latency_report, head)
 
 
 def measure_latency(gguf: Path, report: dict[str, Any]) -> tuple[dict[str, Any], float]:
@@ -452,21 +474,27 @@ def _listed(written: WrittenArtifact, names: list[str]) -> tuple[list[dict[str, 
 
 def _result(spec: JobSpec, written: WrittenArtifact, plan: Plan, record: RunRecord, timings: dict[str, float],
             kl: float | None, quantized: Quantized, files: list[dict[str, Any]],
-            latency: dict[str, Any] | None = None) -> RunResult:
+            latency: dict[str, Any] | None = None, head: tuple[str, ...] = ()) -> RunResult:
     predicted = sum(encoded_bytes(quantized[name]) for name in plan.bits)
     if predicted != written.quantized_bytes:
         raise RuntimeError(f"size model drifted: predicted {predicted} bytes, wrote {written.quantized_bytes}")
+    stored = {u.name: u for u in written.manifest.units}
+    linear = [name for name in plan.bits if name not in head]  # bytes and bits per weight: the block layers'
+    linear_bytes = sum(stored[name].bytes for name in linear)
+    linear_numel = sum(stored[name].in_features * stored[name].out_features for name in linear)
     return RunResult(
-        artifact=str(written.path), bits_per_weight=written.bits_per_weight, bytes=written.quantized_bytes,
+        artifact=str(written.path), bits_per_weight=8 * linear_bytes / linear_numel, bytes=linear_bytes,
         status=plan.solver.status, objective=plan.solver.objective, lower_bound=plan.solver.lower_bound,
-        units=[_unit_json(n, b, quantized[n], unit_format(spec, plan, n)) for n, b in plan.bits.items()],
+        units=[_unit_json(n, plan.bits[n], quantized[n], unit_format(spec, plan, n)) for n in linear],
+        head=[{**_unit_json(n, plan.bits[n], quantized[n], unit_format(spec, plan, n)), "bytes": stored[n].bytes}
+              for n in head] or None,
         model=spec.model, metric=record.sensitivity.metric, budget=record.budget, calibration=record.calibration,
-        manifest_sha256=written.manifest_sha256, timings_s=timings, predicted_bytes=predicted,
+        manifest_sha256=written.manifest_sha256, timings_s=timings,
         warnings=record.sensitivity.warnings, kl_divergence=kl, quality=record.quality,
         file_bits_per_parameter=written.manifest.achieved.file_bits_per_parameter,
         target=spec.quantization.target.value, files=files,
         file_bytes=sum(f["bytes"] for f in files if f["name"] not in SIDECARS),
-        latency=latency)
+        latency=latency, predicted_bytes=predicted - sum(stored[name].bytes for name in head))
 
 
 def unit_format(spec: JobSpec, plan: Plan, name: str) -> str:

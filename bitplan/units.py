@@ -39,3 +39,13 @@ def find_units(model: nn.Module) -> dict[str, nn.Linear]:
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and name.startswith(prefix)
     }
+
+
+def find_output_head(model: nn.Module) -> dict[str, nn.Linear]:
+    """Qualified name -> the output head (``get_output_embeddings()``), when the model has a linear one. In a tied
+    model its weight is the input embedding's too: quantizing it quantizes both (as in a GGUF's ``token_embd``)."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    if not isinstance(head, nn.Linear):
+        return {}
+    return {name: module for name, module in model.named_modules() if module is head}

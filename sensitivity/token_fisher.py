@@ -117,6 +117,16 @@ def graph_from_block(blocks: nn.ModuleList, index: int) -> list[torch.utils.hook
     return handles
 
 
+def tied_inputs(model: nn.Module, units: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
+    """Units whose weight is also the model's input embedding (a tied output head), and that embedding: quantizing
+    the one tensor moves both the logits and every token's input."""
+    getter = getattr(model, "get_input_embeddings", None)
+    embedding = getter() if callable(getter) else None
+    if embedding is None or getattr(embedding, "weight", None) is None:
+        return {}
+    return {name: embedding for name, module in units.items() if module.weight is embedding.weight}
+
+
 def token_fisher(
     model: nn.Module,
     units: Mapping[str, nn.Linear],
@@ -152,12 +162,16 @@ def token_fisher(
             return quantization_error(units[name].weight, bits=int(bits), group_size=group_size)
 
     keys = {name: list(options[name]) for name in units}
+    tied = tied_inputs(model, units)
     squares = {name: torch.zeros(len(keys[name]), dtype=torch.float64) for name in units}
     sums = {name: torch.zeros(len(keys[name]), dtype=torch.float64) for name in units}
-    batch_sums = {name: torch.zeros(len(keys[name]), dtype=torch.float64) for name in units}
     batch_sums_sq = {name: torch.zeros(len(keys[name]), dtype=torch.float64) for name in units}
     energy = dict.fromkeys(units, 0.0)
     deltas: dict[str, torch.Tensor] = {}
+    pending: dict[str, torch.Tensor] = {}  # this batch's (options, tokens) scalars per unit, summed over its uses
+
+    def add(name: str, scalars: torch.Tensor) -> None:
+        pending[name] = scalars.double() if name not in pending else pending[name] + scalars.double()
 
     def make_hook(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]:
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -167,14 +181,44 @@ def token_fisher(
 
             def grad_hook(grad: torch.Tensor) -> None:
                 g = grad.detach().float().reshape(-1, grad.shape[-1])
-                flat = x.float().reshape(-1, x.shape[-1])
-                scalars = projected_errors(g, deltas[name], flat)
-                squares[name] += scalars.double().pow(2).sum(dim=1)
-                sums[name] += scalars.double().sum(dim=1)
-                batch_sums[name] += scalars.double().sum(dim=1)
+                add(name, projected_errors(g, deltas[name], x.float().reshape(-1, x.shape[-1])))
                 energy[name] += float(g.pow(2).sum())
 
             output.register_hook(grad_hook)
+
+        return hook
+
+    looked_up: dict[str, torch.Tensor] = {}  # the token ids of a tied unit's last lookup
+
+    def lookup_grad(name: str, module: nn.Module, ids: torch.Tensor) -> Callable[[torch.Tensor], None]:
+        """The tied input embedding's use of the unit's weight: its output moves by ``lookup(dW)`` at each token
+        (the module's own forward with ``dW`` as weight, scaling included: it is linear in the weight)."""
+
+        def grad_hook(grad: torch.Tensor) -> None:
+            g = grad.detach().float().reshape(-1, grad.shape[-1])
+            moved = torch.stack([torch.func.functional_call(module, {"weight": delta}, (ids,)).float()
+                                 .reshape(-1, g.shape[-1]) for delta in deltas[name]])
+            add(name, (moved * g[None]).sum(dim=2))
+
+        return grad_hook
+
+    def make_lookup_hook(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], torch.Tensor]:
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+            looked_up[name] = inputs[0]
+            leaf = output.detach().requires_grad_(True)  # the graph starts here when the model looks tokens up
+            leaf.register_hook(lookup_grad(name, module, inputs[0]))
+            return leaf
+
+        return hook
+
+    def make_embeds_hook(name: str) -> Callable[..., None]:
+        """A loss that looks the tokens up itself and passes ``inputs_embeds`` (``causal_lm_loss``): the graph
+        starts at those embeddings instead."""
+
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            embeds = kwargs.get("inputs_embeds")
+            if embeds is not None and embeds.requires_grad and name in looked_up:
+                embeds.register_hook(lookup_grad(name, tied[name], looked_up.pop(name)))
 
         return hook
 
@@ -186,15 +230,22 @@ def token_fisher(
         for chunk_index, chunk in enumerate(chunks):
             deltas = _stack_errors(chunk, keys, error_of)
             handles = [units[name].register_forward_hook(make_hook(name)) for name in chunk]
-            if blocks is not None:
+            for name in (n for n in chunk if n in tied):
+                handles += [tied[name].register_forward_hook(make_lookup_hook(name)),
+                            model.register_forward_pre_hook(make_embeds_hook(name), with_kwargs=True)]
+            if blocks is not None and not any(name in tied for name in chunk):
                 handles += graph_from_block(blocks, first_block(blocks, [units[name] for name in chunk]))
             try:
                 for index, batch in enumerate(batches):
                     check_stop(should_stop, "token Fisher")
                     loss_fn(model, batch).backward()
                     for name in chunk:
-                        batch_sums_sq[name] += batch_sums[name].pow(2)
-                        batch_sums[name].zero_()
+                        scalars = pending.pop(name, None)
+                        if scalars is None:
+                            continue
+                        squares[name] += scalars.pow(2).sum(dim=1)
+                        sums[name] += scalars.sum(dim=1)
+                        batch_sums_sq[name] += scalars.sum(dim=1).pow(2)
                     if on_progress is not None:
                         on_progress(Stage.TOKEN_FISHER, chunk_index * len(batches) + index + 1, steps)
             finally:

@@ -205,10 +205,11 @@ def _unit_shape(unit: QuantizedWeight | GgmlWeight) -> tuple[int, ...]:
 
 def _layout(manifest: Manifest, units: dict[str, QuantizedWeight | GgmlWeight],
             floats: dict[str, torch.Tensor]) -> _Layout:
-    shapes = {**{n: tuple(t.shape) for n, t in floats.items()}, **{f"{n}.weight": _unit_shape(q)
-                                                                    for n, q in units.items()}}
+    # a tied alias (the head of a tied model) is no tensor of its own: llama.cpp runs the head on token_embd
+    shapes = {**{n: tuple(t.shape) for n, t in floats.items() if n not in manifest.tied},
+              **{f"{n}.weight": _unit_shape(q) for n, q in units.items()}}
     source = open_source(source_model(manifest), shapes)
-    layout = _Layout(source=source, by_unit={source.gguf_name(f"{n}.weight"): (n, q) for n, q in units.items()},
+    layout = _Layout(source=source, by_unit={source.unit_tensor(n): (n, q) for n, q in units.items()},
                      by_float={source.gguf_name(n): t for n, t in floats.items()})
     missing = set(layout.by_unit) - {t.name for t in source.tensors}
     if missing:
@@ -378,7 +379,7 @@ def file_overhead(source: Path, unit_names: list[str]) -> int:
                            "--bpw or --bytes for a Hugging Face folder", param="file_bytes")
     reader = gguf.GGUFReader(source)
     model = open_source(source)
-    wanted = {model.gguf_name(f"{n}.weight") for n in unit_names}
+    wanted = {model.unit_tensor(n) for n in unit_names}
     units_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.name in wanted)
     return source.stat().st_size - units_bytes + FILE_BUDGET_MARGIN
 
@@ -406,7 +407,7 @@ def write_imatrix(out: Path, source: Path, importance: dict[str, torch.Tensor], 
         writer.add_array(gguf.Keys.IMatrix.DATASETS, [dataset])
         writer.add_uint32(gguf.Keys.IMatrix.CHUNK_COUNT, max(tokens // max(chunk_size, 1), 1))
         writer.add_uint32(gguf.Keys.IMatrix.CHUNK_SIZE, chunk_size)
-        named = {model.gguf_name(f"{unit}.weight"): vector for unit, vector in importance.items()}
+        named = {model.unit_tensor(unit): vector for unit, vector in importance.items()}
         for name, vector in sorted(named.items()):
             writer.add_tensor(f"{name}.in_sum2", vector.detach().float().numpy().astype(np.float32))
             writer.add_tensor(f"{name}.counts", np.array([tokens], dtype=np.float32))

@@ -55,6 +55,9 @@ class SourceTensor:
     data: np.ndarray | None = None
 
 
+OUTPUT, EMBEDDING = "output.weight", "token_embd.weight"
+
+
 @dataclasses.dataclass
 class GgufSource:
     arch: str
@@ -71,6 +74,15 @@ class GgufSource:
 
     def gguf_name(self, hf_name: str) -> str | None:
         return self.name_map().get_name(hf_name, try_suffixes=(".weight", ".bias"))  # type: ignore[no-any-return]
+
+    def unit_tensor(self, unit: str) -> str | None:
+        """The file's tensor of a unit's weight: a tied output head is the file's ``token_embd`` (a file of a tied
+        model has no ``output.weight``; llama.cpp runs the head on the embedding tensor)."""
+        name = self.gguf_name(f"{unit}.weight")
+        names = {t.name for t in self.tensors}
+        if name == OUTPUT and OUTPUT not in names and EMBEDDING in names:
+            return EMBEDDING
+        return name
 
 
 def open_source(path: Path, hf_tensors: dict[str, tuple[int, ...]] | None = None) -> GgufSource:

@@ -81,6 +81,36 @@ def test_issue17_a_gguf_from_a_hugging_face_folder_runs_in_llama_cpp(arch: str, 
     assert (theirs.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
     if arch == "llama":
         assert_a_gguf_source_keeps_its_other_tensors_byte_for_byte(gguf_path, tmp_path)
+        assert_a_whole_file_budget_chooses_the_tied_head_too(gguf_path, tmp_path)
+
+
+def assert_a_whole_file_budget_chooses_the_tied_head_too(source: Path, tmp_path: Path) -> None:
+    """A whole-file budget counts the output head (here tied: the file's F16 ``token_embd``, most of the file), so
+    the allocator chooses its type too; llama.cpp runs the file as our loader runs the artifact."""
+    import gguf
+    from llama_cpp import Llama
+
+    embedding_bytes = next(int(t.n_bytes) for t in gguf.GGUFReader(source).tensors if t.name == "token_embd.weight")
+    budget = source.stat().st_size - embedding_bytes // 2  # more than the blocks can give up: the head must shrink
+    run = run_pipeline(JobSpec.from_flat(model=str(source), file_bytes=budget, target="gguf", num_samples=2,
+                                         seq_len=32, kl_windows=0, quality_windows=0), out=tmp_path / "file")
+    path = Path(run.artifact) / "model.gguf"
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    assert run.file_bytes == path.stat().st_size <= budget
+    assert run.head is not None and [h["name"] for h in run.head] == ["lm_head"] and "output.weight" not in tensors
+    embedding = tensors["token_embd.weight"]
+    assert embedding.tensor_type.name == run.head[0]["format"] != "F16"
+    assert int(embedding.n_bytes) == run.head[0]["bytes"]
+    linear = sum(int(t.n_bytes) for name, t in tensors.items() if name.startswith("blk.") and len(t.shape) == 2)
+    assert run.bytes == linear and len(run.units) == 14  # bytes and units: the block linear layers, as before
+    ids = list(range(1, 40))
+    runtime = Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False)
+    runtime.eval(ids)
+    theirs = torch.tensor(runtime.scores[: len(ids)])
+    ours, _, _ = load_artifact(Path(run.artifact))
+    with torch.no_grad():
+        expected = ours(torch.tensor([ids])).logits[0]
+    assert float((theirs - expected).abs().max()) < 0.05 * float(expected.abs().max())
 
 
 def assert_a_gguf_source_keeps_its_other_tensors_byte_for_byte(source: Path, tmp_path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -142,6 +144,51 @@ def test_token_fisher_against_a_direct_per_token_computation() -> None:
             halves = [float(((xs[i] @ delta.T) * grads[i]).sum()) for i in range(2)]
             expected = abs(halves[0] - halves[1]) / 40  # sqrt(2 * var) / N with var = (a - b)^2 / 2
             assert terms.first_order_std_error[name][bits] == pytest.approx(expected, rel=1e-3)
+
+
+def test_token_fisher_of_a_tied_output_head_counts_its_embedding_use_too() -> None:
+    """The output head of a tied model is the input embedding's tensor: its per-token scalar is the head's
+    ``g . dW x`` plus the lookup's ``g_in . dW[token]``. First order: the directional derivative of the loss along
+    ``dW`` through both uses (autograd on the shared parameter); second order: the direct per-token sum."""
+    from bitplan.sensitivity.token_fisher import tied_inputs, token_fisher
+
+    model = make_tiny_llama()
+    head = {"lm_head": model.lm_head}
+    assert tied_inputs(model, head) == {"lm_head": model.model.embed_tokens}
+    tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(7))
+    weight = model.lm_head.weight.detach()
+    deltas = {b: dequantize_weight(quantize_rtn(weight, bits=b, group_size=32)) - weight for b in (2, 4)}
+    terms = token_fisher(model, head, [tokens[:1], tokens[1:]], loss_fn=causal_lm_loss, bits_options=(2, 4),
+                         group_size=32, blocks=model.model.layers)
+    shared = model.lm_head.weight
+    for bits, delta in deltas.items():
+        per_token = []
+        for i in range(2):
+            batch = tokens[i : i + 1]
+            embedded = model.model.embed_tokens(batch).detach().requires_grad_(True)
+            captured: dict[str, torch.Tensor] = {}
+            handle = model.lm_head.register_forward_hook(
+                lambda m, inputs, out: captured.update(x=inputs[0].detach(), logits=out))
+            logits = model(inputs_embeds=embedded).logits
+            handle.remove()
+            loss = torch.nn.functional.cross_entropy(logits[0, :-1], batch[0, 1:], reduction="sum")
+            g_logits, g_in = torch.autograd.grad(loss, [captured["logits"], embedded])
+            head_part = ((captured["x"][0] @ delta.T) * g_logits[0]).sum(dim=1)
+            lookup_part = (delta[batch[0]] * g_in[0]).sum(dim=1)
+            per_token.append(head_part + lookup_part)
+        every = torch.cat(per_token)
+        assert terms.second_order["lm_head"][bits] == pytest.approx(0.5 * float((every ** 2).sum()) / 40, rel=1e-4)
+        shared.requires_grad_(True)  # the tokens looked up by the model itself: the gradient has both uses
+        loss = sum(causal_lm_loss(model, tokens[i : i + 1], graph_from_embeddings=False) for i in range(2)) / 40
+        (gradient,) = torch.autograd.grad(loss, [shared])
+        shared.requires_grad_(False)
+        assert terms.first_order["lm_head"][bits] == pytest.approx(float((gradient * delta).sum()), rel=1e-3)
+    assert all(not m._forward_hooks for m in (model.lm_head, model.model.embed_tokens))
+    # a loss that lets the model look the tokens up itself: the graph starts at the lookup, the same terms
+    by_ids = token_fisher(model, head, [tokens[:1], tokens[1:]], bits_options=(2, 4), group_size=32,
+                          loss_fn=functools.partial(causal_lm_loss, graph_from_embeddings=False))
+    assert by_ids.second_order["lm_head"] == pytest.approx(terms.second_order["lm_head"], rel=1e-5)
+    assert by_ids.first_order["lm_head"] == pytest.approx(terms.first_order["lm_head"], rel=1e-5)
 
 
 def test_token_fisher_in_chunks_equals_one_pass() -> None:
