@@ -182,7 +182,7 @@ def whole_file(args: argparse.Namespace, preset: str, file_bytes: int, windows: 
     size, numel, types = block_linear(path)
     return {"budget_file_bytes": file_bytes, "within_budget": path.stat().st_size <= file_bytes,
             "block_linear_bytes": size, "bits_per_weight": 8 * size / numel, "types": types,
-            **score(path, windows, reference, evaluator)}
+            "head": run.head, **score(path, windows, reference, evaluator)}
 
 
 def main() -> None:
