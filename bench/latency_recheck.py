@@ -1,0 +1,86 @@
+"""The decode-latency budget check of ``bench/latency.py`` again, on the files it wrote, with every uniform variant
+scored: the budget job's GGUF (and the latency-and-size job's) timed interleaved with every uniform legacy
+variant over more rounds, and every one of them scored by llama.cpp on the same WikiText-2 windows (KL to the
+source's llama.cpp logits), so that "lower KL than every uniform variant at least as fast" is read off one table
+whatever the timing noise between sessions.
+
+    python bench/latency_recheck.py --run runs/latency --result bench/results/latency-....json [--rounds 9]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import _own_folder_off_path  # noqa: F401  (before any first-party import)
+
+from bitplan.calibration import read_text
+from bitplan.evaluation import tokenize_for_perplexity
+from bitplan.latency import fingerprint, time_files
+from bitplan.models import load_model, resolve_reference
+
+LEGACY = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+
+
+def _peers() -> Any:
+    spec = importlib.util.spec_from_file_location("bench_peers", Path(__file__).with_name("peers.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+peers = _peers()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, required=True, help="the --out folder of bench/latency.py")
+    parser.add_argument("--result", type=Path, required=True, help="its JSON (model, budget)")
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--text", type=Path, default=peers.DEFAULT_TEXT)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    before = json.loads(args.result.read_text())
+    uniform: dict[str, Path] = {}
+    for path in sorted(args.run.glob("variant-*.gguf")):
+        types = set(peers.block_linear(path)[2])
+        if len(types) == 1 and next(iter(types)) in LEGACY:
+            uniform[next(iter(types))] = path
+    jobs = {"latency_job": args.run / "job-latency" / "model.gguf", "latency_and_size_job":
+            args.run / "job-both" / "model.gguf"}
+    files = {**jobs, **{f"uniform {t}": p for t, p in sorted(uniform.items())}}
+    timed = dict(zip(files, time_files(list(files.values()), rounds=args.rounds), strict=True))
+    base = load_model(before["model"])
+    ids = tokenize_for_perplexity(base.tokenizer, read_text(args.text))
+    del base
+    windows = [ids[i * 512:(i + 1) * 512] for i in range(args.windows)]
+    reference = peers.llama_cpp_logprobs(Path(resolve_reference(before["model"])[1]), windows)[0]
+    rows = {name: {"decode_ms": timed[name]["decode_ms"], "prefill_ms": timed[name]["prefill_ms"],
+                   "decode_spread_pct": timed[name]["decode_spread_pct"],
+                   **peers.score(path, windows, reference, "llama.cpp")} for name, path in files.items()}
+    budget = float(before["latency_budget_ms"])
+    ours = rows["latency_job"]
+    as_fast = {name: row for name, row in rows.items() if name.startswith("uniform") and
+               row["decode_ms"] <= ours["decode_ms"]}
+    report = {
+        "benchmark": "latency-recheck", "model": before["model"], "machine": fingerprint(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv), "rounds": args.rounds, "windows": args.windows, "evaluator": "llama.cpp",
+        "latency_budget_ms": budget, "files": rows,
+        "latency_job_within_budget_or_5pct": ours["decode_ms"] <= 1.05 * budget,
+        "uniform_at_least_as_fast": sorted(as_fast),
+        "kl_lower_than_every_uniform_at_least_as_fast": all(ours["kl_mean"] < r["kl_mean"] for r in as_fast.values()),
+        "total_s": round(time.perf_counter() - started, 1)}
+    sys.stdout.write(json.dumps(report) + "\n")
+
+
+if __name__ == "__main__":
+    main()
