@@ -17,6 +17,7 @@ from bitplan.spec import JobSpec
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.slow  # the default suite's longest test (about 2 min alone): in .ci/run's slow subset
 def test_smollm2_mixed_run_loads_and_evaluates(tmp_path: Path) -> None:
     torch.set_num_threads(2)
     result = run_pipeline(JobSpec.from_flat(model="smollm2-135m", bits_per_weight=3.75, num_samples=2, seq_len=128),
