@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import importlib.util
 import json
 import os
 import platform
@@ -30,9 +29,8 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
-import _own_folder_off_path  # noqa: F401  (before any first-party import)
+import _own_folder_off_path  # (before any first-party import)
 import torch
 
 from bitplan.calibration import read_text
@@ -60,16 +58,7 @@ from bitplan.units import find_units
 LEGACY = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 
 
-def _peers() -> Any:
-    """``bench/peers.py`` (its scoring), loaded from its file: this folder is off the import path."""
-    spec = importlib.util.spec_from_file_location("bench_peers", Path(__file__).with_name("peers.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-peers = _peers()
+peers = _own_folder_off_path.sibling("peers")
 BLOCK_LINEAR, DEFAULT_TEXT, block_linear = peers.BLOCK_LINEAR, peers.DEFAULT_TEXT, peers.block_linear
 score, window_logprobs = peers.score, peers.window_logprobs
 

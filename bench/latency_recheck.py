@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import math
 import os
@@ -19,9 +18,8 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import _own_folder_off_path  # noqa: F401  (before any first-party import)
+import _own_folder_off_path  # (before any first-party import)
 import numpy as np
 import torch
 
@@ -34,15 +32,7 @@ from bitplan.sensitivity.kl import per_token_kl
 LEGACY = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 
 
-def _peers() -> Any:
-    spec = importlib.util.spec_from_file_location("bench_peers", Path(__file__).with_name("peers.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-peers = _peers()
+peers = _own_folder_off_path.sibling("peers")
 
 
 def llama_cpp_rows(path: Path, windows: list[torch.Tensor]) -> Iterator[torch.Tensor]:
