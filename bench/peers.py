@@ -158,6 +158,13 @@ def score(path: Path, windows: list[torch.Tensor], reference: list[torch.Tensor]
         logprobs_of = window_logprobs(model, windows)
         del model
         gc.collect()
+    return {**score_logprobs(windows, reference, logprobs_of), "eval_s": round(time.perf_counter() - started, 1),
+            "file_bytes": path.stat().st_size, **extra}
+
+
+def score_logprobs(windows: list[torch.Tensor], reference: list[torch.Tensor],
+                   logprobs_of: list[torch.Tensor]) -> dict[str, float]:
+    """Mean per-token KL(reference || logprobs), its 99th percentile, and perplexity of ``logprobs_of``."""
     kls, nll, tokens = [], 0.0, 0
     for window, ref, logprobs in zip(windows, reference, logprobs_of, strict=True):
         kls.append(per_token_kl(ref, logprobs))
@@ -165,8 +172,7 @@ def score(path: Path, windows: list[torch.Tensor], reference: list[torch.Tensor]
         tokens += window.numel() - 1
     every = torch.cat(kls)
     return {"kl_mean": float(every.mean()), "kl_p99": float(torch.quantile(every.double(), 0.99)),
-            "ppl": math.exp(nll / tokens), "eval_s": round(time.perf_counter() - started, 1),
-            "file_bytes": path.stat().st_size, **extra}
+            "ppl": math.exp(nll / tokens)}
 
 
 def whole_file(args: argparse.Namespace, preset: str, file_bytes: int, windows: list[torch.Tensor],
@@ -222,7 +228,8 @@ def main() -> None:
         llama_cpp_logprobs(source, windows)[0]  # the source as the same runtime computes it
     del loaded
     gc.collect()
-    report["source_scores"] = score(source, windows, reference, evaluator)
+    report["source_scores"] = score_logprobs(windows, reference, reference)  # the reference is the source's own run
+    report["source_scores"]["file_bytes"] = source.stat().st_size
     theirs = {}
     for preset in presets:
         path = args.out / f"llama-{preset}.gguf"
@@ -257,6 +264,7 @@ def main() -> None:
             row["ours_at_file_bytes"] = whole_file(args, preset, peer["file_bytes"], windows, reference, evaluator)
             row["ratio_kl_at_file_bytes"] = row["ours_at_file_bytes"]["kl_mean"] / peer["kl_mean"]
         rows.append(row)
+        (args.out / "rows-so-far.json").write_text(json.dumps({**report, "rows": rows}))  # survives a stopped run
         sys.stderr.write(json.dumps({"preset": preset, "ratio_kl": rows[-1]["ratio_kl"], "ours_kl": ours["kl_mean"],
                                      "theirs_kl": peer["kl_mean"]}) + "\n")
     report["rows"] = rows

@@ -50,7 +50,7 @@ from bitplan.sensitivity import SensitivityResult
 from bitplan.sensitivity.activations import StopFn
 from bitplan.sensitivity.cache import SensitivityCache
 from bitplan.sensitivity.importance import input_energy
-from bitplan.sensitivity_pass import measure, resolve_metric
+from bitplan.sensitivity_pass import measure, resolve_metric, salience_width_errors
 from bitplan.spec import JobSpec
 from bitplan.stages import ProgressFn, Stage
 from bitplan.units import find_block_stack, find_output_head, find_units
@@ -241,7 +241,8 @@ def calibrate_and_measure(spec: JobSpec, loaded: LoadedModel, units: dict[str, n
         return Measured(calibration=record if spec_needs_grams(spec) else None, tokens=calib.tokens,
                         sensitivity=None)
     importance = None
-    if spec.quantization.format_names is not None:
+    if spec.quantization.format_names is not None or salience_width_errors(
+            spec, resolve_metric(spec.sensitivity.metric.value, loaded.kind)):
         importance = input_energy(loaded.model, {**units, **(head or {})}, list(torch.split(calib.tokens, 1)),
                                   on_progress=on_progress, should_stop=should_stop)
     sensitivity, cache_state = measure(spec, loaded, units, calib, on_progress, should_stop, cache, importance)

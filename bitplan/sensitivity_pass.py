@@ -17,6 +17,7 @@ from bitplan.models import LoadedModel, ModelKind, causal_lm_loss, use_eager_att
 from bitplan.planning import unit_sizes
 from bitplan.quantize import Importance, encode_unit
 from bitplan.quantizer.formats import decode_weight
+from bitplan.quantizer.rtn import dequantize_weight, quantize_rtn
 from bitplan.sensitivity import Metric, SensitivityResult, compute_sensitivity
 from bitplan.sensitivity.activations import StopFn
 from bitplan.sensitivity.api import NEEDS_LOSS, SECOND_ORDER_HVP_METHODS, TAKES_ERRORS
@@ -57,6 +58,29 @@ def format_errors(spec: JobSpec, units: dict[str, nn.Linear], importance: Import
     return options, error_of
 
 
+def salience_width_errors(spec: JobSpec, metric: Metric) -> bool:
+    """Whether the job's candidate widths are measured with the salience-calibrated encoder's real error (a job
+    without formats under ``--quantizer rtn-salience``, the metric taking any weight error) instead of plain RTN's:
+    the quantize step will run that encoder, so the allocator is told its error."""
+    quantization = spec.quantization
+    return (quantization.format_names is None and quantization.quantizer.value == "rtn-salience"
+            and not quantization.mix_groups and metric in TAKES_ERRORS)
+
+
+def width_errors(spec: JobSpec, units: dict[str, nn.Linear], importance: Importance
+                 ) -> tuple[dict[str, list[int]], Callable[[str, Any], torch.Tensor]]:
+    """Per unit the job's candidate widths, and each one's real weight error under the salience-calibrated
+    encoder at the job's group size (with ``importance``, the input energy the quantize step weights by)."""
+    group_size = spec.quantization.group_size
+
+    def error_of(name: str, bits: Any) -> torch.Tensor:
+        weight = units[name].weight.detach().float()
+        encoded = quantize_rtn(weight, bits=int(bits), group_size=group_size, salience=importance[name].float())
+        return dequantize_weight(encoded) - weight
+
+    return {name: list(spec.widths) for name in units}, error_of
+
+
 def measure(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], calibration: Any,
             on_progress: ProgressFn | None, should_stop: StopFn | None, cache: SensitivityCache | None,
             importance: Importance | None = None) -> tuple[SensitivityResult, str]:
@@ -72,6 +96,8 @@ def measure(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], cal
     encoder = None if formats is None else {"formats": list(formats), "ggml": "ggml_quantize_chunk",
                                             "int_encoder": "rtn-salience" if salience else "rtn",
                                             "first_order": ">= 0"}
+    if salience_width_errors(spec, metric):
+        encoder = {"widths_encoder": "rtn-salience"}
     key = cache_key(model_sha256=loaded.source_sha256, calibration_sha256=calibration.sha256, metric=metric.value,
                     bits=list(spec.widths), group_size=spec.quantization.group_size, units=list(units),
                     hutchinson=asdict(options.hutchinson) if metric is Metric.HUTCHINSON else None,
@@ -92,8 +118,11 @@ def run_sensitivity(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Line
                     should_stop: StopFn | None = None, importance: Importance | None = None) -> SensitivityResult:
     """Predicted loss increase per (unit, candidate bit width), or per (unit, legal candidate format), under
     ``metric``."""
-    errors = {} if spec.quantization.format_names is None else dict(
-        zip(("options", "error_of"), format_errors(spec, units, importance), strict=True))
+    errors: dict[str, Any] = {}
+    if spec.quantization.format_names is not None:
+        errors = dict(zip(("options", "error_of"), format_errors(spec, units, importance), strict=True))
+    elif salience_width_errors(spec, metric) and importance is not None:
+        errors = dict(zip(("options", "error_of"), width_errors(spec, units, importance), strict=True))
     loss_fn = causal_lm_loss if loaded.kind is ModelKind.CAUSAL_LM else None  # metrics that need it were checked
     batches = list(torch.split(tokens, 1))
     hutchinson = spec.sensitivity.hutchinson

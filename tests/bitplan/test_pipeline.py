@@ -256,3 +256,42 @@ def test_issue15_a_model_with_zero_layers_is_refused_as_bad_input(tmp_path: Path
                      out=tmp_path / "out")
     assert caught.value.code == "invalid_model" and caught.value.status == 422
     assert not (tmp_path / "out").exists()
+
+
+def test_salience_jobs_are_told_the_salience_encoders_error_not_rtns(tiny_llama_dir: Path) -> None:
+    """A job without formats under ``--quantizer rtn-salience``: its sensitivity is that of the weight error the
+    quantize step will write (the salience-calibrated grid on the quantize step's own Grams), not plain RTN's."""
+    from bitplan.calibration import build_calibration_set
+    from bitplan.models import causal_lm_loss
+    from bitplan.pipeline import measure_sensitivity
+    from bitplan.quantize import input_grams
+    from bitplan.quantizer.methods import quantize_unit
+    from bitplan.sensitivity import Metric, compute_sensitivity
+    from bitplan.units import find_block_stack
+
+    spec = JobSpec.from_flat(model=str(tiny_llama_dir), bits_per_weight=3.5, quantizer="rtn-salience", **SMALL)
+    ours = measure_sensitivity(spec, use_cache=False)
+    plain = measure_sensitivity(JobSpec.from_flat(model=str(tiny_llama_dir), bits_per_weight=3.5, **SMALL),
+                                use_cache=False)
+    loaded = load_model(str(tiny_llama_dir))
+    units = find_units(loaded.model)
+    tokens = build_calibration_set(loaded.tokenizer, text_file=None, num_samples=2, seq_len=32, seed=0).tokens
+    grams = input_grams(loaded, units, tokens, None, None)
+
+    def written_error(name: str, bits: object) -> torch.Tensor:  # what the quantize step stores, minus the weight
+        weight = units[name].weight.detach().float()
+        return dequantize_weight(quantize_unit(weight, method="rtn-salience", bits=int(bits), group_size=64,
+                                               gram=grams[name])) - weight
+
+    reference = compute_sensitivity(loaded.model, units, list(torch.split(tokens, 1)), metric=Metric.TOKEN_TAYLOR,
+                                    bits_options=spec.widths, group_size=64, loss_fn=causal_lm_loss,
+                                    blocks=find_block_stack(loaded.model),
+                                    options={name: list(spec.widths) for name in units}, error_of=written_error)
+    by_name = {u.name: u.delta_loss for u in reference.units}
+    differs = False
+    for unit, rtn_unit in zip(ours.units, plain.units, strict=True):
+        assert unit.delta_loss.keys() == by_name[unit.name].keys()
+        for bits, value in unit.delta_loss.items():
+            assert value == pytest.approx(by_name[unit.name][bits], rel=1e-4, abs=1e-9), (unit.name, bits)
+            differs |= abs(value - rtn_unit.delta_loss[bits]) > 1e-6 * max(abs(value), 1e-9)
+    assert differs  # plain RTN's error is another error: the job is no longer told that one
