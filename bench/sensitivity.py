@@ -85,49 +85,55 @@ def metric_run(spec: JobSpec) -> dict[str, Any]:
     return {"result": measure_sensitivity(spec, use_cache=False).to_json()}
 
 
-def real_loss_increase(model_ref: str, text: Path, sample: list[str], windows: int, seq_len: int,
-                       bits: int) -> dict[str, Any]:
-    """Mean WikiText-2 token loss increase (and its standard error over windows) of quantizing each unit alone.
+class LossProbe:
+    """The mean token loss of a text's first windows with some units' weights replaced, re-running only the blocks
+    from the first replaced one: the hidden states entering every block are computed once for all windows (a Llama
+    layout: ``model.model.norm``, ``model.lm_head``); the unquantized loss is checked against the whole model's."""
 
-    The hidden states entering every block are computed once for all windows, so quantizing a unit of block ``i``
-    re-runs only blocks ``i..L-1``, the final norm and the head (a Llama layout: ``model.model.norm``,
-    ``model.lm_head``); the unquantized loss is checked against the whole model's.
-    """
-    loaded = load_model(model_ref)
-    model = loaded.model
-    units = find_units(model)
-    stack_name, stack = find_block_stack(model)
-    ids = tokenize_for_perplexity(loaded.tokenizer, read_text(text))
-    chunks = [ids[i * seq_len:(i + 1) * seq_len][None] for i in range(min(windows, ids.numel() // seq_len))]
-    inputs = capture_first_block_inputs(model, stack, chunks)
-    entering = [list(inputs.hidden)]
-    with torch.no_grad():
-        for block in stack:
-            entering.append([inputs.run(block, w, hidden) for w, hidden in enumerate(entering[-1])])
+    def __init__(self, loaded: Any, text: str, windows: int, seq_len: int) -> None:
+        self.model = loaded.model
+        self.units = find_units(self.model)
+        self.stack_name, self.stack = find_block_stack(self.model)
+        ids = tokenize_for_perplexity(loaded.tokenizer, text)
+        self.chunks = [ids[i * seq_len:(i + 1) * seq_len][None] for i in range(min(windows, ids.numel() // seq_len))]
+        self.inputs = capture_first_block_inputs(self.model, self.stack, self.chunks)
+        self.entering = [list(self.inputs.hidden)]
+        with torch.no_grad():
+            for block in self.stack:
+                self.entering.append([self.inputs.run(block, w, hidden) for w, hidden in enumerate(self.entering[-1])])
+        self.base = self.window_losses(len(self.stack))
+        with torch.no_grad():
+            whole = torch.tensor([float(causal_lm_loss(self.model, c)) / (c.numel() - 1) for c in self.chunks[:2]])
+        if not torch.allclose(whole, self.base[:2], rtol=1e-4, atol=1e-4):
+            raise RuntimeError(f"cached block inputs do not reproduce the model's loss: {whole} vs {self.base[:2]}")
 
     @torch.no_grad()
-    def window_losses(first_block: int) -> torch.Tensor:
+    def window_losses(self, first_block: int) -> torch.Tensor:
         losses = []
-        for w, chunk in enumerate(chunks):
-            hidden = entering[first_block][w]
-            for block in stack[first_block:]:
-                hidden = inputs.run(block, w, hidden)
-            logits = model.lm_head(model.model.norm(hidden))[0, :-1].float()
+        for w, chunk in enumerate(self.chunks):
+            hidden = self.entering[first_block][w]
+            for block in self.stack[first_block:]:
+                hidden = self.inputs.run(block, w, hidden)
+            logits = self.model.lm_head(self.model.model.norm(hidden))[0, :-1].float()
             losses.append(float(torch.nn.functional.cross_entropy(logits, chunk[0, 1:])))
         return torch.tensor(losses)
 
-    base = window_losses(len(stack))
-    with torch.no_grad():
-        whole = torch.tensor([float(causal_lm_loss(model, c)) / (c.numel() - 1) for c in chunks[:2]])
-    if not torch.allclose(whole, base[:2], rtol=1e-4, atol=1e-4):
-        raise RuntimeError(f"cached block inputs do not reproduce the model's loss: {whole} vs {base[:2]}")
-    real = {}
-    for name in sample:
-        quantized = dequantize_weight(quantize_rtn(units[name].weight.detach(), bits=bits, group_size=128))
-        with swapped_weights(units, {name: quantized}):
-            increase = window_losses(block_index(name, stack_name)) - base
-        real[name] = {"mean": float(increase.mean()), "std_error": float(increase.std() / math.sqrt(len(chunks)))}
-    return {"base_loss": float(base.mean()), "windows": len(chunks), "real": real}
+    def increase(self, name: str, weight: torch.Tensor) -> dict[str, float]:
+        """Mean loss increase over the windows of unit ``name`` at ``weight`` alone, and its standard error."""
+        with swapped_weights(self.units, {name: weight}):
+            increase = self.window_losses(block_index(name, self.stack_name)) - self.base
+        return {"mean": float(increase.mean()), "std_error": float(increase.std() / math.sqrt(len(self.chunks)))}
+
+
+def real_loss_increase(model_ref: str, text: Path, sample: list[str], windows: int, seq_len: int,
+                       bits: int) -> dict[str, Any]:
+    """Mean WikiText-2 token loss increase (and its standard error over windows) of quantizing each unit alone
+    (RTN at ``bits``, group 128), measured by a :class:`LossProbe`."""
+    probe = LossProbe(load_model(model_ref), read_text(text), windows, seq_len)
+    real = {name: probe.increase(name, dequantize_weight(quantize_rtn(probe.units[name].weight.detach(), bits=bits,
+                                                                      group_size=128)))
+            for name in sample}
+    return {"base_loss": float(probe.base.mean()), "windows": len(probe.chunks), "real": real}
 
 
 def hvp_probe_times(model_ref: str, method: str, probes: int, seq_len: int,

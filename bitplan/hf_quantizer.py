@@ -76,6 +76,7 @@ def register(_module: Any = None) -> None:
             return None
 
         def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+            self._tied_head = _untie_quantized_head(model, {u["name"] for u in self.quantization_config.units})
             for unit in self.quantization_config.units:
                 parent_name, _, child = unit["name"].rpartition(".")
                 parent = model.get_submodule(parent_name)
@@ -95,6 +96,9 @@ def register(_module: Any = None) -> None:
                 if isinstance(module, _GgmlBlocks):
                     parent_name, _, child = name.rpartition(".")
                     setattr(model.get_submodule(parent_name), child, module.to_linear())
+            if self._tied_head is not None and isinstance(model.get_submodule(self._tied_head), nn.Linear):
+                # one tensor for both uses, in the head's chosen type: as our loader (and llama.cpp) run it
+                model.get_input_embeddings().weight = model.get_submodule(self._tied_head).weight
             return model
 
         def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
@@ -105,6 +109,19 @@ def register(_module: Any = None) -> None:
             return False
 
     _registered = True
+
+
+def _untie_quantized_head(model: Any, units: set[str]) -> str | None:
+    """A quantized output head tied to the input embedding (a unit of a whole-file budget) is stored apart from the
+    embedding's float copy: transformers must not tie the two while loading (the head is no ``weight`` then).
+    Returns the head's name when it was tied."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    name = next((n for n, m in model.named_modules() if head is not None and m is head), None)
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    if name not in units or f"{name}.weight" not in tied:
+        return None
+    tied.pop(f"{name}.weight")
+    return name
 
 
 def install_hook() -> None:

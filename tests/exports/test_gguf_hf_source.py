@@ -108,6 +108,11 @@ def assert_a_whole_file_budget_chooses_the_tied_head_too(source: Path, tmp_path:
     with torch.no_grad():
         expected = ours(torch.tensor([ids])).logits[0]
     assert float((theirs - expected).abs().max()) < 0.05 * float(expected.abs().max())
+    # the packed folder beside it: transformers' from_pretrained computes our loader's logits (the head in its
+    # chosen type, the embedding lookup in the source's)
+    from tests.bitplan.test_formats_pipeline import from_pretrained_matches_our_loader
+
+    from_pretrained_matches_our_loader(Path(run.artifact))
 
 
 @pytest.mark.slow  # in .ci/run's slow subset (three jobs and two tokenizer conversions: about 90 s here)
