@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ import torch
 
 from bitplan.errors import BitplanError
 from bitplan.exports.common import ExportReport, file_hashes, read_artifact_units, register_export
-from bitplan.exports.gguf_source import GgufSource, SourceTensor, open_source
+from bitplan.exports.gguf_source import GgufSource, SourceTensor, open_source, safetensors_shapes
 from bitplan.hashing import sha256_file
 from bitplan.manifest import Manifest
 from bitplan.models import resolve_reference
@@ -208,7 +209,11 @@ def _layout(manifest: Manifest, units: dict[str, QuantizedWeight | GgmlWeight],
     # a tied alias (the head of a tied model) is no tensor of its own: llama.cpp runs the head on token_embd
     shapes = {**{n: tuple(t.shape) for n, t in floats.items() if n not in manifest.tied},
               **{f"{n}.weight": _unit_shape(q) for n, q in units.items()}}
-    source = open_source(source_model(manifest), shapes)
+    path = source_model(manifest)
+    # a Hugging Face source's tensors are its checkpoint's (a tied checkpoint has no head of its own, so a head
+    # chosen as a unit is the file's token_embd, as from a GGUF source), in the artifact's shapes
+    source = open_source(path, {n: shapes.get(n, s) for n, s in safetensors_shapes(path).items()} if path.is_dir()
+                         else shapes)
     layout = _Layout(source=source, by_unit={source.unit_tensor(n): (n, q) for n, q in units.items()},
                      by_float={source.gguf_name(n): t for n, t in floats.items()})
     missing = set(layout.by_unit) - {t.name for t in source.tensors}
@@ -375,13 +380,48 @@ def file_overhead(source: Path, unit_names: list[str]) -> int:
     """Bytes of a GGUF written from ``source`` that are not the units' tensors (metadata, tokenizer, the other
     tensors, padding), from the source file itself plus :data:`FILE_BUDGET_MARGIN`."""
     if source.is_dir():
-        raise BitplanError("a whole-file budget needs a GGUF source for now (its size is measured from it); give "
-                           "--bpw or --bytes for a Hugging Face folder", param="file_bytes")
+        return hf_file_overhead(source, unit_names)
     reader = gguf.GGUFReader(source)
     model = open_source(source)
     wanted = {model.unit_tensor(n) for n in unit_names}
     units_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.name in wanted)
     return source.stat().st_size - units_bytes + FILE_BUDGET_MARGIN
+
+
+def float_type(name: str, shape: tuple[int, ...]) -> T:
+    """The GGML type a Hugging Face source's tensor that is no unit is written in (F32 norms and vectors, else F16),
+    as :func:`_add_tensors` writes it."""
+    return T.F32 if len(shape) == 1 or name.endswith("_norm.weight") else T.F16
+
+
+def hf_file_overhead(folder: Path, unit_names: list[str]) -> int:
+    """:func:`file_overhead` of a Hugging Face folder: the GGUF header as written (metadata, vocabulary, every
+    tensor's info, written to a scratch file and measured), every other tensor in the type it will be written in
+    with its alignment padding, an alignment's padding per unit tensor, and :data:`FILE_BUDGET_MARGIN`."""
+    shapes = safetensors_shapes(folder)
+    source = open_source(folder, shapes)
+    by_gguf = {source.gguf_name(name): shape for name, shape in shapes.items()}
+    wanted = {source.unit_tensor(n) for n in unit_names}
+    alignment = gguf.GGUF_DEFAULT_ALIGNMENT
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "header.gguf"
+        writer = gguf.GGUFWriter(path, source.arch)
+        for key, value, value_type, sub_type in source.metadata:
+            writer.add_key_value(key, value, value_type, sub_type=sub_type)
+        data = 0
+        for tensor in source.tensors:
+            shape = by_gguf[tensor.name]
+            qtype = T.F16 if tensor.name in wanted else float_type(tensor.name, shape)
+            size = tensor_bytes(shape, qtype)
+            writer.add_tensor_info(tensor.name, shape, np.dtype(np.float16 if qtype == T.F16 else np.float32), size)
+            if tensor.name not in wanted:
+                data += -(-size // alignment) * alignment
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.close()
+        header = path.stat().st_size
+    return header + data + (alignment - 1) * len(wanted) + FILE_BUDGET_MARGIN
 
 
 IMATRIX_FILE = "model.imatrix.gguf"  # beside the gguf target's model.gguf

@@ -154,7 +154,7 @@ def _from_hf_folder(folder: Path, hf_tensors: dict[str, tuple[int, ...]] | None)
         metadata += [(f"{arch}.rope.scaling.type", "linear", V.STRING, None),
                      (f"{arch}.rope.scaling.factor", float(rope["factor"]), f32, None)]
     metadata += _bpe_vocabulary(folder, int(config["vocab_size"]))
-    shapes = hf_tensors if hf_tensors is not None else _safetensors_shapes(folder)
+    shapes = hf_tensors if hf_tensors is not None else safetensors_shapes(folder)
     source = GgufSource(arch=arch, block_count=blocks, metadata=metadata, tensors=[],
                         heads={"attn_q": heads, "attn_k": kv_heads})
     names = []
@@ -175,7 +175,7 @@ def _file_order(name: str) -> tuple[int, int, str]:
     return (0, 0, name) if parts[0] == "token_embd" else (2, 0, name)
 
 
-def _safetensors_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+def safetensors_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     from safetensors import safe_open
 
     shapes: dict[str, tuple[int, ...]] = {}

@@ -11,8 +11,10 @@ import torch
 
 from bitplan.artifact import load_artifact
 from bitplan.errors import ModelReferenceError
+from bitplan.models import load_model
 from bitplan.pipeline import run_pipeline
 from bitplan.spec import JobSpec
+from bitplan.units import find_units
 
 VOCAB = 49152  # SmolLM2's tokenizer
 TEXT = "The capital of France is Paris. In 1998, 33 people said: it's \"fine\"!"
@@ -124,6 +126,40 @@ def test_issue17_a_gguf_made_from_a_hugging_face_folder_as_the_source_of_more_jo
     source = Path(first.artifact) / "model.gguf"
     assert_a_gguf_source_keeps_its_other_tensors_byte_for_byte(source, tmp_path)
     assert_a_whole_file_budget_chooses_the_tied_head_too(source, tmp_path)
+
+
+@pytest.mark.slow  # in .ci/run's slow subset (a tokenizer conversion and a job: about 40 s here)
+def test_issue17_a_whole_file_budget_from_a_hugging_face_folder(tmp_path: Path, smollm2_tokenizer: Path) -> None:
+    """``--file-bytes`` with a Hugging Face folder as the source: what the file holds besides the units is predicted
+    from the header as it will be written and the other tensors in their written types (an upper bound, within the
+    margin), the tied head is chosen too, the file meets the budget and llama.cpp runs it as our loader does."""
+    import gguf
+    from llama_cpp import Llama
+
+    from bitplan.exports.gguf_file import FILE_BUDGET_MARGIN, hf_file_overhead
+
+    folder = hf_folder(tmp_path, smollm2_tokenizer, "llama")
+    units = list(find_units(load_model(str(folder)).model))
+    other = hf_file_overhead(folder, [*units, "lm_head"])  # all but the units' bytes (the tied head a unit too)
+    q8_0 = {name: m.weight.numel() // 32 * 34 for name, m in find_units(load_model(str(folder)).model).items()}
+    head_q8_0 = VOCAB * 64 // 32 * 34  # the embedding: most of the file
+    budget = other + sum(q8_0.values()) + 3 * head_q8_0 // 4  # Q8_0 blocks fit, a Q8_0 head does not
+    run = run_pipeline(JobSpec.from_flat(model=str(folder), file_bytes=budget, target="gguf", num_samples=2,
+                                         seq_len=32, kl_windows=0, quality_windows=0), out=tmp_path / "file")
+    path = Path(run.artifact) / "model.gguf"
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    assert run.file_bytes == path.stat().st_size <= budget
+    assert run.head is not None and tensors["token_embd.weight"].tensor_type.name == run.head[0]["format"] != "Q8_0"
+    actual = path.stat().st_size - run.bytes - run.head[0]["bytes"]
+    assert actual <= other <= actual + FILE_BUDGET_MARGIN + 32 * (len(units) + 1)
+    ids = list(range(1, 40))
+    runtime = Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False)
+    runtime.eval(ids)
+    theirs = torch.tensor(runtime.scores[: len(ids)])
+    ours, _, _ = load_artifact(Path(run.artifact))
+    with torch.no_grad():
+        expected = ours(torch.tensor([ids])).logits[0]
+    assert float((theirs - expected).abs().max()) < 0.05 * float(expected.abs().max())
 
 
 def assert_a_gguf_source_keeps_its_other_tensors_byte_for_byte(source: Path, tmp_path: Path) -> None:
