@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--budgets", default="3.5,3.75")
     parser.add_argument("--formats", default=None, help="candidate formats (a preset or names; default: --bits)")
     parser.add_argument("--quantizer", default="rtn")
+    parser.add_argument("--uniform-quantizer", default="rtn", help="the uniform 3- and 4-bit baselines' quantizer "
+                        "(recovery is measured between them); with --budgets '' only the baselines run")
     args = parser.parse_args()
     text = read_text(args.text)
     report: dict[str, object] = {
@@ -64,11 +66,16 @@ def main() -> None:
     del loaded
     uniform = {}
     for bits in (3, 4):
-        run = run_budgets(JobSpec.from_flat(model=args.model, uniform_bits=bits),
-                          out_dirs=[args.out / f"uniform-{bits}"])[0]
+        run = run_budgets(JobSpec.from_flat(model=args.model, uniform_bits=bits, quantizer=args.uniform_quantizer,
+                                            num_samples=args.samples), out_dirs=[args.out / f"uniform-{bits}"])[0]
         uniform[bits] = {"bits_per_weight": run.bits_per_weight, "bytes": run.bytes, "timings_s": run.timings_s,
                          **evaluate_artifact(run.artifact, text, args.seq_len, args.windows)}
-    report["uniform_rtn"] = {str(b): v for b, v in uniform.items()}
+    report["uniform_rtn" if args.uniform_quantizer == "rtn" else f"uniform_{args.uniform_quantizer}"] = {
+        str(b): v for b, v in uniform.items()}
+    if not args.budgets.strip():
+        report["total_s"] = round(time.perf_counter() - started, 1)
+        sys.stdout.write(json.dumps(report) + "\n")
+        return
     midpoint = (uniform[3]["bits_per_weight"] + uniform[4]["bits_per_weight"]) / 2
     budgets = [float(b) for b in args.budgets.split(",")] + [round(uniform[4]["bits_per_weight"], 4),
                                                               round(midpoint, 4)]
