@@ -160,10 +160,11 @@ class Allocation:
 class Quantization:
     """How each layer is quantized at its width."""
 
-    quantizer: Any = option_field(QuantizerChoice.RTN, "enum", "rtn: round to nearest (-symmetric: grid symmetric "
-                                  "around 0); gptq: GPTQ error feedback on calibration inputs (give in-domain "
-                                  "calibration text); -salience: each group's range searched to minimize the "
-                                  "input-energy-weighted error (SliM-LLM)", flag="--quantizer", choices=QuantizerChoice)
+    quantizer: Any = option_field(QuantizerChoice.RTN_SALIENCE, "enum", "rtn-salience (default): each group's "
+                                  "range searched to minimize the calibration's input-energy-weighted error "
+                                  "(SliM-LLM); rtn: plain round to nearest (-symmetric: grid symmetric around 0); "
+                                  "gptq: GPTQ error feedback on calibration inputs (give in-domain calibration "
+                                  "text)", flag="--quantizer", choices=QuantizerChoice)
     group_size: int = option_field(128, "int", "input columns per fp16 scale and zero", flag="--group-size", minimum=8,
                                    maximum=4096, label="group size")
     mix_groups: bool = option_field(False, "bool", "column groups of each layer take bits-1, bits or bits+1 within "

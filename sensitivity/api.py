@@ -193,7 +193,7 @@ def _hutchinson(
     model.requires_grad_(False)
     params = {name: m.weight for name, m in units.items()}
     batch = torch.cat(list(batches), dim=0)
-    options = {"min_probes": config.min_probes, "max_probes": config.max_probes, "rel_tol": config.rel_tol,
+    probing = {"min_probes": config.min_probes, "max_probes": config.max_probes, "rel_tol": config.rel_tol,
                "unit_rel_tol": config.unit_rel_tol, "seed": config.seed, "on_progress": on_progress,
                "should_stop": should_stop}
     weights = list(params.values())
@@ -212,7 +212,7 @@ def _hutchinson(
                 hvp = gradient_difference_hvp(gradient_at, weights, relative_step=config.relative_step)
             else:
                 hvp = double_backward_hvp(loss_fn(model, batch) / batch.numel(), weights)
-        traces: dict[str, TraceEstimate] = estimate_traces(hvp, params, **options)  # type: ignore[arg-type]
+        traces: dict[str, TraceEstimate] = estimate_traces(hvp, params, **probing)  # type: ignore[arg-type]
     finally:
         for parameter, flag in requires_grad.items():
             parameter.requires_grad_(flag)

@@ -40,6 +40,20 @@ def test_highs_equals_brute_force(seed: int) -> None:
     assert exact.lower_bound <= exact.objective + 1e-9
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_highs_is_exact_when_every_predicted_loss_is_tiny(seed: int) -> None:
+    """Predicted losses of 1e-9 per unit (a small model's): HiGHS's absolute gap must not end the search early."""
+    base = random_problem(seed, n_units=8)
+    units = tuple(Unit(name=u.name, options=tuple(Option(bits=o.bits, bytes=o.bytes, distortion=o.distortion * 1e-9)
+                                                   for o in u.options)) for u in base.units)
+    problem = AllocationProblem(units=units, budget=base.budget)
+    exact = solve_allocation(problem, solver="highs")
+    brute = solve_brute_force(problem)
+    assert exact.objective == pytest.approx(brute.objective, rel=1e-9, abs=0.0)
+    assert exact.lower_bound <= exact.objective * (1 + 1e-9)
+    assert exact.lower_bound >= exact.objective * (1 - 1e-6)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_pulp_agrees_with_highs(seed: int) -> None:
     pytest.importorskip("pulp")

@@ -23,7 +23,9 @@ SMALL = {"num_samples": 2, "seq_len": 32, "group_size": 64}
 @pytest.fixture(scope="module")
 def mixed_run(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("runs") / "mixed"
-    return run_pipeline(JobSpec.from_flat(model=str(tiny_llama_dir), bits_per_weight=4.0, **SMALL), out=out)
+    # plain RTN, not the default rtn-salience: the loader check below rebuilds the weights without calibration data
+    return run_pipeline(JobSpec.from_flat(model=str(tiny_llama_dir), bits_per_weight=4.0, quantizer="rtn", **SMALL),
+                        out=out)
 
 
 def test_mixed_run_respects_budget_measured_from_files(mixed_run) -> None:
@@ -65,9 +67,13 @@ def test_loader_equals_in_memory_quantized_model(mixed_run, tiny_llama_dir: Path
 
 
 def test_uniform_baseline(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    result = run_pipeline(JobSpec.from_flat(model=str(tiny_llama_dir), uniform_bits=3, **SMALL), out=tmp_path / "u3")
+    result = run_pipeline(JobSpec.from_flat(model=str(tiny_llama_dir), uniform_bits=3, quantizer="rtn", **SMALL),
+                          out=tmp_path / "u3")
     assert result.status == "uniform" and {u["bits"] for u in result.units} == {3}
-    assert result.objective is None and result.calibration is None
+    assert result.objective is None and result.calibration is None  # plain RTN reads no calibration text
+    default = run_pipeline(JobSpec.from_flat(model=str(tiny_llama_dir), uniform_bits=3, **SMALL), out=tmp_path / "d3")
+    assert default.status == "uniform" and default.bytes == result.bytes and default.objective is None
+    assert default.calibration is not None  # the default encoder (rtn-salience) weighs by the calibration's inputs
 
 
 def test_bytes_budget_and_output_error_metric(tiny_llama_dir: Path, tmp_path: Path) -> None:
@@ -271,8 +277,8 @@ def test_salience_jobs_are_told_the_salience_encoders_error_not_rtns(tiny_llama_
 
     spec = JobSpec.from_flat(model=str(tiny_llama_dir), bits_per_weight=3.5, quantizer="rtn-salience", **SMALL)
     ours = measure_sensitivity(spec, use_cache=False)
-    plain = measure_sensitivity(JobSpec.from_flat(model=str(tiny_llama_dir), bits_per_weight=3.5, **SMALL),
-                                use_cache=False)
+    plain = measure_sensitivity(JobSpec.from_flat(model=str(tiny_llama_dir), bits_per_weight=3.5, quantizer="rtn",
+                                                  **SMALL), use_cache=False)
     loaded = load_model(str(tiny_llama_dir))
     units = find_units(loaded.model)
     tokens = build_calibration_set(loaded.tokenizer, text_file=None, num_samples=2, seq_len=32, seed=0).tokens

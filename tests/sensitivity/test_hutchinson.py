@@ -187,3 +187,36 @@ def test_per_unit_rule_probes_until_no_unit_trace_is_negative() -> None:
     negative = dataclasses.replace(per_unit["small"], trace=-1.0)
     assert not units_resolved([per_unit["big"], negative], 0.5)
     assert median_relative_error([per_unit["big"], negative]) == float("inf")
+
+
+def test_hutchinson_told_each_options_error_scales_that_error_by_the_same_trace() -> None:
+    """Options with their own weight error (formats, the salience encoder's widths): HAWQ-V2's prediction is
+    ``0.5 tr(H) / numel * ||dW||^2`` of that error, with the traces of the widths-only pass (it raised KeyError:
+    the probe settings had shadowed the options)."""
+    from bitplan.models import causal_lm_loss, use_eager_attention
+    from bitplan.quantizer.rtn import quantization_error
+    from bitplan.sensitivity import HutchinsonConfig, Metric, compute_sensitivity
+    from bitplan.units import find_units
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama()
+    use_eager_attention(model)
+    units = find_units(model)
+    tokens = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(0))
+    config = HutchinsonConfig(min_probes=3, max_probes=3)
+    widths = compute_sensitivity(model, units, [tokens], metric=Metric.HUTCHINSON, bits_options=(2, 4),
+                                 group_size=32, loss_fn=causal_lm_loss, hutchinson=config)
+
+    def error_of(name: str, key: object) -> torch.Tensor:
+        bits = {"two": 2, "four": 4, "half-of-two": 2}[str(key)]
+        error = quantization_error(units[name].weight.detach().float(), bits=bits, group_size=32)
+        return error * 0.5 if key == "half-of-two" else error
+
+    told = compute_sensitivity(model, units, [tokens], metric=Metric.HUTCHINSON, bits_options=(2, 4), group_size=32,
+                               loss_fn=causal_lm_loss, hutchinson=config,
+                               options={name: ["two", "four", "half-of-two"] for name in units}, error_of=error_of)
+    for plain, unit in zip(widths.units, told.units, strict=True):
+        assert unit.score == plain.score
+        assert unit.delta_loss["two"] == pytest.approx(plain.delta_loss[2], rel=1e-5)
+        assert unit.delta_loss["four"] == pytest.approx(plain.delta_loss[4], rel=1e-5)
+        assert unit.delta_loss["half-of-two"] == pytest.approx(0.25 * plain.delta_loss[2], rel=1e-5)
