@@ -17,7 +17,7 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_array
 
-from bitplan.allocator.ilp import stdout_to_stderr
+from bitplan.allocator.ilp import objective_scale, stdout_to_stderr
 
 
 @dataclass(frozen=True)
@@ -102,8 +102,10 @@ def _highs_core(sizes: np.ndarray, costs: np.ndarray, budget: float, incumbent: 
     one_each = coo_array((np.ones(n_vars), (block_of, np.arange(n_vars))), shape=(open_rows.size, n_vars))
     constraints = [LinearConstraint(one_each, 1.0, 1.0),
                    LinearConstraint(sizes[open_rows[block_of], option_of][None, :], -np.inf, capacity)]
+    program_costs = costs[open_rows[block_of], option_of]
+    program_costs = program_costs / objective_scale(program_costs, int(open_rows.size))  # HiGHS's absolute gaps
     with stdout_to_stderr():
-        result = milp(costs[open_rows[block_of], option_of], constraints=constraints, integrality=np.ones(n_vars),
+        result = milp(program_costs, constraints=constraints, integrality=np.ones(n_vars),
                       bounds=Bounds(0, 1), options={"time_limit": time_limit_s, "mip_rel_gap": 1e-9})
     option = incumbent.copy()
     if result.x is not None:

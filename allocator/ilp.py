@@ -41,7 +41,7 @@ def stdout_to_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def _objective_scale(cost: np.ndarray, n_units: int) -> float:
+def objective_scale(cost: np.ndarray, n_units: int) -> float:
     """The divisor that brings a typical objective (units x median option cost) to about 1e6.
 
     HiGHS also stops at an absolute gap (``mip_abs_gap``, 1e-6, which scipy does not expose) and judges dual
@@ -65,7 +65,7 @@ def solve_ilp(problem: AllocationProblem, *, time_limit_s: float = 60.0, mip_rel
     offsets = np.cumsum([0] + [len(u.options) for u in problem.units])
     n_vars = int(offsets[-1])
     cost = np.array([o.distortion for u in problem.units for o in u.options], dtype=float)
-    scale = _objective_scale(cost, len(problem.units))
+    scale = objective_scale(cost, len(problem.units))
     cost = cost / scale
     rows, cols, vals, lower, upper = [], [], [], [], []
 

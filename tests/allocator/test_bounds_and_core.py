@@ -125,3 +125,22 @@ def test_core_fallbacks_agree_or_stay_unproven() -> None:
     assert partial.objective <= hull.objective + 1e-12 and partial.bytes <= budget + 1e-9
     if program.open_blocks > 1:
         assert not partial.proven_optimal
+
+
+def test_gap_closing_is_exact_when_every_predicted_loss_is_tiny() -> None:
+    """The same problem with every cost x1e-9 (a small model's predicted losses): HiGHS's absolute gap must not
+    make the core program stop early and still call its answer proven."""
+    rng = np.random.default_rng(3)
+    n, bits = 300, np.arange(2, 6)
+    numel = rng.integers(100, 2_000, size=(n, 1))
+    sizes = (numel * bits / 8 + 4).astype(float)
+    costs = rng.lognormal(0, 2, size=(n, 1)) * numel * 4.0 ** -bits * rng.uniform(0.7, 1.3, size=(n, 4))
+    budget = float(sizes[:, 0].sum() + 0.4 * (sizes[:, -1].sum() - sizes[:, 0].sum()))
+    answers = []
+    for factor in (1.0, 1e-9):
+        scaled = costs * factor
+        hull = solve_hull(hull_upgrades_arrays(sizes, scaled), budget)
+        core = close_gap(sizes, scaled, budget, hull.option, hull.multiplier)
+        assert core.proven_optimal
+        answers.append(core.objective / factor)
+    assert answers[1] == pytest.approx(answers[0], rel=1e-9)
