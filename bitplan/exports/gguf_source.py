@@ -3,10 +3,15 @@ tokenizer, chat template), the tensors' names, order and source types.
 
 Two kinds of source. A GGUF file gives all of it as it is (every key but the file type is copied). A Hugging Face
 folder (config, safetensors, ``tokenizer.json``) of a supported architecture (:data:`HF_ARCHITECTURES`: Llama,
-Qwen2, Qwen3) gives it the way llama.cpp's own converter does: the hyperparameters under the architecture's keys,
-tensor names from the ``gguf`` package's map, the byte-level BPE vocabulary (tokens with their types, merges and
-special tokens through ``gguf.SpecialVocab``) and the pre-tokenizer named by what it does to a probe text
-(:data:`PRE_TOKENIZERS`). Anything else is refused, naming what is supported.
+Qwen2, Qwen3, Gemma3) gives it the way llama.cpp's own converter does: the hyperparameters under the
+architecture's keys, tensor names from the ``gguf`` package's map, and the vocabulary. A byte-level BPE vocabulary
+(Llama 3, Qwen, SmolLM) is written as ``gpt2`` (tokens with their types, merges, special tokens through
+``gguf.SpecialVocab``) with the pre-tokenizer named by what it does to a probe text (:data:`PRE_TOKENIZERS`); a
+SentencePiece vocabulary in ``tokenizer.json`` form (BPE with byte fallback on ``▁``-joined words: Gemma) is
+written as ``llama``, each token's score the negated rank of the merge that makes it (llama.cpp's SentencePiece
+tokenizer merges the highest-scoring pair first, transformers' BPE the lowest-ranked merge: the same order).
+Anything else is refused, naming what is supported, and so is a Gemma3 configuration llama.cpp would run
+differently from transformers (:func:`_gemma3_metadata`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ T = gguf.GGMLQuantizationType
 V = gguf.GGUFValueType
 
 # transformers' class -> the gguf package's architecture; llama's q/k rows are permuted for its rotary layout
-HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+                    "Gemma3ForCausalLM": "gemma3"}
 
 # The probe llama.cpp's converter tokenizes to tell byte-level BPE pre-tokenizers apart, and the sha256 of the
 # token ids it gives -> llama.cpp's pre-tokenizer name (llama.cpp's ``convert_hf_to_gguf.py``,
@@ -122,6 +128,31 @@ def _from_hf_folder(folder: Path, hf_tensors: dict[str, tuple[int, ...]] | None)
         raise BitplanError(f"a GGUF from a Hugging Face folder is written for the architectures "
                            f"{', '.join(HF_ARCHITECTURES)}; this model is {architectures or 'of no named architecture'}"
                            " (a GGUF source file works for any architecture llama.cpp knows)")
+    heads, kv_heads = int(config["num_attention_heads"]), int(config.get("num_key_value_heads") or
+                                                             config["num_attention_heads"])
+    blocks = int(config["num_hidden_layers"])
+    metadata = [("general.type", "model", V.STRING, None),
+                ("general.name", str(config.get("_name_or_path") or folder.name), V.STRING, None),
+                *(_gemma3_metadata(config) if arch == "gemma3" else _llama_metadata(arch, config))]
+    metadata += _vocabulary(folder, int(config["vocab_size"]))
+    shapes = hf_tensors if hf_tensors is not None else safetensors_shapes(folder)
+    source = GgufSource(arch=arch, block_count=blocks, metadata=metadata, tensors=[],
+                        heads={"attn_q": heads, "attn_k": kv_heads})
+    names = []
+    for hf_name in shapes:
+        name = source.gguf_name(hf_name)
+        if name is None:
+            raise BitplanError(f"the tensor {hf_name!r} has no GGUF name for the {arch} architecture")
+        names.append(name)
+    source.tensors = [SourceTensor(name, None) for name in sorted(names, key=_file_order)]
+    return source
+
+
+Metadata = list[tuple[str, Any, Any, Any]]
+
+
+def _llama_metadata(arch: str, config: dict[str, Any]) -> Metadata:
+    """Llama, Qwen2 and Qwen3 hyperparameters under ``arch``'s keys, as llama.cpp's converter writes them."""
     rope = config.get("rope_parameters") or {"rope_theta": config.get("rope_theta", 10000.0),
                                              **(config.get("rope_scaling") or {})}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -132,12 +163,9 @@ def _from_hf_folder(folder: Path, hf_tensors: dict[str, tuple[int, ...]] | None)
     heads, kv_heads = int(config["num_attention_heads"]), int(config.get("num_key_value_heads") or
                                                              config["num_attention_heads"])
     head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
-    blocks = int(config["num_hidden_layers"])
     u32, f32 = V.UINT32, V.FLOAT32
-    metadata: list[tuple[str, Any, Any, Any]] = [
-        ("general.type", "model", V.STRING, None),
-        ("general.name", str(config.get("_name_or_path") or folder.name), V.STRING, None),
-        (f"{arch}.block_count", blocks, u32, None),
+    metadata: Metadata = [
+        (f"{arch}.block_count", int(config["num_hidden_layers"]), u32, None),
         (f"{arch}.context_length", int(config.get("max_position_embeddings", 2048)), u32, None),
         (f"{arch}.embedding_length", int(config["hidden_size"]), u32, None),
         (f"{arch}.feed_forward_length", int(config["intermediate_size"]), u32, None),
@@ -153,18 +181,62 @@ def _from_hf_folder(folder: Path, hf_tensors: dict[str, tuple[int, ...]] | None)
     if rope_type == "linear":
         metadata += [(f"{arch}.rope.scaling.type", "linear", V.STRING, None),
                      (f"{arch}.rope.scaling.factor", float(rope["factor"]), f32, None)]
-    metadata += _bpe_vocabulary(folder, int(config["vocab_size"]))
-    shapes = hf_tensors if hf_tensors is not None else safetensors_shapes(folder)
-    source = GgufSource(arch=arch, block_count=blocks, metadata=metadata, tensors=[],
-                        heads={"attn_q": heads, "attn_k": kv_heads})
-    names = []
-    for hf_name in shapes:
-        name = source.gguf_name(hf_name)
-        if name is None:
-            raise BitplanError(f"the tensor {hf_name!r} has no GGUF name for the {arch} architecture")
-        names.append(name)
-    source.tensors = [SourceTensor(name, None) for name in sorted(names, key=_file_order)]
-    return source
+    return metadata
+
+
+GEMMA3_SWA_PATTERN = 6  # llama.cpp runs every sixth Gemma3 layer with full attention, the others in the window
+GEMMA3_SWA_ROPE_BASE = 10000.0  # and the windowed layers' rotary base at this (it reads no key for it)
+
+
+def _gemma3_metadata(config: dict[str, Any]) -> Metadata:
+    """Gemma3 hyperparameters as llama.cpp's converter writes them (the keys of the bundled gemma-3-270m GGUF).
+    What llama.cpp does not read but fixes for the architecture (the window pattern, the windowed layers' rotary
+    base, the attention scale ``1/sqrt(head_dim)``, no soft-capping) is checked against the configuration, and a
+    model that differs is refused rather than written to run differently in llama.cpp than in transformers."""
+    blocks = int(config["num_hidden_layers"])
+    heads = int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
+    expected = ["full_attention" if (i + 1) % GEMMA3_SWA_PATTERN == 0 else "sliding_attention" for i in range(blocks)]
+    rope = config.get("rope_parameters") or {}
+    full = rope.get("full_attention") or {"rope_theta": config.get("rope_theta", 1_000_000.0),
+                                          **(config.get("rope_scaling") or {})}
+    local = rope.get("sliding_attention") or {"rope_theta": config.get("rope_local_base_freq", GEMMA3_SWA_ROPE_BASE)}
+    full_type = full.get("rope_type", full.get("type", "default"))
+    problems = []
+    if list(config.get("layer_types") or expected) != expected:
+        problems.append(f"layer_types other than every {GEMMA3_SWA_PATTERN}th layer full-attention")
+    if float(local.get("rope_theta", GEMMA3_SWA_ROPE_BASE)) != GEMMA3_SWA_ROPE_BASE or \
+            local.get("rope_type", "default") != "default":
+        problems.append(f"a sliding-window rotary base other than plain {GEMMA3_SWA_ROPE_BASE:g}")
+    if full_type not in ("default", "linear"):
+        problems.append(f"rope scaling {full_type!r} (default and linear are written)")
+    if float(config.get("query_pre_attn_scalar") or head_dim) != head_dim:
+        problems.append(f"query_pre_attn_scalar {config.get('query_pre_attn_scalar')} != head_dim {head_dim}")
+    if config.get("attn_logit_softcapping") is not None or config.get("final_logit_softcapping") is not None:
+        problems.append("logit soft-capping")
+    if config.get("use_bidirectional_attention"):
+        problems.append("bidirectional attention")
+    if problems:
+        raise BitplanError("this Gemma3 model would run differently in llama.cpp than in transformers: "
+                           + "; ".join(problems) + " (give its GGUF file as the source instead)")
+    u32, f32 = V.UINT32, V.FLOAT32
+    metadata: Metadata = [
+        ("gemma3.context_length", int(config.get("max_position_embeddings", 131072)), u32, None),
+        ("gemma3.embedding_length", int(config["hidden_size"]), u32, None),
+        ("gemma3.block_count", blocks, u32, None),
+        ("gemma3.feed_forward_length", int(config["intermediate_size"]), u32, None),
+        ("gemma3.attention.head_count", heads, u32, None),
+        ("gemma3.attention.layer_norm_rms_epsilon", float(config.get("rms_norm_eps", 1e-6)), f32, None),
+        ("gemma3.attention.key_length", head_dim, u32, None),
+        ("gemma3.attention.value_length", head_dim, u32, None),
+        ("gemma3.rope.freq_base", float(full.get("rope_theta", 1_000_000.0)), f32, None),
+        ("gemma3.attention.sliding_window", int(config["sliding_window"]), u32, None),
+        ("gemma3.attention.head_count_kv", int(config.get("num_key_value_heads") or heads), u32, None),
+    ]
+    if full_type == "linear":  # llama.cpp applies it to the full-attention layers only, as transformers does
+        metadata += [("gemma3.rope.scaling.type", "linear", V.STRING, None),
+                     ("gemma3.rope.scaling.factor", float(full["factor"]), f32, None)]
+    return metadata
 
 
 def _file_order(name: str) -> tuple[int, int, str]:
@@ -186,26 +258,46 @@ def safetensors_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _bpe_vocabulary(folder: Path, vocab_size: int) -> list[tuple[str, Any, Any, Any]]:
-    """The tokenizer keys of a byte-level BPE tokenizer, as llama.cpp's converter writes them."""
+def _vocabulary(folder: Path, vocab_size: int) -> Metadata:
+    """The tokenizer keys of the folder's ``tokenizer.json``, as llama.cpp's converter writes them: a byte-level
+    BPE vocabulary as ``gpt2``, a SentencePiece one (BPE with byte fallback) as ``llama``."""
     from tokenizers import Tokenizer
 
     try:
-        model_type = json.loads((folder / "tokenizer.json").read_text())["model"]["type"]
+        spec = json.loads((folder / "tokenizer.json").read_text())
+        model_type = spec["model"]["type"]
     except (OSError, ValueError, KeyError):
-        model_type = None
+        spec, model_type = {}, None
     if model_type != "BPE":
-        raise BitplanError("a GGUF from a Hugging Face folder needs a byte-level BPE tokenizer (tokenizer.json); "
-                           f"this folder's is {model_type or 'missing'} (SentencePiece vocabularies are not written "
-                           "yet)")
+        raise BitplanError("a GGUF from a Hugging Face folder needs a BPE tokenizer in tokenizer.json (byte-level, or "
+                           f"SentencePiece-style with byte fallback); this folder's is {model_type or 'missing'}")
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))  # as the file says (transformers' classes
-    digest = sha256(str(tokenizer.encode(PRE_PROBE).ids).encode()).hexdigest()  # may add their own rules)
+    reverse = {index: token for token, index in tokenizer.get_vocab(with_added_tokens=True).items()}  # may add
+    added = tokenizer.get_added_tokens_decoder()  # their own rules)
+    if spec["model"].get("byte_fallback") and "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+        keys = _sentencepiece_keys(spec, reverse, added, vocab_size)
+    else:
+        keys = _byte_level_keys(tokenizer, reverse, added, vocab_size)
+    special = gguf.SpecialVocab(folder, load_merges=keys[0][1] == "gpt2", n_vocab=vocab_size)
+    if keys[0][1] == "gpt2":
+        keys.append(("tokenizer.ggml.merges", list(special.merges), V.ARRAY, V.STRING))
+    for kind, token_id in sorted(special.special_token_ids.items()):  # the gguf package's names: 'unk' is
+        key = getattr(gguf.Keys.Tokenizer, f"{kind.upper()}_ID", f"tokenizer.ggml.{kind}_token_id")  # 'unknown'
+        keys.append((key, int(token_id), V.UINT32, None))
+    for kind, value in sorted(special.add_special_token.items()):
+        keys.append((f"tokenizer.ggml.add_{kind}_token", bool(value), V.BOOL, None))
+    if special.chat_template:
+        keys.append(("tokenizer.chat_template", str(special.chat_template), V.STRING, None))
+    return keys
+
+
+def _byte_level_keys(tokenizer: Any, reverse: dict[int, str], added: dict[int, Any], vocab_size: int) -> Metadata:
+    """A byte-level BPE vocabulary (``gpt2``) and its pre-tokenizer's llama.cpp name."""
+    digest = sha256(str(tokenizer.encode(PRE_PROBE).ids).encode()).hexdigest()
     pre = PRE_TOKENIZERS.get(digest)
     if pre is None:
         raise BitplanError(f"the tokenizer's pre-tokenizer is not one llama.cpp is known to implement "
                            f"({', '.join(sorted(set(PRE_TOKENIZERS.values())))}; probe hash {digest[:16]}...)")
-    reverse = {index: token for token, index in tokenizer.get_vocab(with_added_tokens=True).items()}
-    added = tokenizer.get_added_tokens_decoder()
     tokens, types = [], []
     for index in range(vocab_size):
         token = reverse.get(index)
@@ -219,15 +311,53 @@ def _bpe_vocabulary(folder: Path, vocab_size: int) -> list[tuple[str, Any, Any, 
         else:
             tokens.append(token)
             types.append(gguf.TokenType.NORMAL)
-    keys = [("tokenizer.ggml.model", "gpt2", V.STRING, None), ("tokenizer.ggml.pre", pre, V.STRING, None),
+    return [("tokenizer.ggml.model", "gpt2", V.STRING, None), ("tokenizer.ggml.pre", pre, V.STRING, None),
             ("tokenizer.ggml.tokens", tokens, V.ARRAY, V.STRING),
             ("tokenizer.ggml.token_type", [int(t) for t in types], V.ARRAY, V.INT32)]
-    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
-    keys.append(("tokenizer.ggml.merges", list(special.merges), V.ARRAY, V.STRING))
-    for kind, token_id in sorted(special.special_token_ids.items()):
-        keys.append((f"tokenizer.ggml.{kind}_token_id", int(token_id), V.UINT32, None))
-    for kind, value in sorted(special.add_special_token.items()):
-        keys.append((f"tokenizer.ggml.add_{kind}_token", bool(value), V.BOOL, None))
-    if special.chat_template:
-        keys.append(("tokenizer.chat_template", str(special.chat_template), V.STRING, None))
-    return keys
+
+
+SPM_SPACE = "\u2581"  # SentencePiece's word-boundary mark
+
+
+def _sentencepiece_keys(spec: dict[str, Any], reverse: dict[int, str], added: dict[int, Any],
+                        vocab_size: int) -> Metadata:
+    """A SentencePiece vocabulary (``llama``) from its ``tokenizer.json`` form: tokens, scores and types. A token
+    made by a merge scores minus that merge's rank (so llama.cpp merges in transformers' order); one made by no
+    merge (a single character) scores below every merge; byte tokens ``<0xNN>`` are BYTE, added special tokens
+    CONTROL, other added tokens USER_DEFINED (matched in the raw text, as transformers does)."""
+    merges = spec["model"].get("merges") or []
+    rank: dict[str, int] = {}
+    for position, merge in enumerate(merges):
+        left, right = merge if isinstance(merge, list) else merge.split(" ", 1)
+        rank.setdefault(left + right, position)
+    normalizers = json.dumps(spec.get("normalizer"))
+    add_space_prefix = '"Prepend"' in normalizers and SPM_SPACE in normalizers
+    unknown = spec["model"].get("unk_token")
+    tokens, scores, types = [], [], []
+    for index in range(vocab_size):
+        token = reverse.get(index)
+        if token is None:
+            tokens.append(f"[PAD{index}]")
+            scores.append(-1000.0)
+            types.append(gguf.TokenType.UNUSED)
+        elif index in added:
+            tokens.append(token)
+            scores.append(-1000.0)
+            types.append(gguf.TokenType.CONTROL if added[index].special else gguf.TokenType.USER_DEFINED)
+        elif token == unknown:
+            tokens.append(token)
+            scores.append(-1000.0)
+            types.append(gguf.TokenType.UNKNOWN)
+        elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            tokens.append(token)
+            scores.append(0.0)
+            types.append(gguf.TokenType.BYTE)
+        else:
+            tokens.append(token)
+            scores.append(-float(rank[token]) if token in rank else -float(len(merges) + index))
+            types.append(gguf.TokenType.NORMAL)
+    return [("tokenizer.ggml.model", "llama", V.STRING, None), ("tokenizer.ggml.pre", "default", V.STRING, None),
+            ("tokenizer.ggml.tokens", tokens, V.ARRAY, V.STRING),
+            ("tokenizer.ggml.scores", scores, V.ARRAY, V.FLOAT32),
+            ("tokenizer.ggml.token_type", [int(t) for t in types], V.ARRAY, V.INT32),
+            ("tokenizer.ggml.add_space_prefix", add_space_prefix, V.BOOL, None)]
