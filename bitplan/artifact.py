@@ -196,9 +196,10 @@ def _write_units(staging: Path, modules: dict[str, nn.Module], quantized: Mappin
     save_file(packed, str(staging / QUANTIZED_FILE), metadata={"format": "pt"})
     data_bytes = safetensors_data_bytes(staging / QUANTIZED_FILE)
     units = []
-    for name, linear, q, leaves in layout:
-        common = {"name": name, "in_features": linear.in_features, "out_features": linear.out_features,
-                  "bias": linear.bias is not None, "tensors": leaves,
+    for name, module, q, leaves in layout:
+        rows, columns = module.weight.shape  # a linear layer's (out, in); an embedding's (vocabulary, width)
+        common = {"name": name, "in_features": int(columns), "out_features": int(rows),
+                  "bias": getattr(module, "bias", None) is not None, "tensors": leaves,
                   "bytes": sum(data_bytes[f"{name}.{leaf}"] for leaf in leaves)}
         if isinstance(q, GgmlWeight):
             units.append(UnitRecord(**common, bits=q.bits, group_size=ggml_block(q.qtype), layout=GGML_LAYOUT,

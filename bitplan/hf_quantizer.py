@@ -4,8 +4,9 @@ The folder's ``config.json`` carries ``quantization_config`` with ``quant_method
 layout (width, group size, per-group widths, GGML type), and ``model.safetensors.index.json`` maps every tensor
 to ``float.safetensors`` or ``quantized.safetensors``, so transformers finds the weights the way it finds any
 sharded checkpoint. The quantizer registered here swaps each unit for a ``QuantLinear`` (or, for a unit in a GGML
-type, a holder of its blocks that becomes a float ``nn.Linear`` once loaded) before transformers loads the
-tensors into it. ``import bitplan`` only registers a post-import hook (``wrapt``): transformers is imported, and
+type, a holder of its blocks that becomes a float ``nn.Linear`` once loaded; an untied token embedding in a GGML
+type stays the model's own embedding module, its weight loaded as blocks and decoded) before transformers loads
+the tensors into it. ``import bitplan`` only registers a post-import hook (``wrapt``): transformers is imported, and
 the quantizer registered, when the caller imports transformers, not before.
 """
 
@@ -80,7 +81,9 @@ def register(_module: Any = None) -> None:
             for unit in self.quantization_config.units:
                 parent_name, _, child = unit["name"].rpartition(".")
                 parent = model.get_submodule(parent_name)
-                if unit.get("layout") == GGML_LAYOUT:
+                if unit.get("layout") == GGML_LAYOUT and isinstance(getattr(parent, child), nn.Embedding):
+                    _hold_embedding_blocks(model, unit)  # kept in place (a scaled lookup stays one)
+                elif unit.get("layout") == GGML_LAYOUT:
                     setattr(parent, child, _GgmlBlocks(unit))
                 else:
                     setattr(parent, child, QuantLinear(unit["in_features"], unit["out_features"], bits=unit["bits"],
@@ -96,6 +99,8 @@ def register(_module: Any = None) -> None:
                 if isinstance(module, _GgmlBlocks):
                     parent_name, _, child = name.rpartition(".")
                     setattr(model.get_submodule(parent_name), child, module.to_linear())
+                if isinstance(module, nn.Embedding) and hasattr(module, "bitplan_unit"):
+                    _decode_embedding_blocks(module)
             if self._tied_head is not None and isinstance(model.get_submodule(self._tied_head), nn.Linear):
                 # one tensor for both uses, in the head's chosen type: as our loader (and llama.cpp) run it
                 model.get_input_embeddings().weight = model.get_submodule(self._tied_head).weight
@@ -107,6 +112,26 @@ def register(_module: Any = None) -> None:
         @property
         def is_trainable(self) -> bool:
             return False
+
+    def _hold_embedding_blocks(model: nn.Module, unit: dict[str, Any]) -> None:
+        """A token embedding stored in a GGML type: a ``ggml`` buffer beside its weight takes its blocks while
+        transformers loads (the index names ``NAME.ggml``, not ``NAME.weight``, which is therefore not reported
+        missing) and is decoded into the weight after."""
+        import re
+
+        module = model.get_submodule(unit["name"])
+        row_bytes = FORMATS[unit["format"]].bytes((1, unit["in_features"]))
+        module.register_buffer("ggml", torch.zeros(unit["out_features"], row_bytes, dtype=torch.uint8))
+        module.bitplan_unit = unit
+        ignored = set(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())
+        model._keys_to_ignore_on_load_missing = ignored | {re.escape(f"{unit['name']}.weight")}
+
+    def _decode_embedding_blocks(module: nn.Embedding) -> None:
+        unit = module.bitplan_unit
+        shape = (unit["out_features"], unit["in_features"])
+        weight = FORMATS[unit["format"]].decode(GgmlWeight(unit["format"], module.ggml.cpu().numpy(), shape))
+        del module.ggml, module.bitplan_unit
+        module.weight = nn.Parameter(weight, requires_grad=False)
 
     _registered = True
 

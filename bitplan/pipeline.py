@@ -53,7 +53,7 @@ from bitplan.sensitivity.importance import input_energy
 from bitplan.sensitivity_pass import measure, resolve_metric, salience_width_errors
 from bitplan.spec import JobSpec
 from bitplan.stages import ProgressFn, Stage
-from bitplan.units import find_block_stack, find_output_head, find_units
+from bitplan.units import find_block_stack, find_output_head, find_units, find_untied_embedding
 
 logger = logging.getLogger(__name__)
 GGUF_FILE = "model.gguf"  # the gguf target's file, beside the manifest
@@ -193,15 +193,16 @@ def run_budgets(spec: JobSpec, *, out_dirs: list[Path], on_progress: ProgressFn 
             for plan, each, out_dir, report in zip(plans, quantized, out_dirs, reports, strict=True)]
 
 
-def head_units(spec: JobSpec, loaded: LoadedModel) -> dict[str, nn.Linear]:
-    """The output head as one more unit to choose a format for: under a whole-file budget of the gguf target,
-    which counts its bytes (in a tied model, the file's ``token_embd``: the embedding and the head are one
-    tensor). Under a budget of the block linear layers alone it keeps the source's type; with a time budget too
-    (the latency table times the block linear layers' types only)."""
+def head_units(spec: JobSpec, loaded: LoadedModel) -> dict[str, nn.Module]:
+    """The output head, and an untied model's token embedding, as more units to choose a format for: under a
+    whole-file budget of the gguf target, which counts their bytes (in a tied model the head is the file's
+    ``token_embd``: the embedding and the head are one tensor; in an untied one ``output`` and ``token_embd`` are
+    two, each chosen). Under a budget of the block linear layers alone they keep the source's types; with a time
+    budget too (the latency table times the block linear layers' types only)."""
     if (spec.quantization.target.value != "gguf" or spec.budget.file_bytes is None or spec.budget.has_time_budget
             or spec.quantization.format_names is None):
         return {}
-    return find_output_head(loaded.model)
+    return {**find_output_head(loaded.model), **find_untied_embedding(loaded.model)}
 
 
 def plan_latency(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], sizes: Sizes,
@@ -243,7 +244,8 @@ def calibrate_and_measure(spec: JobSpec, loaded: LoadedModel, units: dict[str, n
     importance = None
     if spec.quantization.format_names is not None or salience_width_errors(
             spec, resolve_metric(spec.sensitivity.metric.value, loaded.kind)):
-        importance = input_energy(loaded.model, {**units, **(head or {})}, list(torch.split(calib.tokens, 1)),
+        linear = {name: m for name, m in {**units, **(head or {})}.items() if isinstance(m, nn.Linear)}
+        importance = input_energy(loaded.model, linear, list(torch.split(calib.tokens, 1)),
                                   on_progress=on_progress, should_stop=should_stop)
     sensitivity, cache_state = measure(spec, loaded, units, calib, on_progress, should_stop, cache, importance)
     if head:

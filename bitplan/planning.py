@@ -16,6 +16,7 @@ from bitplan.manifest import SolverRecord
 from bitplan.quantizer.formats import FORMATS
 from bitplan.quantizer.sizes import quantized_bytes
 from bitplan.sensitivity import SensitivityResult
+from bitplan.units import unit_shape
 
 if TYPE_CHECKING:
     from bitplan.spec import JobSpec
@@ -132,14 +133,16 @@ def unit_sizes(units: dict[str, nn.Linear], bits: tuple[int, ...], group_size: i
     """Exact bytes of every unit at every candidate bit width, or at every candidate format legal for its shape
     in ``target`` (``formats``). A unit that no candidate format can store is an error naming its shape."""
     if formats is None:
-        return {name: {b: quantized_bytes(m.out_features, m.in_features, bits=b, group_size=group_size)
+        return {name: {b: quantized_bytes(*unit_shape(m), bits=b, group_size=group_size)
                        for b in bits} for name, m in units.items()}
     sizes: Sizes = {}
     for name, m in units.items():
-        shape = (m.out_features, m.in_features)
-        sizes[name] = {f: FORMATS[f].bytes(shape) for f in formats if legal_for_target(target, f, shape)}
+        shape = unit_shape(m)
+        lookup = isinstance(m, nn.Embedding)  # no input activations: no importance vector for the encoder
+        sizes[name] = {f: FORMATS[f].bytes(shape) for f in formats if legal_for_target(target, f, shape)
+                       and not (lookup and FORMATS[f].needs_importance)}
         if not sizes[name]:
-            raise BudgetError(f"no candidate format can store {name} ({m.out_features} x {m.in_features}): "
+            raise BudgetError(f"no candidate format can store {name} ({shape[0]} x {shape[1]}): "
                               f"{', '.join(formats)} need rows divisible by their block size; add a format with "
                               f"32-weight blocks (Q4_0, Q8_0) or an integer grid (int4-g32)", param="formats")
     return sizes

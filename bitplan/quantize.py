@@ -43,7 +43,7 @@ def encoder_importance(spec: JobSpec, fmt: str, importance: Importance | None, n
         return None
     if FORMATS[fmt].family == "bitplan-int" and spec.quantization.quantizer.value != "rtn-salience":
         return None
-    return importance[name]
+    return importance.get(name)  # none for a token embedding: a lookup has no input activations
 
 
 def encode_unit(spec: JobSpec, weight: torch.Tensor, fmt: str, importance: Importance | None,

@@ -49,3 +49,23 @@ def find_output_head(model: nn.Module) -> dict[str, nn.Linear]:
     if not isinstance(head, nn.Linear):
         return {}
     return {name: module for name, module in model.named_modules() if module is head}
+
+
+def find_untied_embedding(model: nn.Module) -> dict[str, nn.Embedding]:
+    """Qualified name -> the input token embedding, when it is a tensor of its own (not the output head's weight):
+    in a GGUF it is the file's ``token_embd``, one more tensor a whole-file budget chooses a type for. Quantizing
+    it changes only the token lookup."""
+    getter = getattr(model, "get_input_embeddings", None)
+    embedding = getter() if callable(getter) else None
+    if not isinstance(embedding, nn.Embedding):
+        return {}
+    if any(getattr(head, "weight", None) is embedding.weight for head in find_output_head(model).values()):
+        return {}
+    return {name: module for name, module in model.named_modules() if module is embedding}
+
+
+def unit_shape(module: nn.Module) -> tuple[int, int]:
+    """``(rows, columns)`` of a unit's weight: ``(out_features, in_features)`` of a linear layer, ``(vocabulary,
+    width)`` of an embedding (a GGML row is one token's vector, as llama.cpp stores ``token_embd``)."""
+    rows, columns = module.weight.shape
+    return int(rows), int(columns)

@@ -34,7 +34,7 @@ def smollm2_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def hf_folder(tmp_path: Path, tokenizer: Path, arch: str) -> Path:
+def hf_folder(tmp_path: Path, tokenizer: Path, arch: str, *, tied: bool = True) -> Path:
     import shutil
 
     import transformers
@@ -42,7 +42,7 @@ def hf_folder(tmp_path: Path, tokenizer: Path, arch: str) -> Path:
     torch.manual_seed(0)
     common = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
-              "tie_word_embeddings": True, "rms_norm_eps": 1e-5}
+              "tie_word_embeddings": tied, "rms_norm_eps": 1e-5}
     config_class, model_class = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
                                  "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
                                  "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}[arch]
@@ -52,7 +52,7 @@ def hf_folder(tmp_path: Path, tokenizer: Path, arch: str) -> Path:
         for name, parameter in model.named_parameters():
             if "norm" in name:
                 parameter.copy_(1 + 0.1 * torch.randn_like(parameter))
-    folder = tmp_path / arch
+    folder = tmp_path / (arch if tied else f"{arch}-untied")
     model.save_pretrained(folder, safe_serialization=True)
     for file in tokenizer.iterdir():
         shutil.copy(file, folder / file.name)
@@ -286,3 +286,56 @@ def test_issue17_a_gemma3_folder_llama_cpp_would_run_differently_is_refused(tmp_
         run_pipeline(JobSpec.from_flat(model=str(folder), bits_per_weight=5.5, target="gguf", num_samples=2,
                                        seq_len=32), out=tmp_path / "out")
     assert refused.value.param == "model" and "GGUF file" in str(refused.value)
+
+
+@pytest.mark.slow  # in .ci/run's slow subset (-k hugging_face_folder: a tokenizer conversion and two jobs, ~60 s)
+def test_issue17_an_untied_token_embedding_is_chosen_under_a_whole_file_budget_from_a_hugging_face_folder(
+        tmp_path: Path, smollm2_tokenizer: Path) -> None:
+    """An untied model's ``token_embd`` is a tensor of its own: under a whole-file budget it is one more unit the
+    allocator chooses a GGML type for (its error measured through the token lookup alone, encoded without an
+    importance vector), beside the output head. The file holds each in its reported type and bytes, meets the
+    budget, and llama.cpp runs it as our loader runs the artifact; the same file as the source of a second such
+    job keeps working (a GGUF source with an ``output.weight`` of its own)."""
+    import gguf
+    from llama_cpp import Llama
+
+    from bitplan.exports.gguf_file import hf_file_overhead
+
+    folder = hf_folder(tmp_path, smollm2_tokenizer, "llama", tied=False)
+    model = load_model(str(folder)).model
+    assert model.get_input_embeddings().weight is not model.get_output_embeddings().weight
+    units = list(find_units(model))
+    other = hf_file_overhead(folder, [*units, "lm_head", "model.embed_tokens"])
+    q8_0 = sum(m.weight.numel() for m in find_units(model).values()) // 32 * 34
+    matrix_q8_0 = VOCAB * 64 // 32 * 34  # the head's and the embedding's each
+    budget = other + q8_0 + 3 * matrix_q8_0 // 2  # Q8_0 blocks fit, two Q8_0 vocabulary matrices do not
+    run = run_pipeline(JobSpec.from_flat(model=str(folder), file_bytes=budget, target="gguf", num_samples=2,
+                                         seq_len=32, kl_windows=0, quality_windows=0), out=tmp_path / "file")
+    path = Path(run.artifact) / "model.gguf"
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    assert run.file_bytes == path.stat().st_size <= budget
+    assert run.head is not None and {h["name"] for h in run.head} == {"lm_head", "model.embed_tokens"}
+    chosen = {h["name"]: h for h in run.head}
+    for name, tensor in (("lm_head", "output.weight"), ("model.embed_tokens", "token_embd.weight")):
+        assert tensors[tensor].tensor_type.name == chosen[name]["format"], name
+        assert int(tensors[tensor].n_bytes) == chosen[name]["bytes"], name
+    assert sum(h["bytes"] for h in run.head) < 2 * matrix_q8_0  # at least one of them below Q8_0
+    assert run.bytes == sum(int(t.n_bytes) for n, t in tensors.items() if n.startswith("blk.") and len(t.shape) == 2)
+    assert len(run.units) == 14
+    ids = list(range(1, 40))
+    runtime = Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False)
+    runtime.eval(ids)
+    theirs = torch.tensor(runtime.scores[: len(ids)])
+    ours, _, _ = load_artifact(Path(run.artifact))
+    with torch.no_grad():
+        expected = ours(torch.tensor([ids])).logits[0]
+    assert float((theirs - expected).abs().max()) < 0.05 * float(expected.abs().max())
+    from tests.bitplan.test_formats_pipeline import from_pretrained_matches_our_loader
+
+    from_pretrained_matches_our_loader(Path(run.artifact))
+    again = run_pipeline(JobSpec.from_flat(model=str(path), file_bytes=path.stat().st_size - matrix_q8_0 // 8,
+                                           target="gguf", num_samples=2, seq_len=32, kl_windows=0,
+                                           quality_windows=0), out=tmp_path / "again")
+    second = Path(again.artifact) / "model.gguf"
+    assert again.file_bytes == second.stat().st_size <= path.stat().st_size - matrix_q8_0 // 8
+    assert {h["name"] for h in again.head or []} == {"lm_head", "model.embed_tokens"}
