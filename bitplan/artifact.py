@@ -131,7 +131,8 @@ def write_artifact(
     """Write the artifact under a temporary name, then rename it to ``destination``.
 
     Args:
-        quantized: unit name -> its quantized weight; every unit must be an ``nn.Linear`` of ``model``.
+        quantized: unit name -> its quantized weight; every unit is an ``nn.Linear`` of ``model`` (or, in a GGML
+            type, its token embedding: rows are tokens, columns the width).
         run: the pipeline's record of how the artifact was made (budget, solver, sensitivity, calibration, ...).
         float_dtype: how the tensors that are not quantized units are stored (the source model's dtype).
         formats: unit name -> the format name the manifest records (default ``int{bits}-g{group}``).

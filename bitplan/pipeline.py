@@ -86,7 +86,8 @@ class RunResult:
     files: list[dict[str, Any]] | None = None  # what the target runs from: name (under artifact), bytes, sha256
     file_bytes: int | None = None  # bytes of the target's file(s): the GGUF file, or the whole packed folder
     latency: dict[str, Any] | None = None  # predicted (and measured) decode ms per token, the table used
-    head: list[dict[str, Any]] | None = None  # the output head's format and bytes, when a whole-file budget chose it
+    head: list[dict[str, Any]] | None = None  # the output head's (and an untied token embedding's) format and bytes,
+    # when a whole-file budget chose them
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
