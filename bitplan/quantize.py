@@ -12,7 +12,7 @@ from torch import nn
 
 from bitplan.errors import BitplanError
 from bitplan.models import LoadedModel, ModelKind
-from bitplan.quantizer.formats import FORMATS, GgmlWeight
+from bitplan.quantizer.formats import FORMATS, GgmlWeight, encode_gptq
 from bitplan.quantizer.methods import needs_gram, quantize_unit
 from bitplan.quantizer.rtn import QuantizedWeight
 from bitplan.sensitivity.activations import StopFn, check_stop
@@ -32,8 +32,13 @@ def spec_needs_grams(spec: JobSpec) -> bool:
     """Whether quantizing under ``spec`` needs each unit's calibration input Gram matrix (formats take only its
     diagonal, :func:`sensitivity.importance.input_energy`)."""
     if spec.quantization.format_names is not None:
-        return False
+        return runs_gptq(spec)
     return needs_gram(spec.quantization.quantizer.value) or spec.quantization.mix_groups
+
+
+def runs_gptq(spec: JobSpec) -> bool:
+    """Whether the job's integer grid formats are encoded by GPTQ (``--quantizer gptq`` or ``gptq-salience``)."""
+    return spec.quantization.quantizer.value.startswith("gptq")
 
 
 def encoder_importance(spec: JobSpec, fmt: str, importance: Importance | None, name: str) -> torch.Tensor | None:
@@ -47,8 +52,14 @@ def encoder_importance(spec: JobSpec, fmt: str, importance: Importance | None, n
 
 
 def encode_unit(spec: JobSpec, weight: torch.Tensor, fmt: str, importance: Importance | None,
-                name: str) -> QuantizedWeight | GgmlWeight:
-    """``weight`` in format ``fmt`` by that format's encoder."""
+                name: str, gram: torch.Tensor | None = None) -> QuantizedWeight | GgmlWeight:
+    """``weight`` in format ``fmt`` by that format's encoder; an integer grid under ``--quantizer gptq`` by GPTQ on
+    the unit's calibration input Gram matrix ``gram``."""
+    if runs_gptq(spec) and FORMATS[fmt].grid is not None:
+        if gram is None:
+            raise BitplanError(f"GPTQ needs {name}'s calibration Gram matrix to encode {fmt}")
+        return encode_gptq(fmt, weight.detach().float(), gram, damp=spec.quantization.gptq_damp,
+                           salience=spec.quantization.quantizer.value == "gptq-salience")
     return FORMATS[fmt].encode(weight.detach().float(), encoder_importance(spec, fmt, importance, name))
 
 
@@ -90,7 +101,8 @@ def quantize_plans(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linea
         for name in names:
             for chosen, into in zip(choices, quantized, strict=True):
                 if isinstance(chosen[name], str):
-                    into[name] = encode_unit(spec, units[name].weight, chosen[name], importance, name)
+                    into[name] = encode_unit(spec, units[name].weight, chosen[name], importance, name,
+                                             None if grams is None else grams[name])
                     continue
                 into[name] = quantize_unit(units[name].weight, method=options.quantizer.value, bits=chosen[name],
                                            group_size=options.group_size, mix_groups=options.mix_groups,

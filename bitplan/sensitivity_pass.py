@@ -15,7 +15,7 @@ from torch import nn
 from bitplan.errors import SpecError
 from bitplan.models import LoadedModel, ModelKind, causal_lm_loss, use_eager_attention
 from bitplan.planning import unit_sizes
-from bitplan.quantize import Importance, encode_unit
+from bitplan.quantize import Importance, encode_unit, input_grams, runs_gptq
 from bitplan.quantizer.formats import decode_weight
 from bitplan.quantizer.rtn import dequantize_weight, quantize_rtn
 from bitplan.sensitivity import Metric, SensitivityResult, compute_sensitivity
@@ -42,10 +42,11 @@ def resolve_metric(name: str, kind: ModelKind) -> Metric:
     return metric
 
 
-def format_errors(spec: JobSpec, units: dict[str, nn.Linear], importance: Importance | None
+def format_errors(spec: JobSpec, units: dict[str, nn.Linear], importance: Importance | None,
+                  grams: dict[str, torch.Tensor] | None = None
                   ) -> tuple[dict[str, list[str]], Callable[[str, Any], torch.Tensor]]:
     """Per unit its legal candidate formats, and each one's real weight error ``decode(encode(W)) - W`` with the
-    encoder the quantize step will run (same importance vector)."""
+    encoder the quantize step will run (same importance vector; GPTQ on the same calibration Grams)."""
     names = spec.quantization.format_names
     assert names is not None
     options = {name: list(sizes) for name, sizes in unit_sizes(units, spec.widths, 8, names,
@@ -53,7 +54,8 @@ def format_errors(spec: JobSpec, units: dict[str, nn.Linear], importance: Import
 
     def error_of(name: str, fmt: Any) -> torch.Tensor:
         weight = units[name].weight.detach().float()
-        return decode_weight(encode_unit(spec, weight, str(fmt), importance, name)) - weight
+        gram = None if grams is None else grams[name]
+        return decode_weight(encode_unit(spec, weight, str(fmt), importance, name, gram)) - weight
 
     return options, error_of
 
@@ -92,10 +94,12 @@ def measure(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], cal
     if formats is not None and metric not in TAKES_ERRORS:
         raise SpecError(f"metric {metric.value!r} predicts from RTN errors only; with --formats choose one of "
                         f"{', '.join(sorted(m.value for m in TAKES_ERRORS))}", param="metric")
-    salience = spec.quantization.quantizer.value == "rtn-salience"
+    quantizer = spec.quantization.quantizer.value
+    int_encoder = quantizer if quantizer in ("rtn-salience", "gptq", "gptq-salience") else "rtn"
+    if runs_gptq(spec):
+        int_encoder += f" damp={spec.quantization.gptq_damp}"
     encoder = None if formats is None else {"formats": list(formats), "ggml": "ggml_quantize_chunk",
-                                            "int_encoder": "rtn-salience" if salience else "rtn",
-                                            "first_order": ">= 0"}
+                                            "int_encoder": int_encoder, "first_order": ">= 0"}
     if salience_width_errors(spec, metric):
         encoder = {"widths_encoder": "rtn-salience"}
     key = cache_key(model_sha256=loaded.source_sha256, calibration_sha256=calibration.sha256, metric=metric.value,
@@ -120,7 +124,8 @@ def run_sensitivity(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Line
     ``metric``."""
     errors: dict[str, Any] = {}
     if spec.quantization.format_names is not None:
-        errors = dict(zip(("options", "error_of"), format_errors(spec, units, importance), strict=True))
+        grams = input_grams(loaded, units, tokens, on_progress, should_stop) if runs_gptq(spec) else None
+        errors = dict(zip(("options", "error_of"), format_errors(spec, units, importance, grams), strict=True))
     elif salience_width_errors(spec, metric) and importance is not None:
         errors = dict(zip(("options", "error_of"), width_errors(spec, units, importance), strict=True))
     loss_fn = causal_lm_loss if loaded.kind is ModelKind.CAUSAL_LM else None  # metrics that need it were checked

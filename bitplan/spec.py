@@ -197,10 +197,11 @@ class Quantization:
                 what = "the --bits widths" if names is None else repr(other[0])
                 raise SpecError(f"the {target} target stores {TARGET_LEGAL[target]}; {what} cannot be stored "
                                 f"there (default: {TARGETS[target]})", param="formats")
-        if names is not None and self.quantizer.value.startswith("gptq"):
-            raise SpecError("formats are encoded by their own encoders (round to nearest with the calibration "
-                            "importance, or llama.cpp's); GPTQ runs on the --bits widths only: drop --formats or "
-                            "choose --quantizer rtn or rtn-salience", param="formats")
+        not_grids = [n for n in names or () if FORMATS[n].grid is None]
+        if self.quantizer.value.startswith("gptq") and not_grids:
+            raise SpecError(f"GPTQ encodes the integer grid formats (int{{b}}-g{{g}}[-sym]); {not_grids[0]!r} is "
+                            "encoded by llama.cpp's own quantizer: choose integer grid formats (e.g. bitplan-int, "
+                            "ct-wna16) or --quantizer rtn or rtn-salience", param="formats")
         if names is not None and self.mix_groups:
             raise SpecError("--mix-groups mixes widths inside a layer of one grid; it does not combine with "
                             "--formats", param="formats")

@@ -72,6 +72,28 @@ class Format:
         """``decode(encode(weight))``: the weight as the runtime will see it."""
         return self.decode(self.encode(weight, importance))
 
+    @property
+    def grid(self) -> tuple[int, int, bool] | None:
+        """``(bits, group size, symmetric)`` of an integer grid format (what GPTQ can encode), else ``None``."""
+        match = re.fullmatch(r"int(\d)-g(\d+)(-sym)?", self.name)
+        if self.family != "bitplan-int" or match is None:
+            return None
+        return int(match.group(1)), int(match.group(2)), match.group(3) is not None
+
+
+def encode_gptq(fmt: str, weight: torch.Tensor, gram: torch.Tensor, *, damp: float = 0.01,
+                salience: bool = False) -> QuantizedWeight:
+    """``weight`` in the integer grid format ``fmt`` by GPTQ (act-order, static groups) on the calibration input
+    Gram matrix ``gram``; ``salience``: each group's range by the salience-weighted search (asymmetric grids)."""
+    grid = FORMATS[fmt].grid
+    if grid is None:
+        raise ValueError(f"GPTQ encodes the integer grid formats (int{{b}}-g{{g}}[-sym]), not {fmt!r}")
+    bits, group_size, symmetric = grid
+    from bitplan.quantizer.gptq import GPTQConfig, quantize_gptq
+
+    return quantize_gptq(weight, gram, bits=bits, group_size=group_size,
+                         config=GPTQConfig(damp=damp, salience=salience and not symmetric, symmetric=symmetric))
+
 
 def _int_format(bits: int, group_size: int, symmetric: bool) -> Format:
     def encode(weight: torch.Tensor, importance: torch.Tensor | None) -> Any:

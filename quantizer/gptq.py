@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bitplan.quantizer.grid import grid_params, salience_calibrated_params, to_codes
+from bitplan.quantizer.grid import grid_params, salience_calibrated_params, symmetric_grid_params, to_codes
 from bitplan.quantizer.rtn import QuantizedWeight, check_quantization_args
 
 
@@ -27,12 +27,15 @@ class GPTQConfig:
         act_order: quantize columns in decreasing order of ``H_jj`` (the reference code's ``act_order``), with
             every group's grid fitted up front from the original weights (its ``static_groups``), so the groups
             stay contiguous column ranges in the packed format.
+        symmetric: each group's grid symmetric around 0 (scale from ``max |w|``), as the symmetric integer
+            formats store it; not with ``salience`` (its range search fits asymmetric grids).
     """
 
     damp: float = 0.01
     block_size: int = 128
     salience: bool = False
     act_order: bool = True
+    symmetric: bool = False  # grids symmetric around 0 (fixed zero point ``2**(bits-1)``), as ``int{b}-g{g}-sym``
 
 
 def inverse_hessian_factor(gram: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,8 +49,12 @@ def inverse_hessian_factor(gram: torch.Tensor, damp: float) -> tuple[torch.Tenso
     return torch.linalg.cholesky(inverse, upper=True).float(), dead
 
 
-def _fit_grid(values: torch.Tensor, bits: int, salience: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero ``(rows,)`` of one column group: min/max, or the salience-weighted range search."""
+def _fit_grid(values: torch.Tensor, bits: int, salience: torch.Tensor | None,
+              symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero ``(rows,)`` of one column group: min/max, symmetric ``max |w|``, or the salience-weighted
+    range search."""
+    if symmetric:
+        return symmetric_grid_params(values.abs().amax(dim=1), bits)
     if salience is None:
         return grid_params(values.amin(dim=1), values.amax(dim=1), bits)
     scale, zero = salience_calibrated_params(values, bits, salience)
@@ -72,6 +79,8 @@ def quantize_gptq(weight: torch.Tensor, gram: torch.Tensor, *, bits: int, group_
         raise ValueError(f"group_bits must give {n_groups} widths between 1 and 8, got {list(widths)}")
     if gram.shape != (in_features, in_features):
         raise ValueError(f"gram must be ({in_features}, {in_features}), got {tuple(gram.shape)}")
+    if config.symmetric and config.salience:
+        raise ValueError("the salience-weighted range search fits asymmetric grids, not symmetric ones")
     w = weight.detach().float().clone()
     salience = torch.diag(gram).float() if config.salience else None
     order = torch.argsort(torch.diag(gram), descending=True, stable=True) if config.act_order else None
@@ -84,7 +93,8 @@ def quantize_gptq(weight: torch.Tensor, gram: torch.Tensor, *, bits: int, group_
         for group in range(n_groups):
             columns = slice(group * group_size, (group + 1) * group_size)
             scales[:, group], zeros[:, group] = _fit_grid(w[:, columns], widths[group],
-                                                          None if salience is None else salience[columns])
+                                                          None if salience is None else salience[columns],
+                                                          config.symmetric)
         w = w[:, order]
     w[:, dead] = 0.0
     group_of = (torch.arange(in_features) if order is None else order) // group_size
@@ -102,7 +112,8 @@ def quantize_gptq(weight: torch.Tensor, gram: torch.Tensor, *, bits: int, group_
             if order is None and column % group_size == 0:  # fit the group's grid when the sweep reaches it
                 values = w_block[:, i : i + group_size]
                 scales[:, group], zeros[:, group] = _fit_grid(
-                    values, b, None if salience is None else salience[column : column + values.shape[1]])
+                    values, b, None if salience is None else salience[column : column + values.shape[1]],
+                    config.symmetric)
             scale, zero = scales[:, group], zeros[:, group]
             q = to_codes(w_block[:, i], scale, zero, b)
             codes[:, column] = q

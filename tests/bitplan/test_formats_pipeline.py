@@ -109,6 +109,44 @@ def test_issue16_integer_formats_mix_group_sizes_and_grids(wide_llama_dir: Path,
         assert torch.isfinite(model(torch.randint(0, 512, (1, 16))).logits).all()
 
 
+
+def test_issue16_gptq_encodes_integer_formats_and_the_allocator_is_told_its_error(wide_llama_dir: Path,
+                                                                                   tmp_path: Path) -> None:
+    """``--quantizer gptq`` with integer grid formats (asymmetric and symmetric, mixed group sizes): every unit is
+    GPTQ-encoded in its chosen format on the calibration Grams, the sensitivity pass was told GPTQ's error of each
+    option (``decode(GPTQ(W)) - W``, the same weights the artifact holds), and GPTQ's layer-output error is below
+    round to nearest's in the same format."""
+    from bitplan.calibration import build_calibration_set
+    from bitplan.quantize import encode_unit, input_grams
+    from bitplan.sensitivity_pass import format_errors
+
+    formats = "int3-g32,int4-g64-sym,int4-g128,int8-g32"
+    spec = JobSpec.from_flat(model=str(wide_llama_dir), bits_per_weight=4.3, formats=formats, quantizer="gptq",
+                             **SMALL)
+    run = run_pipeline(spec, out=tmp_path / "gptq")
+    assert {u["format"] for u in run.units} <= set(formats.split(",")) and run.bits_per_weight <= 4.3
+    model, _, manifest = load_artifact(Path(run.artifact))
+    assert manifest.run is not None and manifest.run.quantizer.startswith("gptq")
+    source = load_model(str(wide_llama_dir))
+    units = find_units(source.model)
+    calib = build_calibration_set(source.tokenizer, text_file=None, num_samples=SMALL["num_samples"],
+                                  seq_len=SMALL["seq_len"], seed=0)
+    grams = input_grams(source, units, calib.tokens, None, None)
+    _, error_of = format_errors(spec, units, None, grams)
+    for unit in run.units:
+        name, fmt = unit["name"], unit["format"]
+        weight = units[name].weight.detach().float()
+        told = error_of(name, fmt)
+        gptq = decode_weight(encode_unit(spec, weight, fmt, None, name, grams[name]))
+        assert torch.equal(told, gptq - weight), name  # the allocator saw the error of what was written
+        held = model.get_submodule(name).dequantized_weight().float()
+        assert torch.allclose(held, gptq, atol=1e-6), name
+        rtn = FORMATS[fmt].roundtrip(weight)
+        output_error = {k: float(torch.einsum("oi,ij,oj->", d, grams[name], d)) for k, d in
+                        (("gptq", gptq - weight), ("rtn", rtn - weight))}
+        assert output_error["gptq"] < output_error["rtn"], (name, fmt, output_error)
+
+
 def test_issue16_format_errors_reach_the_token_metric_exactly() -> None:
     """The per-token terms of any weight error, against a direct computation (the slow reference)."""
     from tests.conftest import make_tiny_llama
@@ -162,7 +200,9 @@ def test_issue16_sensitivity_cache_keys_include_the_formats(wide_llama_dir: Path
 
 @pytest.mark.parametrize(("flat", "param", "message"), [
     ({"formats": "Q9_K"}, "formats", "unknown format 'Q9_K'"),
-    ({"formats": "gguf-k", "quantizer": "gptq"}, "formats", "GPTQ runs on the --bits widths only"),
+    ({"formats": "gguf-k", "quantizer": "gptq"}, "formats", "GPTQ encodes the integer grid formats.*'Q2_K' is "
+     "encoded by llama.cpp's own quantizer"),
+    ({"formats": "int4-g32,Q8_0", "quantizer": "gptq-salience"}, "formats", "'Q8_0' is encoded by llama.cpp"),
     ({"formats": "gguf-k", "mix_groups": True}, "formats", "does not combine with --formats"),
     ({"formats": "gguf-k", "pinned": ["*=7"]}, "pinned", "no candidate format has 7 bits"),
     ({"formats": "gguf-k", "kl_refine_windows": 1}, "kl_refine_windows", "does not yet combine"),
