@@ -245,13 +245,16 @@ def test_issue16_projected_errors_both_ways_equal_the_direct_sum(shape: tuple[in
     assert torch.allclose(projected_errors(g, deltas, x), direct, atol=1e-5)
 
 
-def test_issue17_compressed_tensors_target_loads_with_from_pretrained(wide_llama_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("quantizer", ["rtn-salience", "gptq"])
+def test_issue17_compressed_tensors_target_loads_with_from_pretrained(wide_llama_dir: Path, tmp_path: Path,
+                                                                      quantizer: str) -> None:
     """``--target compressed-tensors``: the artifact folder itself loads with transformers' ``from_pretrained``
-    (its compressed-tensors integration, default settings) and computes what our loader computes, up to fp16."""
+    (its compressed-tensors integration, default settings) and computes what our loader computes, up to fp16;
+    its symmetric grids encoded by round to nearest or by GPTQ."""
     from transformers import AutoModelForCausalLM
 
     run = run_pipeline(JobSpec.from_flat(model=str(wide_llama_dir), bits_per_weight=6.0, target="compressed-tensors",
-                                         **SMALL), out=tmp_path / "ct")
+                                         quantizer=quantizer, **SMALL), out=tmp_path / "ct")
     assert run.target == "compressed-tensors" and {f["name"] for f in run.files} == {"model.safetensors",
                                                                                      "config.json"}
     chosen = {u["format"] for u in run.units}
