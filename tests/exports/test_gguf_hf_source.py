@@ -59,6 +59,19 @@ def hf_folder(tmp_path: Path, tokenizer: Path, arch: str, *, tied: bool = True) 
     return folder
 
 
+def llama_cpp_runs_it_as_our_loader(runtime: object, artifact: Path, ids: list[int], *, argmax: bool = False) -> None:
+    """llama.cpp's logits of ``ids`` (``runtime``: a ``Llama`` of the artifact's GGUF) are our loader's of the
+    artifact, within 5 % of the largest logit (llama.cpp rounds activations to 8 bits)."""
+    runtime.eval(ids)  # type: ignore[attr-defined]
+    theirs = torch.tensor(runtime.scores[: len(ids)])  # type: ignore[attr-defined]
+    ours, _, _ = load_artifact(artifact)
+    with torch.no_grad():
+        expected = ours(torch.tensor([ids])).logits[0]
+    assert float((theirs - expected).abs().max()) < 0.05 * float(expected.abs().max())
+    if argmax:
+        assert (theirs.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
+
+
 @pytest.mark.parametrize("arch", ["llama", pytest.param("qwen2", marks=pytest.mark.slow),
                                   pytest.param("qwen3", marks=pytest.mark.slow)])  # the slow ones: in .ci/run
 def test_issue17_a_gguf_from_a_hugging_face_folder_runs_in_llama_cpp(arch: str, tmp_path: Path,
@@ -74,14 +87,7 @@ def test_issue17_a_gguf_from_a_hugging_face_folder_runs_in_llama_cpp(arch: str, 
     runtime = Llama(model_path=str(gguf_path), n_ctx=64, logits_all=True, verbose=False)
     ids = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(TEXT, add_special_tokens=False).ids
     assert runtime.tokenize(TEXT.encode(), add_bos=False, special=False) == ids  # the vocabulary and pre-tokenizer
-    runtime.eval(ids)
-    theirs = torch.tensor(runtime.scores[: len(ids)])
-    ours, _, _ = load_artifact(Path(run.artifact))
-    with torch.no_grad():
-        expected = ours(torch.tensor([ids])).logits[0]
-    scale = float(expected.abs().max())
-    assert float((theirs - expected).abs().max()) < 0.05 * scale, arch  # llama.cpp rounds activations to 8 bits
-    assert (theirs.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
+    llama_cpp_runs_it_as_our_loader(runtime, Path(run.artifact), ids, argmax=True)
 
 
 def assert_a_whole_file_budget_chooses_the_tied_head_too(source: Path, tmp_path: Path) -> None:
@@ -104,13 +110,8 @@ def assert_a_whole_file_budget_chooses_the_tied_head_too(source: Path, tmp_path:
     linear = sum(int(t.n_bytes) for name, t in tensors.items() if name.startswith("blk.") and len(t.shape) == 2)
     assert run.bytes == linear and len(run.units) == 14  # bytes and units: the block linear layers, as before
     ids = list(range(1, 40))
-    runtime = Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False)
-    runtime.eval(ids)
-    theirs = torch.tensor(runtime.scores[: len(ids)])
-    ours, _, _ = load_artifact(Path(run.artifact))
-    with torch.no_grad():
-        expected = ours(torch.tensor([ids])).logits[0]
-    assert float((theirs - expected).abs().max()) < 0.05 * float(expected.abs().max())
+    llama_cpp_runs_it_as_our_loader(Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False),
+                                    Path(run.artifact), ids)
     # the packed folder beside it: transformers' from_pretrained computes our loader's logits (the head in its
     # chosen type, the embedding lookup in the source's)
     from tests.bitplan.test_formats_pipeline import from_pretrained_matches_our_loader
@@ -154,13 +155,8 @@ def test_issue17_a_whole_file_budget_from_a_hugging_face_folder(tmp_path: Path, 
     actual = path.stat().st_size - run.bytes - run.head[0]["bytes"]
     assert actual <= other <= actual + FILE_BUDGET_MARGIN + 32 * (len(units) + 1)
     ids = list(range(1, 40))
-    runtime = Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False)
-    runtime.eval(ids)
-    theirs = torch.tensor(runtime.scores[: len(ids)])
-    ours, _, _ = load_artifact(Path(run.artifact))
-    with torch.no_grad():
-        expected = ours(torch.tensor([ids])).logits[0]
-    assert float((theirs - expected).abs().max()) < 0.05 * float(expected.abs().max())
+    llama_cpp_runs_it_as_our_loader(Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False),
+                                    Path(run.artifact), ids)
 
 
 def assert_a_gguf_source_keeps_its_other_tensors_byte_for_byte(source: Path, tmp_path: Path) -> None:
@@ -265,13 +261,7 @@ def test_issue17_a_gguf_from_a_gemma3_hugging_face_folder_runs_in_llama_cpp(tmp_
     ids = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(text, add_special_tokens=False).ids
     assert runtime.tokenize(text.encode(), add_bos=False, special=True) == ids
     ids = ids[:40]
-    runtime.eval(ids)
-    theirs = torch.tensor(runtime.scores[: len(ids)])
-    ours, _, _ = load_artifact(Path(run.artifact))
-    with torch.no_grad():
-        expected = ours(torch.tensor([ids])).logits[0]
-    assert float((theirs - expected).abs().max()) < 0.05 * float(expected.abs().max())
-    assert (theirs.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
+    llama_cpp_runs_it_as_our_loader(runtime, Path(run.artifact), ids, argmax=True)
 
 
 @pytest.mark.parametrize(("overrides", "reason"), [
@@ -323,13 +313,8 @@ def test_issue17_an_untied_token_embedding_is_chosen_under_a_whole_file_budget_f
     assert run.bytes == sum(int(t.n_bytes) for n, t in tensors.items() if n.startswith("blk.") and len(t.shape) == 2)
     assert len(run.units) == 14
     ids = list(range(1, 40))
-    runtime = Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False)
-    runtime.eval(ids)
-    theirs = torch.tensor(runtime.scores[: len(ids)])
-    ours, _, _ = load_artifact(Path(run.artifact))
-    with torch.no_grad():
-        expected = ours(torch.tensor([ids])).logits[0]
-    assert float((theirs - expected).abs().max()) < 0.05 * float(expected.abs().max())
+    llama_cpp_runs_it_as_our_loader(Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False),
+                                    Path(run.artifact), ids)
     from tests.bitplan.test_formats_pipeline import from_pretrained_matches_our_loader
 
     from_pretrained_matches_our_loader(Path(run.artifact))
