@@ -70,7 +70,7 @@ def test_export_refuses_a_non_empty_folder_and_unknown_formats(tiny_llama_dir: P
     assert (tmp_path / "busy" / "x").read_text() == "keep me"
     with pytest.raises(BitplanError, match="unknown export format"):
         export_artifact(Path(run.artifact), format="onnx", out=tmp_path / "o")
-    with pytest.raises(BitplanError, match="needs a byte-level BPE tokenizer"):  # an HF folder: its tokenizer
+    with pytest.raises(BitplanError, match="needs a BPE tokenizer in tokenizer.json"):  # an HF folder: its tokenizer
         export_artifact(Path(run.artifact), format="gguf", out=tmp_path / "m.gguf")
 
 
