@@ -133,6 +133,7 @@ def _from_hf_folder(folder: Path, hf_tensors: dict[str, tuple[int, ...]] | None)
     blocks = int(config["num_hidden_layers"])
     metadata = [("general.type", "model", V.STRING, None),
                 ("general.name", str(config.get("_name_or_path") or folder.name), V.STRING, None),
+                ("general.quantization_version", gguf.GGML_QUANT_VERSION, V.UINT32, None),  # as llama.cpp's own
                 *(_gemma3_metadata(config) if arch == "gemma3" else _llama_metadata(arch, config))]
     metadata += _vocabulary(folder, int(config["vocab_size"]))
     shapes = hf_tensors if hf_tensors is not None else safetensors_shapes(folder)
