@@ -320,6 +320,19 @@ def _byte_level_keys(tokenizer: Any, reverse: dict[int, str], added: dict[int, A
 SPM_SPACE = "\u2581"  # SentencePiece's word-boundary mark
 
 
+def adds_space_prefix(spec: dict[str, Any]) -> bool:
+    """Whether a SentencePiece ``tokenizer.json`` puts ``▁`` before the first word (Llama 2's: a ``Prepend``
+    normalizer, or a ``Metaspace`` pre-tokenizer that prepends), which llama.cpp's ``add_space_prefix`` does;
+    Gemma's does not."""
+    normalizer = json.dumps(spec.get("normalizer"), ensure_ascii=False)
+    if '"Prepend"' in normalizer and SPM_SPACE in normalizer:
+        return True
+    pre = json.dumps(spec.get("pre_tokenizer"), ensure_ascii=False)
+    if '"Metaspace"' not in pre:
+        return False
+    return '"prepend_scheme": "never"' not in pre and '"add_prefix_space": false' not in pre
+
+
 def _sentencepiece_keys(spec: dict[str, Any], reverse: dict[int, str], added: dict[int, Any],
                         vocab_size: int) -> Metadata:
     """A SentencePiece vocabulary (``llama``) from its ``tokenizer.json`` form: tokens, scores and types. A token
@@ -331,8 +344,7 @@ def _sentencepiece_keys(spec: dict[str, Any], reverse: dict[int, str], added: di
     for position, merge in enumerate(merges):
         left, right = merge if isinstance(merge, list) else merge.split(" ", 1)
         rank.setdefault(left + right, position)
-    normalizers = json.dumps(spec.get("normalizer"))
-    add_space_prefix = '"Prepend"' in normalizers and SPM_SPACE in normalizers
+    add_space_prefix = adds_space_prefix(spec)
     unknown = spec["model"].get("unk_token")
     tokens, scores, types = [], [], []
     for index in range(vocab_size):

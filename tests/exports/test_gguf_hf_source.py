@@ -324,3 +324,18 @@ def test_issue17_an_untied_token_embedding_is_chosen_under_a_whole_file_budget_f
     second = Path(again.artifact) / "model.gguf"
     assert again.file_bytes == second.stat().st_size <= path.stat().st_size - matrix_q8_0 // 8
     assert {h["name"] for h in again.head or []} == {"lm_head", "model.embed_tokens"}
+
+
+@pytest.mark.parametrize(("spec", "expected"), [
+    ({"normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}}, False),  # Gemma
+    ({"normalizer": {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"},
+                                                          {"type": "Replace", "pattern": {"String": " "},
+                                                           "content": "\u2581"}]}}, True),  # Llama 2
+    ({"pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first"}}, True),
+    ({"pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "never"}}, False),
+])
+def test_issue17_a_sentencepiece_vocabularys_space_prefix_is_read_from_its_tokenizer_json(spec: dict,
+                                                                                        expected: bool) -> None:
+    from bitplan.exports.gguf_source import adds_space_prefix
+
+    assert adds_space_prefix(spec) is expected
