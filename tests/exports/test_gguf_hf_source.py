@@ -339,3 +339,28 @@ def test_issue17_a_sentencepiece_vocabularys_space_prefix_is_read_from_its_token
     from bitplan.exports.gguf_source import adds_space_prefix
 
     assert adds_space_prefix(spec) is expected
+
+
+def test_issue17_a_sentencepiece_vocabulary_scores_tokens_in_transformers_merge_order() -> None:
+    """llama.cpp's SentencePiece tokenizer merges the adjacent pair whose token scores highest; transformers' BPE
+    the pair whose merge ranks first: a merged token scores minus its merge's rank, a single character below
+    every merge, and the types say which tokens are bytes, control or user-defined."""
+    from types import SimpleNamespace
+
+    import gguf
+
+    from bitplan.exports.gguf_source import _sentencepiece_keys
+
+    vocab = ["<pad>", "<unk>", "<0x41>", "\u2581", "a", "b", "ab", "\u2581ab", "<start>", "[tool]"]
+    spec = {"model": {"type": "BPE", "byte_fallback": True, "unk_token": "<unk>",
+                      "merges": [["a", "b"], ["\u2581", "ab"]]},
+            "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}}
+    added = {0: SimpleNamespace(special=True), 8: SimpleNamespace(special=True), 9: SimpleNamespace(special=False)}
+    keys = {k: v for k, v, _, _ in _sentencepiece_keys(spec, dict(enumerate(vocab)), added, len(vocab) + 1)}
+    scores, types = keys["tokenizer.ggml.scores"], keys["tokenizer.ggml.token_type"]
+    assert keys["tokenizer.ggml.model"] == "llama" and keys["tokenizer.ggml.tokens"][:10] == vocab
+    assert scores[6] == 0.0 and scores[7] == -1.0  # 'ab' (merge 0) before '▁ab' (merge 1)
+    assert max(scores[3], scores[4], scores[5]) < scores[7]  # single characters below every merge
+    T = gguf.TokenType
+    assert types == [T.CONTROL, T.UNKNOWN, T.BYTE, T.NORMAL, T.NORMAL, T.NORMAL, T.NORMAL, T.NORMAL, T.CONTROL,
+                     T.USER_DEFINED, T.UNUSED]
