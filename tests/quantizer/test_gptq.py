@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bitplan.quantizer.gptq import GPTQConfig, quantize_gptq
-from bitplan.quantizer.grid import grid_params, salience_calibrated_params, to_codes
+from bitplan.quantizer.grid import grid_params, salience_calibrated_params, symmetric_grid_params, to_codes
 from bitplan.quantizer.rtn import dequantize_weight, quantize_rtn
 
 
@@ -17,9 +17,17 @@ def correlated_inputs(tokens: int, features: int, seed: int = 0) -> torch.Tensor
 
 
 def textbook_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int, damp: float,
-                  group_bits: list[int] | None = None, act_order: bool = False) -> torch.Tensor:
+                  group_bits: list[int] | None = None, act_order: bool = False,
+                  symmetric: bool = False) -> torch.Tensor:
     """Column by column with the explicit inverse Hessian, downdated after each column. With ``act_order`` the
-    columns go in decreasing ``H_jj`` order and every group's grid comes from the original weights first."""
+    columns go in decreasing ``H_jj`` order and every group's grid comes from the original weights first;
+    ``symmetric``: each grid spans ``-max|w| .. max|w|`` around the zero point ``2**(bits-1)``."""
+
+    def grid(values: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if symmetric:
+            return symmetric_grid_params(values.abs().amax(dim=1), width)
+        return grid_params(values.amin(dim=1), values.amax(dim=1), width)
+
     w = weight.double().clone()
     h = gram.double().clone()
     h.diagonal().add_(damp * float(torch.diag(h).mean()))
@@ -30,16 +38,14 @@ def textbook_gptq(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_siz
     if act_order:
         order = torch.argsort(torch.diag(gram), descending=True, stable=True).tolist()
         for start in range(0, w.shape[1], group_size):
-            values = w[:, start : start + group_size].float()
-            grids[start // group_size] = grid_params(values.amin(dim=1), values.amax(dim=1), width[start])
+            grids[start // group_size] = grid(w[:, start : start + group_size].float(), width[start])
     else:
         order = list(range(w.shape[1]))
     remaining = list(order)
     for j in order:
         group = j // group_size
         if not act_order and j % group_size == 0:
-            values = w[:, j : j + group_size].float()
-            grids[group] = grid_params(values.amin(dim=1), values.amax(dim=1), width[j])
+            grids[group] = grid(w[:, j : j + group_size].float(), width[j])
         scale, zero = (t.double() for t in grids[group])
         q = ((to_codes(w[:, j].float(), scale.float(), zero.float(), width[j]).double()) - zero) * scale
         result[:, j] = q
@@ -73,6 +79,25 @@ def test_gptq_matches_textbook_version(bits: int, group_size: int, group_bits: l
         assert fast.group_bits == tuple(group_bits)
         for group, b in enumerate(group_bits):
             assert int(fast.codes[:, group * group_size : (group + 1) * group_size].max()) < 1 << b
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize(("bits", "group_size"), [(3, 16), (4, 32), (8, 64)])
+def test_symmetric_gptq_matches_textbook_version(bits: int, group_size: int, act_order: bool) -> None:
+    """The symmetric grids (``int{b}-g{g}-sym``, the compressed-tensors target's) against the textbook loop."""
+    torch.manual_seed(2)
+    x = correlated_inputs(256, 64) * torch.linspace(0.2, 3.0, 64)
+    weight = torch.randn(24, 64)
+    gram = x.T @ x
+    fast = quantize_gptq(weight, gram, bits=bits, group_size=group_size,
+                         config=GPTQConfig(damp=0.01, block_size=32, act_order=act_order, symmetric=True))
+    assert torch.all(fast.zeros == float(1 << (bits - 1)))
+    slow = textbook_gptq(weight, gram, bits, group_size, 0.01, act_order=act_order, symmetric=True)
+    fast_w = dequantize_weight(fast)
+    assert ((fast_w - slow).abs() > 1e-3).float().mean() < 0.01
+    assert output_error(weight, fast_w, x) == pytest.approx(output_error(weight, slow, x), rel=0.02)
+    rtn = dequantize_weight(quantize_rtn(weight, bits=bits, group_size=group_size, symmetric=True))
+    assert output_error(weight, fast_w, x) < output_error(weight, rtn, x)
 
 
 def test_gptq_with_a_diagonal_hessian_is_rtn() -> None:
