@@ -54,6 +54,7 @@ from bitplan.models import ModelKind
 from bitplan.quantizer.formats import FORMATS, GgmlWeight
 from bitplan.quantizer.mixed import pack_segments
 from bitplan.quantizer.rtn import QuantizedWeight
+from bitplan.units import unit_shape
 
 FLOAT_FILE = "float.safetensors"
 QUANTIZED_FILE = "quantized.safetensors"
@@ -198,8 +199,8 @@ def _write_units(staging: Path, modules: dict[str, nn.Module], quantized: Mappin
     data_bytes = safetensors_data_bytes(staging / QUANTIZED_FILE)
     units = []
     for name, module, q, leaves in layout:
-        rows, columns = module.weight.shape  # a linear layer's (out, in); an embedding's (vocabulary, width)
-        common = {"name": name, "in_features": int(columns), "out_features": int(rows),
+        rows, columns = unit_shape(module)
+        common = {"name": name, "in_features": columns, "out_features": rows,
                   "bias": getattr(module, "bias", None) is not None, "tensors": leaves,
                   "bytes": sum(data_bytes[f"{name}.{leaf}"] for leaf in leaves)}
         if isinstance(q, GgmlWeight):

@@ -41,20 +41,27 @@ def register(_module: Any = None) -> None:
     from bitplan.manifest import GGML_LAYOUT
     from bitplan.quantizer.formats import FORMATS, GgmlWeight
 
+    def _empty_blocks(unit: dict[str, Any]) -> torch.Tensor:
+        """A unit's ``ggml`` blocks as transformers will load them: ``(rows, row_bytes)`` uint8."""
+        return torch.zeros(unit["out_features"], FORMATS[unit["format"]].bytes((1, unit["in_features"])),
+                           dtype=torch.uint8)
+
+    def _decoded(unit: dict[str, Any], blocks: torch.Tensor) -> torch.Tensor:
+        shape = (unit["out_features"], unit["in_features"])
+        return FORMATS[unit["format"]].decode(GgmlWeight(unit["format"], blocks.cpu().numpy(), shape))
+
     class _GgmlBlocks(nn.Module):
         """A unit stored in a GGML type while transformers loads it: its ``ggml`` blocks (decoded after loading)."""
 
         def __init__(self, unit: dict[str, Any]) -> None:
             super().__init__()
             self.unit = unit
-            row_bytes = FORMATS[unit["format"]].bytes((1, unit["in_features"]))
-            self.register_buffer("ggml", torch.zeros(unit["out_features"], row_bytes, dtype=torch.uint8))
+            self.register_buffer("ggml", _empty_blocks(unit))
             self.register_buffer("bias", torch.zeros(unit["out_features"]) if unit["bias"] else None)
 
         def to_linear(self) -> nn.Linear:
-            shape = (self.unit["out_features"], self.unit["in_features"])
-            weight = FORMATS[self.unit["format"]].decode(GgmlWeight(self.unit["format"], self.ggml.numpy(), shape))
-            linear = nn.Linear(shape[1], shape[0], bias=self.bias is not None, dtype=weight.dtype)
+            weight = _decoded(self.unit, self.ggml)
+            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=self.bias is not None, dtype=weight.dtype)
             with torch.no_grad():
                 linear.weight.copy_(weight)
                 if self.bias is not None:
@@ -120,16 +127,13 @@ def register(_module: Any = None) -> None:
         import re
 
         module = model.get_submodule(unit["name"])
-        row_bytes = FORMATS[unit["format"]].bytes((1, unit["in_features"]))
-        module.register_buffer("ggml", torch.zeros(unit["out_features"], row_bytes, dtype=torch.uint8))
+        module.register_buffer("ggml", _empty_blocks(unit))
         module.bitplan_unit = unit
         ignored = set(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())
         model._keys_to_ignore_on_load_missing = ignored | {re.escape(f"{unit['name']}.weight")}
 
     def _decode_embedding_blocks(module: nn.Embedding) -> None:
-        unit = module.bitplan_unit
-        shape = (unit["out_features"], unit["in_features"])
-        weight = FORMATS[unit["format"]].decode(GgmlWeight(unit["format"], module.ggml.cpu().numpy(), shape))
+        weight = _decoded(module.bitplan_unit, module.ggml)
         del module.ggml, module.bitplan_unit
         module.weight = nn.Parameter(weight, requires_grad=False)
 

@@ -63,6 +63,7 @@ class Format:
     nominal_bits: int = 0  # the width a pin ``PATTERN=BITS`` names (Q4_K and int4-g32 are both 4)
     needs_importance: bool = False
     ggml_type: Any = None  # the GGMLQuantizationType of a ggml-family format
+    grid: tuple[int, int, bool] | None = None  # (bits, group size, symmetric) of an integer grid (GPTQ encodes it)
 
     def bits_per_weight(self, shape: Shape = REFERENCE_SHAPE) -> float:
         """Stored bits per weight of a ``shape`` matrix (every scale, zero and header counted)."""
@@ -72,13 +73,6 @@ class Format:
         """``decode(encode(weight))``: the weight as the runtime will see it."""
         return self.decode(self.encode(weight, importance))
 
-    @property
-    def grid(self) -> tuple[int, int, bool] | None:
-        """``(bits, group size, symmetric)`` of an integer grid format (what GPTQ can encode), else ``None``."""
-        match = re.fullmatch(r"int(\d)-g(\d+)(-sym)?", self.name)
-        if self.family != "bitplan-int" or match is None:
-            return None
-        return int(match.group(1)), int(match.group(2)), match.group(3) is not None
 
 
 def encode_gptq(fmt: str, weight: torch.Tensor, gram: torch.Tensor, *, damp: float = 0.01,
@@ -103,7 +97,7 @@ def _int_format(bits: int, group_size: int, symmetric: bool) -> Format:
     return Format(name=f"int{bits}-g{group_size}{'-sym' if symmetric else ''}", family="bitplan-int",
                   legal=lambda shape: shape[1] >= 1,
                   bytes=lambda shape: quantized_bytes(shape[0], shape[1], bits=bits, group_size=group_size),
-                  encode=encode, decode=dequantize_weight, nominal_bits=bits)
+                  encode=encode, decode=dequantize_weight, nominal_bits=bits, grid=(bits, group_size, symmetric))
 
 
 def _ggml_format(qtype: T) -> Format:
