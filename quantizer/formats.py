@@ -74,7 +74,6 @@ class Format:
         return self.decode(self.encode(weight, importance))
 
 
-
 def encode_gptq(fmt: str, weight: torch.Tensor, gram: torch.Tensor, *, damp: float = 0.01,
                 salience: bool = False) -> QuantizedWeight:
     """``weight`` in the integer grid format ``fmt`` by GPTQ (act-order, static groups) on the calibration input

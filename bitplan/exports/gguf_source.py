@@ -275,7 +275,8 @@ def _vocabulary(folder: Path, vocab_size: int) -> Metadata:
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))  # as the file says (transformers' classes
     reverse = {index: token for token, index in tokenizer.get_vocab(with_added_tokens=True).items()}  # may add
     added = tokenizer.get_added_tokens_decoder()  # their own rules)
-    if spec["model"].get("byte_fallback") and "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+    byte_level = any(step.get("type") == "ByteLevel" for step in _steps(spec.get("pre_tokenizer")))
+    if spec["model"].get("byte_fallback") and not byte_level:
         keys = _sentencepiece_keys(spec, reverse, added, vocab_size)
     else:
         keys = _byte_level_keys(tokenizer, reverse, added, vocab_size)
@@ -320,17 +321,24 @@ def _byte_level_keys(tokenizer: Any, reverse: dict[int, str], added: dict[int, A
 SPM_SPACE = "\u2581"  # SentencePiece's word-boundary mark
 
 
+def _steps(component: Any) -> list[dict[str, Any]]:
+    """The steps of a ``tokenizer.json`` normalizer or pre-tokenizer, a ``Sequence`` flattened (``[]`` for none)."""
+    if not isinstance(component, dict):
+        return []
+    inner = component.get("normalizers", component.get("pretokenizers"))
+    if component.get("type") == "Sequence" and inner is not None:
+        return [step for part in inner for step in _steps(part)]
+    return [component]
+
+
 def adds_space_prefix(spec: dict[str, Any]) -> bool:
     """Whether a SentencePiece ``tokenizer.json`` puts ``▁`` before the first word (Llama 2's: a ``Prepend``
     normalizer, or a ``Metaspace`` pre-tokenizer that prepends), which llama.cpp's ``add_space_prefix`` does;
     Gemma's does not."""
-    normalizer = json.dumps(spec.get("normalizer"), ensure_ascii=False)
-    if '"Prepend"' in normalizer and SPM_SPACE in normalizer:
+    if any(s.get("type") == "Prepend" and s.get("prepend") == SPM_SPACE for s in _steps(spec.get("normalizer"))):
         return True
-    pre = json.dumps(spec.get("pre_tokenizer"), ensure_ascii=False)
-    if '"Metaspace"' not in pre:
-        return False
-    return '"prepend_scheme": "never"' not in pre and '"add_prefix_space": false' not in pre
+    return any(s.get("type") == "Metaspace" and s.get("prepend_scheme", "always") != "never"
+               and s.get("add_prefix_space", True) is not False for s in _steps(spec.get("pre_tokenizer")))
 
 
 def _sentencepiece_keys(spec: dict[str, Any], reverse: dict[int, str], added: dict[int, Any],

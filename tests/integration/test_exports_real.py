@@ -19,6 +19,7 @@ from bitplan.calibration import read_text
 from bitplan.errors import BitplanError
 from bitplan.evaluation import perplexity, tokenize_for_perplexity
 from bitplan.exports import export_artifact
+from bitplan.frontier import PROBLEM_FILE
 from bitplan.pipeline import run_pipeline
 from bitplan.spec import JobSpec
 from tests.exports.test_compressed_tensors import decompressed_weights
@@ -169,7 +170,7 @@ def test_issue17_a_whole_file_budget_is_met_by_the_written_gguf(tmp_path: Path) 
     assert run.budget["file_bytes"] == budget
     # Spent: the head is an option too, and its steps are megabytes (Q5_1 -> Q8_0 is 8.8 MB here), so the file may
     # stop short of the budget; what must hold is that nothing better fits in what is left.
-    problem = json.loads((Path(run.artifact) / "allocation-problem.json").read_text())
+    problem = json.loads((Path(run.artifact) / PROBLEM_FILE).read_text())
     chosen = {u["name"]: u["format"] for u in run.units + (run.head or [])}
     options = {u["name"]: {o["format"]: o for o in u["options"]} for u in problem["units"]}
     assert set(chosen) == set(options) and "lm_head" in chosen
