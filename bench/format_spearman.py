@@ -16,6 +16,10 @@ Prints one JSON object: per format and text, the Spearman rank correlation of ea
 bootstrap 90% interval over units, and the correlation that the truth's own window noise would allow.
 
     python bench/format_spearman.py [--formats int3-g128,Q3_K] [--units 30] [--windows 16]
+    python bench/format_spearman.py --truth bench/results/format-spearman-smollm2-2026-12-03.json  # predictions only
+
+Besides the default metric, each prediction's second-order term alone (``token_fisher``) is scored too, and every
+unit's terms are in ``per_unit``.
 """
 
 from __future__ import annotations
@@ -41,8 +45,9 @@ from bitplan.quality import heldout_text
 from bitplan.quantize import encode_unit
 from bitplan.quantizer.formats import FORMATS, decode_weight
 from bitplan.quantizer.rtn import quantization_error
-from bitplan.sensitivity import Metric, compute_sensitivity
+from bitplan.sensitivity.api import taylor_increase
 from bitplan.sensitivity.importance import input_energy
+from bitplan.sensitivity.token_fisher import token_fisher
 from bitplan.spec import JobSpec
 from bitplan.units import find_block_stack, find_units
 
@@ -60,6 +65,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--samples", type=int, default=32, help="calibration windows (the built-in text)")
     parser.add_argument("--text", type=Path, default=DEFAULT_TEXT)
+    parser.add_argument("--truth", type=Path, help="an earlier result of this bench with the same --formats, --units "
+                        "and --windows: reuse its measured increases (the same seeded units, the same encoded "
+                        "weights) and run only the predictions")
     args = parser.parse_args()
     started = time.perf_counter()
     report: dict[str, Any] = {
@@ -96,32 +104,56 @@ def main() -> None:
     options = {name: [f"{kind}:{fmt}" for fmt in formats if name in samples[fmt] for kind in ("real", "rtn_proxy")]
                for name in sampled}
     predicted_started = time.perf_counter()
-    predicted = compute_sensitivity(loaded.model, sampled, batches, metric=Metric.TOKEN_TAYLOR, bits_options=[3],
-                                    group_size=128, loss_fn=causal_lm_loss, blocks=find_block_stack(loaded.model),
-                                    options=options, error_of=error_of)
+    terms = token_fisher(loaded.model, sampled, batches, loss_fn=causal_lm_loss, bits_options=[3], group_size=128,
+                         blocks=find_block_stack(loaded.model)[1], options=options, error_of=error_of)
     report["sensitivity_s"] = round(time.perf_counter() - predicted_started, 1)
-    guess = {u.name: u.delta_loss for u in predicted.units}
+    # each predictor of every (unit, option): the default metric (token_taylor: shrunk first order, a negative one
+    # counted as 0, plus second order) and its second-order term alone (token_fisher)
+    guesses = {"token_taylor": {n: taylor_increase(terms.first_order[n], terms.second_order[n],
+                                                   terms.first_order_std_error[n], monotone=False) for n in sampled},
+               "token_fisher": terms.second_order}
+    known = {} if args.truth is None else json.loads(args.truth.read_text())["results"]
     texts = {"wikitext2-test": read_text(args.text), "heldout-docstrings": heldout_text()}
+    report["truth_from"] = None if args.truth is None else str(args.truth)
     report["results"] = {}
     for text_name, text in texts.items():
         truth_started = time.perf_counter()
-        probe = sensitivity_bench.LossProbe(loaded, text, args.windows, args.seq_len)
+        probe = None if args.truth else sensitivity_bench.LossProbe(loaded, text, args.windows, args.seq_len)
         for fmt, names in samples.items():
-            real = {name: probe.increase(name, encoded[(name, fmt)]) for name in names}
+            if probe is None:
+                reused = {u["name"]: {"mean": u["real_delta_loss"], "std_error": u["std_error"],
+                                      **({"windows": u["windows"]} if "windows" in u else {})}
+                          for u in known[fmt][text_name]["per_unit"]}
+                if sorted(reused) != sorted(names):
+                    raise SystemExit(f"--truth {args.truth} measured other units for {fmt}")
+                real = {name: reused[name] for name in names}
+                row: dict[str, Any] = {"units": len(names), "windows": known[fmt][text_name]["windows"],
+                                       "noise_ceiling_spearman": known[fmt][text_name]["noise_ceiling_spearman"]}
+            else:
+                real = {name: probe.increase(name, encoded[(name, fmt)]) for name in names}
+                row = {"units": len(names), "windows": len(probe.chunks),
+                       "noise_ceiling_spearman": sensitivity_bench.noise_ceiling(real)}
             truth = [real[n]["mean"] for n in names]
-            row: dict[str, Any] = {"units": len(names), "windows": len(probe.chunks),
-                                   "noise_ceiling_spearman": sensitivity_bench.noise_ceiling(real)}
-            for kind in ("real", "rtn_proxy"):
-                values = [guess[n][f"{kind}:{fmt}"] for n in names]
-                row[kind] = {"spearman": float(spearmanr(values, truth).statistic),
-                             "spearman_bootstrap_90": sensitivity_bench.bootstrap_interval(values, truth)}
+            for predictor, guess in guesses.items():
+                for kind in ("real", "rtn_proxy"):
+                    values = [guess[n][f"{kind}:{fmt}"] for n in names]
+                    key = kind if predictor == "token_taylor" else f"{kind}_{predictor}"
+                    row[key] = {"spearman": float(spearmanr(values, truth).statistic),
+                                "spearman_bootstrap_90": sensitivity_bench.bootstrap_interval(values, truth)}
             row["real_at_least_as_high"] = row["real"]["spearman"] >= row["rtn_proxy"]["spearman"]
             row["per_unit"] = [{"name": n, "real_delta_loss": real[n]["mean"], "std_error": real[n]["std_error"],
-                                "predicted_real": guess[n][f"real:{fmt}"],
-                                "predicted_rtn_proxy": guess[n][f"rtn_proxy:{fmt}"]} for n in names]
+                                "predicted_real": guesses["token_taylor"][n][f"real:{fmt}"],
+                                "predicted_rtn_proxy": guesses["token_taylor"][n][f"rtn_proxy:{fmt}"],
+                                **{f"{term}_{kind}": values[n][f"{kind}:{fmt}"]
+                                   for term, values in (("first_order", terms.first_order),
+                                                        ("first_order_std_error", terms.first_order_std_error),
+                                                        ("second_order", terms.second_order))
+                                   for kind in ("real", "rtn_proxy")}} for n in names]
             report["results"].setdefault(fmt, {})[text_name] = row
             sys.stderr.write(f"{fmt} on {text_name}: real {row['real']['spearman']:.3f}, "
-                             f"proxy {row['rtn_proxy']['spearman']:.3f}\n")
+                             f"proxy {row['rtn_proxy']['spearman']:.3f}; second order alone: real "
+                             f"{row['real_token_fisher']['spearman']:.3f}, proxy "
+                             f"{row['rtn_proxy_token_fisher']['spearman']:.3f}\n")
         report.setdefault("truth_s", {})[text_name] = round(time.perf_counter() - truth_started, 1)
         del probe
     report["total_s"] = round(time.perf_counter() - started, 1)

@@ -13,6 +13,7 @@ theirs, ``ratio_kl_vs_importance_peer`` ours / theirs-with-importance.
 
     python bench/peers.py [--presets Q2_K,Q3_K_M] [--windows 32] [--formats gguf-k] [--out runs/peers]
     python bench/peers.py --target gguf   # every file run by llama.cpp itself; ours also at the whole-file bytes
+    python bench/peers.py --model gemma-3-270m --target gguf --block-bytes-only   # llama.cpp-scored, block bytes
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ import platform
 import re
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import _own_folder_off_path  # noqa: F401  (before any first-party import)
 import gguf
+import numpy
 import torch
 
 from bitplan.calibration import read_text
@@ -121,50 +124,69 @@ def block_linear(path: Path) -> tuple[int, int, dict[str, int]]:
 
 
 @torch.no_grad()
-def window_logprobs(model: torch.nn.Module, windows: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [torch.log_softmax(model(w[None]).logits[0].float(), dim=-1) for w in windows]
+def torch_logprobs(path: Path | str, windows: list[torch.Tensor], reported: dict[str, float]) -> Iterator[torch.Tensor]:
+    """Each window's next-token log-probabilities, the file loaded by transformers and run by torch, one window at
+    a time (a 262k-token vocabulary makes 32 windows' log-probabilities 17 GB)."""
+    model = load_model(str(path)).model
+    for window in windows:
+        yield torch.log_softmax(model(window[None]).logits[0].float(), dim=-1)
+    del model
+    gc.collect()
 
 
-def llama_cpp_logprobs(path: Path, windows: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict[str, float]]:
+def llama_cpp_logprobs(path: Path, windows: list[torch.Tensor], reported: dict[str, float]) -> Iterator[torch.Tensor]:
     """Each window's next-token log-probabilities as llama.cpp computes them (llama-cpp-python, this machine's
-    threads), and the model's size as llama.cpp reports it (``llama_model_size``: its "file size" line)."""
+    threads), one window at a time; puts the model's size as llama.cpp reports it (``llama_model_size``: its "file
+    size" line) in ``reported``."""
     import llama_cpp
 
     runtime = llama_cpp.Llama(model_path=str(path), n_ctx=len(windows[0]), n_batch=len(windows[0]),
                               logits_all=True, n_threads=os.cpu_count(), verbose=False)
-    out = []
+    size = int(llama_cpp.llama_model_size(runtime.model))
+    reported.update({"llama_cpp_model_bytes": size,
+                     "llama_cpp_bpw": 8 * size / int(llama_cpp.llama_model_n_params(runtime.model))})
     for window in windows:
         runtime.reset()
         runtime.eval(window.tolist())
-        out.append(torch.log_softmax(torch.from_numpy(runtime.scores[: len(window)].copy()).float(), dim=-1))
-    size = int(llama_cpp.llama_model_size(runtime.model))
-    reported = {"llama_cpp_model_bytes": size,
-                "llama_cpp_bpw": 8 * size / int(llama_cpp.llama_model_n_params(runtime.model))}
+        yield torch.log_softmax(torch.from_numpy(runtime.scores[: len(window)]).float(), dim=-1)
     runtime.close()
-    return out, reported
 
 
-@torch.no_grad()
+EVALUATORS = {"torch": torch_logprobs, "llama.cpp": llama_cpp_logprobs}
+
+
+def reference_logprobs(path: Path | str, windows: list[torch.Tensor], evaluator: str,
+                       store: Path) -> list[torch.Tensor]:
+    """The source's log-probabilities on every window, written to ``store`` (float32, memory-mapped) and read back
+    as one tensor per window, so that only the page cache, not this process, holds them."""
+    reported: dict[str, float] = {}
+    array = None
+    for index, logprobs in enumerate(EVALUATORS[evaluator](path, windows, reported)):
+        if array is None:
+            array = numpy.lib.format.open_memmap(store, mode="w+", dtype=numpy.float32,
+                                                 shape=(len(windows), *logprobs.shape))
+        array[index] = logprobs.numpy()
+    array.flush()
+    del array
+    readback = numpy.load(store, mmap_mode="c")  # copy-on-write: writable views, no copy
+    return [torch.from_numpy(readback[i]) for i in range(len(windows))]
+
+
 def score(path: Path, windows: list[torch.Tensor], reference: list[torch.Tensor],
           evaluator: str = "torch") -> dict[str, float]:
     """Mean per-token KL(source || model), its 99th percentile, and perplexity, on ``windows``: the file loaded by
     transformers and run by torch, or (``evaluator="llama.cpp"``) run by llama.cpp itself."""
     started = time.perf_counter()
     extra: dict[str, float] = {}
-    if evaluator == "llama.cpp":
-        logprobs_of, extra = llama_cpp_logprobs(path, windows)
-    else:
-        model = load_model(str(path)).model
-        logprobs_of = window_logprobs(model, windows)
-        del model
-        gc.collect()
-    return {**score_logprobs(windows, reference, logprobs_of), "eval_s": round(time.perf_counter() - started, 1),
-            "file_bytes": path.stat().st_size, **extra}
+    scores = score_logprobs(windows, reference, EVALUATORS[evaluator](path, windows, extra))
+    return {**scores, "eval_s": round(time.perf_counter() - started, 1), "file_bytes": path.stat().st_size, **extra}
 
 
+@torch.no_grad()
 def score_logprobs(windows: list[torch.Tensor], reference: list[torch.Tensor],
-                   logprobs_of: list[torch.Tensor]) -> dict[str, float]:
-    """Mean per-token KL(reference || logprobs), its 99th percentile, and perplexity of ``logprobs_of``."""
+                   logprobs_of: Iterable[torch.Tensor]) -> dict[str, float]:
+    """Mean per-token KL(reference || logprobs), its 99th percentile, and perplexity of ``logprobs_of`` (consumed
+    one window at a time)."""
     kls, nll, tokens = [], 0.0, 0
     for window, ref, logprobs in zip(windows, reference, logprobs_of, strict=True):
         kls.append(per_token_kl(ref, logprobs))
@@ -205,6 +227,8 @@ def main() -> None:
     parser.add_argument("--target", choices=("bitplan", "gguf"), default="bitplan",
                         help="gguf: every file run and scored by llama.cpp itself (llama-cpp-python), and ours also "
                              "at each preset's whole-file bytes (a --target gguf --file-bytes job)")
+    parser.add_argument("--block-bytes-only", action="store_true",
+                        help="with --target gguf, skip ours at each preset's whole-file bytes (one job per preset)")
     args = parser.parse_args()
     evaluator = "llama.cpp" if args.target == "gguf" else "torch"
     presets = args.presets.split(",")
@@ -224,10 +248,11 @@ def main() -> None:
     loaded = load_model(args.model)
     ids = tokenize_for_perplexity(loaded.tokenizer, read_text(args.text))
     windows = [ids[i * args.seq_len:(i + 1) * args.seq_len] for i in range(args.windows)]
-    reference = window_logprobs(loaded.model, windows) if evaluator == "torch" else \
-        llama_cpp_logprobs(source, windows)[0]  # the source as the same runtime computes it
     del loaded
     gc.collect()
+    # the source as the same runtime computes it (torch: the model reference as our loader reads it)
+    reference = reference_logprobs(args.model if evaluator == "torch" else source, windows, evaluator,
+                                   args.out / "reference-logprobs.npy")
     report["source_scores"] = score_logprobs(windows, reference, reference)  # the reference is the source's own run
     report["source_scores"]["file_bytes"] = source.stat().st_size
     theirs = {}
@@ -260,7 +285,7 @@ def main() -> None:
                "ours_within_their_bytes": size <= peer["block_linear_bytes"],
                "ratio_kl": ours["kl_mean"] / peer["kl_mean"], "ratio_ppl": ours["ppl"] / peer["ppl"],
                "ratio_kl_vs_importance_peer": ours["kl_mean"] / imatrix["kl_mean"]}
-        if args.target == "gguf":
+        if args.target == "gguf" and not args.block_bytes_only:
             row["ours_at_file_bytes"] = whole_file(args, preset, peer["file_bytes"], windows, reference, evaluator)
             row["ratio_kl_at_file_bytes"] = row["ours_at_file_bytes"]["kl_mean"] / peer["kl_mean"]
         rows.append(row)
@@ -269,7 +294,7 @@ def main() -> None:
                                      "theirs_kl": peer["kl_mean"]}) + "\n")
     report["rows"] = rows
     report["lower_kl_than_every_preset"] = all(r["ratio_kl"] < 1 for r in rows)
-    if args.target == "gguf":
+    if args.target == "gguf" and not args.block_bytes_only:
         report["lower_kl_than_every_preset_at_file_bytes"] = all(r["ratio_kl_at_file_bytes"] < 1 for r in rows)
         report["mean_ratio_kl_at_file_bytes"] = sum(r["ratio_kl_at_file_bytes"] for r in rows) / len(rows)
     report["lower_kl_than_every_preset_with_our_importance"] = all(r["ratio_kl_vs_importance_peer"] < 1 for r in rows)
