@@ -17,6 +17,7 @@ bootstrap 90% interval over units, and the correlation that the truth's own wind
 
     python bench/format_spearman.py [--formats int3-g128,Q3_K] [--units 30] [--windows 16]
     python bench/format_spearman.py --truth bench/results/format-spearman-smollm2-2026-12-03.json  # predictions only
+    python bench/format_spearman.py --truth ... --skip-first-position  # the square without each window's first token
 
 Besides the default metric, each prediction's second-order term alone (``token_fisher``) is scored too, and every
 unit's terms are in ``per_unit``.
@@ -68,6 +69,8 @@ def main() -> None:
     parser.add_argument("--truth", type=Path, help="an earlier result of this bench with the same --formats, --units "
                         "and --windows: reuse its measured increases (the same seeded units, the same encoded "
                         "weights) and run only the predictions")
+    parser.add_argument("--skip-first-position", action="store_true",
+                        help="leave each window's first position (the attention sink) out of the second-order sum")
     args = parser.parse_args()
     started = time.perf_counter()
     report: dict[str, Any] = {
@@ -105,7 +108,9 @@ def main() -> None:
                for name in sampled}
     predicted_started = time.perf_counter()
     terms = token_fisher(loaded.model, sampled, batches, loss_fn=causal_lm_loss, bits_options=[3], group_size=128,
-                         blocks=find_block_stack(loaded.model)[1], options=options, error_of=error_of)
+                         blocks=find_block_stack(loaded.model)[1], options=options, error_of=error_of,
+                         skip_first_position=args.skip_first_position)
+    report["skip_first_position"] = args.skip_first_position
     report["sensitivity_s"] = round(time.perf_counter() - predicted_started, 1)
     # each predictor of every (unit, option): the default metric (token_taylor: shrunk first order, a negative one
     # counted as 0, plus second order) and its second-order term alone (token_fisher)

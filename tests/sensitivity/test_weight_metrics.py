@@ -122,6 +122,8 @@ def test_token_fisher_against_a_direct_per_token_computation() -> None:
     tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(5))
     terms = token_fisher(model, units, [tokens[:1], tokens[1:]], loss_fn=causal_lm_loss, bits_options=(2, 4),
                          group_size=32)
+    skipped = token_fisher(model, units, [tokens[:1], tokens[1:]], loss_fn=causal_lm_loss, bits_options=(2, 4),
+                           group_size=32, skip_first_position=True)
     for name in ("model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj"):
         xs, grads = zip(*(captured_io(model, name, tokens[i : i + 1]) for i in range(2)), strict=True)
         x, g = torch.cat(xs), torch.cat(grads)
@@ -130,6 +132,10 @@ def test_token_fisher_against_a_direct_per_token_computation() -> None:
             delta = dequantize_weight(quantize_rtn(weight, bits=bits, group_size=32)) - weight
             per_token = ((x @ delta.T) * g).sum(dim=1)
             assert terms.second_order[name][bits] == pytest.approx(0.5 * float((per_token ** 2).sum()) / 40, rel=1e-4)
+            not_first = torch.arange(40) % 20 != 0  # each window's first position (the attention sink) left out
+            assert skipped.second_order[name][bits] == pytest.approx(
+                0.5 * float((per_token[not_first] ** 2).sum()) / 40, rel=1e-4)
+            assert skipped.first_order[name][bits] == pytest.approx(terms.first_order[name][bits], rel=1e-6)
             assert terms.first_order[name][bits] == pytest.approx(float(per_token.sum()) / 40, rel=1e-4, abs=1e-9)
             # the first-order term is the directional derivative of the mean loss along the quantization error
             weight_param = units[name].weight
@@ -160,6 +166,8 @@ def test_token_fisher_of_a_tied_output_head_counts_its_embedding_use_too() -> No
     deltas = {b: dequantize_weight(quantize_rtn(weight, bits=b, group_size=32)) - weight for b in (2, 4)}
     terms = token_fisher(model, head, [tokens[:1], tokens[1:]], loss_fn=causal_lm_loss, bits_options=(2, 4),
                          group_size=32, blocks=model.model.layers)
+    skipped = token_fisher(model, head, [tokens[:1], tokens[1:]], loss_fn=causal_lm_loss, bits_options=(2, 4),
+                           group_size=32, blocks=model.model.layers, skip_first_position=True)
     shared = model.lm_head.weight
     for bits, delta in deltas.items():
         per_token = []
@@ -178,6 +186,8 @@ def test_token_fisher_of_a_tied_output_head_counts_its_embedding_use_too() -> No
             per_token.append(head_part + lookup_part)
         every = torch.cat(per_token)
         assert terms.second_order["lm_head"][bits] == pytest.approx(0.5 * float((every ** 2).sum()) / 40, rel=1e-4)
+        later = torch.cat([p[1:] for p in per_token])  # without each window's first position
+        assert skipped.second_order["lm_head"][bits] == pytest.approx(0.5 * float((later ** 2).sum()) / 40, rel=1e-4)
         shared.requires_grad_(True)  # the tokens looked up by the model itself: the gradient has both uses
         loss = sum(causal_lm_loss(model, tokens[i : i + 1], graph_from_embeddings=False) for i in range(2)) / 40
         (gradient,) = torch.autograd.grad(loss, [shared])
