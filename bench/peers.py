@@ -197,6 +197,14 @@ def score_logprobs(windows: list[torch.Tensor], reference: list[torch.Tensor],
             "ppl": math.exp(nll / tokens)}
 
 
+def ratio(ours: float, theirs: float) -> float:
+    """``ours / theirs``; a preset that is the source itself (gemma-3-270m's file is Q4_K_M) has KL 0: the ratio is
+    1 when ours is exact too, infinite otherwise."""
+    if theirs == 0.0:
+        return 1.0 if ours == 0.0 else math.inf
+    return ours / theirs
+
+
 def whole_file(args: argparse.Namespace, preset: str, file_bytes: int, windows: list[torch.Tensor],
                reference: list[torch.Tensor], evaluator: str) -> dict[str, object]:
     """Ours at the preset's whole-file bytes: a ``--target gguf --file-bytes`` job (its sensitivity from the
@@ -283,11 +291,11 @@ def main() -> None:
         imatrix = {"block_linear_bytes": imatrix_size, **score(imatrix_peers[preset], windows, reference, evaluator)}
         row = {"preset": preset, "theirs": peer, "theirs_with_our_importance": imatrix, "ours": ours,
                "ours_within_their_bytes": size <= peer["block_linear_bytes"],
-               "ratio_kl": ours["kl_mean"] / peer["kl_mean"], "ratio_ppl": ours["ppl"] / peer["ppl"],
-               "ratio_kl_vs_importance_peer": ours["kl_mean"] / imatrix["kl_mean"]}
+               "ratio_kl": ratio(ours["kl_mean"], peer["kl_mean"]), "ratio_ppl": ours["ppl"] / peer["ppl"],
+               "ratio_kl_vs_importance_peer": ratio(ours["kl_mean"], imatrix["kl_mean"])}
         if args.target == "gguf" and not args.block_bytes_only:
             row["ours_at_file_bytes"] = whole_file(args, preset, peer["file_bytes"], windows, reference, evaluator)
-            row["ratio_kl_at_file_bytes"] = row["ours_at_file_bytes"]["kl_mean"] / peer["kl_mean"]
+            row["ratio_kl_at_file_bytes"] = ratio(row["ours_at_file_bytes"]["kl_mean"], peer["kl_mean"])
         rows.append(row)
         (args.out / "rows-so-far.json").write_text(json.dumps({**report, "rows": rows}))  # survives a stopped run
         sys.stderr.write(json.dumps({"preset": preset, "ratio_kl": rows[-1]["ratio_kl"], "ours_kl": ours["kl_mean"],
