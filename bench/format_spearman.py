@@ -126,8 +126,7 @@ def main() -> None:
         probe = None if args.truth else sensitivity_bench.LossProbe(loaded, text, args.windows, args.seq_len)
         for fmt, names in samples.items():
             if probe is None:
-                reused = {u["name"]: {"mean": u["real_delta_loss"], "std_error": u["std_error"],
-                                      **({"windows": u["windows"]} if "windows" in u else {})}
+                reused = {u["name"]: {"mean": u["real_delta_loss"], "std_error": u["std_error"]}
                           for u in known[fmt][text_name]["per_unit"]}
                 if sorted(reused) != sorted(names):
                     raise SystemExit(f"--truth {args.truth} measured other units for {fmt}")
@@ -149,10 +148,10 @@ def main() -> None:
             row["per_unit"] = [{"name": n, "real_delta_loss": real[n]["mean"], "std_error": real[n]["std_error"],
                                 "predicted_real": guesses["token_taylor"][n][f"real:{fmt}"],
                                 "predicted_rtn_proxy": guesses["token_taylor"][n][f"rtn_proxy:{fmt}"],
-                                **{f"{term}_{kind}": values[n][f"{kind}:{fmt}"]
-                                   for term, values in (("first_order", terms.first_order),
-                                                        ("first_order_std_error", terms.first_order_std_error),
-                                                        ("second_order", terms.second_order))
+                                **{f"{term}_{kind}": by_unit[n][f"{kind}:{fmt}"]
+                                   for term, by_unit in (("first_order", terms.first_order),
+                                                         ("first_order_std_error", terms.first_order_std_error),
+                                                         ("second_order", terms.second_order))
                                    for kind in ("real", "rtn_proxy")}} for n in names]
             report["results"].setdefault(fmt, {})[text_name] = row
             sys.stderr.write(f"{fmt} on {text_name}: real {row['real']['spearman']:.3f}, "

@@ -183,8 +183,7 @@ def token_fisher(
     batch_sums_sq = {name: torch.zeros(len(keys[name]), dtype=torch.float64) for name in units}
     energy = dict.fromkeys(units, 0.0)
     deltas: dict[str, torch.Tensor] = {}
-    pending: dict[str, torch.Tensor] = {}  # this batch's (options, sequences, positions) scalars per unit, summed
-    # over its uses
+    pending: dict[str, torch.Tensor] = {}  # per unit: this batch's (options, sequences, positions) scalars, all uses
 
     def add(name: str, scalars: torch.Tensor) -> None:
         pending[name] = scalars.double() if name not in pending else pending[name] + scalars.double()
@@ -263,8 +262,9 @@ def token_fisher(
                         # (options, sequences, positions)
                         squared = scalars[..., 1:] if skip_first_position else scalars
                         squares[name] += squared.pow(2).flatten(1).sum(dim=1)
-                        sums[name] += scalars.flatten(1).sum(dim=1)
-                        batch_sums_sq[name] += scalars.flatten(1).sum(dim=1).pow(2)
+                        batch_sum = scalars.flatten(1).sum(dim=1)
+                        sums[name] += batch_sum
+                        batch_sums_sq[name] += batch_sum.pow(2)
                     if on_progress is not None:
                         on_progress(Stage.TOKEN_FISHER, chunk_index * len(batches) + index + 1, steps)
             finally:
