@@ -244,7 +244,22 @@ def _load_gguf(path: Path, reference: str) -> tuple[nn.Module, Any, ModelKind]:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    _remember_source_blocks(path)
     return model, tokenizer, kind
+
+
+def _remember_source_blocks(path: Path) -> None:
+    """The file's quantized matrices, for a layer that keeps its source type to keep its source blocks (llama.cpp's
+    quantizer does not find them again from the decoded values): :func:`bitplan.quantizer.ggml.quantize_ggml`."""
+    from gguf import GGMLQuantizationType as T
+    from gguf import GGUFReader
+
+    from bitplan.quantizer.ggml import remember_source_blocks
+
+    floats = (T.F32, T.F16, T.BF16, T.F64)
+    tensors = [(t.tensor_type, t.data) for t in GGUFReader(path).tensors
+               if len(t.data.shape) == 2 and t.tensor_type not in floats]
+    remember_source_blocks(str(path.resolve()), tensors)
 
 
 def _load_safetensors(path: Path, folder: Path, reference: str) -> tuple[nn.Module, Any, ModelKind]:

@@ -4,6 +4,12 @@ uses. Decoding is the ``gguf`` package's ``dequantize``. No K-quant or IQ encode
 
     payload = quantize_ggml(weight, GGMLQuantizationType.Q4_K, importance=diag_of_gram)  # (rows, row_bytes) uint8
     weight_again = dequantize_ggml(payload, GGMLQuantizationType.Q4_K)                  # (rows, cols) float32
+
+A model loaded from a quantized GGUF holds each weight as its source blocks decode. llama.cpp's quantizer, handed
+those values back in their own type, does not always find the same blocks (its scale search lands elsewhere: a
+K-quant source loses 0.015 nats of KL this way), so the source's blocks are remembered
+(:func:`remember_source_blocks`) and :func:`quantize_ggml` returns them for a weight they decode to exactly, row
+for row (transformers' loader reorders llama's q/k rows): zero error, the source's own bytes.
 """
 
 from __future__ import annotations
@@ -15,8 +21,72 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
+
+# Source files whose blocks quantize_ggml reuses (the last few loaded: a worker's memory stays bounded).
+SOURCES_KEPT = 2
+_sources: dict[str, dict[tuple[int, tuple[int, int]], list[np.ndarray]]] = {}  # file -> (type, shape) -> blocks
+_indexes: dict[tuple[str, int, tuple[int, int]], tuple[np.ndarray, np.ndarray]] = {}  # -> sorted row hashes, rows
+_HASH_WEIGHTS: dict[int, np.ndarray] = {}
+
+
+def remember_source_blocks(source: str, tensors: list[tuple[GGMLQuantizationType, np.ndarray]]) -> None:
+    """The quantized 2-D tensors ``(type, (rows, row_bytes) uint8 blocks)`` of a loaded source file ``source``, for
+    :func:`quantize_ggml` to return where a weight is exactly what they decode to. Only indexed when a weight of the
+    same type and shape is quantized; memory-mapped blocks stay on disk until then."""
+    by_key: dict[tuple[int, tuple[int, int]], list[np.ndarray]] = {}
+    for qtype, blocks in tensors:
+        block, type_bytes = GGML_QUANT_SIZES[qtype]
+        shape = (int(blocks.shape[0]), int(blocks.shape[1]) // type_bytes * block)
+        by_key.setdefault((int(qtype), shape), []).append(blocks)
+    _sources.pop(source, None)
+    _sources[source] = by_key
+    for old in list(_sources)[:-SOURCES_KEPT]:
+        del _sources[old]
+    for key in [k for k in _indexes if k[0] not in _sources or k[0] == source]:
+        del _indexes[key]
+
+
+def _row_hashes(values: np.ndarray) -> np.ndarray:
+    """One 64-bit hash per row of a float32 matrix (a fixed random linear form of its bit patterns, wrapping)."""
+    columns = values.shape[1]
+    if columns not in _HASH_WEIGHTS:
+        _HASH_WEIGHTS[columns] = np.random.default_rng(columns).integers(1, 2**63, columns, dtype=np.uint64) | 1
+    values = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    hashes = np.empty(values.shape[0], dtype=np.uint64)
+    step = max(1, 2**22 // columns)  # rows at a time: a 262k-row embedding never widens to uint64 at once
+    with np.errstate(over="ignore"):
+        for start in range(0, values.shape[0], step):
+            bits = values[start:start + step].astype(np.uint64)
+            hashes[start:start + step] = (bits * _HASH_WEIGHTS[columns]).sum(axis=1, dtype=np.uint64)
+    return hashes
+
+
+def source_blocks_for(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray | None:
+    """The remembered source blocks (:func:`remember_source_blocks`) that decode to exactly ``values (rows,
+    columns)`` in ``qtype``, row for row in ``values``' order; ``None`` where any row is not among them."""
+    shape = (int(values.shape[0]), int(values.shape[1]))
+    hashes = None
+    for source, by_key in reversed(_sources.items()):
+        tensors = by_key.get((int(qtype), shape))
+        if not tensors:
+            continue
+        key = (source, int(qtype), shape)
+        if key not in _indexes:
+            rows = np.concatenate([np.asarray(t) for t in tensors])
+            known = np.concatenate([_row_hashes(np.asarray(dequantize(t, qtype), dtype=np.float32)) for t in tensors])
+            order = np.argsort(known, kind="stable")
+            _indexes[key] = (known[order], rows[order])
+        known, rows = _indexes[key]
+        hashes = _row_hashes(values) if hashes is None else hashes
+        at = np.minimum(np.searchsorted(known, hashes), len(known) - 1)
+        if not np.array_equal(known[at], hashes):
+            continue
+        blocks = np.ascontiguousarray(rows[at])
+        if np.array_equal(np.asarray(dequantize(blocks, qtype), dtype=np.float32), values):  # exact, not the hash
+            return blocks
+    return None
 
 
 @functools.lru_cache(maxsize=1)
@@ -64,13 +134,18 @@ def quantize_ggml(weight: torch.Tensor, qtype: GGMLQuantizationType,
     """``weight (rows, columns)`` -> ``(rows, row_bytes)`` uint8 blocks of ``qtype`` by ``ggml_quantize_chunk``.
 
     ``importance (columns,)``: per-column weights of the rounding error (the diagonal of the input Gram matrix,
-    what ``llama-imatrix`` accumulates)."""
+    what ``llama-imatrix`` accumulates). A weight that remembered source blocks decode to exactly
+    (:func:`remember_source_blocks`) gets those blocks: the exact encoding, whatever the importance."""
     rows, columns = weight.shape
     if columns % block_size(qtype):
         raise ValueError(f"{qtype.name} needs rows divisible by {block_size(qtype)}, got {columns} columns")
     if importance is None and requires_importance(qtype):
         raise ValueError(f"{qtype.name} needs an importance vector (llama.cpp refuses it without one)")
     source = np.ascontiguousarray(weight.detach().to(torch.float32).cpu().numpy())
+    if _sources:
+        known = source_blocks_for(source, qtype)
+        if known is not None:
+            return known
     out = np.zeros((rows, row_bytes(qtype, columns)), dtype=np.uint8)
     weights = None if importance is None else np.ascontiguousarray(importance.detach().to(torch.float32).numpy())
     lib = libggml()

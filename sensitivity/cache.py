@@ -16,7 +16,7 @@ from typing import Any
 
 from bitplan.sensitivity.api import SensitivityResult
 
-CACHE_FORMAT = 2  # 2: token_taylor shrinks its first-order term
+CACHE_FORMAT = 3  # 2: token_taylor shrinks its first-order term; 3: a GGUF source's own blocks (zero error)
 
 
 def default_cache_dir() -> Path:

@@ -210,6 +210,11 @@ def test_issue17_a_gemma_3_270m_gguf_target_runs_in_llama_cpp(tmp_path: Path) ->
     kinds = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
     linear = [t for t in gguf.GGUFReader(gguf_path).tensors if t.name.split(".")[-2] in kinds]
     assert sum(int(t.n_bytes) for t in linear) == run.bytes and run.file_bytes == os.path.getsize(gguf_path)
+    # a layer in its source type is the source's blocks as they are (llama.cpp's quantizer would not find them
+    # again from the decoded values: a Q4_K layer re-encoded so is not exact)
+    source_tensors = {t.name: t for t in gguf.GGUFReader(resolve_reference("gemma-3-270m")[1]).tensors}
+    kept = [t for t in linear if t.tensor_type == source_tensors[t.name].tensor_type]
+    assert kept and all(bytes(t.data) == bytes(source_tensors[t.name].data) for t in kept), len(kept)
 
     def llama_cpp_logits(path: Path, prompt: list[int]) -> torch.Tensor:
         runtime = Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False)
@@ -227,7 +232,10 @@ def test_issue17_a_gemma_3_270m_gguf_target_runs_in_llama_cpp(tmp_path: Path) ->
     # llama.cpp's own arithmetic (8-bit activations in its dot products) differs from torch's: on the source file
     # by this much; on ours it must not differ by more, or the file would not hold what our artifact holds
     runtime_gap = float((llama_cpp_logits(resolve_reference("gemma-3-270m")[1], prompt) - source_torch).abs().max())
-    assert float((theirs - expected).abs().max()) < 1.5 * runtime_gap + 0.05, runtime_gap
-    assert int(theirs[-1].argmax()) == int(expected[-1].argmax())
+    tolerance = 1.5 * runtime_gap + 0.05
+    assert float((theirs - expected).abs().max()) < tolerance, runtime_gap
+    # the next token llama.cpp picks is one torch scores best up to that arithmetic (a near tie may flip)
+    picked = int(theirs[-1].argmax())
+    assert float(expected[-1].max() - expected[-1, picked]) < tolerance, (picked, int(expected[-1].argmax()))
     text = runtime.create_completion("The capital of France is", max_tokens=8, temperature=0.0)["choices"][0]["text"]
     assert text.strip(), "llama.cpp generated nothing from our gemma file"

@@ -66,3 +66,50 @@ def test_issue16_formats_json_lists_every_format() -> None:
     assert set(listed) == set(FORMATS)
     assert listed["Q4_K"]["family"] == "ggml" and listed["Q4_K"]["bits_per_weight"] == 4.5
     assert listed["int4-g128"]["family"] == "bitplan-int" and listed["int4-g128"]["bits_per_weight"] == 4.25
+
+
+@pytest.fixture()
+def no_remembered_sources(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bitplan.quantizer import ggml
+
+    monkeypatch.setattr(ggml, "_sources", {})
+    monkeypatch.setattr(ggml, "_indexes", {})
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_0, T.Q6_K])
+def test_issue16_a_weight_decoded_from_source_blocks_gets_them_back(qtype: T, weight: torch.Tensor,
+                                                                      no_remembered_sources: None) -> None:
+    """A GGUF source's layer kept in its own type is its source blocks byte for byte (rows in any order: transformers
+    reorders llama's q/k), where llama.cpp's quantizer handed the decoded values would find other blocks; anything
+    not exactly decoded from them (one value changed, another type) is llama.cpp's encoding as before."""
+    from bitplan.quantizer.ggml import dequantize_ggml, remember_source_blocks
+
+    importance = torch.rand(SHAPE[1]) + 0.1
+    blocks = quantize_ggml(weight, qtype, importance)  # a "source file's" tensor
+    loaded = dequantize_ggml(blocks, qtype)  # what a loader holds
+    again = quantize_ggml(loaded, qtype, importance)  # llama.cpp from the decoded values: not always the same blocks
+    remember_source_blocks("other.gguf", [(T.Q8_0, quantize_ggml(weight, T.Q8_0))])
+    remember_source_blocks("source.gguf", [(qtype, blocks)])
+    assert np.array_equal(quantize_ggml(loaded, qtype, importance), blocks)
+    assert np.array_equal(quantize_ggml(loaded, qtype), blocks)  # whatever the importance
+    order = torch.randperm(SHAPE[0], generator=torch.Generator().manual_seed(1))
+    assert np.array_equal(quantize_ggml(loaded[order], qtype, importance), blocks[order.numpy()])
+    changed = loaded.clone()
+    changed[3, 7] += 0.5
+    remembered_not = quantize_ggml(changed, qtype, importance)
+    remember_source_blocks("source.gguf", [])
+    assert np.array_equal(remembered_not, quantize_ggml(changed, qtype, importance))
+    assert np.array_equal(quantize_ggml(loaded, qtype, importance), again)  # forgotten: llama.cpp's own again
+
+
+def test_issue16_only_the_last_source_files_are_kept(weight: torch.Tensor, no_remembered_sources: None) -> None:
+    from bitplan.quantizer import ggml
+
+    blocks = quantize_ggml(weight, T.Q4_0)
+    loaded = ggml.dequantize_ggml(blocks, T.Q4_0)
+    ggml.remember_source_blocks("first.gguf", [(T.Q4_0, blocks)])
+    assert ggml.source_blocks_for(loaded.numpy(), T.Q4_0) is not None
+    for name in [f"later-{i}.gguf" for i in range(ggml.SOURCES_KEPT)]:
+        ggml.remember_source_blocks(name, [])
+    assert ggml.source_blocks_for(loaded.numpy(), T.Q4_0) is None and "first.gguf" not in ggml._sources
+    assert not ggml._indexes
