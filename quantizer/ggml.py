@@ -9,7 +9,8 @@ A model loaded from a quantized GGUF holds each weight as its source blocks deco
 those values back in their own type, does not always find the same blocks (its scale search lands elsewhere: a
 K-quant source loses 0.015 nats of KL this way), so the source's blocks are remembered
 (:func:`remember_source_blocks`) and :func:`quantize_ggml` returns them for a weight they decode to exactly, row
-for row (transformers' loader reorders llama's q/k rows): zero error, the source's own bytes.
+for row (transformers' loader reorders llama's q/k rows): zero error, the source's own bytes. llama.cpp's
+``llama-quantize`` does the same: a tensor already in its target type is copied, not re-encoded.
 """
 
 from __future__ import annotations
