@@ -65,3 +65,53 @@ def salience_calibrated_params(values: torch.Tensor, bits: int, salience: torch.
         best_scale = torch.where(better, scale, best_scale)
         best_zero = torch.where(better, zero, best_zero)
     return best_scale, best_zero
+
+
+SEARCH_CHUNK_ELEMENTS = 1 << 22  # rows searched at once: their float32 work copy stays under 16 MiB
+
+
+def salience_calibrated_groups(weight: torch.Tensor, bits: int, group_size: int, salience: torch.Tensor,
+                               clip_grid: tuple[float, ...] = CLIP_GRID) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`salience_calibrated_params` for every full group of ``group_size`` columns at once: the same
+    arithmetic, element for element and in the same order, on a ``(rows, groups, group_size)`` view of as many
+    rows as fit ``SEARCH_CHUNK_ELEMENTS``, instead of one call (some fifteen small tensor operations per shrink
+    factor) per group. Same results, bit for bit (``tests/quantizer/test_grid.py`` compares them); 3-5x faster
+    on SmolLM2's matrices, where the per-group calls spent their time dispatching operations on 32-column slices.
+
+    Args:
+        weight: ``(rows, columns)`` float32 with ``columns`` a multiple of ``group_size``.
+        salience: ``(columns,)`` non-negative weights.
+    Returns:
+        ``(scale, zero)``, each ``(rows, columns // group_size)``.
+    """
+    rows, columns = weight.shape
+    if columns % group_size or salience.shape != (columns,):
+        raise ValueError(f"{columns} columns in groups of {group_size} with a ({columns},) salience, got "
+                         f"{tuple(salience.shape)}")
+    groups = columns // group_size
+    view = weight.reshape(rows, groups, group_size)
+    weights = salience.reshape(groups, group_size)
+    max_code = (1 << bits) - 1
+    scales = torch.empty(rows, groups, 1)
+    zeros = torch.empty(rows, groups, 1)
+    step = max(1, SEARCH_CHUNK_ELEMENTS // max(columns, 1))
+    for start in range(0, rows, step):
+        values = view[start:start + step]
+        low = values.amin(dim=2, keepdim=True)
+        high = values.amax(dim=2, keepdim=True)
+        best_scale, best_zero = grid_params(low, high, bits)
+        best_error = torch.full_like(best_scale, float("inf"))
+        work = torch.empty_like(values)
+        for shrink in clip_grid:
+            scale, zero = grid_params(low * shrink, high * shrink, bits)
+            # ((to_codes(values, scale, zero) - zero) * scale - values) ** 2 * salience, in place
+            torch.div(values, scale, out=work)
+            work.round_().add_(zero).clamp_(0, max_code).sub_(zero).mul_(scale).sub_(values).square_().mul_(weights)
+            error = work.sum(dim=2, keepdim=True)
+            better = error < best_error
+            best_error = torch.where(better, error, best_error)
+            best_scale = torch.where(better, scale, best_scale)
+            best_zero = torch.where(better, zero, best_zero)
+        scales[start:start + step] = best_scale
+        zeros[start:start + step] = best_zero
+    return scales[..., 0], zeros[..., 0]

@@ -7,7 +7,13 @@ from dataclasses import dataclass
 import torch
 
 from bitplan.kernels.dequant import dequantize_groupwise
-from bitplan.quantizer.grid import grid_params, salience_calibrated_params, symmetric_grid_params, to_codes
+from bitplan.quantizer.grid import (
+    grid_params,
+    salience_calibrated_groups,
+    salience_calibrated_params,
+    symmetric_grid_params,
+    to_codes,
+)
 
 
 @dataclass(frozen=True)
@@ -86,15 +92,16 @@ def quantize_rtn(weight: torch.Tensor, *, bits: int, group_size: int,
 
 def _quantize_rtn_calibrated(w: torch.Tensor, bits: int, group_size: int, salience: torch.Tensor
                              ) -> QuantizedWeight:
-    codes, scales, zeros = [], [], []
-    for start in range(0, w.shape[1], group_size):
-        columns = slice(start, start + group_size)
-        scale, zero = salience_calibrated_params(w[:, columns], bits, salience[columns])
-        codes.append(to_codes(w[:, columns], scale, zero, bits))
-        scales.append(scale)
-        zeros.append(zero)
-    return QuantizedWeight(codes=torch.cat(codes, dim=1).to(torch.uint8), scales=torch.cat(scales, dim=1).half(),
-                           zeros=torch.cat(zeros, dim=1).half(), bits=bits, group_size=group_size)
+    full = w.shape[1] - w.shape[1] % group_size  # the full groups are searched at once; a narrower last one alone
+    scale, zero = salience_calibrated_groups(w[:, :full], bits, group_size, salience[:full])
+    if full < w.shape[1]:
+        last_scale, last_zero = salience_calibrated_params(w[:, full:], bits, salience[full:])
+        scale, zero = torch.cat([scale, last_scale], dim=1), torch.cat([zero, last_zero], dim=1)
+    columns_scale = scale.repeat_interleave(group_size, dim=1)[:, :w.shape[1]]
+    columns_zero = zero.repeat_interleave(group_size, dim=1)[:, :w.shape[1]]
+    codes = to_codes(w, columns_scale, columns_zero, bits)
+    return QuantizedWeight(codes=codes.to(torch.uint8), scales=scale.half(), zeros=zero.half(), bits=bits,
+                           group_size=group_size)
 
 
 def quantization_error(weight: torch.Tensor, *, bits: int, group_size: int) -> torch.Tensor:
