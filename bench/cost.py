@@ -5,7 +5,10 @@ today's default, ``bitplan-default``).
 
     python bench/cost.py [--sets bitplan-default:rtn,bitplan-default:rtn-salience,gguf-k,bitplan-int] [--bpw 5.0]
 
-A set may name its encoder after a colon (``bitplan-default:rtn``); without one it takes ``--quantizer``.
+A set may name its encoder after a colon (``bitplan-default:rtn``); without one it takes ``--quantizer``. A set
+may end in ``@float32`` or ``@bfloat16``: the precision of the token metric's per-token products (default
+``auto``); the JSON then also gives the largest relative difference of its predictions from the same set's
+``auto`` job in the run, and whether the two chose the same format for every layer.
 """
 
 from __future__ import annotations
@@ -45,16 +48,36 @@ def main() -> None:
         "command": " ".join(sys.argv),
     }
     jobs = []
+    predictions: dict[str, dict[str, dict[str, float]]] = {}
+    formats: dict[str, dict[str, str]] = {}
     for entry in args.sets.split(","):
+        entry, _, precision = entry.partition("@")
         name, _, quantizer = entry.partition(":")
         spec = JobSpec.from_flat(model=args.model, bits_per_weight=args.bpw, formats=name,
-                                 quantizer=quantizer or args.quantizer, num_samples=args.samples, seq_len=args.seq_len)
+                                 quantizer=quantizer or args.quantizer, num_samples=args.samples, seq_len=args.seq_len,
+                                 precision=precision or "auto")
         started = time.perf_counter()
-        run = run_budgets(spec, out_dirs=[args.out / entry.replace(":", "-")], use_cache=False)[0]  # nothing reused
+        out = args.out / (entry.replace(":", "-") + (f"-{precision}" if precision else ""))
+        run = run_budgets(spec, out_dirs=[out], use_cache=False)[0]  # nothing reused
         wall = round(time.perf_counter() - started, 1)
-        jobs.append({"formats": name, "quantizer": spec.quantization.quantizer.value, "wall_s": wall,
-                     "timings_s": run.timings_s, "bits_per_weight": run.bits_per_weight, "kl": run.kl_divergence,
-                     "quality": run.quality})
+        job = {"formats": name, "quantizer": spec.quantization.quantizer.value,
+               "precision": spec.sensitivity.precision.value, "wall_s": wall, "timings_s": run.timings_s,
+               "bits_per_weight": run.bits_per_weight, "kl": run.kl_divergence, "quality": run.quality}
+        key = f"{name}:{job['quantizer']}"
+        problem = json.loads((out / "allocation-problem.json").read_text())  # every option's predicted increase
+        told = {u["name"]: {str(o.get("format") or o["bits"]): o["distortion"] for o in u["options"]}
+                for u in problem["units"]}
+        chosen = {u["name"]: str(u.get("format") or u["bits"]) for u in run.units}
+        if precision and key in predictions:  # against the same set's auto job earlier in the run
+            base = predictions[key]
+            differences = [abs(v - base[u][k]) / max(abs(base[u][k]), 1e-12) for u, by_key in told.items()
+                           for k, v in by_key.items()]
+            job["max_relative_difference_of_predictions"] = max(differences)
+            job["median_relative_difference_of_predictions"] = sorted(differences)[len(differences) // 2]
+            job["same_formats_as_auto"] = chosen == formats[key]
+        elif not precision:
+            predictions[key], formats[key] = told, chosen
+        jobs.append(job)
         sys.stderr.write(json.dumps(jobs[-1]) + "\n")  # each job as it ends: a stopped run keeps what it measured
     for job in jobs:
         job["ratio_to_first"] = round(job["wall_s"] / jobs[0]["wall_s"], 3)

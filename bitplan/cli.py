@@ -95,7 +95,7 @@ def check_writable(out: Path) -> None:
 
 
 SENSITIVITY_OPTIONS = ("model", "calibration_text", "num_samples", "seq_len", "seed", "metric", "max_error_bytes",
-                       "candidate_bits", "group_size")
+                       "precision", "candidate_bits", "group_size")
 
 
 def _cmd_sensitivity(args: argparse.Namespace) -> None:

@@ -22,6 +22,7 @@ from bitplan.sensitivity import Metric, SensitivityResult, compute_sensitivity
 from bitplan.sensitivity.activations import StopFn
 from bitplan.sensitivity.api import NEEDS_LOSS, SECOND_ORDER_HVP_METHODS, TAKES_ERRORS
 from bitplan.sensitivity.cache import SensitivityCache, cache_key
+from bitplan.sensitivity.token_fisher import resolve_precision
 from bitplan.spec import JobSpec
 from bitplan.stages import ProgressFn, Stage
 from bitplan.units import find_block_stack
@@ -102,6 +103,9 @@ def measure(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], cal
                                             "int_encoder": int_encoder, "first_order": ">= 0"}
     if salience_width_errors(spec, metric):
         encoder = {"widths_encoder": "rtn-salience"}
+    if metric in (Metric.TOKEN_TAYLOR, Metric.TOKEN_FISHER):  # the dtype its per-token products ran in
+        precision = resolve_precision(options.precision.value)
+        encoder = {**(encoder or {}), "projection": str(precision).removeprefix("torch.")}
     key = cache_key(model_sha256=loaded.source_sha256, calibration_sha256=calibration.sha256, metric=metric.value,
                     bits=list(spec.widths), group_size=spec.quantization.group_size, units=list(units),
                     hutchinson=asdict(options.hutchinson) if metric is Metric.HUTCHINSON else None,
@@ -145,4 +149,5 @@ def run_sensitivity(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Line
                                group_size=spec.quantization.group_size, loss_fn=loss_fn, hutchinson=hutchinson,
                                on_progress=on_progress, should_stop=should_stop,
                                blocks=find_block_stack(loaded.model),
-                               max_error_bytes=spec.sensitivity.max_error_bytes, **errors)
+                               max_error_bytes=spec.sensitivity.max_error_bytes,
+                               precision=spec.sensitivity.precision.value, **errors)

@@ -30,6 +30,9 @@ SPEC_VERSION = 1
 
 MetricChoice = Enum("MetricChoice", {"AUTO": "auto", **{m.name: m.value for m in Metric}}, type=str)  # type: ignore[misc]
 MetricChoice.__doc__ = "A sensitivity metric, or ``auto`` (token_taylor for causal LMs, output_error otherwise)."
+PrecisionChoice = Enum("PrecisionChoice", {"AUTO": "auto", "FLOAT32": "float32", "BFLOAT16": "bfloat16"},  # type: ignore[misc]
+                       type=str)
+PrecisionChoice.__doc__ = "The dtype the token metrics' per-token products run in (``auto``: bfloat16 where native)."
 SolverChoice = Enum("SolverChoice", {s.upper(): s for s in SOLVERS if s != "brute_force"}, type=str)  # type: ignore[misc]
 SolverChoice.__doc__ = "An allocation solver (allocator.solve_allocation)."
 QuantizerChoice = Enum("QuantizerChoice", {q.upper().replace("-", "_"): q for q in QUANTIZERS}, type=str)  # type: ignore[misc]
@@ -129,6 +132,9 @@ class SensitivityOptions:
                                "output_error otherwise)", flag="--metric", choices=MetricChoice)
     max_error_bytes: int = option_field(DEFAULT_ERROR_BYTES, "int", "token metrics: bytes of rounding errors held at "
                                         "once (less: more passes)", flag="--max-error-bytes", minimum=1, maximum=2**44)
+    precision: Any = option_field(PrecisionChoice.AUTO, "enum", "token metrics: dtype of the per-token products "
+                                  "(auto: bfloat16 where the CPU multiplies it natively, else float32)",
+                                  flag="--sensitivity-precision", choices=PrecisionChoice)
     hutchinson: HutchinsonConfig = field(default_factory=HutchinsonConfig)
 
     def __post_init__(self) -> None:

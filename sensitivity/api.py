@@ -302,6 +302,7 @@ def compute_sensitivity(
     max_error_bytes: int = DEFAULT_ERROR_BYTES,
     options: Mapping[str, Sequence[Any]] | None = None,
     error_of: Callable[[str, Any], torch.Tensor] | None = None,
+    precision: str = "auto",
 ) -> SensitivityResult:
     """Predicted loss increase of RTN-quantizing each unit at each bit width.
 
@@ -318,6 +319,7 @@ def compute_sensitivity(
         options, error_of: per unit its option keys (format names) and ``error_of(name, key) -> dW``, each
             option's real weight error (``decode(encode(W)) - W``); predictions are then keyed by option. Only
             metrics registered with ``takes_errors`` accept them.
+        precision: the dtype of the token metrics' per-token products (:func:`sensitivity.token_fisher.token_fisher`).
     """
     started = time.perf_counter()
     entry = METRICS[metric.value]
@@ -329,7 +331,7 @@ def compute_sensitivity(
     inputs = MetricInputs(model=model, units=units, batches=batches, bits_options=bits_options,
                           group_size=group_size, loss_fn=loss_fn, hutchinson=hutchinson or HutchinsonConfig(),
                           on_progress=on_progress, should_stop=should_stop, blocks=blocks,
-                          max_error_bytes=max_error_bytes, options=options, error_of=error_of)
+                          max_error_bytes=max_error_bytes, options=options, error_of=error_of, precision=precision)
     entries, warnings = entry.compute(inputs)
     for warning in warnings:
         logger.warning(warning)
@@ -346,7 +348,7 @@ def _token_terms(inputs: MetricInputs, *, taylor: bool) -> tuple[list[UnitSensit
                          bits_options=inputs.bits_options, group_size=inputs.group_size,
                          max_error_bytes=inputs.max_error_bytes, blocks=None if blocks is None else blocks[1],
                          on_progress=inputs.on_progress, should_stop=inputs.should_stop, options=inputs.options,
-                         error_of=inputs.error_of)
+                         error_of=inputs.error_of, precision=inputs.precision)
     return [UnitSensitivity(name=name, numel=module.weight.numel(), score=terms.energy[name],
                             delta_loss=(taylor_increase(terms.first_order[name], terms.second_order[name],
                                                         terms.first_order_std_error[name],

@@ -29,6 +29,7 @@ class MetricInputs:
     max_error_bytes: int
     options: Mapping[str, Sequence[Any]] | None = None  # per unit, its option keys (format names) ...
     error_of: Callable[[str, Any], torch.Tensor] | None = None  # ... and each option's weight error dW
+    precision: str = "auto"  # the token metrics' per-token products: auto, float32 or bfloat16
 
 
 ComputeFn = Callable[[MetricInputs], "tuple[list[Any], list[str]]"]  # -> (UnitSensitivity per unit, warnings)

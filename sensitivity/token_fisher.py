@@ -59,17 +59,41 @@ class TokenFisherTerms:
 Key = Any  # an option key: a bit width (int) or a format name (str)
 ErrorFn = Callable[[str, Any], torch.Tensor]  # (unit name, option key) -> weight error dW
 
-DEFAULT_ERROR_BYTES = 4 << 30  # RTN-error copies held at once: all of SmolLM2-135M's (1.7 GB) in one pass
+DEFAULT_ERROR_BYTES = 4 << 30  # weight errors held at once: all of SmolLM2-135M's 18 bitplan-int ones in bfloat16
 
 
-def unit_chunks(units: Mapping[str, nn.Linear], *, widths: int | Mapping[str, int], max_bytes: int
-                ) -> list[list[str]]:
-    """Consecutive runs of unit names whose float32 errors at ``widths`` options (one count, or one per unit) take
-    at most ``max_bytes`` (a unit larger than that alone makes a chunk of its own)."""
+def projection_dtype() -> torch.dtype:
+    """The dtype the per-token projections ``g_t . dW x_t`` are multiplied in by default (``precision="auto"``):
+    bfloat16 where oneDNN runs bfloat16 matrix products natively (AVX512-BF16/AMX; 2.4x float32's rate on this
+    project's 2-core AMD EPYC), float32 elsewhere, where bfloat16 products are emulated and slower. The products
+    accumulate in float32 either way; bfloat16 rounds ``dW``, ``x_t``, ``g_t`` and the intermediate ``dW x_t``
+    to 8 significant bits, which moves the summed terms by well under a percent (the test against float32 and
+    ``bench/cost.py`` measure it), far less than their spread over calibration windows."""
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = False
+    return torch.bfloat16 if native else torch.float32
+
+
+def resolve_precision(precision: str) -> torch.dtype:
+    """``"auto"`` -> :func:`projection_dtype`; ``"float32"`` / ``"bfloat16"`` as named."""
+    if precision == "auto":
+        return projection_dtype()
+    if precision not in ("float32", "bfloat16"):
+        raise ValueError(f"precision must be 'auto', 'float32' or 'bfloat16', got {precision!r}")
+    return getattr(torch, precision)
+
+
+def unit_chunks(units: Mapping[str, nn.Linear], *, widths: int | Mapping[str, int], max_bytes: int,
+                element_bytes: int = 4) -> list[list[str]]:
+    """Consecutive runs of unit names whose errors at ``widths`` options (one count, or one per unit), each
+    element ``element_bytes``, take at most ``max_bytes`` (a unit larger than that alone makes a chunk of its
+    own)."""
     chunks: list[list[str]] = [[]]
     used = 0
     for name, module in units.items():
-        size = module.weight.numel() * (widths if isinstance(widths, int) else widths[name]) * 4
+        size = module.weight.numel() * (widths if isinstance(widths, int) else widths[name]) * element_bytes
         if chunks[-1] and used + size > max_bytes:
             chunks.append([])
             used = 0
@@ -79,22 +103,25 @@ def unit_chunks(units: Mapping[str, nn.Linear], *, widths: int | Mapping[str, in
 
 
 def projected_errors(g: torch.Tensor, deltas: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``(options, tokens)`` scalars ``g_t . dW_b x_t`` for every option ``b`` at once: ``g (T, O)``, ``deltas
-    (B, O, I)``, ``x (T, I)``. The product goes through the narrower side: ``x dW^T`` as one matrix product
-    when ``O <= I`` (a ``T x B*O`` intermediate), ``g dW`` otherwise (``B x T x I``)."""
+    """``(options, tokens)`` float32 scalars ``g_t . dW_b x_t`` for every option ``b`` at once: ``g (T, O)``,
+    ``deltas (B, O, I)``, ``x (T, I)``. The product goes through the narrower side: ``x dW^T`` as one matrix
+    product when ``O <= I`` (a ``T x B*O`` intermediate), ``g dW`` otherwise (``B x T x I``). The matrix product
+    runs in ``deltas``' dtype (bfloat16 deltas: :func:`projection_dtype`); the last product and sum in float32."""
     options, out_features, in_features = deltas.shape
+    low = deltas.dtype
     if out_features <= in_features:
-        through = (x @ deltas.reshape(options * out_features, in_features).T).view(-1, options, out_features)
-        return (through * g[:, None, :]).sum(dim=2).T
-    return (torch.einsum("to,boi->bti", g, deltas) * x[None]).sum(dim=2)
+        through = (x.to(low) @ deltas.reshape(options * out_features, in_features).T).view(-1, options, out_features)
+        return (through.float() * g[:, None, :]).sum(dim=2).T
+    return (torch.matmul(g.to(low), deltas).float() * x[None]).sum(dim=2)  # a batched product, 1.5x einsum's speed
 
 
-def _stack_errors(names: Sequence[str], keys: Mapping[str, list[Key]], error_of: ErrorFn) -> dict[str, torch.Tensor]:
-    """Each unit's errors at its options, ``(options, out, in)`` float32, computed on a thread per core (the
+def _stack_errors(names: Sequence[str], keys: Mapping[str, list[Key]], error_of: ErrorFn,
+                  dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Each unit's errors at its options, ``(options, out, in)`` in ``dtype``, computed on a thread per core (the
     encoders are C or torch code that releases the GIL)."""
     jobs = [(name, key) for name in names for key in keys[name]]
     with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
-        errors = list(pool.map(lambda job: error_of(*job).float(), jobs))
+        errors = list(pool.map(lambda job: error_of(*job).float().to(dtype), jobs))
     by_name: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     for (name, _), error in zip(jobs, errors, strict=True):
         by_name[name].append(error)
@@ -155,13 +182,15 @@ def token_fisher(
     options: Mapping[str, Sequence[Key]] | None = None,
     error_of: ErrorFn | None = None,
     skip_first_position: bool = False,
+    precision: str = "auto",
 ) -> TokenFisherTerms:
     """Both Taylor terms of the loss increase per (unit, bit width), and each unit's output-gradient energy.
 
-    The RTN error ``dW_b`` of a unit at every width is held in memory (one float32 copy of its weights per
-    width) so that each backward pass only adds matrix products. At most ``max_error_bytes`` of them are held at
-    once: the units are taken in chunks that fit, each chunk with its own backward passes over the calibration
-    set (a 7B model's four widths take about 104 GB, so 26 passes over the calibration set at the default 4 GiB).
+    The RTN error ``dW_b`` of a unit at every width is held in memory (one copy of its weights per width, in
+    ``precision``) so that each backward pass only adds matrix products. At most ``max_error_bytes`` of them are
+    held at once: the units are taken in chunks that fit, each chunk with its own backward passes over the
+    calibration set (a 7B model's four widths take about 104 GB in float32, so 26 passes over the calibration
+    set at the default 4 GiB; 13 in bfloat16).
     With ``blocks`` (the transformer blocks the units lie in), each chunk's graph starts at the input of its
     first block, so its backward passes stop there.
 
@@ -169,7 +198,11 @@ def token_fisher(
     ``bits_options``: the terms are then those of any weight error, such as each candidate format's
     ``decode(encode(W)) - W`` (:mod:`bitplan.quantizer.formats`); the results are keyed by option key.
     ``skip_first_position`` leaves each window's first position (the attention sink) out of the second-order sum.
+    ``precision``: the dtype the errors are held and the per-token projections multiplied in (``"auto"``:
+    :func:`projection_dtype`; ``"float32"`` is the reference the tests compare ``"bfloat16"`` with). bfloat16
+    errors take half the memory, so twice as many units share each chunk's backward passes.
     """
+    dtype = resolve_precision(precision)
     if options is None or error_of is None:
         options = {name: list(bits_options) for name in units}
 
@@ -185,8 +218,14 @@ def token_fisher(
     deltas: dict[str, torch.Tensor] = {}
     pending: dict[str, torch.Tensor] = {}  # per unit: this batch's (options, sequences, positions) scalars, all uses
 
-    def add(name: str, scalars: torch.Tensor) -> None:
+    firsts: dict[str, torch.Tensor] = {}  # per unit: this batch's first-order sums (options,), all uses
+
+    def add(name: str, scalars: torch.Tensor, first: torch.Tensor | None = None) -> None:
+        """One use's per-token scalars, and its first-order sum when not theirs (the bfloat16 path's, from the
+        weight gradient: a sum over tokens cancels, and the rounding of each token's scalar would not)."""
         pending[name] = scalars.double() if name not in pending else pending[name] + scalars.double()
+        first = scalars.flatten(1).sum(dim=1, dtype=torch.float64) if first is None else first.double()
+        firsts[name] = first if name not in firsts else firsts[name] + first
 
     def make_hook(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]:
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -196,8 +235,14 @@ def token_fisher(
 
             def grad_hook(grad: torch.Tensor) -> None:
                 g = grad.detach().float().reshape(-1, grad.shape[-1])
-                scalars = projected_errors(g, deltas[name], x.float().reshape(-1, x.shape[-1]))
-                add(name, scalars.reshape(-1, *grad.shape[:-1]))
+                inputs_ = x.float().reshape(-1, x.shape[-1])
+                scalars = projected_errors(g, deltas[name], inputs_)
+                first = None
+                low = deltas[name].dtype
+                if low != torch.float32:  # sum_t g_t . dW x_t = <dW, sum_t g_t x_t^T>, accumulated in float32
+                    gradient = (g.to(low).T @ inputs_.to(low)).reshape(-1, 1)
+                    first = (deltas[name].flatten(1) @ gradient).float()[:, 0]
+                add(name, scalars.reshape(-1, *grad.shape[:-1]), first)
                 energy[name] += float(g.pow(2).sum())
 
             output.register_hook(grad_hook)
@@ -212,7 +257,7 @@ def token_fisher(
 
         def grad_hook(grad: torch.Tensor) -> None:
             g = grad.detach().float().reshape(-1, grad.shape[-1])
-            moved = torch.stack([torch.func.functional_call(module, {"weight": delta}, (ids,)).float()
+            moved = torch.stack([torch.func.functional_call(module, {"weight": delta.float()}, (ids,)).float()
                                  .reshape(-1, g.shape[-1]) for delta in deltas[name]])
             add(name, (moved * g[None]).sum(dim=2).reshape(-1, *grad.shape[:-1]))
 
@@ -238,13 +283,14 @@ def token_fisher(
 
         return hook
 
-    chunks = unit_chunks(units, widths={name: len(k) for name, k in keys.items()}, max_bytes=max_error_bytes)
+    chunks = unit_chunks(units, widths={name: len(k) for name, k in keys.items()}, max_bytes=max_error_bytes,
+                         element_bytes=dtype.itemsize)
     steps = len(chunks) * len(batches)
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     model.requires_grad_(False)
     try:
         for chunk_index, chunk in enumerate(chunks):
-            deltas = _stack_errors(chunk, keys, error_of)
+            deltas = _stack_errors(chunk, keys, error_of, dtype)
             handles = [units[name].register_forward_hook(make_hook(name)) for name in chunk]
             for name in (n for n in chunk if n in tied):
                 handles += [tied[name].register_forward_hook(make_lookup_hook(name)),
@@ -262,7 +308,7 @@ def token_fisher(
                         # (options, sequences, positions)
                         squared = scalars[..., 1:] if skip_first_position else scalars
                         squares[name] += squared.pow(2).flatten(1).sum(dim=1)
-                        batch_sum = scalars.flatten(1).sum(dim=1)
+                        batch_sum = firsts.pop(name)
                         sums[name] += batch_sum
                         batch_sums_sq[name] += batch_sum.pow(2)
                     if on_progress is not None:

@@ -161,7 +161,7 @@ def test_issue16_format_errors_reach_the_token_metric_exactly() -> None:
         return FORMATS[fmt].roundtrip(weight) - weight
 
     terms = token_fisher(model, units, [tokens[:1], tokens[1:]], loss_fn=causal_lm_loss, bits_options=(),
-                         group_size=32, options=options, error_of=error_of)
+                         group_size=32, options=options, error_of=error_of, precision="float32")
     for name in ("model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj"):
         xs, grads = zip(*(captured_io(model, name, tokens[i : i + 1]) for i in range(2)), strict=True)
         x, g = torch.cat(xs), torch.cat(grads)
@@ -243,6 +243,9 @@ def test_issue16_projected_errors_both_ways_equal_the_direct_sum(shape: tuple[in
     deltas = torch.randn(3, out_features, in_features, generator=gen)
     direct = torch.stack([torch.stack([g[t] @ deltas[b] @ x[t] for t in range(7)]) for b in range(3)])
     assert torch.allclose(projected_errors(g, deltas, x), direct, atol=1e-5)
+    fast = projected_errors(g, deltas.bfloat16(), x)  # bfloat16 deltas: the products in bfloat16, float32 out
+    assert fast.dtype == torch.float32
+    assert torch.allclose(fast, direct, rtol=2e-2, atol=2e-2 * float(direct.abs().max()))
 
 
 @pytest.mark.parametrize("quantizer", ["rtn-salience", "gptq"])

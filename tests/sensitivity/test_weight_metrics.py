@@ -121,9 +121,9 @@ def test_token_fisher_against_a_direct_per_token_computation() -> None:
     units = find_units(model)
     tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(5))
     terms = token_fisher(model, units, [tokens[:1], tokens[1:]], loss_fn=causal_lm_loss, bits_options=(2, 4),
-                         group_size=32)
+                         group_size=32, precision="float32")
     skipped = token_fisher(model, units, [tokens[:1], tokens[1:]], loss_fn=causal_lm_loss, bits_options=(2, 4),
-                           group_size=32, skip_first_position=True)
+                           group_size=32, skip_first_position=True, precision="float32")
     for name in ("model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj"):
         xs, grads = zip(*(captured_io(model, name, tokens[i : i + 1]) for i in range(2)), strict=True)
         x, g = torch.cat(xs), torch.cat(grads)
@@ -165,9 +165,9 @@ def test_token_fisher_of_a_tied_output_head_counts_its_embedding_use_too() -> No
     weight = model.lm_head.weight.detach()
     deltas = {b: dequantize_weight(quantize_rtn(weight, bits=b, group_size=32)) - weight for b in (2, 4)}
     terms = token_fisher(model, head, [tokens[:1], tokens[1:]], loss_fn=causal_lm_loss, bits_options=(2, 4),
-                         group_size=32, blocks=model.model.layers)
+                         group_size=32, blocks=model.model.layers, precision="float32")
     skipped = token_fisher(model, head, [tokens[:1], tokens[1:]], loss_fn=causal_lm_loss, bits_options=(2, 4),
-                           group_size=32, blocks=model.model.layers, skip_first_position=True)
+                           group_size=32, blocks=model.model.layers, skip_first_position=True, precision="float32")
     shared = model.lm_head.weight
     for bits, delta in deltas.items():
         per_token = []
@@ -196,7 +196,7 @@ def test_token_fisher_of_a_tied_output_head_counts_its_embedding_use_too() -> No
     assert all(not m._forward_hooks for m in (model.lm_head, model.model.embed_tokens))
     # a loss that lets the model look the tokens up itself: the graph starts at the lookup, the same terms
     by_ids = token_fisher(model, head, [tokens[:1], tokens[1:]], bits_options=(2, 4), group_size=32,
-                          loss_fn=functools.partial(causal_lm_loss, graph_from_embeddings=False))
+                          loss_fn=functools.partial(causal_lm_loss, graph_from_embeddings=False), precision="float32")
     assert by_ids.second_order["lm_head"] == pytest.approx(terms.second_order["lm_head"], rel=1e-5)
     assert by_ids.first_order["lm_head"] == pytest.approx(terms.first_order["lm_head"], rel=1e-5)
 
@@ -214,7 +214,7 @@ def test_token_fisher_in_chunks_equals_one_pass() -> None:
     assert len(chunks) > 2 and all(sum(sizes[n] for n in chunk) <= budget for chunk in chunks)
     assert unit_chunks(units, widths=2, max_bytes=1) == [[name] for name in units]  # one unit is never split
     steps: list[tuple[int, int]] = []
-    options = {"loss_fn": causal_lm_loss, "bits_options": (2, 4), "group_size": 32}
+    options = {"loss_fn": causal_lm_loss, "bits_options": (2, 4), "group_size": 32, "precision": "float32"}
     whole = token_fisher(model, units, [tokens[:1], tokens[1:]], **options)
     # with the blocks known, each chunk's backward passes stop at the input of its first block
     chunked = token_fisher(model, units, [tokens[:1], tokens[1:]], max_error_bytes=budget, blocks=model.model.layers,
@@ -225,6 +225,36 @@ def test_token_fisher_in_chunks_equals_one_pass() -> None:
         for name in units:
             assert getattr(chunked, field)[name] == pytest.approx(getattr(whole, field)[name], rel=1e-6, abs=1e-12)
     assert chunked.energy == pytest.approx(whole.energy, rel=1e-6)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_token_fisher_in_bfloat16_against_the_float32_reference(tied: bool) -> None:
+    """The fast path (errors held and projected in bfloat16, what ``precision="auto"`` picks on a CPU with native
+    bfloat16 products) against float32: the second-order term within 1%; the first-order term (from the float32
+    weight gradient, so only ``dW``'s rounding to bfloat16 moves it) within 5% of its standard error over the
+    calibration windows, the noise that the Taylor prediction already shrinks it by; the errors take half the
+    bytes, so chunks hold twice the units."""
+    from bitplan.sensitivity.token_fisher import resolve_precision, token_fisher, unit_chunks
+
+    model = make_tiny_llama()
+    units = {"lm_head": model.lm_head} if tied else find_units(model)
+    tokens = torch.randint(0, 512, (4, 20), generator=torch.Generator().manual_seed(8))
+    batches = list(torch.split(tokens, 1))
+    options = {"loss_fn": causal_lm_loss, "bits_options": (2, 3, 4), "group_size": 32}
+    reference = token_fisher(model, units, batches, precision="float32", **options)
+    fast = token_fisher(model, units, batches, precision="bfloat16", **options)
+    for name in units:
+        assert fast.second_order[name] == pytest.approx(reference.second_order[name], rel=1e-2)
+        for bits, first in reference.first_order[name].items():
+            assert abs(fast.first_order[name][bits] - first) <= 0.05 * reference.first_order_std_error[name][bits]
+        assert fast.energy[name] == reference.energy[name]  # the gradients themselves are untouched
+    assert fast.second_order != reference.second_order  # it did run in bfloat16
+    assert resolve_precision("auto") in (torch.bfloat16, torch.float32)
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("float16")
+    budget = 4 * max(m.weight.numel() for m in units.values()) * 2 * 2
+    assert len(unit_chunks(units, widths=2, max_bytes=budget, element_bytes=2)) <= len(
+        unit_chunks(units, widths=2, max_bytes=budget, element_bytes=4))
 
 
 def test_token_taylor_is_both_terms_made_non_increasing_in_the_width() -> None:
