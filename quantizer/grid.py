@@ -35,7 +35,10 @@ def symmetric_grid_params(absmax: torch.Tensor, bits: int) -> tuple[torch.Tensor
 
 def to_codes(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """``clamp(round(w / scale) + zero, 0, 2**bits - 1)`` as float (broadcasting ``scale`` and ``zero``)."""
-    return (torch.round(values / scale) + zero).clamp(0, (1 << bits) - 1)
+    codes = values / scale
+    if codes.shape != torch.broadcast_shapes(codes.shape, zero.shape):  # a zero wider than the values: not in place
+        return (codes.round_() + zero).clamp_(0, (1 << bits) - 1)
+    return codes.round_().add_(zero).clamp_(0, (1 << bits) - 1)  # in place: one new tensor, not four
 
 
 def salience_calibrated_params(values: torch.Tensor, bits: int, salience: torch.Tensor,

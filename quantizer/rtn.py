@@ -97,11 +97,13 @@ def _quantize_rtn_calibrated(w: torch.Tensor, bits: int, group_size: int, salien
     if full < w.shape[1]:
         last_scale, last_zero = salience_calibrated_params(w[:, full:], bits, salience[full:])
         scale, zero = torch.cat([scale, last_scale], dim=1), torch.cat([zero, last_zero], dim=1)
-    columns_scale = scale.repeat_interleave(group_size, dim=1)[:, :w.shape[1]]
-    columns_zero = zero.repeat_interleave(group_size, dim=1)[:, :w.shape[1]]
-    codes = to_codes(w, columns_scale, columns_zero, bits)
-    return QuantizedWeight(codes=codes.to(torch.uint8), scales=scale.half(), zeros=zero.half(), bits=bits,
-                           group_size=group_size)
+    groups = full // group_size
+    codes = torch.empty(w.shape, dtype=torch.uint8)
+    codes[:, :full] = to_codes(w[:, :full].reshape(w.shape[0], groups, group_size), scale[:, :groups, None],
+                               zero[:, :groups, None], bits).reshape(w.shape[0], full)
+    if full < w.shape[1]:
+        codes[:, full:] = to_codes(w[:, full:], scale[:, groups:], zero[:, groups:], bits)
+    return QuantizedWeight(codes=codes, scales=scale.half(), zeros=zero.half(), bits=bits, group_size=group_size)
 
 
 def quantization_error(weight: torch.Tensor, *, bits: int, group_size: int) -> torch.Tensor:

@@ -65,3 +65,29 @@ def test_shapes_that_do_not_fit_are_refused() -> None:
         salience_calibrated_groups(weight, 3, 64, salience)
     with pytest.raises(ValueError, match="salience"):
         salience_calibrated_groups(weight, 3, 32, salience[:32])
+
+
+@pytest.mark.parametrize("columns, group_size", [(256, 64), (200, 64), (96, 32)])
+def test_dequantize_groupwise_against_the_elementwise_formula(columns: int, group_size: int) -> None:
+    """The grouped, in-place dequantization (full groups) and the repeated one (a ragged last group) against
+    ``W[o, j] = (q[o, j] - zero[o, j // g]) * scale[o, j // g]`` written out element by element."""
+    from bitplan.kernels.dequant import dequantize_groupwise
+
+    generator = torch.Generator().manual_seed(columns)
+    groups = -(-columns // group_size)
+    codes = torch.randint(0, 16, (5, columns), generator=generator, dtype=torch.uint8)
+    scales = (torch.rand(5, groups, generator=generator) * 0.1).half()
+    zeros = torch.randint(0, 16, (5, groups), generator=generator).half()
+    expected = torch.tensor([[(float(codes[o, j]) - float(zeros[o, j // group_size]))
+                              * float(scales[o, j // group_size]) for j in range(columns)] for o in range(5)])
+    assert torch.equal(dequantize_groupwise(codes, scales, zeros, group_size=group_size), expected)
+
+
+def test_to_codes_leaves_its_inputs_alone() -> None:
+    values = torch.tensor([[-0.31, 0.02, 0.29, 0.9]])
+    scale, zero = torch.tensor([[0.1]]), torch.tensor([[3.0]])
+    before = values.clone()
+    assert to_codes(values, scale, zero, 3).tolist() == [[0.0, 3.0, 6.0, 7.0]]
+    assert torch.equal(values, before)
+    wide_zero = torch.tensor([[3.0], [4.0]])  # broadcast wider than the values
+    assert to_codes(values, scale, wide_zero, 3).tolist() == [[0.0, 3.0, 6.0, 7.0], [1.0, 4.0, 7.0, 7.0]]
