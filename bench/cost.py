@@ -1,7 +1,7 @@
 """What the candidate format sets cost: one job per set on the same model, budget and calibration, none reusing
 a cached sensitivity (a first job), timed stage by stage. Prints one JSON object with every
-job's stage times and its total against the first set's (``ratio_to_first``; the issue's bound is 1.5x
-today's default, ``bitplan-default``).
+job's stage times and its total against the first set's (``ratio_to_first``) and against today's default, a job
+without ``--formats`` under the default quantizer (``ratio_to_default``; the issue's bound is 1.5x).
 
     python bench/cost.py [--sets bitplan-default:rtn,bitplan-default:rtn-salience,gguf-k,bitplan-int] [--bpw 5.0]
 
@@ -79,8 +79,13 @@ def main() -> None:
             predictions[key], formats[key] = told, chosen
         jobs.append(job)
         sys.stderr.write(json.dumps(jobs[-1]) + "\n")  # each job as it ends: a stopped run keeps what it measured
+    default = JobSpec.from_flat(model=args.model, bits_per_weight=args.bpw).quantization.quantizer.value
+    baseline = next((j for j in jobs if j["formats"] == "bitplan-default" and j["quantizer"] == default
+                     and j["precision"] == "auto"), None)  # a job without --formats: today's default
     for job in jobs:
         job["ratio_to_first"] = round(job["wall_s"] / jobs[0]["wall_s"], 3)
+        if baseline is not None:
+            job["ratio_to_default"] = round(job["wall_s"] / baseline["wall_s"], 3)
     report["jobs"] = jobs
     sys.stdout.write(json.dumps(report) + "\n")
 

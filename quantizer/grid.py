@@ -78,7 +78,7 @@ def salience_calibrated_groups(weight: torch.Tensor, bits: int, group_size: int,
     """:func:`salience_calibrated_params` for every full group of ``group_size`` columns at once: the same
     arithmetic, element for element and in the same order, on a ``(rows, groups, group_size)`` view of as many
     rows as fit ``SEARCH_CHUNK_ELEMENTS``, instead of one call (some fifteen small tensor operations per shrink
-    factor) per group. Same results, bit for bit (``tests/quantizer/test_grid.py`` compares them); 3-5x faster
+    factor) per group. Same results, bit for bit (``tests/quantizer/test_grid.py`` compares them); 2.5-4.5x faster
     on SmolLM2's matrices, where the per-group calls spent their time dispatching operations on 32-column slices.
 
     Args:
