@@ -21,8 +21,10 @@ def dequantize_groupwise(
     rows, in_features = qvalues.shape
     if in_features % group_size == 0 and scales.shape[1] == in_features // group_size:  # the same arithmetic on a
         # (rows, groups, g) view, in place, instead of scales and zeros repeated to full width
-        weight = qvalues.float().view(rows, -1, group_size)
-        return weight.sub_(zeros.float()[:, :, None]).mul_(scales.float()[:, :, None]).view(rows, in_features)
+        weight = torch.empty((rows, in_features), dtype=torch.float32).copy_(qvalues)  # always a fresh copy
+        grouped = weight.view(rows, -1, group_size)
+        grouped.sub_(zeros.float()[:, :, None]).mul_(scales.float()[:, :, None])
+        return weight
     scale = scales.float().repeat_interleave(group_size, dim=1)[:, :in_features]
     zero = zeros.float().repeat_interleave(group_size, dim=1)[:, :in_features]
     return (qvalues.float() - zero) * scale

@@ -81,6 +81,11 @@ def test_dequantize_groupwise_against_the_elementwise_formula(columns: int, grou
     expected = torch.tensor([[(float(codes[o, j]) - float(zeros[o, j // group_size]))
                               * float(scales[o, j // group_size]) for j in range(columns)] for o in range(5)])
     assert torch.equal(dequantize_groupwise(codes, scales, zeros, group_size=group_size), expected)
+    as_float = codes.float()  # float codes, or a transposed view: computed on a copy, the input left alone
+    assert torch.equal(dequantize_groupwise(as_float, scales, zeros, group_size=group_size), expected)
+    assert torch.equal(as_float, codes.float())
+    transposed = codes.T.contiguous().T
+    assert torch.equal(dequantize_groupwise(transposed, scales, zeros, group_size=group_size), expected)
 
 
 def test_to_codes_leaves_its_inputs_alone() -> None:
