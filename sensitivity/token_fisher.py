@@ -123,34 +123,27 @@ def projected_errors(g: torch.Tensor, deltas: torch.Tensor, x: torch.Tensor) -> 
     return (torch.matmul(g, deltas) * x[None]).sum(dim=2)  # a batched product, 1.5x einsum's speed
 
 
-def _stack_errors(names: Sequence[str], keys: Mapping[str, list[Key]], error_of: ErrorFn,
+def _stack_errors(units: Mapping[str, nn.Module], keys: Mapping[str, list[Key]], error_of: ErrorFn,
                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Each unit's errors at its options, ``(options, out, in)`` in ``dtype``, computed on a thread per core (the
-    encoders are C or torch code that releases the GIL), each thread's torch operations on one core meanwhile:
-    two threads whose operations each spread over both cores encoded SmolLM2's 18 integer formats 1.2x slower
-    than one thread with both cores (timed on the seven layer shapes of one block)."""
-    jobs = [(name, index, key) for name in names for index, key in enumerate(keys[name])]
-    stacked: dict[str, torch.Tensor] = {}
+    """Each unit's errors at its options, ``(options, out, in)`` in ``dtype`` (an error has its weight's shape),
+    computed on a thread per core (the encoders are C or torch code that releases the GIL), each thread's torch
+    operations on one core meanwhile: two threads whose operations each spread over both cores encoded SmolLM2's
+    18 integer formats 1.2x slower than one thread with both cores (timed on the seven layer shapes of one
+    block)."""
+    stacked = {name: torch.empty((len(keys[name]), *unit.weight.shape), dtype=dtype) for name, unit in units.items()}
 
     def fill(job: tuple[str, int, Key]) -> None:
         name, index, key = job
-        error = error_of(name, key)
-        if name not in stacked:  # the first error of each unit is computed alone (see below): no race here
-            stacked[name] = torch.empty((len(keys[name]), *error.shape), dtype=dtype)
-        stacked[name][index] = error
+        stacked[name][index] = error_of(name, key)
 
-    workers = max(1, torch.get_num_threads())
-    for name in names:  # each unit's first option on this thread: it sizes the unit's stack
-        if keys[name]:
-            fill((name, 0, keys[name][0]))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(fill, [job for job in jobs if job[1] > 0]))
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            list(pool.map(fill, [(name, index, key) for name in units for index, key in enumerate(keys[name])]))
     finally:
         torch.set_num_threads(threads)
-    return {name: stacked.get(name, torch.empty((0,), dtype=dtype)) for name in names}
+    return stacked
 
 
 def first_block(blocks: nn.ModuleList, modules: Sequence[nn.Module]) -> int:
@@ -315,7 +308,7 @@ def token_fisher(
     model.requires_grad_(False)
     try:
         for chunk_index, chunk in enumerate(chunks):
-            deltas = _stack_errors(chunk, keys, error_of, dtype)
+            deltas = _stack_errors({name: units[name] for name in chunk}, keys, error_of, dtype)
             handles = [units[name].register_forward_hook(make_hook(name)) for name in chunk]
             for name in (n for n in chunk if n in tied):
                 handles += [tied[name].register_forward_hook(make_lookup_hook(name)),
