@@ -220,8 +220,11 @@ class Jobs:
         """The job's events as the server sends them (``/events/stream``, server-sent events), from ``after``;
         ends when the job has ended and every event was sent. Each is ``{"seq", "kind", "data"}``."""
         headers = {"Last-Event-ID": str(after), "Accept": "text/event-stream"}
+        # a plain tuple, not an ``httpx.Timeout``: the HTTP client may be another httpx-like one (starlette's test
+        # client is built on httpx2, whose Timeout refuses httpx's)
+        own = self.client.http.timeout
         with self.client.http.stream("GET", f"/v1/jobs/{job_id}/events/stream", headers=headers,
-                                     timeout=httpx.Timeout(self.client.http.timeout.connect, read=60.0)) as response:
+                                     timeout=(own.connect, 60.0, own.write, own.pool)) as response:
             if response.status_code >= 400:
                 response.read()
                 raise _service_error(response)
