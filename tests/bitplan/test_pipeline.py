@@ -301,3 +301,36 @@ def test_salience_jobs_are_told_the_salience_encoders_error_not_rtns(tiny_llama_
             assert value == pytest.approx(by_name[unit.name][bits], rel=1e-4, abs=1e-9), (unit.name, bits)
             differs |= abs(value - rtn_unit.delta_loss[bits]) > 1e-6 * max(abs(value), 1e-9)
     assert differs  # plain RTN's error is another error: the job is no longer told that one
+
+
+def test_rtn_salience_widths_reuse_the_measured_input_energy(tiny_llama_dir: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under ``rtn-salience`` a job's widths are encoded from the input energy the sensitivity pass measured, with
+    no second calibration pass, and give what the reference path (Gram matrices collected block by block, their
+    diagonals as salience) gives."""
+    from bitplan import quantize as quantize_module
+    from bitplan.calibration import build_calibration_set
+    from bitplan.sensitivity.importance import input_energy
+
+    spec = JobSpec.from_flat(model=str(tiny_llama_dir), bits_per_weight=3.5, quantizer="rtn-salience", **SMALL)
+    loaded = load_model(str(tiny_llama_dir))
+    units = find_units(loaded.model)
+    tokens = build_calibration_set(loaded.tokenizer, text_file=None, num_samples=4, seq_len=32, seed=0).tokens
+    energy = input_energy(loaded.model, units, list(torch.split(tokens, 1)))
+    widths = (2, 3, 4, 8)
+    choice = {name: widths[index % len(widths)] for index, name in enumerate(units)}
+    passes: list[int] = []
+    collect = quantize_module.grams_by_block
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        passes.append(1)
+        yield from collect(*args, **kwargs)
+
+    monkeypatch.setattr(quantize_module, "grams_by_block", counted)
+    (fast,) = quantize_module.quantize_plans(spec, loaded, units, [choice], tokens, importance=energy)
+    assert passes == []
+    (reference,) = quantize_module.quantize_plans(spec, loaded, units, [choice], tokens)
+    assert passes == [1]
+    for name in units:
+        assert fast[name].bits == reference[name].bits == choice[name]
+        assert torch.equal(dequantize_weight(fast[name]), dequantize_weight(reference[name])), name
