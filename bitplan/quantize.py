@@ -13,8 +13,8 @@ from torch import nn
 from bitplan.errors import BitplanError
 from bitplan.models import LoadedModel, ModelKind
 from bitplan.quantizer.formats import FORMATS, GgmlWeight, encode_gptq
-from bitplan.quantizer.methods import needs_gram, quantize_unit
-from bitplan.quantizer.rtn import QuantizedWeight, quantize_rtn
+from bitplan.quantizer.methods import needs_gram, needs_whole_gram, quantize_unit
+from bitplan.quantizer.rtn import QuantizedWeight
 from bitplan.sensitivity.activations import StopFn, check_stop
 from bitplan.sensitivity.blockwise import block_grams
 from bitplan.sensitivity.kl import output_kl
@@ -37,12 +37,11 @@ def spec_needs_grams(spec: JobSpec) -> bool:
 
 
 def reuses_importance(spec: JobSpec, importance: Importance | None, units: dict[str, nn.Linear]) -> bool:
-    """Whether the job's widths are encoded by the salience-calibrated grid (``--quantizer rtn-salience``, no
-    ``--mix-groups``) with the per-column input energy the sensitivity pass already measured, the diagonal of the
-    Gram matrix it needs and the vector the told errors were computed with, instead of a second calibration pass
-    that collects whole Gram matrices only to read their diagonals."""
+    """Whether the job's widths are encoded with the per-column input energy the sensitivity pass already
+    measured (the vector the told errors were computed with) instead of a second calibration pass: where its
+    quantizer and ``--mix-groups`` read only the Gram matrices' diagonals (``rtn-salience``; not GPTQ)."""
     options = spec.quantization
-    return (options.format_names is None and options.quantizer.value == "rtn-salience" and not options.mix_groups
+    return (options.format_names is None and spec_needs_grams(spec) and not needs_whole_gram(options.quantizer.value)
             and importance is not None and all(name in importance for name in units))
 
 
@@ -100,14 +99,14 @@ def quantize_plans(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linea
 
     A calibrated quantizer (GPTQ, salience) gets each unit's input Gram matrix; they are collected block by block
     on ``tokens`` and each block's are dropped as soon as its units are quantized for every allocation, so only
-    one block's Grams are held. The salience-calibrated grid takes only their diagonals: with ``importance``
-    measured (:func:`reuses_importance`) it is encoded from that, with no second calibration pass.
+    one block's Grams are held. Where only their diagonals are read (:func:`reuses_importance`), the measured
+    ``importance`` is passed instead, with no second calibration pass.
     """
     options = spec.quantization
     quantized: list[Quantized] = [{} for _ in choices]
     done = 0
     reuse = reuses_importance(spec, importance, units)
-    energy: Importance = importance if reuse and importance is not None else {}
+    energy: Importance = importance if reuse and importance is not None else {}  # the diagonals, when reused
 
     def quantize(names: list[str], grams: dict[str, torch.Tensor] | None) -> None:
         nonlocal done
@@ -117,13 +116,10 @@ def quantize_plans(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linea
                     into[name] = encode_unit(spec, units[name].weight, chosen[name], importance, name,
                                              None if grams is None else grams[name])
                     continue
-                if reuse:  # the input energy the sensitivity pass measured (and told each width's error with)
-                    into[name] = quantize_rtn(units[name].weight, bits=chosen[name], group_size=options.group_size,
-                                              salience=energy[name].float())
-                    continue
                 into[name] = quantize_unit(units[name].weight, method=options.quantizer.value, bits=chosen[name],
                                            group_size=options.group_size, mix_groups=options.mix_groups,
-                                           damp=options.gptq_damp, gram=None if grams is None else grams[name])
+                                           damp=options.gptq_damp, gram=None if grams is None else grams[name],
+                                           salience=energy.get(name))
             done += 1
             if on_progress is not None:
                 on_progress(Stage.QUANTIZE, done, len(units))
