@@ -205,9 +205,11 @@ class Quantization:
                                 f"there (default: {TARGETS[target]})", param="formats")
         not_grids = [n for n in names or () if FORMATS[n].grid is None]
         if self.quantizer.value.startswith("gptq") and not_grids:
-            raise SpecError(f"GPTQ encodes the integer grid formats (int{{b}}-g{{g}}[-sym]); {not_grids[0]!r} is "
-                            "encoded by llama.cpp's own quantizer: choose integer grid formats (e.g. bitplan-int, "
-                            "ct-wna16) or --quantizer rtn or rtn-salience", param="formats")
+            why = ("is encoded by llama.cpp's own quantizer" if FORMATS[not_grids[0]].family == "ggml" else
+                   "has a fractional zero point, which GPTQ's integer grids do not solve for")
+            raise SpecError(f"GPTQ encodes the integer grid formats (int{{b}}-g{{g}}[-sym]); {not_grids[0]!r} {why}: "
+                            "choose integer grid formats (e.g. bitplan-int, ct-wna16) or --quantizer rtn or "
+                            "rtn-salience", param="formats")
         if names is not None and self.mix_groups:
             raise SpecError("--mix-groups mixes widths inside a layer of one grid; it does not combine with "
                             "--formats", param="formats")

@@ -5,7 +5,9 @@ Families:
 
 * ``bitplan-int``: our packed integer grids, ``int{b}-g{g}`` (asymmetric, fp16 scale and zero per group) and
   ``int{b}-g{g}-sym`` (symmetric around 0), widths 2..8, groups 32, 64, 128; encoded by round to nearest, with
-  the salience-calibrated range search when an importance vector is given (asymmetric grids);
+  the salience-calibrated range search when an importance vector is given (asymmetric grids); and
+  ``int{b}-g{g}-fzero``, the same bytes with a fractional fp16 zero point on each group's own ``[min, max]``
+  (llama.cpp's ``Q4_1`` arithmetic, :func:`~bitplan.quantizer.rtn.quantize_offset`; min/max, no range search);
 * ``ggml``: llama.cpp's types, encoded by llama.cpp's own ``ggml_quantize_chunk`` with the importance vector
   (:mod:`bitplan.quantizer.ggml`), decoded by the ``gguf`` package. K-quants and most IQ types need rows
   divisible by 256, the legacy ones by 32: ``legal`` says so.
@@ -29,7 +31,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from bitplan.quantizer import ggml
-from bitplan.quantizer.rtn import QuantizedWeight, dequantize_weight, quantize_rtn
+from bitplan.quantizer.rtn import QuantizedWeight, dequantize_weight, quantize_offset, quantize_rtn
 from bitplan.quantizer.sizes import quantized_bytes, stored_bytes
 
 Shape = tuple[int, int]  # (out_features, in_features)
@@ -99,6 +101,14 @@ def _int_format(bits: int, group_size: int, symmetric: bool) -> Format:
                   encode=encode, decode=dequantize_weight, nominal_bits=bits, grid=(bits, group_size, symmetric))
 
 
+def _offset_format(bits: int, group_size: int) -> Format:
+    """``int{b}-g{g}-fzero``: not a GPTQ grid (``grid`` stays ``None``: GPTQ's integer zero points)."""
+    return Format(name=f"int{bits}-g{group_size}-fzero", family="bitplan-int", legal=lambda shape: shape[1] >= 1,
+                  bytes=lambda shape: quantized_bytes(shape[0], shape[1], bits=bits, group_size=group_size),
+                  encode=lambda weight, importance: quantize_offset(weight, bits=bits, group_size=group_size),
+                  decode=dequantize_weight, nominal_bits=bits)
+
+
 def _ggml_format(qtype: T) -> Format:
     def legal(shape: Shape) -> bool:
         return shape[1] % ggml.block_size(qtype) == 0
@@ -124,6 +134,7 @@ GGML_TYPES = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q4_0, T.Q4_1, T.
 def _build() -> dict[str, Format]:
     formats = [_int_format(bits, group, symmetric) for bits in range(2, 9) for group in (32, 64, 128)
                for symmetric in (False, True)]
+    formats += [_offset_format(bits, group) for bits in range(2, 9) for group in (32, 64, 128)]
     formats += [_ggml_format(qtype) for qtype in GGML_TYPES]
     return {f.name: f for f in formats}
 
@@ -145,6 +156,11 @@ GGUF_LEGACY = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 PRESETS: dict[str, tuple[str, ...] | None] = {
     "bitplan-default": None,
     "bitplan-int": tuple(f"int{b}-g{g}" for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128)),
+    # bitplan-int's grids that its allocations chose on SmolLM2 (bench/results/pipeline-smollm2-*), one width
+    # each above 4 bits, and the 4-bit fractional-zero grid in groups of 32 (a Q4_1 source's own grid): half the
+    # options, so half the per-token products of the sensitivity pass
+    "bitplan-mix": ("int2-g128", "int3-g128", "int3-g64", "int4-g128", "int4-g64", "int4-g32-fzero", "int5-g128",
+                    "int6-g128", "int8-g128"),
     "gguf-k": ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", *GGUF_LEGACY),
     "gguf-legacy": GGUF_LEGACY,
     # what transformers' compressed-tensors integration loads and vLLM's WNA16 kernels (Marlin/Machete, GPTQ

@@ -22,6 +22,26 @@ def grid_params(low: torch.Tensor, high: torch.Tensor, bits: int) -> tuple[torch
     return scale, zero
 
 
+OFFSET_ZERO_LIMIT = 256.0  # fp16 holds a fractional zero to 1/8 of a code up to here
+
+
+def offset_grid_params(low: torch.Tensor, high: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and *fractional* zero point of the grid spanning exactly ``[low, high]`` (not widened to include 0):
+    ``scale = (high - low) / (2**bits - 1)`` and ``zero = -low / scale``, each rounded to fp16, decoded as
+    ``(code - zero) * scale``: llama.cpp's ``Q4_1`` arithmetic (``w = d * q + m`` with ``m = -zero * scale``) in
+    our packed layout. A group whose range lies so far from 0 that fp16 would round its zero by more than an
+    eighth of a code (``|zero| > OFFSET_ZERO_LIMIT``) takes the integer grid of :func:`grid_params` instead."""
+    max_code = (1 << bits) - 1
+    scale = ((high - low) / max_code).clamp(min=1e-8).to(torch.float16)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale).float()
+    zero = -low / scale
+    far = ~(zero.abs() <= OFFSET_ZERO_LIMIT)  # NaN-safe
+    if bool(far.any()):
+        int_scale, int_zero = grid_params(low, high, bits)
+        scale, zero = torch.where(far, int_scale, scale), torch.where(far, int_zero, zero)
+    return scale, zero.to(torch.float16).float()
+
+
 def symmetric_grid_params(absmax: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and the fixed zero point ``2**(bits-1)`` of a grid symmetric around 0:
     ``scale = max|w| / (2**(bits-1) - 1)`` (fp16-representable), so ``-max..max`` are codes ``1..2**bits - 1``."""

@@ -9,6 +9,7 @@ import torch
 from bitplan.kernels.dequant import dequantize_groupwise
 from bitplan.quantizer.grid import (
     grid_params,
+    offset_grid_params,
     salience_calibrated_groups,
     salience_calibrated_params,
     symmetric_grid_params,
@@ -23,7 +24,7 @@ class QuantizedWeight:
     Attributes:
         codes: ``(out_features, in_features)`` uint8 in ``[0, 2**bits)``.
         scales: ``(out_features, n_groups)`` float16.
-        zeros: ``(out_features, n_groups)`` float16, integer-valued.
+        zeros: ``(out_features, n_groups)`` float16, integer-valued (fractional for :func:`quantize_offset`).
         bits: the width of every group (the widest group's when ``group_bits`` is set).
         group_bits: one width per column group (mixed precision inside the layer), or ``None``.
     """
@@ -85,6 +86,25 @@ def quantize_rtn(weight: torch.Tensor, *, bits: int, group_size: int,
     else:
         scale, zeros = grid_params(low, high, bits)
     codes = to_codes(groups, scale.unsqueeze(2), zeros.unsqueeze(2), bits)
+    codes = codes.reshape(w.shape[0], -1)[:, : w.shape[1]].to(torch.uint8)
+    return QuantizedWeight(codes=codes, scales=scale.to(torch.float16), zeros=zeros.to(torch.float16), bits=bits,
+                           group_size=group_size)
+
+
+def quantize_offset(weight: torch.Tensor, *, bits: int, group_size: int) -> QuantizedWeight:
+    """Round to nearest on each group's own ``[min, max]`` with an fp16 scale and an fp16 *fractional* zero point
+    (:func:`quantizer.grid.offset_grid_params`, llama.cpp's ``Q4_1`` arithmetic): ``q = clamp(round(w / scale +
+    zero), 0, 2**bits - 1)``, decoded ``(q - zero) * scale`` like every packed grid (same bytes as the integer
+    zero point). A weight already on such a grid (a ``Q4_1`` source at 4 bits in groups of 32) comes back to
+    fp16's rounding of the offset."""
+    check_quantization_args(weight, bits, group_size)
+    w = weight.detach().float()
+    groups, mask = _group_view(w, group_size)
+    inf = torch.tensor(float("inf"))
+    low = torch.where(mask, groups, inf).amin(dim=2)
+    high = torch.where(mask, groups, -inf).amax(dim=2)
+    scale, zeros = offset_grid_params(low, high, bits)
+    codes = (groups / scale.unsqueeze(2)).add_(zeros.unsqueeze(2)).round_().clamp_(0, (1 << bits) - 1)
     codes = codes.reshape(w.shape[0], -1)[:, : w.shape[1]].to(torch.uint8)
     return QuantizedWeight(codes=codes, scales=scale.to(torch.float16), zeros=zeros.to(torch.float16), bits=bits,
                            group_size=group_size)

@@ -110,6 +110,23 @@ def test_issue16_integer_formats_mix_group_sizes_and_grids(wide_llama_dir: Path,
 
 
 
+def test_issue16_fractional_zero_grids_load_in_the_packed_folder(wide_llama_dir: Path, tmp_path: Path) -> None:
+    """Every layer in ``int4-g32-fzero``: the packed folder stores the fractional fp16 zero points as they are,
+    and the loaded ``QuantLinear`` layers hold exactly the format's own ``decode(encode(W))``."""
+    run = run_pipeline(JobSpec.from_flat(model=str(wide_llama_dir), bits_per_weight=5.0, formats="int4-g32-fzero",
+                                         **SMALL), out=tmp_path / "fzero")
+    assert {u["format"] for u in run.units} == {"int4-g32-fzero"} and run.bytes == run.predicted_bytes
+    source = load_model(str(wide_llama_dir)).model
+    model, _, manifest = load_artifact(Path(run.artifact))
+    fractional = 0
+    for unit in manifest.units:
+        layer = model.get_submodule(unit.name)
+        expected = FORMATS["int4-g32-fzero"].roundtrip(source.get_submodule(unit.name).weight.detach().float())
+        assert torch.equal(layer.dequantized_weight(), expected), unit.name
+        fractional += int((layer.codes_scales_zeros()[2].float().frac() != 0).sum())
+    assert fractional > 0  # the zero points were not rounded on the way
+
+
 def test_issue16_gptq_encodes_integer_formats_and_the_allocator_is_told_its_error(wide_llama_dir: Path,
                                                                                    tmp_path: Path) -> None:
     """``--quantizer gptq`` with integer grid formats (asymmetric and symmetric, mixed group sizes): every unit is
@@ -203,6 +220,7 @@ def test_issue16_sensitivity_cache_keys_include_the_formats(wide_llama_dir: Path
     ({"formats": "gguf-k", "quantizer": "gptq"}, "formats", "GPTQ encodes the integer grid formats.*'Q2_K' is "
      "encoded by llama.cpp's own quantizer"),
     ({"formats": "int4-g32,Q8_0", "quantizer": "gptq-salience"}, "formats", "'Q8_0' is encoded by llama.cpp"),
+    ({"formats": "bitplan-mix", "quantizer": "gptq"}, "formats", "'int4-g32-fzero' has a fractional zero point"),
     ({"formats": "gguf-k", "mix_groups": True}, "formats", "does not combine with --formats"),
     ({"formats": "gguf-k", "pinned": ["*=7"]}, "pinned", "no candidate format has 7 bits"),
     ({"formats": "gguf-k", "kl_refine_windows": 1}, "kl_refine_windows", "does not yet combine"),

@@ -68,6 +68,49 @@ def test_issue16_formats_json_lists_every_format() -> None:
     assert listed["int4-g128"]["family"] == "bitplan-int" and listed["int4-g128"]["bits_per_weight"] == 4.25
 
 
+def test_issue16_fractional_zero_grid_gives_llama_cpps_q4_1_weight_back(weight: torch.Tensor) -> None:
+    """A weight llama.cpp quantized to Q4_1 (what the bundled SmolLM2 file holds) lies on a 4-bit grid of 32
+    columns with an fp16 scale and minimum: ``int4-g32-fzero`` (same bytes) gives it back to fp16's rounding of
+    the offset; the integer zero point of ``int4-g32`` cannot."""
+    blocks = quantize_ggml(weight, T.Q4_1)
+    q4_1 = FORMATS["Q4_1"].decode(GgmlWeight("Q4_1", blocks, SHAPE))
+    step = float((q4_1.amax(dim=1) - q4_1.amin(dim=1)).max()) / 15  # the widest block's scale, at most
+    offset = float((FORMATS["int4-g32-fzero"].roundtrip(q4_1) - q4_1).abs().max())
+    integer = float((FORMATS["int4-g32"].roundtrip(q4_1) - q4_1).abs().max())
+    assert offset <= 2.0**-8 * step and offset < 0.02 * integer  # fp16 holds an offset below 8 to 2**-9 of a code
+    assert FORMATS["int4-g32-fzero"].bytes(SHAPE) == FORMATS["int4-g32"].bytes(SHAPE) == FORMATS["Q4_1"].bytes(SHAPE)
+
+
+@pytest.mark.parametrize(("bits", "group"), [(4, 32), (3, 128), (2, 64)])
+def test_issue16_fractional_zero_encoder_matches_a_group_by_group_reference(bits: int, group: int) -> None:
+    """The whole-matrix encoder against the obviously correct loop over groups (``q = round(w / s + z)`` on each
+    group's own min and max, fp16 scale and offset), on columns that leave a partial last group, plus one row far
+    from 0 (its groups take the integer grid) and one constant row."""
+    from bitplan.quantizer.grid import OFFSET_ZERO_LIMIT, grid_params
+    from bitplan.quantizer.rtn import quantize_offset
+
+    torch.manual_seed(3)
+    w = torch.randn(6, 3 * group + 5)
+    w[4] = 50.0 + 1e-3 * torch.rand(w.shape[1])
+    w[5] = 0.25
+    got = quantize_offset(w, bits=bits, group_size=group)
+    top = (1 << bits) - 1
+    for start in range(0, w.shape[1], group):
+        values = w[:, start:start + group]
+        low, high = values.amin(dim=1, keepdim=True), values.amax(dim=1, keepdim=True)
+        scale = ((high - low) / top).clamp(min=1e-8).half().float()
+        scale[scale == 0] = 1.0
+        zero = -low / scale
+        far = zero.abs() > OFFSET_ZERO_LIMIT
+        fallback = grid_params(low, high, bits)
+        scale, zero = torch.where(far, fallback[0], scale), torch.where(far, fallback[1], zero).half().float()
+        codes = (values / scale + zero).round().clamp(0, top)
+        g = start // group
+        assert torch.equal(got.scales[:, g:g + 1].float(), scale) and torch.equal(got.zeros[:, g:g + 1].float(), zero)
+        assert torch.equal(got.codes[:, start:start + group].float(), codes)
+    assert bool((got.zeros[4].float().frac() == 0).all())  # far from 0: the integer grid
+
+
 @pytest.fixture()
 def no_remembered_sources(monkeypatch: pytest.MonkeyPatch) -> None:
     from bitplan.quantizer import ggml
