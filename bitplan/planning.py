@@ -151,19 +151,30 @@ def unit_sizes(units: dict[str, nn.Linear], bits: tuple[int, ...], group_size: i
 def check_budget_coarsely(spec: JobSpec) -> None:
     """Reject a bits-per-weight budget below ``min bits + 32 / group size`` (one fp16 scale and zero per full
     group) or above ``max bits + 32`` (a group of one weight) before loading anything: no allocation can be
-    smaller, or larger."""
-    bits, group_size = sorted(spec.allocation.candidate_bits), spec.quantization.group_size
-    floor, ceiling = min(bits) + 32 / group_size, max(bits) + 32
+    smaller, or larger. With a format set: below its cheapest format's bits per weight (an integer grid's
+    full groups; a GGML type's blocks, the same for every legal shape) or above its widest grid's ``bits + 32``
+    (or its largest GGML type)."""
+    names = spec.quantization.format_names
+    if names is None:
+        bits, group_size = sorted(spec.allocation.candidate_bits), spec.quantization.group_size
+        floor, ceiling = min(bits) + 32 / group_size, max(bits) + 32
+        chosen, low_why = f"with bits {bits} and group size {group_size}", ("the lowest bit width plus 32 bits of "
+                                                                             "fp16 scale and zero per group")
+    else:
+        formats = [FORMATS[n] for n in names]
+        floor = min(f.bits_per_weight() for f in formats)
+        ceiling = max(f.bits_per_weight() if f.family == "ggml" else f.nominal_bits + 32
+                      for f in formats)
+        chosen, low_why = f"with formats {spec.quantization.formats or ','.join(names)!r}", "its cheapest format"
     for index, budget in enumerate(spec.budget.bits_per_weight):
         if budget < floor:
             raise BudgetError(
-                f"budget {spec.budget.describe(index)} is below the smallest achievable size: with bits {bits} and "
-                f"group size {group_size} no model goes below {floor:.4f} bits per weight (the lowest bit width "
-                f"plus 32 bits of fp16 scale and zero per group)", param="bits_per_weight")
+                f"budget {spec.budget.describe(index)} is below the smallest achievable size: {chosen} no model "
+                f"goes below {floor:.4f} bits per weight ({low_why})", param="bits_per_weight")
         if budget > ceiling:
             raise BudgetError(
-                f"budget {spec.budget.describe(index)} is above the largest achievable size: with bits {bits} no "
-                f"model goes above {ceiling} bits per weight; give at most the largest candidate width plus its "
+                f"budget {spec.budget.describe(index)} is above the largest achievable size: {chosen} no model "
+                f"goes above {ceiling:g} bits per weight; give at most the largest candidate width plus its "
                 f"scales and zeros", param="bits_per_weight")
 
 

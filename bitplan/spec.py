@@ -38,6 +38,9 @@ SolverChoice.__doc__ = "An allocation solver (allocator.solve_allocation)."
 QuantizerChoice = Enum("QuantizerChoice", {q.upper().replace("-", "_"): q for q in QUANTIZERS}, type=str)  # type: ignore[misc]
 QuantizerChoice.__doc__ = "A quantizer (quantizer.methods)."
 TARGETS = {"bitplan": None, "gguf": "gguf-k", "compressed-tensors": "ct-wna16"}  # target -> default formats
+# The packed target's default set for a job that asks for nothing it cannot do (:meth:`JobSpec.default_formats`):
+# measured best on WikiText-2 (bench/results/pipeline-smollm2-bitplan-mix-rtn-salience-2026-12-05.json)
+PACKED_DEFAULT_FORMATS = "bitplan-mix"
 TargetChoice = Enum("TargetChoice", {t.upper().replace("-", "_"): t for t in TARGETS}, type=str)  # type: ignore[misc]
 TargetChoice.__doc__ = "Where the model will run: our packed folder, a GGUF for llama.cpp, or compressed-tensors."
 TARGET_LEGAL = {"gguf": "GGML types (a gguf-* preset)", "compressed-tensors": "the ct-wna16 formats (int4/int8, "
@@ -180,9 +183,11 @@ class Quantization:
                                     flag="--gptq-damp", minimum=0.0001, maximum=1.0)
     formats: str | None = option_field(
         None, "str", "candidate formats per layer: a preset (bitplan-default: the --bits widths at --group-size; "
-        "bitplan-int; gguf-k; gguf-legacy; gguf-all) or comma-separated names from `bitplan formats`; each layer "
-        "chooses among the ones legal for its shape, with the real error of each (default: the target's; "
-        "gguf: gguf-k)", flag="--formats")
+        "bitplan-mix; bitplan-int; gguf-k; gguf-legacy; gguf-all) or comma-separated names from `bitplan formats`; "
+        "each layer chooses among the ones legal for its shape, with the real error of each (default: the "
+        "target's: bitplan-mix for a packed job under a budget with the rtn-salience quantizer, the default --bits "
+        "and --group-size, no --mix-groups and no KL refinement, else bitplan-default; gguf: gguf-k)",
+        flag="--formats")
     target: Any = option_field(TargetChoice.BITPLAN, "enum", "the file the model runs from: bitplan (our packed "
                                "folder), gguf (OUT/model.gguf beside the manifest, for llama.cpp; its layers "
                                "choose among GGML types only) or compressed-tensors (OUT loads with transformers' "
@@ -283,6 +288,9 @@ class JobSpec:
         if self.version != SPEC_VERSION:
             raise SpecError(f"job spec version {self.version} is not supported (this bitplan reads version "
                             f"{SPEC_VERSION})", param="version")
+        if self.default_formats():
+            object.__setattr__(self, "quantization",
+                               dataclasses.replace(self.quantization, formats=PACKED_DEFAULT_FORMATS))
         self._check_widths()
         self._check_refinement()
         if self.budget.file_bytes is not None and self.quantization.target.value != "gguf":
@@ -294,8 +302,20 @@ class JobSpec:
                             param=self.budget.time_param)
         from bitplan.planning import check_budget_coarsely  # the rule lives beside the exact one
 
-        if self.quantization.format_names is None:
-            check_budget_coarsely(self)
+        check_budget_coarsely(self)
+
+    def default_formats(self) -> bool:
+        """Whether this job, which names no formats, takes the packed target's default set
+        (:data:`PACKED_DEFAULT_FORMATS`, written into the spec so that its record says what ran): a budgeted
+        packed job under the default quantizer, widths and group size, without --mix-groups or KL refinement.
+        Anything else keeps the widths (``bitplan-default``), the one option set those features work on."""
+        defaults = {o.name: o.default for o in OPTIONS}
+        return (self.quantization.formats is None and self.quantization.target.value == "bitplan"
+                and self.budget.uniform_bits is None and not self.quantization.mix_groups
+                and not self.refinement.kl_refine_windows
+                and self.quantization.quantizer == defaults["quantizer"]
+                and self.allocation.candidate_bits == defaults["candidate_bits"]
+                and self.quantization.group_size == defaults["group_size"])
 
     def _check_formats(self) -> None:
         names = self.quantization.format_names

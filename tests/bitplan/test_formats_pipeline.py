@@ -243,6 +243,30 @@ def test_issue16_a_shape_no_candidate_can_store_is_explained(tiny_llama_dir: Pat
     assert caught.value.param == "formats"
 
 
+@pytest.mark.parametrize(("flat", "expected"), [
+    ({}, "bitplan-mix"),
+    ({"bytes": 10_000}, "bitplan-mix"),
+    ({"formats": "bitplan-default"}, None),
+    ({"candidate_bits": (2, 3, 4)}, None),
+    ({"group_size": 64}, None),
+    ({"quantizer": "gptq"}, None),
+    ({"quantizer": "rtn"}, None),
+    ({"mix_groups": True}, None),
+    ({"kl_refine_windows": 2, "num_samples": 8}, None),
+    ({"target": "gguf"}, "gguf-k"),
+])
+def test_issue16_the_default_set_is_bitplan_mix_where_the_job_allows_it(flat: dict, expected: str | None) -> None:
+    """Without --formats a budgeted packed job takes the measured default set, and the spec records it (the job
+    record and manifest say what ran); the features that work on widths keep the widths (bitplan-default)."""
+    budget = {} if "bytes" in flat else {"bits_per_weight": 4.0}
+    spec = JobSpec.from_flat(model="x", **budget, **flat)
+    assert spec.quantization.format_names == (None if expected is None else PRESETS[expected])
+    if expected == "bitplan-mix":
+        assert spec.to_dict()["quantization"]["formats"] == "bitplan-mix"
+        assert JobSpec.from_dict(spec.to_dict()) == spec
+    assert JobSpec.from_flat(model="x", uniform_bits=4).quantization.format_names is None
+
+
 def test_issue16_presets_resolve() -> None:
     assert resolve_formats(None) is None and resolve_formats("bitplan-default") is None
     assert resolve_formats("gguf-all") == tuple(n for n, f in FORMATS.items() if f.family == "ggml")

@@ -160,7 +160,9 @@ def test_pins_that_do_not_fit_or_match_are_explained(tiny_llama_dir: Path, tmp_p
         run_pipeline(JobSpec.from_flat(model=str(tiny_llama_dir), bits_per_weight=3.5, pinned=(("*.nonexistent", 8),),
                                        **SMALL), out=tmp_path / "b")
     with pytest.raises(BitplanError, match="not a candidate width"):
-        JobSpec.from_flat(model="x", bits_per_weight=3.5, pinned=(("*", 5),))
+        JobSpec.from_flat(model="x", bits_per_weight=3.5, formats="bitplan-default", pinned=(("*", 5),))
+    with pytest.raises(BitplanError, match="no candidate format has 7 bits"):  # the default set: bitplan-mix
+        JobSpec.from_flat(model="x", bits_per_weight=3.5, pinned=(("*", 7),))
 
 
 def test_several_budgets_compute_sensitivity_once(tiny_llama_dir: Path, tmp_path: Path,
