@@ -44,7 +44,8 @@ def main() -> None:
     parser.add_argument("--metric", default="auto")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--budgets", default="3.5,3.75")
-    parser.add_argument("--formats", default=None, help="candidate formats (a preset or names; default: --bits)")
+    parser.add_argument("--formats", default=None, help="candidate formats (a preset or names); default: the "
+                        "job's own (bitplan-mix under --quantizer rtn-salience, else the --bits widths)")
     parser.add_argument("--quantizer", default="rtn")
     parser.add_argument("--uniform-quantizer", default="rtn", help="the uniform 3- and 4-bit baselines' quantizer "
                         "(recovery is measured between them); with --budgets '' only the baselines run")

@@ -88,7 +88,7 @@ def main() -> None:
 
     report["float_ppl"] = ppl()
     spec = JobSpec.from_flat(model=args.model, bits_per_weight=args.mixed_bpw, num_samples=args.samples,
-                             calibration_text=calibration_text)
+                             calibration_text=calibration_text, formats="bitplan-default")  # widths: per-width rows
     report["calibration"] = args.calibration
     group_size = spec.quantization.group_size
     sizes = unit_sizes(units, spec.widths, group_size)

@@ -283,7 +283,8 @@ def error_budget_report(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for budget in (int(b) for b in args.error_bytes.split(",")):
         spec = JobSpec.from_flat(model=args.model, bits_per_weight=4.0, metric="token_taylor",
-                                 num_samples=args.samples, seq_len=args.seq_len, max_error_bytes=budget)
+                                 formats="bitplan-default", num_samples=args.samples, seq_len=args.seq_len,
+                                 max_error_bytes=budget)
         payload = in_fresh_process(metric_run, spec)
         predicted = np.array([v for u in payload["result"]["units"] for _, v in sorted(u["delta_loss"].items())])
         first = rows[0]["predicted"] if rows else predicted
@@ -344,7 +345,7 @@ def correlation_report(args: argparse.Namespace) -> dict[str, Any]:
         text = calibration_text(kind, args.text, text_tokens, args.seq_len, args.windows)
         table = report["metrics"][kind] = {}
         for metric in args.metrics.split(","):
-            spec = JobSpec.from_flat(model=args.model, bits_per_weight=4.0, metric=metric,
+            spec = JobSpec.from_flat(model=args.model, bits_per_weight=4.0, metric=metric, formats="bitplan-default",
                                      num_samples=args.samples, seq_len=args.seq_len, calibration_text=text)
             payload = in_fresh_process(metric_run, spec)
             predicted = {u["name"]: u["delta_loss"][str(args.bits)] for u in payload["result"]["units"]}
