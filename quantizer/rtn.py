@@ -47,6 +47,12 @@ def _group_view(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, to
     return padded, mask.reshape(1, n_groups, group_size)
 
 
+def _group_range(groups: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's ``(min, max)`` over its valid columns (the padding of a partial last group left out)."""
+    inf = torch.tensor(float("inf"))
+    return torch.where(mask, groups, inf).amin(dim=2), torch.where(mask, groups, -inf).amax(dim=2)
+
+
 def check_quantization_args(weight: torch.Tensor, bits: int, group_size: int) -> None:
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
@@ -78,9 +84,7 @@ def quantize_rtn(weight: torch.Tensor, *, bits: int, group_size: int,
             raise ValueError("the salience-weighted range search fits asymmetric grids")
         return _quantize_rtn_calibrated(w, bits, group_size, salience.float())
     groups, mask = _group_view(w, group_size)
-    inf = torch.tensor(float("inf"))
-    low = torch.where(mask, groups, inf).amin(dim=2)
-    high = torch.where(mask, groups, -inf).amax(dim=2)
+    low, high = _group_range(groups, mask)
     if symmetric:
         scale, zeros = symmetric_grid_params(torch.maximum(low.abs(), high.abs()), bits)
     else:
@@ -100,10 +104,7 @@ def quantize_offset(weight: torch.Tensor, *, bits: int, group_size: int) -> Quan
     check_quantization_args(weight, bits, group_size)
     w = weight.detach().float()
     groups, mask = _group_view(w, group_size)
-    inf = torch.tensor(float("inf"))
-    low = torch.where(mask, groups, inf).amin(dim=2)
-    high = torch.where(mask, groups, -inf).amax(dim=2)
-    scale, zeros = offset_grid_params(low, high, bits)
+    scale, zeros = offset_grid_params(*_group_range(groups, mask), bits)
     codes = (groups / scale.unsqueeze(2)).add_(zeros.unsqueeze(2)).round_().clamp_(0, (1 << bits) - 1)
     codes = codes.reshape(w.shape[0], -1)[:, : w.shape[1]].to(torch.uint8)
     return QuantizedWeight(codes=codes, scales=scale.to(torch.float16), zeros=zeros.to(torch.float16), bits=bits,

@@ -111,6 +111,12 @@ def export_compressed_tensors(artifact: Path, out: Path) -> ExportReport:
         raise BitplanError(f"{len(ggml_units)} units of this artifact are stored in GGML types (first: "
                            f"{ggml_units[0]}), which compressed-tensors cannot hold; export it as gguf, or make "
                            f"the artifact with integer formats (--formats bitplan-int)", param="format")
+    fractional = [name for name, u in units.items() if bool((u.zeros.float().frac() != 0).any())]
+    if fractional:
+        raise BitplanError(f"{len(fractional)} units of this artifact have fractional zero points (an -fzero "
+                           f"format; first: {fractional[0]}), which compressed-tensors' integer zero points cannot "
+                           f"hold; export it as gguf, or make the artifact with --formats bitplan-int or ct-wna16",
+                           param="format")
     notes = ["vllm_kernel: the WNA16 kernel vLLM would choose per layer on Hopper (sm90), Ampere (sm80) and Turing "
              "(sm75) GPUs, by its kernels' rules (bitplan/exports/vllm_kernels.py; a prediction, not run here)",
              "bytes counts the quantized layers' tensors (packed codes, fp16 scales, packed zero points, shapes); "

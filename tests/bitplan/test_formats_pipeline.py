@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from bitplan.artifact import MANIFEST, load_artifact
-from bitplan.errors import BudgetError, SpecError
+from bitplan.errors import BitplanError, BudgetError, SpecError
+from bitplan.exports import export_artifact
 from bitplan.models import causal_lm_loss, load_model
 from bitplan.pipeline import run_budgets, run_pipeline
 from bitplan.quantizer.formats import FORMATS, PRESETS, decode_weight, resolve_formats
@@ -125,6 +126,9 @@ def test_issue16_fractional_zero_grids_load_in_the_packed_folder(wide_llama_dir:
         assert torch.equal(layer.dequantized_weight(), expected), unit.name
         fractional += int((layer.codes_scales_zeros()[2].float().frac() != 0).sum())
     assert fractional > 0  # the zero points were not rounded on the way
+    with pytest.raises(BitplanError, match="fractional zero points") as caught:  # its integer zero points cannot
+        export_artifact(Path(run.artifact), format="compressed-tensors", out=tmp_path / "ct")
+    assert caught.value.param == "format" and not (tmp_path / "ct").exists()
 
 
 def test_issue16_gptq_encodes_integer_formats_and_the_allocator_is_told_its_error(wide_llama_dir: Path,
