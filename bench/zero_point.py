@@ -32,23 +32,9 @@ import torch
 from bitplan.calibration import read_text
 from bitplan.evaluation import perplexity, tokenize_for_perplexity
 from bitplan.models import load_model
-from bitplan.quantizer.rtn import dequantize_weight, quantize_rtn
+from bitplan.quantizer.rtn import dequantize_weight, quantize_offset, quantize_rtn
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "wiki.test.raw"
-
-
-def fractional_offset_roundtrip(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    """``weight`` through a grid spanning each group's ``[min, max]`` with fp16 scale and fp16 fractional zero."""
-    max_code = (1 << bits) - 1
-    out = torch.empty_like(weight)
-    for start in range(0, weight.shape[1], group_size):
-        values = weight[:, start:start + group_size]
-        low, high = values.amin(dim=1, keepdim=True), values.amax(dim=1, keepdim=True)
-        scale = ((high - low) / max_code).clamp(min=1e-8).half().float()
-        zero = (-low / scale).half().float()
-        codes = (values / scale + zero).round().clamp(0, max_code)
-        out[:, start:start + group_size] = (codes - zero) * scale
-    return out
 
 
 def main() -> None:
@@ -76,7 +62,7 @@ def main() -> None:
             if zero == "int":
                 rounded = dequantize_weight(quantize_rtn(weight, bits=int(bits), group_size=int(group)))
             else:
-                rounded = fractional_offset_roundtrip(weight, int(bits), int(group))
+                rounded = dequantize_weight(quantize_offset(weight, bits=int(bits), group_size=int(group)))
             error += (rounded - weight).pow(2).sum().item()
             total += weight.pow(2).sum().item()
             module.weight.data.copy_(rounded.to(module.weight.dtype))

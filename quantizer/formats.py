@@ -90,23 +90,20 @@ def encode_gptq(fmt: str, weight: torch.Tensor, gram: torch.Tensor, *, damp: flo
                          config=GPTQConfig(damp=damp, salience=salience and not symmetric, symmetric=symmetric))
 
 
-def _int_format(bits: int, group_size: int, symmetric: bool) -> Format:
+def _int_format(bits: int, group_size: int, symmetric: bool = False, offset: bool = False) -> Format:
+    """``int{b}-g{g}``, ``-sym`` or ``-fzero`` (``offset``: the fractional zero point, which GPTQ's integer grids
+    do not solve for, so its ``grid`` stays ``None``)."""
     def encode(weight: torch.Tensor, importance: torch.Tensor | None) -> Any:
+        if offset:
+            return quantize_offset(weight, bits=bits, group_size=group_size)
         salience = None if symmetric else importance
         return quantize_rtn(weight, bits=bits, group_size=group_size, salience=salience, symmetric=symmetric)
 
-    return Format(name=f"int{bits}-g{group_size}{'-sym' if symmetric else ''}", family="bitplan-int",
-                  legal=lambda shape: shape[1] >= 1,
+    suffix = "-sym" if symmetric else "-fzero" if offset else ""
+    return Format(name=f"int{bits}-g{group_size}{suffix}", family="bitplan-int", legal=lambda shape: shape[1] >= 1,
                   bytes=lambda shape: quantized_bytes(shape[0], shape[1], bits=bits, group_size=group_size),
-                  encode=encode, decode=dequantize_weight, nominal_bits=bits, grid=(bits, group_size, symmetric))
-
-
-def _offset_format(bits: int, group_size: int) -> Format:
-    """``int{b}-g{g}-fzero``: not a GPTQ grid (``grid`` stays ``None``: GPTQ's integer zero points)."""
-    return Format(name=f"int{bits}-g{group_size}-fzero", family="bitplan-int", legal=lambda shape: shape[1] >= 1,
-                  bytes=lambda shape: quantized_bytes(shape[0], shape[1], bits=bits, group_size=group_size),
-                  encode=lambda weight, importance: quantize_offset(weight, bits=bits, group_size=group_size),
-                  decode=dequantize_weight, nominal_bits=bits)
+                  encode=encode, decode=dequantize_weight, nominal_bits=bits,
+                  grid=None if offset else (bits, group_size, symmetric))
 
 
 def _ggml_format(qtype: T) -> Format:
@@ -134,7 +131,7 @@ GGML_TYPES = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q4_0, T.Q4_1, T.
 def _build() -> dict[str, Format]:
     formats = [_int_format(bits, group, symmetric) for bits in range(2, 9) for group in (32, 64, 128)
                for symmetric in (False, True)]
-    formats += [_offset_format(bits, group) for bits in range(2, 9) for group in (32, 64, 128)]
+    formats += [_int_format(bits, group, offset=True) for bits in range(2, 9) for group in (32, 64, 128)]
     formats += [_ggml_format(qtype) for qtype in GGML_TYPES]
     return {f.name: f for f in formats}
 

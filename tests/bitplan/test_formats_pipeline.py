@@ -126,6 +126,8 @@ def test_issue16_fractional_zero_grids_load_in_the_packed_folder(wide_llama_dir:
         assert torch.equal(layer.dequantized_weight(), expected), unit.name
         fractional += int((layer.codes_scales_zeros()[2].float().frac() != 0).sum())
     assert fractional > 0  # the zero points were not rounded on the way
+    assert run.bits_per_weight <= 5.0 and manifest.achieved.bytes == run.bytes
+    from_pretrained_matches_our_loader(Path(run.artifact))  # transformers' own loader, same logits
     with pytest.raises(BitplanError, match="fractional zero points") as caught:  # its integer zero points cannot
         export_artifact(Path(run.artifact), format="compressed-tensors", out=tmp_path / "ct")
     assert caught.value.param == "format" and not (tmp_path / "ct").exists()
