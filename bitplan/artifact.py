@@ -14,7 +14,10 @@ Layout of an artifact directory (format version 1):
   the manifest's ``tensors`` names each unit's tensors. Since version 3 a unit in a GGML type (manifest ``format``
   ``Q4_K`` etc., ``layout: ggml-blocks``) stores ``NAME.ggml``, its ``(out_features, row_bytes)`` uint8 blocks as
   llama.cpp lays them out; it loads as a float ``nn.Linear`` (dequantized by the ``gguf`` package), and the GGUF
-  export copies its blocks unchanged. Versions 1 and 2 still load;
+  export copies its blocks unchanged. Since version 4 a unit whose scales and zeros are double-quantized (manifest
+  ``format`` ``int{b}-g{g}-fzero-dq{k}``) stores ``NAME.scales_q`` and ``NAME.zeros_q`` (``k``-bit codes, packed
+  like the weight's) and ``NAME.scale_range`` ``(out_features, 4)`` float16 (each row's scale low and step, zero
+  low and step) in place of ``NAME.scales`` and ``NAME.zeros``. Versions 1 to 3 still load;
 * ``manifest.json``: format version, per-unit bits and group size, budget, achieved size measured from the
   written file, solver and sensitivity details, calibration hash, and the sha256 of every other file.
 """
@@ -216,6 +219,12 @@ def _write_units(staging: Path, modules: dict[str, nn.Module], quantized: Mappin
     return units
 
 
+def scale_bits_of(format_name: str | None) -> int | None:
+    """The width of a unit's double-quantized scale codes (``int{b}-g{g}-fzero-dq{k}``), else ``None``."""
+    known = FORMATS.get(format_name) if format_name else None
+    return None if known is None else known.scale_bits
+
+
 def ggml_block(qtype: str) -> int:
     """Weights per block along a row of GGML type ``qtype``."""
     from bitplan.quantizer.ggml import block_size
@@ -247,7 +256,8 @@ def load_artifact(path: Path | str, *, verify: bool = True) -> tuple[nn.Module, 
             state[f"{unit.name}.weight"] = weight
             continue
         setattr(parent, child, QuantLinear(unit.in_features, unit.out_features, bits=unit.bits,
-                                           group_size=unit.group_size, bias=unit.bias, group_bits=unit.group_bits))
+                                           group_size=unit.group_size, bias=unit.bias, group_bits=unit.group_bits,
+                                           scale_bits=scale_bits_of(unit.format)))
     for alias, stored in manifest.tied.items():
         state[alias] = state[stored]
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -37,6 +37,7 @@ def register(_module: Any = None) -> None:
     from transformers.quantizers.base import HfQuantizer
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
+    from bitplan.artifact import scale_bits_of
     from bitplan.kernels.quant_linear import QuantLinear, segment_layout
     from bitplan.manifest import GGML_LAYOUT
     from bitplan.quantizer.formats import FORMATS, GgmlWeight
@@ -95,7 +96,8 @@ def register(_module: Any = None) -> None:
                 else:
                     setattr(parent, child, QuantLinear(unit["in_features"], unit["out_features"], bits=unit["bits"],
                                                        group_size=unit["group_size"], bias=unit["bias"],
-                                                       group_bits=unit.get("group_bits")))
+                                                       group_bits=unit.get("group_bits"),
+                                                       scale_bits=scale_bits_of(unit.get("format"))))
 
         def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
             for name, module in list(model.named_modules()):

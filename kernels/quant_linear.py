@@ -36,13 +36,16 @@ class QuantLinear(nn.Module):
 
     One width (``group_bits`` ``None``): buffers ``qweight (ceil(out*in*bits/32),) int32``, ``scales`` and
     ``zeros`` ``(out, ceil(in/group_size)) float16``. Mixed widths: ``qweight_b{b}``, ``scales_b{b}``,
-    ``zeros_b{b}`` per segment (module docstring). Optional ``bias (out,)``. On a CUDA device with Triton the
+    ``zeros_b{b}`` per segment (module docstring). ``scale_bits`` (one width): the scales and zeros are stored
+    double-quantized, ``scales_q`` and ``zeros_q`` packed ``scale_bits``-bit codes with ``scale_range (out, 4)
+    float16`` (scale low and step, zero low and step per row); ``scales`` and ``zeros`` are then decoded from them
+    (not stored) whenever those change. Optional ``bias (out,)``. On a CUDA device with Triton the
     forward pass runs the fused dequantize-matmul kernel; elsewhere it dequantizes once with the torch reference
     and caches the float weight.
     """
 
     def __init__(self, in_features: int, out_features: int, *, bits: int, group_size: int, bias: bool,
-                 group_bits: Sequence[int] | None = None) -> None:
+                 group_bits: Sequence[int] | None = None, scale_bits: int | None = None) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
@@ -52,6 +55,10 @@ class QuantLinear(nn.Module):
             raise ValueError(f"group_bits needs {n_groups} widths, got {len(group_bits)}")
         self.group_bits = None if group_bits is None or len(set(group_bits)) == 1 else tuple(group_bits)
         self.bits = bits if self.group_bits is None else max(self.group_bits)
+        if scale_bits is not None and self.group_bits is not None:
+            raise ValueError("double-quantized scales (scale_bits) need one width for the whole layer")
+        self.scale_bits = scale_bits
+        self._expanded_from: tuple[int, ...] | None = None
         if self.group_bits is None:
             self.segments = [(bits, "", in_features, n_groups)]
             self.register_buffer("perm", None)
@@ -65,13 +72,41 @@ class QuantLinear(nn.Module):
         for b, suffix, columns, groups_b in self.segments:
             self.register_buffer(f"qweight{suffix}",
                                  torch.zeros(packed_words(out_features * columns, b), dtype=torch.int32))
-            self.register_buffer(f"scales{suffix}", torch.zeros(out_features, groups_b, dtype=torch.float16))
-            self.register_buffer(f"zeros{suffix}", torch.zeros(out_features, groups_b, dtype=torch.float16))
+            stored = scale_bits is None
+            self.register_buffer(f"scales{suffix}", torch.zeros(out_features, groups_b, dtype=torch.float16),
+                                 persistent=stored)
+            self.register_buffer(f"zeros{suffix}", torch.zeros(out_features, groups_b, dtype=torch.float16),
+                                 persistent=stored)
+        if scale_bits is not None:
+            for leaf in ("scales_q", "zeros_q"):
+                self.register_buffer(leaf, torch.zeros(packed_words(out_features * n_groups, scale_bits),
+                                                       dtype=torch.int32))
+            self.register_buffer("scale_range", torch.zeros(out_features, 4, dtype=torch.float16))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self._weight_cache: torch.Tensor | None = None
 
     def _segment_tensors(self, suffix: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.scale_bits is not None:
+            self._expand_scales()
         return getattr(self, f"qweight{suffix}"), getattr(self, f"scales{suffix}"), getattr(self, f"zeros{suffix}")
+
+    def _expand_scales(self) -> None:
+        """``scales`` and ``zeros`` from their codes (:func:`quantizer.grid.expand_row_codes`, the encoder's own
+        arithmetic), again only when the stored codes changed (loaded, replaced or moved)."""
+        from bitplan.quantizer.grid import expand_row_codes
+
+        stored = (self.scales_q, self.zeros_q, self.scale_range)
+        key = tuple(x for t in stored for x in (id(t), t.data_ptr(), t._version))
+        if key == self._expanded_from:
+            return
+        rows, n_groups = self.scales.shape
+        ranges = self.scale_range.float().cpu()
+        for leaf, words, column in (("scales", self.scales_q, 0), ("zeros", self.zeros_q, 2)):
+            codes = unpack_bitstream_int32(words.cpu(), bits=int(self.scale_bits), count=rows * n_groups)
+            values = expand_row_codes(codes.reshape(rows, n_groups), ranges[:, column], ranges[:, column + 1])
+            setattr(self, leaf, values.to(words.device))
+        self._expanded_from = key
+        self._weight_cache = None
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight ``(out_features, in_features)`` float32 this layer computes with."""
@@ -138,5 +173,6 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         widths = self.bits if self.group_bits is None else f"mixed {sorted(set(self.group_bits))}"
+        double = "" if self.scale_bits is None else f", scale_bits={self.scale_bits}"
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={widths}, " \
-               f"group_size={self.group_size}"
+               f"group_size={self.group_size}{double}"

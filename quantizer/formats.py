@@ -66,6 +66,7 @@ class Format:
     needs_importance: bool = False
     ggml_type: Any = None  # the GGMLQuantizationType of a ggml-family format
     grid: tuple[int, int, bool] | None = None  # (bits, group size, symmetric) of an integer grid (GPTQ encodes it)
+    scale_bits: int | None = None  # the width of a double-quantized grid's scale and zero codes
 
     def bits_per_weight(self, shape: Shape = REFERENCE_SHAPE) -> float:
         """Stored bits per weight of a ``shape`` matrix (every scale, zero and header counted)."""
@@ -90,20 +91,24 @@ def encode_gptq(fmt: str, weight: torch.Tensor, gram: torch.Tensor, *, damp: flo
                          config=GPTQConfig(damp=damp, salience=salience and not symmetric, symmetric=symmetric))
 
 
-def _int_format(bits: int, group_size: int, symmetric: bool = False, offset: bool = False) -> Format:
-    """``int{b}-g{g}``, ``-sym`` or ``-fzero`` (``offset``: the fractional zero point, which GPTQ's integer grids
-    do not solve for, so its ``grid`` stays ``None``)."""
+def _int_format(bits: int, group_size: int, symmetric: bool = False, offset: bool = False,
+                scale_bits: int | None = None) -> Format:
+    """``int{b}-g{g}``, ``-sym``, ``-fzero`` (``offset``: the fractional zero point, which GPTQ's integer grids
+    do not solve for, so its ``grid`` stays ``None``) or ``-fzero-dq{k}`` (its scales and zeros double-quantized
+    to ``k``-bit codes per row)."""
     def encode(weight: torch.Tensor, importance: torch.Tensor | None) -> Any:
         if offset:
-            return quantize_offset(weight, bits=bits, group_size=group_size)
+            return quantize_offset(weight, bits=bits, group_size=group_size, scale_bits=scale_bits)
         salience = None if symmetric else importance
         return quantize_rtn(weight, bits=bits, group_size=group_size, salience=salience, symmetric=symmetric)
 
     suffix = "-sym" if symmetric else "-fzero" if offset else ""
+    suffix += f"-dq{scale_bits}" if scale_bits is not None else ""
     return Format(name=f"int{bits}-g{group_size}{suffix}", family="bitplan-int", legal=lambda shape: shape[1] >= 1,
-                  bytes=lambda shape: quantized_bytes(shape[0], shape[1], bits=bits, group_size=group_size),
+                  bytes=lambda shape: quantized_bytes(shape[0], shape[1], bits=bits, group_size=group_size,
+                                                      scale_bits=scale_bits),
                   encode=encode, decode=dequantize_weight, nominal_bits=bits,
-                  grid=None if offset else (bits, group_size, symmetric))
+                  grid=None if offset else (bits, group_size, symmetric), scale_bits=scale_bits)
 
 
 def _ggml_format(qtype: T) -> Format:
@@ -132,6 +137,8 @@ def _build() -> dict[str, Format]:
     formats = [_int_format(bits, group, symmetric) for bits in range(2, 9) for group in (32, 64, 128)
                for symmetric in (False, True)]
     formats += [_int_format(bits, group, offset=True) for bits in range(2, 9) for group in (32, 64, 128)]
+    formats += [_int_format(bits, group, offset=True, scale_bits=k) for bits in range(2, 9) for group in (32, 64)
+                for k in (4, 6, 8)]
     formats += [_ggml_format(qtype) for qtype in GGML_TYPES]
     return {f.name: f for f in formats}
 

@@ -42,6 +42,25 @@ def offset_grid_params(low: torch.Tensor, high: torch.Tensor, bits: int) -> tupl
     return scale, zero.to(torch.float16).float()
 
 
+def row_codes(values: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row of ``values`` (``(rows, n)``, for example a weight's per-group scales) as ``bits``-bit codes on
+    the row's own linear grid (double quantization, QLoRA's and the K-quants' scales of scales): ``low`` the row's
+    minimum and ``step = (max - low) / (2**bits - 1)``, both fp16-representable. Returns ``(codes uint8, low,
+    step)`` (``low`` and ``step`` ``(rows,)`` float32); :func:`expand_row_codes` decodes."""
+    max_code = (1 << bits) - 1
+    low = values.amin(dim=1).to(torch.float16).float()
+    step = ((values.amax(dim=1) - low) / max_code).to(torch.float16).float()
+    safe = torch.where(step > 0, step, torch.ones_like(step))
+    codes = ((values - low[:, None]) / safe[:, None]).round_().clamp_(0, max_code)
+    return torch.where(step[:, None] > 0, codes, torch.zeros_like(codes)).to(torch.uint8), low, step
+
+
+def expand_row_codes(codes: torch.Tensor, low: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """``low + code * step`` per row, rounded to fp16: the values :func:`row_codes` stands for (the encoder and the
+    loader both call this, so the decoded scales are the same bits in both)."""
+    return (low.float()[:, None] + codes.float() * step.float()[:, None]).to(torch.float16)
+
+
 def symmetric_grid_params(absmax: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and the fixed zero point ``2**(bits-1)`` of a grid symmetric around 0:
     ``scale = max|w| / (2**(bits-1) - 1)`` (fp16-representable), so ``-max..max`` are codes ``1..2**bits - 1``."""

@@ -82,7 +82,13 @@ def quantize_rtn_mixed(weight: torch.Tensor, group_bits: Sequence[int], *, group
 
 def pack_segments(quantized: QuantizedWeight) -> dict[str, torch.Tensor]:
     """The ``QuantLinear`` buffers of a weight: ``qweight``, ``scales``, ``zeros`` for one width, else
-    ``qweight_b{b}``, ``scales_b{b}``, ``zeros_b{b}`` per width segment."""
+    ``qweight_b{b}``, ``scales_b{b}``, ``zeros_b{b}`` per width segment; with double-quantized scales
+    (``scale_bits``) ``scales_q``, ``zeros_q`` and ``scale_range`` instead of ``scales`` and ``zeros``."""
+    if quantized.scale_bits is not None:
+        return {"qweight": pack_bitstream_int32(quantized.codes, bits=quantized.bits),
+                "scales_q": pack_bitstream_int32(quantized.scale_codes, bits=quantized.scale_bits),
+                "zeros_q": pack_bitstream_int32(quantized.zero_codes, bits=quantized.scale_bits),
+                "scale_range": quantized.scale_range}
     if quantized.group_bits is None or len(set(quantized.group_bits)) == 1:
         return {"qweight": pack_bitstream_int32(quantized.codes, bits=quantized.bits), "scales": quantized.scales,
                 "zeros": quantized.zeros}

@@ -8,8 +8,10 @@ import torch
 
 from bitplan.kernels.dequant import dequantize_groupwise
 from bitplan.quantizer.grid import (
+    expand_row_codes,
     grid_params,
     offset_grid_params,
+    row_codes,
     salience_calibrated_groups,
     salience_calibrated_params,
     symmetric_grid_params,
@@ -27,6 +29,10 @@ class QuantizedWeight:
         zeros: ``(out_features, n_groups)`` float16, integer-valued (fractional for :func:`quantize_offset`).
         bits: the width of every group (the widest group's when ``group_bits`` is set).
         group_bits: one width per column group (mixed precision inside the layer), or ``None``.
+        scale_bits: set when the scales and zeros are themselves stored as codes (:func:`quantize_offset`'s
+            double quantization): ``scale_codes`` and ``zero_codes`` ``(out_features, n_groups)`` uint8 of that
+            width, ``scale_range`` ``(out_features, 4)`` float16 (scale low and step, zero low and step);
+            ``scales`` and ``zeros`` are then what those codes decode to.
     """
 
     codes: torch.Tensor
@@ -35,6 +41,10 @@ class QuantizedWeight:
     bits: int
     group_size: int
     group_bits: tuple[int, ...] | None = None
+    scale_bits: int | None = None
+    scale_codes: torch.Tensor | None = None
+    zero_codes: torch.Tensor | None = None
+    scale_range: torch.Tensor | None = None
 
 
 def _group_view(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,20 +105,33 @@ def quantize_rtn(weight: torch.Tensor, *, bits: int, group_size: int,
                            group_size=group_size)
 
 
-def quantize_offset(weight: torch.Tensor, *, bits: int, group_size: int) -> QuantizedWeight:
+def quantize_offset(weight: torch.Tensor, *, bits: int, group_size: int, scale_bits: int | None = None
+                    ) -> QuantizedWeight:
     """Round to nearest on each group's own ``[min, max]`` with an fp16 scale and an fp16 *fractional* zero point
     (:func:`quantizer.grid.offset_grid_params`, llama.cpp's ``Q4_1`` arithmetic): ``q = clamp(round(w / scale +
     zero), 0, 2**bits - 1)``, decoded ``(q - zero) * scale`` like every packed grid (same bytes as the integer
     zero point). A weight already on such a grid (a ``Q4_1`` source at 4 bits in groups of 32) comes back to
-    fp16's rounding of the offset."""
+    fp16's rounding of the offset.
+
+    ``scale_bits``: the scales and the zeros are stored as ``scale_bits``-bit codes on each row's own linear grid
+    (:func:`quantizer.grid.row_codes`, double quantization), the weight's codes rounded against the decoded
+    ones: a group of 32 for a quarter of a bit per weight at 4 (against half a bit for two fp16 values per 32)."""
     check_quantization_args(weight, bits, group_size)
     w = weight.detach().float()
     groups, mask = _group_view(w, group_size)
     scale, zeros = offset_grid_params(*_group_range(groups, mask), bits)
+    extra: dict[str, object] = {}
+    if scale_bits is not None:
+        scale_codes, scale_low, scale_step = row_codes(scale, scale_bits)
+        zero_codes, zero_low, zero_step = row_codes(zeros, scale_bits)
+        scale = expand_row_codes(scale_codes, scale_low, scale_step).float()
+        zeros = expand_row_codes(zero_codes, zero_low, zero_step).float()
+        extra = {"scale_bits": scale_bits, "scale_codes": scale_codes, "zero_codes": zero_codes,
+                 "scale_range": torch.stack([scale_low, scale_step, zero_low, zero_step], dim=1).to(torch.float16)}
     codes = (groups / scale.unsqueeze(2)).add_(zeros.unsqueeze(2)).round_().clamp_(0, (1 << bits) - 1)
     codes = codes.reshape(w.shape[0], -1)[:, : w.shape[1]].to(torch.uint8)
     return QuantizedWeight(codes=codes, scales=scale.to(torch.float16), zeros=zeros.to(torch.float16), bits=bits,
-                           group_size=group_size)
+                           group_size=group_size, **extra)  # type: ignore[arg-type]
 
 
 def _quantize_rtn_calibrated(w: torch.Tensor, bits: int, group_size: int, salience: torch.Tensor

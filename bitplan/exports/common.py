@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from bitplan.artifact import FLOAT_FILE, QUANTIZED_FILE
+from bitplan.artifact import FLOAT_FILE, QUANTIZED_FILE, scale_bits_of
 from bitplan.errors import BitplanError
 from bitplan.hashing import sha256_file
 from bitplan.kernels.quant_linear import QuantLinear
@@ -72,7 +72,7 @@ def read_artifact_units(path: Path
                                           (unit.out_features, unit.in_features))
             continue
         layer = QuantLinear(unit.in_features, unit.out_features, bits=unit.bits, group_size=unit.group_size,
-                            bias=False, group_bits=unit.group_bits)
+                            bias=False, group_bits=unit.group_bits, scale_bits=scale_bits_of(unit.format))
         layer.load_state_dict({key: packed[f"{unit.name}.{key}"] for key in layer.state_dict()})
         codes, scales, zeros = layer.codes_scales_zeros()
         units[unit.name] = QuantizedWeight(codes=codes, scales=scales, zeros=zeros, bits=layer.bits,

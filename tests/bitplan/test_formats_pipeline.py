@@ -69,7 +69,7 @@ def test_issue16_units_take_only_formats_legal_for_their_shape(gguf_run, wide_ll
 def test_issue16_manifest_records_formats_and_the_loader_rebuilds_them(gguf_run, wide_llama_dir: Path) -> None:
     path = Path(gguf_run.artifact)
     manifest = json.loads((path / MANIFEST).read_text())
-    assert manifest["format_version"] == 3 and manifest["formats"] == list(PRESETS["gguf-k"])
+    assert manifest["format_version"] == 4 and manifest["formats"] == list(PRESETS["gguf-k"])
     by_name = {u["name"]: u for u in manifest["units"]}
     for unit in gguf_run.units:
         record = by_name[unit["name"]]
@@ -111,22 +111,34 @@ def test_issue16_integer_formats_mix_group_sizes_and_grids(wide_llama_dir: Path,
 
 
 
-def test_issue16_fractional_zero_grids_load_in_the_packed_folder(wide_llama_dir: Path, tmp_path: Path) -> None:
-    """Every layer in ``int4-g32-fzero``: the packed folder stores the fractional fp16 zero points as they are,
-    and the loaded ``QuantLinear`` layers hold exactly the format's own ``decode(encode(W))``."""
-    run = run_pipeline(JobSpec.from_flat(model=str(wide_llama_dir), bits_per_weight=5.0, formats="int4-g32-fzero",
-                                         **SMALL), out=tmp_path / "fzero")
-    assert {u["format"] for u in run.units} == {"int4-g32-fzero"} and run.bytes == run.predicted_bytes
+@pytest.mark.parametrize("fmt", ["int4-g32-fzero", "int4-g32-fzero-dq4"])
+def test_issue16_fractional_zero_grids_load_in_the_packed_folder(fmt: str, wide_llama_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    """Every layer in ``int4-g32-fzero`` (or with its scales and zeros double-quantized, ``-dq4``): the packed
+    folder stores the fractional fp16 zero points as they are (or their 4-bit codes and each row's grid), and the
+    loaded ``QuantLinear`` layers hold exactly the format's own ``decode(encode(W))``."""
+    from safetensors import safe_open
+
     source = load_model(str(wide_llama_dir)).model
+    shapes = [tuple(m.weight.shape) for m in find_units(source).values()]
+    budget = 8 * sum(FORMATS[fmt].bytes(s) for s in shapes) / sum(r * c for r, c in shapes) + 1e-9  # the one size
+    run = run_pipeline(JobSpec.from_flat(model=str(wide_llama_dir), bits_per_weight=budget, formats=fmt, **SMALL),
+                       out=tmp_path / "fzero")
+    assert {u["format"] for u in run.units} == {fmt} and run.bytes == run.predicted_bytes
     model, _, manifest = load_artifact(Path(run.artifact))
     fractional = 0
     for unit in manifest.units:
         layer = model.get_submodule(unit.name)
-        expected = FORMATS["int4-g32-fzero"].roundtrip(source.get_submodule(unit.name).weight.detach().float())
+        expected = FORMATS[fmt].roundtrip(source.get_submodule(unit.name).weight.detach().float())
         assert torch.equal(layer.dequantized_weight(), expected), unit.name
         fractional += int((layer.codes_scales_zeros()[2].float().frac() != 0).sum())
+        assert unit.bytes == FORMATS[fmt].bytes((unit.out_features, unit.in_features))
     assert fractional > 0  # the zero points were not rounded on the way
-    assert run.bits_per_weight <= 5.0 and manifest.achieved.bytes == run.bytes
+    assert run.bits_per_weight <= budget and manifest.achieved.bytes == run.bytes
+    with safe_open(str(Path(run.artifact) / "quantized.safetensors"), "pt") as stored:
+        leaves = {key.rsplit(".", 1)[1] for key in stored.keys()}
+    assert leaves == ({"qweight", "scales_q", "zeros_q", "scale_range"} if "-dq" in fmt else
+                      {"qweight", "scales", "zeros"})
     from_pretrained_matches_our_loader(Path(run.artifact))  # transformers' own loader, same logits
     with pytest.raises(BitplanError, match="fractional zero points") as caught:  # its integer zero points cannot
         export_artifact(Path(run.artifact), format="compressed-tensors", out=tmp_path / "ct")

@@ -364,3 +364,31 @@ def test_issue17_a_sentencepiece_vocabulary_scores_tokens_in_transformers_merge_
     T = gguf.TokenType
     assert types == [T.CONTROL, T.UNKNOWN, T.BYTE, T.NORMAL, T.NORMAL, T.NORMAL, T.NORMAL, T.NORMAL, T.CONTROL,
                      T.USER_DEFINED, T.UNUSED]
+
+
+@pytest.mark.parametrize("fmt", ["int4-g32-fzero", "int4-g32-fzero-dq4"])
+def test_issue16_fractional_zero_units_export_to_a_gguf_llama_cpp_runs(fmt: str, tmp_path: Path,
+                                                                      smollm2_tokenizer: Path) -> None:
+    """A packed job all in the fractional-zero grid (fp16 zeros, or 4-bit codes of them): the GGUF export writes each
+    unit as Q4_1 (``m = -zero * scale``), and llama.cpp computes our loader's logits from it."""
+    from llama_cpp import Llama
+    from tokenizers import Tokenizer
+
+    from bitplan.exports import export_artifact
+    from bitplan.quantizer.formats import FORMATS
+
+    folder = hf_folder(tmp_path, smollm2_tokenizer, "llama")
+    shapes = [tuple(m.weight.shape) for m in find_units(load_model(str(folder)).model).values()]
+    budget = 8 * sum(FORMATS[fmt].bytes(s) for s in shapes) / sum(r * c for r, c in shapes) + 1e-9  # the one size
+    run = run_pipeline(JobSpec.from_flat(model=str(folder), bits_per_weight=budget, formats=fmt, num_samples=2,
+                                         seq_len=32, kl_windows=0, quality_windows=0), out=tmp_path / "out")
+    assert {u["format"] for u in run.units} == {fmt}
+    gguf_path = tmp_path / "gguf" / "model.gguf"
+    export_artifact(Path(run.artifact), format="gguf", out=gguf_path, inexact="exact")
+    import gguf
+
+    assert {t.tensor_type.name for t in gguf.GGUFReader(gguf_path).tensors if t.name.startswith("blk.")
+            and len(t.shape) == 2} == {"Q4_1"}
+    runtime = Llama(model_path=str(gguf_path), n_ctx=64, logits_all=True, verbose=False)
+    ids = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(TEXT, add_special_tokens=False).ids
+    llama_cpp_runs_it_as_our_loader(runtime, Path(run.artifact), ids, argmax=True)

@@ -111,6 +111,78 @@ def test_issue16_fractional_zero_encoder_matches_a_group_by_group_reference(bits
     assert bool((got.zeros[4].float().frac() == 0).all())  # far from 0: the integer grid
 
 
+@pytest.mark.parametrize(("bits", "group", "scale_bits"), [(4, 32, 4), (3, 64, 6), (2, 32, 8)])
+def test_issue16_double_quantized_scales_match_a_row_by_row_reference(bits: int, group: int, scale_bits: int) -> None:
+    """``quantize_offset(scale_bits=k)`` against the obvious loop: each row's fp16 scales and zeros (the ``-fzero``
+    grid) put on that row's own ``k``-bit linear grid (low = the row's minimum, step = range / (2**k - 1), both
+    fp16), decoded to fp16, and the weight's codes rounded against the decoded values; columns that leave a
+    partial last group, and a constant row (step 0)."""
+    from bitplan.quantizer.rtn import quantize_offset
+
+    torch.manual_seed(4)
+    w = torch.randn(5, 3 * group + 7) * torch.linspace(0.1, 2.0, 3 * group + 7)
+    w[4] = 0.5
+    plain = quantize_offset(w, bits=bits, group_size=group)
+    got = quantize_offset(w, bits=bits, group_size=group, scale_bits=scale_bits)
+    top = (1 << scale_bits) - 1
+    for row in range(w.shape[0]):
+        for values, codes, decoded, column in ((plain.scales, got.scale_codes, got.scales, 0),
+                                               (plain.zeros, got.zero_codes, got.zeros, 2)):
+            low = values[row].float().min().half().float()
+            step = ((values[row].float().max() - low) / top).half().float()
+            assert float(got.scale_range[row, column]) == float(low)
+            assert float(got.scale_range[row, column + 1]) == float(step)
+            for g in range(values.shape[1]):
+                code = 0 if step == 0 else int(((values[row, g].float() - low) / step).round().clamp(0, top))
+                assert int(codes[row, g]) == code
+                assert float(decoded[row, g]) == float((low + code * step).half())
+        for start in range(0, w.shape[1], group):
+            g = start // group
+            scale, zero = float(got.scales[row, g]), float(got.zeros[row, g])
+            expected = (w[row, start:start + group] / scale + zero).round().clamp(0, (1 << bits) - 1)
+            assert torch.equal(got.codes[row, start:start + group].float(), expected)
+    assert bool((got.scales.float() > 0).all())
+
+
+def test_issue16_double_quantized_scales_keep_a_q4_1_weight_and_cost_a_quarter_bit(weight: torch.Tensor) -> None:
+    """On a weight llama.cpp encoded to Q4_1 (SmolLM2's own blocks), ``int4-g32-fzero-dq8`` is within a small
+    fraction of a code of it and ``-dq4`` still far closer than ``int4-g128``, at the sizes the formats say: a
+    quarter (``-dq4``) or half (``-dq8``) a bit per weight of scales and zeros plus four fp16 values a row."""
+    blocks = quantize_ggml(weight, T.Q4_1)
+    q4_1 = FORMATS["Q4_1"].decode(GgmlWeight("Q4_1", blocks, SHAPE))
+    error = {name: float(((FORMATS[name].roundtrip(q4_1) - q4_1) ** 2).mean() / (q4_1**2).mean())
+             for name in ("int4-g32-fzero-dq8", "int4-g32-fzero-dq4", "int4-g128")}
+    assert error["int4-g32-fzero-dq8"] < 1e-3 * error["int4-g128"]
+    assert error["int4-g32-fzero-dq4"] < 0.3 * error["int4-g128"]
+    rows, columns = SHAPE
+    for k in (4, 8):
+        codes, scale_codes = rows * columns // 2, 2 * rows * columns // 32 * k // 8
+        assert FORMATS[f"int4-g32-fzero-dq{k}"].bytes(SHAPE) == codes + scale_codes + 8 * rows
+
+
+def test_issue16_quant_linear_decodes_double_quantized_scales_when_loaded() -> None:
+    """A ``QuantLinear`` with ``scale_bits`` stores the scale and zero codes (not fp16 scales), computes exactly the
+    encoder's weight from them, and follows a second load of other codes."""
+    from bitplan.kernels.quant_linear import QuantLinear
+    from bitplan.quantizer.mixed import pack_segments
+    from bitplan.quantizer.rtn import dequantize_weight, quantize_offset
+
+    torch.manual_seed(5)
+    first, second = torch.randn(24, 100), torch.randn(24, 100)
+    layer = QuantLinear(100, 24, bits=3, group_size=32, bias=False, scale_bits=6)
+    assert set(layer.state_dict()) == {"qweight", "scales_q", "zeros_q", "scale_range"}
+    for w in (first, second):
+        q = quantize_offset(w, bits=3, group_size=32, scale_bits=6)
+        layer.load_state_dict(pack_segments(q))
+        assert torch.equal(layer.dequantized_weight(), dequantize_weight(q))
+        x = torch.randn(2, 100)
+        assert torch.allclose(layer(x), x @ dequantize_weight(q).T, atol=1e-5)
+        codes, scales, zeros = layer.codes_scales_zeros()  # what the exports read
+        assert torch.equal(codes, q.codes) and torch.equal(scales, q.scales) and torch.equal(zeros, q.zeros)
+    with pytest.raises(ValueError, match="one width"):
+        QuantLinear(64, 8, bits=4, group_size=32, bias=False, group_bits=[3, 4], scale_bits=4)
+
+
 @pytest.fixture()
 def no_remembered_sources(monkeypatch: pytest.MonkeyPatch) -> None:
     from bitplan.quantizer import ggml
