@@ -39,7 +39,7 @@ QuantizerChoice = Enum("QuantizerChoice", {q.upper().replace("-", "_"): q for q 
 QuantizerChoice.__doc__ = "A quantizer (quantizer.methods)."
 TARGETS = {"bitplan": None, "gguf": "gguf-k", "compressed-tensors": "ct-wna16"}  # target -> default formats
 # The packed target's default set for a job that asks for nothing it cannot do (:meth:`JobSpec.default_formats`):
-# measured best on WikiText-2 (bench/results/pipeline-smollm2-bitplan-mix-rtn-salience-2026-12-05.json)
+# measured best on WikiText-2 (bench/results/pipeline-smollm2-bitplan-mix-double-quantized-2026-12-06.json)
 PACKED_DEFAULT_FORMATS = "bitplan-mix"
 TargetChoice = Enum("TargetChoice", {t.upper().replace("-", "_"): t for t in TARGETS}, type=str)  # type: ignore[misc]
 TargetChoice.__doc__ = "Where the model will run: our packed folder, a GGUF for llama.cpp, or compressed-tensors."

@@ -8,6 +8,9 @@ Families:
   the salience-calibrated range search when an importance vector is given (asymmetric grids); and
   ``int{b}-g{g}-fzero``, the same bytes with a fractional fp16 zero point on each group's own ``[min, max]``
   (llama.cpp's ``Q4_1`` arithmetic, :func:`~bitplan.quantizer.rtn.quantize_offset`; min/max, no range search);
+  and ``int{b}-g{g}-fzero-dq{k}`` (groups 32 and 64, ``k`` 4, 6 or 8), that grid with its scales and zeros
+  double-quantized: ``k``-bit codes on each row's own linear grid plus four fp16 values a row (the K-quants'
+  quantized scales, QLoRA's double quantization), so groups of 32 cost ``2k / 32`` bits per weight instead of 1;
 * ``ggml``: llama.cpp's types, encoded by llama.cpp's own ``ggml_quantize_chunk`` with the importance vector
   (:mod:`bitplan.quantizer.ggml`), decoded by the ``gguf`` package. K-quants and most IQ types need rows
   divisible by 256, the legacy ones by 32: ``legal`` says so.
@@ -161,10 +164,11 @@ PRESETS: dict[str, tuple[str, ...] | None] = {
     "bitplan-default": None,
     "bitplan-int": tuple(f"int{b}-g{g}" for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128)),
     # bitplan-int's grids that its allocations chose on SmolLM2 (bench/results/pipeline-smollm2-*), one width
-    # each above 4 bits, and the 4-bit fractional-zero grid in groups of 32 (a Q4_1 source's own grid): half the
-    # options, so half the per-token products of the sensitivity pass
-    "bitplan-mix": ("int2-g128", "int3-g128", "int3-g64", "int4-g128", "int4-g64", "int4-g32-fzero", "int5-g128",
-                    "int6-g128", "int8-g128"),
+    # each above 4 bits, the 4-bit fractional-zero grid in groups of 32 (a Q4_1 source's own grid) and that grid
+    # with its scales double-quantized at 3 and 4 bits (a quarter to 3/8 of a bit per weight for groups of 32): the
+    # set measured in bench/results/pipeline-smollm2-bitplan-mix-double-quantized-2026-12-06.json
+    "bitplan-mix": ("int2-g128", "int3-g128", "int3-g64", "int3-g32-fzero-dq4", "int4-g128", "int4-g32-fzero-dq4",
+                    "int4-g32-fzero-dq6", "int4-g32-fzero", "int5-g128", "int6-g128", "int8-g128"),
     "gguf-k": ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", *GGUF_LEGACY),
     "gguf-legacy": GGUF_LEGACY,
     # what transformers' compressed-tensors integration loads and vLLM's WNA16 kernels (Marlin/Machete, GPTQ

@@ -238,7 +238,7 @@ def test_issue16_sensitivity_cache_keys_include_the_formats(wide_llama_dir: Path
     ({"formats": "gguf-k", "quantizer": "gptq"}, "formats", "GPTQ encodes the integer grid formats.*'Q2_K' is "
      "encoded by llama.cpp's own quantizer"),
     ({"formats": "int4-g32,Q8_0", "quantizer": "gptq-salience"}, "formats", "'Q8_0' is encoded by llama.cpp"),
-    ({"formats": "bitplan-mix", "quantizer": "gptq"}, "formats", "'int4-g32-fzero' has a fractional zero point"),
+    ({"formats": "bitplan-mix", "quantizer": "gptq"}, "formats", "'int3-g32-fzero-dq4' has a fractional zero point"),
     ({"formats": "gguf-k", "mix_groups": True}, "formats", "does not combine with --formats"),
     ({"formats": "gguf-k", "pinned": ["*=7"]}, "pinned", "no candidate format has 7 bits"),
     ({"formats": "gguf-k", "kl_refine_windows": 1}, "kl_refine_windows", "does not yet combine"),
