@@ -54,7 +54,7 @@ from bitplan.manifest import (
     write_manifest,
 )
 from bitplan.models import ModelKind
-from bitplan.quantizer.formats import FORMATS, GgmlWeight
+from bitplan.quantizer.formats import FORMATS, GgmlWeight, scale_bits_of
 from bitplan.quantizer.mixed import pack_segments
 from bitplan.quantizer.rtn import QuantizedWeight
 from bitplan.units import unit_shape
@@ -217,12 +217,6 @@ def _write_units(staging: Path, modules: dict[str, nn.Module], quantized: Mappin
                                 layout=MIXED_LAYOUT if mixed else None,
                                 format=None if mixed else (formats or {}).get(name, default)))
     return units
-
-
-def scale_bits_of(format_name: str | None) -> int | None:
-    """The width of a unit's double-quantized scale codes (``int{b}-g{g}-fzero-dq{k}``), else ``None``."""
-    known = FORMATS.get(format_name) if format_name else None
-    return None if known is None else known.scale_bits
 
 
 def ggml_block(qtype: str) -> int:

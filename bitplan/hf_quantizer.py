@@ -37,10 +37,9 @@ def register(_module: Any = None) -> None:
     from transformers.quantizers.base import HfQuantizer
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
-    from bitplan.artifact import scale_bits_of
     from bitplan.kernels.quant_linear import QuantLinear, segment_layout
     from bitplan.manifest import GGML_LAYOUT
-    from bitplan.quantizer.formats import FORMATS, GgmlWeight
+    from bitplan.quantizer.formats import FORMATS, GgmlWeight, scale_bits_of
 
     def _empty_blocks(unit: dict[str, Any]) -> torch.Tensor:
         """A unit's ``ggml`` blocks as transformers will load them: ``(rows, row_bytes)`` uint8."""

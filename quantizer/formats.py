@@ -149,6 +149,13 @@ def _build() -> dict[str, Format]:
 FORMATS: dict[str, Format] = _build()
 
 
+def scale_bits_of(name: str | None) -> int | None:
+    """The width of a stored unit's double-quantized scale codes (format ``int{b}-g{g}-fzero-dq{k}``), else
+    ``None`` (any other format, or none recorded)."""
+    known = FORMATS.get(name) if name else None
+    return None if known is None else known.scale_bits
+
+
 def legal_formats(names: list[str], shape: Shape) -> list[Format]:
     """The formats among ``names`` that can store a ``shape`` matrix exactly."""
     unknown = [n for n in names if n not in FORMATS]

@@ -120,18 +120,18 @@ def quantize_offset(weight: torch.Tensor, *, bits: int, group_size: int, scale_b
     w = weight.detach().float()
     groups, mask = _group_view(w, group_size)
     scale, zeros = offset_grid_params(*_group_range(groups, mask), bits)
-    extra: dict[str, object] = {}
+    scale_codes = zero_codes = scale_range = None
     if scale_bits is not None:
         scale_codes, scale_low, scale_step = row_codes(scale, scale_bits)
         zero_codes, zero_low, zero_step = row_codes(zeros, scale_bits)
         scale = expand_row_codes(scale_codes, scale_low, scale_step).float()
         zeros = expand_row_codes(zero_codes, zero_low, zero_step).float()
-        extra = {"scale_bits": scale_bits, "scale_codes": scale_codes, "zero_codes": zero_codes,
-                 "scale_range": torch.stack([scale_low, scale_step, zero_low, zero_step], dim=1).to(torch.float16)}
+        scale_range = torch.stack([scale_low, scale_step, zero_low, zero_step], dim=1).to(torch.float16)
     codes = (groups / scale.unsqueeze(2)).add_(zeros.unsqueeze(2)).round_().clamp_(0, (1 << bits) - 1)
     codes = codes.reshape(w.shape[0], -1)[:, : w.shape[1]].to(torch.uint8)
     return QuantizedWeight(codes=codes, scales=scale.to(torch.float16), zeros=zeros.to(torch.float16), bits=bits,
-                           group_size=group_size, **extra)  # type: ignore[arg-type]
+                           group_size=group_size, scale_bits=scale_bits, scale_codes=scale_codes,
+                           zero_codes=zero_codes, scale_range=scale_range)
 
 
 def _quantize_rtn_calibrated(w: torch.Tensor, bits: int, group_size: int, salience: torch.Tensor

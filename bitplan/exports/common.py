@@ -10,12 +10,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from bitplan.artifact import FLOAT_FILE, QUANTIZED_FILE, scale_bits_of
+from bitplan.artifact import FLOAT_FILE, QUANTIZED_FILE
 from bitplan.errors import BitplanError
 from bitplan.hashing import sha256_file
 from bitplan.kernels.quant_linear import QuantLinear
 from bitplan.manifest import GGML_LAYOUT, Manifest, read_manifest
-from bitplan.quantizer.formats import GgmlWeight
+from bitplan.quantizer.formats import GgmlWeight, scale_bits_of
 from bitplan.quantizer.rtn import QuantizedWeight
 
 ExportFn = Callable[..., "ExportReport"]  # (artifact, out, **options) -> report

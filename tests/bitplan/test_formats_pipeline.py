@@ -111,6 +111,12 @@ def test_issue16_integer_formats_mix_group_sizes_and_grids(wide_llama_dir: Path,
 
 
 
+def one_format_budget(model: torch.nn.Module, fmt: str) -> float:
+    """The bits per weight of every unit of ``model`` in ``fmt``: the one budget a job with that format alone meets."""
+    shapes = [tuple(m.weight.shape) for m in find_units(model).values()]
+    return 8 * sum(FORMATS[fmt].bytes(s) for s in shapes) / sum(r * c for r, c in shapes) + 1e-9
+
+
 @pytest.mark.parametrize("fmt", ["int4-g32-fzero", "int4-g32-fzero-dq4"])
 def test_issue16_fractional_zero_grids_load_in_the_packed_folder(fmt: str, wide_llama_dir: Path,
                                                                  tmp_path: Path) -> None:
@@ -120,8 +126,7 @@ def test_issue16_fractional_zero_grids_load_in_the_packed_folder(fmt: str, wide_
     from safetensors import safe_open
 
     source = load_model(str(wide_llama_dir)).model
-    shapes = [tuple(m.weight.shape) for m in find_units(source).values()]
-    budget = 8 * sum(FORMATS[fmt].bytes(s) for s in shapes) / sum(r * c for r, c in shapes) + 1e-9  # the one size
+    budget = one_format_budget(source, fmt)
     run = run_pipeline(JobSpec.from_flat(model=str(wide_llama_dir), bits_per_weight=budget, formats=fmt, **SMALL),
                        out=tmp_path / "fzero")
     assert {u["format"] for u in run.units} == {fmt} and run.bytes == run.predicted_bytes

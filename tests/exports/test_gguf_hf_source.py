@@ -370,25 +370,36 @@ def test_issue17_a_sentencepiece_vocabulary_scores_tokens_in_transformers_merge_
 def test_issue16_fractional_zero_units_export_to_a_gguf_llama_cpp_runs(fmt: str, tmp_path: Path,
                                                                       smollm2_tokenizer: Path) -> None:
     """A packed job all in the fractional-zero grid (fp16 zeros, or 4-bit codes of them): the GGUF export writes each
-    unit as Q4_1 (``m = -zero * scale``), and llama.cpp computes our loader's logits from it."""
+    unit as Q4_1 (``m = -zero * scale``), and llama.cpp computes our loader's logits from it. ``int4-g32-fzero`` is
+    Q4_1's own size, so the file's blocks weigh what the artifact's units do; a ``-dq4`` unit is smaller than Q4_1
+    where its rows are wide enough, so the export refuses it at its size (with the reason) unless told
+    ``--inexact exact``, and the file then grows by no more than what the report lists."""
+    import gguf
     from llama_cpp import Llama
     from tokenizers import Tokenizer
 
+    from bitplan.errors import BitplanError
     from bitplan.exports import export_artifact
-    from bitplan.quantizer.formats import FORMATS
+    from tests.bitplan.test_formats_pipeline import one_format_budget
 
     folder = hf_folder(tmp_path, smollm2_tokenizer, "llama")
-    shapes = [tuple(m.weight.shape) for m in find_units(load_model(str(folder)).model).values()]
-    budget = 8 * sum(FORMATS[fmt].bytes(s) for s in shapes) / sum(r * c for r, c in shapes) + 1e-9  # the one size
+    budget = one_format_budget(load_model(str(folder)).model, fmt)
     run = run_pipeline(JobSpec.from_flat(model=str(folder), bits_per_weight=budget, formats=fmt, num_samples=2,
                                          seq_len=32, kl_windows=0, quality_windows=0), out=tmp_path / "out")
-    assert {u["format"] for u in run.units} == {fmt}
+    assert {u["format"] for u in run.units} == {fmt} and run.bits_per_weight <= budget
     gguf_path = tmp_path / "gguf" / "model.gguf"
-    export_artifact(Path(run.artifact), format="gguf", out=gguf_path, inexact="exact")
-    import gguf
-
-    assert {t.tensor_type.name for t in gguf.GGUFReader(gguf_path).tensors if t.name.startswith("blk.")
-            and len(t.shape) == 2} == {"Q4_1"}
+    if "-dq" in fmt:
+        with pytest.raises(BitplanError, match="cannot be stored exactly in a GGML type at their size"):
+            export_artifact(Path(run.artifact), format="gguf", out=gguf_path)
+        report = export_artifact(Path(run.artifact), format="gguf", out=gguf_path, inexact="exact")
+    else:
+        report = export_artifact(Path(run.artifact), format="gguf", out=gguf_path)
+    grown = sum(r["exact_bytes"] - r["artifact_bytes"] for r in report.inexact)
+    assert (grown > 0) == ("-dq" in fmt)
+    blocks = [t for t in gguf.GGUFReader(gguf_path).tensors if t.name.startswith("blk.") and len(t.shape) == 2]
+    assert {t.tensor_type.name for t in blocks} == {"Q4_1"}
+    written = sum(int(t.n_bytes) for t in blocks)
+    assert written <= run.bytes + grown and (written == run.bytes or "-dq" in fmt)  # the budget, plus what was reported
     runtime = Llama(model_path=str(gguf_path), n_ctx=64, logits_all=True, verbose=False)
     ids = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(TEXT, add_special_tokens=False).ids
     llama_cpp_runs_it_as_our_loader(runtime, Path(run.artifact), ids, argmax=True)
