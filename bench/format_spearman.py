@@ -13,11 +13,13 @@ The truth is the real mean token-loss increase of quantizing that unit alone to 
 changed) on the first ``--windows`` windows of each evaluation text: WikiText-2 test (encyclopedia prose) and the
 held-back text of the quality check (standard-library docstrings: technical prose, not the calibration text).
 Prints one JSON object: per format and text, the Spearman rank correlation of each prediction with the truth, a
-bootstrap 90% interval over units, and the correlation that the truth's own window noise would allow.
+bootstrap 90% interval over units, the correlation that the truth's own window noise would allow, and the paired
+difference real - proxy with its interval (``real_minus_rtn_proxy``).
 
     python bench/format_spearman.py [--formats int3-g128,Q3_K] [--units 30] [--windows 16]
     python bench/format_spearman.py --truth bench/results/format-spearman-smollm2-2026-12-03.json  # predictions only
     python bench/format_spearman.py --truth ... --skip-first-position  # the square without each window's first token
+    python bench/format_spearman.py --truth ... --metric token_kl  # labels drawn from the model: second-order KL
 
 Besides the default metric, each prediction's second-order term alone (``token_fisher``) is scored too, and every
 unit's terms are in ``per_unit``.
@@ -37,11 +39,12 @@ from pathlib import Path
 from typing import Any
 
 import _own_folder_off_path
+import numpy as np
 import torch
 from scipy.stats import spearmanr
 
 from bitplan.calibration import build_calibration_set, read_text
-from bitplan.models import causal_lm_loss, load_model
+from bitplan.models import causal_lm_loss, causal_lm_sampled_loss, load_model
 from bitplan.quality import heldout_text
 from bitplan.quantize import encode_unit
 from bitplan.quantizer.formats import FORMATS, decode_weight
@@ -54,6 +57,25 @@ from bitplan.units import find_block_stack, find_units
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "wiki.test.raw"
 sensitivity_bench = _own_folder_off_path.sibling("sensitivity")
+
+
+def paired_difference(first: list[float], second: list[float], truth: list[float], draws: int = 2000
+                      ) -> dict[str, Any]:
+    """Spearman(first, truth) - Spearman(second, truth), with its 90% interval over units resampled with
+    replacement (the same units for both predictors in each draw: the two rankings share most of their error, so
+    the difference is far better resolved than either correlation's own interval suggests) and the share of draws
+    in which the first is at least as high."""
+    rng = np.random.default_rng(0)
+    a, b, y = np.array(first), np.array(second), np.array(truth)
+    values = []
+    for _ in range(draws):
+        pick = rng.integers(0, len(y), len(y))
+        if len(set(pick.tolist())) > 2:
+            values.append(spearmanr(a[pick], y[pick]).statistic - spearmanr(b[pick], y[pick]).statistic)
+    kept = np.array(values)[~np.isnan(values)]
+    return {"difference": float(spearmanr(a, y).statistic - spearmanr(b, y).statistic),
+            "bootstrap_90": [float(np.percentile(kept, 5)), float(np.percentile(kept, 95))],
+            "share_of_draws_at_least_as_high": float(np.mean(kept >= 0))}
 
 
 def main() -> None:
@@ -71,10 +93,14 @@ def main() -> None:
                         "weights) and run only the predictions")
     parser.add_argument("--skip-first-position", action="store_true",
                         help="leave each window's first position (the attention sink) out of the second-order sum")
+    parser.add_argument("--metric", choices=("token_taylor", "token_kl"), default="token_taylor",
+                        help="token_taylor (the default: the text's labels, the empirical Fisher and the first-order "
+                             "term) or token_kl (labels drawn from the model's own next-token distribution: the "
+                             "second-order KL to the source model)")
     args = parser.parse_args()
     started = time.perf_counter()
     report: dict[str, Any] = {
-        "benchmark": "format_spearman", "model": args.model, "metric": "token_taylor", "quantizer": args.quantizer,
+        "benchmark": "format_spearman", "model": args.model, "metric": args.metric, "quantizer": args.quantizer,
         "calibration": f"built-in text, {args.samples} x {args.seq_len} tokens", "windows": args.windows,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
@@ -107,20 +133,27 @@ def main() -> None:
     options = {name: [f"{kind}:{fmt}" for fmt in formats if name in samples[fmt] for kind in ("real", "rtn_proxy")]
                for name in sampled}
     predicted_started = time.perf_counter()
-    terms = token_fisher(loaded.model, sampled, batches, loss_fn=causal_lm_loss, bits_options=[3], group_size=128,
+    loss_fn = causal_lm_loss if args.metric == "token_taylor" else causal_lm_sampled_loss
+    terms = token_fisher(loaded.model, sampled, batches, loss_fn=loss_fn, bits_options=[3], group_size=128,
                          blocks=find_block_stack(loaded.model)[1], options=options, error_of=error_of,
                          skip_first_position=args.skip_first_position)
     report["skip_first_position"] = args.skip_first_position
     report["sensitivity_s"] = round(time.perf_counter() - predicted_started, 1)
     # each predictor of every (unit, option): the default metric (token_taylor: shrunk first order, a negative one
-    # counted as 0, plus second order) and its second-order term alone (token_fisher)
-    guesses = {"token_taylor": {n: taylor_increase(terms.first_order[n], terms.second_order[n],
-                                                   terms.first_order_std_error[n], monotone=False) for n in sampled},
-               "token_fisher": terms.second_order}
+    # counted as 0, plus second order) and its second-order term alone (token_fisher); or token_kl (the second-order
+    # term under labels drawn from the model, whose first-order term is zero in expectation)
+    primary = args.metric
+    guesses = {"token_kl": terms.second_order} if primary == "token_kl" else {
+        "token_taylor": {n: taylor_increase(terms.first_order[n], terms.second_order[n],
+                                            terms.first_order_std_error[n], monotone=False) for n in sampled},
+        "token_fisher": terms.second_order}
     known = {} if args.truth is None else json.loads(args.truth.read_text())["results"]
     texts = {"wikitext2-test": read_text(args.text), "heldout-docstrings": heldout_text()}
     report["truth_from"] = None if args.truth is None else str(args.truth)
     report["results"] = {}
+    def kind_key(kind: str, predictor: str) -> str:
+        return kind if predictor == primary else f"{kind}_{predictor}"
+
     for text_name, text in texts.items():
         truth_started = time.perf_counter()
         probe = None if args.truth else sensitivity_bench.LossProbe(loaded, text, args.windows, args.seq_len)
@@ -141,23 +174,25 @@ def main() -> None:
             for predictor, guess in guesses.items():
                 for kind in ("real", "rtn_proxy"):
                     values = [guess[n][f"{kind}:{fmt}"] for n in names]
-                    key = kind if predictor == "token_taylor" else f"{kind}_{predictor}"
+                    key = kind_key(kind, predictor)
                     row[key] = {"spearman": float(spearmanr(values, truth).statistic),
                                 "spearman_bootstrap_90": sensitivity_bench.bootstrap_interval(values, truth)}
             row["real_at_least_as_high"] = row["real"]["spearman"] >= row["rtn_proxy"]["spearman"]
+            row["real_minus_rtn_proxy"] = paired_difference([guesses[primary][n][f"real:{fmt}"] for n in names],
+                                                            [guesses[primary][n][f"rtn_proxy:{fmt}"]
+                                                             for n in names], truth)
             row["per_unit"] = [{"name": n, "real_delta_loss": real[n]["mean"], "std_error": real[n]["std_error"],
-                                "predicted_real": guesses["token_taylor"][n][f"real:{fmt}"],
-                                "predicted_rtn_proxy": guesses["token_taylor"][n][f"rtn_proxy:{fmt}"],
+                                "predicted_real": guesses[primary][n][f"real:{fmt}"],
+                                "predicted_rtn_proxy": guesses[primary][n][f"rtn_proxy:{fmt}"],
                                 **{f"{term}_{kind}": by_unit[n][f"{kind}:{fmt}"]
                                    for term, by_unit in (("first_order", terms.first_order),
                                                          ("first_order_std_error", terms.first_order_std_error),
                                                          ("second_order", terms.second_order))
                                    for kind in ("real", "rtn_proxy")}} for n in names]
             report["results"].setdefault(fmt, {})[text_name] = row
-            sys.stderr.write(f"{fmt} on {text_name}: real {row['real']['spearman']:.3f}, "
-                             f"proxy {row['rtn_proxy']['spearman']:.3f}; second order alone: real "
-                             f"{row['real_token_fisher']['spearman']:.3f}, proxy "
-                             f"{row['rtn_proxy_token_fisher']['spearman']:.3f}\n")
+            sys.stderr.write(f"{fmt} on {text_name}: " + "; ".join(
+                f"{predictor}: real {row[kind_key('real', predictor)]['spearman']:.3f}, proxy "
+                f"{row[kind_key('rtn_proxy', predictor)]['spearman']:.3f}" for predictor in guesses) + "\n")
         report.setdefault("truth_s", {})[text_name] = round(time.perf_counter() - truth_started, 1)
         del probe
     report["total_s"] = round(time.perf_counter() - started, 1)

@@ -6,6 +6,7 @@ Pickle-based formats are never opened.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -366,6 +367,30 @@ def causal_lm_loss(model: nn.Module, tokens: torch.Tensor, *, graph_from_embeddi
         logits = model(input_ids=tokens).logits[:, :-1].float()
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1),
                                        reduction="sum")
+
+
+def causal_lm_sampled_loss(model: nn.Module, tokens: torch.Tensor, *, seed: int | None = None) -> torch.Tensor:
+    """Summed next-token cross-entropy of ``tokens (batch, seq_len)`` against labels drawn from the model's own
+    (detached) next-token distribution instead of the text's next tokens, with a graph from the input embeddings.
+
+    Its output gradients at position ``s`` are ``p_s - onehot(y_s)`` with ``y_s ~ p_s``: zero-mean, independent
+    across positions, and with covariance ``diag(p_s) - p_s p_s^T``, so the expected square of any projection of
+    them is the Fisher of the model's predictive distribution, the Hessian of the KL divergence from this model's
+    outputs (what the ``token_kl`` metric sums). The text's labels give the *empirical* Fisher instead, whose
+    square also carries the squared mean gradient of the text, large where the model is far from a stationary
+    point of that text (the attention sink's position, summing every later token's gradient).
+
+    The draw is seeded by ``seed``, by default by the tokens themselves: the same window gets the same labels in
+    every pass and every job."""
+    embeds = model.get_input_embeddings()(tokens).detach().requires_grad_(True)
+    logits = model(inputs_embeds=embeds).logits[:, :-1].float()
+    flat = logits.reshape(-1, logits.shape[-1])
+    if seed is None:
+        seed = int(hashlib.sha256(tokens.detach().cpu().long().numpy().tobytes()).hexdigest()[:15], 16)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        labels = torch.multinomial(flat.softmax(dim=-1), 1, generator=generator)[:, 0]
+    return nn.functional.cross_entropy(flat, labels, reduction="sum")
 
 
 def use_eager_attention(model: nn.Module) -> None:

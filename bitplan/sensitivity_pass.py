@@ -13,14 +13,14 @@ import torch
 from torch import nn
 
 from bitplan.errors import SpecError
-from bitplan.models import LoadedModel, ModelKind, causal_lm_loss, use_eager_attention
+from bitplan.models import LoadedModel, ModelKind, causal_lm_loss, causal_lm_sampled_loss, use_eager_attention
 from bitplan.planning import unit_sizes
 from bitplan.quantize import Importance, encode_unit, input_grams, runs_gptq
 from bitplan.quantizer.formats import decode_weight
 from bitplan.quantizer.rtn import dequantize_weight, quantize_rtn
 from bitplan.sensitivity import Metric, SensitivityResult, compute_sensitivity
 from bitplan.sensitivity.activations import StopFn
-from bitplan.sensitivity.api import NEEDS_LOSS, SECOND_ORDER_HVP_METHODS, TAKES_ERRORS
+from bitplan.sensitivity.api import MODEL_LABELS, NEEDS_LOSS, SECOND_ORDER_HVP_METHODS, TAKES_ERRORS
 from bitplan.sensitivity.cache import SensitivityCache, cache_key
 from bitplan.sensitivity.token_fisher import resolve_precision
 from bitplan.spec import JobSpec
@@ -103,7 +103,7 @@ def measure(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], cal
                                             "int_encoder": int_encoder, "first_order": ">= 0"}
     if salience_width_errors(spec, metric):
         encoder = {"widths_encoder": "rtn-salience"}
-    if metric in (Metric.TOKEN_TAYLOR, Metric.TOKEN_FISHER):  # the dtype its per-token products ran in
+    if metric in (Metric.TOKEN_TAYLOR, Metric.TOKEN_FISHER, Metric.TOKEN_KL):  # the dtype of its per-token products
         precision = resolve_precision(options.precision.value)
         encoder = {**(encoder or {}), "projection": str(precision).removeprefix("torch.")}
     key = cache_key(model_sha256=loaded.source_sha256, calibration_sha256=calibration.sha256, metric=metric.value,
@@ -132,7 +132,9 @@ def run_sensitivity(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Line
         errors = dict(zip(("options", "error_of"), format_errors(spec, units, importance, grams), strict=True))
     elif salience_width_errors(spec, metric) and importance is not None:
         errors = dict(zip(("options", "error_of"), width_errors(spec, units, importance), strict=True))
-    loss_fn = causal_lm_loss if loaded.kind is ModelKind.CAUSAL_LM else None  # metrics that need it were checked
+    loss_fn = None  # the metrics that need one were checked to have a causal LM
+    if loaded.kind is ModelKind.CAUSAL_LM:  # token_kl's loss takes labels drawn from the model itself
+        loss_fn = causal_lm_sampled_loss if metric in MODEL_LABELS else causal_lm_loss
     batches = list(torch.split(tokens, 1))
     hutchinson = spec.sensitivity.hutchinson
     if metric is Metric.HUTCHINSON:
@@ -143,6 +145,7 @@ def run_sensitivity(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Line
             loss_fn = functools.partial(causal_lm_loss, graph_from_embeddings=False)
     if on_progress is not None:  # the stage's name from its start (its first step can take a while)
         first = {Metric.TOKEN_FISHER: Stage.TOKEN_FISHER, Metric.TOKEN_TAYLOR: Stage.TOKEN_FISHER,
+                 Metric.TOKEN_KL: Stage.TOKEN_FISHER,
                  Metric.HUTCHINSON: Stage.HUTCHINSON_PROBES}.get(metric, Stage.CALIBRATION_STATISTICS)
         on_progress(first, 0, 1)
     return compute_sensitivity(loaded.model, units, batches, metric=metric, bits_options=spec.widths,

@@ -52,6 +52,7 @@ class Metric(str, Enum):
     BAQ = "baq"
     TOKEN_FISHER = "token_fisher"
     TOKEN_TAYLOR = "token_taylor"
+    TOKEN_KL = "token_kl"
 
 
 
@@ -309,8 +310,9 @@ def compute_sensitivity(
     Args:
         units: qualified name -> ``nn.Linear`` inside ``model``.
         batches: calibration token ids, each ``(batch, seq_len)`` int64.
-        loss_fn: summed token loss ``loss_fn(model, batch)``; required by ``fisher_output_error`` and
-            ``hutchinson``.
+        loss_fn: summed token loss ``loss_fn(model, batch)``; required by ``fisher_output_error``,
+            ``hutchinson`` and the token metrics. ``token_kl`` (``MODEL_LABELS``) takes one whose labels are drawn
+            from the model's own next-token distribution (``bitplan.models.causal_lm_sampled_loss``).
         should_stop: checked between batches, probes and units; ``Cancelled`` is raised when it returns true.
         blocks: the model's transformer blocks (``bitplan.units.find_block_stack``), which ``units`` lie in:
             the Gram-based metrics then hold one block's input Grams at a time.
@@ -386,6 +388,8 @@ register_metric(Metric.TOKEN_TAYLOR.value, needs_loss=True, takes_errors=True)(
     functools.partial(_token_terms, taylor=True))
 register_metric(Metric.TOKEN_FISHER.value, needs_loss=True, takes_errors=True)(
     functools.partial(_token_terms, taylor=False))
+register_metric(Metric.TOKEN_KL.value, needs_loss=True, takes_errors=True, model_labels=True)(
+    functools.partial(_token_terms, taylor=False))
 register_metric(Metric.HUTCHINSON.value, needs_loss=True, takes_errors=True)(
     lambda inputs: _hutchinson(inputs.model, inputs.units, inputs.batches, inputs.loss_fn,
                                bits_options=inputs.bits_options, group_size=inputs.group_size,
@@ -405,4 +409,5 @@ register_metric(Metric.BAQ.value, needs_loss=False, uses_loss=True)(
 
 NEEDS_LOSS = {Metric(name) for name, entry in METRICS.items() if entry.needs_loss}
 TAKES_ERRORS = {Metric(name) for name, entry in METRICS.items() if entry.takes_errors}  # accept --formats
+MODEL_LABELS = {Metric(name) for name, entry in METRICS.items() if entry.model_labels}  # a loss on sampled labels
 USES_LOSS = {Metric(name) for name, entry in METRICS.items() if entry.uses_loss}  # gradient-weighted when available

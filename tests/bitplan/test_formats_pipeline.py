@@ -12,7 +12,7 @@ import torch
 from bitplan.artifact import MANIFEST, load_artifact
 from bitplan.errors import BitplanError, BudgetError, SpecError
 from bitplan.exports import export_artifact
-from bitplan.models import causal_lm_loss, load_model
+from bitplan.models import causal_lm_loss, causal_lm_sampled_loss, load_model
 from bitplan.pipeline import run_budgets, run_pipeline
 from bitplan.quantizer.formats import FORMATS, PRESETS, decode_weight, resolve_formats
 from bitplan.sensitivity.importance import input_energy
@@ -236,6 +236,30 @@ def test_issue16_sensitivity_cache_keys_include_the_formats(wide_llama_dir: Path
     assert again.calibration["sensitivity_cache"] == "hit"
     assert other.calibration["sensitivity_cache"] == "miss"
     assert {u["format"] for u in other.units} <= {"Q4_0", "Q8_0"}
+
+
+def test_issue16_a_token_kl_job_draws_its_labels_from_the_model(wide_llama_dir: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import bitplan.sensitivity_pass as sensitivity_pass
+
+    drawn = []
+
+    def counted(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        drawn.append(tokens.shape)
+        return causal_lm_sampled_loss(model, tokens)
+
+    monkeypatch.setattr(sensitivity_pass, "causal_lm_sampled_loss", counted)
+    base = {"model": str(wide_llama_dir), "formats": "bitplan-mix", **SMALL}
+    kl = run_budgets(JobSpec.from_flat(bits_per_weight=4.0, metric="token_kl", **base), out_dirs=[tmp_path / "a"])[0]
+    assert drawn and kl.metric == "token_kl" and kl.calibration["sensitivity_cache"] == "miss"
+    assert abs(kl.bits_per_weight - 4.0) < 0.05 and {u["format"] for u in kl.units} <= set(PRESETS["bitplan-mix"])
+    again = run_budgets(JobSpec.from_flat(bits_per_weight=4.0, metric="token_kl", **base), out_dirs=[tmp_path / "b"])[0]
+    assert again.calibration["sensitivity_cache"] == "hit"
+    assert [u["format"] for u in again.units] == [u["format"] for u in kl.units]
+    calls = len(drawn)
+    taylor = run_budgets(JobSpec.from_flat(bits_per_weight=4.0, **base), out_dirs=[tmp_path / "c"])[0]
+    assert taylor.metric == "token_taylor" and taylor.calibration["sensitivity_cache"] == "miss"
+    assert len(drawn) == calls  # the default metric reads the text's labels
 
 
 @pytest.mark.parametrize(("flat", "param", "message"), [

@@ -7,7 +7,7 @@ import functools
 import pytest
 import torch
 
-from bitplan.models import causal_lm_loss
+from bitplan.models import causal_lm_loss, causal_lm_sampled_loss, use_eager_attention
 from bitplan.quantizer.rtn import dequantize_weight, quantize_rtn
 from bitplan.sensitivity import Metric, collect_unit_statistics, compute_sensitivity
 from bitplan.sensitivity.activations import UnitStatistics
@@ -95,14 +95,15 @@ def test_weight_gradient_statistics_match_autograd() -> None:
 
 
 @pytest.mark.parametrize("metric", [Metric.GWQ, Metric.SLIM_SALIENCE, Metric.BAQ, Metric.TOKEN_FISHER,
-                                    Metric.TOKEN_TAYLOR])
+                                    Metric.TOKEN_TAYLOR, Metric.TOKEN_KL])
 def test_every_metric_through_the_interface(metric: Metric) -> None:
     model = make_tiny_llama()
     units = find_units(model)
     tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
     flags = [p.requires_grad for p in model.parameters()]
+    loss_fn = causal_lm_sampled_loss if metric is Metric.TOKEN_KL else causal_lm_loss
     result = compute_sensitivity(model, units, [tokens[:1], tokens[1:]], metric=metric, bits_options=(2, 4, 8),
-                                 group_size=32, loss_fn=causal_lm_loss)
+                                 group_size=32, loss_fn=loss_fn)
     assert [u.name for u in result.units] == list(units)
     for unit in result.units:
         assert unit.delta_loss[2] >= unit.delta_loss[4] >= unit.delta_loss[8]
@@ -150,6 +151,67 @@ def test_token_fisher_against_a_direct_per_token_computation() -> None:
             halves = [float(((xs[i] @ delta.T) * grads[i]).sum()) for i in range(2)]
             expected = abs(halves[0] - halves[1]) / 40  # sqrt(2 * var) / N with var = (a - b)^2 / 2
             assert terms.first_order_std_error[name][bits] == pytest.approx(expected, rel=1e-3)
+
+
+def test_sampled_labels_are_seeded_by_the_window_and_drawn_from_the_model() -> None:
+    model = make_tiny_llama()
+    tokens = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(3))
+    first, again = causal_lm_sampled_loss(model, tokens), causal_lm_sampled_loss(model, tokens)
+    assert float(first) == float(again)  # the same window, the same labels: the same bytes from the same inputs
+    assert float(causal_lm_sampled_loss(model, tokens, seed=1)) != float(first)
+    other = tokens.clone()
+    other[0, -1] = (other[0, -1] + 1) % 512
+    assert float(causal_lm_sampled_loss(model, other)) != float(first)
+    # the mean loss over many draws is the model's own entropy (labels from p give E[-log p_y] = H(p))
+    with torch.no_grad():
+        logits = model(tokens).logits[0, :-1].float()
+        entropy = float(-(logits.softmax(-1) * logits.log_softmax(-1)).sum())
+        draws = torch.tensor([float(causal_lm_sampled_loss(model, tokens, seed=k)) for k in range(200)])
+    assert abs(float(draws.mean()) - entropy) < 4 * float(draws.std()) / 200 ** 0.5
+
+
+def test_token_kl_is_the_models_fisher_in_expectation() -> None:
+    """Averaged over label draws, token_kl's term is 0.5 / N sum_t sum_s Var_{y ~ p_s}(u_s[y]), where u_s is the
+    change of the logits at position s (its prediction of token s + 1) that the unit's error moves the unit's
+    output at token t alone by (a forward-mode derivative through the model): the quadratic form of the Fisher of
+    the model's own next-token distribution, which is the second-order KL divergence from the model's outputs."""
+    from bitplan.sensitivity.token_fisher import token_fisher
+    from tests.sensitivity.test_output_error import captured_io
+
+    model = make_tiny_llama()
+    use_eager_attention(model)  # forward-mode derivatives through attention
+    units = find_units(model)
+    name = "model.layers.0.mlp.down_proj"
+    tokens = torch.randint(0, 512, (1, 10), generator=torch.Generator().manual_seed(4))
+    weight = units[name].weight.detach()
+    delta = dequantize_weight(quantize_rtn(weight, bits=2, group_size=32)) - weight
+    x, _ = captured_io(model, name, tokens)
+    moved = x @ delta.T  # (tokens, out): the unit's output change at each token
+
+    def logits_with(change: torch.Tensor) -> torch.Tensor:
+        handle = units[name].register_forward_hook(lambda module, inputs, output: output + change[None])
+        try:
+            return model(tokens).logits[0, :-1].float()
+        finally:
+            handle.remove()
+
+    zero = torch.zeros_like(moved)
+    with torch.no_grad():
+        p = logits_with(zero).softmax(dim=-1)
+    expected = 0.0
+    for t in range(tokens.numel()):
+        tangent = torch.zeros_like(moved)
+        tangent[t] = moved[t]
+        _, u = torch.func.jvp(logits_with, (zero,), (tangent,))
+        expected += float(((p * u ** 2).sum(-1) - (p * u).sum(-1) ** 2).sum())
+    expected *= 0.5 / tokens.numel()
+    draws = torch.tensor([
+        token_fisher(model, {name: units[name]}, [tokens], loss_fn=functools.partial(causal_lm_sampled_loss, seed=k),
+                     bits_options=(2,), group_size=32, options={name: ["e"]}, error_of=lambda n, key: delta,
+                     precision="float32").second_order[name]["e"] for k in range(300)])
+    assert expected > 0
+    assert abs(float(draws.mean()) - expected) < 4 * float(draws.std()) / 300 ** 0.5
+    assert abs(float(draws.mean()) - expected) < 0.1 * expected
 
 
 def test_token_fisher_of_a_tied_output_head_counts_its_embedding_use_too() -> None:
