@@ -185,6 +185,7 @@ def main() -> None:
     texts = {"wikitext2-test": read_text(args.text), "heldout-docstrings": heldout_text()}
     report["truth_from"] = None if args.truth is None else str(args.truth)
     report["results"] = {}
+
     def kind_key(kind: str, predictor: str) -> str:
         return kind if predictor == primary else f"{kind}_{predictor}"
 
