@@ -65,14 +65,9 @@ def paired_difference(first: list[float], second: list[float], truth: list[float
     replacement (the same units for both predictors in each draw: the two rankings share most of their error, so
     the difference is far better resolved than either correlation's own interval suggests) and the share of draws
     in which the first is at least as high."""
-    rng = np.random.default_rng(0)
     a, b, y = np.array(first), np.array(second), np.array(truth)
-    values = []
-    for _ in range(draws):
-        pick = rng.integers(0, len(y), len(y))
-        if len(set(pick.tolist())) > 2:
-            values.append(spearmanr(a[pick], y[pick]).statistic - spearmanr(b[pick], y[pick]).statistic)
-    kept = np.array(values)[~np.isnan(values)]
+    kept = sensitivity_bench.bootstrap_values(
+        lambda pick: spearmanr(a[pick], y[pick]).statistic - spearmanr(b[pick], y[pick]).statistic, len(y), draws)
     return {"difference": float(spearmanr(a, y).statistic - spearmanr(b, y).statistic),
             "bootstrap_90": [float(np.percentile(kept, 5)), float(np.percentile(kept, 95))],
             "share_of_draws_at_least_as_high": float(np.mean(kept >= 0))}

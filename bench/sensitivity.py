@@ -300,16 +300,24 @@ def error_budget_report(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def bootstrap_interval(predicted: list[float], real: list[float], draws: int = 2000) -> list[float]:
-    """90% interval of the Spearman correlation over units resampled with replacement."""
+def bootstrap_values(statistic: Callable[[np.ndarray], float], count: int, draws: int = 2000) -> np.ndarray:
+    """``statistic(pick)`` over ``draws`` resamples of ``count`` units with replacement (seeded; a resample with
+    fewer than three distinct units, or a NaN statistic, is left out)."""
     rng = np.random.default_rng(0)
-    x, y = np.array(predicted), np.array(real)
     values = []
     for _ in range(draws):
-        pick = rng.integers(0, len(x), len(x))
+        pick = rng.integers(0, count, count)
         if len(set(pick.tolist())) > 2:
-            values.append(spearmanr(x[pick], y[pick]).statistic)
-    return [float(np.nanpercentile(values, 5)), float(np.nanpercentile(values, 95))]
+            values.append(statistic(pick))
+    kept = np.array(values, dtype=float)
+    return kept[~np.isnan(kept)]
+
+
+def bootstrap_interval(predicted: list[float], real: list[float], draws: int = 2000) -> list[float]:
+    """90% interval of the Spearman correlation over units resampled with replacement."""
+    x, y = np.array(predicted), np.array(real)
+    values = bootstrap_values(lambda pick: spearmanr(x[pick], y[pick]).statistic, len(x), draws)
+    return [float(np.percentile(values, 5)), float(np.percentile(values, 95))]
 
 
 def correlation_report(args: argparse.Namespace) -> dict[str, Any]:

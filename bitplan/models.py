@@ -360,13 +360,19 @@ def causal_lm_loss(model: nn.Module, tokens: torch.Tensor, *, graph_from_embeddi
     """Summed next-token cross-entropy of ``tokens (batch, seq_len)``, by default with a graph from the input
     embeddings (so that output gradients exist even when no parameter requires grad); ``torch.func`` transforms
     need ``graph_from_embeddings=False``."""
+    logits = next_token_logits(model, tokens, graph_from_embeddings=graph_from_embeddings)
+    return nn.functional.cross_entropy(logits, tokens[:, 1:].reshape(-1), reduction="sum")
+
+
+def next_token_logits(model: nn.Module, tokens: torch.Tensor, *, graph_from_embeddings: bool = True) -> torch.Tensor:
+    """``(batch * (seq_len - 1), vocab)`` float32 logits of every position that predicts a next token, by default
+    with a graph from the input embeddings (:func:`causal_lm_loss`)."""
     if graph_from_embeddings:
         embeds = model.get_input_embeddings()(tokens).detach().requires_grad_(True)
         logits = model(inputs_embeds=embeds).logits[:, :-1].float()
     else:
         logits = model(input_ids=tokens).logits[:, :-1].float()
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1),
-                                       reduction="sum")
+    return logits.reshape(-1, logits.shape[-1])
 
 
 def causal_lm_sampled_loss(model: nn.Module, tokens: torch.Tensor, *, seed: int | None = None) -> torch.Tensor:
@@ -382,9 +388,7 @@ def causal_lm_sampled_loss(model: nn.Module, tokens: torch.Tensor, *, seed: int 
 
     The draw is seeded by ``seed``, by default by the tokens themselves: the same window gets the same labels in
     every pass and every job."""
-    embeds = model.get_input_embeddings()(tokens).detach().requires_grad_(True)
-    logits = model(inputs_embeds=embeds).logits[:, :-1].float()
-    flat = logits.reshape(-1, logits.shape[-1])
+    flat = next_token_logits(model, tokens)
     if seed is None:
         seed = int(hashlib.sha256(tokens.detach().cpu().long().numpy().tobytes()).hexdigest()[:15], 16)
     generator = torch.Generator().manual_seed(seed)

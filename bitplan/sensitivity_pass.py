@@ -20,7 +20,7 @@ from bitplan.quantizer.formats import decode_weight
 from bitplan.quantizer.rtn import dequantize_weight, quantize_rtn
 from bitplan.sensitivity import Metric, SensitivityResult, compute_sensitivity
 from bitplan.sensitivity.activations import StopFn
-from bitplan.sensitivity.api import MODEL_LABELS, NEEDS_LOSS, SECOND_ORDER_HVP_METHODS, TAKES_ERRORS
+from bitplan.sensitivity.api import MODEL_LABELS, NEEDS_LOSS, SECOND_ORDER_HVP_METHODS, TAKES_ERRORS, TOKEN_METRICS
 from bitplan.sensitivity.cache import SensitivityCache, cache_key
 from bitplan.sensitivity.token_fisher import resolve_precision
 from bitplan.spec import JobSpec
@@ -103,7 +103,7 @@ def measure(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], cal
                                             "int_encoder": int_encoder, "first_order": ">= 0"}
     if salience_width_errors(spec, metric):
         encoder = {"widths_encoder": "rtn-salience"}
-    if metric in (Metric.TOKEN_TAYLOR, Metric.TOKEN_FISHER, Metric.TOKEN_KL):  # the dtype of its per-token products
+    if metric in TOKEN_METRICS:  # the dtype its per-token products ran in
         precision = resolve_precision(options.precision.value)
         encoder = {**(encoder or {}), "projection": str(precision).removeprefix("torch.")}
     key = cache_key(model_sha256=loaded.source_sha256, calibration_sha256=calibration.sha256, metric=metric.value,
@@ -144,9 +144,8 @@ def run_sensitivity(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Line
         if hutchinson.method == "jvp":  # torch.func cannot start a graph at detached embeddings
             loss_fn = functools.partial(causal_lm_loss, graph_from_embeddings=False)
     if on_progress is not None:  # the stage's name from its start (its first step can take a while)
-        first = {Metric.TOKEN_FISHER: Stage.TOKEN_FISHER, Metric.TOKEN_TAYLOR: Stage.TOKEN_FISHER,
-                 Metric.TOKEN_KL: Stage.TOKEN_FISHER,
-                 Metric.HUTCHINSON: Stage.HUTCHINSON_PROBES}.get(metric, Stage.CALIBRATION_STATISTICS)
+        first = (Stage.TOKEN_FISHER if metric in TOKEN_METRICS else
+                 Stage.HUTCHINSON_PROBES if metric is Metric.HUTCHINSON else Stage.CALIBRATION_STATISTICS)
         on_progress(first, 0, 1)
     return compute_sensitivity(loaded.model, units, batches, metric=metric, bits_options=spec.widths,
                                group_size=spec.quantization.group_size, loss_fn=loss_fn, hutchinson=hutchinson,

@@ -409,5 +409,6 @@ register_metric(Metric.BAQ.value, needs_loss=False, uses_loss=True)(
 
 NEEDS_LOSS = {Metric(name) for name, entry in METRICS.items() if entry.needs_loss}
 TAKES_ERRORS = {Metric(name) for name, entry in METRICS.items() if entry.takes_errors}  # accept --formats
+TOKEN_METRICS = {Metric.TOKEN_FISHER, Metric.TOKEN_TAYLOR, Metric.TOKEN_KL}  # one token Fisher pass each
 MODEL_LABELS = {Metric(name) for name, entry in METRICS.items() if entry.model_labels}  # a loss on sampled labels
 USES_LOSS = {Metric(name) for name, entry in METRICS.items() if entry.uses_loss}  # gradient-weighted when available
