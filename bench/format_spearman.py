@@ -49,7 +49,7 @@ from bitplan.quality import heldout_text
 from bitplan.quantize import encode_unit
 from bitplan.quantizer.formats import FORMATS, decode_weight
 from bitplan.quantizer.rtn import quantization_error
-from bitplan.sensitivity.api import taylor_increase
+from bitplan.sensitivity.api import CURVATURE_STRIDE, taylor_increase
 from bitplan.sensitivity.importance import input_energy
 from bitplan.sensitivity.token_fisher import token_fisher
 from bitplan.spec import JobSpec
@@ -90,9 +90,10 @@ def combined_report(taylor_path: Path, kl_path: Path) -> dict[str, Any]:
             truth = [u["real_delta_loss"] for u in slopes]
             scored: dict[str, Any] = {"units": len(truth)}
             for label, signed in (("signed", True), ("clamped", False)):
-                # one key: monotone=True leaves first + second as it is; monotone=False counts a negative slope as 0
+                # signed: each option's first + second as it is; clamped: a negative slope counts as 0
                 guesses = {kind: [taylor_increase({0: s[f"first_order_{kind}"]}, {0: c[f"second_order_{kind}"]},
-                                                  {0: s[f"first_order_std_error_{kind}"]}, monotone=signed)[0]
+                                                  {0: s[f"first_order_std_error_{kind}"]}, monotone=False,
+                                                  signed=signed)[0]
                                   for s, c in zip(slopes, curvatures, strict=True)] for kind in ("real", "rtn_proxy")}
                 scored[label] = {kind: float(spearmanr(values, truth).statistic) for kind, values in guesses.items()}
                 scored[label]["real_minus_rtn_proxy"] = paired_difference(guesses["real"], guesses["rtn_proxy"], truth)
@@ -115,10 +116,14 @@ def main() -> None:
                         "weights) and run only the predictions")
     parser.add_argument("--skip-first-position", action="store_true",
                         help="leave each window's first position (the attention sink) out of the second-order sum")
-    parser.add_argument("--metric", choices=("token_taylor", "token_kl"), default="token_taylor",
+    parser.add_argument("--metric", choices=("token_taylor", "token_kl", "token_taylor_kl"), default="token_taylor",
                         help="token_taylor (the default: the text's labels, the empirical Fisher and the first-order "
                              "term) or token_kl (labels drawn from the model's own next-token distribution: the "
-                             "second-order KL to the source model)")
+                             "second-order KL to the source model) or token_taylor_kl (the text's slope, the "
+                             "model's curvature: two backward passes, the second on every --curvature-stride-th "
+                             "window)")
+    parser.add_argument("--curvature-stride", type=int, default=CURVATURE_STRIDE,
+                        help="token_taylor_kl: the model-label pass on every k-th calibration window")
     parser.add_argument("--combine", type=Path, nargs=2, metavar=("TAYLOR", "KL"),
                         help="score, without the model, each unit's first-order term from TAYLOR (a token_taylor "
                              "result) plus its second-order term from KL (a token_kl result on the same truth): the "
@@ -162,10 +167,13 @@ def main() -> None:
     options = {name: [f"{kind}:{fmt}" for fmt in formats if name in samples[fmt] for kind in ("real", "rtn_proxy")]
                for name in sampled}
     predicted_started = time.perf_counter()
-    loss_fn = causal_lm_loss if args.metric == "token_taylor" else causal_lm_sampled_loss
+    loss_fn = causal_lm_sampled_loss if args.metric == "token_kl" else causal_lm_loss
+    curvature = {"curvature_loss_fn": causal_lm_sampled_loss, "curvature_stride": args.curvature_stride} \
+        if args.metric == "token_taylor_kl" else {}
+    report["curvature_stride"] = args.curvature_stride if curvature else None
     terms = token_fisher(loaded.model, sampled, batches, loss_fn=loss_fn, bits_options=[3], group_size=128,
                          blocks=find_block_stack(loaded.model)[1], options=options, error_of=error_of,
-                         skip_first_position=args.skip_first_position)
+                         skip_first_position=args.skip_first_position, **curvature)
     report["skip_first_position"] = args.skip_first_position
     report["sensitivity_s"] = round(time.perf_counter() - predicted_started, 1)
     # each predictor of every (unit, option): the default metric (token_taylor: shrunk first order, a negative one
@@ -173,9 +181,12 @@ def main() -> None:
     # term under labels drawn from the model, whose first-order term is zero in expectation)
     primary = args.metric
     guesses = {"token_kl": terms.second_order} if primary == "token_kl" else {
-        "token_taylor": {n: taylor_increase(terms.first_order[n], terms.second_order[n],
-                                            terms.first_order_std_error[n], monotone=False) for n in sampled},
-        "token_fisher": terms.second_order}
+        primary: {n: taylor_increase(terms.first_order[n], terms.second_order[n],
+                                     terms.first_order_std_error[n], monotone=False) for n in sampled},
+        f"{primary}_signed": {n: taylor_increase(terms.first_order[n], terms.second_order[n],
+                                                 terms.first_order_std_error[n], monotone=False, signed=True)
+                              for n in sampled},
+        "token_fisher" if primary == "token_taylor" else "token_kl": terms.second_order}
     known = {} if args.truth is None else json.loads(args.truth.read_text())["results"]
     texts = {"wikitext2-test": read_text(args.text), "heldout-docstrings": heldout_text()}
     report["truth_from"] = None if args.truth is None else str(args.truth)

@@ -212,7 +212,8 @@ def whole_file(args: argparse.Namespace, preset: str, file_bytes: int, windows: 
     from bitplan.pipeline import run_pipeline
 
     spec = JobSpec.from_flat(model=args.model, file_bytes=file_bytes, target="gguf", formats=args.formats,
-                             num_samples=args.samples, quantizer=args.quantizer, kl_windows=0, quality_windows=0)
+                             num_samples=args.samples, quantizer=args.quantizer, metric=args.metric, kl_windows=0,
+                             quality_windows=0)
     run = run_pipeline(spec, out=args.out / f"ours-file-{preset}")
     path = Path(run.artifact) / "model.gguf"
     size, numel, types = block_linear(path)
@@ -231,6 +232,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--quantizer", default="rtn")
+    parser.add_argument("--metric", default="auto", help="our jobs' sensitivity metric (auto: the default)")
     parser.add_argument("--out", type=Path, default=Path("runs/peers"))
     parser.add_argument("--target", choices=("bitplan", "gguf"), default="bitplan",
                         help="gguf: every file run and scored by llama.cpp itself (llama-cpp-python), and ours also "
@@ -246,6 +248,7 @@ def main() -> None:
     report: dict[str, object] = {
         "benchmark": "peers", "model": args.model, "source": str(source), "text": str(args.text),
         "windows": args.windows, "seq_len": args.seq_len, "formats": args.formats, "quantizer": args.quantizer,
+        "metric": args.metric,
         "evaluator": evaluator,
         "calibration": f"built-in text, {args.samples} x {args.seq_len} tokens",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -274,7 +277,7 @@ def main() -> None:
     numel = block_linear(source)[1]
     budgets = [8 * theirs[p]["block_linear_bytes"] / numel for p in presets]
     spec = JobSpec.from_flat(model=args.model, bits_per_weight=budgets, formats=args.formats,
-                             num_samples=args.samples, quantizer=args.quantizer)
+                             num_samples=args.samples, quantizer=args.quantizer, metric=args.metric)
     job_started = time.perf_counter()
     runs = run_budgets(spec, out_dirs=[args.out / f"ours-{p}" for p in presets])
     report["job_s"] = round(time.perf_counter() - job_started, 1)

@@ -20,7 +20,14 @@ from bitplan.quantizer.formats import decode_weight
 from bitplan.quantizer.rtn import dequantize_weight, quantize_rtn
 from bitplan.sensitivity import Metric, SensitivityResult, compute_sensitivity
 from bitplan.sensitivity.activations import StopFn
-from bitplan.sensitivity.api import MODEL_LABELS, NEEDS_LOSS, SECOND_ORDER_HVP_METHODS, TAKES_ERRORS, TOKEN_METRICS
+from bitplan.sensitivity.api import (
+    MODEL_CURVATURE,
+    MODEL_LABELS,
+    NEEDS_LOSS,
+    SECOND_ORDER_HVP_METHODS,
+    TAKES_ERRORS,
+    TOKEN_METRICS,
+)
 from bitplan.sensitivity.cache import SensitivityCache, cache_key
 from bitplan.sensitivity.token_fisher import resolve_precision
 from bitplan.spec import JobSpec
@@ -132,9 +139,10 @@ def run_sensitivity(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Line
         errors = dict(zip(("options", "error_of"), format_errors(spec, units, importance, grams), strict=True))
     elif salience_width_errors(spec, metric) and importance is not None:
         errors = dict(zip(("options", "error_of"), width_errors(spec, units, importance), strict=True))
-    loss_fn = None  # the metrics that need one were checked to have a causal LM
-    if loaded.kind is ModelKind.CAUSAL_LM:  # token_kl's loss takes labels drawn from the model itself
-        loss_fn = causal_lm_sampled_loss if metric in MODEL_LABELS else causal_lm_loss
+    loss_fn = curvature_loss_fn = None  # the metrics that need one were checked to have a causal LM
+    if loaded.kind is ModelKind.CAUSAL_LM:  # token_kl's loss, and token_taylor_kl's second-order one, take labels
+        loss_fn = causal_lm_sampled_loss if metric in MODEL_LABELS else causal_lm_loss  # drawn from the model
+        curvature_loss_fn = causal_lm_sampled_loss if metric in MODEL_CURVATURE else None
     batches = list(torch.split(tokens, 1))
     hutchinson = spec.sensitivity.hutchinson
     if metric is Metric.HUTCHINSON:
@@ -152,4 +160,5 @@ def run_sensitivity(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Line
                                on_progress=on_progress, should_stop=should_stop,
                                blocks=find_block_stack(loaded.model),
                                max_error_bytes=spec.sensitivity.max_error_bytes,
-                               precision=spec.sensitivity.precision.value, **errors)
+                               precision=spec.sensitivity.precision.value,
+                               curvature_loss_fn=curvature_loss_fn, **errors)

@@ -53,6 +53,7 @@ class Metric(str, Enum):
     TOKEN_FISHER = "token_fisher"
     TOKEN_TAYLOR = "token_taylor"
     TOKEN_KL = "token_kl"
+    TOKEN_TAYLOR_KL = "token_taylor_kl"
 
 
 
@@ -125,6 +126,7 @@ class HutchinsonConfig:
 
 
 HVP_METHODS = ("double_backward", "jvp", "gradient_difference")
+CURVATURE_STRIDE = 2  # token_taylor_kl: the model-label pass on every other calibration window (job cost, see README)
 SECOND_ORDER_HVP_METHODS = ("double_backward", "jvp")  # need second-order autograd (eager attention on CPU)
 
 
@@ -154,8 +156,8 @@ def functional_loss(model: nn.Module, loss_fn: LossFn, names: Sequence[str], bat
 
 
 def taylor_increase(first_order: Mapping[Any, float], second_order: Mapping[Any, float],
-                    first_order_std_error: Mapping[Any, float] | None = None, *, monotone: bool = True
-                    ) -> dict[Any, float]:
+                    first_order_std_error: Mapping[Any, float] | None = None, *, monotone: bool = True,
+                    signed: bool = False) -> dict[Any, float]:
     """``first + second`` order loss change per bit width.
 
     The first-order term is an average over calibration batches; with its standard error ``se`` it is shrunk by
@@ -167,14 +169,17 @@ def taylor_increase(first_order: Mapping[Any, float], second_order: Mapping[Any,
     ordering step: there a negative first-order term counts as 0, so no format is predicted better than the
     float weights and an exact format (error 0: a GGUF source in its own type) is never passed over for a
     coarser one whose slope on the calibration text merely looks helpful (on SmolLM2, 35 layers stayed Q4_0 at
-    5.6 bits per weight with the exact Q4_1 available, bench/results/peers-*)."""
+    5.6 bits per weight with the exact Q4_1 available, bench/results/peers-*). ``signed=True`` (with
+    ``monotone=False``) keeps each option's own ``first + second``, sign and all: the prediction of the loss change
+    itself, which ``bench/format_spearman.py`` scores beside the allocation's rule."""
     result = {}
     running = -math.inf
     for bits in (sorted(second_order, reverse=True) if monotone else second_order):
         first = first_order[bits]
         if first_order_std_error is not None and first != 0.0:
             first *= max(0.0, 1.0 - (first_order_std_error[bits] / first) ** 2)
-        running = max(running, first + second_order[bits]) if monotone else max(first, 0.0) + second_order[bits]
+        running = (max(running, first + second_order[bits]) if monotone else
+                   (first if signed else max(first, 0.0)) + second_order[bits])
         result[bits] = running
     return dict(sorted(result.items())) if monotone else result
 
@@ -304,6 +309,7 @@ def compute_sensitivity(
     options: Mapping[str, Sequence[Any]] | None = None,
     error_of: Callable[[str, Any], torch.Tensor] | None = None,
     precision: str = "auto",
+    curvature_loss_fn: LossFn | None = None,
 ) -> SensitivityResult:
     """Predicted loss increase of RTN-quantizing each unit at each bit width.
 
@@ -322,18 +328,23 @@ def compute_sensitivity(
             option's real weight error (``decode(encode(W)) - W``); predictions are then keyed by option. Only
             metrics registered with ``takes_errors`` accept them.
         precision: the dtype of the token metrics' per-token products (:func:`sensitivity.token_fisher.token_fisher`).
+        curvature_loss_fn: the second-order term's loss of a ``model_curvature`` metric (``token_taylor_kl``), whose
+            first-order term is ``loss_fn``'s: ``bitplan.models.causal_lm_sampled_loss``.
     """
     started = time.perf_counter()
     entry = METRICS[metric.value]
     if entry.needs_loss and loss_fn is None:
         raise ValueError(f"metric {metric.value!r} needs a loss (a causal language model); use 'output_error'")
+    if entry.model_curvature and curvature_loss_fn is None:
+        raise ValueError(f"metric {metric.value!r} needs curvature_loss_fn (labels drawn from the model)")
     if options is not None and not entry.takes_errors:
         raise ValueError(f"metric {metric.value!r} predicts from RTN errors only; with formats use one of "
                          f"{', '.join(sorted(m.value for m in TAKES_ERRORS))}")
     inputs = MetricInputs(model=model, units=units, batches=batches, bits_options=bits_options,
                           group_size=group_size, loss_fn=loss_fn, hutchinson=hutchinson or HutchinsonConfig(),
                           on_progress=on_progress, should_stop=should_stop, blocks=blocks,
-                          max_error_bytes=max_error_bytes, options=options, error_of=error_of, precision=precision)
+                          max_error_bytes=max_error_bytes, options=options, error_of=error_of, precision=precision,
+                          curvature_loss_fn=curvature_loss_fn)
     entries, warnings = entry.compute(inputs)
     for warning in warnings:
         logger.warning(warning)
@@ -343,14 +354,18 @@ def compute_sensitivity(
 
 
 
-def _token_terms(inputs: MetricInputs, *, taylor: bool) -> tuple[list[UnitSensitivity], list[str]]:
-    """token_fisher (second order) or token_taylor (first + second order) from the token Fisher pass."""
+def _token_terms(inputs: MetricInputs, *, taylor: bool, curvature_stride: int = 1
+                 ) -> tuple[list[UnitSensitivity], list[str]]:
+    """token_fisher (second order) or token_taylor (first + second order) from the token Fisher pass; with
+    ``inputs.curvature_loss_fn`` (token_taylor_kl) the second-order term from that loss on every
+    ``curvature_stride``-th batch."""
     blocks = inputs.blocks
     terms = token_fisher(inputs.model, inputs.units, inputs.batches, loss_fn=inputs.loss_fn,
                          bits_options=inputs.bits_options, group_size=inputs.group_size,
                          max_error_bytes=inputs.max_error_bytes, blocks=None if blocks is None else blocks[1],
                          on_progress=inputs.on_progress, should_stop=inputs.should_stop, options=inputs.options,
-                         error_of=inputs.error_of, precision=inputs.precision)
+                         error_of=inputs.error_of, precision=inputs.precision,
+                         curvature_loss_fn=inputs.curvature_loss_fn, curvature_stride=curvature_stride)
     return [UnitSensitivity(name=name, numel=module.weight.numel(), score=terms.energy[name],
                             delta_loss=(taylor_increase(terms.first_order[name], terms.second_order[name],
                                                         terms.first_order_std_error[name],
@@ -390,6 +405,8 @@ register_metric(Metric.TOKEN_FISHER.value, needs_loss=True, takes_errors=True)(
     functools.partial(_token_terms, taylor=False))
 register_metric(Metric.TOKEN_KL.value, needs_loss=True, takes_errors=True, model_labels=True)(
     functools.partial(_token_terms, taylor=False))
+register_metric(Metric.TOKEN_TAYLOR_KL.value, needs_loss=True, takes_errors=True, model_curvature=True)(
+    functools.partial(_token_terms, taylor=True, curvature_stride=CURVATURE_STRIDE))
 register_metric(Metric.HUTCHINSON.value, needs_loss=True, takes_errors=True)(
     lambda inputs: _hutchinson(inputs.model, inputs.units, inputs.batches, inputs.loss_fn,
                                bits_options=inputs.bits_options, group_size=inputs.group_size,
@@ -409,6 +426,7 @@ register_metric(Metric.BAQ.value, needs_loss=False, uses_loss=True)(
 
 NEEDS_LOSS = {Metric(name) for name, entry in METRICS.items() if entry.needs_loss}
 TAKES_ERRORS = {Metric(name) for name, entry in METRICS.items() if entry.takes_errors}  # accept --formats
-TOKEN_METRICS = {Metric.TOKEN_FISHER, Metric.TOKEN_TAYLOR, Metric.TOKEN_KL}  # one token Fisher pass each
+TOKEN_METRICS = {Metric.TOKEN_FISHER, Metric.TOKEN_TAYLOR, Metric.TOKEN_KL, Metric.TOKEN_TAYLOR_KL}  # token Fisher
 MODEL_LABELS = {Metric(name) for name, entry in METRICS.items() if entry.model_labels}  # a loss on sampled labels
+MODEL_CURVATURE = {Metric(name) for name, entry in METRICS.items() if entry.model_curvature}  # and the text's slope
 USES_LOSS = {Metric(name) for name, entry in METRICS.items() if entry.uses_loss}  # gradient-weighted when available

@@ -30,6 +30,7 @@ class MetricInputs:
     options: Mapping[str, Sequence[Any]] | None = None  # per unit, its option keys (format names) ...
     error_of: Callable[[str, Any], torch.Tensor] | None = None  # ... and each option's weight error dW
     precision: str = "auto"  # the token metrics' per-token products: auto, float32 or bfloat16
+    curvature_loss_fn: Any = None  # LossFn for a metric's second-order term, when not ``loss_fn`` (model_curvature)
 
 
 ComputeFn = Callable[[MetricInputs], "tuple[list[Any], list[str]]"]  # -> (UnitSensitivity per unit, warnings)
@@ -47,20 +48,22 @@ class MetricEntry:
     compute: ComputeFn
     takes_errors: bool = False  # predicts from any weight error (``MetricInputs.options`` / ``error_of``)
     model_labels: bool = False  # its loss takes labels drawn from the model's own outputs, not the text's
+    model_curvature: bool = False  # its second-order term takes such labels; its first-order term the text's
 
 
 METRICS: dict[str, MetricEntry] = {}
 
 
 def register_metric(name: str, *, needs_loss: bool, uses_loss: bool | None = None, weight_grads: bool = False,
-                    takes_errors: bool = False, model_labels: bool = False) -> Callable[[ComputeFn], ComputeFn]:
+                    takes_errors: bool = False, model_labels: bool = False, model_curvature: bool = False
+                    ) -> Callable[[ComputeFn], ComputeFn]:
     """Register ``compute`` as the metric ``name``."""
 
     def add(compute: ComputeFn) -> ComputeFn:
         METRICS[name] = MetricEntry(name=name, needs_loss=needs_loss,
                                     uses_loss=needs_loss if uses_loss is None else uses_loss,
                                     weight_grads=weight_grads, compute=compute, takes_errors=takes_errors,
-                                    model_labels=model_labels)
+                                    model_labels=model_labels, model_curvature=model_curvature)
         return compute
 
     return add

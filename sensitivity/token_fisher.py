@@ -201,6 +201,8 @@ def token_fisher(
     error_of: ErrorFn | None = None,
     skip_first_position: bool = False,
     precision: str = "auto",
+    curvature_loss_fn: LossFn | None = None,
+    curvature_stride: int = 1,
 ) -> TokenFisherTerms:
     """Both Taylor terms of the loss increase per (unit, bit width), and each unit's output-gradient energy.
 
@@ -219,7 +221,15 @@ def token_fisher(
     ``precision``: the dtype the errors are held and the per-token projections multiplied in (``"auto"``:
     :func:`projection_dtype`; ``"float32"`` is the reference the tests compare ``"bfloat16"`` with). bfloat16
     errors take half the memory, so twice as many units share each chunk's backward passes.
+
+    With ``curvature_loss_fn`` the two terms come from two losses: the first-order term (and its standard error)
+    from ``loss_fn`` on every batch, through the weight gradient alone (no per-token products), and the
+    second-order term and the energy from a second backward pass of ``curvature_loss_fn`` on every
+    ``curvature_stride``-th batch (from the first), averaged over the tokens of those batches. With
+    ``bitplan.models.causal_lm_sampled_loss`` as the latter: the text's slope with the model's own curvature.
     """
+    if curvature_stride < 1:
+        raise ValueError(f"curvature_stride must be at least 1, got {curvature_stride}")
     dtype = resolve_precision(precision)
     if options is None or error_of is None:
         options = {name: list(bits_options) for name in units}
@@ -238,12 +248,17 @@ def token_fisher(
 
     firsts: dict[str, torch.Tensor] = {}  # per unit: this batch's first-order sums (options,), all uses
 
-    def add(name: str, scalars: torch.Tensor, first: torch.Tensor | None = None) -> None:
+    phase = {"slope": True, "curvature": True}  # which terms this backward pass feeds
+
+    def add(name: str, scalars: torch.Tensor | None, first: torch.Tensor | None = None) -> None:
         """One use's per-token scalars, and its first-order sum when not theirs (the bfloat16 path's, from the
-        weight gradient: a sum over tokens cancels, and the rounding of each token's scalar would not)."""
-        pending[name] = scalars.double() if name not in pending else pending[name] + scalars.double()
-        first = scalars.flatten(1).sum(dim=1, dtype=torch.float64) if first is None else first.double()
-        firsts[name] = first if name not in firsts else firsts[name] + first
+        weight gradient: a sum over tokens cancels, and the rounding of each token's scalar would not); each only
+        in a pass that feeds its term."""
+        if phase["curvature"] and scalars is not None:
+            pending[name] = scalars.double() if name not in pending else pending[name] + scalars.double()
+        if phase["slope"]:
+            first = scalars.flatten(1).sum(dim=1, dtype=torch.float64) if first is None else first.double()
+            firsts[name] = first if name not in firsts else firsts[name] + first
 
     def make_hook(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]:
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -254,14 +269,17 @@ def token_fisher(
             def grad_hook(grad: torch.Tensor) -> None:
                 g = grad.detach().float().reshape(-1, grad.shape[-1])
                 inputs_ = x.float().reshape(-1, x.shape[-1])
-                scalars = projected_errors(g, deltas[name], inputs_)
+                scalars = (projected_errors(g, deltas[name], inputs_).reshape(-1, *grad.shape[:-1])
+                           if phase["curvature"] else None)
                 first = None
                 low = deltas[name].dtype
-                if low != torch.float32:  # sum_t g_t . dW x_t = <dW, sum_t g_t x_t^T>, with float32 sums
+                if phase["slope"] and (low != torch.float32 or scalars is None):
+                    # sum_t g_t . dW x_t = <dW, sum_t g_t x_t^T>, with float32 sums
                     gradient = (g.to(low).T @ inputs_.to(low)).reshape(-1, 1)
                     first = (deltas[name].flatten(1) @ gradient).float()[:, 0]
-                add(name, scalars.reshape(-1, *grad.shape[:-1]), first)
-                energy[name] += float(g.pow(2).sum())
+                add(name, scalars, first)
+                if phase["curvature"]:
+                    energy[name] += float(g.pow(2).sum())
 
             output.register_hook(grad_hook)
 
@@ -318,17 +336,23 @@ def token_fisher(
             try:
                 for index, batch in enumerate(batches):
                     check_stop(should_stop, "token Fisher")
-                    loss_fn(model, batch).backward()
+                    if curvature_loss_fn is None:
+                        loss_fn(model, batch).backward()
+                    else:  # the slope from loss_fn, then (on every curvature_stride-th batch) the curvature
+                        phase.update(slope=True, curvature=False)
+                        loss_fn(model, batch).backward()
+                        if index % curvature_stride == 0:
+                            phase.update(slope=False, curvature=True)
+                            curvature_loss_fn(model, batch).backward()
                     for name in chunk:
                         scalars = pending.pop(name, None)
-                        if scalars is None:
-                            continue
-                        # (options, sequences, positions)
-                        squared = scalars[..., 1:] if skip_first_position else scalars
-                        squares[name] += squared.pow(2).flatten(1).sum(dim=1)
-                        batch_sum = firsts.pop(name)
-                        sums[name] += batch_sum
-                        batch_sums_sq[name] += batch_sum.pow(2)
+                        if scalars is not None:  # (options, sequences, positions)
+                            squared = scalars[..., 1:] if skip_first_position else scalars
+                            squares[name] += squared.pow(2).flatten(1).sum(dim=1)
+                        batch_sum = firsts.pop(name, None)
+                        if batch_sum is not None:
+                            sums[name] += batch_sum
+                            batch_sums_sq[name] += batch_sum.pow(2)
                     if on_progress is not None:
                         on_progress(Stage.TOKEN_FISHER, chunk_index * len(batches) + index + 1, steps)
             finally:
@@ -338,8 +362,9 @@ def token_fisher(
     finally:
         for parameter, flag in requires_grad.items():
             parameter.requires_grad_(flag)
-    tokens = sum(batch.numel() for batch in batches)
-    tokens = max(tokens, 1)
+    tokens = max(sum(batch.numel() for batch in batches), 1)
+    curved = batches if curvature_loss_fn is None else batches[::curvature_stride]
+    curved_tokens = max(sum(batch.numel() for batch in curved), 1)  # the second-order term's and energy's
     count = len(batches)
 
     def std_error(name: str, index: int) -> float:
@@ -351,8 +376,8 @@ def token_fisher(
         return math.sqrt(count * variance) / tokens
 
     return TokenFisherTerms(
-        second_order={name: {b: 0.5 * float(squares[name][i]) / tokens for i, b in enumerate(keys[name])}
+        second_order={name: {b: 0.5 * float(squares[name][i]) / curved_tokens for i, b in enumerate(keys[name])}
                       for name in units},
         first_order={name: {b: float(sums[name][i]) / tokens for i, b in enumerate(keys[name])} for name in units},
         first_order_std_error={name: {b: std_error(name, i) for i, b in enumerate(keys[name])} for name in units},
-        energy={name: value / tokens for name, value in energy.items()})
+        energy={name: value / curved_tokens for name, value in energy.items()})

@@ -383,6 +383,9 @@ def test_issue16_a_format_predicted_better_than_float_is_not_preferred_to_an_exa
     assert predicted == pytest.approx({"Q4_0": 0.2, "Q4_1": 0.0, "Q8_0": 0.011})
     assert min(predicted, key=predicted.__getitem__) == "Q4_1"
     assert taylor_increase({4: -0.5, 8: -0.1}, {4: 0.2, 8: 0.0}) == {4: -0.1, 8: -0.1}  # widths: as before
+    # the prediction itself (what bench/format_spearman.py scores beside the rule): each option's own sum
+    assert taylor_increase(first, second, None, monotone=False, signed=True) == pytest.approx(
+        {"Q4_0": -0.3, "Q4_1": 0.0, "Q8_0": 0.011})
 
 
 def from_pretrained_matches_our_loader(folder: Path) -> None:

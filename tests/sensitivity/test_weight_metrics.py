@@ -95,20 +95,21 @@ def test_weight_gradient_statistics_match_autograd() -> None:
 
 
 @pytest.mark.parametrize("metric", [Metric.GWQ, Metric.SLIM_SALIENCE, Metric.BAQ, Metric.TOKEN_FISHER,
-                                    Metric.TOKEN_TAYLOR, Metric.TOKEN_KL])
+                                    Metric.TOKEN_TAYLOR, Metric.TOKEN_KL, Metric.TOKEN_TAYLOR_KL])
 def test_every_metric_through_the_interface(metric: Metric) -> None:
     model = make_tiny_llama()
     units = find_units(model)
     tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
     flags = [p.requires_grad for p in model.parameters()]
     loss_fn = causal_lm_sampled_loss if metric is Metric.TOKEN_KL else causal_lm_loss
+    curvature = causal_lm_sampled_loss if metric is Metric.TOKEN_TAYLOR_KL else None
     result = compute_sensitivity(model, units, [tokens[:1], tokens[1:]], metric=metric, bits_options=(2, 4, 8),
-                                 group_size=32, loss_fn=loss_fn)
+                                 group_size=32, loss_fn=loss_fn, curvature_loss_fn=curvature)
     assert [u.name for u in result.units] == list(units)
     for unit in result.units:
         assert unit.delta_loss[2] >= unit.delta_loss[4] >= unit.delta_loss[8]
         assert unit.score >= 0
-        if metric is not Metric.TOKEN_TAYLOR:  # its first-order term may be negative
+        if metric not in (Metric.TOKEN_TAYLOR, Metric.TOKEN_TAYLOR_KL):  # their first-order term may be negative
             assert unit.delta_loss[8] >= 0
     assert [p.requires_grad for p in model.parameters()] == flags
     assert all(p.grad is None for p in model.parameters())
@@ -261,6 +262,39 @@ def test_token_fisher_of_a_tied_output_head_counts_its_embedding_use_too() -> No
                           loss_fn=functools.partial(causal_lm_loss, graph_from_embeddings=False), precision="float32")
     assert by_ids.second_order["lm_head"] == pytest.approx(terms.second_order["lm_head"], rel=1e-5)
     assert by_ids.first_order["lm_head"] == pytest.approx(terms.first_order["lm_head"], rel=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_text_slope_with_model_curvature_is_each_loss_own_term(precision: str) -> None:
+    """token_taylor_kl's pass: its first-order term (and standard error) is the text-label pass's on every window,
+    its second-order term and energy the model-label pass's on every other window, unit by unit (the tied head's
+    embedding use included), whatever chunks the errors are held in."""
+    from bitplan.sensitivity.token_fisher import token_fisher
+
+    model = make_tiny_llama()
+    units = {**find_units(model), "lm_head": model.lm_head}  # the head is tied to the input embedding
+    tokens = torch.randint(0, 512, (4, 20), generator=torch.Generator().manual_seed(9))
+    batches = list(torch.split(tokens, 1))
+    options = {"bits_options": (2, 4), "group_size": 32, "precision": precision, "blocks": model.model.layers}
+    text = token_fisher(model, units, batches, loss_fn=causal_lm_loss, **options)
+    sampled = token_fisher(model, units, batches[::2], loss_fn=causal_lm_sampled_loss, **options)
+    budget = 2 * max(m.weight.numel() for m in units.values()) * 2 * 4
+    both = token_fisher(model, units, batches, loss_fn=causal_lm_loss, curvature_loss_fn=causal_lm_sampled_loss,
+                        curvature_stride=2, max_error_bytes=budget, **options)
+    for name in units:
+        assert both.first_order[name] == pytest.approx(text.first_order[name], rel=1e-3, abs=1e-9)
+        assert both.first_order_std_error[name] == pytest.approx(text.first_order_std_error[name], rel=1e-3,
+                                                                 abs=1e-9)
+        assert both.second_order[name] == pytest.approx(sampled.second_order[name], rel=1e-5)
+        assert both.energy[name] == pytest.approx(sampled.energy[name], rel=1e-5)
+        assert both.second_order[name] != text.second_order[name]
+    assert all(not m._forward_hooks for m in model.modules())
+    with pytest.raises(ValueError, match="curvature_stride"):
+        token_fisher(model, units, batches, loss_fn=causal_lm_loss, curvature_loss_fn=causal_lm_sampled_loss,
+                     curvature_stride=0, **options)
+    with pytest.raises(ValueError, match="curvature_loss_fn"):
+        compute_sensitivity(model, units, batches, metric=Metric.TOKEN_TAYLOR_KL, bits_options=(2, 4),
+                            group_size=32, loss_fn=causal_lm_loss)
 
 
 def test_token_fisher_in_chunks_equals_one_pass() -> None:
