@@ -20,6 +20,7 @@ difference real - proxy with its interval (``real_minus_rtn_proxy``).
     python bench/format_spearman.py --truth bench/results/format-spearman-smollm2-2026-12-03.json  # predictions only
     python bench/format_spearman.py --truth ... --skip-first-position  # the square without each window's first token
     python bench/format_spearman.py --truth ... --metric token_kl  # labels drawn from the model: second-order KL
+    python bench/format_spearman.py --truth ... --metric token_taylor_kl  # the text's slope, the model's curvature
 
 Besides the default metric, each prediction's second-order term alone (``token_fisher``) is scored too, and every
 unit's terms are in ``per_unit``.
@@ -176,9 +177,11 @@ def main() -> None:
                          skip_first_position=args.skip_first_position, **curvature)
     report["skip_first_position"] = args.skip_first_position
     report["sensitivity_s"] = round(time.perf_counter() - predicted_started, 1)
-    # each predictor of every (unit, option): the default metric (token_taylor: shrunk first order, a negative one
-    # counted as 0, plus second order) and its second-order term alone (token_fisher); or token_kl (the second-order
-    # term under labels drawn from the model, whose first-order term is zero in expectation)
+    # each predictor of every (unit, option): token_taylor or token_taylor_kl as the allocation uses it (shrunk first
+    # order, a negative one counted as 0, plus second order), the same with the slope's sign kept (the prediction of
+    # the loss change itself: "_signed"), and the second-order term alone (token_fisher; token_kl for
+    # token_taylor_kl's curvature); or token_kl alone (labels drawn from the model, a first-order term zero in
+    # expectation)
     primary = args.metric
     guesses = {"token_kl": terms.second_order} if primary == "token_kl" else {
         primary: {n: taylor_increase(terms.first_order[n], terms.second_order[n],
@@ -219,9 +222,9 @@ def main() -> None:
                     row[key] = {"spearman": float(spearmanr(values, truth).statistic),
                                 "spearman_bootstrap_90": sensitivity_bench.bootstrap_interval(values, truth)}
             row["real_at_least_as_high"] = row["real"]["spearman"] >= row["rtn_proxy"]["spearman"]
-            row["real_minus_rtn_proxy"] = paired_difference([guesses[primary][n][f"real:{fmt}"] for n in names],
-                                                            [guesses[primary][n][f"rtn_proxy:{fmt}"]
-                                                             for n in names], truth)
+            for predictor, guess in guesses.items():
+                row[kind_key("real_minus_rtn_proxy", predictor)] = paired_difference(
+                    [guess[n][f"real:{fmt}"] for n in names], [guess[n][f"rtn_proxy:{fmt}"] for n in names], truth)
             row["per_unit"] = [{"name": n, "real_delta_loss": real[n]["mean"], "std_error": real[n]["std_error"],
                                 "predicted_real": guesses[primary][n][f"real:{fmt}"],
                                 "predicted_rtn_proxy": guesses[primary][n][f"rtn_proxy:{fmt}"],

@@ -4,6 +4,7 @@ allocator chooses among the formats legal for each shape, and the artifact store
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -260,6 +261,32 @@ def test_issue16_a_token_kl_job_draws_its_labels_from_the_model(wide_llama_dir: 
     taylor = run_budgets(JobSpec.from_flat(bits_per_weight=4.0, **base), out_dirs=[tmp_path / "c"])[0]
     assert taylor.metric == "token_taylor" and taylor.calibration["sensitivity_cache"] == "miss"
     assert len(drawn) == calls  # the default metric reads the text's labels
+
+
+def test_issue16_a_token_taylor_kl_job_reads_the_texts_labels_and_draws_the_models(
+        wide_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The slope from the text's labels on every calibration window, the curvature from labels drawn from the model
+    on every other one (each chunk of errors: one here)."""
+    import bitplan.sensitivity_pass as sensitivity_pass
+
+    calls: dict[str, int] = {"text": 0, "model": 0}
+
+    def counting(kind: str, loss: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def counted(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+            calls[kind] += 1
+            return loss(model, tokens)
+
+        return counted
+
+    monkeypatch.setattr(sensitivity_pass, "causal_lm_loss", counting("text", causal_lm_loss))
+    monkeypatch.setattr(sensitivity_pass, "causal_lm_sampled_loss", counting("model", causal_lm_sampled_loss))
+    spec = JobSpec.from_flat(model=str(wide_llama_dir), formats="bitplan-mix", bits_per_weight=4.0,
+                             metric="token_taylor_kl", **{**SMALL, "num_samples": 3})
+    run = run_budgets(spec, out_dirs=[tmp_path / "a"])[0]
+    windows = spec.calibration.num_samples
+    assert run.metric == "token_taylor_kl" and run.calibration["sensitivity_cache"] == "miss"
+    assert calls == {"text": windows, "model": (windows + 1) // 2}
+    assert abs(run.bits_per_weight - 4.0) < 0.05 and {u["format"] for u in run.units} <= set(PRESETS["bitplan-mix"])
 
 
 @pytest.mark.parametrize(("flat", "param", "message"), [
