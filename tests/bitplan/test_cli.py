@@ -114,8 +114,8 @@ def test_several_budgets_share_one_sensitivity_pass(tiny_llama_dir: Path, tmp_pa
     assert runs[0]["calibration"]["sha256"] == runs[1]["calibration"]["sha256"]
 
 
-@pytest.mark.parametrize("metric", ["output_error", "fisher_output_error", "token_fisher", "token_taylor", "gwq",
-                                    "slim_salience", "baq", "hutchinson"])
+@pytest.mark.parametrize("metric", ["output_error", "fisher_output_error", "token_fisher", "token_taylor", "token_kl",
+                                    "token_taylor_kl", "gwq", "slim_salience", "baq", "hutchinson"])
 def test_sensitivity_contract(tiny_llama_dir: Path, metric: str) -> None:
     result = last_json(bitplan("sensitivity", "--model", str(tiny_llama_dir), "--metric", metric, "--json",
                                "--samples", "2", "--seq-len", "16", "--group-size", "64"))

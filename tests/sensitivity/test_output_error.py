@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bitplan.models import causal_lm_loss, use_eager_attention
+from bitplan.models import causal_lm_loss, causal_lm_sampled_loss, use_eager_attention
 from bitplan.quantizer.rtn import dequantize_weight, quantize_rtn
 from bitplan.sensitivity import Metric, collect_unit_statistics, compute_sensitivity
+from bitplan.sensitivity.api import MODEL_CURVATURE
 from bitplan.sensitivity.output_error import predict_output_error
 from bitplan.units import find_units
 from tests.conftest import make_tiny_llama
@@ -65,11 +66,12 @@ def test_every_metric_predicts_more_loss_at_fewer_bits(metric: Metric) -> None:
     use_eager_attention(model)  # double backward needs eager attention
     units = find_units(model)
     tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(2))
+    curvature = causal_lm_sampled_loss if metric in MODEL_CURVATURE else None
     result = compute_sensitivity(model, units, [tokens[:1], tokens[1:]], metric=metric, bits_options=(2, 8),
-                                 group_size=32, loss_fn=causal_lm_loss)
+                                 group_size=32, loss_fn=causal_lm_loss, curvature_loss_fn=curvature)
     assert [u.name for u in result.units] == list(units)
     assert sum(u.delta_loss[2] for u in result.units) > sum(u.delta_loss[8] for u in result.units)
-    if metric is not Metric.TOKEN_TAYLOR:  # the only metric with a (possibly negative) first-order term
+    if metric not in (Metric.TOKEN_TAYLOR, Metric.TOKEN_TAYLOR_KL):  # a (possibly negative) first-order term
         assert sum(u.delta_loss[8] for u in result.units) >= 0
 
 
