@@ -8,7 +8,8 @@ without ``--formats`` under the default quantizer (``ratio_to_default``; the iss
 A set may name its encoder after a colon (``bitplan-default:rtn``); without one it takes ``--quantizer``. A set
 may end in ``@float32`` or ``@bfloat16``: the precision of the token metric's per-token products (default
 ``auto``); the JSON then also gives the largest relative difference of its predictions from the same set's
-``auto`` job in the run, and whether the two chose the same format for every layer.
+``auto`` job in the run, and whether the two chose the same format for every layer. A set may name its sensitivity
+metric after a plus (``bitplan-default:rtn-salience+token_taylor``, before any ``@``; default: the job's default).
 """
 
 from __future__ import annotations
@@ -52,18 +53,19 @@ def main() -> None:
     formats: dict[str, dict[str, str]] = {}
     for entry in args.sets.split(","):
         entry, _, precision = entry.partition("@")
-        name, _, quantizer = entry.partition(":")
+        named, _, metric = entry.partition("+")
+        name, _, quantizer = named.partition(":")
         spec = JobSpec.from_flat(model=args.model, bits_per_weight=args.bpw, formats=name,
                                  quantizer=quantizer or args.quantizer, num_samples=args.samples, seq_len=args.seq_len,
-                                 precision=precision or "auto")
+                                 precision=precision or "auto", metric=metric or "auto")
         started = time.perf_counter()
-        out = args.out / (entry.replace(":", "-") + (f"-{precision}" if precision else ""))
+        out = args.out / (entry.replace(":", "-").replace("+", "-") + (f"-{precision}" if precision else ""))
         run = run_budgets(spec, out_dirs=[out], use_cache=False)[0]  # nothing reused
         wall = round(time.perf_counter() - started, 1)
-        job = {"formats": name, "quantizer": spec.quantization.quantizer.value,
+        job = {"formats": name, "quantizer": spec.quantization.quantizer.value, "metric": run.metric,
                "precision": spec.sensitivity.precision.value, "wall_s": wall, "timings_s": run.timings_s,
                "bits_per_weight": run.bits_per_weight, "kl": run.kl_divergence, "quality": run.quality}
-        key = f"{name}:{job['quantizer']}"
+        key = f"{name}:{job['quantizer']}+{run.metric}"
         problem = json.loads((out / "allocation-problem.json").read_text())  # every option's predicted increase
         told = {u["name"]: {str(o.get("format") or o["bits"]): o["distortion"] for o in u["options"]}
                 for u in problem["units"]}

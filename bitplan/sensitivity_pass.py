@@ -39,9 +39,9 @@ HUTCHINSON_TOKENS = 512  # one window: a Hessian-vector product costs ~3.5-8 GB 
 
 
 def resolve_metric(name: str, kind: ModelKind) -> Metric:
-    """``auto`` -> token_taylor for causal LMs, output_error otherwise; a loss-based metric needs a causal LM."""
+    """``auto`` -> token_taylor_kl for causal LMs, output_error otherwise; a loss-based metric needs a causal LM."""
     if name == "auto":
-        return Metric.TOKEN_TAYLOR if kind is ModelKind.CAUSAL_LM else Metric.OUTPUT_ERROR
+        return Metric.TOKEN_TAYLOR_KL if kind is ModelKind.CAUSAL_LM else Metric.OUTPUT_ERROR
     metric = Metric(name)
     if metric in NEEDS_LOSS and kind is not ModelKind.CAUSAL_LM:
         usable = sorted(m.value for m in Metric if m not in NEEDS_LOSS)

@@ -258,9 +258,10 @@ def test_issue16_a_token_kl_job_draws_its_labels_from_the_model(wide_llama_dir: 
     assert again.calibration["sensitivity_cache"] == "hit"
     assert [u["format"] for u in again.units] == [u["format"] for u in kl.units]
     calls = len(drawn)
-    taylor = run_budgets(JobSpec.from_flat(bits_per_weight=4.0, **base), out_dirs=[tmp_path / "c"])[0]
+    taylor = run_budgets(JobSpec.from_flat(bits_per_weight=4.0, metric="token_taylor", **base),
+                         out_dirs=[tmp_path / "c"])[0]
     assert taylor.metric == "token_taylor" and taylor.calibration["sensitivity_cache"] == "miss"
-    assert len(drawn) == calls  # the default metric reads the text's labels
+    assert len(drawn) == calls  # token_taylor reads the text's labels only
 
 
 def test_issue16_a_token_taylor_kl_job_reads_the_texts_labels_and_draws_the_models(

@@ -45,7 +45,7 @@ def test_manifest_records_everything(mixed_run) -> None:
     manifest = json.loads((path / MANIFEST).read_text())
     assert manifest["format_version"] == 4 and manifest["packing"] == "bitstream-int32"
     assert manifest["solver"]["status"] == "optimal"
-    assert manifest["sensitivity"]["metric"] == "token_taylor"
+    assert manifest["sensitivity"]["metric"] == "token_taylor_kl"
     assert len(manifest["calibration"]["sha256"]) == 64
     assert manifest["budget"]["bits_per_weight"] == 4.0
     for name, digest in manifest["files"].items():
@@ -270,7 +270,7 @@ def test_salience_jobs_are_told_the_salience_encoders_error_not_rtns(tiny_llama_
     """A job without formats under ``--quantizer rtn-salience``: its sensitivity is that of the weight error the
     quantize step will write (the salience-calibrated grid on the quantize step's own Grams), not plain RTN's."""
     from bitplan.calibration import build_calibration_set
-    from bitplan.models import causal_lm_loss
+    from bitplan.models import causal_lm_loss, causal_lm_sampled_loss
     from bitplan.pipeline import measure_sensitivity
     from bitplan.quantize import input_grams
     from bitplan.quantizer.methods import quantize_unit
@@ -291,8 +291,9 @@ def test_salience_jobs_are_told_the_salience_encoders_error_not_rtns(tiny_llama_
         return dequantize_weight(quantize_unit(weight, method="rtn-salience", bits=int(bits), group_size=64,
                                                gram=grams[name])) - weight
 
-    reference = compute_sensitivity(loaded.model, units, list(torch.split(tokens, 1)), metric=Metric.TOKEN_TAYLOR,
+    reference = compute_sensitivity(loaded.model, units, list(torch.split(tokens, 1)), metric=Metric.TOKEN_TAYLOR_KL,
                                     bits_options=spec.widths, group_size=64, loss_fn=causal_lm_loss,
+                                    curvature_loss_fn=causal_lm_sampled_loss,
                                     blocks=find_block_stack(loaded.model),
                                     options={name: list(spec.widths) for name in units}, error_of=written_error)
     by_name = {u.name: u.delta_loss for u in reference.units}
