@@ -21,6 +21,7 @@ from bitplan.quantizer.rtn import dequantize_weight, quantize_rtn
 from bitplan.sensitivity import Metric, SensitivityResult, compute_sensitivity
 from bitplan.sensitivity.activations import StopFn
 from bitplan.sensitivity.api import (
+    CURVATURE_STRIDE,
     MODEL_CURVATURE,
     MODEL_LABELS,
     NEEDS_LOSS,
@@ -116,7 +117,8 @@ def measure(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], cal
     key = cache_key(model_sha256=loaded.source_sha256, calibration_sha256=calibration.sha256, metric=metric.value,
                     bits=list(spec.widths), group_size=spec.quantization.group_size, units=list(units),
                     hutchinson=asdict(options.hutchinson) if metric is Metric.HUTCHINSON else None,
-                    **({} if encoder is None else {"encoder": encoder}))
+                    **({} if encoder is None else {"encoder": encoder}),
+                    **({"curvature_stride": CURVATURE_STRIDE} if metric in MODEL_CURVATURE else {}))
     cached = cache.get(key) if cache is not None else None
     if cached is not None:
         logger.info("sensitivity: reusing the cached %s result %s", metric.value, key[:12])

@@ -288,6 +288,9 @@ def test_issue16_a_token_taylor_kl_job_reads_the_texts_labels_and_draws_the_mode
     assert run.metric == "token_taylor_kl" and run.calibration["sensitivity_cache"] == "miss"
     assert calls == {"text": windows, "model": (windows + 1) // 2}
     assert abs(run.bits_per_weight - 4.0) < 0.05 and {u["format"] for u in run.units} <= set(PRESETS["bitplan-mix"])
+    again = run_budgets(spec, out_dirs=[tmp_path / "b"])[0]  # its own cache entry, stride in the key
+    assert again.calibration["sensitivity_cache"] == "hit" and calls == {"text": windows, "model": (windows + 1) // 2}
+    assert [u["format"] for u in again.units] == [u["format"] for u in run.units]
 
 
 @pytest.mark.parametrize(("flat", "param", "message"), [
