@@ -241,8 +241,12 @@ def test_issue17_a_gguf_from_a_gemma3_hugging_face_folder_runs_in_llama_cpp(tmp_
     tokenizer = tmp_path / "tokenizer"
     AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name).save_pretrained(tokenizer)
     folder = gemma3_folder(tmp_path, tokenizer)
+    # the allocation is not under test here, so its metric is pinned: the argmax check below was sized on the types
+    # token_taylor chooses for this random model, whose logits are nearly flat (under token_taylor_kl's choice 36 of
+    # the 40 argmaxes agreed, the logits within the same 5%)
     run = run_pipeline(JobSpec.from_flat(model=str(folder), bits_per_weight=5.5, target="gguf", num_samples=2,
-                                         seq_len=32, kl_windows=0, quality_windows=0), out=tmp_path / "out")
+                                         seq_len=32, kl_windows=0, quality_windows=0, metric="token_taylor"),
+                       out=tmp_path / "out")
     path = Path(run.artifact) / "model.gguf"
     written = {f.name: f.contents() for f in gguf.GGUFReader(path).fields.values()
                if not f.name.startswith("GGUF.") and f.name != "tokenizer.ggml.scores"}
