@@ -74,34 +74,6 @@ def paired_difference(first: list[float], second: list[float], truth: list[float
             "share_of_draws_at_least_as_high": float(np.mean(kept >= 0))}
 
 
-def combined_report(taylor_path: Path, kl_path: Path) -> dict[str, Any]:
-    """Spearman of ``shrunk first order (text labels) + second order (model labels)`` per format and text, told the
-    real error and the RTN proxy, from two results of this bench that scored the same measured increases."""
-    taylor, kl = json.loads(taylor_path.read_text()), json.loads(kl_path.read_text())
-    if taylor["metric"] != "token_taylor" or kl["metric"] != "token_kl":
-        raise SystemExit("--combine takes a token_taylor result, then a token_kl result")
-    report: dict[str, Any] = {"benchmark": "format_spearman_combined", "slope_from": str(taylor_path),
-                              "curvature_from": str(kl_path), "command": " ".join(sys.argv), "results": {}}
-    for fmt, texts in taylor["results"].items():
-        for text_name, row in texts.items():
-            slopes, curvatures = row["per_unit"], kl["results"][fmt][text_name]["per_unit"]
-            if [u["name"] for u in slopes] != [u["name"] for u in curvatures] or \
-                    [u["real_delta_loss"] for u in slopes] != [u["real_delta_loss"] for u in curvatures]:
-                raise SystemExit(f"{fmt} on {text_name}: the two results scored different units or increases")
-            truth = [u["real_delta_loss"] for u in slopes]
-            scored: dict[str, Any] = {"units": len(truth)}
-            for label, signed in (("signed", True), ("clamped", False)):
-                # signed: each option's first + second as it is; clamped: a negative slope counts as 0
-                guesses = {kind: [taylor_increase({0: s[f"first_order_{kind}"]}, {0: c[f"second_order_{kind}"]},
-                                                  {0: s[f"first_order_std_error_{kind}"]}, monotone=False,
-                                                  signed=signed)[0]
-                                  for s, c in zip(slopes, curvatures, strict=True)] for kind in ("real", "rtn_proxy")}
-                scored[label] = {kind: float(spearmanr(values, truth).statistic) for kind, values in guesses.items()}
-                scored[label]["real_minus_rtn_proxy"] = paired_difference(guesses["real"], guesses["rtn_proxy"], truth)
-            report["results"].setdefault(fmt, {})[text_name] = scored
-    return report
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="smollm2-135m")
@@ -125,14 +97,7 @@ def main() -> None:
                              "window)")
     parser.add_argument("--curvature-stride", type=int, default=CURVATURE_STRIDE,
                         help="token_taylor_kl: the model-label pass on every k-th calibration window")
-    parser.add_argument("--combine", type=Path, nargs=2, metavar=("TAYLOR", "KL"),
-                        help="score, without the model, each unit's first-order term from TAYLOR (a token_taylor "
-                             "result) plus its second-order term from KL (a token_kl result on the same truth): the "
-                             "text's slope with the model's curvature, the slope signed and clamped at 0")
     args = parser.parse_args()
-    if args.combine:
-        sys.stdout.write(json.dumps(combined_report(*args.combine)) + "\n")
-        return
     started = time.perf_counter()
     report: dict[str, Any] = {
         "benchmark": "format_spearman", "model": args.model, "metric": args.metric, "quantizer": args.quantizer,
