@@ -399,13 +399,14 @@ def _statistics_metric(metric: Metric, predict: Callable[..., dict[int, float]],
     return compute
 
 
-register_metric(Metric.TOKEN_TAYLOR.value, needs_loss=True, takes_errors=True)(
+register_metric(Metric.TOKEN_TAYLOR.value, needs_loss=True, takes_errors=True, token_pass=True)(
     functools.partial(_token_terms, taylor=True))
-register_metric(Metric.TOKEN_FISHER.value, needs_loss=True, takes_errors=True)(
+register_metric(Metric.TOKEN_FISHER.value, needs_loss=True, takes_errors=True, token_pass=True)(
     functools.partial(_token_terms, taylor=False))
-register_metric(Metric.TOKEN_KL.value, needs_loss=True, takes_errors=True, model_labels=True)(
+register_metric(Metric.TOKEN_KL.value, needs_loss=True, takes_errors=True, model_labels=True, token_pass=True)(
     functools.partial(_token_terms, taylor=False))
-register_metric(Metric.TOKEN_TAYLOR_KL.value, needs_loss=True, takes_errors=True, model_curvature=True)(
+register_metric(Metric.TOKEN_TAYLOR_KL.value, needs_loss=True, takes_errors=True, model_curvature=True,
+                token_pass=True)(
     functools.partial(_token_terms, taylor=True, curvature_stride=CURVATURE_STRIDE))
 register_metric(Metric.HUTCHINSON.value, needs_loss=True, takes_errors=True)(
     lambda inputs: _hutchinson(inputs.model, inputs.units, inputs.batches, inputs.loss_fn,
@@ -426,7 +427,7 @@ register_metric(Metric.BAQ.value, needs_loss=False, uses_loss=True)(
 
 NEEDS_LOSS = {Metric(name) for name, entry in METRICS.items() if entry.needs_loss}
 TAKES_ERRORS = {Metric(name) for name, entry in METRICS.items() if entry.takes_errors}  # accept --formats
-TOKEN_METRICS = {Metric.TOKEN_FISHER, Metric.TOKEN_TAYLOR, Metric.TOKEN_KL, Metric.TOKEN_TAYLOR_KL}  # token Fisher
+TOKEN_METRICS = {Metric(name) for name, entry in METRICS.items() if entry.token_pass}  # the per-token pass
 MODEL_LABELS = {Metric(name) for name, entry in METRICS.items() if entry.model_labels}  # a loss on sampled labels
 MODEL_CURVATURE = {Metric(name) for name, entry in METRICS.items() if entry.model_curvature}  # and the text's slope
 USES_LOSS = {Metric(name) for name, entry in METRICS.items() if entry.uses_loss}  # gradient-weighted when available

@@ -49,21 +49,23 @@ class MetricEntry:
     takes_errors: bool = False  # predicts from any weight error (``MetricInputs.options`` / ``error_of``)
     model_labels: bool = False  # its loss takes labels drawn from the model's own outputs, not the text's
     model_curvature: bool = False  # its second-order term takes such labels; its first-order term the text's
+    token_pass: bool = False  # computed by the per-token pass (``token_fisher``), in the job's projection dtype
 
 
 METRICS: dict[str, MetricEntry] = {}
 
 
 def register_metric(name: str, *, needs_loss: bool, uses_loss: bool | None = None, weight_grads: bool = False,
-                    takes_errors: bool = False, model_labels: bool = False, model_curvature: bool = False
-                    ) -> Callable[[ComputeFn], ComputeFn]:
+                    takes_errors: bool = False, model_labels: bool = False, model_curvature: bool = False,
+                    token_pass: bool = False) -> Callable[[ComputeFn], ComputeFn]:
     """Register ``compute`` as the metric ``name``."""
 
     def add(compute: ComputeFn) -> ComputeFn:
         METRICS[name] = MetricEntry(name=name, needs_loss=needs_loss,
                                     uses_loss=needs_loss if uses_loss is None else uses_loss,
                                     weight_grads=weight_grads, compute=compute, takes_errors=takes_errors,
-                                    model_labels=model_labels, model_curvature=model_curvature)
+                                    model_labels=model_labels, model_curvature=model_curvature,
+                                    token_pass=token_pass)
         return compute
 
     return add
