@@ -46,7 +46,7 @@ from bitplan.evaluation import tokenize_for_perplexity
 from bitplan.models import causal_lm_loss, load_model, use_eager_attention
 from bitplan.pipeline import measure_sensitivity
 from bitplan.quantizer.rtn import dequantize_weight, quantize_rtn
-from bitplan.sensitivity.api import SECOND_ORDER_HVP_METHODS, HutchinsonConfig, functional_loss
+from bitplan.sensitivity.api import SECOND_ORDER_HVP_METHODS, HutchinsonConfig, Metric, functional_loss
 from bitplan.sensitivity.blockwise import capture_first_block_inputs
 from bitplan.sensitivity.hutchinson import (
     double_backward_hvp,
@@ -59,8 +59,7 @@ from bitplan.spec import JobSpec
 from bitplan.units import block_index, find_block_stack, find_units
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "wiki.test.raw"
-METRICS = ("token_taylor", "token_fisher", "fisher_output_error", "output_error", "gwq", "slim_salience", "baq",
-           "hutchinson")
+METRICS = tuple(metric.value for metric in Metric)  # every registered metric, token_kl and token_taylor_kl included
 
 
 def _in_child(target: Callable[..., dict[str, Any]], args: tuple[Any, ...], queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
