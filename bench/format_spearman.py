@@ -14,7 +14,11 @@ changed) on the first ``--windows`` windows of each evaluation text: WikiText-2 
 held-back text of the quality check (standard-library docstrings: technical prose, not the calibration text).
 Prints one JSON object: per format and text, the Spearman rank correlation of each prediction with the truth, a
 bootstrap 90% interval over units, the correlation that the truth's own window noise would allow, and the paired
-difference real - proxy with its interval (``real_minus_rtn_proxy``).
+difference real - proxy with its interval (``real_minus_rtn_proxy``). The same quantization's mean per-token KL from
+the source model's next-token distribution is measured on the same windows (``real_kl`` per unit), and every
+prediction is scored against it too (``against_kl``): the allocation minimizes KL to the source, whose slope is zero,
+so its rule (a negative slope counted as 0) is meant to rank that, while the signed prediction is meant to rank the
+loss change.
 
     python bench/format_spearman.py [--formats int3-g128,Q3_K] [--units 30] [--windows 16]
     python bench/format_spearman.py --truth bench/results/format-spearman-smollm2-2026-12-03.json  # predictions only
@@ -72,6 +76,25 @@ def paired_difference(first: list[float], second: list[float], truth: list[float
     return {"difference": float(spearmanr(a, y).statistic - spearmanr(b, y).statistic),
             "bootstrap_90": [float(np.percentile(kept, 5)), float(np.percentile(kept, 95))],
             "share_of_draws_at_least_as_high": float(np.mean(kept >= 0))}
+
+
+def against_kl(real: dict[str, dict[str, float]], names: list[str], guesses: dict[str, dict[str, dict[str, float]]],
+               fmt: str, kind_key: Any) -> dict[str, Any]:
+    """Every predictor's Spearman correlation with the measured KL to the source (told real / told the proxy), the
+    paired difference, and the correlation the KL's own window noise would allow."""
+    truth = [real[n]["kl"] for n in names]
+    row: dict[str, Any] = {"noise_ceiling_spearman": sensitivity_bench.noise_ceiling(
+        {n: {"mean": real[n]["kl"], "std_error": real[n]["kl_std_error"]} for n in names})}
+    for predictor, guess in guesses.items():
+        for kind in ("real", "rtn_proxy"):
+            values = [guess[n][f"{kind}:{fmt}"] for n in names]
+            row[kind_key(kind, predictor)] = {"spearman": float(spearmanr(values, truth).statistic),
+                                              "spearman_bootstrap_90": sensitivity_bench.bootstrap_interval(values,
+                                                                                                            truth)}
+        row[kind_key("real_minus_rtn_proxy", predictor)] = paired_difference(
+            [guess[n][f"real:{fmt}"] for n in names], [guess[n][f"rtn_proxy:{fmt}"] for n in names], truth)
+    row["real_at_least_as_high"] = row["real"]["spearman"] >= row["rtn_proxy"]["spearman"]
+    return row
 
 
 def main() -> None:
@@ -165,10 +188,12 @@ def main() -> None:
 
     for text_name, text in texts.items():
         truth_started = time.perf_counter()
-        probe = None if args.truth else sensitivity_bench.LossProbe(loaded, text, args.windows, args.seq_len)
+        probe = None if args.truth else sensitivity_bench.LossProbe(loaded, text, args.windows, args.seq_len, kl=True)
         for fmt, names in samples.items():
             if probe is None:
-                reused = {u["name"]: {"mean": u["real_delta_loss"], "std_error": u["std_error"]}
+                reused = {u["name"]: {"mean": u["real_delta_loss"], "std_error": u["std_error"],
+                                      **({"kl": u["real_kl"], "kl_std_error": u["kl_std_error"]} if "real_kl" in u
+                                         else {})}
                           for u in known[fmt][text_name]["per_unit"]}
                 if sorted(reused) != sorted(names):
                     raise SystemExit(f"--truth {args.truth} measured other units for {fmt}")
@@ -190,7 +215,11 @@ def main() -> None:
             for predictor, guess in guesses.items():
                 row[kind_key("real_minus_rtn_proxy", predictor)] = paired_difference(
                     [guess[n][f"real:{fmt}"] for n in names], [guess[n][f"rtn_proxy:{fmt}"] for n in names], truth)
+            if all("kl" in real[n] for n in names):
+                row["against_kl"] = against_kl(real, names, guesses, fmt, kind_key)
             row["per_unit"] = [{"name": n, "real_delta_loss": real[n]["mean"], "std_error": real[n]["std_error"],
+                                **({"real_kl": real[n]["kl"], "kl_std_error": real[n]["kl_std_error"]}
+                                   if "kl" in real[n] else {}),
                                 "predicted_real": guesses[primary][n][f"real:{fmt}"],
                                 "predicted_rtn_proxy": guesses[primary][n][f"rtn_proxy:{fmt}"],
                                 **{f"{term}_{kind}": by_unit[n][f"{kind}:{fmt}"]

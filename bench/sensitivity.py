@@ -29,7 +29,7 @@ import resource
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ from bitplan.sensitivity.hutchinson import (
     forward_over_reverse_hvp,
     gradient_difference_hvp,
 )
-from bitplan.sensitivity.kl import swapped_weights
+from bitplan.sensitivity.kl import per_token_kl, swapped_weights
 from bitplan.spec import JobSpec
 from bitplan.units import block_index, find_block_stack, find_units
 
@@ -89,8 +89,9 @@ class LossProbe:
     from the first replaced one: the hidden states entering every block are computed once for all windows (a Llama
     layout: ``model.model.norm``, ``model.lm_head``); the unquantized loss is checked against the whole model's."""
 
-    def __init__(self, loaded: Any, text: str, windows: int, seq_len: int) -> None:
+    def __init__(self, loaded: Any, text: str, windows: int, seq_len: int, *, kl: bool = False) -> None:
         self.model = loaded.model
+        self.reference: list[torch.Tensor] | None = None  # the source's log-probabilities per window, with ``kl``
         self.units = find_units(self.model)
         self.stack_name, self.stack = find_block_stack(self.model)
         ids = tokenize_for_perplexity(loaded.tokenizer, text)
@@ -101,27 +102,41 @@ class LossProbe:
             for block in self.stack:
                 self.entering.append([self.inputs.run(block, w, hidden) for w, hidden in enumerate(self.entering[-1])])
         self.base = self.window_losses(len(self.stack))
+        if kl:
+            self.reference = [torch.log_softmax(logits, dim=-1) for logits in self.window_logits(len(self.stack))]
         with torch.no_grad():
             whole = torch.tensor([float(causal_lm_loss(self.model, c)) / (c.numel() - 1) for c in self.chunks[:2]])
         if not torch.allclose(whole, self.base[:2], rtol=1e-4, atol=1e-4):
             raise RuntimeError(f"cached block inputs do not reproduce the model's loss: {whole} vs {self.base[:2]}")
 
     @torch.no_grad()
-    def window_losses(self, first_block: int) -> torch.Tensor:
-        losses = []
-        for w, chunk in enumerate(self.chunks):
+    def window_logits(self, first_block: int) -> Iterator[torch.Tensor]:
+        """Each window's float logits at every position that has a next token, from block ``first_block`` on."""
+        for w in range(len(self.chunks)):
             hidden = self.entering[first_block][w]
             for block in self.stack[first_block:]:
                 hidden = self.inputs.run(block, w, hidden)
-            logits = self.model.lm_head(self.model.model.norm(hidden))[0, :-1].float()
-            losses.append(float(torch.nn.functional.cross_entropy(logits, chunk[0, 1:])))
-        return torch.tensor(losses)
+            yield self.model.lm_head(self.model.model.norm(hidden))[0, :-1].float()
+
+    def window_losses(self, first_block: int) -> torch.Tensor:
+        return torch.tensor([float(torch.nn.functional.cross_entropy(logits, chunk[0, 1:])) for logits, chunk in
+                             zip(self.window_logits(first_block), self.chunks, strict=True)])
 
     def increase(self, name: str, weight: torch.Tensor) -> dict[str, float]:
-        """Mean loss increase over the windows of unit ``name`` at ``weight`` alone, and its standard error."""
+        """Mean loss increase over the windows of unit ``name`` at ``weight`` alone, and its standard error; with
+        ``kl``, also the mean per-token KL from the source's next-token distribution (``kl``, ``kl_std_error``)."""
+        losses, kls = [], []
         with swapped_weights(self.units, {name: weight}):
-            increase = self.window_losses(block_index(name, self.stack_name)) - self.base
-        return {"mean": float(increase.mean()), "std_error": float(increase.std() / math.sqrt(len(self.chunks)))}
+            for w, logits in enumerate(self.window_logits(block_index(name, self.stack_name))):
+                losses.append(float(torch.nn.functional.cross_entropy(logits, self.chunks[w][0, 1:])))
+                if self.reference is not None:
+                    kls.append(float(per_token_kl(self.reference[w], torch.log_softmax(logits, dim=-1)).mean()))
+        increase = torch.tensor(losses) - self.base
+        root = math.sqrt(len(self.chunks))
+        result = {"mean": float(increase.mean()), "std_error": float(increase.std() / root)}
+        if kls:
+            result.update(kl=float(torch.tensor(kls).mean()), kl_std_error=float(torch.tensor(kls).std() / root))
+        return result
 
 
 def real_loss_increase(model_ref: str, text: Path, sample: list[str], windows: int, seq_len: int,
