@@ -92,6 +92,7 @@ class LossProbe:
     def __init__(self, loaded: Any, text: str, windows: int, seq_len: int, *, kl: bool = False) -> None:
         self.model = loaded.model
         self.reference: list[torch.Tensor] | None = None  # the source's log-probabilities per window, with ``kl``
+        self.kl_checked = False
         self.units = find_units(self.model)
         self.stack_name, self.stack = find_block_stack(self.model)
         ids = tokenize_for_perplexity(loaded.tokenizer, text)
@@ -131,6 +132,14 @@ class LossProbe:
                 losses.append(float(torch.nn.functional.cross_entropy(logits, self.chunks[w][0, 1:])))
                 if self.reference is not None:
                     kls.append(float(per_token_kl(self.reference[w], torch.log_softmax(logits, dim=-1)).mean()))
+            if kls and not self.kl_checked:  # the cached-inputs KL against the whole model's, once
+                with torch.no_grad():
+                    whole = [float(per_token_kl(reference, torch.log_softmax(
+                        self.model(input_ids=chunk).logits[0, :-1].float(), dim=-1)).mean())
+                        for reference, chunk in zip(self.reference[:2], self.chunks[:2], strict=False)]
+                if not torch.allclose(torch.tensor(whole), torch.tensor(kls[:2]), rtol=1e-3, atol=1e-6):
+                    raise RuntimeError(f"cached block inputs do not reproduce the model's KL: {whole} vs {kls[:2]}")
+                self.kl_checked = True
         increase = torch.tensor(losses) - self.base
         root = math.sqrt(len(self.chunks))
         result = {"mean": float(increase.mean()), "std_error": float(increase.std() / root)}
