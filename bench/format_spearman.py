@@ -3,7 +3,7 @@ calibration's ranking transfer to text of other domains?
 
 For each format (default: ``int3-g128`` encoded by ``--quantizer`` (default ``rtn-salience``: the salience-
 calibrated grid), and llama.cpp's ``Q3_K`` encoded by its own ``ggml_quantize_chunk``), a seeded sample of the
-units that can hold it. Each unit's predicted loss increase comes from the default metric (``token_taylor``) on
+units that can hold it. Each unit's predicted loss increase comes from the job's default metric (``token_taylor_kl``) on
 the default calibration (the built-in text, ``--samples`` x ``--seq-len``) in one pass, twice per unit:
 
 * ``real``: told the format's own weight error ``decode(encode(W)) - W`` (its encoder, our importance vector);
@@ -24,10 +24,10 @@ loss change.
     python bench/format_spearman.py --truth bench/results/format-spearman-smollm2-2026-12-03.json  # predictions only
     python bench/format_spearman.py --truth ... --skip-first-position  # the square without each window's first token
     python bench/format_spearman.py --truth ... --metric token_kl  # labels drawn from the model: second-order KL
-    python bench/format_spearman.py --truth ... --metric token_taylor_kl  # the text's slope, the model's curvature
+    python bench/format_spearman.py --truth ... --metric token_taylor  # the text's labels for slope and curvature
 
-Besides the default metric, each prediction's second-order term alone (``token_fisher``) is scored too, and every
-unit's terms are in ``per_unit``.
+Besides the metric's rule, its signed prediction (``_signed``) and its second-order term alone (``token_fisher`` under
+``token_taylor``, ``token_kl`` under ``token_taylor_kl``) are scored too, and every unit's terms are in ``per_unit``.
 """
 
 from __future__ import annotations
@@ -112,12 +112,12 @@ def main() -> None:
                         "weights) and run only the predictions")
     parser.add_argument("--skip-first-position", action="store_true",
                         help="leave each window's first position (the attention sink) out of the second-order sum")
-    parser.add_argument("--metric", choices=("token_taylor", "token_kl", "token_taylor_kl"), default="token_taylor",
-                        help="token_taylor (the default: the text's labels, the empirical Fisher and the first-order "
-                             "term) or token_kl (labels drawn from the model's own next-token distribution: the "
-                             "second-order KL to the source model) or token_taylor_kl (the text's slope, the "
+    parser.add_argument("--metric", choices=("token_taylor", "token_kl", "token_taylor_kl"), default="token_taylor_kl",
+                        help="token_taylor (the text's labels, the empirical Fisher and the first-order term) or "
+                             "token_kl (labels drawn from the model's own next-token distribution: the second-order "
+                             "KL to the source model) or token_taylor_kl (the text's slope, the "
                              "model's curvature: two backward passes, the second on every --curvature-stride-th "
-                             "window)")
+                             "window; the job's default)")
     parser.add_argument("--curvature-stride", type=int, default=CURVATURE_STRIDE,
                         help="token_taylor_kl: the model-label pass on every k-th calibration window")
     args = parser.parse_args()
