@@ -78,22 +78,21 @@ def paired_difference(first: list[float], second: list[float], truth: list[float
             "share_of_draws_at_least_as_high": float(np.mean(kept >= 0))}
 
 
-def against_kl(real: dict[str, dict[str, float]], names: list[str], guesses: dict[str, dict[str, dict[str, float]]],
-               fmt: str, kind_key: Any) -> dict[str, Any]:
-    """Every predictor's Spearman correlation with the measured KL to the source (told real / told the proxy), the
-    paired difference, and the correlation the KL's own window noise would allow."""
-    truth = [real[n]["kl"] for n in names]
-    row: dict[str, Any] = {"noise_ceiling_spearman": sensitivity_bench.noise_ceiling(
-        {n: {"mean": real[n]["kl"], "std_error": real[n]["kl_std_error"]} for n in names})}
+def scored(truth: list[float], names: list[str], guesses: dict[str, dict[str, dict[str, float]]], fmt: str,
+           kind_key: Any) -> dict[str, Any]:
+    """Every predictor's Spearman correlation with ``truth`` (told real / told the proxy, with its bootstrap
+    interval), whether the real error ranks at least as high under the metric's rule, and each paired difference."""
+    row: dict[str, Any] = {}
     for predictor, guess in guesses.items():
         for kind in ("real", "rtn_proxy"):
             values = [guess[n][f"{kind}:{fmt}"] for n in names]
             row[kind_key(kind, predictor)] = {"spearman": float(spearmanr(values, truth).statistic),
                                               "spearman_bootstrap_90": sensitivity_bench.bootstrap_interval(values,
                                                                                                             truth)}
+    row["real_at_least_as_high"] = row["real"]["spearman"] >= row["rtn_proxy"]["spearman"]
+    for predictor, guess in guesses.items():
         row[kind_key("real_minus_rtn_proxy", predictor)] = paired_difference(
             [guess[n][f"real:{fmt}"] for n in names], [guess[n][f"rtn_proxy:{fmt}"] for n in names], truth)
-    row["real_at_least_as_high"] = row["real"]["spearman"] >= row["rtn_proxy"]["spearman"]
     return row
 
 
@@ -204,19 +203,11 @@ def main() -> None:
                 real = {name: probe.increase(name, encoded[(name, fmt)]) for name in names}
                 row = {"units": len(names), "windows": len(probe.chunks),
                        "noise_ceiling_spearman": sensitivity_bench.noise_ceiling(real)}
-            truth = [real[n]["mean"] for n in names]
-            for predictor, guess in guesses.items():
-                for kind in ("real", "rtn_proxy"):
-                    values = [guess[n][f"{kind}:{fmt}"] for n in names]
-                    key = kind_key(kind, predictor)
-                    row[key] = {"spearman": float(spearmanr(values, truth).statistic),
-                                "spearman_bootstrap_90": sensitivity_bench.bootstrap_interval(values, truth)}
-            row["real_at_least_as_high"] = row["real"]["spearman"] >= row["rtn_proxy"]["spearman"]
-            for predictor, guess in guesses.items():
-                row[kind_key("real_minus_rtn_proxy", predictor)] = paired_difference(
-                    [guess[n][f"real:{fmt}"] for n in names], [guess[n][f"rtn_proxy:{fmt}"] for n in names], truth)
-            if all("kl" in real[n] for n in names):
-                row["against_kl"] = against_kl(real, names, guesses, fmt, kind_key)
+            row.update(scored([real[n]["mean"] for n in names], names, guesses, fmt, kind_key))
+            if all("kl" in real[n] for n in names):  # the KL to the source, and what its window noise allows
+                row["against_kl"] = {"noise_ceiling_spearman": sensitivity_bench.noise_ceiling(
+                    {n: {"mean": real[n]["kl"], "std_error": real[n]["kl_std_error"]} for n in names}),
+                    **scored([real[n]["kl"] for n in names], names, guesses, fmt, kind_key)}
             row["per_unit"] = [{"name": n, "real_delta_loss": real[n]["mean"], "std_error": real[n]["std_error"],
                                 **({"real_kl": real[n]["kl"], "kl_std_error": real[n]["kl_std_error"]}
                                    if "kl" in real[n] else {}),

@@ -102,7 +102,7 @@ class LossProbe:
         with torch.no_grad():
             for block in self.stack:
                 self.entering.append([self.inputs.run(block, w, hidden) for w, hidden in enumerate(self.entering[-1])])
-        self.base = self.window_losses(len(self.stack))
+        self.base = self.window_scores(len(self.stack))[0]
         if kl:
             self.reference = [torch.log_softmax(logits, dim=-1) for logits in self.window_logits(len(self.stack))]
         with torch.no_grad():
@@ -119,32 +119,33 @@ class LossProbe:
                 hidden = self.inputs.run(block, w, hidden)
             yield self.model.lm_head(self.model.model.norm(hidden))[0, :-1].float()
 
-    def window_losses(self, first_block: int) -> torch.Tensor:
-        return torch.tensor([float(torch.nn.functional.cross_entropy(logits, chunk[0, 1:])) for logits, chunk in
-                             zip(self.window_logits(first_block), self.chunks, strict=True)])
+    def window_scores(self, first_block: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each window's mean token loss, and (with ``kl``) its mean per-token KL from the source's distribution."""
+        losses, kls = [], []
+        for w, logits in enumerate(self.window_logits(first_block)):
+            losses.append(float(torch.nn.functional.cross_entropy(logits, self.chunks[w][0, 1:])))
+            if self.reference is not None:
+                kls.append(float(per_token_kl(self.reference[w], torch.log_softmax(logits, dim=-1)).mean()))
+        return torch.tensor(losses), torch.tensor(kls) if kls else None
 
     def increase(self, name: str, weight: torch.Tensor) -> dict[str, float]:
         """Mean loss increase over the windows of unit ``name`` at ``weight`` alone, and its standard error; with
         ``kl``, also the mean per-token KL from the source's next-token distribution (``kl``, ``kl_std_error``)."""
-        losses, kls = [], []
         with swapped_weights(self.units, {name: weight}):
-            for w, logits in enumerate(self.window_logits(block_index(name, self.stack_name))):
-                losses.append(float(torch.nn.functional.cross_entropy(logits, self.chunks[w][0, 1:])))
-                if self.reference is not None:
-                    kls.append(float(per_token_kl(self.reference[w], torch.log_softmax(logits, dim=-1)).mean()))
-            if kls and not self.kl_checked:  # the cached-inputs KL against the whole model's, once
+            losses, kls = self.window_scores(block_index(name, self.stack_name))
+            if kls is not None and not self.kl_checked:  # the cached-inputs KL against the whole model's, once
                 with torch.no_grad():
-                    whole = [float(per_token_kl(reference, torch.log_softmax(
+                    whole = torch.tensor([float(per_token_kl(reference, torch.log_softmax(
                         self.model(input_ids=chunk).logits[0, :-1].float(), dim=-1)).mean())
-                        for reference, chunk in zip(self.reference[:2], self.chunks[:2], strict=False)]
-                if not torch.allclose(torch.tensor(whole), torch.tensor(kls[:2]), rtol=1e-3, atol=1e-6):
+                        for reference, chunk in zip(self.reference[:2], self.chunks[:2], strict=False)])
+                if not torch.allclose(whole, kls[:2], rtol=1e-3, atol=1e-6):
                     raise RuntimeError(f"cached block inputs do not reproduce the model's KL: {whole} vs {kls[:2]}")
                 self.kl_checked = True
-        increase = torch.tensor(losses) - self.base
+        increase = losses - self.base
         root = math.sqrt(len(self.chunks))
         result = {"mean": float(increase.mean()), "std_error": float(increase.std() / root)}
-        if kls:
-            result.update(kl=float(torch.tensor(kls).mean()), kl_std_error=float(torch.tensor(kls).std() / root))
+        if kls is not None:
+            result.update(kl=float(kls.mean()), kl_std_error=float(kls.std() / root))
         return result
 
 
