@@ -7,7 +7,8 @@ Families:
   ``int{b}-g{g}-sym`` (symmetric around 0), widths 2..8, groups 32, 64, 128; encoded by round to nearest, with
   the salience-calibrated range search when an importance vector is given (asymmetric grids); and
   ``int{b}-g{g}-fzero``, the same bytes with a fractional fp16 zero point on each group's own ``[min, max]``
-  (llama.cpp's ``Q4_1`` arithmetic, :func:`~bitplan.quantizer.rtn.quantize_offset`; min/max, no range search);
+  (llama.cpp's ``Q4_1`` arithmetic, :func:`~bitplan.quantizer.rtn.quantize_offset`; each group's range trimmed
+  at either end where that lowers the importance-weighted error, :func:`~bitplan.quantizer.rtn.offset_search`);
   and ``int{b}-g{g}-fzero-dq{k}`` (groups 32 and 64, ``k`` 4, 6 or 8), that grid with its scales and zeros
   double-quantized: ``k``-bit codes on each row's own linear grid plus four fp16 values a row (the K-quants'
   quantized scales, QLoRA's double quantization), so groups of 32 cost ``2k / 32`` bits per weight instead of 1;
@@ -101,7 +102,8 @@ def _int_format(bits: int, group_size: int, symmetric: bool = False, offset: boo
     to ``k``-bit codes per row)."""
     def encode(weight: torch.Tensor, importance: torch.Tensor | None) -> Any:
         if offset:
-            return quantize_offset(weight, bits=bits, group_size=group_size, scale_bits=scale_bits)
+            return quantize_offset(weight, bits=bits, group_size=group_size, scale_bits=scale_bits,
+                                   importance=importance)
         salience = None if symmetric else importance
         return quantize_rtn(weight, bits=bits, group_size=group_size, salience=salience, symmetric=symmetric)
 

@@ -105,8 +105,8 @@ def quantize_rtn(weight: torch.Tensor, *, bits: int, group_size: int,
                            group_size=group_size)
 
 
-def quantize_offset(weight: torch.Tensor, *, bits: int, group_size: int, scale_bits: int | None = None
-                    ) -> QuantizedWeight:
+def quantize_offset(weight: torch.Tensor, *, bits: int, group_size: int, scale_bits: int | None = None,
+                    importance: torch.Tensor | None = None) -> QuantizedWeight:
     """Round to nearest on each group's own ``[min, max]`` with an fp16 scale and an fp16 *fractional* zero point
     (:func:`quantizer.grid.offset_grid_params`, llama.cpp's ``Q4_1`` arithmetic): ``q = clamp(round(w / scale +
     zero), 0, 2**bits - 1)``, decoded ``(q - zero) * scale`` like every packed grid (same bytes as the integer
@@ -115,11 +115,21 @@ def quantize_offset(weight: torch.Tensor, *, bits: int, group_size: int, scale_b
 
     ``scale_bits``: the scales and the zeros are stored as ``scale_bits``-bit codes on each row's own linear grid
     (:func:`quantizer.grid.row_codes`, double quantization), the weight's codes rounded against the decoded
-    ones: a group of 32 for a quarter of a bit per weight at 4 (against half a bit for two fp16 values per 32)."""
+    ones: a group of 32 for a quarter of a bit per weight at 4 (against half a bit for two fp16 values per 32).
+
+    ``importance`` (``(in_features,)``, non-negative: the layer's per-column input energy): each group's range is
+    searched instead of taken whole (:func:`offset_search`), the scale and zero searched before they are
+    double-quantized."""
     check_quantization_args(weight, bits, group_size)
     w = weight.detach().float()
     groups, mask = _group_view(w, group_size)
-    scale, zeros = offset_grid_params(*_group_range(groups, mask), bits)
+    low, high = _group_range(groups, mask)
+    if importance is None:
+        scale, zeros = offset_grid_params(low, high, bits)
+    else:
+        column_weights = torch.nn.functional.pad(importance.detach().float(), (0, groups.shape[1] * group_size
+                                                                               - w.shape[1]))
+        scale, zeros = offset_search(groups, low, high, bits, column_weights.reshape(1, -1, group_size))
     scale_codes = zero_codes = scale_range = None
     if scale_bits is not None:
         scale_codes, scale_low, scale_step = row_codes(scale, scale_bits)
@@ -132,6 +142,52 @@ def quantize_offset(weight: torch.Tensor, *, bits: int, group_size: int, scale_b
     return QuantizedWeight(codes=codes, scales=scale.to(torch.float16), zeros=zeros.to(torch.float16), bits=bits,
                            group_size=group_size, scale_bits=scale_bits, scale_codes=scale_codes,
                            zero_codes=zero_codes, scale_range=scale_range)
+
+
+OFFSET_TRIMS = (0.0, 0.03, 0.06, 0.1, 0.15, 0.2)  # fractions of a group's range taken off its low or its high end
+OFFSET_SEARCH_ROWS_ELEMENTS = 1 << 22  # rows searched at once: their float32 work copy stays under 16 MiB
+
+
+def offset_search(groups: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bits: int, weights: torch.Tensor,
+                  trims: tuple[float, ...] = OFFSET_TRIMS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fractional-zero grid of each group that rounds it with the least ``weights``-weighted squared error,
+    among the grids spanning ``[low + a * r, high - b * r]`` (``r = high - low``) for every ``a``, ``b`` in
+    ``trims``: clipping a group's few outlying weights buys a finer step for the rest, llama.cpp's
+    ``make_qkx2_quants`` idea for ``Q4_1``/``Q4_K`` with a grid of candidates instead of its iterations. The
+    whole range comes first and is kept on ties, so a weight already on such a grid keeps it.
+
+    Args:
+        groups: ``(rows, n_groups, group_size)`` float32 (a padded last group's padding weighted 0).
+        low, high: ``(rows, n_groups)`` each group's min and max.
+        weights: ``(1, n_groups, group_size)`` non-negative, 0 on padding.
+    Returns:
+        ``(scale, zero)``, each ``(rows, n_groups)``, as :func:`quantizer.grid.offset_grid_params` gives them.
+    """
+    max_code = (1 << bits) - 1
+    scales, zeros = [], []
+    step = max(1, OFFSET_SEARCH_ROWS_ELEMENTS // max(groups[0].numel(), 1))
+    for start in range(0, groups.shape[0], step):
+        values, lo, hi = groups[start:start + step], low[start:start + step], high[start:start + step]
+        span = hi - lo
+        best_scale = best_zero = best_error = None
+        for cut_low in trims:
+            for cut_high in trims:
+                if cut_low + cut_high >= 1.0:
+                    continue
+                scale, zero = offset_grid_params(lo + cut_low * span, hi - cut_high * span, bits)
+                s, z = scale.unsqueeze(2), zero.unsqueeze(2)
+                error = (((values / s + z).round_().clamp_(0, max_code) - z) * s - values).square_().mul_(weights)
+                error = error.sum(dim=2)
+                if best_error is None:
+                    best_scale, best_zero, best_error = scale, zero, error
+                    continue
+                better = error < best_error
+                best_error = torch.where(better, error, best_error)
+                best_scale = torch.where(better, scale, best_scale)
+                best_zero = torch.where(better, zero, best_zero)
+        scales.append(best_scale)
+        zeros.append(best_zero)
+    return torch.cat(scales), torch.cat(zeros)
 
 
 def _quantize_rtn_calibrated(w: torch.Tensor, bits: int, group_size: int, salience: torch.Tensor

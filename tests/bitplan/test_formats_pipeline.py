@@ -132,14 +132,23 @@ def test_issue16_fractional_zero_grids_load_in_the_packed_folder(fmt: str, wide_
                        out=tmp_path / "fzero")
     assert {u["format"] for u in run.units} == {fmt} and run.bytes == run.predicted_bytes
     model, _, manifest = load_artifact(Path(run.artifact))
-    fractional = 0
+    from bitplan.calibration import build_calibration_set
+    from bitplan.quantize import encode_unit
+
+    loaded = load_model(str(wide_llama_dir))
+    calib = build_calibration_set(loaded.tokenizer, text_file=None, num_samples=2, seq_len=32, seed=0)
+    importance = input_energy(source, find_units(source), list(torch.split(calib.tokens, 1)))
+    spec = JobSpec.from_flat(model=str(wide_llama_dir), bits_per_weight=budget, formats=fmt, **SMALL)
+    fractional = searched = 0
     for unit in manifest.units:
         layer = model.get_submodule(unit.name)
-        expected = FORMATS[fmt].roundtrip(source.get_submodule(unit.name).weight.detach().float())
+        weight = source.get_submodule(unit.name).weight.detach().float()
+        expected = decode_weight(encode_unit(spec, weight, fmt, importance, unit.name))  # the job's importance
+        searched += not torch.equal(expected, FORMATS[fmt].roundtrip(weight))  # its range search moved groups
         assert torch.equal(layer.dequantized_weight(), expected), unit.name
         fractional += int((layer.codes_scales_zeros()[2].float().frac() != 0).sum())
         assert unit.bytes == FORMATS[fmt].bytes((unit.out_features, unit.in_features))
-    assert fractional > 0  # the zero points were not rounded on the way
+    assert fractional > 0 and searched > 0  # the zero points were not rounded on the way; the ranges searched
     assert run.bits_per_weight <= budget and manifest.achieved.bytes == run.bytes
     with safe_open(str(Path(run.artifact) / "quantized.safetensors"), "pt") as stored:
         leaves = {key.rsplit(".", 1)[1] for key in stored.keys()}

@@ -111,6 +111,64 @@ def test_issue16_fractional_zero_encoder_matches_a_group_by_group_reference(bits
     assert bool((got.zeros[4].float().frac() == 0).all())  # far from 0: the integer grid
 
 
+@pytest.mark.parametrize(("bits", "group"), [(3, 32), (2, 64), (4, 32)])
+def test_issue16_fractional_zero_range_search_matches_a_group_by_group_reference(bits: int, group: int) -> None:
+    """The importance-weighted range search over whole matrices against the obvious loop: per group, every
+    trimmed range in order, its fp16 scale and offset, the codes and their weighted squared error, the first least
+    one kept. Columns leave a partial last group; some columns weigh 0; a row far from 0 and a constant row."""
+    from bitplan.quantizer.grid import offset_grid_params
+    from bitplan.quantizer.rtn import OFFSET_TRIMS, quantize_offset
+
+    torch.manual_seed(5)
+    w = torch.randn(7, 3 * group + 5) * torch.rand(1, 3 * group + 5) ** 3  # uneven columns: outliers to clip
+    w[5] = 50.0 + 1e-3 * torch.rand(w.shape[1])
+    w[6] = 0.25
+    importance = torch.rand(w.shape[1]) ** 2
+    importance[::7] = 0.0
+    got = quantize_offset(w, bits=bits, group_size=group, importance=importance)
+    plain = quantize_offset(w, bits=bits, group_size=group)
+    top = (1 << bits) - 1
+
+    def error(values: torch.Tensor, weights: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> float:
+        codes = (values / scale + zero).round().clamp(0, top)
+        return float((((codes - zero) * scale - values) ** 2 * weights).sum())
+
+    trimmed = 0
+    for row in range(w.shape[0]):
+        for start in range(0, w.shape[1], group):
+            values, weights = w[row, start:start + group], importance[start:start + group]
+            low, high = values.min(), values.max()
+            best = None
+            for cut_low in OFFSET_TRIMS:
+                for cut_high in OFFSET_TRIMS:
+                    scale, zero = offset_grid_params(low + cut_low * (high - low), high - cut_high * (high - low), bits)
+                    candidate = error(values, weights, scale, zero)
+                    if best is None or candidate < best[0]:
+                        best = (candidate, scale, zero)
+            g = start // group
+            scale, zero = got.scales[row, g].float(), got.zeros[row, g].float()
+            assert error(values, weights, scale, zero) == pytest.approx(best[0], rel=1e-5, abs=1e-12), (row, g)
+            assert torch.equal(got.codes[row, start:start + group].float(),
+                               (values / scale + zero).round().clamp(0, top))
+            untrimmed = error(values, weights, plain.scales[row, g].float(), plain.zeros[row, g].float())
+            assert best[0] <= untrimmed
+            trimmed += best[0] < untrimmed
+    assert trimmed > w.shape[0]  # the search did move ranges (and never raised a group's error)
+    assert torch.equal(got.scales[6], plain.scales[6]) and torch.equal(got.zeros[6], plain.zeros[6])
+
+
+def test_issue16_fractional_zero_range_search_keeps_a_q4_1_weight() -> None:
+    """With an importance vector the search keeps a weight already on the grid (the SmolLM2 file's Q4_1 blocks)
+    where it is: the whole range comes first and no trimmed one rounds it with less error."""
+    torch.manual_seed(0)
+    source = torch.randn(*SHAPE)
+    q4_1 = FORMATS["Q4_1"].decode(GgmlWeight("Q4_1", quantize_ggml(source, T.Q4_1), SHAPE))
+    importance = torch.rand(SHAPE[1]) + 0.01
+    fmt = FORMATS["int4-g32-fzero"]
+    searched = fmt.decode(fmt.encode(q4_1, importance))
+    assert torch.equal(searched, fmt.decode(fmt.encode(q4_1, None)))
+
+
 @pytest.mark.parametrize(("bits", "group", "scale_bits"), [(4, 32, 4), (3, 64, 6), (2, 32, 8)])
 def test_issue16_double_quantized_scales_match_a_row_by_row_reference(bits: int, group: int, scale_bits: int) -> None:
     """``quantize_offset(scale_bits=k)`` against the obvious loop: each row's fp16 scales and zeros (the ``-fzero``
