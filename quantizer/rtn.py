@@ -170,14 +170,17 @@ def offset_search(groups: torch.Tensor, low: torch.Tensor, high: torch.Tensor, b
         values, lo, hi = groups[start:start + step], low[start:start + step], high[start:start + step]
         span = hi - lo
         best_scale = best_zero = best_error = None
+        work = torch.empty_like(values)
         for cut_low in trims:
             for cut_high in trims:
                 if cut_low + cut_high >= 1.0:
                     continue
                 scale, zero = offset_grid_params(lo + cut_low * span, hi - cut_high * span, bits)
                 s, z = scale.unsqueeze(2), zero.unsqueeze(2)
-                error = (((values / s + z).round_().clamp_(0, max_code) - z) * s - values).square_().mul_(weights)
-                error = error.sum(dim=2)
+                # ((round(values / s + z) clamped - z) * s - values) ** 2 * weights, in place
+                torch.div(values, s, out=work)
+                work.add_(z).round_().clamp_(0, max_code).sub_(z).mul_(s).sub_(values).square_().mul_(weights)
+                error = work.sum(dim=2)
                 if best_error is None:
                     best_scale, best_zero, best_error = scale, zero, error
                     continue
