@@ -8,6 +8,7 @@ import torch
 
 from bitplan.kernels.dequant import dequantize_groupwise
 from bitplan.quantizer.grid import (
+    SEARCH_CHUNK_ELEMENTS,
     expand_row_codes,
     grid_params,
     offset_grid_params,
@@ -145,7 +146,6 @@ def quantize_offset(weight: torch.Tensor, *, bits: int, group_size: int, scale_b
 
 
 OFFSET_TRIMS = (0.0, 0.03, 0.06, 0.1, 0.15, 0.2)  # fractions of a group's range taken off its low or its high end
-OFFSET_SEARCH_ROWS_ELEMENTS = 1 << 22  # rows searched at once: their float32 work copy stays under 16 MiB
 
 
 def offset_search(groups: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bits: int, weights: torch.Tensor,
@@ -165,7 +165,7 @@ def offset_search(groups: torch.Tensor, low: torch.Tensor, high: torch.Tensor, b
     """
     max_code = (1 << bits) - 1
     scales, zeros = [], []
-    step = max(1, OFFSET_SEARCH_ROWS_ELEMENTS // max(groups[0].numel(), 1))
+    step = max(1, SEARCH_CHUNK_ELEMENTS // max(groups[0].numel(), 1))
     for start in range(0, groups.shape[0], step):
         values, lo, hi = groups[start:start + step], low[start:start + step], high[start:start + step]
         span = hi - lo
