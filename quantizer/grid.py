@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+
 import torch
 
 CLIP_GRID = tuple(1.0 - 0.025 * k for k in range(13))  # shrink factors of the [min, max] range, 1.0 .. 0.7
@@ -130,30 +132,64 @@ def salience_calibrated_groups(weight: torch.Tensor, bits: int, group_size: int,
     if columns % group_size or salience.shape != (columns,):
         raise ValueError(f"{columns} columns in groups of {group_size} with a ({columns},) salience, got "
                          f"{tuple(salience.shape)}")
-    groups = columns // group_size
-    view = weight.reshape(rows, groups, group_size)
-    weights = salience.reshape(groups, group_size)
-    max_code = (1 << bits) - 1
-    scales = torch.empty(rows, groups, 1)
-    zeros = torch.empty(rows, groups, 1)
-    step = max(1, SEARCH_CHUNK_ELEMENTS // max(columns, 1))
-    for start in range(0, rows, step):
-        values = view[start:start + step]
-        low = values.amin(dim=2, keepdim=True)
-        high = values.amax(dim=2, keepdim=True)
-        best_scale, best_zero = grid_params(low, high, bits)
-        best_error = torch.full_like(best_scale, float("inf"))
-        work = torch.empty_like(values)
+    view = weight.reshape(rows, columns // group_size, group_size)
+
+    def shrunk(chunk: slice) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        low = view[chunk].amin(dim=2, keepdim=True)
+        high = view[chunk].amax(dim=2, keepdim=True)
         for shrink in clip_grid:
-            scale, zero = grid_params(low * shrink, high * shrink, bits)
-            # ((to_codes(values, scale, zero) - zero) * scale - values) ** 2 * salience, in place
+            yield grid_params(low * shrink, high * shrink, bits)
+
+    return least_error_grids(view, salience.reshape(-1, group_size), bits, shrunk)
+
+
+def least_error_grids(groups: torch.Tensor, weights: torch.Tensor, bits: int,
+                      candidates: Callable[[slice], Iterable[tuple[torch.Tensor, torch.Tensor]]], *,
+                      fractional_zero: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Of the candidate grids ``(scale, zero)`` of every group, the one that rounds the group with the least
+    ``weights``-weighted squared error, the earliest kept on ties: the search behind the salience-calibrated
+    integer grids (:func:`salience_calibrated_groups`) and the fractional-zero ones
+    (:func:`bitplan.quantizer.rtn.offset_search`). Rows are searched in chunks of ``SEARCH_CHUNK_ELEMENTS`` on one
+    work buffer, each candidate's error computed in place.
+
+    Args:
+        groups: ``(rows, n_groups, group_size)`` float32.
+        weights: broadcastable to ``groups`` (``(n_groups, group_size)``), non-negative.
+        candidates: given a chunk's row ``slice``, its candidate grids, each ``(scale, zero)`` of shape
+            ``(chunk_rows, n_groups, 1)``.
+        fractional_zero: codes are ``round(w / scale + zero)`` (:func:`offset_grid_params`) instead of
+            ``round(w / scale) + zero`` (:func:`to_codes`).
+    Returns:
+        ``(scale, zero)``, each ``(rows, n_groups)``.
+    """
+    rows, n_groups, _ = groups.shape
+    max_code = (1 << bits) - 1
+    scales = torch.empty(rows, n_groups)
+    zeros = torch.empty(rows, n_groups)
+    step = max(1, SEARCH_CHUNK_ELEMENTS // max(groups[0].numel(), 1))
+    for start in range(0, rows, step):
+        chunk = slice(start, start + step)
+        values = groups[chunk]
+        work = torch.empty_like(values)
+        best_scale = best_zero = best_error = None
+        for scale, zero in candidates(chunk):
+            # ((codes - zero) * scale - values) ** 2 * weights, in place
             torch.div(values, scale, out=work)
-            work.round_().add_(zero).clamp_(0, max_code).sub_(zero).mul_(scale).sub_(values).square_().mul_(weights)
+            if fractional_zero:
+                work.add_(zero).round_()
+            else:
+                work.round_().add_(zero)
+            work.clamp_(0, max_code).sub_(zero).mul_(scale).sub_(values).square_().mul_(weights)
             error = work.sum(dim=2, keepdim=True)
+            if best_error is None:
+                best_scale, best_zero, best_error = scale, zero, error
+                continue
             better = error < best_error
             best_error = torch.where(better, error, best_error)
             best_scale = torch.where(better, scale, best_scale)
             best_zero = torch.where(better, zero, best_zero)
-        scales[start:start + step] = best_scale
-        zeros[start:start + step] = best_zero
-    return scales[..., 0], zeros[..., 0]
+        if best_scale is None:
+            raise ValueError("no candidate grid to search")
+        scales[chunk] = best_scale[..., 0]
+        zeros[chunk] = best_zero[..., 0]
+    return scales, zeros

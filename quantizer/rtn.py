@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from bitplan.kernels.dequant import dequantize_groupwise
 from bitplan.quantizer.grid import (
-    SEARCH_CHUNK_ELEMENTS,
     expand_row_codes,
     grid_params,
+    least_error_grids,
     offset_grid_params,
     row_codes,
     salience_calibrated_groups,
@@ -163,34 +164,15 @@ def offset_search(groups: torch.Tensor, low: torch.Tensor, high: torch.Tensor, b
     Returns:
         ``(scale, zero)``, each ``(rows, n_groups)``, as :func:`quantizer.grid.offset_grid_params` gives them.
     """
-    max_code = (1 << bits) - 1
-    scales, zeros = [], []
-    step = max(1, SEARCH_CHUNK_ELEMENTS // max(groups[0].numel(), 1))
-    for start in range(0, groups.shape[0], step):
-        values, lo, hi = groups[start:start + step], low[start:start + step], high[start:start + step]
+    def trimmed(chunk: slice) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        lo, hi = low[chunk].unsqueeze(2), high[chunk].unsqueeze(2)
         span = hi - lo
-        best_scale = best_zero = best_error = None
-        work = torch.empty_like(values)
         for cut_low in trims:
             for cut_high in trims:
-                if cut_low + cut_high >= 1.0:
-                    continue
-                scale, zero = offset_grid_params(lo + cut_low * span, hi - cut_high * span, bits)
-                s, z = scale.unsqueeze(2), zero.unsqueeze(2)
-                # ((round(values / s + z) clamped - z) * s - values) ** 2 * weights, in place
-                torch.div(values, s, out=work)
-                work.add_(z).round_().clamp_(0, max_code).sub_(z).mul_(s).sub_(values).square_().mul_(weights)
-                error = work.sum(dim=2)
-                if best_error is None:
-                    best_scale, best_zero, best_error = scale, zero, error
-                    continue
-                better = error < best_error
-                best_error = torch.where(better, error, best_error)
-                best_scale = torch.where(better, scale, best_scale)
-                best_zero = torch.where(better, zero, best_zero)
-        scales.append(best_scale)
-        zeros.append(best_zero)
-    return torch.cat(scales), torch.cat(zeros)
+                if cut_low + cut_high < 1.0:
+                    yield offset_grid_params(lo + cut_low * span, hi - cut_high * span, bits)
+
+    return least_error_grids(groups, weights, bits, trimmed, fractional_zero=True)
 
 
 def _quantize_rtn_calibrated(w: torch.Tensor, bits: int, group_size: int, salience: torch.Tensor
