@@ -8,7 +8,8 @@ Families:
   the salience-calibrated range search when an importance vector is given (asymmetric grids); and
   ``int{b}-g{g}-fzero``, the same bytes with a fractional fp16 zero point on each group's own ``[min, max]``
   (llama.cpp's ``Q4_1`` arithmetic, :func:`~bitplan.quantizer.rtn.quantize_offset`; each group's range trimmed
-  at either end where that lowers the importance-weighted error, :func:`~bitplan.quantizer.rtn.offset_search`);
+  at either end where that lowers the importance-weighted error, then refit by weighted least squares,
+  :func:`~bitplan.quantizer.rtn.offset_search`);
   and ``int{b}-g{g}-fzero-dq{k}`` (groups 32 and 64, ``k`` 4, 6 or 8), that grid with its scales and zeros
   double-quantized: ``k``-bit codes on each row's own linear grid plus four fp16 values a row (the K-quants'
   quantized scales, QLoRA's double quantization), so groups of 32 cost ``2k / 32`` bits per weight instead of 1;

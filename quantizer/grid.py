@@ -44,6 +44,62 @@ def offset_grid_params(low: torch.Tensor, high: torch.Tensor, bits: int) -> tupl
     return scale, zero.to(torch.float16).float()
 
 
+OFFSET_REFITS = 2  # least-squares refits of a searched fractional-zero grid (each kept only where it lowers the error)
+
+
+def refit_offset_grids(groups: torch.Tensor, weights: torch.Tensor, bits: int, scale: torch.Tensor,
+                       zero: torch.Tensor, rounds: int = OFFSET_REFITS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Refit each group's fractional-zero grid to the codes it gives: with ``q`` the codes of ``(scale, zero)``,
+    the scale ``d`` and offset ``m`` that minimize ``sum_j weights_j (d * q_j + m - w_j) ** 2`` (a 2x2 linear
+    system per group), stored as :func:`offset_grid_params` stores a grid (``d`` in fp16, ``zero = -m / d`` in
+    fp16) and kept only where it rounds the group with strictly less weighted error; ``rounds`` times, each with
+    the codes of the grid kept (llama.cpp's ``make_qkx2_quants`` step after its range search). A group whose
+    codes are all equal, whose fit has ``d <= 0`` or whose zero lies past ``OFFSET_ZERO_LIMIT`` keeps its grid.
+
+    Args:
+        groups: ``(rows, n_groups, group_size)`` float32.
+        weights: broadcastable to ``groups``, non-negative.
+        scale, zero: ``(rows, n_groups)``, an :func:`offset_grid_params` grid per group.
+    Returns:
+        ``(scale, zero)``, each ``(rows, n_groups)``.
+    """
+    max_code = (1 << bits) - 1
+    scales, zeros = scale.clone(), zero.clone()
+    step = max(1, SEARCH_CHUNK_ELEMENTS // max(groups[0].numel(), 1))
+    for start in range(0, groups.shape[0], step):
+        chunk = slice(start, start + step)
+        values = groups[chunk]
+        s, z = scale[chunk].unsqueeze(2), zero[chunk].unsqueeze(2)
+        codes = (values / s + z).round_().clamp_(0, max_code)
+        error = ((codes - z).mul_(s).sub_(values).square_().mul_(weights)).sum(dim=2, keepdim=True)
+        total = weights.expand_as(values).sum(dim=2, keepdim=True)
+        x_sum = (values * weights).sum(dim=2, keepdim=True)
+        for _ in range(rounds):
+            weighted = codes * weights
+            q_sum = weighted.sum(dim=2, keepdim=True)
+            qq_sum = (weighted * codes).sum(dim=2, keepdim=True)
+            qx_sum = (weighted * values).sum(dim=2, keepdim=True)
+            det = total * qq_sum - q_sum * q_sum
+            fit = det > 0
+            det = torch.where(fit, det, torch.ones_like(det))
+            new_scale = ((total * qx_sum - q_sum * x_sum) / det).to(torch.float16).float()
+            offset = (qq_sum * x_sum - q_sum * qx_sum) / det
+            fit &= new_scale > 0
+            new_scale = torch.where(fit, new_scale, s)
+            new_zero = (-offset / new_scale).to(torch.float16).float()
+            fit &= new_zero.abs() <= OFFSET_ZERO_LIMIT  # NaN and inf excluded
+            new_zero = torch.where(fit, new_zero, z)
+            new_codes = (values / new_scale + new_zero).round_().clamp_(0, max_code)
+            new_error = ((new_codes - new_zero).mul_(new_scale).sub_(values).square_().mul_(weights)
+                         ).sum(dim=2, keepdim=True)
+            better = fit & (new_error < error)
+            s, z = torch.where(better, new_scale, s), torch.where(better, new_zero, z)
+            error = torch.where(better, new_error, error)
+            codes = torch.where(better, new_codes, codes)
+        scales[chunk], zeros[chunk] = s[..., 0], z[..., 0]
+    return scales, zeros
+
+
 def row_codes(values: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each row of ``values`` (``(rows, n)``, for example a weight's per-group scales) as ``bits``-bit codes on
     the row's own linear grid (double quantization, QLoRA's and the K-quants' scales of scales): ``low`` the row's

@@ -13,6 +13,7 @@ from bitplan.quantizer.grid import (
     grid_params,
     least_error_grids,
     offset_grid_params,
+    refit_offset_grids,
     row_codes,
     salience_calibrated_groups,
     salience_calibrated_params,
@@ -120,8 +121,8 @@ def quantize_offset(weight: torch.Tensor, *, bits: int, group_size: int, scale_b
     ones: a group of 32 for a quarter of a bit per weight at 4 (against half a bit for two fp16 values per 32).
 
     ``importance`` (``(in_features,)``, non-negative: the layer's per-column input energy): each group's range is
-    searched instead of taken whole (:func:`offset_search`), the scale and zero searched before they are
-    double-quantized."""
+    searched instead of taken whole and then refit (:func:`offset_search`), the scale and zero searched before they
+    are double-quantized."""
     check_quantization_args(weight, bits, group_size)
     w = weight.detach().float()
     groups, mask = _group_view(w, group_size)
@@ -155,7 +156,9 @@ def offset_search(groups: torch.Tensor, low: torch.Tensor, high: torch.Tensor, b
     among the grids spanning ``[low + a * r, high - b * r]`` (``r = high - low``) for every ``a``, ``b`` in
     ``trims``: clipping a group's few outlying weights buys a finer step for the rest, llama.cpp's
     ``make_qkx2_quants`` idea for ``Q4_1``/``Q4_K`` with a grid of candidates instead of its iterations. The
-    whole range comes first and is kept on ties, so a weight already on such a grid keeps it.
+    whole range comes first and is kept on ties, so a weight already on such a grid keeps it. The grid found is
+    then refit to its codes by weighted least squares (:func:`quantizer.grid.refit_offset_grids`, kept only where
+    it lowers the error).
 
     Args:
         groups: ``(rows, n_groups, group_size)`` float32 (a padded last group's padding weighted 0).
@@ -172,7 +175,8 @@ def offset_search(groups: torch.Tensor, low: torch.Tensor, high: torch.Tensor, b
                 if cut_low + cut_high < 1.0:
                     yield offset_grid_params(lo + cut_low * span, hi - cut_high * span, bits)
 
-    return least_error_grids(groups, weights, bits, trimmed, fractional_zero=True)
+    scale, zero = least_error_grids(groups, weights, bits, trimmed, fractional_zero=True)
+    return refit_offset_grids(groups, weights, bits, scale, zero)
 
 
 def _quantize_rtn_calibrated(w: torch.Tensor, bits: int, group_size: int, salience: torch.Tensor

@@ -16,8 +16,8 @@ from typing import Any
 
 from bitplan.sensitivity.api import SensitivityResult
 
-CACHE_FORMAT = 4  # 2: token_taylor shrinks its first-order term; 3: a GGUF source's own blocks (zero error);
-# 4: the fractional-zero grids search each group's range by importance
+CACHE_FORMAT = 5  # 2: token_taylor shrinks its first-order term; 3: a GGUF source's own blocks (zero error);
+# 4: the fractional-zero grids search each group's range by importance; 5: then refit it by weighted least squares
 
 
 def default_cache_dir() -> Path:

@@ -115,8 +115,9 @@ def test_issue16_fractional_zero_encoder_matches_a_group_by_group_reference(bits
 def test_issue16_fractional_zero_range_search_matches_a_group_by_group_reference(bits: int, group: int) -> None:
     """The importance-weighted range search over whole matrices against the obvious loop: per group, every
     trimmed range in order, its fp16 scale and offset, the codes and their weighted squared error, the first least
-    one kept. Columns leave a partial last group; some columns weigh 0; a row far from 0 and a constant row."""
-    from bitplan.quantizer.grid import offset_grid_params
+    one kept; then the least-squares refits, each solved with ``torch.linalg.solve`` and kept where it lowers the
+    error. Columns leave a partial last group; some columns weigh 0; a row far from 0 and a constant row."""
+    from bitplan.quantizer.grid import OFFSET_REFITS, OFFSET_ZERO_LIMIT, offset_grid_params
     from bitplan.quantizer.rtn import OFFSET_TRIMS, quantize_offset
 
     torch.manual_seed(5)
@@ -133,7 +134,7 @@ def test_issue16_fractional_zero_range_search_matches_a_group_by_group_reference
         codes = (values / scale + zero).round().clamp(0, top)
         return float((((codes - zero) * scale - values) ** 2 * weights).sum())
 
-    trimmed = 0
+    trimmed = refitted = 0
     for row in range(w.shape[0]):
         for start in range(0, w.shape[1], group):
             values, weights = w[row, start:start + group], importance[start:start + group]
@@ -145,6 +146,21 @@ def test_issue16_fractional_zero_range_search_matches_a_group_by_group_reference
                     candidate = error(values, weights, scale, zero)
                     if best is None or candidate < best[0]:
                         best = (candidate, scale, zero)
+            for _ in range(OFFSET_REFITS):  # weighted least squares for (d, m) in d * q + m given the codes
+                codes = (values / best[1] + best[2]).round().clamp(0, top)
+                design = torch.stack([codes, torch.ones_like(codes)], dim=1).double()
+                gram = design.T @ (design * weights.double()[:, None])
+                if torch.linalg.det(gram) <= 1e-9 * gram[0, 0] * gram[1, 1]:
+                    break
+                d, m = torch.linalg.solve(gram, design.T @ (weights.double() * values.double())).float()
+                scale = d.half().float()
+                zero = (-m / scale).half().float()
+                if scale <= 0 or not zero.abs() <= OFFSET_ZERO_LIMIT:
+                    break
+                candidate = error(values, weights, scale, zero)
+                if candidate < best[0]:
+                    best = (candidate, scale, zero)
+                    refitted += 1
             g = start // group
             scale, zero = got.scales[row, g].float(), got.zeros[row, g].float()
             assert error(values, weights, scale, zero) == pytest.approx(best[0], rel=1e-5, abs=1e-12), (row, g)
@@ -154,6 +170,7 @@ def test_issue16_fractional_zero_range_search_matches_a_group_by_group_reference
             assert best[0] <= untrimmed
             trimmed += best[0] < untrimmed
     assert trimmed > w.shape[0]  # the search did move ranges (and never raised a group's error)
+    assert refitted > w.shape[0]  # and the refits moved grids
     assert torch.equal(got.scales[6], plain.scales[6]) and torch.equal(got.zeros[6], plain.zeros[6])
 
 
