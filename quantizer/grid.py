@@ -63,41 +63,40 @@ def refit_offset_grids(groups: torch.Tensor, weights: torch.Tensor, bits: int, s
     Returns:
         ``(scale, zero)``, each ``(rows, n_groups)``.
     """
+    for _ in range(rounds):
+        scale, zero = least_error_grids(groups, weights, bits, _kept_or_fitted(groups, weights, bits, scale, zero),
+                                        fractional_zero=True)
+    return scale, zero
+
+
+def _kept_or_fitted(groups: torch.Tensor, weights: torch.Tensor, bits: int, scale: torch.Tensor, zero: torch.Tensor
+                    ) -> Callable[[slice], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+    """:func:`least_error_grids` candidates for one refit: each group's grid, then its least-squares fit (the
+    grid itself where the fit is degenerate, so that it ties and the grid is kept)."""
     max_code = (1 << bits) - 1
-    scales, zeros = scale.clone(), zero.clone()
-    step = max(1, SEARCH_CHUNK_ELEMENTS // max(groups[0].numel(), 1))
-    for start in range(0, groups.shape[0], step):
-        chunk = slice(start, start + step)
-        values = groups[chunk]
-        s, z = scale[chunk].unsqueeze(2), zero[chunk].unsqueeze(2)
+
+    def candidates(chunk: slice) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        values, s, z = groups[chunk], scale[chunk].unsqueeze(2), zero[chunk].unsqueeze(2)
+        yield s, z
         codes = (values / s + z).round_().clamp_(0, max_code)
-        error = ((codes - z).mul_(s).sub_(values).square_().mul_(weights)).sum(dim=2, keepdim=True)
+        weighted = codes * weights
         total = weights.expand_as(values).sum(dim=2, keepdim=True)
+        q_sum = weighted.sum(dim=2, keepdim=True)
+        qq_sum = (weighted * codes).sum(dim=2, keepdim=True)
+        qx_sum = (weighted * values).sum(dim=2, keepdim=True)
         x_sum = (values * weights).sum(dim=2, keepdim=True)
-        for _ in range(rounds):
-            weighted = codes * weights
-            q_sum = weighted.sum(dim=2, keepdim=True)
-            qq_sum = (weighted * codes).sum(dim=2, keepdim=True)
-            qx_sum = (weighted * values).sum(dim=2, keepdim=True)
-            det = total * qq_sum - q_sum * q_sum
-            fit = det > 0
-            det = torch.where(fit, det, torch.ones_like(det))
-            new_scale = ((total * qx_sum - q_sum * x_sum) / det).to(torch.float16).float()
-            offset = (qq_sum * x_sum - q_sum * qx_sum) / det
-            fit &= new_scale > 0
-            new_scale = torch.where(fit, new_scale, s)
-            new_zero = (-offset / new_scale).to(torch.float16).float()
-            fit &= new_zero.abs() <= OFFSET_ZERO_LIMIT  # NaN and inf excluded
-            new_zero = torch.where(fit, new_zero, z)
-            new_codes = (values / new_scale + new_zero).round_().clamp_(0, max_code)
-            new_error = ((new_codes - new_zero).mul_(new_scale).sub_(values).square_().mul_(weights)
-                         ).sum(dim=2, keepdim=True)
-            better = fit & (new_error < error)
-            s, z = torch.where(better, new_scale, s), torch.where(better, new_zero, z)
-            error = torch.where(better, new_error, error)
-            codes = torch.where(better, new_codes, codes)
-        scales[chunk], zeros[chunk] = s[..., 0], z[..., 0]
-    return scales, zeros
+        det = total * qq_sum - q_sum * q_sum
+        fit = det > 0
+        det = torch.where(fit, det, torch.ones_like(det))
+        new_scale = ((total * qx_sum - q_sum * x_sum) / det).to(torch.float16).float()
+        offset = (qq_sum * x_sum - q_sum * qx_sum) / det
+        fit &= new_scale > 0
+        new_scale = torch.where(fit, new_scale, s)
+        new_zero = (-offset / new_scale).to(torch.float16).float()
+        fit &= new_zero.abs() <= OFFSET_ZERO_LIMIT  # NaN and inf excluded
+        yield new_scale, torch.where(fit, new_zero, z)
+
+    return candidates
 
 
 def row_codes(values: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
