@@ -360,7 +360,12 @@ def causal_lm_loss(model: nn.Module, tokens: torch.Tensor, *, graph_from_embeddi
     """Summed next-token cross-entropy of ``tokens (batch, seq_len)``, by default with a graph from the input
     embeddings (so that output gradients exist even when no parameter requires grad); ``torch.func`` transforms
     need ``graph_from_embeddings=False``."""
-    logits = next_token_logits(model, tokens, graph_from_embeddings=graph_from_embeddings)
+    return text_loss_of_logits(next_token_logits(model, tokens, graph_from_embeddings=graph_from_embeddings), tokens)
+
+
+def text_loss_of_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of next-token ``logits (batch * (seq_len - 1), vocab)`` against the text ``tokens
+    (batch, seq_len)``: :func:`causal_lm_loss` from logits a caller computed (the streamed model's head)."""
     return nn.functional.cross_entropy(logits, tokens[:, 1:].reshape(-1), reduction="sum")
 
 
@@ -388,7 +393,12 @@ def causal_lm_sampled_loss(model: nn.Module, tokens: torch.Tensor, *, seed: int 
 
     The draw is seeded by ``seed``, by default by the tokens themselves: the same window gets the same labels in
     every pass and every job."""
-    flat = next_token_logits(model, tokens)
+    return sampled_loss_of_logits(next_token_logits(model, tokens), tokens, seed=seed)
+
+
+def sampled_loss_of_logits(flat: torch.Tensor, tokens: torch.Tensor, *, seed: int | None = None) -> torch.Tensor:
+    """:func:`causal_lm_sampled_loss` from next-token logits ``(batch * (seq_len - 1), vocab)`` a caller computed:
+    the same labels for the same window (seeded by its tokens)."""
     if seed is None:
         seed = int(hashlib.sha256(tokens.detach().cpu().long().numpy().tobytes()).hexdigest()[:15], 16)
     generator = torch.Generator().manual_seed(seed)

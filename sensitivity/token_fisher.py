@@ -191,6 +191,104 @@ def tied_inputs(model: nn.Module, units: Mapping[str, nn.Module]) -> dict[str, n
     return {name: embedding for name, module in units.items() if module.weight is embedding.weight}
 
 
+class TermAccumulator:
+    """The sums behind :class:`TokenFisherTerms`, fed by hooks on the units during backward passes.
+
+    ``deltas`` holds the current chunk's weight errors ``(options, out, in)`` per unit; :meth:`make_hook` gives a
+    unit's forward hook, whose output-gradient hook adds that use's per-token scalars ``g_t . dW x_t`` (in a
+    pass that feeds the second-order term) and their first-order sum (in a pass that feeds the slope);
+    ``phase`` says which terms the current backward pass feeds. :meth:`end_batch` closes a calibration batch
+    (squares its per-token scalars, keeps its first-order sum for the standard error); :meth:`result` divides.
+    """
+
+    def __init__(self, keys: Mapping[str, list[Key]], units: Mapping[str, nn.Module], *,
+                 skip_first_position: bool = False) -> None:
+        self.keys = keys
+        self.skip_first_position = skip_first_position
+        self.squares = {name: torch.zeros(len(keys[name]), dtype=torch.float64) for name in units}
+        self.sums = {name: torch.zeros(len(keys[name]), dtype=torch.float64) for name in units}
+        self.batch_sums_sq = {name: torch.zeros(len(keys[name]), dtype=torch.float64) for name in units}
+        self.energy = dict.fromkeys(units, 0.0)
+        self.deltas: dict[str, torch.Tensor] = {}
+        self.pending: dict[str, torch.Tensor] = {}  # per unit: this batch's (options, sequences, positions) scalars
+        self.firsts: dict[str, torch.Tensor] = {}  # per unit: this batch's first-order sums (options,), all uses
+        self.phase = {"slope": True, "curvature": True}  # which terms the current backward pass feeds
+
+    def add(self, name: str, scalars: torch.Tensor | None, first: torch.Tensor | None = None) -> None:
+        """One use's per-token scalars, and its first-order sum when not theirs (the bfloat16 path's, from the
+        weight gradient: a sum over tokens cancels, and the rounding of each token's scalar would not); each only
+        in a pass that feeds its term."""
+        if self.phase["curvature"] and scalars is not None:
+            pending = self.pending
+            pending[name] = scalars.double() if name not in pending else pending[name] + scalars.double()
+        if self.phase["slope"]:
+            first = scalars.flatten(1).sum(dim=1, dtype=torch.float64) if first is None else first.double()
+            self.firsts[name] = first if name not in self.firsts else self.firsts[name] + first
+
+    def add_output_gradient(self, name: str, grad: torch.Tensor, x: torch.Tensor) -> None:
+        """A unit's output gradient ``grad (..., out)`` and input ``x (..., in)`` in one backward pass."""
+        deltas = self.deltas[name]
+        g = grad.detach().float().reshape(-1, grad.shape[-1])
+        inputs_ = x.float().reshape(-1, x.shape[-1])
+        curvature = self.phase["curvature"]
+        scalars = (projected_errors(g, deltas, inputs_).reshape(-1, *grad.shape[:-1]) if curvature else None)
+        first = None
+        low = deltas.dtype
+        if self.phase["slope"] and (low != torch.float32 or scalars is None):
+            # sum_t g_t . dW x_t = <dW, sum_t g_t x_t^T>, with float32 sums
+            gradient = (g.to(low).T @ inputs_.to(low)).reshape(-1, 1)
+            first = (deltas.flatten(1) @ gradient).float()[:, 0]
+        self.add(name, scalars, first)
+        if curvature:
+            self.energy[name] += float(g.pow(2).sum())
+
+    def make_hook(self, name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]:
+        """A forward hook on unit ``name`` that feeds its output gradient to :meth:`add_output_gradient`."""
+
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            if not output.requires_grad:
+                return
+            x = inputs[0].detach()
+            output.register_hook(lambda grad: self.add_output_gradient(name, grad, x))
+
+        return hook
+
+    def end_batch(self, names: Sequence[str]) -> None:
+        """Close a calibration batch for ``names``: square its per-token scalars, keep its first-order sum."""
+        for name in names:
+            scalars = self.pending.pop(name, None)
+            if scalars is not None:  # (options, sequences, positions)
+                squared = scalars[..., 1:] if self.skip_first_position else scalars
+                self.squares[name] += squared.pow(2).flatten(1).sum(dim=1)
+            batch_sum = self.firsts.pop(name, None)
+            if batch_sum is not None:
+                self.sums[name] += batch_sum
+                self.batch_sums_sq[name] += batch_sum.pow(2)
+
+    def result(self, *, tokens: int, curved_tokens: int, batches: int) -> TokenFisherTerms:
+        """The terms: second order and energy per curvature token, first order per token, its standard error
+        from the spread of the ``batches`` per-batch sums."""
+        tokens, curved_tokens = max(tokens, 1), max(curved_tokens, 1)
+
+        def std_error(name: str, index: int) -> float:
+            if batches < 2:
+                return math.inf
+            mean = float(self.sums[name][index]) / batches
+            variance = max(float(self.batch_sums_sq[name][index]) / batches - mean * mean, 0.0) * batches / (
+                batches - 1)
+            return math.sqrt(batches * variance) / tokens
+
+        keys = self.keys
+        return TokenFisherTerms(
+            second_order={name: {b: 0.5 * float(self.squares[name][i]) / curved_tokens
+                                 for i, b in enumerate(keys[name])} for name in self.squares},
+            first_order={name: {b: float(self.sums[name][i]) / tokens for i, b in enumerate(keys[name])}
+                         for name in self.sums},
+            first_order_std_error={name: {b: std_error(name, i) for i, b in enumerate(keys[name])}
+                                   for name in self.sums},
+            energy={name: value / curved_tokens for name, value in self.energy.items()})
+
+
 def token_fisher(
     model: nn.Module,
     units: Mapping[str, nn.Linear],
@@ -245,51 +343,8 @@ def token_fisher(
 
     keys = {name: list(options[name]) for name in units}
     tied = tied_inputs(model, units)
-    squares = {name: torch.zeros(len(keys[name]), dtype=torch.float64) for name in units}
-    sums = {name: torch.zeros(len(keys[name]), dtype=torch.float64) for name in units}
-    batch_sums_sq = {name: torch.zeros(len(keys[name]), dtype=torch.float64) for name in units}
-    energy = dict.fromkeys(units, 0.0)
-    deltas: dict[str, torch.Tensor] = {}
-    pending: dict[str, torch.Tensor] = {}  # per unit: this batch's (options, sequences, positions) scalars, all uses
-
-    firsts: dict[str, torch.Tensor] = {}  # per unit: this batch's first-order sums (options,), all uses
-
-    phase = {"slope": True, "curvature": True}  # which terms this backward pass feeds
-
-    def add(name: str, scalars: torch.Tensor | None, first: torch.Tensor | None = None) -> None:
-        """One use's per-token scalars, and its first-order sum when not theirs (the bfloat16 path's, from the
-        weight gradient: a sum over tokens cancels, and the rounding of each token's scalar would not); each only
-        in a pass that feeds its term."""
-        if phase["curvature"] and scalars is not None:
-            pending[name] = scalars.double() if name not in pending else pending[name] + scalars.double()
-        if phase["slope"]:
-            first = scalars.flatten(1).sum(dim=1, dtype=torch.float64) if first is None else first.double()
-            firsts[name] = first if name not in firsts else firsts[name] + first
-
-    def make_hook(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]:
-        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            if not output.requires_grad:
-                return
-            x = inputs[0].detach()
-
-            def grad_hook(grad: torch.Tensor) -> None:
-                g = grad.detach().float().reshape(-1, grad.shape[-1])
-                inputs_ = x.float().reshape(-1, x.shape[-1])
-                scalars = (projected_errors(g, deltas[name], inputs_).reshape(-1, *grad.shape[:-1])
-                           if phase["curvature"] else None)
-                first = None
-                low = deltas[name].dtype
-                if phase["slope"] and (low != torch.float32 or scalars is None):
-                    # sum_t g_t . dW x_t = <dW, sum_t g_t x_t^T>, with float32 sums
-                    gradient = (g.to(low).T @ inputs_.to(low)).reshape(-1, 1)
-                    first = (deltas[name].flatten(1) @ gradient).float()[:, 0]
-                add(name, scalars, first)
-                if phase["curvature"]:
-                    energy[name] += float(g.pow(2).sum())
-
-            output.register_hook(grad_hook)
-
-        return hook
+    terms = TermAccumulator(keys, units, skip_first_position=skip_first_position)
+    phase, add, make_hook = terms.phase, terms.add, terms.make_hook
 
     looked_up: dict[str, torch.Tensor] = {}  # the token ids of a tied unit's last lookup
 
@@ -300,7 +355,7 @@ def token_fisher(
         def grad_hook(grad: torch.Tensor) -> None:
             g = grad.detach().float().reshape(-1, grad.shape[-1])
             moved = torch.stack([torch.func.functional_call(module, {"weight": delta.float()}, (ids,)).float()
-                                 .reshape(-1, g.shape[-1]) for delta in deltas[name]])
+                                 .reshape(-1, g.shape[-1]) for delta in terms.deltas[name]])
             add(name, (moved * g[None]).sum(dim=2).reshape(-1, *grad.shape[:-1]))
 
         return grad_hook
@@ -332,7 +387,7 @@ def token_fisher(
     model.requires_grad_(False)
     try:
         for chunk_index, chunk in enumerate(chunks):
-            deltas = _stack_errors({name: units[name] for name in chunk}, keys, error_of, dtype)
+            terms.deltas = _stack_errors({name: units[name] for name in chunk}, keys, error_of, dtype)
             handles = [units[name].register_forward_hook(make_hook(name)) for name in chunk]
             for name in (n for n in chunk if n in tied):
                 handles += [tied[name].register_forward_hook(make_lookup_hook(name)),
@@ -350,40 +405,16 @@ def token_fisher(
                         if index % curvature_stride == 0:
                             phase.update(slope=False, curvature=True)
                             curvature_loss_fn(model, batch).backward()
-                    for name in chunk:
-                        scalars = pending.pop(name, None)
-                        if scalars is not None:  # (options, sequences, positions)
-                            squared = scalars[..., 1:] if skip_first_position else scalars
-                            squares[name] += squared.pow(2).flatten(1).sum(dim=1)
-                        batch_sum = firsts.pop(name, None)
-                        if batch_sum is not None:
-                            sums[name] += batch_sum
-                            batch_sums_sq[name] += batch_sum.pow(2)
+                    terms.end_batch(chunk)
                     if on_progress is not None:
                         on_progress(Stage.TOKEN_FISHER, chunk_index * len(batches) + index + 1, steps)
             finally:
                 for handle in handles:
                     handle.remove()
-            deltas = {}
+            terms.deltas = {}
     finally:
         for parameter, flag in requires_grad.items():
             parameter.requires_grad_(flag)
-    tokens = max(sum(batch.numel() for batch in batches), 1)
     curved = batches if curvature_loss_fn is None else batches[::curvature_stride]
-    curved_tokens = max(sum(batch.numel() for batch in curved), 1)  # the second-order term's and energy's
-    count = len(batches)
-
-    def std_error(name: str, index: int) -> float:
-        """Standard error of the first-order mean from the spread of the per-batch sums."""
-        if count < 2:
-            return math.inf
-        mean = float(sums[name][index]) / count
-        variance = max(float(batch_sums_sq[name][index]) / count - mean * mean, 0.0) * count / (count - 1)
-        return math.sqrt(count * variance) / tokens
-
-    return TokenFisherTerms(
-        second_order={name: {b: 0.5 * float(squares[name][i]) / curved_tokens for i, b in enumerate(keys[name])}
-                      for name in units},
-        first_order={name: {b: float(sums[name][i]) / tokens for i, b in enumerate(keys[name])} for name in units},
-        first_order_std_error={name: {b: std_error(name, i) for i, b in enumerate(keys[name])} for name in units},
-        energy={name: value / curved_tokens for name, value in energy.items()})
+    return terms.result(tokens=sum(batch.numel() for batch in batches),
+                        curved_tokens=sum(batch.numel() for batch in curved), batches=len(batches))

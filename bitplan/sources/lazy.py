@@ -1,0 +1,172 @@
+"""A model reference opened lazily: its skeleton (parameters on the meta device, buffers computed) and a tensor
+store, with blocks materialized in place one at a time.
+
+A Hugging Face folder or ``.safetensors`` file opens without reading any weight: the skeleton is built from the
+config under ``accelerate.init_empty_weights`` (parameters on ``meta``; non-persistent buffers such as rotary
+frequencies computed as usual) and a tensor is read from its shard when the module holding it is materialized.
+A GGUF source is dequantized by transformers as today and served from memory (:class:`LoadedTensors`):
+materializing then changes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bitplan.errors import ModelReferenceError
+from bitplan.sources.tensors import LoadedTensors, SafetensorsStore, TensorStore
+
+
+@dataclass
+class LazyModel:
+    """A skeleton and where its tensors come from.
+
+    Attributes:
+        model: the model; with ``resident`` false its parameters are on ``meta`` until materialized.
+        store: the tensor store (stored dtypes).
+        tokenizer, kind, config: as :class:`bitplan.models.LoadedModel` has them.
+        resident: every tensor already in memory (a loaded model): materializing is a no-op.
+        names: parameter name in ``model`` -> tensor name in ``store`` (prefixes and tied heads resolved).
+    """
+
+    model: nn.Module
+    store: TensorStore
+    tokenizer: Any
+    kind: Any
+    resident: bool
+    names: dict[str, str]
+
+    def materialize(self, prefix: str, module: nn.Module, *, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu") -> None:
+        """Give ``module`` (named ``prefix`` in the model) its weights from the store, in ``dtype`` on ``device``,
+        in place: the module object, and every reference to its submodules, stays the same."""
+        if self.resident:
+            return
+        for owner_name, owner in module.named_modules(prefix=prefix):
+            for name, parameter in list(owner._parameters.items()):
+                if parameter is None:
+                    continue
+                full = f"{owner_name}.{name}" if owner_name else name
+                tensor = self.store.get(self.names[full]).to(device=device, dtype=dtype)
+                owner._parameters[name] = nn.Parameter(tensor, requires_grad=parameter.requires_grad)
+            for name, buffer in list(owner._buffers.items()):
+                full = f"{owner_name}.{name}" if owner_name else name
+                if buffer is not None and full in self.names:
+                    stored = self.store.get(self.names[full])
+                    owner._buffers[name] = stored.to(device=device, dtype=dtype if stored.is_floating_point()
+                                                     else stored.dtype)
+
+    def release(self, module: nn.Module) -> None:
+        """Drop ``module``'s weights (back to ``meta``); a resident model keeps them."""
+        if self.resident:
+            return
+        for owner in module.modules():
+            for name, parameter in list(owner._parameters.items()):
+                if parameter is not None:
+                    owner._parameters[name] = nn.Parameter(torch.empty_like(parameter, device="meta"),
+                                                           requires_grad=parameter.requires_grad)
+
+    @contextlib.contextmanager
+    def materialized(self, prefix: str, module: nn.Module, *, dtype: torch.dtype = torch.float32,
+                     device: torch.device | str = "cpu") -> Iterator[nn.Module]:
+        """``module`` with its weights for the duration of the ``with`` block."""
+        self.materialize(prefix, module, dtype=dtype, device=device)
+        try:
+            yield module
+        finally:
+            self.release(module)
+
+    def stored_bytes(self) -> int:
+        """Bytes of the model's tensors as stored (what a whole load in the stored dtype would take)."""
+        return sum(_numel(self.store.shape(n)) * self.store.dtype(n).itemsize for n in set(self.names.values()))
+
+
+def open_lazy(reference: str) -> LazyModel:
+    """Open a model reference without reading its weights (a GGUF is loaded and dequantized as by
+    :func:`bitplan.models.load_model`, and served from memory)."""
+    from bitplan.models import load_model, resolve_reference
+
+    source_format, path = resolve_reference(reference)
+    if source_format == "gguf":
+        loaded = load_model(reference)
+        names = {name: name for name in loaded.model.state_dict()}
+        return LazyModel(model=loaded.model, store=LoadedTensors(loaded.model), tokenizer=loaded.tokenizer,
+                         kind=loaded.kind, resident=True, names=names)
+    folder = path if path.is_dir() else path.parent
+    store = SafetensorsStore.of_folder(folder) if path.is_dir() else SafetensorsStore([path])
+    model, tokenizer, kind = _skeleton(folder, reference)
+    return LazyModel(model=model, store=store, tokenizer=tokenizer, kind=kind, resident=False,
+                     names=match_names(model, store, reference))
+
+
+def _skeleton(folder: Path, reference: str) -> tuple[nn.Module, Any, Any]:
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoTokenizer
+
+    from bitplan.models import _auto_class, _kind_of
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (ValueError, KeyError, OSError) as error:
+        raise ModelReferenceError(f"cannot read config.json of {reference!r}: {error}") from None
+    kind = _kind_of(config, reference)
+    with init_empty_weights(include_buffers=False):
+        model = _auto_class(kind).from_config(config)
+    model.eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (ValueError, OSError) as error:
+        raise ModelReferenceError(f"{reference!r} has no usable tokenizer files beside config.json ({error})") from None
+    return model, tokenizer, kind
+
+
+def match_names(model: nn.Module, store: TensorStore, reference: str) -> dict[str, str]:
+    """Each parameter (and persistent buffer) of ``model`` -> its tensor in ``store``: the same name, or with the
+    base model's prefix added or removed; a tied output head reads the input embedding's tensor. A tensor the
+    model needs that the store lacks, or one the store holds that the model does not use, refuses the model."""
+    available = set(store.names())
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    tied = _tied_names(model)
+    names: dict[str, str] = {}
+    missing = []
+    for name in model.state_dict():
+        candidates = [name, name[len(prefix):] if name.startswith(prefix) else prefix + name]
+        found = next((c for c in candidates if c in available), None)
+        if found is None and name in tied:
+            found = names.get(tied[name])
+        if found is None:
+            if not name.endswith("position_ids"):
+                missing.append(name)
+            continue
+        names[name] = found
+    if missing:
+        raise ModelReferenceError(f"{reference!r} lacks {len(missing)} weights the config needs, e.g. {missing[:3]}")
+    unused = sorted(available - set(names.values()))
+    if unused:
+        raise ModelReferenceError(f"{reference!r} holds {len(unused)} weights the config does not use, e.g. "
+                                  f"{unused[:3]}")
+    return names
+
+
+def _tied_names(model: nn.Module) -> dict[str, str]:
+    """Output head weight name -> input embedding weight name, when the config ties them."""
+    if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return {}
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embedding is None:
+        return {}
+    by_module = {id(m): n for n, m in model.named_modules()}
+    return {f"{by_module[id(head)]}.weight": f"{by_module[id(embedding)]}.weight"}
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count

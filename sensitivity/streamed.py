@@ -1,0 +1,201 @@
+"""The token metrics' pass with the model streamed block by block: the exact gradients of the whole model's loss
+with the memory of one block and the hidden states between blocks.
+
+1. **Forward.** Every calibration window enters block 0 and passes through the blocks one block at a time; the
+   input of every block for every window is kept (``boundaries``: in memory up to a cap, then memory-mapped).
+2. **Head.** The final norm and head turn each window's last hidden states into logits; the loss (the text's
+   labels for the slope, labels drawn from the model for the curvature of ``token_taylor_kl``) and its gradient
+   with respect to those hidden states are taken there.
+3. **Backward, block by block in reverse.** Block ``i`` re-runs from its stored input with autograd; the
+   gradient at its output (from the block above) flows back through it, feeding its units' hooks (the same
+   per-token products ``g_t . dW x_t`` as :func:`sensitivity.token_fisher.token_fisher`) and giving the gradient
+   at its input, which the block below receives.
+
+Each unit's output gradient is the whole model's, so the terms equal the whole-model pass's to float rounding
+(the tests compare them). Units outside the block stack (a tied head) need the whole model's pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from bitplan.quantizer.rtn import quantization_error
+from bitplan.sensitivity.activations import ProgressFn, StopFn, check_stop
+from bitplan.sensitivity.token_fisher import (
+    DEFAULT_ERROR_BYTES,
+    ErrorFn,
+    Key,
+    TermAccumulator,
+    TokenFisherTerms,
+    _stack_errors,
+    resolve_precision,
+    unit_chunks,
+)
+from bitplan.stages import Stage
+
+Hidden = torch.Tensor
+LogitsLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (flat next-token logits, tokens) -> loss
+
+
+class BlockStream(Protocol):
+    """What the streamed pass needs of a model (``bitplan.stream.DecoderStream``)."""
+
+    num_blocks: int
+
+    def embed(self, tokens: torch.Tensor) -> Hidden: ...
+
+    def block(self, index: int) -> AbstractContextManager[Callable[[Hidden], Hidden]]: ...
+
+    def head(self) -> AbstractContextManager[Callable[[Hidden], torch.Tensor]]: ...
+
+    def block_of(self, unit_name: str) -> int | None: ...
+
+
+class Store(Protocol):
+    """Hidden states by key (``bitplan.stream.Boundaries``)."""
+
+    def put(self, key: Any, tensor: torch.Tensor) -> None: ...
+
+    def get(self, key: Any) -> torch.Tensor: ...
+
+
+def units_by_block(stream: BlockStream, units: Mapping[str, nn.Module]) -> dict[int, list[str]]:
+    """Block index -> the units in it, in model order; a unit outside the block stack raises ``ValueError``."""
+    grouped: dict[int, list[str]] = {}
+    for name in units:
+        index = stream.block_of(name)
+        if index is None:
+            raise ValueError(f"unit {name!r} is outside the block stack: the streamed pass cannot reach it")
+        grouped.setdefault(index, []).append(name)
+    return grouped
+
+
+def streamed_token_fisher(
+    stream: BlockStream,
+    units: Mapping[str, nn.Linear],
+    windows: Sequence[torch.Tensor],
+    boundaries: Store,
+    *,
+    loss: LogitsLoss,
+    bits_options: Sequence[int] = (),
+    group_size: int = 128,
+    max_error_bytes: int = DEFAULT_ERROR_BYTES,
+    options: Mapping[str, Sequence[Key]] | None = None,
+    error_of: ErrorFn | None = None,
+    skip_first_position: bool = False,
+    precision: str = "auto",
+    curvature_loss: LogitsLoss | None = None,
+    curvature_stride: int = 1,
+    on_progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> TokenFisherTerms:
+    """:func:`sensitivity.token_fisher.token_fisher`'s terms with the model streamed (the module docstring's
+    three steps). ``loss`` / ``curvature_loss`` take the flat next-token logits ``(windows * (seq_len - 1),
+    vocab)`` of one window and its tokens ``(1, seq_len)``; the other arguments are ``token_fisher``'s. A unit's
+    weight is read when its block is materialized (``error_of`` runs inside the block's ``with``)."""
+    if curvature_stride < 1:
+        raise ValueError(f"curvature_stride must be at least 1, got {curvature_stride}")
+    dtype = resolve_precision(precision)
+    if options is None or error_of is None:
+        options = {name: list(bits_options) for name in units}
+
+        def error_of(name: str, bits: Key) -> torch.Tensor:
+            return quantization_error(units[name].weight, bits=int(bits), group_size=group_size)
+
+    keys = {name: list(options[name]) for name in units}
+    grouped = units_by_block(stream, units)
+    terms = TermAccumulator(keys, units, skip_first_position=skip_first_position)
+    count = stream.num_blocks
+    for w, tokens in enumerate(windows):  # 1. forward
+        check_stop(should_stop, "token Fisher (forward)")
+        boundaries.put((0, w), stream.embed(tokens))
+    for index in range(count):
+        with stream.block(index) as run, torch.no_grad():
+            for w in range(len(windows)):
+                boundaries.put((index + 1, w), run(boundaries.get((index, w))))
+        if on_progress is not None:
+            on_progress(Stage.TOKEN_FISHER, index + 1, 2 * count + 1)
+    passes = _head_gradients(stream, windows, boundaries, loss=loss, curvature_loss=curvature_loss,
+                             curvature_stride=curvature_stride)  # 2. head
+    if on_progress is not None:
+        on_progress(Stage.TOKEN_FISHER, count + 1, 2 * count + 1)
+    for index in reversed(range(count)):  # 3. backward
+        check_stop(should_stop, "token Fisher")
+        names = grouped.get(index, [])
+        chunks = unit_chunks({n: units[n] for n in names}, widths={n: len(keys[n]) for n in names},
+                             max_bytes=max_error_bytes, element_bytes=dtype.itemsize) or [[]]
+        with stream.block(index) as run:
+            for chunk_index, chunk in enumerate(chunks):
+                terms.deltas = _stack_errors({name: units[name] for name in chunk}, keys, error_of, dtype)
+                handles = [units[name].register_forward_hook(terms.make_hook(name)) for name in chunk]
+                try:
+                    for w in range(len(windows)):
+                        below = _block_backward(run, boundaries.get((index, w)), passes[w], terms,
+                                                keep=chunk_index == len(chunks) - 1)
+                        if below is not None:
+                            passes[w] = below
+                        terms.end_batch(chunk)
+                finally:
+                    for handle in handles:
+                        handle.remove()
+                terms.deltas = {}
+        if on_progress is not None:
+            on_progress(Stage.TOKEN_FISHER, 2 * count + 1 - index, 2 * count + 1)
+    curved = windows if curvature_loss is None else windows[::curvature_stride]
+    return terms.result(tokens=sum(t.numel() for t in windows), curved_tokens=sum(t.numel() for t in curved),
+                        batches=len(windows))
+
+
+Pass = list[tuple[dict[str, bool], torch.Tensor]]  # per window: (which terms it feeds, gradient at a boundary)
+
+
+def _head_gradients(stream: BlockStream, windows: Sequence[torch.Tensor], boundaries: Store, *, loss: LogitsLoss,
+                    curvature_loss: LogitsLoss | None, curvature_stride: int) -> list[Pass]:
+    """Per window, the gradient of each loss with respect to the last block's output, with the terms it feeds:
+    one loss for both terms, or the slope's and (every ``curvature_stride``-th window) the curvature's."""
+    top = stream.num_blocks
+    passes: list[Pass] = []
+    with stream.head() as head:
+        for w, tokens in enumerate(windows):
+            hidden = boundaries.get((top, w)).clone().requires_grad_(True)
+            logits = head(hidden)
+            flat = logits[:, :-1].reshape(-1, logits.shape[-1])
+            tokens = tokens.to(flat.device)
+            if curvature_loss is None:
+                (grad,) = torch.autograd.grad(loss(flat, tokens), hidden)
+                passes.append([({"slope": True, "curvature": True}, grad)])
+                continue
+            wanted = w % curvature_stride == 0
+            (slope,) = torch.autograd.grad(loss(flat, tokens), hidden, retain_graph=wanted)
+            window: Pass = [({"slope": True, "curvature": False}, slope)]
+            if wanted:
+                (curvature,) = torch.autograd.grad(curvature_loss(flat, tokens), hidden)
+                window.append(({"slope": False, "curvature": True}, curvature))
+            passes.append(window)
+    return passes
+
+
+def _block_backward(run: Callable[[Hidden], Hidden], stored: torch.Tensor, window: Pass, terms: TermAccumulator,
+                    *, keep: bool) -> Pass | None:
+    """Re-run one block on one window's stored input and pass each gradient back through it (the units' hooks
+    feed ``terms``); with ``keep``, the gradients at the block's input, for the block below."""
+    hidden = stored.clone().requires_grad_(True)
+    with torch.enable_grad():
+        output = run(hidden)
+        below: Pass = []
+        for position, (phase, grad) in enumerate(window):
+            terms.phase.update(phase)
+            (at_input,) = torch.autograd.grad(output, hidden, grad_outputs=grad.to(output.dtype),
+                                              retain_graph=position < len(window) - 1)
+            below.append((phase, at_input.float()))
+    return below if keep else None
+
+
+def windows_of(tokens: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The calibration windows ``(1, seq_len)`` of ``tokens (windows, seq_len)``."""
+    yield from torch.split(tokens, 1)
