@@ -33,6 +33,7 @@ from bitplan.sensitivity.cache import SensitivityCache, cache_key
 from bitplan.sensitivity.token_fisher import resolve_precision
 from bitplan.spec import JobSpec
 from bitplan.stages import ProgressFn, Stage
+from bitplan.stream import DEFAULT_BOUNDARY_BYTES, Boundaries, streamed_pass
 from bitplan.units import find_block_stack
 
 logger = logging.getLogger(__name__)
@@ -132,9 +133,12 @@ def measure(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], cal
 
 def run_sensitivity(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], metric: Metric,
                     tokens: torch.Tensor, on_progress: ProgressFn | None,
-                    should_stop: StopFn | None = None, importance: Importance | None = None) -> SensitivityResult:
+                    should_stop: StopFn | None = None, importance: Importance | None = None, *,
+                    stream: bool = True) -> SensitivityResult:
     """Predicted loss increase per (unit, candidate bit width), or per (unit, legal candidate format), under
-    ``metric``."""
+    ``metric``. With ``stream`` the token metrics run block by block where the model allows it
+    (:func:`bitplan.stream.streamed_pass`; the same terms, one block's activations at a time); ``False`` runs the
+    whole-model pass, the reference."""
     errors: dict[str, Any] = {}
     if spec.quantization.format_names is not None:
         grams = input_grams(loaded, units, tokens, on_progress, should_stop) if runs_gptq(spec) else None
@@ -157,10 +161,15 @@ def run_sensitivity(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Line
         first = (Stage.TOKEN_FISHER if metric in TOKEN_METRICS else
                  Stage.HUTCHINSON_PROBES if metric is Metric.HUTCHINSON else Stage.CALIBRATION_STATISTICS)
         on_progress(first, 0, 1)
-    return compute_sensitivity(loaded.model, units, batches, metric=metric, bits_options=spec.widths,
-                               group_size=spec.quantization.group_size, loss_fn=loss_fn, hutchinson=hutchinson,
-                               on_progress=on_progress, should_stop=should_stop,
-                               blocks=find_block_stack(loaded.model),
-                               max_error_bytes=spec.sensitivity.max_error_bytes,
-                               precision=spec.sensitivity.precision.value,
-                               curvature_loss_fn=curvature_loss_fn, **errors)
+    with Boundaries(DEFAULT_BOUNDARY_BYTES) as boundaries:
+        streamed = None
+        if stream and metric in TOKEN_METRICS:
+            streamed = streamed_pass(loaded.model, units, loss_fn=loss_fn, curvature_loss_fn=curvature_loss_fn,
+                                     boundaries=boundaries)
+        return compute_sensitivity(loaded.model, units, batches, metric=metric, bits_options=spec.widths,
+                                   group_size=spec.quantization.group_size, loss_fn=loss_fn, hutchinson=hutchinson,
+                                   on_progress=on_progress, should_stop=should_stop,
+                                   blocks=find_block_stack(loaded.model),
+                                   max_error_bytes=spec.sensitivity.max_error_bytes,
+                                   precision=spec.sensitivity.precision.value,
+                                   curvature_loss_fn=curvature_loss_fn, stream=streamed, **errors)

@@ -252,3 +252,64 @@ def boundary_bytes(stream_blocks: int, windows: int, seq_len: int, hidden: int) 
 
 def ceil_div(a: int, b: int) -> int:
     return int(math.ceil(a / b))
+
+
+DEFAULT_BOUNDARY_BYTES = 2 << 30  # hidden states kept in memory between blocks; the rest spill to files
+
+
+def streamed_pass(model: nn.Module | LazyModel, units: Any, *, loss_fn: Any, curvature_loss_fn: Any,
+                  boundaries: Boundaries) -> Any:
+    """The token pass's :class:`bitplan.sensitivity.streamed.StreamedModel` for ``model`` (a loaded model or a
+    lazy one) with its losses' logits forms, or ``None`` where the model does not stream (an encoder, a unit
+    outside the block stack such as a tied head, a loss with no logits form): the caller then runs the whole
+    model."""
+    from bitplan.models import causal_lm_loss, causal_lm_sampled_loss, sampled_loss_of_logits, text_loss_of_logits
+    from bitplan.sensitivity.streamed import StreamedModel
+
+    forms = {causal_lm_loss: text_loss_of_logits, causal_lm_sampled_loss: sampled_loss_of_logits, None: None}
+    if loss_fn not in forms or curvature_loss_fn not in forms or loss_fn is None:
+        return None
+    lazy = model if isinstance(model, LazyModel) else _resident(model)
+    try:
+        stream = DecoderStream(lazy)
+    except (StreamUnsupported, ValueError):
+        return None
+    if any(stream.block_of(name) is None for name in units):
+        return None
+    return StreamedModel(stream=stream, boundaries=boundaries, loss=forms[loss_fn],
+                         curvature_loss=forms[curvature_loss_fn])
+
+
+def _resident(model: nn.Module) -> LazyModel:
+    from bitplan.sources.tensors import LoadedTensors
+
+    return LazyModel(model=model, store=LoadedTensors(model), tokenizer=None, kind=None, resident=True,
+                     names={})
+
+
+def stream_input_energy(stream: DecoderStream, units: Any, windows: Sequence[torch.Tensor],
+                        boundaries: Boundaries) -> dict[str, torch.Tensor]:
+    """:func:`bitplan.sensitivity.importance.input_energy` with the model streamed: per unit the ``(in_features,)``
+    float32 sum over calibration tokens of its squared inputs, one block materialized at a time (the forward
+    fills ``boundaries``)."""
+    energy = {name: torch.zeros(units[name].in_features, dtype=torch.float64) for name in units}
+    handles: list[Any] = []
+
+    def hook_block(index: int, run: Callable[[Hidden], Hidden]) -> None:
+        for handle in handles:
+            handle.remove()
+        handles.clear()
+        for name in (n for n in units if stream.block_of(n) == index):
+            def add(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor,
+                    name: str = name) -> None:
+                x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
+                energy[name] += x.double().pow(2).sum(dim=0).cpu()
+
+            handles.append(units[name].register_forward_hook(add))
+
+    try:
+        stream_forward(stream, windows, boundaries, on_block=hook_block)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: value.float() for name, value in energy.items()}

@@ -34,6 +34,7 @@ from bitplan.sensitivity.hutchinson import (
 )
 from bitplan.sensitivity.output_error import predict_output_error
 from bitplan.sensitivity.registry import METRICS, ComputeFn, MetricInputs, register_metric
+from bitplan.sensitivity.streamed import StreamedModel, streamed_token_fisher
 from bitplan.sensitivity.token_fisher import DEFAULT_ERROR_BYTES, token_fisher
 from bitplan.sensitivity.weight_metrics import predict_baq, predict_gwq, predict_slim_salience, salience
 from bitplan.stages import Stage
@@ -310,6 +311,7 @@ def compute_sensitivity(
     error_of: Callable[[str, Any], torch.Tensor] | None = None,
     precision: str = "auto",
     curvature_loss_fn: LossFn | None = None,
+    stream: StreamedModel | None = None,
 ) -> SensitivityResult:
     """Predicted loss increase of RTN-quantizing each unit at each bit width.
 
@@ -330,6 +332,9 @@ def compute_sensitivity(
         precision: the dtype of the token metrics' per-token products (:func:`sensitivity.token_fisher.token_fisher`).
         curvature_loss_fn: the second-order term's loss of a ``model_curvature`` metric (``token_taylor_kl``), whose
             first-order term is ``loss_fn``'s: ``bitplan.models.causal_lm_sampled_loss``.
+        stream: the model as a stream of blocks, with the losses as functions of its logits: the token metrics'
+            pass then runs block by block (:func:`sensitivity.streamed.streamed_token_fisher`, the same terms with
+            the memory of one block); other metrics ignore it.
     """
     started = time.perf_counter()
     entry = METRICS[metric.value]
@@ -344,7 +349,7 @@ def compute_sensitivity(
                           group_size=group_size, loss_fn=loss_fn, hutchinson=hutchinson or HutchinsonConfig(),
                           on_progress=on_progress, should_stop=should_stop, blocks=blocks,
                           max_error_bytes=max_error_bytes, options=options, error_of=error_of, precision=precision,
-                          curvature_loss_fn=curvature_loss_fn)
+                          curvature_loss_fn=curvature_loss_fn, stream=stream)
     entries, warnings = entry.compute(inputs)
     for warning in warnings:
         logger.warning(warning)
@@ -360,12 +365,22 @@ def _token_terms(inputs: MetricInputs, *, taylor: bool, curvature_stride: int = 
     ``inputs.curvature_loss_fn`` (token_taylor_kl) the second-order term from that loss on every
     ``curvature_stride``-th batch."""
     blocks = inputs.blocks
-    terms = token_fisher(inputs.model, inputs.units, inputs.batches, loss_fn=inputs.loss_fn,
-                         bits_options=inputs.bits_options, group_size=inputs.group_size,
-                         max_error_bytes=inputs.max_error_bytes, blocks=None if blocks is None else blocks[1],
-                         on_progress=inputs.on_progress, should_stop=inputs.should_stop, options=inputs.options,
-                         error_of=inputs.error_of, precision=inputs.precision,
-                         curvature_loss_fn=inputs.curvature_loss_fn, curvature_stride=curvature_stride)
+    if inputs.stream is not None:
+        streamed = inputs.stream
+        terms = streamed_token_fisher(streamed.stream, inputs.units, inputs.batches, streamed.boundaries,
+                                      loss=streamed.loss, bits_options=inputs.bits_options,
+                                      group_size=inputs.group_size, max_error_bytes=inputs.max_error_bytes,
+                                      options=inputs.options, error_of=inputs.error_of, precision=inputs.precision,
+                                      curvature_loss=streamed.curvature_loss if inputs.curvature_loss_fn else None,
+                                      curvature_stride=curvature_stride, on_progress=inputs.on_progress,
+                                      should_stop=inputs.should_stop)
+    else:
+        terms = token_fisher(inputs.model, inputs.units, inputs.batches, loss_fn=inputs.loss_fn,
+                             bits_options=inputs.bits_options, group_size=inputs.group_size,
+                             max_error_bytes=inputs.max_error_bytes, blocks=None if blocks is None else blocks[1],
+                             on_progress=inputs.on_progress, should_stop=inputs.should_stop, options=inputs.options,
+                             error_of=inputs.error_of, precision=inputs.precision,
+                             curvature_loss_fn=inputs.curvature_loss_fn, curvature_stride=curvature_stride)
     return [UnitSensitivity(name=name, numel=module.weight.numel(), score=terms.energy[name],
                             delta_loss=(taylor_increase(terms.first_order[name], terms.second_order[name],
                                                         terms.first_order_std_error[name],

@@ -31,6 +31,7 @@ class MetricInputs:
     error_of: Callable[[str, Any], torch.Tensor] | None = None  # ... and each option's weight error dW
     precision: str = "auto"  # the token metrics' per-token products: auto, float32 or bfloat16
     curvature_loss_fn: Any = None  # LossFn for a metric's second-order term, when not ``loss_fn`` (model_curvature)
+    stream: Any = None  # sensitivity.streamed.StreamedModel: the token pass runs block by block
 
 
 ComputeFn = Callable[[MetricInputs], "tuple[list[Any], list[str]]"]  # -> (UnitSensitivity per unit, warnings)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -62,6 +63,18 @@ class Store(Protocol):
     def put(self, key: Any, tensor: torch.Tensor) -> None: ...
 
     def get(self, key: Any) -> torch.Tensor: ...
+
+
+@dataclass
+class StreamedModel:
+    """What :func:`sensitivity.api.compute_sensitivity` needs to run the token pass streamed: the stream, where its
+    boundaries go, and the losses as functions of the head's logits (``loss``: the text's labels or, for
+    ``token_kl``, the model's; ``curvature_loss``: the model's, for ``token_taylor_kl``'s second-order term)."""
+
+    stream: BlockStream
+    boundaries: Store
+    loss: LogitsLoss
+    curvature_loss: LogitsLoss | None = None
 
 
 def units_by_block(stream: BlockStream, units: Mapping[str, nn.Module]) -> dict[int, list[str]]:

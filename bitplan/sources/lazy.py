@@ -75,11 +75,15 @@ class LazyModel:
     @contextlib.contextmanager
     def materialized(self, prefix: str, module: nn.Module, *, dtype: torch.dtype = torch.float32,
                      device: torch.device | str = "cpu") -> Iterator[nn.Module]:
-        """``module`` with its weights for the duration of the ``with`` block."""
+        """``module`` with its weights, frozen, for the duration of the ``with`` block."""
         self.materialize(prefix, module, dtype=dtype, device=device)
+        flags = {parameter: parameter.requires_grad for parameter in module.parameters()}
+        module.requires_grad_(False)  # gradients flow to the hidden states only, never into weight gradients
         try:
             yield module
         finally:
+            for parameter, flag in flags.items():
+                parameter.requires_grad_(flag)
             self.release(module)
 
     def stored_bytes(self) -> int:

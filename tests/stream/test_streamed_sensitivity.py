@@ -158,3 +158,17 @@ def _word_tokenizer():  # noqa: ANN202
 
     vocab = {f"w{i}": i for i in range(95)} | {"<eos>": 95}
     return Tokenizer(models.WordLevel(vocab=vocab, unk_token="<eos>"))
+
+
+def test_streamed_input_energy_equals_whole_model() -> None:
+    from bitplan.sensitivity.importance import input_energy
+    from bitplan.stream import stream_input_energy
+
+    model = tiny_causal_lm("gemma3")
+    units = find_units(model)
+    batches = windows(3)
+    whole = input_energy(model, units, batches)
+    with Boundaries(0) as boundaries:
+        streamed = stream_input_energy(DecoderStream(resident(model)), units, batches, boundaries)
+    for name in units:
+        torch.testing.assert_close(streamed[name], whole[name], rtol=1e-5, atol=1e-6)
