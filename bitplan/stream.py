@@ -269,7 +269,7 @@ def streamed_pass(model: nn.Module | LazyModel, units: Any, *, loss_fn: Any, cur
     forms = {causal_lm_loss: text_loss_of_logits, causal_lm_sampled_loss: sampled_loss_of_logits, None: None}
     if loss_fn not in forms or curvature_loss_fn not in forms or loss_fn is None:
         return None
-    lazy = model if isinstance(model, LazyModel) else _resident(model)
+    lazy = model if isinstance(model, LazyModel) else resident_model(model)
     try:
         stream = DecoderStream(lazy)
     except (StreamUnsupported, ValueError):
@@ -280,7 +280,8 @@ def streamed_pass(model: nn.Module | LazyModel, units: Any, *, loss_fn: Any, cur
                          curvature_loss=forms[curvature_loss_fn])
 
 
-def _resident(model: nn.Module) -> LazyModel:
+def resident_model(model: nn.Module) -> LazyModel:
+    """A model already in memory as a :class:`LazyModel` whose materializing changes nothing."""
     from bitplan.sources.tensors import LoadedTensors
 
     return LazyModel(model=model, store=LoadedTensors(model), tokenizer=None, kind=None, resident=True,

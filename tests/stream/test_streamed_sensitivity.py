@@ -19,8 +19,8 @@ from bitplan.models import (
 )
 from bitplan.sensitivity.streamed import streamed_token_fisher
 from bitplan.sensitivity.token_fisher import token_fisher
-from bitplan.sources import LazyModel, LoadedTensors, open_lazy
-from bitplan.stream import Boundaries, DecoderStream
+from bitplan.sources import open_lazy
+from bitplan.stream import Boundaries, DecoderStream, resident_model
 from bitplan.units import find_units
 
 transformers = pytest.importorskip("transformers")
@@ -49,11 +49,6 @@ def tiny_causal_lm(kind: str = "llama", seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def resident(model: torch.nn.Module) -> LazyModel:
-    return LazyModel(model=model, store=LoadedTensors(model), tokenizer=None, kind=None, resident=True,
-                     names={n: n for n in model.state_dict()})
-
-
 def windows(count: int = 4, seq_len: int = 12, vocab: int = 96) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     return list(torch.randint(0, vocab, (count, seq_len), generator=generator).split(1))
@@ -77,7 +72,7 @@ def assert_terms_close(streamed, whole, rel: float = 1e-4) -> None:  # noqa: ANN
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])
 def test_stream_logits_equal_whole_model(kind: str) -> None:
     model = tiny_causal_lm(kind)
-    stream = DecoderStream(resident(model))
+    stream = DecoderStream(resident_model(model))
     tokens = windows(1)[0]
     hidden = stream.embed(tokens)
     for index in range(stream.num_blocks):
@@ -100,7 +95,7 @@ def test_streamed_token_taylor_kl_equals_whole_model_backward(kind: str, cap: in
     whole = token_fisher(model, units, batches, loss_fn=causal_lm_loss, bits_options=(2, 4), group_size=32,
                          precision="float32", curvature_loss_fn=causal_lm_sampled_loss, curvature_stride=2)
     with Boundaries(cap) as boundaries:
-        streamed = streamed_token_fisher(DecoderStream(resident(model)), units, batches, boundaries,
+        streamed = streamed_token_fisher(DecoderStream(resident_model(model)), units, batches, boundaries,
                                          loss=text_loss_of_logits, bits_options=(2, 4), group_size=32,
                                          precision="float32", curvature_loss=sampled_loss_of_logits,
                                          curvature_stride=2)
@@ -116,7 +111,7 @@ def test_streamed_single_loss_and_chunks_equal_whole_model() -> None:
     whole = token_fisher(model, units, batches, loss_fn=causal_lm_loss, bits_options=(3,), group_size=32,
                          precision="float32")
     with Boundaries(1 << 30) as boundaries:
-        streamed = streamed_token_fisher(DecoderStream(resident(model)), units, batches, boundaries,
+        streamed = streamed_token_fisher(DecoderStream(resident_model(model)), units, batches, boundaries,
                                          loss=text_loss_of_logits, bits_options=(3,), group_size=32,
                                          precision="float32", max_error_bytes=64 * 128 * 4)
     assert_terms_close(streamed, whole)
@@ -169,6 +164,6 @@ def test_streamed_input_energy_equals_whole_model() -> None:
     batches = windows(3)
     whole = input_energy(model, units, batches)
     with Boundaries(0) as boundaries:
-        streamed = stream_input_energy(DecoderStream(resident(model)), units, batches, boundaries)
+        streamed = stream_input_energy(DecoderStream(resident_model(model)), units, batches, boundaries)
     for name in units:
         torch.testing.assert_close(streamed[name], whole[name], rtol=1e-5, atol=1e-6)
