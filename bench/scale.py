@@ -1,18 +1,10 @@
-"""Models of the size people quantize, from a lazy bf16 folder: random-weight Llama-shaped folders written tensor
-by tensor (SmolLM2's tokenizer), each measured by the streamed half of the default ``--target gguf`` job in a
-process of its own, with the peak resident memory of the whole process tree. Prints one JSON object.
+"""Models of the size people quantize, from bf16 folders: random-weight Llama-shaped folders written tensor by
+tensor (SmolLM2's tokenizer), each through the default job with ``--target gguf`` (``bitplan run``, which streams a
+model over 2 GiB in float32: :mod:`bitplan.streamed_job`) in a process of its own, with the peak resident memory
+of the whole process tree, seconds per stage and per parameter-token, and the GGUF loaded in llama.cpp and
+decoding. Prints one JSON object.
 
     python bench/scale.py [--shapes 1b,3b,8b] [--windows 8,8,2] [--seq-len 512] [--bpw 4.5] [--folders DIR]
-
-What each child runs (``python bench/scale.py --child FOLDER ...``), one block's weights in memory at a time:
-1. open the folder lazily (skeleton on meta, shards memory-mapped; nothing read);
-2. the calibration windows (built-in text);
-3. the input energy of every unit (the encoders' importance), streamed forward;
-4. the default metric (token_taylor_kl) over the gguf target's default types, each type's error from its encoder
-   with that importance: streamed forward, loss at the head, exact backward block by block;
-5. the allocation at ``--bpw``.
-Encoding the chosen types, writing the GGUF and the quality report are not streamed yet (issue 41): they are not
-in this bench, and its numbers say so (``stages_measured``).
 """
 
 from __future__ import annotations
@@ -20,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -56,7 +49,7 @@ def write_random_folder(folder: Path, shape: str, *, seed: int = 0) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=8192, rope_theta=500000.0,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         dtype="bfloat16", **SHAPES[shape])
+                         dtype="bfloat16", architectures=["LlamaForCausalLM"], **SHAPES[shape])
     generator = torch.Generator().manual_seed(seed)
     shard: dict[str, torch.Tensor] = {}
     weight_map: dict[str, str] = {}
@@ -105,81 +98,16 @@ def _tensor_shapes(config) -> list[tuple[str, tuple[int, ...]]]:  # noqa: ANN001
     return shapes
 
 
-def child(folder: Path, *, windows: int, seq_len: int, bpw: float) -> dict[str, object]:
-    """The streamed measuring half of the default gguf job on ``folder`` (the module docstring's steps)."""
-    import torch
-
-    from bitplan.calibration import build_calibration_set
-    from bitplan.models import ModelKind
-    from bitplan.planning import budgets_in_bytes, make_plans, unit_sizes
-    from bitplan.sensitivity import Metric, compute_sensitivity
-    from bitplan.sensitivity.api import CURVATURE_STRIDE
-    from bitplan.sensitivity_pass import format_errors, resolve_metric
-    from bitplan.sources import open_lazy
-    from bitplan.spec import JobSpec
-    from bitplan.stream import Boundaries, DecoderStream, stream_input_energy, streamed_pass
-    from bitplan.units import find_units
-
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[stage] = round(now - clock, 2)
-        clock = now
-
-    spec = JobSpec.from_flat(model=str(folder), bits_per_weight=bpw, target="gguf", num_samples=windows,
-                             seq_len=seq_len)
-    lazy = open_lazy(spec.model)
-    units = find_units(lazy.model)
-    lap("load")
-    calibration = build_calibration_set(lazy.tokenizer, text_file=None, num_samples=windows, seq_len=seq_len,
-                                        seed=spec.calibration.seed)
-    batches = list(torch.split(calibration.tokens, 1))
-    stream = DecoderStream(lazy)
-    with Boundaries(1 << 30) as boundaries:
-        importance = stream_input_energy(stream, units, batches, boundaries)
-    lap("calibration statistics")
-    metric = resolve_metric(spec.sensitivity.metric.value, ModelKind.CAUSAL_LM)
-    assert metric is Metric.TOKEN_TAYLOR_KL
-    options, error_of = format_errors(spec, units, importance)
-    from bitplan.models import causal_lm_loss, causal_lm_sampled_loss
-
-    with Boundaries(1 << 30) as boundaries:
-        streamed = streamed_pass(lazy, units, loss_fn=causal_lm_loss, curvature_loss_fn=causal_lm_sampled_loss,
-                                 boundaries=boundaries)
-        sensitivity = compute_sensitivity(lazy.model, units, batches, metric=metric, bits_options=spec.widths,
-                                          group_size=spec.quantization.group_size, loss_fn=causal_lm_loss,
-                                          curvature_loss_fn=causal_lm_sampled_loss, options=options,
-                                          error_of=error_of, max_error_bytes=512 << 20, stream=streamed)
-        spilled = boundaries.spilled
-    lap("sensitivity")
-    sizes = unit_sizes(units, spec.widths, spec.quantization.group_size, spec.quantization.format_names, "gguf")
-    numel = sum(m.weight.numel() for m in units.values())
-    (plan,) = make_plans(spec, units, sizes, sensitivity, budgets_in_bytes(spec, sizes, numel, None), None)
-    lap("allocation")
-    chosen: dict[str, int] = {}
-    for name in units:
-        fmt = (plan.formats or {}).get(name, str(plan.bits[name]))
-        chosen[fmt] = chosen.get(fmt, 0) + 1
-    parameters = sum(_numel(lazy.store.shape(n)) for n in lazy.store.names())
-    del CURVATURE_STRIDE
-    return {"parameters": parameters, "block_parameters": numel, "tokens": windows * seq_len,
-            "seconds": seconds, "total_s": round(sum(seconds.values()), 2), "status": plan.solver.status,
-            "types_chosen": chosen, "boundary_bytes_spilled": spilled, "units": len(units)}
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    return math.prod(shape)
-
-
-def run_child(folder: Path, *, windows: int, seq_len: int, bpw: float) -> dict[str, object]:
-    """Run :func:`child` in a process of its own; its result with the process tree's peak resident memory."""
+def run_child(folder: Path, *, windows: int, seq_len: int, bpw: float, out: Path,
+              quality_windows: int = 4) -> dict[str, object]:
+    """``bitplan run --model FOLDER --bpw B --target gguf`` in a process of its own (the job a user runs, streamed
+    for a model this size); its JSON result with the process tree's peak resident memory (sampled every 0.2 s)."""
     import psutil
 
-    command = [sys.executable, __file__, "--child", str(folder), "--windows", str(windows), "--seq-len",
-               str(seq_len), "--bpw", str(bpw)]
+    command = [sys.executable, "-m", "bitplan.service.cli", "run", "--model", str(folder), "--bpw", str(bpw),
+               "--target", "gguf", "--samples", str(windows), "--seq-len", str(seq_len), "--quality-windows",
+               str(quality_windows), "--quality-seq-len", str(seq_len), "--out", str(out), "--no-cache", "--json",
+               "--quiet"]
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     peak = 0
@@ -191,16 +119,48 @@ def run_child(folder: Path, *, windows: int, seq_len: int, bpw: float) -> dict[s
         except psutil.Error:
             pass
         time.sleep(0.2)
-    out = process.stdout.read() if process.stdout else ""
+    output = process.stdout.read() if process.stdout else ""
     if process.returncode != 0:
-        raise RuntimeError(f"the child failed ({process.returncode}): {command}")
-    result = json.loads(out.strip().splitlines()[-1])
-    result["peak_rss_bytes"] = peak
-    result["peak_rss_gib"] = round(peak / (1 << 30), 3)
-    result["wall_s"] = round(time.perf_counter() - started, 2)
-    tokens = int(result["tokens"])
-    result["seconds_per_parameter_token"] = float(result["total_s"]) / (int(result["parameters"]) * tokens)
-    return result
+        raise RuntimeError(f"the job failed ({process.returncode}): {' '.join(command)}")
+    job = json.loads(output)
+    timings = job["timings_s"]
+    parameters = _parameters(folder)
+    tokens = windows * seq_len
+    total = sum(timings.values())
+    types: dict[str, int] = {}
+    for unit in job["units"]:
+        types[unit["format"]] = types.get(unit["format"], 0) + 1
+    return {"parameters": parameters, "tokens": tokens, "windows": windows, "seq_len": seq_len,
+            "peak_rss_bytes": peak, "peak_rss_gib": round(peak / (1 << 30), 3),
+            "wall_s": round(time.perf_counter() - started, 2), "seconds": timings, "total_s": round(total, 2),
+            "seconds_per_parameter_token": total / (parameters * tokens), "status": job["status"],
+            "bits_per_weight": job["bits_per_weight"], "file_bytes": job["file_bytes"], "types_chosen": types,
+            "units": len(job["units"]), "quality": job["quality"], "warnings": job["warnings"],
+            "gguf": str(out / "model.gguf")}
+
+
+def _parameters(folder: Path) -> int:
+    from bitplan.sources.tensors import SafetensorsStore
+
+    store = SafetensorsStore.of_folder(folder)
+    return sum(math.prod(store.shape(n)) for n in store.names())
+
+
+def llama_cpp_decodes(gguf_path: Path, tokens: int = 8) -> dict[str, object]:
+    """Load the GGUF in llama.cpp (llama-cpp-python, as bitplan runs it: :mod:`bitplan.llama_runtime`) and
+    greedily decode ``tokens`` tokens; what came out."""
+    import llama_cpp
+
+    from bitplan.llama_runtime import plain_cpu_buffers
+
+    plain_cpu_buffers()
+    started = time.perf_counter()
+    runtime = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=64, verbose=False)
+    text = runtime("The capital of France is", max_tokens=tokens, temperature=0)["choices"][0]["text"]
+    generated = runtime.n_tokens
+    runtime.close()
+    return {"loaded": True, "tokens_in_context": generated, "text": text,
+            "seconds": round(time.perf_counter() - started, 2)}
 
 
 def main() -> None:
@@ -210,28 +170,26 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--bpw", type=float, default=4.5)
     parser.add_argument("--folders", type=Path, default=Path("runs/scale"))
-    parser.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--quality-windows", type=int, default=4)
+    parser.add_argument("--keep-folders", action="store_true", help="keep the random folders (default: removed)")
     args = parser.parse_args()
-    if args.child is not None:
-        sys.stdout.write(json.dumps(child(args.child, windows=int(args.windows), seq_len=args.seq_len,
-                                          bpw=args.bpw)) + "\n")
-        return
     shapes = args.shapes.split(",")
     windows = [int(w) for w in args.windows.split(",")]
     report: dict[str, object] = {
         "provenance": _own_folder_off_path.sibling("_provenance").provenance(), "benchmark": "scale",
         "command": " ".join(sys.argv), "bits_per_weight": args.bpw, "seq_len": args.seq_len,
-        "stages_measured": "load (lazy), calibration statistics and sensitivity (streamed), allocation; "
-                           "encoding, writing and quality are not streamed yet",
         "sizes": {},
     }
     for shape, count in zip(shapes, windows, strict=True):
         started = time.perf_counter()
         folder = write_random_folder(args.folders / f"llama-{shape}-bf16", shape)
         written_s = round(time.perf_counter() - started, 1)
-        result = run_child(folder, windows=count, seq_len=args.seq_len, bpw=args.bpw)
-        result["windows"] = count
+        result = run_child(folder, windows=count, seq_len=args.seq_len, bpw=args.bpw,
+                           out=args.folders / f"out-{shape}", quality_windows=args.quality_windows)
         result["folder_write_s"] = written_s
+        result["llama_cpp"] = llama_cpp_decodes(Path(str(result["gguf"])))
+        if not args.keep_folders:
+            shutil.rmtree(folder, ignore_errors=True)
         report["sizes"][shape] = result  # type: ignore[index]
         sys.stderr.write(f"{shape}: {json.dumps(result)}\n")
     sizes = report["sizes"]

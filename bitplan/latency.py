@@ -138,6 +138,9 @@ def time_files(paths: list[Path], *, rounds: int = ROUNDS, n_threads: int | None
     round in turn (interleaved), medians over rounds (each round's decode time is the median of its steps)."""
     import llama_cpp
 
+    from bitplan.llama_runtime import plain_cpu_buffers
+
+    plain_cpu_buffers()
     count = n_threads or threads()
     models = [llama_cpp.Llama(model_path=str(p), n_ctx=PROMPT_TOKENS + DECODE_TOKENS + 8, n_batch=PROMPT_TOKENS,
                               n_threads=count, n_threads_batch=count, verbose=False, seed=0) for p in paths]

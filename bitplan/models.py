@@ -91,6 +91,7 @@ class LoadedModel:
     source_format: str
     source_path: Path
     source_sha256: str
+    lazy: Any = None  # a bitplan.sources.LazyModel when ``model`` is its skeleton (weights on meta)
 
 
 def _accepted() -> str:

@@ -147,6 +147,10 @@ def run_budgets(spec: JobSpec, *, out_dirs: list[Path], on_progress: ProgressFn 
         raise BitplanError(f"give one output directory per budget: {spec.budgets} budgets, {len(out_dirs)} "
                            f"directories")
     cache = SensitivityCache(cache_dir) if use_cache else None
+    from bitplan.streamed_job import run_streamed_gguf, streams
+
+    if streams(spec):  # a model over 2 GiB in float32 to a GGUF: every stage one block at a time
+        return run_streamed_gguf(spec, out_dirs=out_dirs, on_progress=on_progress, cache=cache)
     clock = Clock()
     if on_progress is not None:
         on_progress(Stage.LOAD, 0, 1)

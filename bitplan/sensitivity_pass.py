@@ -134,11 +134,13 @@ def measure(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], cal
 def run_sensitivity(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], metric: Metric,
                     tokens: torch.Tensor, on_progress: ProgressFn | None,
                     should_stop: StopFn | None = None, importance: Importance | None = None, *,
-                    stream: bool = True) -> SensitivityResult:
+                    stream: bool | None = None) -> SensitivityResult:
     """Predicted loss increase per (unit, candidate bit width), or per (unit, legal candidate format), under
     ``metric``. With ``stream`` the token metrics run block by block where the model allows it
-    (:func:`bitplan.stream.streamed_pass`; the same terms, one block's activations at a time); ``False`` runs the
-    whole-model pass, the reference."""
+    (:func:`bitplan.stream.streamed_pass`: the same terms, one block's weights and activations at a time); with
+    ``False`` over the whole model (the reference); by default streamed when the model is lazy (not in memory),
+    else whole: with the model in memory the whole-model pass saves one forward per window (``bench/stream_check.py``
+    measured the streamed pass at 1.21x its time on SmolLM2, with identical predictions)."""
     errors: dict[str, Any] = {}
     if spec.quantization.format_names is not None:
         grams = input_grams(loaded, units, tokens, on_progress, should_stop) if runs_gptq(spec) else None
@@ -163,9 +165,9 @@ def run_sensitivity(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Line
         on_progress(first, 0, 1)
     with Boundaries(DEFAULT_BOUNDARY_BYTES) as boundaries:
         streamed = None
-        if stream and metric in TOKEN_METRICS:
-            streamed = streamed_pass(loaded.model, units, loss_fn=loss_fn, curvature_loss_fn=curvature_loss_fn,
-                                     boundaries=boundaries)
+        if (stream if stream is not None else loaded.lazy is not None) and metric in TOKEN_METRICS:
+            streamed = streamed_pass(loaded.lazy or loaded.model, units, loss_fn=loss_fn,
+                                     curvature_loss_fn=curvature_loss_fn, boundaries=boundaries)
         return compute_sensitivity(loaded.model, units, batches, metric=metric, bits_options=spec.widths,
                                    group_size=spec.quantization.group_size, loss_fn=loss_fn, hutchinson=hutchinson,
                                    on_progress=on_progress, should_stop=should_stop,

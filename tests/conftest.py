@@ -13,6 +13,12 @@ import torch
 if not torch.cuda.is_available():  # Triton kernels run in its interpreter on the CPU (read when they are defined)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Every llama.cpp model the tests load (many call llama_cpp.Llama directly) loads as bitplan's own code loads it:
+# without llama.cpp's extra CPU buffers, whose repacked kernels crash llama-cpp-python built on AVX512/AMX CPUs.
+from bitplan.llama_runtime import plain_cpu_buffers  # noqa: E402
+
+plain_cpu_buffers()
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 WIKITEXT = SHARED_DATA / "wikitext2" / "wiki.test.raw"
 

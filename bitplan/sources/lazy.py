@@ -86,6 +86,10 @@ class LazyModel:
                 parameter.requires_grad_(flag)
             self.release(module)
 
+    def parameters(self) -> int:
+        """Elements of the model's tensors (a tied tensor once)."""
+        return sum(_numel(self.store.shape(n)) for n in set(self.names.values()))
+
     def stored_bytes(self) -> int:
         """Bytes of the model's tensors as stored (what a whole load in the stored dtype would take)."""
         return sum(_numel(self.store.shape(n)) * self.store.dtype(n).itemsize for n in set(self.names.values()))

@@ -1,8 +1,10 @@
 """Tensor stores: read one named tensor when asked, in the dtype it is stored in.
 
-:class:`SafetensorsStore` maps a folder's shards (``model.safetensors`` or ``model-0000N-of-0000M.safetensors``,
-with or without an index) and reads a tensor through safetensors' memory map, so a model larger than memory is
-never held whole: only the tensors asked for are copied out of the page cache. :class:`LoadedTensors` serves the
+:class:`SafetensorsStore` reads a folder's shards (``model.safetensors`` or ``model-0000N-of-0000M.safetensors``,
+with or without an index) one tensor at a time, at the byte range its header gives, so a model larger than memory
+is never held whole. It reads rather than memory-maps: the pages of a mapping count toward the process's
+resident memory until unmapped, so a pass over every shard would look (and, under pressure, act) like a whole
+load. :class:`LoadedTensors` serves the
 tensors of a model already in memory (a GGUF source, dequantized by transformers) through the same interface.
 """
 
@@ -40,7 +42,7 @@ class TensorStore(Protocol):
 
 
 class SafetensorsStore:
-    """The tensors of one or more safetensors files, each read through the file's memory map when asked."""
+    """The tensors of one or more safetensors files, each read at its byte range when asked."""
 
     def __init__(self, files: list[Path]) -> None:
         if not files:
@@ -55,7 +57,7 @@ class SafetensorsStore:
                     raise ModelReferenceError(f"tensor {name!r} is in both {self._where[name].name} and {path.name}")
                 self._where[name] = path
                 self._header[name] = entry  # type: ignore[assignment]
-        self._open: dict[Path, object] = {}
+        self._data_start = {path: _data_start(path) for path in files}
 
     @classmethod
     def of_folder(cls, folder: Path) -> SafetensorsStore:
@@ -81,15 +83,18 @@ class SafetensorsStore:
         return _DTYPES[code]
 
     def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
         path = self._where.get(name)
         if path is None:
             raise KeyError(name)
-        handle = self._open.get(path)
-        if handle is None:
-            handle = self._open[path] = safe_open(str(path), framework="pt", device="cpu")
-        return handle.get_tensor(name)  # type: ignore[attr-defined]
+        start, end = (int(v) for v in self._entry(name)["data_offsets"])  # type: ignore[union-attr]
+        data = bytearray(end - start)
+        with path.open("rb", buffering=0) as handle:
+            handle.seek(self._data_start[path] + start)
+            if handle.readinto(data) != len(data):
+                raise ModelReferenceError(f"{path.name}: tensor {name!r} is cut short")
+        if not data:
+            return torch.empty(self.shape(name), dtype=self.dtype(name))
+        return torch.frombuffer(data, dtype=self.dtype(name)).reshape(self.shape(name))
 
     def nbytes(self) -> int:
         """Bytes of every tensor as stored."""
@@ -129,6 +134,12 @@ def _numel(shape: tuple[int, ...]) -> int:
     for dim in shape:
         count *= dim
     return count
+
+
+def _data_start(path: Path) -> int:
+    """Where a safetensors file's data section starts: after the 8-byte size and the header."""
+    with path.open("rb") as handle:
+        return 8 + int.from_bytes(handle.read(8), "little")
 
 
 def _header(path: Path) -> dict[str, object]:

@@ -48,9 +48,9 @@ def test_issue41_streamed_token_taylor_kl_equals_whole_model_on_smollm2() -> Non
 
 @pytest.mark.slow
 def test_issue41_llama_1b_shape_streams_in_under_3_gib(tmp_path: Path) -> None:
-    """A 1.24B-parameter bf16 folder (2.3 GiB on disk; float32 would be 4.6 GiB): load, input energy,
-    token_taylor_kl over the gguf target's ten types and the allocation at 4.5 bits, two windows of 128 tokens,
-    with the process tree's peak resident memory under 3 GiB."""
+    """``bitplan run --model FOLDER --bpw 4.5 --target gguf`` on a 1.24B-parameter bf16 folder (2.3 GiB on disk;
+    its float32 weights alone would be 4.6 GiB), two windows of 128 tokens: the streamed job, with the process
+    tree's peak resident memory under 3 GiB, and a GGUF that llama.cpp loads and decodes."""
     spec = importlib.util.spec_from_file_location("bench_scale", ROOT / "bench" / "scale.py")
     assert spec is not None and spec.loader is not None
     sys.path.insert(0, str(ROOT / "bench"))
@@ -58,10 +58,13 @@ def test_issue41_llama_1b_shape_streams_in_under_3_gib(tmp_path: Path) -> None:
         scale = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(scale)
         folder = scale.write_random_folder(tmp_path / "llama-1b", "1b")
-        result = scale.run_child(folder, windows=2, seq_len=128, bpw=4.5)
+        result = scale.run_child(folder, windows=2, seq_len=128, bpw=4.5, out=tmp_path / "out", quality_windows=1)
+        decoded = scale.llama_cpp_decodes(Path(result["gguf"]), tokens=4)
     finally:
         sys.path.remove(str(ROOT / "bench"))
     assert result["parameters"] > 1.2e9
     assert result["status"] == "optimal"
-    assert sum(result["types_chosen"].values()) == result["units"] == 16 * 7
+    assert result["units"] == 16 * 7 and 4.0 < result["bits_per_weight"] <= 4.5
+    assert any("streamed job" in warning for warning in result["warnings"])
     assert result["peak_rss_bytes"] < 3 << 30, result
+    assert decoded["tokens_in_context"] > 4  # the prompt's tokens and the decoded ones

@@ -1,0 +1,223 @@
+"""The default job for a model larger than memory: a Hugging Face folder to a GGUF file, every stage streamed.
+
+:func:`run_streamed_gguf` numbers its steps; each holds one block's weights at a time:
+
+1. Open the folder lazily (skeleton on meta, shards read a tensor at a time) and check the GGUF target can write it.
+2. Plan the budgets against the achievable range of the gguf target's candidate types.
+3. Build the calibration windows and the encoders' importance (input energy), streamed forward.
+4. The sensitivity (the default ``token_taylor_kl`` over each candidate type's real error): streamed forward,
+   loss at the head, exact backward block by block; cached like any job's.
+5. Allocate each budget.
+6. Write each budget's GGUF tensor by tensor (:func:`bitplan.exports.gguf_stream.write_gguf_streamed`) and the
+   importance matrix beside it.
+7. Measure its quality on held-back windows against the source, both streamed block by block.
+
+What it does not do yet (issue 41): a packed artifact or manifest (the GGUF and its imatrix are the output),
+GPTQ encoders, latency budgets, whole-file budgets with the head as a unit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from bitplan.calibration import build_calibration_set
+from bitplan.errors import BitplanError, ModelReferenceError, SpecError
+from bitplan.exports.gguf_file import IMATRIX_FILE, write_imatrix
+from bitplan.exports.gguf_stream import write_gguf_streamed
+from bitplan.hashing import sha256_file
+from bitplan.models import LoadedModel, ModelKind, resolve_reference
+from bitplan.planning import budgets_in_bytes, make_plans, unit_sizes
+from bitplan.quality import QualityReport, heldout_windows
+from bitplan.quantize import encode_unit, runs_gptq
+from bitplan.quantizer.formats import FORMATS, decode_weight
+from bitplan.sensitivity.cache import SensitivityCache
+from bitplan.sensitivity.kl import per_token_kl
+from bitplan.sensitivity_pass import measure
+from bitplan.sources import LazyModel, open_lazy
+from bitplan.spec import JobSpec
+from bitplan.stages import ProgressFn, Stage
+from bitplan.stream import DEFAULT_BOUNDARY_BYTES, Boundaries, DecoderStream, stream_input_energy
+from bitplan.units import find_units
+
+if TYPE_CHECKING:
+    from bitplan.pipeline import RunResult
+
+GGUF_FILE = "model.gguf"
+STREAMED_NOTE = ("streamed job (a model over 2 GiB in float32): the output is the GGUF file and its importance "
+                 "matrix; no packed artifact or manifest is written")
+STREAM_ABOVE_BYTES = 2 << 30  # a Hugging Face folder whose float32 weights exceed this streams (gguf target)
+
+
+def streams(spec: JobSpec) -> bool:
+    """Whether ``spec`` runs as the streamed job: a gguf job from a Hugging Face folder whose float32 weights
+    exceed :data:`STREAM_ABOVE_BYTES`, with what the streamed job supports (size budgets, default encoders)."""
+    quantization, budget = spec.quantization, spec.budget
+    if (quantization.target.value != "gguf" or quantization.format_names is None or runs_gptq(spec)
+            or budget.has_time_budget or budget.file_bytes is not None or budget.uniform_bits is not None
+            or spec.refinement.kl_refine_windows > 0):
+        return False
+    try:
+        source_format, path = resolve_reference(spec.model)
+    except ModelReferenceError:
+        return False
+    if source_format != "hf-folder":
+        return False
+    from bitplan.sources.tensors import SafetensorsStore
+
+    store = SafetensorsStore.of_folder(path)
+    return sum(math.prod(store.shape(n)) for n in store.names()) * 4 > STREAM_ABOVE_BYTES
+
+
+def run_streamed_gguf(spec: JobSpec, *, out_dirs: list[Path], on_progress: ProgressFn | None = None,
+                      cache: SensitivityCache | None = None) -> list[RunResult]:
+    """The module docstring's steps for each budget of ``spec`` (``out_dirs[i]`` for budget ``i``); one report
+    per budget."""
+    timings: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def lap(stage: str) -> None:
+        now = time.perf_counter()
+        timings[stage] = round(now - clock[0], 3)
+        clock[0] = now
+
+    loaded, folder = _open(spec)  # 1
+    lazy: LazyModel = loaded.lazy
+    units = find_units(lazy.model)
+    names = spec.quantization.format_names
+    sizes = unit_sizes(units, spec.widths, spec.quantization.group_size, names, "gguf")  # 2
+    numel = sum(m.weight.numel() for m in units.values())
+    budgets = budgets_in_bytes(spec, sizes, numel, None)
+    lap("load")
+    options = spec.calibration
+    calibration = build_calibration_set(lazy.tokenizer, text_file=None if options.text is None else Path(options.text),
+                                        num_samples=options.num_samples, seq_len=options.seq_len,
+                                        seed=options.seed)  # 3
+    stream = DecoderStream(lazy)
+    batches = list(torch.split(calibration.tokens, 1))
+    with Boundaries(DEFAULT_BOUNDARY_BYTES) as boundaries:
+        importance = stream_input_energy(stream, units, batches, boundaries)
+    lap("calibration statistics")
+    sensitivity, cache_state = measure(spec, loaded, units, calibration, on_progress, None, cache, importance)  # 4
+    lap("sensitivity")
+    plans = make_plans(spec, units, sizes, sensitivity, budgets, None)  # 5
+    lap("allocation")
+    heldout = None
+    if spec.refinement.quality_windows > 0:
+        text = None if spec.refinement.eval_text is None else Path(spec.refinement.eval_text)
+        heldout = heldout_windows(lazy.tokenizer, windows=spec.refinement.quality_windows,
+                                  seq_len=spec.refinement.quality_seq_len, text_file=text)
+    record = {"sha256": calibration.sha256, "source": calibration.source, "num_samples": options.num_samples,
+              "seq_len": options.seq_len, "seed": options.seed, "sensitivity_cache": cache_state}
+    from bitplan.pipeline import RunResult
+
+    reports = []
+    for plan, out in zip(plans, out_dirs, strict=True):
+        chosen = dict(plan.formats or {})
+
+        def encode(unit: str, weight: torch.Tensor, chosen: dict[str, str] = chosen) -> Any:
+            return encode_unit(spec, weight, chosen[unit], importance, unit)
+
+        started = time.perf_counter()
+        written = write_gguf_streamed(lazy, folder, out / GGUF_FILE, chosen=chosen, encode=encode,  # 6
+                                      stack_name=stream.stack_name,
+                                      on_tensor=None if on_progress is None else
+                                      lambda done, total: on_progress(Stage.WRITE, done, total))
+        write_imatrix(out / IMATRIX_FILE, folder, importance, tokens=int(calibration.tokens.numel()),
+                      chunk_size=int(calibration.tokens.shape[-1]), dataset=str(calibration.source))
+        stage_times = {"write": round(time.perf_counter() - started, 3)}
+        quality = None
+        if heldout is not None:  # 7
+            started = time.perf_counter()
+            quality = stream_quality(stream, units, lambda unit, weight: decode_weight(encode(unit, weight)),
+                                     heldout[0], text=heldout[1])
+            stage_times["quality"] = round(time.perf_counter() - started, 3)
+        reports.append(RunResult(
+            artifact=str(out), bits_per_weight=8 * written.unit_bytes / numel, bytes=written.unit_bytes,
+            status=plan.solver.status, objective=plan.solver.objective, lower_bound=plan.solver.lower_bound,
+            units=[{"name": n, "bits": FORMATS[f].nominal_bits, "format": f} for n, f in chosen.items()],
+            model=spec.model, metric=sensitivity.metric.value,
+            budget={"bits_per_weight": plan.budget_bits_per_weight, "bytes": plan.budget_bytes},
+            calibration=record, manifest_sha256="", timings_s={**timings, **stage_times},
+            predicted_bytes=sum(sizes[n][f] for n, f in chosen.items()),
+            warnings=[*sensitivity.warnings, STREAMED_NOTE], quality=None if quality is None else quality.to_json(),
+            file_bits_per_parameter=8 * written.file_bytes / lazy.parameters(), target="gguf",
+            files=[{"name": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                   for p in (written.path, out / IMATRIX_FILE)],
+            file_bytes=written.file_bytes))
+    return reports
+
+
+def _open(spec: JobSpec) -> tuple[LoadedModel, Path]:
+    """Step 1: the lazy model as a :class:`LoadedModel` (its ``model`` the skeleton), refused before any heavy
+    work where this path cannot run the job."""
+    source_format, path = resolve_reference(spec.model)
+    if source_format != "hf-folder":
+        raise ModelReferenceError(f"the streamed job reads a Hugging Face folder; {spec.model!r} is a {source_format}"
+                                  f" source", param="model")
+    if spec.quantization.target.value != "gguf" or spec.quantization.format_names is None:
+        raise SpecError("the streamed job writes the gguf target from its candidate types", param="target")
+    if runs_gptq(spec) or spec.budget.has_time_budget or spec.budget.file_bytes is not None:
+        raise SpecError("the streamed job takes a bits-per-weight or bytes budget with the default encoders "
+                        "(GPTQ, latency and whole-file budgets need the whole model)", param="quantizer")
+    from bitplan.exports.gguf_source import open_source
+
+    try:
+        open_source(path)  # refuses an architecture the GGUF writer does not know
+    except BitplanError as error:
+        raise ModelReferenceError(f"the gguf target cannot be written from {spec.model!r}: {error}",
+                                  param="model") from None
+    lazy = open_lazy(spec.model)
+    if lazy.kind is not ModelKind.CAUSAL_LM:
+        raise ModelReferenceError("the streamed job quantizes causal language models", param="model")
+    first = sorted(path.glob("*.safetensors"))[0]
+    loaded = LoadedModel(model=lazy.model, tokenizer=lazy.tokenizer, kind=lazy.kind, reference=spec.model,
+                         source_format=source_format, source_path=path, source_sha256=sha256_file(first), lazy=lazy)
+    return loaded, path
+
+
+def stream_quality(stream: DecoderStream, units: dict[str, nn.Linear],
+                   decoded: Callable[[str, torch.Tensor], torch.Tensor], windows: torch.Tensor, *,
+                   text: str) -> QualityReport:
+    """:func:`bitplan.quality.measure_quality` with both models streamed: each block runs on the source's hidden
+    states, then with its units' weights replaced by ``decoded(unit, weight)`` on the quantized model's."""
+    count = len(windows)
+    source = [stream.embed(window) for window in torch.split(windows, 1)]
+    quantized = [hidden.clone() for hidden in source]
+    for index in range(stream.num_blocks):
+        names = [n for n in units if stream.block_of(n) == index]
+        with stream.block(index) as run, torch.no_grad():
+            for w in range(count):
+                source[w] = run(source[w])
+            originals = {n: units[n].weight for n in names}
+            replaced = {n: decoded(n, units[n].weight.detach().float()).to(originals[n].dtype) for n in names}
+            for name in names:
+                units[name]._parameters["weight"] = nn.Parameter(replaced[name], requires_grad=False)
+            try:
+                for w in range(count):
+                    quantized[w] = run(quantized[w])
+            finally:
+                for name in names:
+                    units[name]._parameters["weight"] = originals[name]
+    kl_tokens, nll_source, nll_quantized, agree = [], 0.0, 0.0, 0
+    with stream.head() as head, torch.no_grad():
+        for w, window in enumerate(torch.split(windows, 1)):
+            reference = torch.log_softmax(head(source[w])[0, :-1], dim=-1)
+            ours = torch.log_softmax(head(quantized[w])[0, :-1], dim=-1)
+            targets = window[0, 1:]
+            kl_tokens.append(per_token_kl(reference, ours).clamp_min(0.0))
+            nll_source -= float(reference.gather(1, targets[:, None]).sum())
+            nll_quantized -= float(ours.gather(1, targets[:, None]).sum())
+            agree += int((reference.argmax(-1) == ours.argmax(-1)).sum())
+    per_token = torch.cat(kl_tokens)
+    tokens = per_token.numel()
+    return QualityReport(kl_mean=float(per_token.mean()), kl_p99=float(torch.quantile(per_token.double(), 0.99)),
+                         ppl=math.exp(nll_quantized / tokens), ppl_source=math.exp(nll_source / tokens),
+                         top1_agreement=agree / tokens, windows=windows.shape[0], seq_len=windows.shape[1],
+                         text=text)
