@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-import _own_folder_off_path  # noqa: F401  (before any first-party import)
+import _own_folder_off_path  # (before any first-party import)
 import numpy as np
 
 from bitplan.allocator import AllocationProblem, Budget, Option, Unit, solve_allocation
@@ -179,6 +179,7 @@ def main() -> None:
                         help="HiGHS time limit on the group-level instance (0 skips it)")
     args = parser.parse_args()
     report: dict[str, object] = {
+        "provenance": _own_folder_off_path.sibling("_provenance").provenance(),
         "benchmark": "allocator", "cpus": os.cpu_count(), "command": " ".join(sys.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     if not args.skip_real:

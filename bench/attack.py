@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import _own_folder_off_path  # noqa: F401  (before any first-party import)
+import _own_folder_off_path  # (before any first-party import)
 import httpx
 
 SERVICE = [sys.executable, "-m", "bitplan.service.cli"]
@@ -289,6 +289,7 @@ def main() -> None:
     make_tiny_llama().save_pretrained(tiny, safe_serialization=True)
     _word_tokenizer(512).save_pretrained(tiny)
     report: dict[str, Any] = {
+        "provenance": _own_folder_off_path.sibling("_provenance").provenance(),
         "benchmark": "attack", "command": " ".join(["python", "bench/attack.py", *sys.argv[1:]]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "backends": {}}

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-import _own_folder_off_path  # noqa: F401  (before any first-party import)
+import _own_folder_off_path  # (before any first-party import)
 import torch
 
 from bitplan.pipeline import run_budgets
@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/cost"))
     args = parser.parse_args()
     report: dict[str, object] = {
+        "provenance": _own_folder_off_path.sibling("_provenance").provenance(),
         "benchmark": "cost", "model": args.model, "quantizer": args.quantizer, "bits_per_weight": args.bpw,
         "calibration": f"built-in text, {args.samples} x {args.seq_len} tokens",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

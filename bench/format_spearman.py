@@ -122,6 +122,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     report: dict[str, Any] = {
+        "provenance": _own_folder_off_path.sibling("_provenance").provenance(),
         "benchmark": "format_spearman", "model": args.model, "metric": args.metric, "quantizer": args.quantizer,
         "calibration": f"built-in text, {args.samples} x {args.seq_len} tokens", "windows": args.windows,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import _own_folder_off_path  # noqa: F401  (before any first-party import)
+import _own_folder_off_path  # (before any first-party import)
 import numpy as np
 
 from bitplan.allocator.frontier import frontier
@@ -91,7 +91,8 @@ def main() -> None:
     started = time.perf_counter()
     big = synthetic(args.groups)
     seconds["build_synthetic"] = round(time.perf_counter() - started, 1)
-    result = {"bench": "frontier", "date": datetime.date.today().isoformat(), "machine": platform.machine(),
+    result = {"bench": "frontier", "provenance": _own_folder_off_path.sibling("_provenance").provenance(),
+              "date": datetime.date.today().isoformat(), "machine": platform.machine(),
               "processor": platform.processor(), "python": platform.python_version(),
               "real": {"source": str(args.problem) if args.problem else f"smollm2-135m job, formats {args.formats}",
                        **measure(document, args.repeat)},

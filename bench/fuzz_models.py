@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import _own_folder_off_path  # noqa: F401
+import _own_folder_off_path
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, seed, settings
 
@@ -82,7 +82,8 @@ def main() -> None:
     originals = {"safetensors": (root / "st" / "model.safetensors").read_bytes(),
                  "gguf": (base / "tiny.gguf").read_bytes()}
     app = create_app(ServiceSettings(data_dir=base / "data", model_roots=[root], embedded_worker=False))
-    report: dict[str, Any] = {"cases_per_format": args.cases}
+    report: dict[str, Any] = {"provenance": _own_folder_off_path.sibling("_provenance").provenance(),
+                              "cases_per_format": args.cases}
     with TestClient(app, raise_server_exceptions=False) as client:
         report["safetensors"] = run_format(client, root, "safetensors", originals["safetensors"],
                                            safetensors_mutation(), mutate_safetensors, args.cases, args.case_timeout)

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-import _own_folder_off_path  # noqa: F401  (before any first-party import)
+import _own_folder_off_path  # (before any first-party import)
 import torch
 
 from bitplan.calibration import read_text
@@ -106,6 +106,7 @@ def main() -> None:
         rows[name] = {**peers.score(path, windows, reference, "llama.cpp"), "completion": completion(path)}
         gc.collect()
     report = {
+        "provenance": _own_folder_off_path.sibling("_provenance").provenance(),
         "benchmark": "hf_folder_source", "model": args.model, "source": str(source), "text": str(args.text),
         "windows": args.windows, "seq_len": args.seq_len, "calibration": f"built-in text, {args.samples} windows",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -19,7 +19,7 @@ import platform
 import sys
 import time
 
-import _own_folder_off_path  # noqa: F401  (before any first-party import)
+import _own_folder_off_path  # (before any first-party import)
 import torch
 
 from bitplan.kernels.quant_linear import QuantLinear
@@ -62,6 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     report: dict[str, object] = {
+        "provenance": _own_folder_off_path.sibling("_provenance").provenance(),
         "benchmark": "kernels", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                     "device": torch.cuda.get_device_name() if cuda else "cpu"},

@@ -79,6 +79,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     report: dict[str, object] = {
+        "provenance": _own_folder_off_path.sibling("_provenance").provenance(),
         "benchmark": "latency", "model": args.model, "formats": args.formats, "rounds": args.rounds,
         "prompt_tokens": PROMPT_TOKENS, "decode_tokens": DECODE_TOKENS, "machine": fingerprint(),
         "platform": platform.platform(), "cpus": os.cpu_count(),

@@ -114,6 +114,7 @@ def main() -> None:
     as_fast = {name: row for name, row in rows.items() if name.startswith("uniform") and
                row["decode_ms"] <= ours["decode_ms"]}
     report = {
+        "provenance": _own_folder_off_path.sibling("_provenance").provenance(),
         "benchmark": "latency-recheck", "model": before["model"], "machine": fingerprint(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv), "rounds": None if args.no_timing else args.rounds,

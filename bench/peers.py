@@ -33,7 +33,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import _own_folder_off_path  # noqa: F401  (before any first-party import)
+import _own_folder_off_path  # (before any first-party import)
 import gguf
 import numpy
 import torch
@@ -250,6 +250,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     report: dict[str, object] = {
+        "provenance": _own_folder_off_path.sibling("_provenance").provenance(),
         "benchmark": "peers", "model": args.model, "source": str(source), "text": str(args.text),
         "windows": args.windows, "seq_len": args.seq_len, "formats": args.formats, "quantizer": args.quantizer,
         "metric": args.metric,

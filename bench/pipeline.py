@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-import _own_folder_off_path  # noqa: F401  (before any first-party import)
+import _own_folder_off_path  # (before any first-party import)
 import torch
 
 from bitplan.calibration import read_text
@@ -52,6 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     text = read_text(args.text)
     report: dict[str, object] = {
+        "provenance": _own_folder_off_path.sibling("_provenance").provenance(),
         "benchmark": "pipeline", "model": args.model, "text": str(args.text), "seq_len": args.seq_len,
         "windows": args.windows, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),

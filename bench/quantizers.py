@@ -24,7 +24,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import _own_folder_off_path  # noqa: F401  (before any first-party import)
+import _own_folder_off_path  # (before any first-party import)
 import torch
 
 from bitplan.calibration import read_text
@@ -64,6 +64,7 @@ def main() -> None:
                              "(bitplan.refine), once per quantizer")
     args = parser.parse_args()
     report: dict[str, object] = {
+        "provenance": _own_folder_off_path.sibling("_provenance").provenance(),
         "benchmark": "quantizers", "model": args.model, "text": str(args.text), "seq_len": args.seq_len,
         "windows": args.windows, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 try:
-    import _own_folder_off_path  # noqa: F401  (before any first-party import)
+    import _own_folder_off_path  # (before any first-party import)
 except ModuleNotFoundError:  # a process spawned by this script: its parent already took the folder off the path
     pass
 import numpy as np
@@ -273,6 +273,7 @@ def main() -> None:
     if not args.text.is_file():
         raise SystemExit(f"WikiText-2 not found at {args.text}; pass --text FILE")
     report: dict[str, Any] = {
+        "provenance": _own_folder_off_path.sibling("_provenance").provenance(),
         "benchmark": "sensitivity", "model": args.model, "cpus": os.cpu_count(), "command": " ".join(sys.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "calibration": f"{args.calibration}: {args.samples} x {args.seq_len} tokens each",

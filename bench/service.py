@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-import _own_folder_off_path  # noqa: F401  (before any first-party import)
+import _own_folder_off_path  # (before any first-party import)
 import httpx
 import numpy as np
 
@@ -115,7 +115,8 @@ def main() -> None:
                     "p99_ms": float(np.max([r["p99_ms"] for r in runs]))}
 
         service_stats, bare_stats = merge(service_runs), merge(bare_runs)
-        report = {"benchmark": "service", "cpus": os.cpu_count(), "command": " ".join(sys.argv),
+        report = {"benchmark": "service", "provenance": _own_folder_off_path.sibling("_provenance").provenance(),
+                  "cpus": os.cpu_count(), "command": " ".join(sys.argv),
                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "clients": args.clients, "seconds_each": args.seconds,
                   "job_during_measurement": {"model": args.model, "status": state["status"],

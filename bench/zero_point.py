@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-import _own_folder_off_path  # noqa: F401  (before any first-party import)
+import _own_folder_off_path  # (before any first-party import)
 import torch
 
 from bitplan.calibration import read_text
@@ -70,6 +70,7 @@ def main() -> None:
                            "ppl": perplexity(model, token_ids, seq_len=512, max_windows=args.windows).ppl}
         sys.stderr.write(f"{config} {results[config]}\n")
     report = {
+        "provenance": _own_folder_off_path.sibling("_provenance").provenance(),
         "benchmark": "zero-point", "model": args.model, "text": str(args.text), "seq_len": 512,
         "windows": args.windows,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

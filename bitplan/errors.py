@@ -82,14 +82,25 @@ class ServiceUnreachable(BitplanError):
     exit_code = ExitCode.UNREACHABLE
 
 
-class JobFailed(BitplanError):
+class JobNotSucceeded(BitplanError):
+    """A submitted job ended without succeeding (:class:`JobFailed`, :class:`JobCancelled`): ``job_id``,
+    ``job_status`` (``"failed"``, ``"cancelled"``) and the job's own ``error_message`` (empty when it gave none).
+    ``status`` stays the HTTP status, as on every :class:`BitplanError`."""
+
+    def __init__(self, message: str, *, job_id: str | None = None, job_status: str | None = None,
+                 error_message: str = "") -> None:
+        super().__init__(message)
+        self.job_id, self.job_status, self.error_message = job_id, job_status, error_message
+
+
+class JobFailed(JobNotSucceeded):
     """A submitted job ended failed."""
 
     code = "job_failed"
     exit_code = ExitCode.JOB_FAILED
 
 
-class JobCancelled(BitplanError):
+class JobCancelled(JobNotSucceeded):
     """A submitted job ended cancelled."""
 
     code = "job_cancelled"

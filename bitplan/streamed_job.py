@@ -18,6 +18,7 @@ GPTQ encoders, latency budgets, whole-file budgets with the head as a unit.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
 GGUF_FILE = "model.gguf"
 STREAMED_NOTE = ("streamed job (a model over 2 GiB in float32): the output is the GGUF file and its importance "
                  "matrix; no packed artifact or manifest is written")
+STREAMED_ERROR_BYTES = 512 << 20  # candidate-type errors held at once (a 1B block's ten types take 1.2 GB)
 STREAM_ABOVE_BYTES = 2 << 30  # a Hugging Face folder whose float32 weights exceed this streams (gguf target)
 
 
@@ -87,6 +89,8 @@ def run_streamed_gguf(spec: JobSpec, *, out_dirs: list[Path], on_progress: Progr
         timings[stage] = round(now - clock[0], 3)
         clock[0] = now
 
+    spec = dataclasses.replace(spec, sensitivity=dataclasses.replace(
+        spec.sensitivity, max_error_bytes=min(spec.sensitivity.max_error_bytes, STREAMED_ERROR_BYTES)))
     loaded, folder = _open(spec)  # 1
     lazy: LazyModel = loaded.lazy
     units = find_units(lazy.model)

@@ -5,7 +5,7 @@ stream / wait`` (``wait`` is woken by the job's server-sent events) and
     from bitplan.service.client import Client
     client = Client("http://127.0.0.1:8321")
     job = client.jobs.create(model="smollm2-135m", bits_per_weight=3.5)
-    job = client.jobs.wait(job.id)                  # progress bar on stderr
+    job = client.jobs.wait(job.id)                  # progress bar on stderr; a failed job raises JobFailed
     client.artifacts.download(job.artifacts[0].id, "out/")
 
 Answers are the service's own response models (``bitplan.service.schemas``: ``JobPublic``, ``ArtifactPublic``,
@@ -26,9 +26,22 @@ from typing import Any
 
 import httpx
 
+from bitplan.errors import JobCancelled, JobFailed, JobNotSucceeded
 from bitplan.hashing import sha256_file
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def _succeeded(job: Any) -> Any:
+    """``job`` (an ended ``JobPublic``) when it succeeded; else raises its :class:`JobNotSucceeded`."""
+    if job.status == "succeeded":
+        return job
+    kind: type[JobNotSucceeded] = JobFailed if job.status == "failed" else JobCancelled
+    reason = job.error.message if job.error else ""
+    error = kind(f"job {job.id} {job.status}" + (f": {reason}" if reason else ""), job_id=job.id,
+                 job_status=str(job.status), error_message=reason)
+    error.details = {"job": job.to_dict()}  # the command line's --json error line carries the job
+    raise error
 
 
 def _typed(model: str, data: Any) -> Any:
@@ -244,7 +257,10 @@ class Jobs:
     def wait(self, job_id: str, *, poll_s: float = 1.0, timeout_s: float | None = None,
              progress: bool = True) -> Any:
         """Wait until the job ends, woken by its event stream (server-sent events); when the stream breaks, by
-        polling every ``poll_s`` until it can be reopened. A progress bar (stage, fraction, ETA) on stderr."""
+        polling every ``poll_s`` until it can be reopened. A progress bar (stage, fraction, ETA) on stderr.
+        The succeeded job; a failed one raises :class:`~bitplan.errors.JobFailed`, a cancelled one
+        :class:`~bitplan.errors.JobCancelled` (both :class:`~bitplan.errors.JobNotSucceeded`: ``job_id``,
+        ``job_status``, ``error_message``; the job itself in ``details["job"]``)."""
         from tqdm.auto import tqdm  # a widget in a notebook, a line on a terminal
 
         started = time.monotonic()
@@ -266,12 +282,12 @@ class Jobs:
             while True:
                 job = self.get(job_id)
                 if show(job):
-                    return job
+                    return _succeeded(job)
                 try:
                     for event in self.stream(job_id, after=last_seen):
                         last_seen = event["seq"]
                         if show(self.get(job_id)):
-                            return self.get(job_id)
+                            return _succeeded(self.get(job_id))
                 except (httpx.TransportError, ServiceError) as error:
                     if isinstance(error, ServiceError) and error.status not in RETRIED_STATUS:
                         raise
@@ -420,16 +436,17 @@ class AsyncClient:
 
     async def wait(self, job_id: str, *, poll_s: float = 1.0, timeout_s: float | None = None) -> Any:
         """Until the job ends: polls, sleeping ``poll_s`` or, when the service gives an ETA, up to a tenth of it
-        (at most 10 s), so a long job is not polled every second."""
+        (at most 10 s), so a long job is not polled every second. The succeeded job; a failed or cancelled one
+        raises :class:`~bitplan.errors.JobFailed` / :class:`~bitplan.errors.JobCancelled`, as :meth:`Jobs.wait`."""
         import asyncio
 
         started = time.monotonic()
         while True:
             job = await self.get(job_id)
             if job.status in TERMINAL:
-                return job
+                return _succeeded(job)
             if timeout_s is not None and time.monotonic() - started > timeout_s:
-                raise TimeoutError(f"job {job_id} still {job.status.value} after {timeout_s} s")
+                raise TimeoutError(f"job {job_id} still {job.status} after {timeout_s} s")
             eta = job.progress.eta_s
             await asyncio.sleep(poll_s if not eta else min(max(poll_s, eta / 10), 10.0))
 

@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
 
-class JobStatus(str, Enum):
-    """A job's status, as it crosses the API."""
+class JobStatus(StrEnum):
+    """A job's status, as it crosses the API; prints as its value (``f"{JobStatus.QUEUED}"`` is ``queued``)."""
 
     QUEUED = "queued"
     RUNNING = "running"

@@ -360,3 +360,57 @@ def test_issue14_the_async_client_runs_a_job_to_the_end(service: TestClient, tin
             assert gone.value.status == 404
 
     asyncio.run(scenario())
+
+
+def test_issue45_job_status_prints_as_its_value() -> None:
+    from bitplan.service.domain import JobStatus
+
+    assert str(JobStatus.QUEUED) == "queued" and f"{JobStatus.FAILED}" == "failed"
+    assert f"{JobStatus.RUNNING:>8}" == " running" and f"job {JobStatus.CANCELLING}" == "job cancelling"
+    assert JobStatus("cancelled") is JobStatus.CANCELLED and json.dumps([JobStatus.SUCCEEDED]) == '["succeeded"]'
+
+
+def test_issue45_wait_raises_the_typed_error_of_a_failed_or_cancelled_job(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """``wait`` (blocking and async) returns only a succeeded job; a cancelled one raises ``JobCancelled``, a failed
+    one ``JobFailed``, both ``JobNotSucceeded`` with the job's id, status and error message (it returned them, and
+    the README's snippet died with an IndexError on ``job.artifacts[0]``)."""
+    import asyncio
+    import re
+
+    import httpx
+
+    from bitplan.errors import ExitCode, JobCancelled, JobFailed, JobNotSucceeded
+    from bitplan.service.client import AsyncClient, Client
+
+    service = TestClient(create_app(settings_for(tmp_path, tiny_llama_dir, embedded_worker=False)))
+    job_id = service.post("/v1/jobs", json={"model": tiny_llama_dir.name, "bits_per_weight": 4.0, **SMALL}).json()["id"]
+    cancelled = service.post(f"/v1/jobs/{job_id}/cancel").json()
+    client = Client()
+    client.http = service  # the app's own test transport (an httpx.Client)
+    with pytest.raises(JobCancelled, match=f"^job {re.escape(job_id)} cancelled$") as stopped:
+        client.jobs.wait(job_id, progress=False)
+    assert isinstance(stopped.value, JobNotSucceeded) and stopped.value.exit_code == ExitCode.JOB_CANCELLED
+    assert (stopped.value.job_id, stopped.value.job_status, stopped.value.error_message) == (job_id, "cancelled", "")
+    assert stopped.value.details == {"job": cancelled}  # what the command line's --json error line carries
+
+    failed = {**cancelled, "status": "failed",
+              "error": {"code": "internal", "message": "RuntimeError: boom", "retryable": False}}
+    client.http = httpx.Client(base_url="http://test", transport=httpx.MockTransport(
+        lambda request: httpx.Response(200, json=failed)))
+    with pytest.raises(JobFailed, match=f"^job {re.escape(job_id)} failed: RuntimeError: boom$") as failure:
+        client.jobs.wait(job_id, progress=False)
+    assert (failure.value.job_id, failure.value.job_status, failure.value.error_message) == (
+        job_id, "failed", "RuntimeError: boom")
+    assert failure.value.exit_code == ExitCode.JOB_FAILED
+
+    async def scenario(answer: dict[str, Any]) -> None:
+        transport = httpx.MockTransport(lambda request: httpx.Response(200, json=answer))
+        async with AsyncClient("http://test", transport=transport) as async_client:
+            await async_client.wait(job_id, poll_s=0.01, timeout_s=5)
+
+    with pytest.raises(JobFailed) as failure:
+        asyncio.run(scenario(failed))
+    assert (failure.value.job_id, failure.value.job_status, failure.value.error_message) == (
+        job_id, "failed", "RuntimeError: boom")
+    with pytest.raises(JobCancelled):
+        asyncio.run(scenario(cancelled))
