@@ -99,7 +99,7 @@ def _tensor_shapes(config) -> list[tuple[str, tuple[int, ...]]]:  # noqa: ANN001
 
 
 def run_child(folder: Path, *, windows: int, seq_len: int, bpw: float, out: Path,
-              quality_windows: int = 4) -> dict[str, object]:
+              quality_windows: int = 4, formats: str | None = None) -> dict[str, object]:
     """``bitplan run --model FOLDER --bpw B --target gguf`` in a process of its own (the job a user runs, streamed
     for a model this size); its JSON result with the process tree's peak resident memory (sampled every 0.2 s)."""
     import psutil
@@ -107,7 +107,7 @@ def run_child(folder: Path, *, windows: int, seq_len: int, bpw: float, out: Path
     command = [sys.executable, "-m", "bitplan.service.cli", "run", "--model", str(folder), "--bpw", str(bpw),
                "--target", "gguf", "--samples", str(windows), "--seq-len", str(seq_len), "--quality-windows",
                str(quality_windows), "--quality-seq-len", str(seq_len), "--out", str(out), "--no-cache", "--json",
-               "--quiet"]
+               "--quiet", *(["--formats", formats] if formats else [])]
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     peak = 0
@@ -171,6 +171,8 @@ def main() -> None:
     parser.add_argument("--bpw", type=float, default=4.5)
     parser.add_argument("--folders", type=Path, default=Path("runs/scale"))
     parser.add_argument("--quality-windows", type=int, default=4)
+    parser.add_argument("--formats", default=None, help="candidate types (default: the gguf target's ten); fewer "
+                        "cut the encoding, which dominates a job's time at these sizes on two cores")
     parser.add_argument("--keep-folders", action="store_true", help="keep the random folders (default: removed)")
     args = parser.parse_args()
     shapes = args.shapes.split(",")
@@ -178,6 +180,7 @@ def main() -> None:
     report: dict[str, object] = {
         "provenance": _own_folder_off_path.sibling("_provenance").provenance(), "benchmark": "scale",
         "command": " ".join(sys.argv), "bits_per_weight": args.bpw, "seq_len": args.seq_len,
+        "formats": args.formats or "the gguf target's default",
         "sizes": {},
     }
     for shape, count in zip(shapes, windows, strict=True):
@@ -185,7 +188,8 @@ def main() -> None:
         folder = write_random_folder(args.folders / f"llama-{shape}-bf16", shape)
         written_s = round(time.perf_counter() - started, 1)
         result = run_child(folder, windows=count, seq_len=args.seq_len, bpw=args.bpw,
-                           out=args.folders / f"out-{shape}", quality_windows=args.quality_windows)
+                           out=args.folders / f"out-{shape}", quality_windows=args.quality_windows,
+                           formats=args.formats)
         result["folder_write_s"] = written_s
         result["llama_cpp"] = llama_cpp_decodes(Path(str(result["gguf"])))
         if not args.keep_folders:

@@ -48,9 +48,11 @@ def test_issue41_streamed_token_taylor_kl_equals_whole_model_on_smollm2() -> Non
 
 @pytest.mark.slow
 def test_issue41_llama_1b_shape_streams_in_under_3_gib(tmp_path: Path) -> None:
-    """``bitplan run --model FOLDER --bpw 4.5 --target gguf`` on a 1.07B-parameter bf16 folder (2.0 GiB on disk;
-    its float32 weights alone would be 4.0 GiB), two windows of 128 tokens: the streamed job, with the process
-    tree's peak resident memory under 3 GiB, and a GGUF that llama.cpp loads and decodes."""
+    """``bitplan run --model FOLDER --bpw 5 --target gguf --formats Q4_K,Q6_K,Q8_0`` on a 1.07B-parameter bf16
+    folder (2.0 GiB on disk; its float32 weights alone would be 4.0 GiB), two windows of 128 tokens: the streamed
+    job, with the process tree's peak resident memory under 3 GiB, and a GGUF that llama.cpp loads and decodes.
+    Three candidate types instead of the default ten: encoding every candidate of every layer is most of the job
+    at this size (the default ten took 1,254 s of sensitivity on shared cores, bench/results/scale-1b-*)."""
     spec = importlib.util.spec_from_file_location("bench_scale", ROOT / "bench" / "scale.py")
     assert spec is not None and spec.loader is not None
     sys.path.insert(0, str(ROOT / "bench"))
@@ -58,13 +60,15 @@ def test_issue41_llama_1b_shape_streams_in_under_3_gib(tmp_path: Path) -> None:
         scale = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(scale)
         folder = scale.write_random_folder(tmp_path / "llama-1b", "1b")
-        result = scale.run_child(folder, windows=2, seq_len=128, bpw=4.5, out=tmp_path / "out", quality_windows=1)
+        result = scale.run_child(folder, windows=2, seq_len=128, bpw=5.0, out=tmp_path / "out", quality_windows=1,
+                                 formats="Q4_K,Q6_K,Q8_0")
         decoded = scale.llama_cpp_decodes(Path(result["gguf"]), tokens=4)
     finally:
         sys.path.remove(str(ROOT / "bench"))
     assert result["parameters"] > 1.0e9
     assert result["status"] == "optimal"
-    assert result["units"] == 16 * 7 and 4.0 < result["bits_per_weight"] <= 4.5
+    assert result["units"] == 16 * 7 and 4.5 < result["bits_per_weight"] <= 5.0
+    assert set(result["types_chosen"]) <= {"Q4_K", "Q6_K", "Q8_0"}
     assert any("streamed job" in warning for warning in result["warnings"])
     assert result["peak_rss_bytes"] < 3 << 30, result
     assert decoded["tokens_in_context"] > 4  # the prompt's tokens and the decoded ones
