@@ -289,24 +289,13 @@ def grid_report(path: Path, names: set[str]) -> dict[str, float]:
 
 @contextlib.contextmanager
 def plain_cpu_buffers() -> Iterator[None]:
-    """Models loaded inside get ``use_extra_bufts = False`` (llama.cpp's ``--no-repack``: no AMX or repacked
-    weight buffers), which llama-cpp-python's ``Llama`` cannot be told. Its 0.3.36 built from source on this
-    machine (AVX512 and AMX) segfaults in ``llama_decode`` on the Q4_1 SmolLM2 with them (2026-12-07); F16 files run
-    either way. The arithmetic is llama.cpp's plain CPU dot products (Q4_1 x Q8_1, F16 x F16)."""
-    from llama_cpp import llama_cpp as low
+    """Models loaded inside run without llama.cpp's extra CPU buffers, as bitplan loads them
+    (:func:`bitplan.llama_runtime.plain_cpu_buffers`: llama-cpp-python 0.3.36 built on this AVX512/AMX machine
+    segfaults in ``llama_decode`` on the Q4_1 SmolLM2 with them)."""
+    from bitplan.llama_runtime import plain_cpu_buffers as without_extra_buffers
 
-    default = low.llama_model_default_params
-
-    def params() -> object:
-        chosen = default()
-        chosen.use_extra_bufts = False
-        return chosen
-
-    low.llama_model_default_params = params
-    try:
-        yield
-    finally:
-        low.llama_model_default_params = default
+    without_extra_buffers()
+    yield
 
 
 def evaluation_windows(model: Path, text: str, count: int) -> list[list[int]]:

@@ -77,19 +77,37 @@ def heldout_windows(tokenizer: Any, *, windows: int, seq_len: int, text_file: Pa
 def measure_quality(model: nn.Module, units: dict[str, nn.Linear], replacements: dict[str, torch.Tensor],
                     windows: torch.Tensor, *, text: str) -> QualityReport:
     """Source model (as loaded) against the model with ``replacements`` swapped in, window by window."""
-    kl_tokens, nll_source, nll_quantized, agree = [], 0.0, 0.0, 0
+    tally = QualityTally()
     for window in torch.split(windows, 1):
-        source = torch.log_softmax(model(window).logits[0, :-1].float(), dim=-1)
+        source = model(window).logits[0, :-1]
         with swapped_weights(units, replacements):
-            quantized = torch.log_softmax(model(window).logits[0, :-1].float(), dim=-1)
-        targets = window[0, 1:]
-        kl_tokens.append(per_token_kl(source, quantized).clamp_min(0.0))
-        nll_source -= float(source.gather(1, targets[:, None]).sum())
-        nll_quantized -= float(quantized.gather(1, targets[:, None]).sum())
-        agree += int((source.argmax(-1) == quantized.argmax(-1)).sum())
-    per_token = torch.cat(kl_tokens)
-    count = per_token.numel()
-    return QualityReport(kl_mean=float(per_token.mean()), kl_p99=float(torch.quantile(per_token.double(), 0.99)),
-                         ppl=math.exp(nll_quantized / count), ppl_source=math.exp(nll_source / count),
-                         top1_agreement=agree / count, windows=windows.shape[0], seq_len=windows.shape[1],
-                         text=text)
+            quantized = model(window).logits[0, :-1]
+        tally.add(source, quantized, window[0, 1:])
+    return tally.report(windows, text=text)
+
+
+class QualityTally:
+    """KL, negative log-likelihoods and top-1 agreement summed window by window."""
+
+    def __init__(self) -> None:
+        self.kl_tokens: list[torch.Tensor] = []
+        self.nll_source = self.nll_quantized = 0.0
+        self.agree = 0
+
+    def add(self, source_logits: torch.Tensor, quantized_logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """One window: ``(positions, vocab)`` next-token logits of each model and the ``(positions,)`` tokens."""
+        source = torch.log_softmax(source_logits.float(), dim=-1)
+        quantized = torch.log_softmax(quantized_logits.float(), dim=-1)
+        self.kl_tokens.append(per_token_kl(source, quantized).clamp_min(0.0))
+        self.nll_source -= float(source.gather(1, targets[:, None]).sum())
+        self.nll_quantized -= float(quantized.gather(1, targets[:, None]).sum())
+        self.agree += int((source.argmax(-1) == quantized.argmax(-1)).sum())
+
+    def report(self, windows: torch.Tensor, *, text: str) -> QualityReport:
+        per_token = torch.cat(self.kl_tokens)
+        count = per_token.numel()
+        return QualityReport(kl_mean=float(per_token.mean()),
+                             kl_p99=float(torch.quantile(per_token.double(), 0.99)),
+                             ppl=math.exp(self.nll_quantized / count), ppl_source=math.exp(self.nll_source / count),
+                             top1_agreement=self.agree / count, windows=windows.shape[0], seq_len=windows.shape[1],
+                             text=text)

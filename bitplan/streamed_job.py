@@ -35,11 +35,10 @@ from bitplan.exports.gguf_stream import write_gguf_streamed
 from bitplan.hashing import sha256_file
 from bitplan.models import LoadedModel, ModelKind, resolve_reference
 from bitplan.planning import budgets_in_bytes, make_plans, unit_sizes
-from bitplan.quality import QualityReport, heldout_windows
+from bitplan.quality import QualityReport, QualityTally, heldout_windows
 from bitplan.quantize import encode_unit, runs_gptq
 from bitplan.quantizer.formats import FORMATS, decode_weight
 from bitplan.sensitivity.cache import SensitivityCache
-from bitplan.sensitivity.kl import per_token_kl
 from bitplan.sensitivity_pass import measure
 from bitplan.sources import LazyModel, open_lazy
 from bitplan.spec import JobSpec
@@ -209,19 +208,8 @@ def stream_quality(stream: DecoderStream, units: dict[str, nn.Linear],
             finally:
                 for name in names:
                     units[name]._parameters["weight"] = originals[name]
-    kl_tokens, nll_source, nll_quantized, agree = [], 0.0, 0.0, 0
+    tally = QualityTally()
     with stream.head() as head, torch.no_grad():
         for w, window in enumerate(torch.split(windows, 1)):
-            reference = torch.log_softmax(head(source[w])[0, :-1], dim=-1)
-            ours = torch.log_softmax(head(quantized[w])[0, :-1], dim=-1)
-            targets = window[0, 1:]
-            kl_tokens.append(per_token_kl(reference, ours).clamp_min(0.0))
-            nll_source -= float(reference.gather(1, targets[:, None]).sum())
-            nll_quantized -= float(ours.gather(1, targets[:, None]).sum())
-            agree += int((reference.argmax(-1) == ours.argmax(-1)).sum())
-    per_token = torch.cat(kl_tokens)
-    tokens = per_token.numel()
-    return QualityReport(kl_mean=float(per_token.mean()), kl_p99=float(torch.quantile(per_token.double(), 0.99)),
-                         ppl=math.exp(nll_quantized / tokens), ppl_source=math.exp(nll_source / tokens),
-                         top1_agreement=agree / tokens, windows=windows.shape[0], seq_len=windows.shape[1],
-                         text=text)
+            tally.add(head(source[w])[0, :-1], head(quantized[w])[0, :-1], window[0, 1:])
+    return tally.report(windows, text=text)

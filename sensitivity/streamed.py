@@ -25,7 +25,6 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from bitplan.quantizer.rtn import quantization_error
 from bitplan.sensitivity.activations import ProgressFn, StopFn, check_stop
 from bitplan.sensitivity.token_fisher import (
     DEFAULT_ERROR_BYTES,
@@ -34,6 +33,7 @@ from bitplan.sensitivity.token_fisher import (
     TermAccumulator,
     TokenFisherTerms,
     _stack_errors,
+    option_errors,
     resolve_precision,
     unit_chunks,
 )
@@ -111,16 +111,8 @@ def streamed_token_fisher(
     three steps). ``loss`` / ``curvature_loss`` take the flat next-token logits ``(windows * (seq_len - 1),
     vocab)`` of one window and its tokens ``(1, seq_len)``; the other arguments are ``token_fisher``'s. A unit's
     weight is read when its block is materialized (``error_of`` runs inside the block's ``with``)."""
-    if curvature_stride < 1:
-        raise ValueError(f"curvature_stride must be at least 1, got {curvature_stride}")
     dtype = resolve_precision(precision)
-    if options is None or error_of is None:
-        options = {name: list(bits_options) for name in units}
-
-        def error_of(name: str, bits: Key) -> torch.Tensor:
-            return quantization_error(units[name].weight, bits=int(bits), group_size=group_size)
-
-    keys = {name: list(options[name]) for name in units}
+    keys, error_of = option_errors(units, bits_options, group_size, options, error_of, curvature_stride)
     grouped = units_by_block(stream, units)
     terms = TermAccumulator(keys, units, skip_first_position=skip_first_position)
     count = stream.num_blocks

@@ -289,6 +289,23 @@ class TermAccumulator:
             energy={name: value / curved_tokens for name, value in self.energy.items()})
 
 
+def option_errors(units: Mapping[str, nn.Module], bits_options: Sequence[int], group_size: int,
+                  options: Mapping[str, Sequence[Key]] | None, error_of: ErrorFn | None, curvature_stride: int
+                  ) -> tuple[dict[str, list[Key]], ErrorFn]:
+    """Each unit's option keys and ``error_of``: the given ones, or the RTN errors at ``bits_options`` (read from
+    the unit's weight when asked, so a streamed block's weight is read while materialized); the arguments the
+    token passes share, checked."""
+    if curvature_stride < 1:
+        raise ValueError(f"curvature_stride must be at least 1, got {curvature_stride}")
+    if options is None or error_of is None:
+        options = {name: list(bits_options) for name in units}
+
+        def error_of(name: str, bits: Key) -> torch.Tensor:
+            return quantization_error(units[name].weight, bits=int(bits), group_size=group_size)
+
+    return {name: list(options[name]) for name in units}, error_of
+
+
 def token_fisher(
     model: nn.Module,
     units: Mapping[str, nn.Linear],
@@ -332,16 +349,8 @@ def token_fisher(
     ``curvature_stride``-th batch (from the first), averaged over the tokens of those batches. With
     ``bitplan.models.causal_lm_sampled_loss`` as the latter: the text's slope with the model's own curvature.
     """
-    if curvature_stride < 1:
-        raise ValueError(f"curvature_stride must be at least 1, got {curvature_stride}")
     dtype = resolve_precision(precision)
-    if options is None or error_of is None:
-        options = {name: list(bits_options) for name in units}
-
-        def error_of(name: str, bits: Key) -> torch.Tensor:
-            return quantization_error(units[name].weight, bits=int(bits), group_size=group_size)
-
-    keys = {name: list(options[name]) for name in units}
+    keys, error_of = option_errors(units, bits_options, group_size, options, error_of, curvature_stride)
     tied = tied_inputs(model, units)
     terms = TermAccumulator(keys, units, skip_first_position=skip_first_position)
     phase, add, make_hook = terms.phase, terms.add, terms.make_hook
