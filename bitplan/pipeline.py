@@ -50,7 +50,7 @@ from bitplan.sensitivity import SensitivityResult
 from bitplan.sensitivity.activations import StopFn
 from bitplan.sensitivity.cache import SensitivityCache
 from bitplan.sensitivity.importance import input_energy
-from bitplan.sensitivity_pass import measure, resolve_metric, salience_width_errors
+from bitplan.sensitivity_pass import cached_importance, measure, resolve_metric, salience_width_errors
 from bitplan.spec import JobSpec
 from bitplan.stages import ProgressFn, Stage
 from bitplan.units import find_block_stack, find_output_head, find_units, find_untied_embedding
@@ -250,8 +250,9 @@ def calibrate_and_measure(spec: JobSpec, loaded: LoadedModel, units: dict[str, n
     if spec.quantization.format_names is not None or salience_width_errors(
             spec, resolve_metric(spec.sensitivity.metric.value, loaded.kind)):
         linear = {name: m for name, m in {**units, **(head or {})}.items() if isinstance(m, nn.Linear)}
-        importance = input_energy(loaded.model, linear, list(torch.split(calib.tokens, 1)),
-                                  on_progress=on_progress, should_stop=should_stop)
+        importance = cached_importance(loaded, linear, calib, cache, lambda: input_energy(
+            loaded.model, linear, list(torch.split(calib.tokens, 1)), on_progress=on_progress,
+            should_stop=should_stop))
     sensitivity, cache_state = measure(spec, loaded, units, calib, on_progress, should_stop, cache, importance)
     if head:
         of_head, _ = measure(spec, loaded, head, calib, on_progress, should_stop, cache, importance)

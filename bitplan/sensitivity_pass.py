@@ -29,7 +29,7 @@ from bitplan.sensitivity.api import (
     TAKES_ERRORS,
     TOKEN_METRICS,
 )
-from bitplan.sensitivity.cache import SensitivityCache, cache_key
+from bitplan.sensitivity.cache import SensitivityCache, StatisticsCache, cache_key
 from bitplan.sensitivity.token_fisher import resolve_precision
 from bitplan.spec import JobSpec
 from bitplan.stages import ProgressFn, Stage
@@ -175,3 +175,21 @@ def run_sensitivity(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Line
                                    max_error_bytes=spec.sensitivity.max_error_bytes,
                                    precision=spec.sensitivity.precision.value,
                                    curvature_loss_fn=curvature_loss_fn, stream=streamed, **errors)
+
+
+def cached_importance(loaded: LoadedModel, units: dict[str, nn.Module], calibration: Any,
+                      cache: SensitivityCache | None, compute: Callable[[], Importance]) -> Importance:
+    """Every unit's input energy on the calibration windows (the encoders' importance): from the cache beside the
+    sensitivities when this model and calibration measured it before, else ``compute()`` (kept there for the next
+    job: a second budget on a cached model then runs no calibration forward at all)."""
+    key = cache_key(model_sha256=loaded.source_sha256, calibration_sha256=calibration.sha256,
+                    statistic="input_energy", units=list(units))
+    store = None if cache is None else StatisticsCache(cache.folder.parent)
+    cached = None if store is None else store.get(key)
+    if cached is not None and set(cached) == set(units):
+        logger.info("calibration statistics: reusing the cached input energy %s", key[:12])
+        return {name: cached[name] for name in units}
+    importance = compute()
+    if store is not None:
+        store.put(key, importance)
+    return importance

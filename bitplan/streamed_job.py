@@ -39,7 +39,7 @@ from bitplan.quality import QualityReport, QualityTally, heldout_windows
 from bitplan.quantize import encode_unit, runs_gptq
 from bitplan.quantizer.formats import FORMATS, decode_weight
 from bitplan.sensitivity.cache import SensitivityCache
-from bitplan.sensitivity_pass import measure
+from bitplan.sensitivity_pass import cached_importance, measure
 from bitplan.sources import LazyModel, open_lazy
 from bitplan.spec import JobSpec
 from bitplan.stages import ProgressFn, Stage
@@ -104,8 +104,11 @@ def run_streamed_gguf(spec: JobSpec, *, out_dirs: list[Path], on_progress: Progr
                                         seed=options.seed)  # 3
     stream = DecoderStream(lazy)
     batches = list(torch.split(calibration.tokens, 1))
-    with Boundaries(DEFAULT_BOUNDARY_BYTES) as boundaries:
-        importance = stream_input_energy(stream, units, batches, boundaries)
+    def energy() -> dict[str, torch.Tensor]:
+        with Boundaries(DEFAULT_BOUNDARY_BYTES) as boundaries:
+            return stream_input_energy(stream, units, batches, boundaries)
+
+    importance = cached_importance(loaded, units, calibration, cache, energy)
     lap("calibration statistics")
     sensitivity, cache_state = measure(spec, loaded, units, calibration, on_progress, None, cache, importance)  # 4
     lap("sensitivity")

@@ -60,3 +60,35 @@ class SensitivityCache:
             Path(temporary).unlink(missing_ok=True)
             raise
         return target
+
+
+class StatisticsCache:
+    """``get`` / ``put`` of named float tensors (calibration statistics such as every unit's input energy) under
+    ``root/statistics/KEY.safetensors``, written under a temporary name and renamed: a job whose sensitivity is
+    cached does not run its calibration forward again for them."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.folder = (root or default_cache_dir()) / "statistics"
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """The cached tensors, or ``None`` when absent or unreadable."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return dict(load_file(str(self.folder / f"{key}.safetensors")))
+        except (OSError, ValueError, SafetensorError):
+            return None
+
+    def put(self, key: str, tensors: dict[str, Any]) -> None:
+        from safetensors.torch import save_file
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=self.folder, prefix=f".{key}.", suffix=".tmp")
+        os.close(handle)
+        try:
+            save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, temporary)
+            os.replace(temporary, self.folder / f"{key}.safetensors")
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise

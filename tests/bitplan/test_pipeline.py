@@ -337,3 +337,30 @@ def test_rtn_salience_widths_reuse_the_measured_input_energy(tiny_llama_dir: Pat
     for name in units:
         assert fast[name].bits == reference[name].bits == choice[name]
         assert torch.equal(dequantize_weight(fast[name]), dequantize_weight(reference[name])), name
+
+
+def test_issue45_a_second_budget_on_a_cached_model_runs_no_calibration_forward(
+        tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second job on the same model and calibration takes its sensitivity and its input energy (the encoders'
+    importance) from the cache: the calibration statistics' forward pass does not run again, and the artifact is
+    the one a job without the cache makes."""
+    import bitplan.pipeline as pipeline
+
+    def spec(bpw: float) -> JobSpec:
+        return JobSpec.from_flat(model=str(tiny_llama_dir), bits_per_weight=bpw, num_samples=2, seq_len=32)
+
+    first = pipeline.run_pipeline(spec(4.0), out=tmp_path / "first")
+    assert first.calibration is not None and first.calibration["sensitivity_cache"] == "miss"
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the calibration forward ran again")
+
+    monkeypatch.setattr(pipeline, "input_energy", refuse)
+    second = pipeline.run_pipeline(spec(5.0), out=tmp_path / "second")
+    assert second.calibration is not None and second.calibration["sensitivity_cache"] == "hit"
+    monkeypatch.undo()
+    uncached = pipeline.run_pipeline(spec(5.0), out=tmp_path / "uncached", use_cache=False)
+    assert second.units == uncached.units and second.bytes == uncached.bytes
+    weights = {f["name"]: f["sha256"] for f in second.files or [] if f["name"].endswith(".safetensors")}
+    assert weights and weights == {f["name"]: f["sha256"] for f in uncached.files or []
+                                   if f["name"].endswith(".safetensors")}
