@@ -63,12 +63,14 @@ def test_issue41_llama_1b_shape_streams_in_under_3_gib(tmp_path: Path) -> None:
         result = scale.run_child(folder, windows=2, seq_len=128, bpw=5.0, out=tmp_path / "out", quality_windows=1,
                                  formats="Q4_K,Q6_K,Q8_0")
         decoded = scale.llama_cpp_decodes(Path(result["gguf"]), tokens=4)
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    finally:  # the bench takes its own folder off the path when it loads (_own_folder_off_path)
+        if str(ROOT / "bench") in sys.path:
+            sys.path.remove(str(ROOT / "bench"))
     assert result["parameters"] > 1.0e9
     assert result["status"] == "optimal"
     assert result["units"] == 16 * 7 and 4.5 < result["bits_per_weight"] <= 5.0
     assert set(result["types_chosen"]) <= {"Q4_K", "Q6_K", "Q8_0"}
     assert any("streamed job" in warning for warning in result["warnings"])
+    print(result)  # the figures, in the CI log
     assert result["peak_rss_bytes"] < 3 << 30, result
     assert decoded["tokens_in_context"] > 4  # the prompt's tokens and the decoded ones
