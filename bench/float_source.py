@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-import _own_folder_off_path  # noqa: F401  (before any first-party import)
+import _own_folder_off_path  # (before any first-party import)
 import gguf
 import numpy
 import torch
@@ -390,6 +390,7 @@ def main() -> None:
     rotated = args.out / f"{stem}-rotated-f16.gguf"
     written = rotate_llama_gguf(source, rotated, args.seed)
     report: dict[str, object] = {
+        "provenance": _own_folder_off_path.sibling("_provenance").provenance(),
         "benchmark": "float-source", "model": args.model, "source": str(source), "source_sha256": sha256_file(source),
         "seed": args.seed, "output": str(rotated), "output_sha256": sha256_file(rotated),
         "output_bytes": rotated.stat().st_size, "seconds": written.pop("seconds"), "written": written,

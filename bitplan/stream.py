@@ -13,7 +13,6 @@ file, for the backward walk (:mod:`bitplan.sensitivity.streamed`).
 from __future__ import annotations
 
 import contextlib
-import math
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -243,15 +242,6 @@ def stream_forward(stream: DecoderStream, windows: Sequence[torch.Tensor], bound
                 on_block(index, run)
             for w in range(len(windows)):
                 boundaries.put((index + 1, w), run(boundaries.get((index, w))))
-
-
-def boundary_bytes(stream_blocks: int, windows: int, seq_len: int, hidden: int) -> int:
-    """Bytes of every block boundary of every window in float32."""
-    return (stream_blocks + 1) * windows * seq_len * hidden * 4
-
-
-def ceil_div(a: int, b: int) -> int:
-    return int(math.ceil(a / b))
 
 
 DEFAULT_BOUNDARY_BYTES = 2 << 30  # hidden states kept in memory between blocks; the rest spill to files

@@ -39,6 +39,7 @@ from bitplan.quality import QualityReport, QualityTally, heldout_windows
 from bitplan.quantize import encode_unit, runs_gptq
 from bitplan.quantizer.formats import FORMATS, decode_weight
 from bitplan.sensitivity.cache import SensitivityCache
+from bitplan.sensitivity.kl import swapped_weights
 from bitplan.sensitivity_pass import cached_importance, measure
 from bitplan.sources import LazyModel, open_lazy
 from bitplan.spec import JobSpec
@@ -201,16 +202,10 @@ def stream_quality(stream: DecoderStream, units: dict[str, nn.Linear],
         with stream.block(index) as run, torch.no_grad():
             for w in range(count):
                 source[w] = run(source[w])
-            originals = {n: units[n].weight for n in names}
-            replaced = {n: decoded(n, units[n].weight.detach().float()).to(originals[n].dtype) for n in names}
-            for name in names:
-                units[name]._parameters["weight"] = nn.Parameter(replaced[name], requires_grad=False)
-            try:
+            replaced = {n: decoded(n, units[n].weight.detach().float()) for n in names}
+            with swapped_weights(units, replaced):
                 for w in range(count):
                     quantized[w] = run(quantized[w])
-            finally:
-                for name in names:
-                    units[name]._parameters["weight"] = originals[name]
     tally = QualityTally()
     with stream.head() as head, torch.no_grad():
         for w, window in enumerate(torch.split(windows, 1)):

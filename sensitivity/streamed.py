@@ -17,7 +17,7 @@ Each unit's output gradient is the whole model's, so the terms equal the whole-m
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -199,8 +199,3 @@ def _block_backward(run: Callable[[Hidden], Hidden], stored: torch.Tensor, windo
                                               retain_graph=position < len(window) - 1)
             below.append((phase, at_input.float()))
     return below if keep else None
-
-
-def windows_of(tokens: torch.Tensor) -> Iterator[torch.Tensor]:
-    """The calibration windows ``(1, seq_len)`` of ``tokens (windows, seq_len)``."""
-    yield from torch.split(tokens, 1)

@@ -231,11 +231,15 @@ FILE_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10,
 
 def file_type(units: dict[str, QuantizedWeight | GgmlWeight]) -> int:
     """``general.file_type``: the llama.cpp file type of the GGML type holding most block weights."""
+    return file_type_of([(unit.qtype, tuple(unit.shape)) if isinstance(unit, GgmlWeight)
+                         else (unit_type(unit).name, tuple(unit.codes.shape)) for unit in units.values()])
+
+
+def file_type_of(tensors: list[tuple[str, tuple[int, ...]]]) -> int:
+    """The llama.cpp file type of the GGML type holding most weights among ``(type name, shape)`` block tensors."""
     weight: dict[str, int] = {}
-    for unit in units.values():
-        name = unit.qtype if isinstance(unit, GgmlWeight) else unit_type(unit).name
-        weight[name] = weight.get(name, 0) + int(np.prod(unit.shape if isinstance(unit, GgmlWeight)
-                                                         else unit.codes.shape))
+    for name, shape in tensors:
+        weight[name] = weight.get(name, 0) + int(np.prod(shape))
     return FILE_TYPES[max(sorted(weight), key=weight.__getitem__)]
 
 

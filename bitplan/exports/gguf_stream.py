@@ -22,6 +22,7 @@ from bitplan.errors import BitplanError
 from bitplan.exports.gguf_file import (
     FILE_TYPES,
     NORM_PLUS_ONE,
+    file_type_of,
     float_type,
     permute_rows_for_llama,
     tensor_bytes,
@@ -81,11 +82,7 @@ def _header(writer: Any, source: GgufSource, chosen: dict[str, str],
     for key, value, value_type, sub_type in source.metadata:
         writer.add_key_value(key, value, value_type, sub_type=sub_type)
     writer.add_string("general.quantized_by", "bitplan (streamed)")
-    counts: dict[str, int] = {}
-    for name, _, shape, qtype in plan:
-        if qtype.name in FILE_TYPES:
-            counts[qtype.name] = counts.get(qtype.name, 0) + int(np.prod(shape))
-    writer.add_file_type(FILE_TYPES[max(sorted(counts), key=counts.__getitem__)] if counts else 1)
+    writer.add_file_type(file_type_of([(qtype.name, shape) for _, _, shape, qtype in plan if qtype.name in FILE_TYPES]))
     for name, _, shape, qtype in plan:
         if qtype in (T.F32, T.F16):
             dtype = np.dtype(np.float32 if qtype == T.F32 else np.float16)
@@ -128,8 +125,6 @@ def _tensors(writer: Any, lazy: LazyModel, source: GgufSource, plan: list[tuple[
                 tensor = lazy.store.get(hf_name).float()
                 if source.arch in NORM_PLUS_ONE and name.endswith("norm.weight"):
                     tensor = tensor + 1  # transformers' Gemma RMSNorm scales by (1 + w); llama.cpp's by w
-                if source.arch == "llama" and name.split(".")[-2] in source.heads and tensor.dim() == 2:
-                    tensor = permute_rows_for_llama(tensor, source.heads[name.split(".")[-2]])
                 data = gguf.quants.quantize(tensor.numpy(), qtype)
             if data.nbytes != tensor_bytes(shape, qtype):
                 raise BitplanError(f"{name}: {data.nbytes} bytes against the {tensor_bytes(shape, qtype)} planned")

@@ -11,6 +11,7 @@ materializing then changes nothing.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,11 +89,11 @@ class LazyModel:
 
     def parameters(self) -> int:
         """Elements of the model's tensors (a tied tensor once)."""
-        return sum(_numel(self.store.shape(n)) for n in set(self.names.values()))
+        return sum(math.prod(self.store.shape(n)) for n in set(self.names.values()))
 
     def stored_bytes(self) -> int:
         """Bytes of the model's tensors as stored (what a whole load in the stored dtype would take)."""
-        return sum(_numel(self.store.shape(n)) * self.store.dtype(n).itemsize for n in set(self.names.values()))
+        return sum(math.prod(self.store.shape(n)) * self.store.dtype(n).itemsize for n in set(self.names.values()))
 
 
 def open_lazy(reference: str) -> LazyModel:
@@ -172,9 +173,3 @@ def _tied_names(model: nn.Module) -> dict[str, str]:
     by_module = {id(m): n for n, m in model.named_modules()}
     return {f"{by_module[id(head)]}.weight": f"{by_module[id(embedding)]}.weight"}
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count

@@ -96,10 +96,6 @@ class SafetensorsStore:
             return torch.empty(self.shape(name), dtype=self.dtype(name))
         return torch.frombuffer(data, dtype=self.dtype(name)).reshape(self.shape(name))
 
-    def nbytes(self) -> int:
-        """Bytes of every tensor as stored."""
-        return sum(_numel(self.shape(n)) * self.dtype(n).itemsize for n in self._where)
-
     def _entry(self, name: str) -> dict[str, object]:
         entry = self._header.get(name)
         if entry is None:
@@ -127,13 +123,6 @@ class LoadedTensors:
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
 
 
 def _data_start(path: Path) -> int:

@@ -52,6 +52,10 @@ def test_streamed_gguf_job_writes_what_its_quality_measured(arch: str, smollm2_t
         if arch == "llama" and gguf_name in heads:
             values = unpermute_rows_for_llama(values, heads[gguf_name])
         replacements[name] = values
+    unit_bytes = sum(int(tensors[name].n_bytes) for name in tensors if name.startswith("blk.")
+                     and not name.endswith("norm.weight") and not name.endswith(".bias"))
+    assert unit_bytes == result.bytes <= result.budget["bytes"]  # the file's block weights, within the budget
+    assert result.bytes == result.predicted_bytes
     windows, text = heldout_windows(loaded.tokenizer, windows=2, seq_len=32)
     whole = measure_quality(loaded.model, units, replacements, windows, text=text)
     assert result.quality is not None
