@@ -54,6 +54,7 @@ from bitplan.manifest import (
     write_manifest,
 )
 from bitplan.models import ModelKind
+from bitplan.moe import unfuse_experts
 from bitplan.quantizer.formats import FORMATS, GgmlWeight, scale_bits_of
 from bitplan.quantizer.mixed import pack_segments
 from bitplan.quantizer.rtn import QuantizedWeight
@@ -238,6 +239,7 @@ def load_artifact(path: Path | str, *, verify: bool = True) -> tuple[nn.Module, 
     auto = (transformers.AutoModelForCausalLM if manifest.model_kind == ModelKind.CAUSAL_LM.value
             else transformers.AutoModel)
     model = auto.from_config(config, dtype=torch.float32)
+    unfuse_experts(model)  # the units are per-expert linear layers (bitplan.moe)
     state = load_file(str(path / FLOAT_FILE))
     state.update(load_file(str(path / QUANTIZED_FILE)))
     for unit in manifest.units:

@@ -22,6 +22,7 @@ from torch import nn
 
 from bitplan.errors import ModelReferenceError
 from bitplan.hashing import sha256_file
+from bitplan.moe import unfuse_experts
 
 logger = logging.getLogger(__name__)
 
@@ -396,6 +397,7 @@ def load_model(reference: str) -> LoadedModel:
     except Exception as error:  # noqa: BLE001 - a malformed file can make a loader raise anything
         raise ModelReferenceError(f"cannot load {reference!r}: {type(error).__name__}: {error}") from None
     nn.Module.float(model).eval()
+    unfuse_experts(model)  # a MoE layer's experts as nn.Linear units (bitplan.moe)
     digest_target = path if path.is_file() else sorted(path.glob("*.safetensors"))[0]
     return LoadedModel(model=model, tokenizer=tokenizer, kind=kind, reference=reference,
                        source_format=source_format, source_path=path, source_sha256=sha256_file(digest_target))

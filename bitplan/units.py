@@ -5,13 +5,15 @@ from __future__ import annotations
 from torch import nn
 
 from bitplan.errors import ModelReferenceError
+from bitplan.moe import LinearExperts
 
 
 def find_block_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The ``nn.ModuleList`` of transformer blocks: the longest list whose items contain a Linear layer."""
+    """The ``nn.ModuleList`` of transformer blocks: the longest list whose items contain a Linear layer (a MoE
+    layer's list of experts, inside a block, is never it)."""
     best: tuple[str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
+        if isinstance(module, nn.ModuleList) and not isinstance(module, LinearExperts) and len(module) > 0:
             if any(isinstance(m, nn.Linear) for m in module.modules()):
                 if best is None or len(module) > len(best[1]):
                     best = (name, module)

@@ -32,10 +32,11 @@ import torch
 
 from bitplan.errors import BitplanError
 from bitplan.exports.common import ExportReport, file_hashes, read_artifact_units, register_export
-from bitplan.exports.gguf_source import GgufSource, SourceTensor, open_source, safetensors_shapes
+from bitplan.exports.gguf_source import GgufSource, SourceTensor, expert_slice, open_source, safetensors_shapes
 from bitplan.hashing import sha256_file
 from bitplan.manifest import Manifest
 from bitplan.models import resolve_reference
+from bitplan.moe import expert_unit
 from bitplan.quantizer.formats import GgmlWeight
 from bitplan.quantizer.rtn import QuantizedWeight, dequantize_weight
 
@@ -188,7 +189,8 @@ class _Layout:
     """The source and where each of our tensors goes in the file."""
 
     source: GgufSource
-    by_unit: dict[str, tuple[str, QuantizedWeight | GgmlWeight]]  # GGUF tensor name -> (unit name, its weight)
+    # GGUF tensor name -> its units and their weights: one, or an expert stack's in expert order
+    by_unit: dict[str, list[tuple[str, QuantizedWeight | GgmlWeight]]]
     by_float: dict[str | None, torch.Tensor]  # GGUF tensor name -> float tensor
 
     @property
@@ -214,8 +216,10 @@ def _layout(manifest: Manifest, units: dict[str, QuantizedWeight | GgmlWeight],
     # chosen as a unit is the file's token_embd, as from a GGUF source), in the artifact's shapes
     source = open_source(path, {n: shapes.get(n, s) for n, s in safetensors_shapes(path).items()} if path.is_dir()
                          else shapes)
-    layout = _Layout(source=source, by_unit={source.unit_tensor(n): (n, q) for n, q in units.items()},
-                     by_float={source.gguf_name(n): t for n, t in floats.items()})
+    by_unit: dict[str, list[tuple[str, QuantizedWeight | GgmlWeight]]] = {}
+    for name in sorted(units, key=_expert_order):
+        by_unit.setdefault(source.unit_tensor(name), []).append((name, units[name]))
+    layout = _Layout(source=source, by_unit=by_unit, by_float=_float_tensors(source, floats))
     missing = set(layout.by_unit) - {t.name for t in source.tensors}
     if missing:
         raise BitplanError(f"the source has no tensor for units {sorted(missing)[:3]}")
@@ -251,10 +255,41 @@ def _copy_metadata(writer: Any, source: GgufSource, manifest: Manifest) -> None:
                       f"bitplan (artifact manifest {'rtn' if manifest.run is None else manifest.run.quantizer})")
 
 
-def _unit_tensor(layout: _Layout, name: str) -> tuple[Any, Any, tuple[int, ...], dict[str, Any]]:
+def _expert_order(unit: str) -> tuple[str, int]:
+    """Units sorted so that an expert stack's come in expert order."""
+    expert = expert_unit(unit)
+    return (unit, -1) if expert is None else (f"{expert.stack}.{expert.projection}", expert.expert)
+
+
+def _float_tensors(source: GgufSource, floats: dict[str, torch.Tensor]) -> dict[str | None, torch.Tensor]:
+    """GGUF tensor name -> the float tensor written there (an expert stack's float tensors stacked)."""
+    grouped: dict[str | None, list[tuple[int, str]]] = {}
+    for hf_name in floats:
+        merged = expert_slice(hf_name)
+        grouped.setdefault(source.gguf_name(hf_name), []).append((-1 if merged is None else merged[1], hf_name))
+    return {name: floats[members[-1][1]] if name is None or members[0][0] < 0
+            else torch.stack([floats[member] for _, member in sorted(members)])
+            for name, members in grouped.items()}
+
+
+def _stack_tensor(layout: _Layout, name: str) -> tuple[Any, Any, tuple[int, ...], list[dict[str, Any]]]:
+    """A tensor's GGML type, encoded blocks, shape and report rows: one unit's, or an expert stack's (its experts'
+    blocks one after another, shape ``(experts, rows, columns)``, all in one type)."""
+    parts = [_unit_tensor(layout, unit_name, unit) for unit_name, unit in layout.by_unit[name]]
+    qtype, data, shape, _ = parts[0]
+    if len(parts) == 1:
+        return qtype, data, shape, [parts[0][3]]
+    if len({part[0] for part in parts}) > 1:
+        raise BitplanError(f"the experts of {name} have different types; llama.cpp stores them as one tensor of one "
+                           "type")
+    return qtype, np.stack([part[1] for part in parts]), (len(parts), *shape), [part[3] for part in parts]
+
+
+def _unit_tensor(layout: _Layout, unit_name: str, unit: QuantizedWeight | GgmlWeight
+                 ) -> tuple[Any, Any, tuple[int, ...], dict[str, Any]]:
     """A unit's GGML type, encoded blocks, shape and report row. A unit already in a GGML type keeps its blocks
     byte for byte (rows permuted for llama's q/k, which moves whole rows of blocks)."""
-    unit_name, unit = layout.by_unit[name]
+    name = layout.source.unit_tensor(unit_name)
     kind = name.split(".")[-2]
     if isinstance(unit, GgmlWeight):
         payload = unit.payload
@@ -299,8 +334,8 @@ def _add_tensors(writer: Any, layout: _Layout) -> tuple[int, list[dict[str, Any]
     for source_tensor in layout.source.tensors:
         name = source_tensor.name
         if name in layout.by_unit:
-            qtype, data, shape, row = _unit_tensor(layout, name)
-            unit_rows.append(row)
+            qtype, data, shape, rows = _stack_tensor(layout, name)
+            unit_rows.extend(rows)
         elif name in layout.by_float:
             if unchanged_from_source(source_tensor, layout.by_float[name], layout.arch):
                 assert source_tensor.data is not None
@@ -311,7 +346,7 @@ def _add_tensors(writer: Any, layout: _Layout) -> tuple[int, list[dict[str, Any]
             if layout.arch in NORM_PLUS_ONE and "norm.weight" in name:
                 tensor = tensor + 1  # transformers' Gemma RMSNorm scales by (1 + w); llama.cpp's by w
             qtype = source_tensor.tensor_type if source_tensor.tensor_type in REQUANTIZABLE else T.F16
-            if tensor.dim() == 1 or name.endswith("_norm.weight"):
+            if float_type(name, tuple(tensor.shape)) == T.F32:
                 qtype = T.F32
             shape = tuple(tensor.shape)
             data = gguf.quants.quantize(tensor.numpy(), qtype)
@@ -335,7 +370,7 @@ def export_gguf(artifact: Path, out: Path, inexact: str = "refuse") -> ExportRep
     manifest, units, floats = read_artifact_units(artifact)
     layout = _layout(manifest, units, floats)  # the source GGUF first: without it nothing else matters
     units, inexact_rows = resolve_inexact(manifest, units, inexact)
-    layout.by_unit = {gguf: (name, units[name]) for gguf, (name, _) in layout.by_unit.items()}
+    layout.by_unit = {gguf: [(name, units[name]) for name, _ in members] for gguf, members in layout.by_unit.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
     writer = gguf.GGUFWriter(staging, layout.arch)
@@ -395,7 +430,7 @@ def file_overhead(source: Path, unit_names: list[str]) -> int:
 def float_type(name: str, shape: tuple[int, ...]) -> T:
     """The GGML type a Hugging Face source's tensor that is no unit is written in (F32 norms and vectors, else F16),
     as :func:`_add_tensors` writes it."""
-    return T.F32 if len(shape) == 1 or name.endswith("_norm.weight") else T.F16
+    return T.F32 if len(shape) == 1 or name.endswith(("_norm.weight", "ffn_gate_inp.weight")) else T.F16
 
 
 def hf_file_overhead(folder: Path, unit_names: list[str]) -> int:
@@ -404,7 +439,7 @@ def hf_file_overhead(folder: Path, unit_names: list[str]) -> int:
     with its alignment padding, an alignment's padding per unit tensor, and :data:`FILE_BUDGET_MARGIN`."""
     shapes = safetensors_shapes(folder)
     source = open_source(folder, shapes)
-    by_gguf = {source.gguf_name(name): shape for name, shape in shapes.items()}
+    by_gguf = source.tensor_shapes(shapes)
     wanted = {source.unit_tensor(n) for n in unit_names}
     alignment = gguf.GGUF_DEFAULT_ALIGNMENT
     with tempfile.TemporaryDirectory() as scratch:

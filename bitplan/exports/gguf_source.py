@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+from collections.abc import Iterable
 from hashlib import sha256
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ V = gguf.GGUFValueType
 
 # transformers' class -> the gguf package's architecture; llama's q/k rows are permuted for its rotary layout
 HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
-                    "Gemma3ForCausalLM": "gemma3"}
+                    "Gemma3ForCausalLM": "gemma3", "Qwen3MoeForCausalLM": "qwen3moe"}
 
 # The probe llama.cpp's converter tokenizes to tell byte-level BPE pre-tokenizers apart, and the sha256 of the
 # token ids it gives -> llama.cpp's pre-tokenizer name (llama.cpp's ``convert_hf_to_gguf.py``,
@@ -79,7 +81,38 @@ class GgufSource:
         return gguf.TensorNameMap(arch_id, self.block_count)
 
     def gguf_name(self, hf_name: str) -> str | None:
-        return self.name_map().get_name(hf_name, try_suffixes=(".weight", ".bias"))  # type: ignore[no-any-return]
+        """The file's tensor holding ``hf_name``: a routed expert's projection is one slice of its layer's 3-D
+        ``ffn_{gate,up,down}_exps`` tensor (:func:`expert_slice`)."""
+        merged = expert_slice(hf_name)
+        name = hf_name if merged is None else merged[0]
+        return self.name_map().get_name(name, try_suffixes=(".weight", ".bias"))  # type: ignore[no-any-return]
+
+    def tensor_shapes(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        """GGUF tensor name -> its shape (rows first), from the checkpoint's ``shapes``: an expert stack is
+        ``(experts, rows, columns)``."""
+        stacked: dict[str, tuple[int, ...]] = {}
+        for gguf_name, hf_names in self.sources_of(shapes).items():
+            first = shapes[hf_names[0]]
+            stacked[gguf_name] = first if expert_slice(hf_names[0]) is None else (len(hf_names), *first)
+        return stacked
+
+    def sources_of(self, hf_names: Iterable[str]) -> dict[str, list[str]]:
+        """GGUF tensor name -> the checkpoint tensors it holds: one, or an expert stack's in expert order (every
+        expert present, or the stack is refused)."""
+        grouped: dict[str, list[tuple[int, str]]] = {}
+        for hf_name in hf_names:
+            name = self.gguf_name(hf_name)
+            if name is None:
+                raise BitplanError(f"the tensor {hf_name!r} has no GGUF name for the {self.arch} architecture")
+            merged = expert_slice(hf_name)
+            grouped.setdefault(name, []).append((-1 if merged is None else merged[1], hf_name))
+        result = {}
+        for name, members in grouped.items():
+            members.sort()
+            if len(members) > 1 and [index for index, _ in members] != list(range(len(members))):
+                raise BitplanError(f"the experts of {name} are not numbered 0..{len(members) - 1}")
+            result[name] = [hf_name for _, hf_name in members]
+        return result
 
     def unit_tensor(self, unit: str) -> str | None:
         """The file's tensor of a unit's weight: a tied output head is the file's ``token_embd`` (a file of a tied
@@ -139,14 +172,21 @@ def _from_hf_folder(folder: Path, hf_tensors: dict[str, tuple[int, ...]] | None)
     shapes = hf_tensors if hf_tensors is not None else safetensors_shapes(folder)
     source = GgufSource(arch=arch, block_count=blocks, metadata=metadata, tensors=[],
                         heads={"attn_q": heads, "attn_k": kv_heads})
-    names = []
-    for hf_name in shapes:
-        name = source.gguf_name(hf_name)
-        if name is None:
-            raise BitplanError(f"the tensor {hf_name!r} has no GGUF name for the {arch} architecture")
-        names.append(name)
-    source.tensors = [SourceTensor(name, None) for name in sorted(names, key=_file_order)]
+    source.tensors = [SourceTensor(name, None) for name in sorted(source.sources_of(shapes), key=_file_order)]
     return source
+
+
+_EXPERT_TENSOR = re.compile(r"^(?P<stack>.*\.experts)\.(?P<expert>\d+)\.(?P<rest>.+)$")
+
+
+def expert_slice(hf_name: str) -> tuple[str, int] | None:
+    """``(the expert stack's merged name, expert index)`` of a routed expert's checkpoint tensor
+    (``….experts.3.gate_proj.weight`` -> ``….experts.gate_proj.weight``, 3), as llama.cpp's converter merges
+    them into one 3-D tensor; ``None`` for any other tensor."""
+    match = _EXPERT_TENSOR.match(hf_name)
+    if match is None:
+        return None
+    return f"{match['stack']}.{match['rest']}", int(match["expert"])
 
 
 Metadata = list[tuple[str, Any, Any, Any]]
@@ -182,7 +222,29 @@ def _llama_metadata(arch: str, config: dict[str, Any]) -> Metadata:
     if rope_type == "linear":
         metadata += [(f"{arch}.rope.scaling.type", "linear", V.STRING, None),
                      (f"{arch}.rope.scaling.factor", float(rope["factor"]), f32, None)]
-    return metadata
+    return metadata + (_expert_metadata(arch, config) if arch in MOE_ARCHITECTURES else [])
+
+
+MOE_ARCHITECTURES = ("qwen3moe",)
+
+
+def _expert_metadata(arch: str, config: dict[str, Any]) -> Metadata:
+    """A mixture-of-experts model's expert keys, as llama.cpp's converter writes them for Qwen3-MoE. What
+    llama.cpp fixes for the architecture (every layer sparse, the top-k weights renormalized) is checked, and a
+    model that differs is refused rather than written to run differently."""
+    problems = []
+    if int(config.get("decoder_sparse_step", 1)) != 1 or config.get("mlp_only_layers"):
+        problems.append("dense layers between the sparse ones (decoder_sparse_step, mlp_only_layers)")
+    if not config.get("norm_topk_prob", True):
+        problems.append("top-k routing weights that are not renormalized (norm_topk_prob false)")
+    if problems:
+        raise BitplanError(f"this {arch} model would run differently in llama.cpp than in transformers: "
+                           + "; ".join(problems))
+    u32 = V.UINT32
+    experts = config.get("num_experts") or config["num_local_experts"]  # transformers 5 saves the latter
+    return [(f"{arch}.expert_count", int(experts), u32, None),
+            (f"{arch}.expert_used_count", int(config["num_experts_per_tok"]), u32, None),
+            (f"{arch}.expert_feed_forward_length", int(config["moe_intermediate_size"]), u32, None)]
 
 
 GEMMA3_SWA_PATTERN = 6  # llama.cpp runs every sixth Gemma3 layer with full attention, the others in the window

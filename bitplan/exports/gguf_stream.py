@@ -51,23 +51,21 @@ def write_gguf_streamed(lazy: LazyModel, folder: Path, out: Path, *, chosen: dic
     tensor read from the store and written as :func:`float_type` says. The file appears whole or not at all."""
     shapes = {name: lazy.store.shape(name) for name in lazy.store.names()}
     source = open_source(folder, shapes)
-    hf_of = {source.gguf_name(name): name for name in shapes}
-    unit_of = {source.unit_tensor(unit): unit for unit in chosen}
-    missing = [unit for gguf_name, unit in unit_of.items() if gguf_name is None or gguf_name not in hf_of]
-    if missing:
-        raise BitplanError(f"the source has no GGUF tensor for units {missing[:3]}")
+    members = source.sources_of(shapes)
+    stacked = source.tensor_shapes(shapes)
+    units_of = _units_by_tensor(source, chosen, members)
     plan = []
     for tensor in source.tensors:
-        hf_name = hf_of[tensor.name]
-        shape = shapes[hf_name]
-        qtype = T[chosen[unit_of[tensor.name]]] if tensor.name in unit_of else float_type(tensor.name, shape)
-        plan.append((tensor.name, hf_name, shape, qtype))
+        units = units_of.get(tensor.name, [])
+        shape = stacked[tensor.name]
+        qtype = T[chosen[units[0]]] if units else float_type(tensor.name, shape)
+        plan.append(PlannedTensor(tensor.name, members[tensor.name], shape, qtype, units))
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
     writer = gguf.GGUFWriter(staging, source.arch)
     try:
         _header(writer, source, chosen, plan)
-        rows = _tensors(writer, lazy, source, plan, unit_of, encode, stack_name, on_tensor)
+        rows = _tensors(writer, lazy, source, plan, encode, stack_name, on_tensor)
         writer.close()
         os.replace(staging, out)
     finally:
@@ -77,64 +75,115 @@ def write_gguf_streamed(lazy: LazyModel, folder: Path, out: Path, *, chosen: dic
                         units=rows)
 
 
-def _header(writer: Any, source: GgufSource, chosen: dict[str, str],
-            plan: list[tuple[str, str, tuple[int, ...], T]]) -> None:
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One tensor of the file: its name, the checkpoint tensors it holds (an expert stack's, in expert order),
+    its shape (rows first), its GGML type and the units encoded into it (none for a float tensor)."""
+
+    name: str
+    hf_names: list[str]
+    shape: tuple[int, ...]
+    qtype: T
+    units: list[str]
+
+
+def _units_by_tensor(source: GgufSource, chosen: dict[str, str],
+                     members: dict[str, list[str]]) -> dict[str, list[str]]:
+    """GGUF tensor name -> the units it holds, in the order of its checkpoint tensors; a stack's units must be
+    all of its experts, in one type."""
+    units_of: dict[str, list[str]] = {}
+    for unit in chosen:
+        name = source.unit_tensor(unit)
+        if name is None or name not in members:
+            raise BitplanError(f"the source has no GGUF tensor for unit {unit!r}")
+        units_of.setdefault(name, []).append(unit)
+    for name, units in units_of.items():
+        order = {hf_name.removesuffix(".weight"): index for index, hf_name in enumerate(members[name])}
+        if sorted(units, key=lambda u: order.get(u, -1)) != [h.removesuffix(".weight") for h in members[name]]:
+            raise BitplanError(f"{name} holds {len(members[name])} checkpoint tensors, but the units "
+                               f"{units[:3]} do not match them one for one (a stack takes all its experts)")
+        units.sort(key=order.__getitem__)
+        if len({chosen[unit] for unit in units}) > 1:
+            raise BitplanError(f"the experts of {name} were given different types; llama.cpp stores them as one "
+                               "tensor of one type (tie them)")
+    return units_of
+
+
+def _header(writer: Any, source: GgufSource, chosen: dict[str, str], plan: list[PlannedTensor]) -> None:
     for key, value, value_type, sub_type in source.metadata:
         writer.add_key_value(key, value, value_type, sub_type=sub_type)
     writer.add_string("general.quantized_by", "bitplan (streamed)")
-    writer.add_file_type(file_type_of([(qtype.name, shape) for _, _, shape, qtype in plan if qtype.name in FILE_TYPES]))
-    for name, _, shape, qtype in plan:
+    writer.add_file_type(file_type_of([(t.qtype.name, t.shape) for t in plan if t.qtype.name in FILE_TYPES]))
+    for tensor in plan:
+        shape, qtype = tensor.shape, tensor.qtype
         if qtype in (T.F32, T.F16):
             dtype = np.dtype(np.float32 if qtype == T.F32 else np.float16)
-            writer.add_tensor_info(name, shape, dtype, tensor_bytes(shape, qtype))
+            writer.add_tensor_info(tensor.name, shape, dtype, tensor_bytes(shape, qtype))
         else:
-            writer.add_tensor_info(name, gguf.quants.quant_shape_to_byte_shape(shape, qtype), np.dtype(np.uint8),
-                                   tensor_bytes(shape, qtype), raw_dtype=qtype)
+            writer.add_tensor_info(tensor.name, gguf.quants.quant_shape_to_byte_shape(shape, qtype),
+                                   np.dtype(np.uint8), tensor_bytes(shape, qtype), raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
 
 
-def _tensors(writer: Any, lazy: LazyModel, source: GgufSource, plan: list[tuple[str, str, tuple[int, ...], T]],
-             unit_of: dict[str, str], encode: EncodeFn, stack_name: str,
-             on_tensor: Callable[[int, int], None] | None) -> list[dict[str, Any]]:
+def _tensors(writer: Any, lazy: LazyModel, source: GgufSource, plan: list[PlannedTensor], encode: EncodeFn,
+             stack_name: str, on_tensor: Callable[[int, int], None] | None) -> list[dict[str, Any]]:
     """Each tensor's data in the file's order; a unit's block is materialized while its tensors are written."""
     modules = dict(lazy.model.named_modules())
-    open_block: str | None = None
-    rows = []
+    open_block: list[str | None] = [None]
+    rows: list[dict[str, Any]] = []
     try:
-        for index, (name, hf_name, shape, qtype) in enumerate(plan):
-            if name in unit_of:
-                unit = unit_of[name]
-                block = _block_prefix(unit, stack_name)
-                if block != open_block:
-                    if open_block is not None:
-                        lazy.release(modules[open_block])
-                    lazy.materialize(block, modules[block])
-                    open_block = block
-                encoded = encode(unit, modules[unit].weight.detach().float())
-                if encoded.qtype != qtype.name:
-                    raise BitplanError(f"{unit} was encoded as {encoded.qtype}, planned as {qtype.name}")
-                payload = encoded.payload
-                kind = name.split(".")[-2]
-                if source.arch == "llama" and kind in source.heads:
-                    payload = permute_rows_for_llama(torch.from_numpy(payload), source.heads[kind]).numpy()
-                data = np.ascontiguousarray(payload)
-                rows.append({"name": unit, "gguf_name": name, "type": qtype.name, "bytes": int(data.nbytes)})
+        for index, tensor in enumerate(plan):
+            if tensor.units:
+                data = _encoded(tensor, lazy, modules, source, encode, stack_name, open_block, rows)
             else:
-                tensor = lazy.store.get(hf_name).float()
-                if source.arch in NORM_PLUS_ONE and name.endswith("norm.weight"):
-                    tensor = tensor + 1  # transformers' Gemma RMSNorm scales by (1 + w); llama.cpp's by w
-                data = gguf.quants.quantize(tensor.numpy(), qtype)
-            if data.nbytes != tensor_bytes(shape, qtype):
-                raise BitplanError(f"{name}: {data.nbytes} bytes against the {tensor_bytes(shape, qtype)} planned")
+                data = _float_data(tensor, lazy, source)
+            if data.nbytes != tensor_bytes(tensor.shape, tensor.qtype):
+                raise BitplanError(f"{tensor.name}: {data.nbytes} bytes against the "
+                                   f"{tensor_bytes(tensor.shape, tensor.qtype)} planned")
             writer.write_tensor_data(data)
             if on_tensor is not None:
                 on_tensor(index + 1, len(plan))
     finally:
-        if open_block is not None:
-            lazy.release(modules[open_block])
+        if open_block[0] is not None:
+            lazy.release(modules[open_block[0]])
     return rows
+
+
+def _encoded(tensor: PlannedTensor, lazy: LazyModel, modules: dict[str, Any], source: GgufSource,
+             encode: EncodeFn, stack_name: str, open_block: list[str | None],
+             rows: list[dict[str, Any]]) -> np.ndarray:
+    """The blocks of ``tensor``'s units (an expert stack's one after another, as llama.cpp lays out a 3-D
+    tensor), their block materialized (``open_block`` holds the one that is)."""
+    block = _block_prefix(tensor.units[0], stack_name)
+    if block != open_block[0]:
+        if open_block[0] is not None:
+            lazy.release(modules[open_block[0]])
+        lazy.materialize(block, modules[block])
+        open_block[0] = block
+    payloads = []
+    kind = tensor.name.split(".")[-2]
+    for unit in tensor.units:
+        encoded = encode(unit, modules[unit].weight.detach().float())
+        if encoded.qtype != tensor.qtype.name:
+            raise BitplanError(f"{unit} was encoded as {encoded.qtype}, planned as {tensor.qtype.name}")
+        payload = encoded.payload
+        if source.arch == "llama" and kind in source.heads:
+            payload = permute_rows_for_llama(torch.from_numpy(payload), source.heads[kind]).numpy()
+        payloads.append(np.ascontiguousarray(payload))
+        rows.append({"name": unit, "gguf_name": tensor.name, "type": tensor.qtype.name,
+                     "bytes": int(payload.nbytes)})
+    return payloads[0] if len(payloads) == 1 else np.concatenate(payloads, axis=0)
+
+
+def _float_data(tensor: PlannedTensor, lazy: LazyModel, source: GgufSource) -> np.ndarray:
+    """A tensor that is no unit, read from the store (an expert stack's tensors stacked) and converted."""
+    parts = [lazy.store.get(hf_name).float() for hf_name in tensor.hf_names]
+    value = parts[0] if len(parts) == 1 else torch.stack(parts)
+    if source.arch in NORM_PLUS_ONE and tensor.name.endswith("norm.weight"):
+        value = value + 1  # transformers' Gemma RMSNorm scales by (1 + w); llama.cpp's by w
+    return gguf.quants.quantize(value.numpy(), tensor.qtype)  # type: ignore[no-any-return]
 
 
 def _block_prefix(unit: str, stack_name: str) -> str:
