@@ -18,7 +18,9 @@ A fused layout this module cannot read is refused, never left in float in silenc
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +29,8 @@ from torch import nn
 from bitplan.errors import ModelReferenceError
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-_EXPERT = re.compile(r"^(?P<stack>.*\.experts)\.(?P<expert>\d+)\.(?P<projection>gate_proj|up_proj|down_proj)$")
+_EXPERT = re.compile(r"^(?P<stack>.*\.experts)\.(?P<expert>\d+)\.(?P<projection>gate_proj|up_proj|down_proj|w1|w2|w3)$")
+_OLD_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}  # Mixtral-style Linear experts
 
 
 class ExpertMLP(nn.Module):
@@ -63,10 +66,15 @@ class LinearExperts(nn.ModuleList):
         joined = torch.cat([gate, up], dim=-1) if self.is_concatenated else torch.stack([gate, up], -1).flatten(-2)
         return self._gate(self, joined)
 
+    routed: torch.Tensor | None = None  # tokens routed to each expert while counted (:func:`routed_tokens`)
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         output = torch.zeros_like(hidden_states)
         with torch.no_grad():
+            if self.routed is not None:
+                self.routed += torch.bincount(top_k_index.flatten().cpu(), minlength=self.num_experts + 1)[
+                    : self.num_experts]
             mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
             hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
         for index in hit[:, 0].tolist():
@@ -170,18 +178,8 @@ def expert_unit(name: str) -> ExpertUnit | None:
     match = _EXPERT.match(name)
     if match is None:
         return None
-    return ExpertUnit(match["stack"], int(match["expert"]), match["projection"])
-
-
-def unit_kind(name: str) -> str:
-    """What a unit is, for the report's bytes by kind: ``experts``, ``shared_experts``, ``attention``, ``mlp``."""
-    if expert_unit(name) is not None:
-        return "experts"
-    if ".shared_expert" in name:
-        return "shared_experts"
-    if ".self_attn." in name or ".attention." in name or ".attn." in name:
-        return "attention"
-    return "mlp"
+    projection = match["projection"]
+    return ExpertUnit(match["stack"], int(match["expert"]), _OLD_NAMES.get(projection, projection))
 
 
 _MIXTRAL_PROJECTIONS = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
@@ -197,3 +195,104 @@ def checkpoint_aliases(name: str) -> list[str]:
     if unit is not None:
         aliased = f"{unit.stack}.{unit.expert}.{_MIXTRAL_PROJECTIONS[unit.projection]}.weight"
     return [aliased]
+
+
+def expert_stacks(model: nn.Module) -> dict[str, LinearExperts]:
+    """Qualified name -> each MoE layer's :class:`LinearExperts`, in model order."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, LinearExperts)}
+
+
+@contextlib.contextmanager
+def routed_tokens(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Count, while the block is open, the tokens the router sends each expert: stack name -> ``(experts,)``
+    int64 counts (a token picked by two experts counts once for each), filled by every forward run inside."""
+    stacks = expert_stacks(model)
+    counts = {name: torch.zeros(stack.num_experts, dtype=torch.int64) for name, stack in stacks.items()}
+    for name, stack in stacks.items():
+        stack.routed = counts[name]
+    try:
+        yield counts
+    finally:
+        for stack in stacks.values():
+            stack.routed = None
+
+
+@dataclass(frozen=True)
+class RoutingReport:
+    """What the calibration windows did in each MoE layer: the tokens each expert saw, and the experts no token
+    reached (whose statistics are empty: they get their stack's format or a safe width, never a guess)."""
+
+    tokens: dict[str, list[int]]  # stack name -> tokens per expert
+    unreached: list[str]  # "<stack>.<expert>"
+
+    @classmethod
+    def of(cls, counts: dict[str, torch.Tensor]) -> RoutingReport:
+        tokens = {name: [int(c) for c in value.tolist()] for name, value in counts.items()}
+        return cls(tokens=tokens, unreached=[f"{name}.{index}" for name, per in tokens.items()
+                                             for index, count in enumerate(per) if count == 0])
+
+    def unreached_units(self, units: Iterable[str]) -> list[str]:
+        """The units (expert projections) of the experts no calibration token reached."""
+        dead = set(self.unreached)
+        return [name for name in units if (e := expert_unit(name)) is not None and f"{e.stack}.{e.expert}" in dead]
+
+    def unit_tokens(self, units: Iterable[str]) -> dict[str, int]:
+        """Expert unit -> the tokens routed to its expert (what an importance matrix counts for it)."""
+        return {name: self.tokens[e.stack][e.expert] for name in units
+                if (e := expert_unit(name)) is not None and e.stack in self.tokens}
+
+    def to_json(self) -> dict[str, object]:
+        counts = [c for per in self.tokens.values() for c in per]
+        return {"layers": len(self.tokens), "experts": len(counts), "tokens_per_expert": self.tokens,
+                "min_tokens": min(counts, default=0), "max_tokens": max(counts, default=0),
+                "unreached": self.unreached}
+
+
+def unit_kind(name: str) -> str:
+    """What a unit or float tensor is, for the report's bytes by kind: ``experts``, ``shared_experts``, ``router``,
+    ``attention``, ``mlp``, ``embedding``, ``head``, ``norm`` or ``other``."""
+    base = name.removesuffix(".weight").removesuffix(".bias")
+    if expert_unit(base) is not None or ".experts." in name:
+        return "experts"
+    if ".shared_expert" in name:
+        return "shared_experts"
+    if re.search(r"\.(gate|router)(\.|$)", base) and "gate_proj" not in base:
+        return "router"
+    if "embed" in base:
+        return "embedding"
+    if base.endswith(("lm_head", "output")):
+        return "head"
+    if "norm" in base:
+        return "norm"
+    if ".self_attn." in name or ".attention." in name or ".attn." in name:
+        return "attention"
+    if ".mlp." in name or ".feed_forward." in name:
+        return "mlp"
+    return "other"
+
+
+def measure_routing(model: nn.Module, forward: Callable[[], object]) -> RoutingReport | None:
+    """The tokens each expert of ``model`` is routed by ``forward`` (one pass over the calibration windows, whole
+    or streamed), or ``None`` for a model without experts."""
+    if not expert_stacks(model):
+        return None
+    with routed_tokens(model) as counts, torch.no_grad():
+        forward()
+    return RoutingReport.of(counts)
+
+
+SAFE_EXPERT_BITS = 4  # what an expert no calibration token reached is pinned to where experts stand apart
+
+
+def unreached_pins(routing: RoutingReport | None, units: Iterable[str], widths: Iterable[int],
+                   *, stacked: bool) -> tuple[tuple[str, int], ...]:
+    """Pins for the units of experts no calibration token reached: their statistics are zero, so the allocator
+    would give them its narrowest option on no evidence. Where a runtime stacks a layer's experts (``stacked``,
+    GGUF) they take their stack's format and need none; elsewhere they are pinned to :data:`SAFE_EXPERT_BITS`
+    (or the candidate width nearest above it)."""
+    if routing is None or stacked:
+        return ()
+    candidates = sorted(set(widths))
+    above = [w for w in candidates if w >= SAFE_EXPERT_BITS]
+    width = above[0] if above else candidates[-1]
+    return tuple((name, width) for name in routing.unreached_units(units))

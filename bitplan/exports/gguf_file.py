@@ -472,12 +472,13 @@ class _ImatrixWriter(gguf.GGUFWriter):  # type: ignore[misc]
 
 
 def write_imatrix(out: Path, source: Path, importance: dict[str, torch.Tensor], *, tokens: int, chunk_size: int,
-                  dataset: str) -> None:
+                  dataset: str, unit_tokens: dict[str, int] | None = None) -> None:
     """The importance vectors the job's encoders used, as the GGUF importance matrix ``llama-imatrix`` writes and
     ``llama-quantize --imatrix`` reads: per weight tensor (by its name in ``source``, the GGUF the file goes
     with) ``NAME.in_sum2``, the sum over calibration tokens of each input column's square, and ``NAME.counts``,
     the number of tokens (llama.cpp divides one by the other); ``general.type`` ``imatrix``, the calibration
-    text's name in ``imatrix.datasets``, its windows as chunks."""
+    text's name in ``imatrix.datasets``, its windows as chunks. An expert stack (one 3-D tensor) has one row of
+    sums per expert and one count each: the tokens routed to it (``unit_tokens``, else ``tokens``)."""
     model = open_source(source, {f"{unit}.weight": (0,) for unit in importance})
     staging = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
     writer = _ImatrixWriter(staging, "")
@@ -486,10 +487,14 @@ def write_imatrix(out: Path, source: Path, importance: dict[str, torch.Tensor], 
         writer.add_array(gguf.Keys.IMatrix.DATASETS, [dataset])
         writer.add_uint32(gguf.Keys.IMatrix.CHUNK_COUNT, max(tokens // max(chunk_size, 1), 1))
         writer.add_uint32(gguf.Keys.IMatrix.CHUNK_SIZE, chunk_size)
-        named = {model.unit_tensor(unit): vector for unit, vector in importance.items()}
-        for name, vector in sorted(named.items()):
-            writer.add_tensor(f"{name}.in_sum2", vector.detach().float().numpy().astype(np.float32))
-            writer.add_tensor(f"{name}.counts", np.array([tokens], dtype=np.float32))
+        named: dict[str, list[str]] = {}
+        for unit in sorted(importance, key=_expert_order):
+            named.setdefault(model.unit_tensor(unit), []).append(unit)
+        for name, units in sorted(named.items()):
+            sums = np.stack([importance[u].detach().float().numpy().astype(np.float32) for u in units])
+            counts = np.array([[(unit_tokens or {}).get(u, tokens)] for u in units], dtype=np.float32)
+            writer.add_tensor(f"{name}.in_sum2", sums[0] if len(units) == 1 else sums)
+            writer.add_tensor(f"{name}.counts", counts[0] if len(units) == 1 else counts)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -503,5 +508,9 @@ def write_imatrix(out: Path, source: Path, importance: dict[str, torch.Tensor], 
 def read_imatrix(path: Path) -> dict[str, np.ndarray]:
     """An importance matrix file as llama.cpp's quantizer reads it: tensor name -> ``in_sum2 / counts``."""
     tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in gguf.GGUFReader(path).tensors}
-    return {name[: -len(".in_sum2")]: values / tensors[name[: -len(".in_sum2")] + ".counts"][0]
-            for name, values in tensors.items() if name.endswith(".in_sum2")}
+    means = {}
+    for name, values in tensors.items():
+        if name.endswith(".in_sum2"):
+            counts = tensors[name[: -len(".in_sum2")] + ".counts"]
+            means[name[: -len(".in_sum2")]] = values / (counts[0] if values.ndim == 1 else counts.reshape(-1, 1))
+    return means
