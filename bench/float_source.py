@@ -18,7 +18,8 @@ llama.cpp stores q/k rows permuted for RoPE; a rotation acts on the columns only
 Then llama.cpp itself (llama-cpp-python) scores the rotated file against the source on ``--check-windows``
 windows of 512 WikiText-2 tokens (per-token KL(source || rotated), mean and max, top-1 agreement), next to an
 unrotated F16 copy of the dequantized source (the noise floor of F16 against Q4_1 in llama.cpp), and counts the
-32-blocks of the formerly Q4_1 tensors that still lie on a Q4_1 grid. Prints one JSON object.
+32-blocks of every tensor the source stored quantized (Q4_1, Q4_K, Q6_K, ...) that still lie on that type's grid
+(``bench/_float_source_check.py``). Prints one JSON object.
 
     python bench/float_source.py --model smollm2-135m --out DIR [--seed 0] [--check-windows 4]
     python bench/float_source.py --model path/to/qwen2.5-1.5b.gguf --out DIR   # llama and qwen2 GGUFs
@@ -27,7 +28,6 @@ unrotated F16 copy of the dequantized source (the noise floor of F16 against Q4_
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import logging
@@ -36,7 +36,7 @@ import platform
 import re
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -48,14 +48,17 @@ import torch
 
 from bitplan.calibration import builtin_text, read_text
 from bitplan.hashing import sha256_file
-from bitplan.models import BUNDLED_MODELS, load_model, resolve_reference
+from bitplan.models import BUNDLED_MODELS, resolve_reference
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "wiki.test.raw"
 ARCHITECTURES = ("llama", "qwen2")  # RMSNorm before attention and MLP, no sandwich norms (Gemma is out of scope)
-SEQ_LEN = 512
-BLOCK = 32  # Q4_1's block
+_check = _own_folder_off_path.sibling("_float_source_check")
+# the checks, re-exported: tests/integration/test_float_source.py calls them through this module
+check, compare_logits, evaluation_windows = _check.check, _check.compare_logits, _check.evaluation_windows
+grid_report, llama_cpp_logits, quantized_tensors = _check.grid_report, _check.llama_cpp_logits, _check.quantized_tensors
+SEQ_LEN = _check.SEQ_LEN
 
 
 class Role(str, Enum):
@@ -183,12 +186,6 @@ def rotate_residual(tensors: Mapping[str, torch.Tensor], *, naming: Naming, seed
 # --- GGUF ------------------------------------------------------------------------------------------------------
 
 
-def _dequantized(tensor: gguf.ReaderTensor) -> torch.Tensor:
-    """A GGUF tensor as float32 in torch's order: ``(ne1, ne0)`` = ``(out, in)`` for a matrix (gguf-py's reader
-    gives ``data`` in numpy order, ``shape`` in ggml's reversed order)."""
-    return torch.from_numpy(numpy.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=numpy.float32))
-
-
 def _copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter,
                    extra: Mapping[str, tuple[object, gguf.GGUFValueType]]) -> None:
     """Every key/value and array of the source (the tokenizer included) except those the writer makes itself,
@@ -230,13 +227,13 @@ def rotate_llama_gguf(src: Path, dst: Path, seed: int = 0, *, rotate: bool = Tru
     layout = residual_layout(list(by_name), GGUF_NAMING)
     hidden = int(by_name[GGUF_NAMING.embedding].shape[0])  # ggml order: ne0 = hidden
     rotation = random_orthogonal(hidden, seed)
-    norms = {n: _dequantized(by_name[n]) for n, p in layout.items() if p.role is Role.NORM}
+    norms = {n: _check.dequantized(by_name[n]) for n, p in layout.items() if p.role is Role.NORM}
     writer = gguf.GGUFWriter(dst, arch)
     _copy_metadata(reader, writer, {"bitplan.float_source.seed": (seed, gguf.GGUFValueType.UINT32),
                                     "bitplan.float_source.rotated": (rotate, gguf.GGUFValueType.BOOL)})
     names = [t.name for t in reader.tensors] + ([GGUF_NAMING.head] if tied and rotate else [])
     for name in names:
-        source = _dequantized(by_name.get(name, by_name[GGUF_NAMING.embedding]))
+        source = _check.dequantized(by_name.get(name, by_name[GGUF_NAMING.embedding]))
         placement = layout[name]
         if rotate:
             scale = norms[placement.norm] if placement.norm else None
@@ -257,116 +254,6 @@ def _type_counts(reader: gguf.GGUFReader) -> dict[str, int]:
     for tensor in reader.tensors:
         counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
     return counts
-
-
-# --- checks -------------------------------------------------------------------------------------------------------
-
-
-def q4_1_grid_blocks(weights: numpy.ndarray) -> dict[str, int]:
-    """How many ``BLOCK``-blocks of ``weights (rows, cols) float32`` lie on a Q4_1 grid: ``exact`` re-quantize to
-    Q4_1 (gguf-py's encoder, llama.cpp's arithmetic) and come back bit for bit; ``at_most_16_levels`` hold at most 16
-    distinct values (necessary for any 4-bit grid, whatever its scale and minimum); ``blocks`` in all."""
-    values = numpy.ascontiguousarray(weights, dtype=numpy.float32)
-    back = gguf.quants.dequantize(gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q4_1),
-                                  gguf.GGMLQuantizationType.Q4_1)
-    blocks = values.reshape(-1, BLOCK)
-    exact = (back.reshape(-1, BLOCK) == blocks).all(axis=1)
-    ordered = numpy.sort(blocks, axis=1)
-    levels = 1 + (numpy.diff(ordered, axis=1) != 0).sum(axis=1)
-    return {"exact": int(exact.sum()), "at_most_16_levels": int((levels <= 16).sum()), "blocks": len(blocks)}
-
-
-def grid_report(path: Path, names: set[str]) -> dict[str, float]:
-    """``q4_1_grid_blocks`` summed over the tensors ``names`` of the GGUF at ``path``, as counts and fractions."""
-    total = {"exact": 0, "at_most_16_levels": 0, "blocks": 0}
-    for tensor in gguf.GGUFReader(path).tensors:
-        if tensor.name in names:
-            for key, count in q4_1_grid_blocks(_dequantized(tensor).numpy()).items():
-                total[key] += count
-    return {**total, "exact_fraction": total["exact"] / total["blocks"],
-            "at_most_16_levels_fraction": total["at_most_16_levels"] / total["blocks"]}
-
-
-@contextlib.contextmanager
-def plain_cpu_buffers() -> Iterator[None]:
-    """Models loaded inside run without llama.cpp's extra CPU buffers, as bitplan loads them
-    (:func:`bitplan.llama_runtime.plain_cpu_buffers`: llama-cpp-python 0.3.36 built on this AVX512/AMX machine
-    segfaults in ``llama_decode`` on the Q4_1 SmolLM2 with them)."""
-    from bitplan.llama_runtime import plain_cpu_buffers as without_extra_buffers
-
-    without_extra_buffers()
-    yield
-
-
-def evaluation_windows(model: Path, text: str, count: int) -> list[list[int]]:
-    """``count`` consecutive windows of ``SEQ_LEN`` tokens from the start of ``text`` (rows joined by a blank line,
-    as ``tokenize_for_perplexity``), tokenized by llama.cpp's own tokenizer of ``model``, no BOS added."""
-    import llama_cpp
-
-    joined = "\n\n".join(text.splitlines())[: count * SEQ_LEN * 16]  # well over 512 tokens per window of prose
-    with plain_cpu_buffers():  # vocab_only=True segfaults in llama-cpp-python 0.3.36 here
-        runtime = llama_cpp.Llama(model_path=str(model), n_ctx=SEQ_LEN, verbose=False)
-    ids = runtime.tokenize(joined.encode(), add_bos=False, special=False)
-    runtime.close()
-    if len(ids) < count * SEQ_LEN:
-        raise ValueError(f"the text has {len(ids)} tokens, fewer than {count} windows of {SEQ_LEN}")
-    return [ids[i * SEQ_LEN:(i + 1) * SEQ_LEN] for i in range(count)]
-
-
-def llama_cpp_logits(path: Path, windows: list[list[int]], threads: int) -> Iterator[numpy.ndarray]:
-    """Each window's logits ``(SEQ_LEN, vocab) float32`` as llama.cpp computes them from the GGUF at ``path``."""
-    import llama_cpp
-
-    with plain_cpu_buffers():
-        runtime = llama_cpp.Llama(model_path=str(path), n_ctx=SEQ_LEN, n_batch=SEQ_LEN, logits_all=True,
-                                  n_threads=threads, verbose=False)
-    for window in windows:
-        runtime.reset()
-        runtime.eval(window)
-        yield numpy.array(runtime.scores[: len(window)], dtype=numpy.float32)
-    runtime.close()
-
-
-@torch.no_grad()
-def torch_logits(path: Path, windows: list[list[int]]) -> Iterator[numpy.ndarray]:
-    """Each window's logits ``(SEQ_LEN, vocab) float32`` from the GGUF dequantized to float32 by transformers and run
-    by torch: the function the file's weights define, without llama.cpp's 8-bit activations in quantized products."""
-    model = load_model(str(path)).model.float().eval()
-    for window in windows:
-        yield model(torch.tensor([window])).logits[0].float().numpy()
-
-
-def compare_logits(reference: list[numpy.ndarray], candidate: Iterator[numpy.ndarray]) -> dict[str, float]:
-    """Per-token ``KL(reference || candidate)`` in nats (float64 softmax), its mean and max, and top-1 agreement."""
-    kls, agree = [], []
-    for ref, cand in zip(reference, candidate, strict=True):
-        ref_lp = torch.log_softmax(torch.from_numpy(ref).double(), dim=-1)
-        cand_lp = torch.log_softmax(torch.from_numpy(cand).double(), dim=-1)
-        kls.append((ref_lp.exp() * (ref_lp - cand_lp)).sum(dim=-1))
-        agree.append(ref_lp.argmax(dim=-1) == cand_lp.argmax(dim=-1))
-    every, same = torch.cat(kls), torch.cat(agree)
-    return {"kl_mean": float(every.mean()), "kl_max": float(every.max()), "top1_agreement": float(same.double().mean()),
-            "tokens": int(every.numel())}
-
-
-def check(source: Path, rotated: Path, control: Path, *, text: str, windows: int, threads: int) -> dict[str, object]:
-    """On ``windows`` windows of ``text``, llama.cpp's KL of the rotated file and of the unrotated F16 control against
-    the source file; the rotated file against the control (both F16: what the rotation alone costs); and all three
-    files run by llama.cpp against the source's float32 function run by torch (``torch_logits``)."""
-    started = time.perf_counter()
-    tokens = evaluation_windows(source, text, windows)
-    reference, control_logits, rotated_logits = (list(llama_cpp_logits(path, tokens, threads))
-                                                 for path in (source, control, rotated))
-    report: dict[str, object] = {
-        "rotated_vs_source": compare_logits(reference, iter(rotated_logits)),
-        "unrotated_f16_vs_source": compare_logits(reference, iter(control_logits)),
-        "rotated_vs_unrotated_f16": compare_logits(control_logits, iter(rotated_logits)),
-    }
-    exact = list(torch_logits(source, tokens))
-    for name, logits in (("source", reference), ("unrotated_f16", control_logits), ("rotated", rotated_logits)):
-        report[f"{name}_vs_torch_float32_source"] = compare_logits(exact, iter(logits))
-    report["seconds"] = round(time.perf_counter() - started, 1)
-    return report
 
 
 def main() -> None:
@@ -403,17 +290,15 @@ def main() -> None:
         control = args.out / f"{stem}-unrotated-f16.gguf"
         report["control"] = {"output": str(control), **rotate_llama_gguf(source, control, rotate=False)}
         report["control"]["output_sha256"] = sha256_file(control)
-        q4_1 = {t.name for t in gguf.GGUFReader(source).tensors
-                if t.tensor_type == gguf.GGMLQuantizationType.Q4_1}
+        grids = quantized_tensors(source)  # before any torch load (bitplan remembers a GGUF source's blocks)
+        report["source_grid"] = {"detectors": "bench/_float_source_check.py's docstring",
+                                 "rotated": grid_report(rotated, grids), "unrotated_f16": grid_report(control, grids)}
         text_path = args.text if args.text.is_file() else None
         report["text"] = str(text_path) if text_path else "builtin:python-docs (WikiText-2 not found)"
         text = read_text(text_path) if text_path else builtin_text()
         report["check"] = {"windows": args.check_windows, "seq_len": SEQ_LEN, "llama_cpp": "use_extra_bufts=False",
                            **check(source, rotated, control, text=text, windows=args.check_windows,
                                    threads=args.threads)}
-        report["q4_1_grid"] = {"tensors": f"the {len(q4_1)} tensors stored Q4_1 in the source",
-                               "rotated": grid_report(rotated, q4_1),
-                               "unrotated_f16": grid_report(control, q4_1)}
     print(json.dumps(report, indent=2))  # noqa: T201 (the benchmark's output)
 
 

@@ -136,7 +136,8 @@ def run_child(folder: Path, *, windows: int, seq_len: int, bpw: float, out: Path
             "seconds_per_parameter_token": total / (parameters * tokens), "status": job["status"],
             "bits_per_weight": job["bits_per_weight"], "file_bytes": job["file_bytes"], "types_chosen": types,
             "units": len(job["units"]), "quality": job["quality"], "warnings": job["warnings"],
-            "gguf": str(out / "model.gguf")}
+            "bytes_by_kind": job.get("bytes_by_kind"), "experts": job.get("experts"),
+            "unit_formats": {unit["name"]: unit["format"] for unit in job["units"]}, "gguf": str(out / "model.gguf")}
 
 
 def _parameters(folder: Path) -> int:
@@ -192,6 +193,7 @@ def main() -> None:
                            formats=args.formats)
         result["folder_write_s"] = written_s
         result["llama_cpp"] = llama_cpp_decodes(Path(str(result["gguf"])))
+        result.pop("unit_formats")
         if not args.keep_folders:
             shutil.rmtree(folder, ignore_errors=True)
         report["sizes"][shape] = result  # type: ignore[index]

@@ -41,7 +41,9 @@ class Progress:
             self.close()
             self.stage = stage
             self.bar = tqdm(total=total, desc=stage, file=sys.stderr, leave=True)
-        self.bar.update(done - self.bar.n)
+        elif total != self.bar.total or done < self.bar.n:  # the stage counts anew (issue 45: "1/1" then "2it")
+            self.bar.reset(total=total)
+        self.bar.update(min(done, total) - self.bar.n)
 
     def close(self) -> None:
         if self.bar is not None:

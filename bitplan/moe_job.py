@@ -34,6 +34,12 @@ def with_unreached_pinned(spec: JobSpec, routing: RoutingReport | None, units: I
         spec.allocation, pinned=tuple(spec.allocation.pinned) + pins))
 
 
+VLLM_MOE_RULE = ("MoE in compressed-tensors: vLLM runs a layer's experts through one fused kernel with one scheme, so "
+                 "every expert and projection of a layer share one format here (per-expert groups in the config); "
+                 "transformers 5.25 cannot load per-expert quantized experts into its fused 3-D experts (its "
+                 "conversion fails), so load this folder with vLLM, or use the packed or gguf target")
+
+
 def reported(result: Any, routing: RoutingReport | None) -> Any:
     """A run's result with the bytes by kind of what it wrote and, for a MoE model, its routing (and a warning
     naming the experts no calibration token reached)."""
@@ -41,8 +47,10 @@ def reported(result: Any, routing: RoutingReport | None) -> Any:
     if routing is None:
         return dataclasses.replace(result, bytes_by_kind=kinds)
     warnings = list(result.warnings)
+    if result.target == "compressed-tensors":
+        warnings.append(VLLM_MOE_RULE)
     if routing.unreached:
-        how = "take their stack's type" if result.target == "gguf" else f"are pinned to {SAFE_EXPERT_BITS} bits"
+        how = "take their stack's format" if result.target != "bitplan" else f"are pinned to {SAFE_EXPERT_BITS} bits"
         warnings.append(f"{len(routing.unreached)} experts saw no calibration token ({routing.unreached[:4]}...): "
                         f"their statistics are empty; they {how}. More or longer calibration windows reach them.")
     return dataclasses.replace(result, bytes_by_kind=kinds, experts=routing.to_json(), warnings=warnings)

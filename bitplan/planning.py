@@ -13,6 +13,7 @@ from torch import nn
 from bitplan.allocator import AllocationProblem, Budget, Option, SolverStatus, Unit, solve_allocation
 from bitplan.errors import BitplanError, BudgetError
 from bitplan.manifest import SolverRecord
+from bitplan.moe import expert_unit
 from bitplan.quantizer.formats import FORMATS
 from bitplan.quantizer.sizes import quantized_bytes
 from bitplan.sensitivity import SensitivityResult
@@ -148,36 +149,6 @@ def unit_sizes(units: dict[str, nn.Linear], bits: tuple[int, ...], group_size: i
     return sizes
 
 
-def check_budget_coarsely(spec: JobSpec) -> None:
-    """Reject a bits-per-weight budget below ``min bits + 32 / group size`` (one fp16 scale and zero per full
-    group) or above ``max bits + 32`` (a group of one weight) before loading anything: no allocation can be
-    smaller, or larger. With a format set: below its cheapest format's bits per weight (an integer grid's
-    full groups; a GGML type's blocks, the same for every legal shape) or above its widest grid's ``bits + 32``
-    (or its largest GGML type)."""
-    names = spec.quantization.format_names
-    if names is None:
-        bits, group_size = sorted(spec.allocation.candidate_bits), spec.quantization.group_size
-        floor, ceiling = min(bits) + 32 / group_size, max(bits) + 32
-        chosen, low_why = f"with bits {bits} and group size {group_size}", ("the lowest bit width plus 32 bits of "
-                                                                             "fp16 scale and zero per group")
-    else:
-        formats = [FORMATS[n] for n in names]
-        floor = min(f.bits_per_weight() for f in formats)
-        ceiling = max(f.bits_per_weight() if f.family == "ggml" else f.nominal_bits + 32
-                      for f in formats)
-        chosen, low_why = f"with formats {spec.quantization.formats or ','.join(names)!r}", "its cheapest format"
-    for index, budget in enumerate(spec.budget.bits_per_weight):
-        if budget < floor:
-            raise BudgetError(
-                f"budget {spec.budget.describe(index)} is below the smallest achievable size: {chosen} no model "
-                f"goes below {floor:.4f} bits per weight ({low_why})", param="bits_per_weight")
-        if budget > ceiling:
-            raise BudgetError(
-                f"budget {spec.budget.describe(index)} is above the largest achievable size: {chosen} no model "
-                f"goes above {ceiling:g} bits per weight; give at most the largest candidate width plus its "
-                f"scales and zeros", param="bits_per_weight")
-
-
 def budgets_in_bytes(spec: JobSpec, sizes: Sizes, numel: int, file_overhead: int | None = None) -> list[int]:
     """Every budget of ``spec`` in bytes of the budgeted layers, each checked against the achievable range (before
     any heavy work); a whole-file budget less ``file_overhead`` (what the file holds besides those layers)."""
@@ -238,14 +209,17 @@ def option_bits(key: Any) -> int:
 
 
 def allocation_problem(sizes: Sizes, sensitivity: SensitivityResult, bits: tuple[int, ...] | None, budget_bytes: int,
-                       *, tie_fused: bool = False, pinned: tuple[tuple[str, int], ...] = (),
+                       *, tie_fused: bool = False, tie_experts: str | bool | None = None,
+                       pinned: tuple[tuple[str, int], ...] = (),
                        latency: LatencyPlan | None = None) -> AllocationProblem:
     """One unit per linear layer, one option per candidate bit width (``bits``) or, with ``bits=None``, per key of
-    ``sizes[name]`` (its legal formats); fused siblings tied (when they have the same options) and pins applied."""
+    ``sizes[name]`` (its legal formats); fused siblings tied (when they have the same options) and pins applied.
+    ``tie_experts``: a layer's routed experts share one format per projection (a runtime storing them as one 3-D
+    tensor, llama.cpp's ``ffn_*_exps``); their tie's sensitivity is the sum of its experts'."""
     delta = {u.name: u.delta_loss for u in sensitivity.units}
     pins = pinned_bits(list(sizes), pinned)
     keys = {name: list(bits) if bits is not None else list(sizes[name]) for name in sizes}
-    ties = {name: fused_tie(name) if tie_fused else None for name in sizes}
+    ties = {name: unit_tie(name, tie_fused=tie_fused, tie_experts=tie_experts) for name in sizes}
     options_of_tie: dict[str, set[tuple[Any, ...]]] = {}
     for name, tie in ties.items():
         if tie is not None:
@@ -273,7 +247,26 @@ def job_problem(spec: JobSpec, sizes: Sizes, sensitivity: SensitivityResult, bud
     """The allocation problem ``spec`` solves at ``budget_bytes``: its widths or formats, ties, pins and latency."""
     formats = spec.quantization.format_names
     return allocation_problem(sizes, sensitivity, spec.widths if formats is None else None, budget_bytes,
-                              tie_fused=spec.allocation.tie_fused, pinned=spec.allocation.pinned, latency=latency)
+                              tie_fused=spec.allocation.tie_fused, tie_experts=stacks_experts(spec),
+                              pinned=spec.allocation.pinned, latency=latency)
+
+
+def stacks_experts(spec: JobSpec) -> str | None:
+    """How ``spec``'s target ties a layer's routed experts: ``"projection"`` where it stores them as one tensor
+    per projection (GGUF: one type each), ``"layer"`` where its server runs a layer's experts with one scheme
+    (vLLM's fused MoE kernels for compressed-tensors: every expert and projection of a layer alike), ``None``
+    where each expert stands apart (our packed folder)."""
+    return {"gguf": "projection", "compressed-tensors": "layer"}.get(str(getattr(spec.quantization.target, "value",
+                                                                                  spec.quantization.target)))
+
+
+def unit_tie(name: str, *, tie_fused: bool, tie_experts: str | bool | None) -> str | None:
+    """The tie label of unit ``name``: its expert stack's (``tie_experts``: per projection, or the whole layer's
+    experts with ``"layer"``), else its fused siblings' (``tie_fused``), else ``None``."""
+    expert = expert_unit(name) if tie_experts else None
+    if expert is not None:
+        return f"{expert.stack}.*" if tie_experts == "layer" else expert.tie
+    return fused_tie(name) if tie_fused else None
 
 
 def option_labels(spec: JobSpec, sizes: Sizes) -> dict[str, list[str]] | None:

@@ -13,6 +13,7 @@ from torch import nn
 from bitplan.errors import BitplanError
 from bitplan.models import LoadedModel, ModelKind
 from bitplan.quantizer.formats import FORMATS, GgmlWeight, encode_gptq
+from bitplan.quantizer.ggml_encode import DEFAULT_ENCODER, encode_ggml
 from bitplan.quantizer.methods import needs_gram, needs_whole_gram, quantize_unit
 from bitplan.quantizer.rtn import QuantizedWeight
 from bitplan.sensitivity.activations import StopFn, check_stop
@@ -62,13 +63,18 @@ def encoder_importance(spec: JobSpec, fmt: str, importance: Importance | None, n
 
 def encode_unit(spec: JobSpec, weight: torch.Tensor, fmt: str, importance: Importance | None,
                 name: str, gram: torch.Tensor | None = None) -> QuantizedWeight | GgmlWeight:
-    """``weight`` in format ``fmt`` by that format's encoder; an integer grid under ``--quantizer gptq`` by GPTQ on
-    the unit's calibration input Gram matrix ``gram``."""
+    """``weight`` in format ``fmt`` by that format's encoder (a GGML type by the spec's ``--encoder``); an integer
+    grid under ``--quantizer gptq`` by GPTQ on the unit's calibration input Gram matrix ``gram``."""
     if runs_gptq(spec) and FORMATS[fmt].grid is not None:
         if gram is None:
             raise BitplanError(f"GPTQ needs {name}'s calibration Gram matrix to encode {fmt}")
         return encode_gptq(fmt, weight.detach().float(), gram, damp=spec.quantization.gptq_damp,
                            salience=spec.quantization.quantizer.value == "gptq-salience")
+    encoder = spec.quantization.encoder.value
+    if FORMATS[fmt].family == "ggml" and encoder != DEFAULT_ENCODER:  # --encoder: who writes the GGML blocks
+        blocks = encode_ggml(weight.detach().float(), FORMATS[fmt].ggml_type,
+                             encoder_importance(spec, fmt, importance, name), encoder=encoder)
+        return GgmlWeight(fmt, blocks, (int(weight.shape[0]), int(weight.shape[1])))
     return FORMATS[fmt].encode(weight.detach().float(), encoder_importance(spec, fmt, importance, name))
 
 

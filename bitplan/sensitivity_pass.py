@@ -17,6 +17,7 @@ from bitplan.models import LoadedModel, ModelKind, causal_lm_loss, causal_lm_sam
 from bitplan.planning import unit_sizes
 from bitplan.quantize import Importance, encode_unit, input_grams, runs_gptq
 from bitplan.quantizer.formats import decode_weight
+from bitplan.quantizer.ggml_encode import ENCODERS
 from bitplan.quantizer.rtn import dequantize_weight, quantize_rtn
 from bitplan.sensitivity import Metric, SensitivityResult, compute_sensitivity
 from bitplan.sensitivity.activations import StopFn
@@ -108,7 +109,8 @@ def measure(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], cal
     int_encoder = quantizer if quantizer in ("rtn-salience", "gptq", "gptq-salience") else "rtn"
     if runs_gptq(spec):
         int_encoder += f" damp={spec.quantization.gptq_damp}"
-    encoder = None if formats is None else {"formats": list(formats), "ggml": "ggml_quantize_chunk",
+    ggml = ENCODERS[spec.quantization.encoder.value].version  # "ggml_quantize_chunk" for llama.cpp's, as before
+    encoder = None if formats is None else {"formats": list(formats), "ggml": ggml,
                                             "int_encoder": int_encoder, "first_order": ">= 0"}
     if salience_width_errors(spec, metric):
         encoder = {"widths_encoder": "rtn-salience"}

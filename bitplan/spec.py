@@ -19,9 +19,12 @@ from enum import Enum
 from typing import Any
 
 from bitplan.allocator.problem import SOLVERS
+from bitplan.budget_range import bpw_range, check_bpw_budgets
 from bitplan.errors import SpecError
 from bitplan.options import Option, check_part, option_field
+from bitplan.preset_size import SIZE_PRESETS
 from bitplan.quantizer.formats import FORMATS, PRESETS, resolve_formats
+from bitplan.quantizer.ggml_encode import ENCODERS
 from bitplan.quantizer.methods import QUANTIZERS
 from bitplan.sensitivity.api import HutchinsonConfig, Metric
 from bitplan.sensitivity.token_fisher import DEFAULT_ERROR_BYTES
@@ -33,6 +36,13 @@ MetricChoice.__doc__ = "A sensitivity metric, or ``auto`` (token_taylor_kl for c
 PrecisionChoice = Enum("PrecisionChoice", {"AUTO": "auto", "FLOAT32": "float32", "BFLOAT16": "bfloat16"},  # type: ignore[misc]
                        type=str)
 PrecisionChoice.__doc__ = "The dtype the token metrics' per-token products run in (``auto``: bfloat16 where native)."
+DeviceChoice = Enum("DeviceChoice", {"AUTO": "auto", "CPU": "cpu", "CUDA": "cuda"}, type=str)  # type: ignore[misc]
+DeviceChoice.__doc__ = "Where a streamed job's blocks compute (``auto``: the GPU when one is visible, else the CPU)."
+ComputeDtypeChoice = Enum("ComputeDtypeChoice", {"AUTO": "auto", "FLOAT32": "float32", "BFLOAT16": "bfloat16"},  # type: ignore[misc]
+                          type=str)
+ComputeDtypeChoice.__doc__ = "The dtype a streamed job's blocks compute in (bitplan.stream.resolve_compute_dtype)."
+SizePresetChoice = Enum("SizePresetChoice", {p: p for p in SIZE_PRESETS}, type=str)  # type: ignore[misc]
+SizePresetChoice.__doc__ = "A llama.cpp quantization preset whose whole-file size is the budget (--size-of)."
 SolverChoice = Enum("SolverChoice", {s.upper(): s for s in SOLVERS if s != "brute_force"}, type=str)  # type: ignore[misc]
 SolverChoice.__doc__ = "An allocation solver (allocator.solve_allocation)."
 QuantizerChoice = Enum("QuantizerChoice", {q.upper().replace("-", "_"): q for q in QUANTIZERS}, type=str)  # type: ignore[misc]
@@ -43,6 +53,8 @@ TARGETS = {"bitplan": None, "gguf": "gguf-k", "compressed-tensors": "ct-wna16"} 
 PACKED_DEFAULT_FORMATS = "bitplan-mix"
 TargetChoice = Enum("TargetChoice", {t.upper().replace("-", "_"): t for t in TARGETS}, type=str)  # type: ignore[misc]
 TargetChoice.__doc__ = "Where the model will run: our packed folder, a GGUF for llama.cpp, or compressed-tensors."
+EncoderChoice = Enum("EncoderChoice", {e.upper().replace(".", "_"): e for e in ENCODERS}, type=str)  # type: ignore[misc]
+EncoderChoice.__doc__ = "An encoder of the GGML types (quantizer.ggml_encode)."
 TARGET_LEGAL = {"gguf": "GGML types (a gguf-* preset)", "compressed-tensors": "the ct-wna16 formats (int4/int8, "
                 "groups 32/64/128, symmetric: what transformers loads and vLLM's WNA16 kernels serve)"}
 
@@ -63,6 +75,10 @@ class Budget:
                                           "and padding, measured from the written file; gguf target)",
                                           flag="--file-bytes", positive=True, maximum=2**50, group="budget",
                                           label="a whole-file budget")
+    size_of: Any = option_field(None, "enum", "budget: the bytes of the whole GGUF file llama.cpp's preset would make "
+                                "of this model (llama-quantize's own type choices, computed without writing it; gguf "
+                                "target, a GGUF source)", flag="--size-of", choices=SizePresetChoice, group="budget",
+                                label="a named size")
     latency_ms_per_token: float | None = option_field(
         None, "float", "decode-latency budget in milliseconds per token at batch 1, as predicted by this machine's "
         "measured latency table (gguf target; alone or with a size budget)", flag="--latency-ms-per-token",
@@ -78,10 +94,11 @@ class Budget:
     def __post_init__(self) -> None:
         check_part(self)
         given = [bool(self.bits_per_weight), self.bytes is not None, self.uniform_bits is not None,
-                 self.file_bytes is not None]
+                 self.file_bytes is not None, self.size_of is not None]
         if sum(given) > 1 or (sum(given) == 0 and not self.has_time_budget):
-            raise SpecError("give exactly one of a bits-per-weight budget, a bytes budget, a whole-file budget or "
-                            "uniform bits (a latency or prefill budget may come alone or with a size budget)",
+            raise SpecError("give exactly one of a bits-per-weight budget, a bytes budget, a whole-file budget, a "
+                            "named size (--size-of) or uniform bits (a latency or prefill budget may come alone or "
+                            "with a size budget)",
                             param="bits_per_weight")
         if self.has_time_budget and self.uniform_bits is not None:
             raise SpecError("a latency budget chooses formats per layer; a uniform baseline takes no latency budget",
@@ -104,6 +121,8 @@ class Budget:
             return f"{self.bytes} bytes"
         if self.file_bytes is not None:
             return f"{self.file_bytes} bytes of file"
+        if self.size_of is not None:
+            return f"the size of llama.cpp's {self.size_of.value} file"
         if self.uniform_bits is not None:
             return f"uniform {self.uniform_bits} bits"
         if self.latency_ms_per_token is not None:
@@ -138,10 +157,23 @@ class SensitivityOptions:
     precision: Any = option_field(PrecisionChoice.AUTO, "enum", "token metrics: dtype of the per-token products "
                                   "(auto: bfloat16 where the CPU multiplies it natively, else float32)",
                                   flag="--sensitivity-precision", choices=PrecisionChoice)
+    device: Any = option_field(DeviceChoice.AUTO, "enum", "streamed jobs: where each block and its windows compute "
+                               "(auto: cuda when a GPU is visible, else cpu); the hidden states between blocks stay "
+                               "in host memory", flag="--device", choices=DeviceChoice)
+    compute_dtype: Any = option_field(ComputeDtypeChoice.AUTO, "enum", "streamed jobs: dtype of the blocks' forward "
+                                      "and backward (statistics accumulate in float32; float32 is the reference; "
+                                      "auto: see docs/streaming.md)", flag="--compute-dtype",
+                                      choices=ComputeDtypeChoice)
+    max_memory: int | None = option_field(None, "int", "streamed jobs: bytes of host memory the job may use, checked "
+                                          "before any heavy work (default: 0.8 of the memory available when the "
+                                          "job starts)", flag="--max-memory", minimum=1 << 20, maximum=2**50)
     hutchinson: HutchinsonConfig = field(default_factory=HutchinsonConfig)
 
     def __post_init__(self) -> None:
         check_part(self)
+        from bitplan.devices import check_device  # the one rule, shared with the stream
+
+        check_device(self.device.value)
 
 
 @dataclass(frozen=True)
@@ -193,6 +225,11 @@ class Quantization:
                                "choose among GGML types only) or compressed-tensors (OUT loads with transformers' "
                                "from_pretrained; int4/int8 symmetric groups)", flag="--target",
                                choices=TargetChoice)
+    encoder: Any = option_field(EncoderChoice.LLAMA_CPP, "enum", "who writes the GGML types' blocks: llama.cpp "
+                                "(default: its ggml_quantize_chunk with our importance vectors) or bitplan (our "
+                                "importance-weighted search of each block's scales and minima; the same bytes, "
+                                "decoded by llama.cpp; IQ2/IQ3 stay llama.cpp's)", flag="--encoder",
+                                choices=EncoderChoice)
 
     def __post_init__(self) -> None:
         check_part(self)
@@ -296,13 +333,16 @@ class JobSpec:
         if self.budget.file_bytes is not None and self.quantization.target.value != "gguf":
             raise SpecError("a whole-file budget (--file-bytes) is for the gguf target's one file: add --target gguf, "
                             "or give --bytes for the quantized layers", param="file_bytes")
+        if self.budget.size_of is not None and self.quantization.target.value != "gguf":
+            raise SpecError("a named size (--size-of) is the bytes of a llama.cpp GGUF file: add --target gguf",
+                            param="size_of")
         if self.budget.has_time_budget and self.quantization.target.value != "gguf":
             raise SpecError("latency budgets are measured for the gguf target on this CPU (llama.cpp through "
                             "llama-cpp-python): add --target gguf (the packed target's kernels need a GPU to time)",
                             param=self.budget.time_param)
-        from bitplan.planning import check_budget_coarsely  # the rule lives beside the exact one
-
-        check_budget_coarsely(self)
+        reach = bpw_range(self.allocation.candidate_bits, self.quantization.group_size,
+                          self.quantization.format_names, self.quantization.formats)
+        check_bpw_budgets(self.budget.bits_per_weight, self.budget.describe, reach)
 
     def default_formats(self) -> bool:
         """Whether this job, which names no formats, takes the packed target's default set

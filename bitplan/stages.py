@@ -63,12 +63,14 @@ class EtaModel:
         self.start = self.last = start
         self.spent: dict[str, float] = {}  # stage -> seconds attributed to it, in the order first reported
         self.current: tuple[str, int, int] | None = None
+        self.latest: dict[str, tuple[int, int]] = {}  # stage -> its last (done, total)
 
     def observe(self, stage: str, done: int, total: int, now: float) -> None:
         stage = Stage(stage).value  # plain strings as keys (a str Enum hashes by its name)
         self.spent[stage] = self.spent.get(stage, 0.0) + max(now - self.last, 0.0)
         self.last = now
         self.current = (stage, done, total)
+        self.latest[stage] = (done, total)
 
     def durations(self) -> list[tuple[str, float]]:
         """The measured seconds of every stage reported, in order (a later job's ``history``)."""
@@ -83,6 +85,8 @@ class EtaModel:
         left_here = self.spent[stage] / done * max(total - done, 0) if done > 0 else \
             max(before[stage] - self.spent[stage], 0.0) if stage in before else None
         later = self._later_from_history(stage)
+        if left_here is not None:
+            left_here += self._unfinished(stage)
         if later is None or left_here is None:
             fraction = overall_fraction(stage, done, total)
             if fraction <= 0.02:
@@ -93,6 +97,12 @@ class EtaModel:
             if later is None:
                 later = per_span * (1.0 - Stage(stage).span[1])
         return max(left_here + later - (now - self.last), 0.0)
+
+    def _unfinished(self, stage: str) -> float:
+        """Seconds still owed to stages other than ``stage`` that reported part of their steps and will come back
+        (a sweep's per-budget stages: the first budget's "kl check" is 1 of 2), at each one's own rate."""
+        return sum(self.spent[name] / done * (total - done) for name, (done, total) in self.latest.items()
+                   if name != stage and 0 < done < total)
 
     def _later_from_history(self, stage: str) -> float | None:
         """Seconds the stages after ``stage`` took in the history job (those this job has not reported yet), or

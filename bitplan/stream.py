@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from bitplan.sources.lazy import LazyModel
+from bitplan.stages import ProgressFn, Stage
 from bitplan.units import find_block_stack
 
 Hidden = torch.Tensor  # (batch, seq_len, hidden) float32
@@ -59,13 +60,24 @@ class DecoderStream:
 
     Args:
         source: the lazy model (or a resident one) whose blocks are materialized one at a time.
-        dtype: the dtype blocks compute in (float32, the reference; the stored bf16 is cast on load).
+        dtype: the dtype blocks compute in (default: the source's ``placement``; float32 is the reference, the
+            stored bf16 then cast on load). A resident model computes in its own dtype.
+        device: where each block and its windows compute (default: the source's ``placement``); what a block
+            returns is float32 on that device, and :class:`Boundaries` keeps it on the host. A resident model
+            computes where it lies.
     """
 
-    def __init__(self, source: LazyModel, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(self, source: LazyModel, *, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
         model = source.model
-        self.source, self.model, self.dtype, self.device = source, model, dtype, torch.device(device)
+        if source.resident:
+            first = next(model.parameters(), None)
+            dtype = torch.float32 if first is None else first.dtype
+            device = "cpu" if first is None else first.device
+        placement = source.placement
+        self.source, self.model = source, model
+        self.dtype = placement.dtype if dtype is None else dtype
+        self.device = torch.device(placement.device if device is None else device)
         self.stack_name, self.blocks = find_block_stack(model)
         base = getattr(model, getattr(model, "base_model_prefix", ""), None)
         self.norm_name, self.norm = _final_norm(model, base)
@@ -185,6 +197,10 @@ class Boundaries:
         self.in_memory = 0
         self.spilled = 0
 
+    def limit(self, cap_bytes: int) -> None:
+        """Hold at most ``cap_bytes`` in memory from now on (the job's memory plan lowering the caller's cap)."""
+        self.cap_bytes = min(self.cap_bytes, cap_bytes)
+
     def put(self, key: Any, tensor: torch.Tensor) -> None:
         tensor = tensor.detach()
         old = self._held.pop(key, None)
@@ -230,10 +246,12 @@ def _is_mapped(tensor: torch.Tensor) -> bool:
 
 
 def stream_forward(stream: DecoderStream, windows: Sequence[torch.Tensor], boundaries: Boundaries, *,
-                   on_block: Callable[[int, Callable[[Hidden], Hidden]], None] | None = None) -> None:
+                   on_block: Callable[[int, Callable[[Hidden], Hidden]], None] | None = None,
+                   on_progress: ProgressFn | None = None) -> None:
     """Every window through every block, block by block; ``boundaries`` gets ``(i, w)`` -> the input of block
     ``i`` for window ``w`` (``i = L`` the last block's output). ``on_block(i, run)`` is called with each block
-    materialized, before its windows run (to hook its units)."""
+    materialized, before its windows run (to hook its units); ``on_progress`` hears of each block done (stage
+    ``calibration statistics``: every block costs the same, so its steps make an honest ETA)."""
     for w, tokens in enumerate(windows):
         boundaries.put((0, w), stream.embed(tokens))
     for index in range(stream.num_blocks):
@@ -242,6 +260,8 @@ def stream_forward(stream: DecoderStream, windows: Sequence[torch.Tensor], bound
                 on_block(index, run)
             for w in range(len(windows)):
                 boundaries.put((index + 1, w), run(boundaries.get((index, w))))
+        if on_progress is not None:
+            on_progress(Stage.CALIBRATION_STATISTICS, index + 1, stream.num_blocks)
 
 
 DEFAULT_BOUNDARY_BYTES = 2 << 30  # hidden states kept in memory between blocks; the rest spill to files
@@ -260,6 +280,8 @@ def streamed_pass(model: nn.Module | LazyModel, units: Any, *, loss_fn: Any, cur
     if loss_fn not in forms or curvature_loss_fn not in forms or loss_fn is None:
         return None
     lazy = model if isinstance(model, LazyModel) else resident_model(model)
+    if lazy.placement.boundary_bytes is not None and isinstance(boundaries, Boundaries):
+        boundaries.limit(lazy.placement.boundary_bytes)
     try:
         stream = DecoderStream(lazy)
     except (StreamUnsupported, ValueError):
@@ -279,10 +301,10 @@ def resident_model(model: nn.Module) -> LazyModel:
 
 
 def stream_input_energy(stream: DecoderStream, units: Any, windows: Sequence[torch.Tensor],
-                        boundaries: Boundaries) -> dict[str, torch.Tensor]:
+                        boundaries: Boundaries, *, on_progress: ProgressFn | None = None) -> dict[str, torch.Tensor]:
     """:func:`bitplan.sensitivity.importance.input_energy` with the model streamed: per unit the ``(in_features,)``
     float32 sum over calibration tokens of its squared inputs, one block materialized at a time (the forward
-    fills ``boundaries``)."""
+    fills ``boundaries``; ``on_progress`` hears of each block, :func:`stream_forward`)."""
     energy = {name: torch.zeros(units[name].in_features, dtype=torch.float64) for name in units}
     handles: list[Any] = []
 
@@ -299,7 +321,7 @@ def stream_input_energy(stream: DecoderStream, units: Any, windows: Sequence[tor
             handles.append(units[name].register_forward_hook(add))
 
     try:
-        stream_forward(stream, windows, boundaries, on_block=hook_block)
+        stream_forward(stream, windows, boundaries, on_block=hook_block, on_progress=on_progress)
     finally:
         for handle in handles:
             handle.remove()

@@ -2,7 +2,9 @@
 
 :func:`run_streamed_gguf` numbers its steps; each holds one block's weights at a time:
 
-1. Open the folder lazily (skeleton on meta, shards read a tensor at a time) and check the GGUF target can write it.
+1. Open the folder lazily (skeleton on meta, shards read a tensor at a time) and check the GGUF target can write it;
+   resolve the device and compute dtype, and plan the job's memory under ``max_memory`` (refused, saying what
+   would fit, when it cannot: :mod:`bitplan.memory_plan`).
 2. Plan the budgets against the achievable range of the gguf target's candidate types.
 3. Build the calibration windows and the encoders' importance (input energy), streamed forward.
 4. The sensitivity (the default ``token_taylor_kl`` over each candidate type's real error): streamed forward,
@@ -12,6 +14,9 @@
    importance matrix beside it.
 7. Measure its quality on held-back windows against the source, both streamed block by block.
 
+Progress is reported per block (``calibration statistics``, ``token Fisher``, ``quality``) and per tensor
+(``write``), each step of a stage costing about the same, so the worker's rate-based ETA holds.
+
 What it does not do yet (issue 41): a packed artifact or manifest (the GGUF and its imatrix are the output),
 GPTQ encoders, latency budgets, whole-file budgets with the head as a unit.
 """
@@ -19,9 +24,11 @@ GPTQ encoders, latency budgets, whole-file budgets with the head as a unit.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,27 +36,33 @@ import torch
 from torch import nn
 
 from bitplan.calibration import build_calibration_set
+from bitplan.devices import resolve_compute_dtype, resolve_device
 from bitplan.errors import BitplanError, ModelReferenceError, SpecError
 from bitplan.exports.gguf_file import IMATRIX_FILE, write_imatrix
 from bitplan.exports.gguf_stream import write_gguf_streamed
 from bitplan.hashing import sha256_file
+from bitplan.memory_plan import MemoryPlan, plan_memory, shape_of
 from bitplan.models import LoadedModel, ModelKind, resolve_reference
+from bitplan.moe import RoutingReport, measure_routing, routed_tokens
+from bitplan.moe_job import reported
 from bitplan.planning import budgets_in_bytes, make_plans, unit_sizes
 from bitplan.quality import QualityReport, QualityTally, heldout_windows
 from bitplan.quantize import encode_unit, runs_gptq
 from bitplan.quantizer.formats import FORMATS, decode_weight
 from bitplan.sensitivity.cache import SensitivityCache
 from bitplan.sensitivity.kl import swapped_weights
+from bitplan.sensitivity.token_fisher import resolve_precision
 from bitplan.sensitivity_pass import cached_importance, measure
-from bitplan.sources import LazyModel, open_lazy
+from bitplan.sources import LazyModel, Placement, open_lazy
 from bitplan.spec import JobSpec
 from bitplan.stages import ProgressFn, Stage
-from bitplan.stream import DEFAULT_BOUNDARY_BYTES, Boundaries, DecoderStream, stream_input_energy
+from bitplan.stream import DEFAULT_BOUNDARY_BYTES, Boundaries, DecoderStream, stream_forward, stream_input_energy
 from bitplan.units import find_units
 
 if TYPE_CHECKING:
     from bitplan.pipeline import RunResult
 
+logger = logging.getLogger(__name__)
 GGUF_FILE = "model.gguf"
 STREAMED_NOTE = ("streamed job (a model over 2 GiB in float32): the output is the GGUF file and its importance "
                  "matrix; no packed artifact or manifest is written")
@@ -91,8 +104,11 @@ def run_streamed_gguf(spec: JobSpec, *, out_dirs: list[Path], on_progress: Progr
 
     spec = dataclasses.replace(spec, sensitivity=dataclasses.replace(
         spec.sensitivity, max_error_bytes=min(spec.sensitivity.max_error_bytes, STREAMED_ERROR_BYTES)))
+    if on_progress is not None:
+        on_progress(Stage.LOAD, 0, 1)
     loaded, folder = _open(spec)  # 1
     lazy: LazyModel = loaded.lazy
+    stream, memory = _place(spec, lazy)
     units = find_units(lazy.model)
     names = spec.quantization.format_names
     sizes = unit_sizes(units, spec.widths, spec.quantization.group_size, names, "gguf")  # 2
@@ -103,13 +119,13 @@ def run_streamed_gguf(spec: JobSpec, *, out_dirs: list[Path], on_progress: Progr
     calibration = build_calibration_set(lazy.tokenizer, text_file=None if options.text is None else Path(options.text),
                                         num_samples=options.num_samples, seq_len=options.seq_len,
                                         seed=options.seed)  # 3
-    stream = DecoderStream(lazy)
     batches = list(torch.split(calibration.tokens, 1))
-    def energy() -> dict[str, torch.Tensor]:
-        with Boundaries(DEFAULT_BOUNDARY_BYTES) as boundaries:
-            return stream_input_energy(stream, units, batches, boundaries)
+    if on_progress is not None:
+        on_progress(Stage.LOAD, 1, 1)
 
-    importance = cached_importance(loaded, units, calibration, cache, energy)
+    importance, routing = _importance_and_routing(loaded, stream, units, calibration, batches, cache,
+                                                  min(DEFAULT_BOUNDARY_BYTES, memory.boundaries_in_memory),
+                                                  on_progress)
     lap("calibration statistics")
     sensitivity, cache_state = measure(spec, loaded, units, calibration, on_progress, None, cache, importance)  # 4
     lap("sensitivity")
@@ -122,43 +138,114 @@ def run_streamed_gguf(spec: JobSpec, *, out_dirs: list[Path], on_progress: Progr
                                   seq_len=spec.refinement.quality_seq_len, text_file=text)
     record = {"sha256": calibration.sha256, "source": calibration.source, "num_samples": options.num_samples,
               "seq_len": options.seq_len, "seed": options.seed, "sensitivity_cache": cache_state}
+    made = _Made(loaded=loaded, folder=folder, stream=stream, units=units, importance=importance,
+                 calibration=calibration, sensitivity=sensitivity, sizes=sizes, record=record, timings=timings,
+                 routing=routing)
+    return [reported(_write_budget(spec, made, plan, out, heldout, on_progress), routing)
+            for plan, out in zip(plans, out_dirs, strict=True)]
+
+
+def _importance_and_routing(loaded: LoadedModel, stream: DecoderStream, units: dict[str, nn.Linear],
+                            calibration: Any, batches: list[torch.Tensor], cache: SensitivityCache | None,
+                            boundary_bytes: int, on_progress: ProgressFn | None
+                            ) -> tuple[dict[str, torch.Tensor], RoutingReport | None]:
+    """The units' input energy (cached) and a MoE model's tokens per expert, counted during the energy's
+    streamed forward, or in a forward of their own when the energy came from the cache."""
+    model = loaded.lazy.model
+    counted: list[RoutingReport] = []
+
+    def energy() -> dict[str, torch.Tensor]:
+        with routed_tokens(model) as counts, Boundaries(boundary_bytes) as boundaries:
+            measured = stream_input_energy(stream, units, batches, boundaries, on_progress=on_progress)
+        counted.extend([RoutingReport.of(counts)] if counts else [])
+        return measured
+
+    def forward() -> None:
+        with Boundaries(boundary_bytes) as boundaries:
+            stream_forward(stream, batches, boundaries)
+
+    importance = cached_importance(loaded, units, calibration, cache, energy)
+    return importance, counted[0] if counted else measure_routing(model, forward)
+
+
+@dataclass
+class _Made:
+    """What every budget's output shares: the model, its stream and units, and what steps 1 to 5 measured."""
+
+    loaded: LoadedModel
+    folder: Path
+    stream: DecoderStream
+    units: dict[str, nn.Linear]
+    importance: dict[str, torch.Tensor]
+    calibration: Any
+    sensitivity: Any
+    sizes: dict[str, dict[str, int]]
+    record: dict[str, Any]
+    timings: dict[str, float]
+    routing: RoutingReport | None = None  # a MoE model's tokens per expert
+
+
+def _write_budget(spec: JobSpec, made: _Made, plan: Any, out: Path, heldout: tuple[torch.Tensor, str] | None,
+                  on_progress: ProgressFn | None) -> RunResult:
+    """Steps 6 and 7 for one budget's ``plan``: its GGUF and importance matrix in ``out``, its quality, its
+    report."""
     from bitplan.pipeline import RunResult
 
-    reports = []
-    for plan, out in zip(plans, out_dirs, strict=True):
-        chosen = dict(plan.formats or {})
+    lazy, stream, units, importance = made.loaded.lazy, made.stream, made.units, made.importance
+    calibration, sensitivity, sizes = made.calibration, made.sensitivity, made.sizes
+    numel = sum(m.weight.numel() for m in units.values())
+    chosen = dict(plan.formats or {})
 
-        def encode(unit: str, weight: torch.Tensor, chosen: dict[str, str] = chosen) -> Any:
-            return encode_unit(spec, weight, chosen[unit], importance, unit)
+    def encode(unit: str, weight: torch.Tensor, chosen: dict[str, str] = chosen) -> Any:
+        return encode_unit(spec, weight, chosen[unit], importance, unit)
 
+    started = time.perf_counter()
+    written = write_gguf_streamed(lazy, made.folder, out / GGUF_FILE, chosen=chosen, encode=encode,  # 6
+                                  stack_name=stream.stack_name,
+                                  on_tensor=None if on_progress is None else
+                                  lambda done, total: on_progress(Stage.WRITE, done, total))
+    write_imatrix(out / IMATRIX_FILE, made.folder, importance, tokens=int(calibration.tokens.numel()),
+                  chunk_size=int(calibration.tokens.shape[-1]), dataset=str(calibration.source),
+                  unit_tokens=None if made.routing is None else made.routing.unit_tokens(importance))
+    stage_times = {"write": round(time.perf_counter() - started, 3)}
+    quality = None
+    if heldout is not None:  # 7
         started = time.perf_counter()
-        written = write_gguf_streamed(lazy, folder, out / GGUF_FILE, chosen=chosen, encode=encode,  # 6
-                                      stack_name=stream.stack_name,
-                                      on_tensor=None if on_progress is None else
-                                      lambda done, total: on_progress(Stage.WRITE, done, total))
-        write_imatrix(out / IMATRIX_FILE, folder, importance, tokens=int(calibration.tokens.numel()),
-                      chunk_size=int(calibration.tokens.shape[-1]), dataset=str(calibration.source))
-        stage_times = {"write": round(time.perf_counter() - started, 3)}
-        quality = None
-        if heldout is not None:  # 7
-            started = time.perf_counter()
-            quality = stream_quality(stream, units, lambda unit, weight: decode_weight(encode(unit, weight)),
-                                     heldout[0], text=heldout[1])
-            stage_times["quality"] = round(time.perf_counter() - started, 3)
-        reports.append(RunResult(
-            artifact=str(out), bits_per_weight=8 * written.unit_bytes / numel, bytes=written.unit_bytes,
-            status=plan.solver.status, objective=plan.solver.objective, lower_bound=plan.solver.lower_bound,
-            units=[{"name": n, "bits": FORMATS[f].nominal_bits, "format": f} for n, f in chosen.items()],
-            model=spec.model, metric=sensitivity.metric.value,
-            budget={"bits_per_weight": plan.budget_bits_per_weight, "bytes": plan.budget_bytes},
-            calibration=record, manifest_sha256="", timings_s={**timings, **stage_times},
-            predicted_bytes=sum(sizes[n][f] for n, f in chosen.items()),
-            warnings=[*sensitivity.warnings, STREAMED_NOTE], quality=None if quality is None else quality.to_json(),
-            file_bits_per_parameter=8 * written.file_bytes / lazy.parameters(), target="gguf",
-            files=[{"name": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)}
-                   for p in (written.path, out / IMATRIX_FILE)],
-            file_bytes=written.file_bytes))
-    return reports
+        quality = stream_quality(stream, units, lambda unit, weight: decode_weight(encode(unit, weight)),
+                                 heldout[0], text=heldout[1], on_progress=on_progress)
+        stage_times["quality"] = round(time.perf_counter() - started, 3)
+    return RunResult(
+        artifact=str(out), bits_per_weight=8 * written.unit_bytes / numel, bytes=written.unit_bytes,
+        status=plan.solver.status, objective=plan.solver.objective, lower_bound=plan.solver.lower_bound,
+        units=[{"name": n, "bits": FORMATS[f].nominal_bits, "format": f} for n, f in chosen.items()],
+        model=spec.model, metric=sensitivity.metric.value,
+        budget={"bits_per_weight": plan.budget_bits_per_weight, "bytes": plan.budget_bytes},
+        calibration=made.record, manifest_sha256="", timings_s={**made.timings, **stage_times},
+        predicted_bytes=sum(sizes[n][f] for n, f in chosen.items()),
+        warnings=[*sensitivity.warnings, STREAMED_NOTE], quality=None if quality is None else quality.to_json(),
+        file_bits_per_parameter=8 * written.file_bytes / lazy.parameters(), target="gguf",
+        files=[{"name": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)}
+               for p in (written.path, out / IMATRIX_FILE)],
+        file_bytes=written.file_bytes)
+
+
+def _place(spec: JobSpec, lazy: LazyModel) -> tuple[DecoderStream, MemoryPlan]:
+    """Step 1's second half: the device and compute dtype the job asked for, and its memory plan (refused with
+    what would fit when over ``max_memory``); the stream then computes there and keeps what the plan leaves of the
+    cap for the hidden states between blocks."""
+    options = spec.sensitivity
+    device = resolve_device(options.device.value)
+    dtype = resolve_compute_dtype(options.compute_dtype.value)
+    lazy.placement = Placement(device=device, dtype=dtype)
+    stream = DecoderStream(lazy)
+    names = spec.quantization.format_names or ()
+    shape = shape_of(stream, compute=dtype, windows=spec.calibration.num_samples, seq_len=spec.calibration.seq_len,
+                     options=max(len(names), 1), error_bytes=options.max_error_bytes,
+                     error_element_bytes=resolve_precision(options.precision.value).itemsize)
+    plan = plan_memory(shape, max_memory=options.max_memory)
+    lazy.placement = Placement(device=device, dtype=dtype, boundary_bytes=plan.boundaries_in_memory)
+    logger.info("streamed job on %s in %s: memory plan %s", device, dtype, plan.to_json())
+    return stream, plan
 
 
 def _open(spec: JobSpec) -> tuple[LoadedModel, Path]:
@@ -191,9 +278,10 @@ def _open(spec: JobSpec) -> tuple[LoadedModel, Path]:
 
 def stream_quality(stream: DecoderStream, units: dict[str, nn.Linear],
                    decoded: Callable[[str, torch.Tensor], torch.Tensor], windows: torch.Tensor, *,
-                   text: str) -> QualityReport:
+                   text: str, on_progress: ProgressFn | None = None) -> QualityReport:
     """:func:`bitplan.quality.measure_quality` with both models streamed: each block runs on the source's hidden
-    states, then with its units' weights replaced by ``decoded(unit, weight)`` on the quantized model's."""
+    states, then with its units' weights replaced by ``decoded(unit, weight)`` on the quantized model's (the
+    encoders read the weights on the host); ``on_progress`` hears of each block."""
     count = len(windows)
     source = [stream.embed(window) for window in torch.split(windows, 1)]
     quantized = [hidden.clone() for hidden in source]
@@ -202,12 +290,14 @@ def stream_quality(stream: DecoderStream, units: dict[str, nn.Linear],
         with stream.block(index) as run, torch.no_grad():
             for w in range(count):
                 source[w] = run(source[w])
-            replaced = {n: decoded(n, units[n].weight.detach().float()) for n in names}
+            replaced = {n: decoded(n, units[n].weight.detach().float().cpu()).to(stream.device) for n in names}
             with swapped_weights(units, replaced):
                 for w in range(count):
                     quantized[w] = run(quantized[w])
+        if on_progress is not None:
+            on_progress(Stage.QUALITY, index + 1, stream.num_blocks)
     tally = QualityTally()
     with stream.head() as head, torch.no_grad():
         for w, window in enumerate(torch.split(windows, 1)):
-            tally.add(head(source[w])[0, :-1], head(quantized[w])[0, :-1], window[0, 1:])
+            tally.add(head(source[w])[0, :-1].cpu(), head(quantized[w])[0, :-1].cpu(), window[0, 1:])
     return tally.report(windows, text=text)

@@ -1,4 +1,4 @@
-"""Group-wise asymmetric dequantization (reference implementation)."""
+"""Group-wise asymmetric dequantization (reference implementation), and the decoding of double-quantized scales."""
 
 from __future__ import annotations
 
@@ -28,3 +28,17 @@ def dequantize_groupwise(
     scale = scales.float().repeat_interleave(group_size, dim=1)[:, :in_features]
     zero = zeros.float().repeat_interleave(group_size, dim=1)[:, :in_features]
     return (qvalues.float() - zero) * scale
+
+
+def expand_row_codes(codes: torch.Tensor, low: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """``low + code * step`` per row, rounded to fp16: the values :func:`bitplan.quantizer.grid.row_codes` stands
+    for (double quantization of the scales). The encoder and the loader (:class:`QuantLinear`) both call this, so
+    the decoded scales are the same bits in both; it lives here because kernels sit below the quantizer.
+
+    Args:
+        codes: ``(rows, n)`` integer codes.
+        low, step: ``(rows,)`` the row's grid origin and step.
+    Returns:
+        ``(rows, n)`` float16.
+    """
+    return (low.float()[:, None] + codes.float() * step.float()[:, None]).to(torch.float16)

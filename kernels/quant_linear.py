@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from bitplan.kernels.bitpack import packed_words, unpack_bitstream_int32
+from bitplan.kernels.dequant import expand_row_codes
 from bitplan.kernels.triton_kernels import reference_dequantize, triton_available, triton_matmul
 
 
@@ -91,10 +92,8 @@ class QuantLinear(nn.Module):
         return getattr(self, f"qweight{suffix}"), getattr(self, f"scales{suffix}"), getattr(self, f"zeros{suffix}")
 
     def _expand_scales(self) -> None:
-        """``scales`` and ``zeros`` from their codes (:func:`quantizer.grid.expand_row_codes`, the encoder's own
-        arithmetic), again only when the stored codes changed (loaded, replaced or moved)."""
-        from bitplan.quantizer.grid import expand_row_codes
-
+        """``scales`` and ``zeros`` from their codes (:func:`bitplan.kernels.dequant.expand_row_codes`, the
+        encoder's own arithmetic), again only when the stored codes changed (loaded, replaced or moved)."""
         stored = (self.scales_q, self.zeros_q, self.scale_range)
         key = tuple(x for t in stored for x in (id(t), t.data_ptr(), t._version))
         if key == self._expanded_from:

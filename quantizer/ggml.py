@@ -132,7 +132,8 @@ def requires_importance(qtype: GGMLQuantizationType) -> bool:
 
 def quantize_ggml(weight: torch.Tensor, qtype: GGMLQuantizationType,
                   importance: torch.Tensor | None = None) -> np.ndarray:
-    """``weight (rows, columns)`` -> ``(rows, row_bytes)`` uint8 blocks of ``qtype`` by ``ggml_quantize_chunk``.
+    """``weight (rows, columns)`` -> ``(rows, row_bytes)`` uint8 blocks of ``qtype`` by ``ggml_quantize_chunk``
+    (the ``llama.cpp`` encoder of :mod:`bitplan.quantizer.ggml_encode`, which also holds ours).
 
     ``importance (columns,)``: per-column weights of the rounding error (the diagonal of the input Gram matrix,
     what ``llama-imatrix`` accumulates). A weight that remembered source blocks decode to exactly
@@ -156,6 +157,30 @@ def quantize_ggml(weight: torch.Tensor, qtype: GGMLQuantizationType,
     if written != out.nbytes:
         raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes for {qtype.name}, expected {out.nbytes}")
     return out
+
+
+class _TypeTraits(ctypes.Structure):
+    """``struct ggml_type_traits`` of ``ggml.h`` (its leading fields, up to ``to_float``)."""
+
+    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
+                ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
+                ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p)]
+
+
+def dequantize_ggml_llama_cpp(payload: np.ndarray, qtype: GGMLQuantizationType) -> torch.Tensor:
+    """``(rows, row_bytes)`` uint8 blocks -> ``(rows, columns)`` float32 by llama.cpp's own decoder (the type
+    traits' ``to_float`` of ``libggml``), what llama.cpp computes with: the check that a block layout we write is
+    read as we mean it by the runtime itself, not only by the ``gguf`` package."""
+    lib = libggml()
+    lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
+    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+    to_float = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(
+        lib.ggml_get_type_traits(int(qtype)).contents.to_float)
+    block, type_bytes = GGML_QUANT_SIZES[qtype]
+    blocks = np.ascontiguousarray(payload, dtype=np.uint8)
+    out = np.empty((blocks.shape[0], blocks.shape[1] // type_bytes * block), dtype=np.float32)
+    to_float(blocks.ctypes.data, out.ctypes.data, out.size)
+    return torch.from_numpy(out)
 
 
 def dequantize_ggml(payload: np.ndarray, qtype: GGMLQuantizationType) -> torch.Tensor:

@@ -6,6 +6,10 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
+# The decoder of :func:`row_codes` lives with the loader's kernels (kernels sit below the quantizer); the encoder
+# re-exports it so both sides name one function.
+from bitplan.kernels.dequant import expand_row_codes as expand_row_codes
+
 CLIP_GRID = tuple(1.0 - 0.025 * k for k in range(13))  # shrink factors of the [min, max] range, 1.0 .. 0.7
 
 
@@ -103,19 +107,13 @@ def row_codes(values: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tens
     """Each row of ``values`` (``(rows, n)``, for example a weight's per-group scales) as ``bits``-bit codes on
     the row's own linear grid (double quantization, QLoRA's and the K-quants' scales of scales): ``low`` the row's
     minimum and ``step = (max - low) / (2**bits - 1)``, both fp16-representable. Returns ``(codes uint8, low,
-    step)`` (``low`` and ``step`` ``(rows,)`` float32); :func:`expand_row_codes` decodes."""
+    step)`` (``low`` and ``step`` ``(rows,)`` float32); :func:`bitplan.kernels.dequant.expand_row_codes` decodes."""
     max_code = (1 << bits) - 1
     low = values.amin(dim=1).to(torch.float16).float()
     step = ((values.amax(dim=1) - low) / max_code).to(torch.float16).float()
     safe = torch.where(step > 0, step, torch.ones_like(step))
     codes = ((values - low[:, None]) / safe[:, None]).round_().clamp_(0, max_code)
     return torch.where(step[:, None] > 0, codes, torch.zeros_like(codes)).to(torch.uint8), low, step
-
-
-def expand_row_codes(codes: torch.Tensor, low: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """``low + code * step`` per row, rounded to fp16: the values :func:`row_codes` stands for (the encoder and the
-    loader both call this, so the decoded scales are the same bits in both)."""
-    return (low.float()[:, None] + codes.float() * step.float()[:, None]).to(torch.float16)
 
 
 def symmetric_grid_params(absmax: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,9 +17,11 @@ Each unit's output gradient is the whole model's, so the terms equal the whole-m
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -44,9 +46,11 @@ LogitsLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (flat next-
 
 
 class BlockStream(Protocol):
-    """What the streamed pass needs of a model (``bitplan.stream.DecoderStream``)."""
+    """What the streamed pass needs of a model (``bitplan.stream.DecoderStream``): its blocks run on ``device``
+    (what they return is on it too); the stored hidden states and gradients between blocks stay on the host."""
 
     num_blocks: int
+    device: torch.device
 
     def embed(self, tokens: torch.Tensor) -> Hidden: ...
 
@@ -114,8 +118,9 @@ def streamed_token_fisher(
     dtype = resolve_precision(precision)
     keys, error_of = option_errors(units, bits_options, group_size, options, error_of, curvature_stride)
     grouped = units_by_block(stream, units)
-    terms = TermAccumulator(keys, units, skip_first_position=skip_first_position)
+    terms = HostTerms(keys, units, skip_first_position=skip_first_position)
     count = stream.num_blocks
+    clock = BlockClock(on_progress, blocks=count)
     for w, tokens in enumerate(windows):  # 1. forward
         check_stop(should_stop, "token Fisher (forward)")
         boundaries.put((0, w), stream.embed(tokens))
@@ -123,12 +128,10 @@ def streamed_token_fisher(
         with stream.block(index) as run, torch.no_grad():
             for w in range(len(windows)):
                 boundaries.put((index + 1, w), run(boundaries.get((index, w))))
-        if on_progress is not None:
-            on_progress(Stage.TOKEN_FISHER, index + 1, 2 * count + 1)
+        clock.step("forward")
     passes = _head_gradients(stream, windows, boundaries, loss=loss, curvature_loss=curvature_loss,
                              curvature_stride=curvature_stride)  # 2. head
-    if on_progress is not None:
-        on_progress(Stage.TOKEN_FISHER, count + 1, 2 * count + 1)
+    clock.step("head")
     for index in reversed(range(count)):  # 3. backward
         check_stop(should_stop, "token Fisher")
         names = grouped.get(index, [])
@@ -136,7 +139,10 @@ def streamed_token_fisher(
                              max_bytes=max_error_bytes, element_bytes=dtype.itemsize) or [[]]
         with stream.block(index) as run:
             for chunk_index, chunk in enumerate(chunks):
-                terms.deltas = _stack_errors({name: units[name] for name in chunk}, keys, error_of, dtype)
+                with _weights_for_encoders({name: units[name] for name in chunk}):
+                    deltas = _stack_errors({name: units[name] for name in chunk}, keys, error_of, dtype)
+                terms.deltas = {name: delta.to(stream.device) for name, delta in deltas.items()}
+                del deltas
                 handles = [units[name].register_forward_hook(terms.make_hook(name)) for name in chunk]
                 try:
                     for w in range(len(windows)):
@@ -149,8 +155,7 @@ def streamed_token_fisher(
                     for handle in handles:
                         handle.remove()
                 terms.deltas = {}
-        if on_progress is not None:
-            on_progress(Stage.TOKEN_FISHER, 2 * count + 1 - index, 2 * count + 1)
+        clock.step("backward")
     curved = windows if curvature_loss is None else windows[::curvature_stride]
     return terms.result(tokens=sum(t.numel() for t in windows), curved_tokens=sum(t.numel() for t in curved),
                         batches=len(windows))
@@ -168,8 +173,8 @@ def _head_gradients(stream: BlockStream, windows: Sequence[torch.Tensor], bounda
     with stream.head() as head:
         for w, tokens in enumerate(windows):
             hidden = boundaries.get((top, w)).clone().requires_grad_(True)
-            logits = head(hidden)
-            flat = logits[:, :-1].reshape(-1, logits.shape[-1])
+            logits = head(hidden)  # the losses on the host: labels drawn with a CPU generator, as the reference's
+            flat = logits[:, :-1].reshape(-1, logits.shape[-1]).cpu()
             tokens = tokens.to(flat.device)
             if curvature_loss is None:
                 (grad,) = torch.autograd.grad(loss(flat, tokens), hidden)
@@ -195,7 +200,83 @@ def _block_backward(run: Callable[[Hidden], Hidden], stored: torch.Tensor, windo
         below: Pass = []
         for position, (phase, grad) in enumerate(window):
             terms.phase.update(phase)
-            (at_input,) = torch.autograd.grad(output, hidden, grad_outputs=grad.to(output.dtype),
+            (at_input,) = torch.autograd.grad(output, hidden, grad_outputs=grad.to(output.device, output.dtype),
                                               retain_graph=position < len(window) - 1)
             below.append((phase, at_input.float()))
     return below if keep else None
+
+
+class HostTerms(TermAccumulator):
+    """:class:`TermAccumulator` whose sums stay on the host while the blocks run on a device: each use's per-token
+    scalars ``(options, tokens)`` come back to the CPU (small beside the block's activations) before they are
+    squared and summed in float64."""
+
+    def add(self, name: str, scalars: torch.Tensor | None, first: torch.Tensor | None = None) -> None:
+        super().add(name, None if scalars is None else scalars.cpu(), None if first is None else first.cpu())
+
+
+@contextlib.contextmanager
+def _weights_for_encoders(units: Mapping[str, nn.Module]) -> Iterator[None]:
+    """The units' weights in float32 on the CPU for the duration: the encoders behind ``error_of`` are CPU code
+    (llama.cpp's, numpy's) and the RTN errors are computed in the weight's dtype, so a block computing in bfloat16
+    or on a GPU gets the float32 reference's errors (bf16 as stored is exact in float32); a no-op for a float32
+    block on the CPU."""
+    originals = {name: unit.weight for name, unit in units.items()
+                 if unit.weight.device.type != "cpu" or unit.weight.dtype != torch.float32}
+    try:
+        for name, weight in originals.items():
+            units[name]._parameters["weight"] = nn.Parameter(weight.detach().float().cpu(), requires_grad=False)
+        yield
+    finally:
+        for name, weight in originals.items():
+            units[name]._parameters["weight"] = weight
+
+
+BACKWARD_PRIOR = 6.0  # a backward block's time in forward blocks before one is measured (re-run, two gradients)
+
+
+@dataclass
+class BlockClock:
+    """The streamed pass's progress, one report per block, as the share of its expected time.
+
+    A consumer's ETA is rate-based (:class:`bitplan.stages.EtaModel`: time per step times the steps left), but a
+    backward block costs several forward blocks (the re-run, one gradient per phase, the candidate errors), so
+    equal steps would promise the backward half at the forward half's pace. Each report therefore says ``done`` of
+    :attr:`TICKS` = time spent / (time spent + the steps left at the mean time measured for their kind); a
+    backward block before any is measured counts :data:`BACKWARD_PRIOR` forward blocks, the head one. ``done``
+    never goes back.
+    """
+
+    on_progress: ProgressFn | None
+    blocks: int
+    now: Callable[[], float] = time.perf_counter
+    TICKS = 1000
+    started: float = field(default=0.0, init=False)
+    seconds: dict[str, list[float]] = field(default_factory=dict, init=False)
+    last: float = field(default=0.0, init=False)
+    done: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self.started = self.last = self.now()
+
+    def step(self, kind: str) -> None:
+        """One block of ``kind`` (``forward``, ``head``, ``backward``) finished: report the share done."""
+        now = self.now()
+        self.seconds.setdefault(kind, []).append(now - self.last)
+        self.last = now
+        if self.on_progress is None:
+            return
+        spent = now - self.started
+        left = sum(self._mean(k) * max(n - len(self.seconds.get(k, [])), 0)
+                   for k, n in (("forward", self.blocks), ("head", 1), ("backward", self.blocks)))
+        final = len(self.seconds.get("backward", [])) >= self.blocks
+        share = 1.0 if final else spent / max(spent + left, 1e-12)
+        self.done = max(self.done, min(round(share * self.TICKS), self.TICKS if final else self.TICKS - 1))
+        self.on_progress(Stage.TOKEN_FISHER, self.done, self.TICKS)
+
+    def _mean(self, kind: str) -> float:
+        measured = self.seconds.get(kind)
+        if measured:
+            return sum(measured) / len(measured)
+        forward = self.seconds.get("forward") or [0.0]
+        return sum(forward) / len(forward) * (BACKWARD_PRIOR if kind == "backward" else 1.0)

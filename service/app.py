@@ -22,6 +22,7 @@ from bitplan.service.api.deps import LOCAL_OWNER, ServiceSettings, hash_key
 from bitplan.service.api.errors import install_error_handlers, problem
 from bitplan.service.api.routes import artifacts, jobs, latency, meta, models
 from bitplan.service.retention import RetentionSweeper
+from bitplan.service.storage import Storage
 from bitplan.service.store import make_store
 from bitplan.service.worker import JobRunner, WorkerPool, make_huey, register_runner
 
@@ -51,15 +52,16 @@ class Telemetry:
 def create_app(settings: ServiceSettings) -> FastAPI:
     """The service over ``settings``: its store and queue, an embedded worker pool unless disabled."""
     store = make_store(settings.data_dir, settings.redis_url)
+    storage = Storage(settings.data_dir, settings.store_url, model_cache_bytes=settings.model_cache_bytes)
     worker_settings = settings.worker_settings()
     huey = make_huey(worker_settings)
-    runner = JobRunner(store, worker_settings)
+    runner = JobRunner(store, worker_settings, storage)
     register_runner(huey, runner)
     pool = (WorkerPool(huey, store, worker_settings, workers=settings.workers, runner=runner)
             if settings.embedded_worker else None)
 
     sweeper = None if settings.retention_days is None else RetentionSweeper(
-        store, settings.data_dir, settings.retention_days * 86400.0, settings.retention_sweep_s)
+        store, storage, settings.retention_days * 86400.0, settings.retention_sweep_s)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -76,7 +78,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     app = FastAPI(title="bitplan", version=__version__, lifespan=lifespan,
                   description="Decide how many bits each part of a network gets, then quantize it.",
                   generate_unique_id_function=lambda route: route.name)  # operationIds: create_job, get_job, ...
-    app.state.store, app.state.huey, app.state.settings = store, huey, settings
+    app.state.store, app.state.huey, app.state.settings, app.state.storage = store, huey, settings, storage
     app.state.sweeper = sweeper
     app.state.telemetry = Telemetry.create()
     install_error_handlers(app)

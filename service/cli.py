@@ -60,11 +60,35 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     settings = ServiceSettings(data_dir=Path(args.data_dir), model_roots=[Path(r) for r in args.model_root],
                                api_keys=keys, embedded_worker=not args.no_worker, workers=args.workers,
                                public_metrics=args.public_metrics, retention_days=args.retention_days,
-                               redis_url=args.redis_url)
+                               redis_url=args.redis_url, store_url=args.store,
+                               model_cache_bytes=args.model_cache_bytes)
+    app = create_app(settings)
+    prepare_store(app.state.storage)
     sys.stderr.write(f"bitplan service on http://{args.host}:{args.port} (data in {args.data_dir}, "
                      f"{'embedded worker' if not args.no_worker else 'no embedded worker'}, "
-                     f"queue on {'Redis' if args.redis_url else 'SQLite'})\n")
-    serve(create_app(settings), host=args.host, port=args.port, header_timeout_s=args.header_timeout)
+                     f"queue on {'Redis' if args.redis_url else 'SQLite'}, "
+                     f"files in {args.store or 'the data folder'})\n")
+    serve(app, host=args.host, port=args.port, header_timeout_s=args.header_timeout)
+
+
+def prepare_store(storage: Any, *, abort_older_than_s: float | None = None) -> None:
+    """With an S3 store: create its bucket when missing and, for a worker, abort the multipart uploads that
+    crashed writers left (older than ``abort_older_than_s``). An unreachable store is only logged: it may be
+    starting too, and requests answer 503 and attempts wait until it is back."""
+    import logging
+
+    from bitplan.service.objects import ObjectStoreUnavailable
+    from bitplan.service.objects_s3 import S3ObjectStore
+
+    objects = storage.objects
+    if not isinstance(objects, S3ObjectStore):
+        return
+    try:
+        objects.ensure_bucket()
+        if abort_older_than_s is not None:
+            objects.abort_incomplete_uploads(older_than_s=abort_older_than_s)
+    except ObjectStoreUnavailable as error:
+        logging.getLogger(__name__).warning("%s (going on: it is needed only when a job reads or writes)", error)
 
 
 def _cmd_worker(args: argparse.Namespace) -> None:
@@ -72,12 +96,15 @@ def _cmd_worker(args: argparse.Namespace) -> None:
     from bitplan.service.worker import JobRunner, WorkerPool, WorkerSettings, make_huey, register_runner
 
     settings = WorkerSettings(data_dir=Path(args.data_dir), redis_url=args.redis_url, lease_s=args.lease,
-                              heartbeat_s=args.heartbeat)
+                              heartbeat_s=args.heartbeat, store_url=args.store,
+                              model_cache_bytes=args.model_cache_bytes)
     store = make_store(settings.data_dir, settings.redis_url)
     huey = make_huey(settings)
     runner = JobRunner(store, settings)
+    prepare_store(runner.storage, abort_older_than_s=6 * 3600.0)
     register_runner(huey, runner)
-    sys.stderr.write(f"bitplan worker: {args.workers} thread(s), data in {args.data_dir}\n")
+    sys.stderr.write(f"bitplan worker: {args.workers} thread(s), data in {args.data_dir}, files in "
+                     f"{args.store or 'the data folder'}\n")
     WorkerPool(huey, store, settings, workers=args.workers, embedded=False, runner=runner).run_forever()
 
 
@@ -204,6 +231,23 @@ def _cmd_download(args: argparse.Namespace) -> None:
     emit({"artifact": args.artifact_id, "path": str(out)}, args.json)
 
 
+def _store_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", default=os.environ.get("BITPLAN_STORE") or None,
+                        help="where artifacts and uploaded models live: a folder or file:///path (default: the data "
+                             "folder), or s3://bucket/prefix (endpoint and keys from AWS_ENDPOINT_URL, "
+                             "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY; the bucket is created when missing). With "
+                             "s3, --data-dir is only this process's scratch and model cache")
+    parser.add_argument("--model-cache-bytes", type=_byte_count, default=20 * 2**30,
+                        help="bound of the local cache of models pulled from an s3 store (default 20 GiB)")
+
+
+def _byte_count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive number of bytes, got {text}")
+    return value
+
+
 def add_service_commands(sub: Any) -> None:
     serve = sub.add_parser("serve", help="run the HTTP service with an embedded worker")
     serve.add_argument("--host", default="127.0.0.1")
@@ -222,6 +266,7 @@ def add_service_commands(sub: Any) -> None:
     serve.add_argument("--workers", type=int, default=1, help="embedded worker threads (one job each)")
     serve.add_argument("--no-worker", action="store_true", help="API only; run 'bitplan worker' elsewhere")
     serve.add_argument("--redis-url", default=os.environ.get("BITPLAN_REDIS_URL"))
+    _store_arguments(serve)
     serve.set_defaults(func=_cmd_serve)
 
     worker = sub.add_parser("worker", help="run jobs from the queue (beside 'bitplan serve --no-worker')")
@@ -230,6 +275,7 @@ def add_service_commands(sub: Any) -> None:
     worker.add_argument("--workers", type=int, default=1)
     worker.add_argument("--lease", type=float, default=30.0, help="seconds a job stays ours without a heartbeat")
     worker.add_argument("--heartbeat", type=float, default=2.0)
+    _store_arguments(worker)
     worker.set_defaults(func=_cmd_worker)
 
     def client_command(name: str, help_text: str, func: Any) -> argparse.ArgumentParser:

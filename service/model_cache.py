@@ -6,9 +6,9 @@ renamed into ``entries/`` whole, so a half-downloaded model is never used. An in
 and a use counter; when a new entry needs room, the least recently used entries go first.
 
 Locks are ``flock``\\ s on files under ``locks/``, so they hold between threads and between worker processes that
-share the folder: fetching an entry takes its lock exclusively (a second fetch of the same key waits, then finds it
-present: one download), :meth:`ModelCache.use` holds it shared while the caller reads the files, and eviction
-skips an entry whose lock it cannot take at once (in use).
+share the folder: fetching a missing entry takes its lock exclusively (a second fetch of the same key waits, then
+finds it present: one download), :meth:`ModelCache.use` holds it shared while the caller reads the files (two jobs
+on one model share it), and eviction skips an entry whose lock it cannot take at once (in use).
 """
 
 from __future__ import annotations
@@ -102,11 +102,11 @@ class ModelCache:
         slot = self._slot(name)
         folder = self.root / "entries" / slot
         with (self.root / "locks" / f"{slot}.lock").open("a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            with self._index_lock():
-                present = name in self._read_index() and folder.is_dir()
-            if not present:
-                self._download(name, folder, listing(), sha256)
+            fcntl.flock(lock, fcntl.LOCK_SH)  # present: shared at once (jobs reading one model run side by side)
+            if not self._present(name, folder):
+                fcntl.flock(lock, fcntl.LOCK_EX)  # not atomic: whoever downloaded meanwhile is seen below
+                if not self._present(name, folder):
+                    self._download(name, folder, listing(), sha256)
             with self._index_lock():
                 index = self._read_index()
                 entry = index.get(name) or {"size": _folder_bytes(folder)}
@@ -116,6 +116,10 @@ class ModelCache:
                 self._write_index(index)
             fcntl.flock(lock, fcntl.LOCK_SH)  # others may read it now; eviction may not remove it
             yield folder
+
+    def _present(self, name: str, folder: Path) -> bool:
+        with self._index_lock():
+            return name in self._read_index() and folder.is_dir()
 
     def _download(self, name: str, folder: Path, objects: list[ObjectInfo], sha256: str | None) -> None:
         needed = sum(o.size for o in objects)
@@ -156,8 +160,6 @@ class ModelCache:
             self._write_index(index)
         if total + needed > self.max_bytes:
             log.warning("model cache over its bound of %d bytes: the entries in use hold %d", self.max_bytes, total)
-        if total + needed > self.max_bytes:
-            log.warning("model cache over its bound: %d bytes in use, %d more needed", total, needed)
 
     def _evict(self, name: str) -> bool:
         slot = self._slot(name)

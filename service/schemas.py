@@ -52,7 +52,7 @@ def _job_field(option: Option) -> tuple[Any, Any]:
     annotation: Any = {"int": int, "float": float, "bool": bool, "str": str, "enum": str}.get(option.kind)
     if option.kind == "enum" and option.choices is not None:
         extra = {"enum": [c.value for c in option.choices]}
-        default = default.value
+        default = None if default is None else default.value  # None: an optional choice (--size-of)
     elif option.kind in ("ints", "floats"):
         item_type = "integer" if option.kind == "ints" else "number"
         extra = {"items": {"type": item_type, **extra}, **({"maxItems": option.max_items} if option.max_items else {})}
@@ -61,7 +61,7 @@ def _job_field(option: Option) -> tuple[Any, Any]:
             annotation, default = float | list[float] | None, None
     elif option.kind == "pins":
         annotation, default = list[str], []
-    if default is None and option.kind in ("int", "float", "str"):
+    if default is None and option.kind in ("int", "float", "str", "enum"):
         annotation = annotation | None
     if option.name == "model":
         return str, Field(min_length=1, max_length=4096, description="bundled id, registered model id (mdl-...), or a "

@@ -1,17 +1,16 @@
 """Job execution: Huey carries job ids; each attempt runs the pipeline in its own child process.
 
-The worker thread that Huey gives a job claims it (a new attempt and fencing token), starts a spawned child that
-runs the pipeline into a staging folder, relays its progress to the store, heartbeats the lease, and turns a
-cancel request into the child's ``should_stop``. Only a successful attempt that still holds the fence renames
-its staging folder into ``artifacts/`` and records the result, so a cancelled, failed or stale attempt publishes
-nothing. A crash of the child (bad model file, out of memory) fails the job, never the worker.
+The worker thread that Huey gives a job claims it (a new attempt and fencing token), pulls the job's inputs from
+the object store when it names any (``bitplan.service.storage``), starts a spawned child that runs the pipeline
+into a staging folder, relays its progress to the store, heartbeats the lease, and turns a cancel request into the
+child's ``should_stop``. Only a successful attempt that still holds the fence publishes its staging folder (renamed
+into ``artifacts/``, or uploaded under its attempt's prefix) and records the result, so a cancelled, failed or
+stale attempt publishes nothing. A crash of the child (bad model file, out of memory) fails the job, never the worker.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import json
 import logging
 import multiprocessing
 import os
@@ -21,33 +20,39 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from huey import Huey, RedisHuey, SqliteHuey
 from huey.consumer import Consumer
 
 from bitplan.service.domain import LEASED, ArtifactRecord, JobError, JobResult, JobStatus, JobStore, StaleAttempt
+from bitplan.service.model_cache import CacheTooSmall
+from bitplan.service.objects import ChecksumMismatch, ObjectNotFound
+from bitplan.service.stage_times import read_stage_times, stage_times_key, write_stage_times
+from bitplan.service.storage import Storage, call_leased
 from bitplan.stages import EtaModel, overall_fraction  # JobStore or RedisJobStore (the same methods)
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 @dataclass(frozen=True)
 class WorkerSettings:
     """Where state lives and how leases behave."""
 
-    data_dir: Path
+    data_dir: Path  # with an object store: this worker's own scratch and model cache
     redis_url: str | None = None
     lease_s: float = 30.0
     heartbeat_s: float = 2.0
     max_attempts: int = 3
     cancel_grace_s: float = 20.0
     reap_every_s: float = 5.0
-
-    @property
-    def artifacts_dir(self) -> Path:
-        return self.data_dir / "artifacts"
+    store_url: str | None = None  # artifacts and inputs: the data folder (None), another folder, or s3://...
+    model_cache_bytes: int = 20 * 2**30  # the bound of the local copies of models pulled from an object store
+    store_wait_s: float = 300.0  # how long an attempt waits for an unreachable object store before giving up
 
     @property
     def staging_dir(self) -> Path:
@@ -57,35 +62,6 @@ class WorkerSettings:
     def stage_times_file(self) -> Path:
         """Each kind of job's measured stage durations on this machine (the ETA of the next one)."""
         return self.data_dir / "stage-times.json"
-
-
-def stage_times_key(request: dict[str, Any]) -> str:
-    """Jobs that run the same stages at about the same speed: everything but the budgets' values, and their
-    count."""
-    budget = request.get("budget") or {}
-    count = len(budget.get("bits_per_weight") or []) or 1
-    shape = {**{k: v for k, v in request.items() if k != "budget"}, "budgets": count}
-    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def read_stage_times(path: Path, key: str) -> list[tuple[str, float]] | None:
-    try:
-        return [(str(stage), float(seconds)) for stage, seconds in json.loads(path.read_text())[key]]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # none measured yet, or an unreadable file: the ETA falls back to the stage spans
-
-
-def write_stage_times(path: Path, key: str, durations: list[tuple[str, float]]) -> None:
-    """Record a succeeded job's stage durations (the newest 200 kinds of job kept; renamed into place)."""
-    try:
-        table = json.loads(path.read_text())
-    except (OSError, ValueError):
-        table = {}
-    table.pop(key, None)
-    table[key] = [[stage, round(seconds, 3)] for stage, seconds in durations]
-    staging = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
-    staging.write_text(json.dumps(dict(list(table.items())[-200:])))
-    os.replace(staging, path)
 
 
 def make_huey(settings: WorkerSettings) -> Huey:
@@ -153,9 +129,11 @@ def _child_main(request: dict[str, Any], staging: str, messages: Any, stop: Any,
 class JobRunner:
     """Runs one attempt of a job; Huey calls :meth:`__call__` with the job id."""
 
-    def __init__(self, store: JobStore, settings: WorkerSettings) -> None:
+    def __init__(self, store: JobStore, settings: WorkerSettings, storage: Storage | None = None) -> None:
         self.store = store
         self.settings = settings
+        self.storage = storage or Storage(settings.data_dir, settings.store_url,
+                                          model_cache_bytes=settings.model_cache_bytes)
         self.shutting_down = threading.Event()  # set by WorkerPool.stop: give running attempts back
         self._active = 0
         self._active_lock = threading.Condition()
@@ -173,19 +151,55 @@ class JobRunner:
             return  # finished, cancelled or claimed by another attempt: nothing to do
         job = self.store.get(job_id)
         assert job is not None
+        with self._active_lock:
+            self._active += 1
+        try:
+            with ExitStack() as held:  # the cached inputs, held against eviction while the attempt runs
+                request = self._inputs(job_id, fence, job.request, held)
+                if request is not None:
+                    self._attempt(job_id, fence, request, stage_times_key(job.request))
+        except StaleAttempt:
+            logger.warning("job %s: attempt %d lost its lease; its work is discarded", job_id, fence)
+        except Exception:  # noqa: BLE001 - a store is unreachable: stop; the lease expires and the job is requeued
+            logger.exception("job %s: attempt %d cannot reach the job store or the object store; stopping it",
+                             job_id, fence)
+        finally:
+            with self._active_lock:
+                self._active -= 1
+                self._active_lock.notify_all()
+
+    def _leased(self, job_id: str, fence: int, work: Callable[[], T]) -> T:
+        """``work()`` (a pull or a push) while the lease is kept, waiting out a restarting object store."""
+        return call_leased(work, heartbeat=lambda: self.store.heartbeat(job_id, fence, self.settings.lease_s),
+                           every_s=self.settings.heartbeat_s, store_wait_s=self.settings.store_wait_s,
+                           stopping=self.shutting_down)
+
+    def _inputs(self, job_id: str, fence: int, request: dict[str, Any], held: ExitStack) -> dict[str, Any] | None:
+        """The request with its model and files pulled from the object store into the model cache (unchanged
+        with local storage); ``None`` when they cannot be had (the job is failed, saying why)."""
+        if not self.storage.names_objects(request):
+            return request
+        try:
+            return self._leased(job_id, fence, lambda: self.storage.local_inputs(request, held))
+        except (ObjectNotFound, FileNotFoundError, ChecksumMismatch, CacheTooSmall) as error:
+            failure = JobError(code="input_unavailable", retryable=False,
+                               message=f"the job's model or input files cannot be pulled from the object store: "
+                                       f"{type(error).__name__}: {error}")
+            self.store.finish(job_id, fence, JobStatus.FAILED, error=failure.to_dict())
+            return None
+
+    def _attempt(self, job_id: str, fence: int, request: dict[str, Any], times_key: str) -> None:
+        """Run the pipeline in a child process into a staging folder, relay it, conclude the job."""
         staging = self.settings.staging_dir / f"{job_id}-attempt{fence}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        times_key = stage_times_key(job.request)
         eta = EtaModel(time.monotonic(), read_stage_times(self.settings.stage_times_file, times_key))
         context = multiprocessing.get_context("spawn")
         messages = context.Queue()
         stop = context.Event()
-        child = context.Process(target=_child_main, args=(job.request, str(staging), messages, stop, os.getpid()),
+        child = context.Process(target=_child_main, args=(request, str(staging), messages, stop, os.getpid()),
                                 daemon=True)
         child.start()
-        with self._active_lock:
-            self._active += 1
         try:
             outcome = self._supervise(job_id, fence, child, messages, stop, eta)
             child.join(timeout=30)
@@ -194,18 +208,11 @@ class JobRunner:
             self._conclude(job_id, fence, outcome, child.exitcode, staging)
             if outcome is not None and outcome[0] == "result":
                 write_stage_times(self.settings.stage_times_file, times_key, eta.durations())
-        except StaleAttempt:
-            logger.warning("job %s: attempt %d lost its lease; its work is discarded", job_id, fence)
-        except Exception:  # noqa: BLE001 - the store is unreachable: stop; the lease expires and the job is requeued
-            logger.exception("job %s: attempt %d cannot reach the job store; stopping it", job_id, fence)
         finally:
             if child.is_alive():
                 child.kill()
             child.join(timeout=30)  # reaped: no zombie, no writes after the cleanup below
             shutil.rmtree(staging, ignore_errors=True)
-            with self._active_lock:
-                self._active -= 1
-                self._active_lock.notify_all()
 
     def _supervise(self, job_id: str, fence: int, child: Any, messages: Any, stop: Any,
                    eta: EtaModel) -> tuple[Any, ...] | None:
@@ -261,18 +268,21 @@ class JobRunner:
             self.store.finish(job_id, fence, JobStatus.FAILED, error=outcome[1])
         else:
             self.store.heartbeat(job_id, fence, self.settings.lease_s)  # still ours? (raises StaleAttempt if not)
-            self.store.finish(job_id, fence, JobStatus.SUCCEEDED,
-                              result=self._publish(job_id, outcome[1], staging).to_dict())
+            result = self._leased(job_id, fence, lambda: self._publish(job_id, fence, outcome[1], staging))
+            self.store.finish(job_id, fence, JobStatus.SUCCEEDED, result=result.to_dict())
+            for artifact in result.artifacts:  # what killed attempts left (whole objects, named by no job)
+                try:
+                    self.storage.discard_other_attempts(artifact.id, fence)
+                except Exception:  # noqa: BLE001 - the retention sweep removes them later
+                    logger.exception("job %s: could not remove earlier attempts' objects", job_id)
 
-    def _publish(self, job_id: str, runs: list[dict[str, Any]], staging: Path) -> JobResult:
-        """Move each run's staging folder into ``artifacts/`` under its artifact id."""
+    def _publish(self, job_id: str, fence: int, runs: list[dict[str, Any]], staging: Path) -> JobResult:
+        """Publish each run's staging folder under its artifact id (renamed into ``artifacts/``, or uploaded to
+        the object store under this attempt's prefix)."""
         artifacts = []
         for index, run in enumerate(runs):
             artifact_id = f"{job_id}-{index}"
-            target = self.settings.artifacts_dir / artifact_id
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(staging / str(index), target)
+            self.storage.publish(artifact_id, fence, staging / str(index))
             artifacts.append(ArtifactRecord(id=artifact_id, bits_per_weight=run["bits_per_weight"], bytes=run["bytes"],
                                             manifest_sha256=run["manifest_sha256"]))
             run["artifact"] = artifact_id

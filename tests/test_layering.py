@@ -3,7 +3,10 @@ Hugging Face's ``kernels`` package (which transformers imports when present) and
 
 from __future__ import annotations
 
+import ast
+import graphlib
 import importlib.metadata
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -85,3 +88,98 @@ def test_issue13_bare_kernels_from_the_clone_without_the_distribution_is_missing
         "else:\n    print('found', kernels.__file__)\n"
     )
     assert _run_elsewhere(code, ROOT).strip() == "missing kernels"
+
+
+# The layers of the house, lowest first: a module imports only from its own layer or below (function-level and
+# ``TYPE_CHECKING`` imports count: a lazy import hides an arrow, it does not remove it). ``bitplan.stages`` and
+# ``bitplan.errors`` are the shared vocabulary (the progress stages, the domain errors): they import nothing of ours.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("bitplan.stages", "bitplan.errors"),
+    ("bitplan.kernels",),
+    ("bitplan.allocator",),
+    ("bitplan.quantizer",),
+    ("bitplan.sensitivity",),
+    ("bitplan",),  # the job: spec, planning, pipeline, exports, sources, ...
+    ("bitplan.service",),
+)
+FOLDERS = {"bitplan": "bitplan", "allocator": "bitplan.allocator", "sensitivity": "bitplan.sensitivity",
+           "quantizer": "bitplan.quantizer", "kernels": "bitplan.kernels", "service": "bitplan.service"}
+# Known import cycles, as the edge that closes each, with why it is still here. Shrink only: fixing one means
+# deleting its line; a new cycle fails the test.
+ALLOWED_BACK_EDGES = {
+    ("bitplan.streamed_job", "bitplan.pipeline"): "RunResult lives in bitplan.run_result now: streamed_job's two "
+                                                  "imports of it from bitplan.pipeline are left to change",
+}
+
+
+def _module_files() -> dict[str, Path]:
+    """Every module of ours by its installed name (``kernels/dequant.py`` -> ``bitplan.kernels.dequant``)."""
+    modules = {}
+    for folder, package in FOLDERS.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            parts = path.relative_to(ROOT / folder).with_suffix("").parts
+            parts = parts[:-1] if parts[-1] == "__init__" else parts
+            modules[".".join((package, *parts))] = path
+    return modules
+
+
+def _imports(path: Path, name: str, known: set[str]) -> set[str]:
+    """The modules of ours that ``path`` (module ``name``) imports anywhere in its body: ``from a.b import c`` is
+    ``a.b.c`` when that is a module, else ``a.b``."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
+        else:
+            continue
+        found.update(t for t in targets if t in known and t != name)
+    return found
+
+
+def _import_graph() -> dict[str, set[str]]:
+    modules = _module_files()
+    return {name: _imports(path, name, set(modules)) for name, path in modules.items()}
+
+
+def _layer_of(module: str) -> int:
+    """The index in :data:`LAYERS` of the longest prefix naming ``module``."""
+    best = max((len(prefix), index) for index, layer in enumerate(LAYERS) for prefix in layer
+               if module == prefix or module.startswith(prefix + "."))
+    return best[1]
+
+
+def test_issue45_no_import_reaches_up_a_layer() -> None:
+    """kernels < allocator < quantizer < sensitivity < the job modules < service; ``kernels/quant_linear.py`` once
+    imported ``quantizer.grid`` (the decoder of double-quantized scales now lives in ``kernels.dequant``)."""
+    upward = sorted(f"{module} -> {target}" for module, targets in _import_graph().items() for target in targets
+                    if _layer_of(target) > _layer_of(module))
+    assert upward == []
+
+
+def test_issue45_the_layer_map_sees_every_package() -> None:
+    """The graph the layer and cycle checks walk is the real one: it holds the arrows the house is built on."""
+    graph = _import_graph()
+    assert {"bitplan.kernels.dequant", "bitplan.spec", "bitplan.service.worker"} <= set(graph)
+    assert "bitplan.kernels.dequant" in graph["bitplan.quantizer.grid"]
+    assert "bitplan.budget_range" in graph["bitplan.spec"] and "bitplan.spec" in graph["bitplan.planning"]
+    assert [_layer_of(m) for m in ("bitplan.stages", "bitplan.kernels.bitpack", "bitplan.quantizer",
+                                   "bitplan.spec", "bitplan.service.api")] == [0, 1, 3, 5, 6]
+
+
+def test_issue45_no_import_cycle_among_the_core_and_job_modules() -> None:
+    """No circle among ``bitplan/`` and the numeric packages (``spec`` <-> ``planning`` was one: the coarse budget
+    rule now lives below both, in ``bitplan.budget_range``). Known cycles are listed by the edge that closes them
+    in :data:`ALLOWED_BACK_EDGES`; that list only shrinks."""
+    graph = {name: targets - {t for t in targets if (name, t) in ALLOWED_BACK_EDGES}
+             for name, targets in _import_graph().items() if _layer_of(name) < len(LAYERS) - 1}
+    sorter = graphlib.TopologicalSorter({name: {t for t in targets if t in graph} for name, targets in graph.items()})
+    try:
+        sorter.prepare()
+    except graphlib.CycleError as error:
+        pytest.fail(f"import cycle: {' -> '.join(error.args[1])}")
+    stale = [edge for edge in ALLOWED_BACK_EDGES if edge[1] not in _import_graph().get(edge[0], set())]
+    assert stale == [], f"these cycles are fixed: delete them from ALLOWED_BACK_EDGES: {stale}"

@@ -1,6 +1,6 @@
 """Model sources opened lazily: a skeleton on the meta device and a store that reads one tensor when asked."""
 
-from bitplan.sources.lazy import LazyModel, open_lazy
+from bitplan.sources.lazy import LazyModel, Placement, open_lazy
 from bitplan.sources.tensors import LoadedTensors, SafetensorsStore, TensorStore
 
-__all__ = ["LazyModel", "LoadedTensors", "SafetensorsStore", "TensorStore", "open_lazy"]
+__all__ = ["LazyModel", "LoadedTensors", "Placement", "SafetensorsStore", "TensorStore", "open_lazy"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,25 @@ import torch
 from torch import nn
 
 from bitplan.errors import ModelReferenceError
+from bitplan.moe import checkpoint_aliases
 from bitplan.sources.tensors import LoadedTensors, SafetensorsStore, TensorStore
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and how a streamed model computes (the job options ``device``, ``compute_dtype``, ``max_memory``).
+
+    Attributes:
+        device: the device each block and its windows go to; the hidden states between blocks stay on the host.
+        dtype: the dtype blocks are materialized and run in (float32 the reference; bfloat16 keeps bf16 weights
+            as stored).
+        boundary_bytes: hidden states the stream may hold in host memory before spilling to files (``None``: the
+            caller's cap), from the job's memory plan (:mod:`bitplan.memory_plan`).
+    """
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    boundary_bytes: int | None = None
 
 
 @dataclass
@@ -34,6 +52,7 @@ class LazyModel:
         tokenizer, kind, config: as :class:`bitplan.models.LoadedModel` has them.
         resident: every tensor already in memory (a loaded model): materializing is a no-op.
         names: parameter name in ``model`` -> tensor name in ``store`` (prefixes and tied heads resolved).
+        placement: where and in what dtype its blocks compute when streamed (:class:`bitplan.stream.DecoderStream`).
     """
 
     model: nn.Module
@@ -42,6 +61,7 @@ class LazyModel:
     kind: Any
     resident: bool
     names: dict[str, str]
+    placement: Placement = field(default_factory=Placement)
 
     def materialize(self, prefix: str, module: nn.Module, *, dtype: torch.dtype = torch.float32,
                     device: torch.device | str = "cpu") -> None:
@@ -119,6 +139,7 @@ def _skeleton(folder: Path, reference: str) -> tuple[nn.Module, Any, Any]:
     from transformers import AutoConfig, AutoTokenizer
 
     from bitplan.models import _auto_class, _kind_of
+    from bitplan.moe import unfuse_experts
 
     try:
         config = AutoConfig.from_pretrained(folder)
@@ -127,6 +148,7 @@ def _skeleton(folder: Path, reference: str) -> tuple[nn.Module, Any, Any]:
     kind = _kind_of(config, reference)
     with init_empty_weights(include_buffers=False):
         model = _auto_class(kind).from_config(config)
+        unfuse_experts(model)  # one nn.Linear per expert projection, named as the checkpoint names it
     model.eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -146,6 +168,7 @@ def match_names(model: nn.Module, store: TensorStore, reference: str) -> dict[st
     missing = []
     for name in model.state_dict():
         candidates = [name, name[len(prefix):] if name.startswith(prefix) else prefix + name]
+        candidates += [alias for candidate in candidates for alias in checkpoint_aliases(candidate)]
         found = next((c for c in candidates if c in available), None)
         if found is None and name in tied:
             found = names.get(tied[name])

@@ -12,6 +12,7 @@ from fastapi.security import HTTPBearer
 
 from bitplan.service.api.errors import http_error
 from bitplan.service.domain import Job, JobStore
+from bitplan.service.storage import Storage
 
 LOCAL_OWNER = "local"
 
@@ -37,12 +38,15 @@ class ServiceSettings:
     max_attempts: int = 3
     retention_days: float | None = None  # finished jobs unchanged this long are deleted with their artifacts
     retention_sweep_s: float = 600.0  # how often the retention sweep runs
+    store_url: str | None = None  # artifacts and job inputs: the data folder (None), a folder, or s3://bucket/prefix
+    model_cache_bytes: int = 20 * 2**30  # an embedded worker's cache of models pulled from an object store
 
     def worker_settings(self) -> Any:
         from bitplan.service.worker import WorkerSettings
 
         return WorkerSettings(data_dir=self.data_dir, redis_url=self.redis_url, lease_s=self.lease_s,
-                              heartbeat_s=self.heartbeat_s, max_attempts=self.max_attempts)
+                              heartbeat_s=self.heartbeat_s, max_attempts=self.max_attempts, store_url=self.store_url,
+                              model_cache_bytes=self.model_cache_bytes)
 
 
 def hash_key(key: str) -> str:
@@ -62,9 +66,14 @@ def get_huey(request: Request) -> Any:
     return request.app.state.huey
 
 
+def get_storage(request: Request) -> Storage:
+    return request.app.state.storage  # type: ignore[no-any-return]
+
+
 Settings = Annotated[ServiceSettings, Depends(get_settings)]
 Store = Annotated[JobStore, Depends(get_store)]
 Queue = Annotated[Any, Depends(get_huey)]
+Files = Annotated[Storage, Depends(get_storage)]  # where artifacts and job inputs live
 
 
 BEARER = HTTPBearer(auto_error=False, description="an API key from the service's --api-keys file (none needed when "

@@ -20,13 +20,14 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bitplan.errors import BitplanError
+from bitplan.service.objects import ObjectStoreUnavailable
 from bitplan.service.schemas import Problem
 
 logger = logging.getLogger(__name__)
 PROBLEM_TYPE = "application/problem+json"
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": Problem, "content": {PROBLEM_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
-    for code in (400, 401, 404, 409, 413, 422, 429)}
+    for code in (400, 401, 404, 409, 413, 422, 429, 503)}  # 503: Redis or the object store unreachable
 STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                 405: "method_not_allowed", 409: "conflict", 413: "too_large", 416: "range_not_satisfiable",
                 422: "invalid_input", 429: "too_many_jobs", 503: "unavailable", 507: "insufficient_storage"}
@@ -62,6 +63,9 @@ def infrastructure_problem(error: BaseException) -> JSONResponse | None:
     if isinstance(error, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
         return problem(503, "the job store (Redis) cannot be reached; retry shortly", code="store_unavailable",
                        headers={"Retry-After": "5"})
+    if isinstance(error, ObjectStoreUnavailable):
+        return problem(503, "the object store that holds models and artifacts cannot be reached; retry shortly",
+                       code="object_store_unavailable", headers={"Retry-After": "5"})
     full = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "disk is full" in text \
         or "disk full" in text
     if full and isinstance(error, (OSError, sqlite3.Error, redis.exceptions.ResponseError)):
@@ -84,7 +88,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return problem(500, "internal error; it has been logged", code="internal")
 
     for kind in (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ResponseError,
-                 sqlite3.Error, OSError, Exception):  # the infrastructure's own classes first: answered, not raised
+                 ObjectStoreUnavailable, sqlite3.Error, OSError, Exception):  # infrastructure first: answered
         app.add_exception_handler(kind, unexpected)  # type: ignore[arg-type]
 
     @app.exception_handler(BitplanError)

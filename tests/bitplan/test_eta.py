@@ -62,3 +62,57 @@ def test_a_stage_that_did_not_run_before_falls_back_and_a_skipped_one_is_not_wai
     assert eta.remaining_s(20.0) == pytest.approx(40.0 + 5.0 + 8.0)
     eta.observe(Stage.QUANTIZE, 5, 10, 22.0)  # the sensitivity came from the cache: no token Fisher this time
     assert eta.remaining_s(22.0) == pytest.approx(2.0 + 8.0)
+
+
+def record_job(folder, out, seed: int) -> list[tuple[str, int, int, float]]:
+    """A real two-budget sweep on a tiny model: every ``(stage, done, total, monotonic seconds)`` it reported."""
+    import time
+
+    from bitplan.pipeline import run_budgets
+    from bitplan.spec import JobSpec
+
+    reports: list[tuple[str, int, int, float]] = []
+    spec = JobSpec.from_flat(model=str(folder), bits_per_weight=[3.5, 4.5], num_samples=4, seq_len=32,
+                             group_size=64, quality_windows=2, quality_seq_len=32, seed=seed)
+    run_budgets(spec, out_dirs=[out / "a", out / "b"], use_cache=False,
+                on_progress=lambda stage, done, total: reports.append((Stage(stage).value, done, total,
+                                                                       time.monotonic())))
+    return reports
+
+
+def replay(reports: list[tuple[str, int, int, float]], start: float, history=None):
+    """The worker's view of a recorded job: per report, the ETA and the share ``elapsed / (elapsed + left)``."""
+    eta, seen = EtaModel(start, history), []
+    for stage, done, total, at in reports:
+        eta.observe(stage, done, total, at)
+        left = eta.remaining_s(at)
+        seen.append((stage, done, total, at, left, None if left is None else (at - start) / max(at - start + left,
+                                                                                                  1e-9)))
+    return eta, seen
+
+
+def test_issue45_a_real_sweeps_progress_is_honest(tiny_llama_dir, tmp_path) -> None:
+    """Two real jobs of one kind (the second with the first's stage times as history, as the worker keeps them):
+    no stage reports more steps than its total, no share passes 1, the first budget's "kl check" is not the end
+    (ETA above 0 while the second budget's stages remain), and at the end of each stage the second job's ETA is
+    within a factor of 3 of the time that actually remained, give or take 2 s (generous: tiny stages on shared
+    cores)."""
+    import time
+
+    start = time.monotonic()
+    first = record_job(tiny_llama_dir, tmp_path / "first", seed=0)
+    measured, _ = replay(first, start)
+    start = time.monotonic()
+    second = record_job(tiny_llama_dir, tmp_path / "second", seed=1)
+    end = time.monotonic()
+    _, seen = replay(second, start, measured.durations())
+    assert all(0 <= done <= total for _, done, total, *_ in first + second)
+    assert all(share is None or 0 <= share <= 1 for *_, share in seen)
+    checks = [(done, total, left) for stage, done, total, _, left, _ in seen if stage == Stage.KL_CHECK.value]
+    assert [(d, t) for d, t, _ in checks] == [(1, 2), (2, 2)] and checks[0][2] > 0
+    stage_ends = [row for row, after in zip(seen, seen[1:], strict=False) if after[0] != row[0]]
+    assert len(stage_ends) >= 5
+    for stage, done, total, at, left, _ in stage_ends:
+        true_left = end - at
+        assert left is not None and true_left / 3 - 2 <= left <= 3 * true_left + 2, (stage, done, total, left,
+                                                                                        true_left)

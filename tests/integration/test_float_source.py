@@ -151,6 +151,21 @@ def test_random_orthogonal_is_orthogonal_and_seeded() -> None:
     assert not torch.equal(q, float_source.random_orthogonal(48, seed=4))
 
 
+@pytest.mark.parametrize("qtype", [gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q4_K],
+                         ids=["Q4_1", "Q4_K"])
+def test_grid_blocks_finds_a_decoded_grid_and_no_gaussian_one(qtype: gguf.GGMLQuantizationType) -> None:
+    from bitplan.quantizer.ggml import dequantize_ggml, quantize_ggml
+
+    gaussian = torch.randn(8, 512, generator=torch.Generator().manual_seed(0))
+    on_grid = dequantize_ggml(quantize_ggml(gaussian, qtype), qtype).numpy()
+    found = float_source._check.grid_blocks(on_grid, qtype)
+    # every 32-block of a decoded 4-bit tensor holds at most 16 values (Q4_K's sub-blocks too); re-encoding finds
+    # most of them again, but not necessarily all (a block without both end levels gets another scale)
+    assert found["blocks"] == 128 and found["at_most_levels"] == 128 and found["exact"] > 64, found
+    off = float_source._check.grid_blocks(gaussian.numpy(), qtype)
+    assert off == {"exact": 0, "at_most_levels": 0, "blocks": 128}
+
+
 def test_unknown_tensor_is_refused() -> None:
     names = ["token_embd.weight", "output_norm.weight", "blk.0.attn_qkv.weight"]
     with pytest.raises(ValueError, match=r"no residual-stream role for 1 tensors \(blk\.0\.attn_qkv\.weight\)"):
@@ -185,6 +200,6 @@ def test_smollm2_rotated_gguf_matches_source_in_llama_cpp(tmp_path: Path) -> Non
     assert vs_source["kl_mean"] < 1e-2 and vs_source["top1_agreement"] > 0.9, vs_source
     assert vs_control["kl_mean"] < 1e-4 and vs_control["top1_agreement"] > 0.99, vs_control
 
-    q4_1 = {t.name for t in gguf.GGUFReader(source).tensors if t.tensor_type == gguf.GGMLQuantizationType.Q4_1}
-    grid = float_source.grid_report(rotated, q4_1)
-    assert grid["exact_fraction"] < 0.01 and grid["at_most_16_levels_fraction"] < 0.01, grid
+    grid = float_source.grid_report(rotated, float_source.quantized_tensors(source))["Q4_1"]
+    assert grid["tensors"] == 210 and grid["levels"] == 16, grid
+    assert grid["exact_fraction"] < 0.01 and grid["at_most_levels_fraction"] < 0.01, grid

