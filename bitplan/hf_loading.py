@@ -15,6 +15,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from bitplan.kernels.quant_linear import QuantLinear, segment_layout
 from bitplan.manifest import GGML_LAYOUT
+from bitplan.moe import unfuse_experts
 from bitplan.quantizer.formats import FORMATS, GgmlWeight, scale_bits_of
 
 QUANT_METHOD = "bitplan"  # the same as bitplan.hf_quantizer's (which does not import this module before it is due)
@@ -112,6 +113,7 @@ class BitplanHfQuantizer(HfQuantizer):  # type: ignore[misc]
         return None
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        unfuse_experts(model)  # a MoE layer's experts as the per-expert units the folder stores (bitplan.moe)
         self._tied_head = untie_quantized_head(model, {u["name"] for u in self.quantization_config.units})
         for unit in self.quantization_config.units:
             parent_name, _, child = unit["name"].rpartition(".")

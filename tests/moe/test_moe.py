@@ -279,6 +279,11 @@ def test_issue43_packed_target_holds_experts_apart_pins_unreached_and_loads(qwen
         p = torch.log_softmax(source(ids).logits, -1)
         q = torch.log_softmax(model(ids).logits, -1)
     assert float((p.exp() * (p - q)).sum(-1).mean()) < 0.05
+    # transformers' own from_pretrained (bitplan imported: its quantizer registered) runs the same experts
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "packed", dtype=torch.float32)
+    assert isinstance(loaded.model.layers[0].mlp.experts, LinearExperts)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
 
 
 def run_budgets_packed(model: Path, out: Path):
