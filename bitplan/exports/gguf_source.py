@@ -34,7 +34,8 @@ V = gguf.GGUFValueType
 
 # transformers' class -> the gguf package's architecture; llama's q/k rows are permuted for its rotary layout
 HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
-                    "Gemma3ForCausalLM": "gemma3", "Qwen3MoeForCausalLM": "qwen3moe"}
+                    "Gemma3ForCausalLM": "gemma3", "Qwen3MoeForCausalLM": "qwen3moe", "OlmoeForCausalLM": "olmoe",
+                    "MixtralForCausalLM": "llama"}  # llama.cpp runs Mixtral as llama with experts
 
 # The probe llama.cpp's converter tokenizes to tell byte-level BPE pre-tokenizers apart, and the sha256 of the
 # token ids it gives -> llama.cpp's pre-tokenizer name (llama.cpp's ``convert_hf_to_gguf.py``,
@@ -222,29 +223,38 @@ def _llama_metadata(arch: str, config: dict[str, Any]) -> Metadata:
     if rope_type == "linear":
         metadata += [(f"{arch}.rope.scaling.type", "linear", V.STRING, None),
                      (f"{arch}.rope.scaling.factor", float(rope["factor"]), f32, None)]
-    return metadata + (_expert_metadata(arch, config) if arch in MOE_ARCHITECTURES else [])
+    experts = config.get("num_experts") or config.get("num_local_experts")  # transformers 5 saves the latter
+    return metadata + (_expert_metadata(arch, config, int(experts)) if experts else [])
 
 
-MOE_ARCHITECTURES = ("qwen3moe",)
+# whether llama.cpp renormalizes a MoE architecture's top-k routing weights (its graph's fixed choice)
+RENORMALIZES_TOP_K = {"qwen3moe": True, "llama": True, "olmoe": False}
 
 
-def _expert_metadata(arch: str, config: dict[str, Any]) -> Metadata:
-    """A mixture-of-experts model's expert keys, as llama.cpp's converter writes them for Qwen3-MoE. What
-    llama.cpp fixes for the architecture (every layer sparse, the top-k weights renormalized) is checked, and a
-    model that differs is refused rather than written to run differently."""
+def _expert_metadata(arch: str, config: dict[str, Any], experts: int) -> Metadata:
+    """A mixture-of-experts model's expert keys, as llama.cpp's converter writes them (Qwen3-MoE, OLMoE, Mixtral
+    as llama). What llama.cpp fixes for the architecture (every layer sparse, whether the top-k weights are
+    renormalized) is checked, and a model that differs is refused rather than written to run differently."""
     problems = []
     if int(config.get("decoder_sparse_step", 1)) != 1 or config.get("mlp_only_layers"):
         problems.append("dense layers between the sparse ones (decoder_sparse_step, mlp_only_layers)")
-    if not config.get("norm_topk_prob", True):
-        problems.append("top-k routing weights that are not renormalized (norm_topk_prob false)")
+    renormalized = bool(config.get("norm_topk_prob", arch == "llama"))  # Mixtral's router always renormalizes
+    if arch == "olmoe" and int(config.get("num_key_value_heads") or config["num_attention_heads"]) != int(
+            config["num_attention_heads"]):
+        problems.append("grouped key/value heads (llama.cpp's olmoe norms k over the full width)")
+    if arch not in RENORMALIZES_TOP_K:
+        problems.append("an architecture whose experts are not written yet")
+    elif renormalized != RENORMALIZES_TOP_K[arch]:
+        problems.append(f"top-k routing weights {'' if renormalized else 'not '}renormalized (norm_topk_prob "
+                        f"{str(renormalized).lower()}), where llama.cpp's {arch} does the opposite")
     if problems:
         raise BitplanError(f"this {arch} model would run differently in llama.cpp than in transformers: "
                            + "; ".join(problems))
     u32 = V.UINT32
-    experts = config.get("num_experts") or config["num_local_experts"]  # transformers 5 saves the latter
-    return [(f"{arch}.expert_count", int(experts), u32, None),
+    width = config.get("moe_intermediate_size") or config["intermediate_size"]
+    return [(f"{arch}.expert_count", experts, u32, None),
             (f"{arch}.expert_used_count", int(config["num_experts_per_tok"]), u32, None),
-            (f"{arch}.expert_feed_forward_length", int(config["moe_intermediate_size"]), u32, None)]
+            (f"{arch}.expert_feed_forward_length", int(width), u32, None)]
 
 
 GEMMA3_SWA_PATTERN = 6  # llama.cpp runs every sixth Gemma3 layer with full attention, the others in the window

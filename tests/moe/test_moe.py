@@ -286,6 +286,40 @@ def test_issue43_packed_target_holds_experts_apart_pins_unreached_and_loads(qwen
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # about a minute each here
+@pytest.mark.parametrize("kind", ["mixtral", "olmoe"])
+def test_issue43_mixtral_and_olmoe_gguf_run_in_llama_cpp_as_our_loader(kind: str, qwen3_moe_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    from bitplan.artifact import load_artifact
+    from bitplan.pipeline import run_budgets
+    from bitplan.spec import JobSpec
+
+    torch.manual_seed(0)
+    common = {"vocab_size": 49152, "hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "intermediate_size": 256, "num_experts_per_tok": 2, "tie_word_embeddings": False,
+              "max_position_embeddings": 1024, "rms_norm_eps": 1e-6}
+    config = (transformers.MixtralConfig(**common, num_key_value_heads=2, num_local_experts=8) if kind == "mixtral"
+              else transformers.OlmoeConfig(**common, num_key_value_heads=4, num_experts=8))  # llama.cpp: no GQA
+    folder = tmp_path / kind
+    transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(folder)
+    for file in qwen3_moe_dir.glob("tokenizer*"):
+        shutil.copy(file, folder / file.name)
+    spec = JobSpec.from_flat(model=str(folder), bits_per_weight=4.5, target="gguf", num_samples=2, seq_len=64,
+                             quality_windows=0, kl_windows=0)
+    [result] = run_budgets(spec, out_dirs=[tmp_path / "out"], use_cache=False)
+    assert result.bytes_by_kind["experts"] > 0 and result.experts["experts"] == 16
+    runtime = _llama(tmp_path / "out" / "model.gguf")
+    ids = runtime.tokenize(b"The capital of France is a city of")
+    runtime.eval(ids)
+    theirs = torch.tensor(np.array(runtime.scores[: len(ids)]))
+    ours, _, _ = load_artifact(tmp_path / "out")
+    with torch.no_grad():
+        expected = ours(torch.tensor([ids])).logits[0]
+    per_position = (theirs - expected).abs().amax(-1)
+    assert float(per_position.median()) < 0.05 * float(expected.abs().max())
+    assert (theirs.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.8
+
+
 def run_budgets_packed(model: Path, out: Path):
     from bitplan.pipeline import run_budgets
 
