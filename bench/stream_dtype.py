@@ -23,6 +23,7 @@ from pathlib import Path
 
 import _own_folder_off_path  # noqa: F401 (before any first-party import)
 import torch
+from _provenance import provenance
 
 from bitplan.calibration import build_calibration_set
 from bitplan.models import load_model, sampled_loss_of_logits, text_loss_of_logits
@@ -87,7 +88,8 @@ def main() -> None:
     parser.add_argument("--block-1b", action="store_true", help="time one block of the 1B shape instead")
     args = parser.parse_args()
     if args.block_1b:
-        sys.stdout.write(json.dumps(block_seconds(args.seq_len, args.repeats)) + "\n")
+        sys.stdout.write(json.dumps({**block_seconds(args.seq_len, args.repeats), "command": " ".join(sys.argv),
+                                     "provenance": provenance()}) + "\n")
         return
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
@@ -111,7 +113,8 @@ def main() -> None:
             by_scale.append(moved / scale)
             by_entry.append(moved / max(abs(value), 1e-30))
     sys.stdout.write(json.dumps({
-        "model": args.model, "windows": args.samples, "seq_len": args.seq_len, "torch": torch.__version__,
+        "command": " ".join(sys.argv), "provenance": provenance(), "model": args.model, "windows": args.samples,
+        "seq_len": args.seq_len, "torch": torch.__version__,
         "mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), "threads": torch.get_num_threads(),
         "seconds": seconds, "speedup_bf16": round(statistics.median(seconds["float32"])
                                                   / statistics.median(seconds["bfloat16"]), 3),

@@ -229,6 +229,16 @@ def _write_budget(spec: JobSpec, made: _Made, plan: Any, out: Path, heldout: tup
         file_bytes=written.file_bytes)
 
 
+def preflight(spec: JobSpec) -> MemoryPlan | None:
+    """The memory plan of ``spec`` if it runs as the streamed job (``None`` otherwise), refused with
+    :class:`bitplan.errors.SpecError` when it cannot fit: for a caller that wants the refusal before queueing (the
+    service's job validation). It reads the config and the shards' headers only; the plan's ``process`` part and
+    default cap are this process's and this machine's, so a worker elsewhere plans again when it starts."""
+    if not streams(spec):
+        return None
+    return _place(spec, open_lazy(spec.model))[1]
+
+
 def _place(spec: JobSpec, lazy: LazyModel) -> tuple[DecoderStream, MemoryPlan]:
     """Step 1's second half: the device and compute dtype the job asked for, and its memory plan (refused with
     what would fit when over ``max_memory``); the stream then computes there and keeps what the plan leaves of the

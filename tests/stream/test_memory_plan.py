@@ -169,3 +169,19 @@ def wide_folder(tmp_path: Path, tokenizer: Path) -> Path:
     for file in tokenizer.iterdir():
         shutil.copy(file, folder / file.name)
     return folder
+
+
+def test_issue41_preflight_plans_a_streamed_job_before_it_is_queued(smollm2_tokenizer: Path,  # noqa: F811
+                                                                    tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from bitplan import streamed_job
+
+    folder = hf_folder(tmp_path, smollm2_tokenizer, "llama")
+    spec = JobSpec.from_flat(model=str(folder), bits_per_weight=5.0, target="gguf", num_samples=2, seq_len=32,
+                             max_memory=64 << 20)
+    assert streamed_job.preflight(spec) is None  # a small model runs whole: nothing to plan
+    monkeypatch.setattr(streamed_job, "STREAM_ABOVE_BYTES", 0)  # as if it were over 2 GiB in float32
+    with pytest.raises(SpecError, match="it would fit with --max-memory"):
+        streamed_job.preflight(spec)
+    plan = streamed_job.preflight(spec.replace(max_memory=64 << 30))
+    assert plan is not None and plan.fits and plan.cap == 64 << 30
