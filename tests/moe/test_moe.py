@@ -324,3 +324,22 @@ def run_budgets_packed(model: Path, out: Path):
     from bitplan.pipeline import run_budgets
 
     return run_budgets(_job(model, "bitplan"), out_dirs=[out], use_cache=False)
+
+
+def test_issue43_linear_experts_are_found_and_tied_as_their_target_stores_them() -> None:
+    """Experts already held as nn.Linear (Mixtral's older ``block_sparse_moe.experts.N.w1/w2/w3`` and our own
+    ``experts.N.gate_proj``) are expert units, tied per projection for GGUF and per layer for vLLM."""
+    from bitplan.planning import unit_tie
+
+    old = "model.layers.2.block_sparse_moe.experts.5.w3"
+    assert expert_unit(old).projection == "up_proj" and expert_unit(old).expert == 5
+    model = tiny_moe("mixtral")
+    unfuse_experts(model)
+    names = [n for n in find_units(model) if expert_unit(n) is not None]
+    by_projection = {unit_tie(n, tie_fused=False, tie_experts="projection") for n in names}
+    by_layer = {unit_tie(n, tie_fused=False, tie_experts="layer") for n in names}
+    assert by_projection == {f"model.layers.{i}.mlp.experts.*.{p}" for i in (0, 1)
+                             for p in ("gate_proj", "up_proj", "down_proj")}
+    assert by_layer == {f"model.layers.{i}.mlp.experts.*" for i in (0, 1)}
+    assert {unit_tie(n, tie_fused=False, tie_experts=None) for n in names} == {None}  # packed: each apart
+    assert unit_tie("model.layers.0.self_attn.q_proj", tie_fused=False, tie_experts="projection") is None
