@@ -40,7 +40,7 @@ from bitplan.quantizer.methods import QUANTIZER_LABELS
 from bitplan.refine import refine_allocation
 from bitplan.run_result import Measured, RunResult, result_of, unit_format
 from bitplan.sensitivity import SensitivityResult
-from bitplan.sensitivity.activations import StopFn
+from bitplan.sensitivity.activations import StopFn, check_stop
 from bitplan.sensitivity.cache import SensitivityCache
 from bitplan.sensitivity.importance import input_energy
 from bitplan.sensitivity_pass import cached_importance, measure, resolve_metric, salience_width_errors
@@ -128,6 +128,7 @@ def _run_in_memory(spec: JobSpec, out_dirs: list[Path], on_progress: ProgressFn 
     planned, sizes = sized.planned, sized.sizes
     latency = plan_latency(spec, loaded, sized.units, sizes, on_progress)
     clock.lap("plan")
+    check_stop(should_stop, "the load")  # a cancel that came while the model loaded: before any heavy work
     measured = calibrate_and_measure(spec, loaded, sized.units, on_progress, should_stop, cache, sized.head)  # 3, 4
     refinement = spec.refinement
     if refinement.quality_windows > 0 and loaded.kind is ModelKind.CAUSAL_LM:

@@ -94,6 +94,15 @@ def width_errors(spec: JobSpec, units: dict[str, nn.Linear], importance: Importa
     return {name: list(spec.widths) for name in units}, error_of
 
 
+def compute_dtype_key(loaded: LoadedModel) -> dict[str, str]:
+    """The cache key's part for the dtype the model's blocks computed in: a streamed job's placement
+    (``compute_dtype``, resolved by :mod:`bitplan.devices`), float32 for a model in memory. Empty for float32, so
+    the keys of results cached before the option existed (all float32) stay valid; a bfloat16 pass's products
+    differ from float32's, so it never reuses, or is reused as, a float32 result."""
+    dtype = torch.float32 if loaded.lazy is None else loaded.lazy.placement.dtype
+    return {} if dtype == torch.float32 else {"compute_dtype": str(dtype).removeprefix("torch.")}
+
+
 def measure(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], calibration: Any,
             on_progress: ProgressFn | None, should_stop: StopFn | None, cache: SensitivityCache | None,
             importance: Importance | None = None) -> tuple[SensitivityResult, str]:
@@ -121,7 +130,8 @@ def measure(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], cal
                     bits=list(spec.widths), group_size=spec.quantization.group_size, units=list(units),
                     hutchinson=asdict(options.hutchinson) if metric is Metric.HUTCHINSON else None,
                     **({} if encoder is None else {"encoder": encoder}),
-                    **({"curvature_stride": CURVATURE_STRIDE} if metric in MODEL_CURVATURE else {}))
+                    **({"curvature_stride": CURVATURE_STRIDE} if metric in MODEL_CURVATURE else {}),
+                    **compute_dtype_key(loaded))
     cached = cache.get(key) if cache is not None else None
     if cached is not None:
         logger.info("sensitivity: reusing the cached %s result %s", metric.value, key[:12])
@@ -185,7 +195,7 @@ def cached_importance(loaded: LoadedModel, units: dict[str, nn.Module], calibrat
     sensitivities when this model and calibration measured it before, else ``compute()`` (kept there for the next
     job: a second budget on a cached model then runs no calibration forward at all)."""
     key = cache_key(model_sha256=loaded.source_sha256, calibration_sha256=calibration.sha256,
-                    statistic="input_energy", units=list(units))
+                    statistic="input_energy", units=list(units), **compute_dtype_key(loaded))
     store = None if cache is None else StatisticsCache(cache.folder.parent)
     cached = None if store is None else store.get(key)
     if cached is not None and set(cached) == set(units):

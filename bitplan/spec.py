@@ -14,7 +14,7 @@ the CLI and the API get the same :class:`SpecError` (with the offending ``param`
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from enum import Enum
 from typing import Any
 
@@ -443,17 +443,15 @@ class JobSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobSpec:
-        """Read back :meth:`to_dict`'s output; an unknown or missing field is an error, never a default."""
-        _exact_keys(data, {f.name for f in fields(cls)}, "job spec")
+        """Read back :meth:`to_dict`'s output, or an older record's: a field it predates takes its default."""
+        _known_keys(data, cls, "job spec", required={"version"})  # an unknown field is an error, never dropped
         parts = {}
-        for name, part in PARTS.items():
-            values = dict(data[name])
-            _exact_keys(values, {f.name for f in fields(part)}, f"job spec part {name!r}")
-            if name == "sensitivity":
-                hutchinson = dict(values["hutchinson"])
-                _exact_keys(hutchinson, {f.name for f in fields(HutchinsonConfig)}, "hutchinson settings")
-                values["hutchinson"] = HutchinsonConfig(**hutchinson)
-            if name == "allocation":
+        for name, part in PARTS.items():  # a job queued before an upgrade runs after it, as it was asked
+            values = _known_keys(dict(data.get(name, {})), part, f"job spec part {name!r}")
+            if "hutchinson" in values:  # the sensitivity part's
+                values["hutchinson"] = HutchinsonConfig(**_known_keys(dict(values["hutchinson"]), HutchinsonConfig,
+                                                                      "hutchinson settings"))
+            if "pinned" in values:  # the allocation part's
                 values["pinned"] = tuple(tuple(p) for p in values["pinned"])
             parts[name] = part(**values)
         return cls(model=data["model"], version=data["version"], **parts)
@@ -479,10 +477,12 @@ def parse_pin(text: str) -> tuple[str, int]:
                         param="pinned") from None
 
 
-def _exact_keys(data: dict[str, Any], expected: set[str], what: str) -> None:
-    missing, unknown = sorted(expected - set(data)), sorted(set(data) - expected)
+def _known_keys(data: dict[str, Any], of: type, what: str, *, required: set[str] | None = None) -> dict[str, Any]:
+    needed = {f.name for f in fields(of) if f.default is MISSING and f.default_factory is MISSING} | (required or set())
+    missing, unknown = sorted(needed - set(data)), sorted(set(data) - {f.name for f in fields(of)})
     if missing or unknown:
         raise SpecError(f"{what}: missing fields {missing}, unknown fields {unknown}", param=what)
+    return data
 
 
 def _plain(value: Any) -> Any:

@@ -34,7 +34,7 @@ from bitplan.service.model_cache import CacheTooSmall
 from bitplan.service.objects import ChecksumMismatch, ObjectNotFound
 from bitplan.service.stage_times import read_stage_times, stage_times_key, write_stage_times
 from bitplan.service.storage import Storage, call_leased
-from bitplan.stages import EtaModel, overall_fraction  # JobStore or RedisJobStore (the same methods)
+from bitplan.stages import EtaModel, Stage, overall_fraction  # JobStore or RedisJobStore (the same methods)
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -222,6 +222,7 @@ class JobRunner:
         last_beat = time.monotonic()
         cancel_at: float | None = None
         fraction = 0.0
+        loading = True  # the child reads its model in one call that cannot look at ``stop`` (it writes nothing)
         while outcome is None and (child.is_alive() or not messages.empty()):
             try:
                 message = messages.get(timeout=0.2)
@@ -235,6 +236,7 @@ class JobRunner:
                 # the bar's fraction is the share of the job's expected time (never going back)
                 share = overall_fraction(*message[1:]) if left is None else elapsed / max(elapsed + left, 1e-9)
                 fraction = max(fraction, min(share, 0.99))
+                loading = message[1] == Stage.LOAD.value and message[2] < message[3]
                 detail = {"done": message[2], "total": message[3], "eta_s": None if left is None else round(left, 1)}
                 self.store.progress(job_id, fence, message[1], fraction, detail,
                                     eta_at=None if left is None else time.time() + left)
@@ -245,7 +247,9 @@ class JobRunner:
                 if self.store.heartbeat(job_id, fence, self.settings.lease_s) and not stop.is_set():
                     stop.set()
                     cancel_at = time.monotonic()
-            if cancel_at is not None and time.monotonic() - cancel_at > self.settings.cancel_grace_s:
+            if cancel_at is not None and (loading or time.monotonic() - cancel_at > self.settings.cancel_grace_s):
+                # issue 45: a cancel during a long load stayed "cancelling" until the grace ran out; a child that
+                # is still loading has nothing to finish or clean up, so it is stopped now
                 child.kill()
                 outcome = outcome or ("cancelled",)
             if outcome is None and self.shutting_down.is_set():

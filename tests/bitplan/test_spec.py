@@ -35,12 +35,43 @@ def test_issue13_spec_round_trips_and_reading_back_is_strict() -> None:
     assert spec.allocation.pinned == (("*.down_proj", 8),) and spec.budgets == 2
     with pytest.raises(SpecError, match="unknown fields \\['surprise'\\]"):
         JobSpec.from_dict({**data, "surprise": 1})
-    with pytest.raises(SpecError, match="missing fields \\['seed'\\]"):
-        JobSpec.from_dict({**data, "calibration": {k: v for k, v in data["calibration"].items() if k != "seed"}})
+    with pytest.raises(SpecError, match="job spec part 'quantization': missing fields \\[\\], unknown fields "
+                                        "\\['surprise'\\]"):
+        JobSpec.from_dict({**data, "quantization": {**data["quantization"], "surprise": 1}})
+    with pytest.raises(SpecError, match="hutchinson settings: missing fields \\[\\], unknown fields \\['probes'\\]"):
+        JobSpec.from_dict({**data, "sensitivity": {**data["sensitivity"], "hutchinson": {"probes": 2}}})
+    for required in ("model", "version"):  # no default to take: not a record this bitplan wrote
+        with pytest.raises(SpecError, match=f"job spec: missing fields \\['{required}'\\]"):
+            JobSpec.from_dict({k: v for k, v in data.items() if k != required})
     with pytest.raises(SpecError, match="version 99"):
         JobSpec.from_dict({**data, "version": 99})
     with pytest.raises(SpecError, match="unknown job option 'samples'"):
         JobSpec.from_flat(model="m", bits_per_weight=3.5, samples=4)
+
+
+NEWER_FIELDS = ("device", "compute_dtype", "max_memory", "encoder", "size_of")  # issues 41 and 45
+
+
+def without_newer_fields(data: dict, names: tuple[str, ...] = NEWER_FIELDS) -> dict:
+    """A job record as a bitplan from before these options stored it."""
+    where = {o.name: (o.part, o.field) for o in OPTIONS}
+    old = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for name in names:
+        part, field = where[name]
+        del old[part][field]
+    return old
+
+
+def test_issue45_a_record_stored_before_newer_options_reads_back_with_their_defaults() -> None:
+    spec = JobSpec.from_flat(model="m", bits_per_weight=[3, 3.5], pinned=["*.down_proj=8"], seed=7, num_samples=4)
+    old = without_newer_fields(spec.to_dict())
+    assert all(field not in part for part in old.values() if isinstance(part, dict)
+               for field in NEWER_FIELDS)
+    assert JobSpec.from_dict(old) == spec  # every newer option at its default, the rest as stored
+    without_refinement = {k: v for k, v in spec.to_dict().items() if k != "refinement"}
+    assert JobSpec.from_dict(without_refinement) == spec  # a whole part the record predates: its defaults
+    asked = JobSpec.from_flat(model="m", bits_per_weight=4.0, compute_dtype="bfloat16", max_memory=1 << 30)
+    assert JobSpec.from_dict(asked.to_dict()).sensitivity.max_memory == 1 << 30  # a stored value wins
 
 
 def test_issue13_every_part_field_is_an_option_or_a_nested_config() -> None:

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import StreamingResponse
 
 from bitplan.allocator.frontier import FrontierTooLarge
-from bitplan.errors import CursorError
+from bitplan.errors import CursorError, SpecError
 from bitplan.frontier import API_POINT_LIMIT, PROBLEM_FILE, NoTimes, frontier_csv, job_frontier
 from bitplan.references import check_reference, check_text_file
 from bitplan.service.api.deps import Files, Owner, Queue, ServiceSettings, Settings, Store, own_job
@@ -38,6 +38,7 @@ from bitplan.service.schemas import (
 from bitplan.service.storage import Storage
 from bitplan.service.worker import enqueue
 from bitplan.spec import JobSpec
+from bitplan.streamed_job import preflight
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
 STATUS_PATTERN = "^(" + "|".join(s.value for s in JobStatus) + ")$"
@@ -55,7 +56,12 @@ def validate_job(body: JobCreate, settings: ServiceSettings, owner: str) -> JobS
     values["model"] = check_reference(body.model, roots=settings.model_roots, max_bytes=settings.max_model_bytes)
     if values.get("eval_text") is not None:
         values["eval_text"] = check_text_file(values["eval_text"], roots=settings.model_roots, param="eval_text")
-    return JobSpec.from_flat(**values)
+    spec = JobSpec.from_flat(**values)
+    if settings.embedded_worker or spec.sensitivity.max_memory is not None:
+        # A streamed job over its memory cap: a 422 saying what would fit, not a failure in the worker. The default
+        # cap is this machine's, so without an explicit cap only an embedded worker (this machine) plans here.
+        preflight(spec)
+    return spec
 
 
 @router.post("", status_code=202, response_model=JobPublic)
@@ -80,13 +86,23 @@ def submit(request: dict[str, Any], owner: str, store: JobStore, settings: Servi
     except TooManyJobs:
         raise http_error(429, f"at most {settings.max_active_jobs} queued or running jobs per key; retry when one "
                               "finishes", {"Retry-After": "30"}) from None
-    if not created and job.request != request:
+    if not created and not same_request(job.request, request):
         raise http_error(409, f"Idempotency-Key {idempotency_key!r} was used for a different request (job "
                               f"{job.id})")
     if created:
         enqueue(huey, job.id)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_public(job)
+
+
+def same_request(stored: dict[str, Any], request: dict[str, Any]) -> bool:
+    """Whether a stored job's request is ``request``, reading the stored one as the spec reads it: a record from
+    before an upgrade lacks the newer options, at their defaults, and the same POST retried after the upgrade with
+    the same Idempotency-Key is still the same job, not a 409."""
+    try:
+        return JobSpec.from_dict(stored).to_dict() == request
+    except SpecError:  # a record this bitplan cannot read at all differs from any request it made
+        return stored == request
 
 
 @router.get("", response_model=JobPage)
