@@ -16,7 +16,6 @@ ALLOWED = {
     "allocator/ilp.py:solve_ilp": 62,
     "bitplan/exports/compressed_tensors_folder.py:export_compressed_tensors": 64,
     "bitplan/exports/gguf_file.py": 516,
-    "bitplan/exports/gguf_source.py": 446,
     "bitplan/models.py": 463,
     "bitplan/spec.py": 498,
     "quantizer/gptq.py:quantize_gptq": 64,
