@@ -15,6 +15,7 @@ import math
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -109,7 +110,10 @@ def run_child(folder: Path, *, windows: int, seq_len: int, bpw: float, out: Path
                str(quality_windows), "--quality-seq-len", str(seq_len), "--out", str(out), "--no-cache", "--json",
                "--quiet", *(["--formats", formats] if formats else [])]
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    # the report goes to a file, not a pipe: a MoE job's JSON outgrows a pipe's buffer, and a child blocked writing
+    # it while this loop waits for its exit would never end
+    report_file = tempfile.TemporaryFile(mode="w+")
+    process = subprocess.Popen(command, stdout=report_file, text=True)
     peak = 0
     parent = psutil.Process(process.pid)
     while process.poll() is None:
@@ -119,7 +123,8 @@ def run_child(folder: Path, *, windows: int, seq_len: int, bpw: float, out: Path
         except psutil.Error:
             pass
         time.sleep(0.2)
-    output = process.stdout.read() if process.stdout else ""
+    report_file.seek(0)
+    output = report_file.read()
     if process.returncode != 0:
         raise RuntimeError(f"the job failed ({process.returncode}): {' '.join(command)}")
     job = json.loads(output)
