@@ -106,7 +106,7 @@ def test_issue41_the_token_pass_progress_gives_an_honest_eta() -> None:
 
 
 CHILD = """
-import json, logging, resource, sys
+import json, logging, sys
 from pathlib import Path
 from bitplan.spec import JobSpec
 from bitplan.streamed_job import run_streamed_gguf
@@ -122,7 +122,10 @@ logger.addHandler(Keep())
 spec = JobSpec.from_flat(model=sys.argv[1], bits_per_weight=6.0, target="gguf", formats="Q4_0,Q8_0", num_samples=4,
                          seq_len=128, quality_windows=1, quality_seq_len=128)
 run_streamed_gguf(spec, out_dirs=[Path(sys.argv[2])], cache=None)
-print(json.dumps({"plan": plans[0], "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+# the kernel's high-water mark of this process's own memory (VmHWM: getrusage's ru_maxrss would carry over the
+# peak of the pytest process this child was forked from, across exec)
+hwm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"plan": plans[0], "maxrss": hwm}))
 """
 
 
