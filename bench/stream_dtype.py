@@ -21,9 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import _own_folder_off_path  # noqa: F401 (before any first-party import)
+import _own_folder_off_path  # (before any first-party import)
 import torch
-from _provenance import provenance
 
 from bitplan.calibration import build_calibration_set
 from bitplan.models import load_model, sampled_loss_of_logits, text_loss_of_logits
@@ -32,6 +31,8 @@ from bitplan.sensitivity.streamed import streamed_token_fisher
 from bitplan.sources import open_lazy
 from bitplan.stream import Boundaries, DecoderStream
 from bitplan.units import find_units
+
+PROVENANCE = _own_folder_off_path.sibling("_provenance").provenance
 
 
 def bf16_folder(model: str, folder: Path) -> None:
@@ -89,7 +90,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.block_1b:
         sys.stdout.write(json.dumps({**block_seconds(args.seq_len, args.repeats), "command": " ".join(sys.argv),
-                                     "provenance": provenance()}) + "\n")
+                                     "provenance": PROVENANCE()}) + "\n")
         return
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
@@ -113,7 +114,7 @@ def main() -> None:
             by_scale.append(moved / scale)
             by_entry.append(moved / max(abs(value), 1e-30))
     sys.stdout.write(json.dumps({
-        "command": " ".join(sys.argv), "provenance": provenance(), "model": args.model, "windows": args.samples,
+        "command": " ".join(sys.argv), "provenance": PROVENANCE(), "model": args.model, "windows": args.samples,
         "seq_len": args.seq_len, "torch": torch.__version__,
         "mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), "threads": torch.get_num_threads(),
         "seconds": seconds, "speedup_bf16": round(statistics.median(seconds["float32"])
