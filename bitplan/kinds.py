@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from pathlib import Path
 
+from bitplan.artifact import safetensors_data_bytes
 from bitplan.moe import unit_kind
 
 _GGUF_KINDS = (
@@ -40,19 +40,10 @@ def gguf_bytes_by_kind(path: Path) -> dict[str, int]:
     return dict(sorted(totals.items()))
 
 
-def safetensors_sizes(path: Path) -> dict[str, int]:
-    """Tensor name -> bytes, from a safetensors file's header alone."""
-    with path.open("rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-    return {name: int(entry["data_offsets"][1] - entry["data_offsets"][0])
-            for name, entry in header.items() if name != "__metadata__"}
-
-
 def artifact_bytes_by_kind(unit_bytes: dict[str, int], float_file: Path) -> dict[str, int]:
     """Kind -> bytes of a packed folder: its units' bytes (manifest) and its float tensors."""
     totals: dict[str, int] = {}
-    for name, size in [*unit_bytes.items(), *safetensors_sizes(float_file).items()]:
+    for name, size in [*unit_bytes.items(), *safetensors_data_bytes(float_file).items()]:
         kind = unit_kind(name)
         totals[kind] = totals.get(kind, 0) + size
     return dict(sorted(totals.items()))

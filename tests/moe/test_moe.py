@@ -203,6 +203,9 @@ def test_issue43_gguf_target_writes_expert_stacks_that_llama_cpp_runs(qwen3_moe_
             assert len({by_unit[f"model.layers.{layer}.mlp.experts.{e}.{projection}"] for e in range(8)}) == 1
     # the report: every expert byte counted, the routing, no silent float
     kinds = result.bytes_by_kind
+    block_bytes = sum(int(t.n_bytes) for n, t in tensors.items() if n.startswith("blk.") and t.tensor_type not in (
+        gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16))
+    assert block_bytes == result.bytes <= result.budget["bytes"]  # the file's quantized tensors, within the budget
     assert kinds["experts"] > 0 and kinds["router"] > 0 and kinds["attention"] > 0
     assert kinds["experts"] == sum(int(t.n_bytes) for n, t in tensors.items() if "_exps" in n)
     assert result.experts["layers"] == 2 and result.experts["experts"] == 16
