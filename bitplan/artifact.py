@@ -18,6 +18,10 @@ Layout of an artifact directory (format version 1):
   ``format`` ``int{b}-g{g}-fzero-dq{k}``) stores ``NAME.scales_q`` and ``NAME.zeros_q`` (``k``-bit codes, packed
   like the weight's) and ``NAME.scale_range`` ``(out_features, 4)`` float16 (each row's scale low and step, zero
   low and step) in place of ``NAME.scales`` and ``NAME.zeros``. Versions 1 to 3 still load;
+* ``requires-bitplan.safetensors`` (since version 5): one placeholder tensor, ``UNIT.weight`` of shape ``(1,)``
+  for one quantized unit (``quantization_config.guard``). After ``import bitplan`` transformers ignores it; without
+  our package transformers skips the unknown ``quant_method`` and would fill every unit with random weights, so
+  the placeholder's wrong shape makes ``from_pretrained`` raise (a size mismatch) instead;
 * ``manifest.json``: format version, per-unit bits and group size, budget, achieved size measured from the
   written file, solver and sensitivity details, calibration hash, and the sha256 of every other file.
 """
@@ -62,6 +66,7 @@ from bitplan.units import unit_shape
 
 FLOAT_FILE = "float.safetensors"
 QUANTIZED_FILE = "quantized.safetensors"
+GUARD_FILE = "requires-bitplan.safetensors"
 
 
 @dataclass(frozen=True)
@@ -152,7 +157,7 @@ def write_artifact(
         float_state, aliases = _float_state(model, set(quantized), float_dtype)
         save_file(float_state, str(staging / FLOAT_FILE), metadata={"format": "pt"})
         units = _write_units(staging, dict(model.named_modules()), quantized, formats)
-        _write_transformers_entry(staging, float_state, units)
+        _write_transformers_entry(staging, float_state, units, dict(model.named_modules()))
         total_bytes = sum(u.bytes for u in units)
         total_numel = sum(u.in_features * u.out_features for u in units)
         files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
@@ -173,20 +178,37 @@ def write_artifact(
                            quantized_bytes=total_bytes, quantized_numel=total_numel)
 
 
-def _write_transformers_entry(staging: Path, float_state: Mapping[str, torch.Tensor], units: list[UnitRecord]) -> None:
+def _write_transformers_entry(staging: Path, float_state: Mapping[str, torch.Tensor], units: list[UnitRecord],
+                              modules: Mapping[str, nn.Module]) -> None:
     """What lets ``AutoModelForCausalLM.from_pretrained(folder)`` load the folder after ``import bitplan``: the
     ``quantization_config`` in ``config.json`` (:mod:`bitplan.hf_quantizer`) and a safetensors index naming the
-    file of every tensor."""
+    file of every tensor; and what makes it raise without our package: the guard placeholder (:data:`GUARD_FILE`)."""
     from bitplan.hf_quantizer import INDEX_FILE, quantization_config
 
+    guard = guard_unit(units, modules)
     config = json.loads((staging / "config.json").read_text())
-    config["quantization_config"] = quantization_config([u.to_dict() for u in units], FORMAT_VERSION)
+    config["quantization_config"] = quantization_config([u.to_dict() for u in units], FORMAT_VERSION,
+                                                        guard=f"{guard}.weight" if guard else None)
     (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     weight_map = {name: FLOAT_FILE for name in float_state}
     weight_map.update({f"{u.name}.{leaf}": QUANTIZED_FILE for u in units for leaf in u.tensors})
-    total = sum((staging / f).stat().st_size for f in (FLOAT_FILE, QUANTIZED_FILE))
+    files = [FLOAT_FILE, QUANTIZED_FILE]
+    if guard is not None:
+        save_file({f"{guard}.weight": torch.zeros(1)}, str(staging / GUARD_FILE),
+                  metadata={"format": "pt", "bitplan": "a placeholder: load this folder after `import bitplan`"})
+        weight_map[f"{guard}.weight"] = GUARD_FILE
+        files.append(GUARD_FILE)
+    total = sum((staging / f).stat().st_size for f in files)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def guard_unit(units: list[UnitRecord], modules: Mapping[str, nn.Module]) -> str | None:
+    """The unit whose ``weight`` the guard placeholder stands for: the first ``nn.Linear`` outside an expert list (a
+    name transformers' own model has as a 2-D parameter, so a ``(1,)`` tensor there is a size mismatch); None when
+    no unit is one (the folder then has no guard). The first by name, so the same units give the same file."""
+    return min((u.name for u in units if isinstance(modules.get(u.name), nn.Linear)
+                and ".experts." not in f".{u.name}."), default=None)
 
 
 def _write_units(staging: Path, modules: dict[str, nn.Module], quantized: Mapping[str, QuantizedWeight | GgmlWeight],

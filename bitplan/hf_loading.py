@@ -98,10 +98,12 @@ class BitplanConfig(QuantizationConfigMixin):
     """The folder's ``quantization_config``: every unit's layout (:func:`bitplan.hf_quantizer.quantization_config`
     writes it)."""
 
-    def __init__(self, units: list[dict[str, Any]] | None = None, format_version: int = 0, **kwargs: Any) -> None:
+    def __init__(self, units: list[dict[str, Any]] | None = None, format_version: int = 0, guard: str | None = None,
+                 **kwargs: Any) -> None:
         self.quant_method = QUANT_METHOD  # type: ignore[assignment]
         self.units = list(units or [])
         self.format_version = format_version
+        self.guard = guard  # the placeholder tensor that stops a load without bitplan; ignored here
 
 
 class BitplanHfQuantizer(HfQuantizer):  # type: ignore[misc]
@@ -114,6 +116,9 @@ class BitplanHfQuantizer(HfQuantizer):  # type: ignore[misc]
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         unfuse_experts(model)  # a MoE layer's experts as the per-expert units the folder stores (bitplan.moe)
+        if self.quantization_config.guard:
+            ignored = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+            model._keys_to_ignore_on_load_unexpected = ignored | {re.escape(self.quantization_config.guard)}
         self._tied_head = untie_quantized_head(model, {u["name"] for u in self.quantization_config.units})
         for unit in self.quantization_config.units:
             parent_name, _, child = unit["name"].rpartition(".")

@@ -19,11 +19,14 @@ INDEX_FILE = "model.safetensors.index.json"
 _registered = False
 
 
-def quantization_config(units: list[dict[str, Any]], format_version: int) -> dict[str, Any]:
-    """The ``quantization_config`` written into an artifact's ``config.json``."""
+def quantization_config(units: list[dict[str, Any]], format_version: int, guard: str | None = None
+                        ) -> dict[str, Any]:
+    """The ``quantization_config`` written into an artifact's ``config.json``; ``guard`` names the placeholder
+    tensor that makes transformers refuse the folder without our package (:data:`bitplan.artifact.GUARD_FILE`)."""
     keep = ("name", "bits", "group_size", "in_features", "out_features", "bias", "group_bits", "layout", "format")
-    return {"quant_method": QUANT_METHOD, "format_version": format_version,
-            "units": [{k: u[k] for k in keep if u.get(k) is not None} for u in units]}
+    config = {"quant_method": QUANT_METHOD, "format_version": format_version,
+              "units": [{k: u[k] for k in keep if u.get(k) is not None} for u in units]}
+    return config | ({"guard": guard} if guard else {})
 
 
 def register(_module: Any = None) -> None:

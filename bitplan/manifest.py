@@ -19,8 +19,8 @@ from typing import Any
 from bitplan.errors import ArtifactError
 from bitplan.hashing import sha256_file
 
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+FORMAT_VERSION = 5  # 5: the guard placeholder (bitplan.artifact.GUARD_FILE)
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 PACKING_FORMAT = "bitstream-int32"
 MIXED_LAYOUT = "segments-by-width"
 GGML_LAYOUT = "ggml-blocks"  # since version 3: the unit's weight is one uint8 tensor of GGML blocks

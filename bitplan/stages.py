@@ -55,8 +55,10 @@ class EtaModel:
     of ``total`` steps of ``stage`` are complete, so the time since the previous report was spent on ``stage``.
     The current stage's time left is its own measured time per step times the steps left; the stages after it
     take what they took in the last similar job on this machine (``history``: ``[[stage, seconds], ...]`` in
-    the order they ran, as :meth:`durations` gives it), else this job's time per unit of stage span so far times
-    the span left (``STAGE_SPAN``). The time since the last report counts as work already done."""
+    the order they ran, as :meth:`durations` gives it) scaled by this job's pace (its time on the stages it has
+    finished over the history's time on them: a job on a busier or quieter machine), else this job's time per
+    unit of stage span so far times the span left (``STAGE_SPAN``). The time since the last report counts as work
+    already done."""
 
     def __init__(self, start: float, history: list[tuple[str, float]] | None = None) -> None:
         self.history = [(str(stage), float(seconds)) for stage, seconds in history or []]
@@ -110,4 +112,16 @@ class EtaModel:
         names = [name for name, _ in self.history]
         if stage not in names:
             return None
-        return sum(seconds for name, seconds in self.history[names.index(stage) + 1:] if name not in self.spent)
+        later = sum(seconds for name, seconds in self.history[names.index(stage) + 1:] if name not in self.spent)
+        return later * self._pace(stage)
+
+    def _pace(self, stage: str) -> float:
+        """This job's seconds on the stages it finished (all reported before ``stage``) over the history's seconds
+        on the same stages, within [1/4, 4]; 1 when nothing comparable has finished."""
+        before = dict(self.history)
+        finished = [name for name in self.spent if name != stage and name in before
+                    and self.latest[name][0] >= self.latest[name][1]]
+        then = sum(before[name] for name in finished)
+        if then <= 0:
+            return 1.0
+        return min(max(sum(self.spent[name] for name in finished) / then, 0.25), 4.0)

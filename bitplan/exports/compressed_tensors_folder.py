@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from bitplan.artifact import FLOAT_FILE, MANIFEST, QUANTIZED_FILE, safetensors_data_bytes
+from bitplan.artifact import FLOAT_FILE, GUARD_FILE, MANIFEST, QUANTIZED_FILE, safetensors_data_bytes
 from bitplan.errors import BitplanError
 from bitplan.exports.common import ExportReport, file_hashes, read_artifact_units, register_export
 from bitplan.exports.vllm_kernels import serving_kernels
@@ -143,7 +143,7 @@ def export_compressed_tensors(artifact: Path, out: Path) -> ExportReport:
         save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         for name in os.listdir(artifact):
             if (artifact / name).is_file() and name not in (MANIFEST, FLOAT_FILE, QUANTIZED_FILE, WEIGHTS_FILE,
-                                                            INDEX_FILE) \
+                                                            INDEX_FILE, GUARD_FILE) \
                     and not name.endswith(".gguf"):
                 shutil.copy2(artifact / name, staging / name)
         config = json.loads((staging / "config.json").read_text())

@@ -70,7 +70,7 @@ def test_issue16_units_take_only_formats_legal_for_their_shape(gguf_run, wide_ll
 def test_issue16_manifest_records_formats_and_the_loader_rebuilds_them(gguf_run, wide_llama_dir: Path) -> None:
     path = Path(gguf_run.artifact)
     manifest = json.loads((path / MANIFEST).read_text())
-    assert manifest["format_version"] == 4 and manifest["formats"] == list(PRESETS["gguf-k"])
+    assert manifest["format_version"] == 5 and manifest["formats"] == list(PRESETS["gguf-k"])
     by_name = {u["name"]: u for u in manifest["units"]}
     for unit in gguf_run.units:
         record = by_name[unit["name"]]

@@ -43,7 +43,7 @@ def test_mixed_run_respects_budget_measured_from_files(mixed_run) -> None:
 def test_manifest_records_everything(mixed_run) -> None:
     path = Path(mixed_run.artifact)
     manifest = json.loads((path / MANIFEST).read_text())
-    assert manifest["format_version"] == 4 and manifest["packing"] == "bitstream-int32"
+    assert manifest["format_version"] == 5 and manifest["packing"] == "bitstream-int32"
     assert manifest["solver"]["status"] == "optimal"
     assert manifest["sensitivity"]["metric"] == "token_taylor_kl"
     assert len(manifest["calibration"]["sha256"]) == 64
