@@ -102,8 +102,7 @@ def run_streamed_gguf(spec: JobSpec, *, out_dirs: list[Path], on_progress: Progr
         timings[stage] = round(now - clock[0], 3)
         clock[0] = now
 
-    spec = dataclasses.replace(spec, sensitivity=dataclasses.replace(
-        spec.sensitivity, max_error_bytes=min(spec.sensitivity.max_error_bytes, STREAMED_ERROR_BYTES)))
+    spec = capped(spec)
     if on_progress is not None:
         on_progress(Stage.LOAD, 0, 1)
     loaded, folder = _open(spec)  # 1
@@ -236,7 +235,14 @@ def preflight(spec: JobSpec) -> MemoryPlan | None:
     default cap are this process's and this machine's, so a worker elsewhere plans again when it starts."""
     if not streams(spec):
         return None
-    return _place(spec, open_lazy(spec.model))[1]
+    return _place(capped(spec), open_lazy(spec.model))[1]
+
+
+def capped(spec: JobSpec) -> JobSpec:
+    """``spec`` as the streamed job runs it: at most :data:`STREAMED_ERROR_BYTES` of candidate errors held at once
+    (the plan and the job must agree on it)."""
+    return dataclasses.replace(spec, sensitivity=dataclasses.replace(
+        spec.sensitivity, max_error_bytes=min(spec.sensitivity.max_error_bytes, STREAMED_ERROR_BYTES)))
 
 
 def _place(spec: JobSpec, lazy: LazyModel) -> tuple[DecoderStream, MemoryPlan]:

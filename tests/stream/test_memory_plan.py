@@ -188,3 +188,22 @@ def test_issue41_preflight_plans_a_streamed_job_before_it_is_queued(smollm2_toke
         streamed_job.preflight(spec)
     plan = streamed_job.preflight(spec.replace(max_memory=64 << 30))
     assert plan is not None and plan.fits and plan.cap == 64 << 30
+
+
+def test_issue43_preflight_plans_the_errors_the_job_holds(smollm2_tokenizer: Path,  # noqa: F811
+                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plan made before queueing counts the candidate errors the streamed job will hold (at most
+    ``STREAMED_ERROR_BYTES``), not the whole-model job's larger default: it once planned 4.56 GB of errors for a
+    MoE block whose job held 512 MiB, and so refused jobs that fit."""
+    from bitplan import memory_plan, streamed_job
+
+    folder = hf_folder(tmp_path, smollm2_tokenizer, "llama")
+    spec = JobSpec.from_flat(model=str(folder), bits_per_weight=5.0, target="gguf", num_samples=2, seq_len=32,
+                             max_memory=64 << 30)
+    monkeypatch.setattr(streamed_job, "STREAM_ABOVE_BYTES", 0)
+    shapes = []
+    planned = memory_plan.plan_memory
+    monkeypatch.setattr(streamed_job, "plan_memory", lambda shape, **kw: shapes.append(shape) or planned(shape, **kw))
+    streamed_job.preflight(spec)
+    assert spec.sensitivity.max_error_bytes > streamed_job.STREAMED_ERROR_BYTES
+    assert [s.error_bytes for s in shapes] == [streamed_job.STREAMED_ERROR_BYTES]
