@@ -106,7 +106,8 @@ def run_budgets(spec: JobSpec, *, out_dirs: list[Path], on_progress: ProgressFn 
     from bitplan.streamed_job import run_streamed_gguf, streams
 
     if streams(spec):  # a model over 2 GiB in float32 to a GGUF: every stage one block at a time
-        results = run_streamed_gguf(spec, out_dirs=out_dirs, on_progress=on_progress, cache=cache)
+        results = run_streamed_gguf(spec, out_dirs=out_dirs, on_progress=on_progress, cache=cache,
+                                    should_stop=should_stop)
     else:
         results = _run_in_memory(spec, out_dirs, on_progress, should_stop, cache)
     if named is None:

@@ -26,7 +26,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import shutil
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +39,7 @@ from torch import nn
 
 from bitplan.calibration import build_calibration_set
 from bitplan.devices import resolve_compute_dtype, resolve_device
-from bitplan.errors import BitplanError, ModelReferenceError, SpecError
+from bitplan.errors import ArtifactError, BitplanError, ModelReferenceError, SpecError
 from bitplan.exports.gguf_file import IMATRIX_FILE, write_imatrix
 from bitplan.exports.gguf_stream import write_gguf_streamed
 from bitplan.hashing import sha256_file
@@ -49,6 +51,7 @@ from bitplan.planning import budgets_in_bytes, make_plans, unit_sizes
 from bitplan.quality import QualityReport, QualityTally, heldout_windows
 from bitplan.quantize import encode_unit, runs_gptq
 from bitplan.quantizer.formats import FORMATS, decode_weight
+from bitplan.sensitivity.activations import StopFn, check_stop
 from bitplan.sensitivity.cache import SensitivityCache
 from bitplan.sensitivity.kl import swapped_weights
 from bitplan.sensitivity.token_fisher import resolve_precision
@@ -91,9 +94,11 @@ def streams(spec: JobSpec) -> bool:
 
 
 def run_streamed_gguf(spec: JobSpec, *, out_dirs: list[Path], on_progress: ProgressFn | None = None,
-                      cache: SensitivityCache | None = None) -> list[RunResult]:
+                      cache: SensitivityCache | None = None, should_stop: StopFn | None = None) -> list[RunResult]:
     """The module docstring's steps for each budget of ``spec`` (``out_dirs[i]`` for budget ``i``); one report
-    per budget."""
+    per budget. ``should_stop`` is asked at every progress report (a block, a window, a tensor), so a cancel takes
+    effect within one block's work."""
+    on_progress = stopping(on_progress, should_stop)
     timings: dict[str, float] = {}
     clock = [time.perf_counter()]
 
@@ -126,7 +131,8 @@ def run_streamed_gguf(spec: JobSpec, *, out_dirs: list[Path], on_progress: Progr
                                                   min(DEFAULT_BOUNDARY_BYTES, memory.boundaries_in_memory),
                                                   on_progress)
     lap("calibration statistics")
-    sensitivity, cache_state = measure(spec, loaded, units, calibration, on_progress, None, cache, importance)  # 4
+    sensitivity, cache_state = measure(spec, loaded, units, calibration, on_progress, should_stop, cache,
+                                       importance)  # 4
     lap("sensitivity")
     plans = make_plans(spec, units, sizes, sensitivity, budgets, None)  # 5
     lap("allocation")
@@ -199,20 +205,25 @@ def _write_budget(spec: JobSpec, made: _Made, plan: Any, out: Path, heldout: tup
         return encode_unit(spec, weight, chosen[unit], importance, unit)
 
     started = time.perf_counter()
-    written = write_gguf_streamed(lazy, made.folder, out / GGUF_FILE, chosen=chosen, encode=encode,  # 6
-                                  stack_name=stream.stack_name,
-                                  on_tensor=None if on_progress is None else
-                                  lambda done, total: on_progress(Stage.WRITE, done, total))
-    write_imatrix(out / IMATRIX_FILE, made.folder, importance, tokens=int(calibration.tokens.numel()),
-                  chunk_size=int(calibration.tokens.shape[-1]), dataset=str(calibration.source),
-                  unit_tokens=None if made.routing is None else made.routing.unit_tokens(importance))
-    stage_times = {"write": round(time.perf_counter() - started, 3)}
-    quality = None
-    if heldout is not None:  # 7
-        started = time.perf_counter()
-        quality = stream_quality(stream, units, lambda unit, weight: decode_weight(encode(unit, weight)),
-                                 heldout[0], text=heldout[1], on_progress=on_progress)
-        stage_times["quality"] = round(time.perf_counter() - started, 3)
+    staging = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")  # the folder appears whole or not at all
+    try:
+        written = write_gguf_streamed(lazy, made.folder, staging / GGUF_FILE, chosen=chosen, encode=encode,  # 6
+                                      stack_name=stream.stack_name,
+                                      on_tensor=None if on_progress is None else
+                                      lambda done, total: on_progress(Stage.WRITE, done, total))
+        write_imatrix(staging / IMATRIX_FILE, made.folder, importance, tokens=int(calibration.tokens.numel()),
+                      chunk_size=int(calibration.tokens.shape[-1]), dataset=str(calibration.source),
+                      unit_tokens=None if made.routing is None else made.routing.unit_tokens(importance))
+        stage_times = {"write": round(time.perf_counter() - started, 3)}
+        quality = None
+        if heldout is not None:  # 7
+            started = time.perf_counter()
+            quality = stream_quality(stream, units, lambda unit, weight: decode_weight(encode(unit, weight)),
+                                     heldout[0], text=heldout[1], on_progress=on_progress)
+            stage_times["quality"] = round(time.perf_counter() - started, 3)
+        _into_place(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return RunResult(
         artifact=str(out), bits_per_weight=8 * written.unit_bytes / numel, bytes=written.unit_bytes,
         status=plan.solver.status, objective=plan.solver.objective, lower_bound=plan.solver.lower_bound,
@@ -224,8 +235,36 @@ def _write_budget(spec: JobSpec, made: _Made, plan: Any, out: Path, heldout: tup
         warnings=[*sensitivity.warnings, STREAMED_NOTE], quality=None if quality is None else quality.to_json(),
         file_bits_per_parameter=8 * written.file_bytes / lazy.parameters(), target="gguf",
         files=[{"name": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)}
-               for p in (written.path, out / IMATRIX_FILE)],
+               for p in (out / GGUF_FILE, out / IMATRIX_FILE)],
         file_bytes=written.file_bytes)
+
+
+def _into_place(staging: Path, out: Path) -> None:
+    """Rename the finished ``staging`` folder to ``out``, replacing an earlier streamed job's output there (a
+    folder of this job's files only); any other non-empty folder is refused."""
+    if out.exists():
+        if any(p.name not in (GGUF_FILE, IMATRIX_FILE) for p in out.iterdir()):
+            raise ArtifactError(f"output directory {out} exists and holds other files than a streamed job's "
+                                f"{GGUF_FILE} and {IMATRIX_FILE}; choose an empty or new directory")
+        trash = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        out.rename(trash)
+        staging.rename(out)
+        shutil.rmtree(trash)
+    else:
+        staging.rename(out)
+
+
+def stopping(on_progress: ProgressFn | None, should_stop: StopFn | None) -> ProgressFn | None:
+    """``on_progress`` that first raises :class:`Cancelled` when ``should_stop`` says so."""
+    if should_stop is None:
+        return on_progress
+
+    def report(stage: Stage | str, done: int, total: int) -> None:
+        check_stop(should_stop, Stage(stage).value)
+        if on_progress is not None:
+            on_progress(stage, done, total)
+
+    return report
 
 
 def preflight(spec: JobSpec) -> MemoryPlan | None:

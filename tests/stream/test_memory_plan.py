@@ -86,6 +86,10 @@ def test_issue41_the_streamed_job_reports_one_step_per_block_in_order(smollm2_to
     assert [done for done, _ in fisher] == sorted(done for done, _ in fisher)
     order = list(dict.fromkeys(stage for stage, _, _ in reports))
     assert order == ["load", "calibration statistics", "token Fisher", "write", "quality"]
+    again = run_streamed_gguf(spec, out_dirs=[tmp_path / "out"], cache=None)[0]  # replaces its own earlier output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.gguf", "model.imatrix.gguf"]
+    assert [f["name"] for f in again.files or []] == ["model.gguf", "model.imatrix.gguf"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no staging left
 
 
 def test_issue41_the_token_pass_progress_gives_an_honest_eta() -> None:
@@ -207,3 +211,25 @@ def test_issue43_preflight_plans_the_errors_the_job_holds(smollm2_tokenizer: Pat
     streamed_job.preflight(spec)
     assert spec.sensitivity.max_error_bytes > streamed_job.STREAMED_ERROR_BYTES
     assert [s.error_bytes for s in shapes] == [streamed_job.STREAMED_ERROR_BYTES]
+
+
+@pytest.mark.parametrize("stage", ["calibration statistics", "token Fisher", "write"])
+def test_issue41_a_cancel_stops_the_streamed_job_within_a_block(smollm2_tokenizer: Path,  # noqa: F811
+                                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                stage: str) -> None:
+    """``run_budgets`` hands the service's ``should_stop`` to the streamed job: a cancel during a stage stops it at
+    that stage's next report (one block), and no output directory is left behind."""
+    from bitplan import streamed_job
+    from bitplan.pipeline import run_budgets
+    from bitplan.sensitivity.activations import Cancelled
+
+    monkeypatch.setattr(streamed_job, "STREAM_ABOVE_BYTES", 0)  # as if it were over 2 GiB in float32
+    folder = hf_folder(tmp_path, smollm2_tokenizer, "llama")
+    spec = JobSpec.from_flat(model=str(folder), bits_per_weight=6.0, target="gguf", formats="Q4_0,Q8_0",
+                             num_samples=2, seq_len=32, quality_windows=1, quality_seq_len=32)
+    seen: list[str] = []
+    with pytest.raises(Cancelled, match=f"cancelled during {stage}"):
+        run_budgets(spec, out_dirs=[tmp_path / "out"], use_cache=False,
+                    on_progress=lambda s, done, total: seen.append(str(Stage(s).value)),
+                    should_stop=lambda: bool(seen) and seen[-1] == stage)
+    assert seen.count(stage) == 1 and not (tmp_path / "out").exists()
