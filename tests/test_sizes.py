@@ -26,7 +26,6 @@ ALLOWED = {
     "sensitivity/streamed.py:streamed_token_fisher": 67,
     "sensitivity/token_fisher.py": 429,
     "sensitivity/token_fisher.py:token_fisher": 121,
-    "service/client.py": 460,
     "tests/bitplan/test_formats_pipeline.py": 450,
     "tests/exports/test_gguf_hf_source.py": 409,
     "tests/service/test_dashboard.py:test_issue18_dashboard_sweep_frontier_heatmap_download_cancel": 105,
