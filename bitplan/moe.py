@@ -182,6 +182,12 @@ def expert_unit(name: str) -> ExpertUnit | None:
     return ExpertUnit(match["stack"], int(match["expert"]), _OLD_NAMES.get(projection, projection))
 
 
+def expert_order(unit: str) -> tuple[str, int]:
+    """A sort key putting an expert stack's units in expert order (a file stores the stack as one tensor)."""
+    expert = expert_unit(unit)
+    return (unit, -1) if expert is None else (f"{expert.stack}.{expert.projection}", expert.expert)
+
+
 _MIXTRAL_PROJECTIONS = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 
 

@@ -15,6 +15,9 @@ the size they would grow to, and writes nothing; ``reencode`` encodes each of th
 (``ggml_quantize_chunk``) from its dequantized weight into the GGML type of its width that its rows allow
 (:data:`REENCODE_TYPES`: a second rounding, reported per unit with the size change); ``exact`` keeps the codes
 and the larger file, and reports the growth.
+
+The blocks themselves are made in :mod:`bitplan.exports.gguf_blocks`; the importance matrix written beside
+the file, in :mod:`bitplan.exports.imatrix`.
 """
 
 from __future__ import annotations
@@ -32,138 +35,33 @@ import torch
 
 from bitplan.errors import BitplanError
 from bitplan.exports.common import ExportReport, file_hashes, read_artifact_units, register_export
+from bitplan.exports.gguf_blocks import (  # noqa: F401 - every block name stays importable from here
+    BLOCK,
+    INEXACT,
+    REENCODE_TYPES,
+    T,
+    encode_q4_1,
+    encode_q5_1,
+    encode_unit,
+    permute_rows_for_llama,
+    reencode_type,
+    resolve_inexact,
+    tensor_bytes,
+    unit_type,
+)
 from bitplan.exports.gguf_source import GgufSource, SourceTensor, expert_slice, open_source, safetensors_shapes
+from bitplan.exports.imatrix import IMATRIX_FILE, read_imatrix, write_imatrix  # noqa: F401 - re-exported
 from bitplan.hashing import sha256_file
 from bitplan.manifest import Manifest
 from bitplan.models import resolve_reference
-from bitplan.moe import expert_unit
+from bitplan.moe import expert_order
 from bitplan.quantizer.formats import GgmlWeight
-from bitplan.quantizer.rtn import QuantizedWeight, dequantize_weight
+from bitplan.quantizer.rtn import QuantizedWeight
 
 REQUANTIZABLE = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16,
                  gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1,
                  gguf.GGMLQuantizationType.Q5_0, gguf.GGMLQuantizationType.Q5_1}
-BLOCK = 32
-T = gguf.GGMLQuantizationType
 NORM_PLUS_ONE = ("gemma2", "gemma3")  # transformers' GGUF loader takes 1 from their norm weights: put it back
-INEXACT = ("refuse", "reencode", "exact")
-# A unit's width -> the GGML types it is re-encoded into, the first its row length allows (K-quants need rows
-# divisible by 256; the legacy fallback is the smallest legacy type at or above the width, as llama.cpp's presets
-# fall back for such rows).
-REENCODE_TYPES = {2: ("Q2_K", "Q4_0"), 3: ("Q3_K", "Q4_0"), 4: ("Q4_K", "Q4_0"), 5: ("Q5_K", "Q5_0"),
-                  6: ("Q6_K", "Q8_0"), 7: ("Q8_0",), 8: ("Q8_0",)}
-
-
-def unit_type(unit: QuantizedWeight) -> T:
-    """The GGML type a unit is written as (see the module docstring)."""
-    exact = unit.group_size % BLOCK == 0 and unit.codes.shape[1] % BLOCK == 0
-    if exact and unit.bits <= 4:
-        return T.Q4_1
-    if exact and unit.bits == 5:
-        return T.Q5_1
-    return T.Q8_0
-
-
-def tensor_bytes(shape: tuple[int, ...], qtype: T) -> int:
-    """Bytes of a tensor of ``shape`` (numpy order, last dimension contiguous) stored as ``qtype``."""
-    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
-    count = int(np.prod(shape))
-    if count % block_size:
-        raise BitplanError(f"a tensor of shape {shape} does not divide into {qtype.name} blocks of {block_size}")
-    return count // block_size * type_size
-
-
-def reencode_type(bits: int, columns: int) -> T:
-    """The GGML type a unit of ``bits`` with rows of ``columns`` is re-encoded into (:data:`REENCODE_TYPES`)."""
-    for name in REENCODE_TYPES[min(max(bits, 2), 8)]:
-        if columns % gguf.GGML_QUANT_SIZES[T[name]][0] == 0:
-            return T[name]
-    raise BitplanError(f"no GGML type holds rows of {columns} columns at {bits} bits (legacy types need rows "
-                       f"divisible by {BLOCK})")
-
-
-def resolve_inexact(manifest: Manifest, units: dict[str, QuantizedWeight | GgmlWeight], inexact: str
-                    ) -> tuple[dict[str, QuantizedWeight | GgmlWeight], list[dict[str, Any]]]:
-    """Units whose exact GGML type is larger than the artifact stores them, handled as ``inexact`` says (see the
-    module docstring); the units to write, and one row per such unit (its name, format, bytes before and after)."""
-    if inexact not in INEXACT:
-        raise BitplanError(f"inexact must be one of {', '.join(INEXACT)}, got {inexact!r}", param="inexact")
-    stored = {u.name: int(u.bytes) for u in manifest.units}
-    rows, result = [], dict(units)
-    for name, unit in units.items():
-        if isinstance(unit, GgmlWeight):
-            continue
-        shape = tuple(unit.codes.shape)
-        exact = tensor_bytes(shape, unit_type(unit))
-        if exact <= stored.get(name, exact):
-            continue
-        row = {"name": name, "from": f"int{unit.bits}-g{unit.group_size}", "artifact_bytes": stored[name],
-               "exact_type": unit_type(unit).name, "exact_bytes": exact}
-        if inexact == "reencode":
-            qtype = reencode_type(unit.bits, shape[1])
-            from bitplan.quantizer.ggml import quantize_ggml
-
-            payload = quantize_ggml(dequantize_weight(unit), qtype)
-            result[name] = GgmlWeight(qtype.name, payload, shape)  # type: ignore[arg-type]
-            row.update({"type": qtype.name, "bytes": int(payload.nbytes)})
-        else:
-            row.update({"type": row["exact_type"], "bytes": exact})
-        rows.append(row)
-    if rows and inexact == "refuse":
-        before, after = sum(r["artifact_bytes"] for r in rows), sum(r["exact_bytes"] for r in rows)
-        examples = "; ".join(f"{r['name']} ({r['from']}, {r['artifact_bytes']} bytes) would take "
-                             f"{r['exact_type']} ({r['exact_bytes']} bytes)" for r in rows[:3])
-        raise BitplanError(
-            f"{len(rows)} of {len(units)} layers cannot be stored exactly in a GGML type at their size: {examples}; "
-            f"together {before} -> {after} bytes (+{100 * (after - before) / max(before, 1):.0f}%). Give "
-            f"--inexact reencode to re-encode them with llama.cpp's quantizer at their width (a second rounding), "
-            f"or --inexact exact to keep their codes in the larger file; or plan with --target gguf, which chooses "
-            f"among GGML types from the start", param="inexact")
-    return result, rows
-
-
-def _block_params(unit: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Codes as ``(out, n_blocks, 32)`` uint8 and each block's fp16 ``d`` and ``m`` as ``(out, n_blocks, 2)`` bytes."""
-    out_features, in_features = unit.codes.shape
-    n_blocks = in_features // BLOCK
-    group_of_block = torch.arange(n_blocks) * BLOCK // unit.group_size
-    scale = unit.scales.float()[:, group_of_block]
-    minimum = -(unit.zeros.float()[:, group_of_block] * scale)
-    d = scale.half().numpy().view(np.uint8).reshape(out_features, n_blocks, 2)
-    m = minimum.half().numpy().view(np.uint8).reshape(out_features, n_blocks, 2)
-    return unit.codes.numpy().reshape(out_features, n_blocks, BLOCK), d, m
-
-
-def encode_q4_1(unit: QuantizedWeight) -> np.ndarray:
-    """``(out, in / 32 * 20)`` uint8: per block ``d`` fp16, ``m`` fp16, 16 bytes of nibbles (value ``k`` in the low
-    nibble of byte ``k``, value ``k + 16`` in its high nibble)."""
-    codes, d, m = _block_params(unit)
-    qs = codes[..., :16] | (codes[..., 16:] << 4)
-    return np.concatenate([d, m, qs], axis=-1).reshape(codes.shape[0], -1)
-
-
-def encode_q5_1(unit: QuantizedWeight) -> np.ndarray:
-    """``(out, in / 32 * 24)`` uint8: ``d``, ``m``, the 32 fifth bits little-endian in 4 bytes, then the low
-    nibbles as in Q4_1."""
-    codes, d, m = _block_params(unit)
-    qh = np.packbits((codes >> 4) & 1, axis=-1, bitorder="little")
-    qs = (codes[..., :16] & 0x0F) | ((codes[..., 16:] & 0x0F) << 4)
-    return np.concatenate([d, m, qh, qs], axis=-1).reshape(codes.shape[0], -1)
-
-
-def encode_unit(unit: QuantizedWeight, qtype: T) -> np.ndarray:
-    if qtype is T.Q4_1:
-        return encode_q4_1(unit)
-    if qtype is T.Q5_1:
-        return encode_q5_1(unit)
-    return gguf.quants.quantize(dequantize_weight(unit).numpy(), qtype)
-
-
-def permute_rows_for_llama(tensor: torch.Tensor, n_head: int) -> torch.Tensor:
-    """The row order llama.cpp's converter gives q/k projections (rotary pairs interleaved); transformers'
-    GGUF loader undoes it. Works on any tensor with one row per output feature (codes, scales, zeros)."""
-    rows = tensor.shape[0]
-    return tensor.reshape(n_head, 2, rows // n_head // 2, *tensor.shape[1:]).swapaxes(1, 2).reshape(tensor.shape)
 
 
 def source_model(manifest: Manifest) -> Path:
@@ -217,7 +115,7 @@ def _layout(manifest: Manifest, units: dict[str, QuantizedWeight | GgmlWeight],
     source = open_source(path, {n: shapes.get(n, s) for n, s in safetensors_shapes(path).items()} if path.is_dir()
                          else shapes)
     by_unit: dict[str, list[tuple[str, QuantizedWeight | GgmlWeight]]] = {}
-    for name in sorted(units, key=_expert_order):
+    for name in sorted(units, key=expert_order):
         by_unit.setdefault(source.unit_tensor(name), []).append((name, units[name]))
     layout = _Layout(source=source, by_unit=by_unit, by_float=_float_tensors(source, floats))
     missing = set(layout.by_unit) - {t.name for t in source.tensors}
@@ -254,11 +152,6 @@ def _copy_metadata(writer: Any, source: GgufSource, manifest: Manifest) -> None:
     writer.add_string("general.quantized_by",
                       f"bitplan (artifact manifest {'rtn' if manifest.run is None else manifest.run.quantizer})")
 
-
-def _expert_order(unit: str) -> tuple[str, int]:
-    """Units sorted so that an expert stack's come in expert order."""
-    expert = expert_unit(unit)
-    return (unit, -1) if expert is None else (f"{expert.stack}.{expert.projection}", expert.expert)
 
 
 def _float_tensors(source: GgufSource, floats: dict[str, torch.Tensor]) -> dict[str | None, torch.Tensor]:
@@ -461,56 +354,3 @@ def hf_file_overhead(folder: Path, unit_names: list[str]) -> int:
         writer.close()
         header = path.stat().st_size
     return header + data + (alignment - 1) * len(wanted) + FILE_BUDGET_MARGIN
-
-
-IMATRIX_FILE = "model.imatrix.gguf"  # beside the gguf target's model.gguf
-
-
-class _ImatrixWriter(gguf.GGUFWriter):  # type: ignore[misc]
-    def add_architecture(self) -> None:
-        return None  # an importance matrix names no architecture (as llama.cpp's own files)
-
-
-def write_imatrix(out: Path, source: Path, importance: dict[str, torch.Tensor], *, tokens: int, chunk_size: int,
-                  dataset: str, unit_tokens: dict[str, int] | None = None) -> None:
-    """The importance vectors the job's encoders used, as the GGUF importance matrix ``llama-imatrix`` writes and
-    ``llama-quantize --imatrix`` reads: per weight tensor (by its name in ``source``, the GGUF the file goes
-    with) ``NAME.in_sum2``, the sum over calibration tokens of each input column's square, and ``NAME.counts``,
-    the number of tokens (llama.cpp divides one by the other); ``general.type`` ``imatrix``, the calibration
-    text's name in ``imatrix.datasets``, its windows as chunks. An expert stack (one 3-D tensor) has one row of
-    sums per expert and one count each: the tokens routed to it (``unit_tokens``, else ``tokens``)."""
-    model = open_source(source, {f"{unit}.weight": (0,) for unit in importance})
-    staging = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
-    writer = _ImatrixWriter(staging, "")
-    try:
-        writer.add_type(gguf.GGUFType.IMATRIX)
-        writer.add_array(gguf.Keys.IMatrix.DATASETS, [dataset])
-        writer.add_uint32(gguf.Keys.IMatrix.CHUNK_COUNT, max(tokens // max(chunk_size, 1), 1))
-        writer.add_uint32(gguf.Keys.IMatrix.CHUNK_SIZE, chunk_size)
-        named: dict[str, list[str]] = {}
-        for unit in sorted(importance, key=_expert_order):
-            named.setdefault(model.unit_tensor(unit), []).append(unit)
-        for name, units in sorted(named.items()):
-            sums = np.stack([importance[u].detach().float().numpy().astype(np.float32) for u in units])
-            counts = np.array([[(unit_tokens or {}).get(u, tokens)] for u in units], dtype=np.float32)
-            writer.add_tensor(f"{name}.in_sum2", sums[0] if len(units) == 1 else sums)
-            writer.add_tensor(f"{name}.counts", counts[0] if len(units) == 1 else counts)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(staging, out)
-    finally:
-        if staging.exists():
-            staging.unlink()
-
-
-def read_imatrix(path: Path) -> dict[str, np.ndarray]:
-    """An importance matrix file as llama.cpp's quantizer reads it: tensor name -> ``in_sum2 / counts``."""
-    tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in gguf.GGUFReader(path).tensors}
-    means = {}
-    for name, values in tensors.items():
-        if name.endswith(".in_sum2"):
-            counts = tensors[name[: -len(".in_sum2")] + ".counts"]
-            means[name[: -len(".in_sum2")]] = values / (counts[0] if values.ndim == 1 else counts.reshape(-1, 1))
-    return means
