@@ -67,6 +67,34 @@ def solve_ilp(problem: AllocationProblem, *, time_limit_s: float = 60.0, mip_rel
     cost = np.array([o.distortion for u in problem.units for o in u.options], dtype=float)
     scale = objective_scale(cost, len(problem.units))
     cost = cost / scale
+    allowed = np.array([ok for unit in problem.units for ok in unit.allowed()], dtype=float)
+    with stdout_to_stderr():
+        result = milp(
+            cost,
+            constraints=_constraints(problem, offsets),
+            integrality=np.ones(n_vars),
+            bounds=Bounds(0, allowed),
+            options={"time_limit": time_limit_s, "mip_rel_gap": mip_rel_gap},
+        )
+    elapsed = time.perf_counter() - started
+    if result.x is None:
+        status = SolverStatus.INFEASIBLE if result.status == 2 else SolverStatus.TIME_LIMIT
+        return Allocation.without_solution(problem, status=status, solver="highs", solve_s=elapsed,
+                                           message=str(result.message))
+    choice = tuple(int(np.argmax(result.x[offsets[u]:offsets[u + 1]])) for u in range(len(problem.units)))
+    objective, used_bytes, latency = problem.evaluate(choice)
+    bound = getattr(result, "mip_dual_bound", None)
+    lower_bound = objective if bound is None or not np.isfinite(bound) else min(float(bound) * scale, objective)
+    status = SolverStatus.OPTIMAL if result.status == 0 else SolverStatus.FEASIBLE
+    return Allocation(status=status, choice=choice, objective=objective, lower_bound=lower_bound,
+                      bytes=used_bytes, latency=latency, solve_s=elapsed, solver="highs",
+                      message=str(result.message))
+
+
+def _constraints(problem: AllocationProblem, offsets: np.ndarray) -> LinearConstraint:
+    """The rows of the program over its 0/1 variables (unit ``u``'s option ``k`` is column ``offsets[u] + k``;
+    ``offsets``: ``(units + 1,)``, their cumulative option counts): one option per unit, the byte, latency and
+    prefill budgets, and the same option for the units of a tie group (the module docstring)."""
     rows, cols, vals, lower, upper = [], [], [], [], []
 
     def add_row(entries: list[tuple[int, float]], lo: float, hi: float) -> None:
@@ -93,27 +121,5 @@ def solve_ilp(problem: AllocationProblem, *, time_limit_s: float = 60.0, mip_rel
         for other in members[1:]:
             for k in range(len(problem.units[first].options)):
                 add_row([(int(offsets[first]) + k, 1.0), (int(offsets[other]) + k, -1.0)], 0.0, 0.0)
-
-    matrix = coo_array((vals, (rows, cols)), shape=(len(lower), n_vars)).tocsr()
-    allowed = np.array([ok for unit in problem.units for ok in unit.allowed()], dtype=float)
-    with stdout_to_stderr():
-        result = milp(
-            cost,
-            constraints=LinearConstraint(matrix, np.array(lower), np.array(upper)),
-            integrality=np.ones(n_vars),
-            bounds=Bounds(0, allowed),
-            options={"time_limit": time_limit_s, "mip_rel_gap": mip_rel_gap},
-        )
-    elapsed = time.perf_counter() - started
-    if result.x is None:
-        status = SolverStatus.INFEASIBLE if result.status == 2 else SolverStatus.TIME_LIMIT
-        return Allocation.without_solution(problem, status=status, solver="highs", solve_s=elapsed,
-                                           message=str(result.message))
-    choice = tuple(int(np.argmax(result.x[offsets[u]:offsets[u + 1]])) for u in range(len(problem.units)))
-    objective, used_bytes, latency = problem.evaluate(choice)
-    bound = getattr(result, "mip_dual_bound", None)
-    lower_bound = objective if bound is None or not np.isfinite(bound) else min(float(bound) * scale, objective)
-    status = SolverStatus.OPTIMAL if result.status == 0 else SolverStatus.FEASIBLE
-    return Allocation(status=status, choice=choice, objective=objective, lower_bound=lower_bound,
-                      bytes=used_bytes, latency=latency, solve_s=elapsed, solver="highs",
-                      message=str(result.message))
+    matrix = coo_array((vals, (rows, cols)), shape=(len(lower), int(offsets[-1]))).tocsr()
+    return LinearConstraint(matrix, np.array(lower), np.array(upper))
