@@ -106,17 +106,7 @@ def export_compressed_tensors(artifact: Path, out: Path) -> ExportReport:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BitplanError(f"--out {out} must be a new or empty folder for a compressed-tensors export")
     manifest, units, floats = read_artifact_units(artifact)
-    ggml_units = [name for name, u in units.items() if isinstance(u, GgmlWeight)]
-    if ggml_units:
-        raise BitplanError(f"{len(ggml_units)} units of this artifact are stored in GGML types (first: "
-                           f"{ggml_units[0]}), which compressed-tensors cannot hold; export it as gguf, or make "
-                           f"the artifact with integer formats (--formats bitplan-int)", param="format")
-    fractional = [name for name, u in units.items() if bool((u.zeros.float().frac() != 0).any())]
-    if fractional:
-        raise BitplanError(f"{len(fractional)} units of this artifact have fractional zero points (an -fzero "
-                           f"format; first: {fractional[0]}), which compressed-tensors' integer zero points cannot "
-                           f"hold; export it as gguf, or make the artifact with --formats bitplan-int or ct-wna16",
-                           param="format")
+    _refuse_unexportable(units)
     notes = ["vllm_kernel: the WNA16 kernel vLLM would choose per layer on Hopper (sm90), Ampere (sm80) and Turing "
              "(sm75) GPUs, by its kernels' rules (bitplan/exports/vllm_kernels.py; a prediction, not run here)",
              "bytes counts the quantized layers' tensors (packed codes, fp16 scales, packed zero points, shapes); "
@@ -127,29 +117,15 @@ def export_compressed_tensors(artifact: Path, out: Path) -> ExportReport:
     try:
         state = {name: tensor.to(torch.float16).contiguous() for name, tensor in floats.items()
                  if name not in manifest.tied}
-        rows, predicted = [], 0
         regrouped = {name: whole_groups(u) for name, u in units.items()}
         if any(regrouped[name].group_size != u.group_size for name, u in units.items()):
             notes.append("compressed-tensors needs groups that divide each layer's input width: layers with a partial "
                          "last group are written with group size gcd(group size, input width), scales repeated")
         units = regrouped
-        for name, unit in units.items():
-            state.update({f"{name}.{key}": value for key, value in unit_tensors(unit).items()})
-            size = predicted_unit_bytes(unit)
-            predicted += size
-            out_features, in_features = unit.codes.shape
-            rows.append({"name": name, "bits": unit.bits, "group_size": unit.group_size, "bytes": size,
-                         "vllm_kernel": serving_kernels(unit.bits, unit.group_size, in_features, out_features)})
+        unit_state, rows, predicted = _unit_state(units)
+        state.update(unit_state)
         save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
-        for name in os.listdir(artifact):
-            if (artifact / name).is_file() and name not in (MANIFEST, FLOAT_FILE, QUANTIZED_FILE, WEIGHTS_FILE,
-                                                            INDEX_FILE, GUARD_FILE) \
-                    and not name.endswith(".gguf"):
-                shutil.copy2(artifact / name, staging / name)
-        config = json.loads((staging / "config.json").read_text())
-        config["quantization_config"] = quantization_config(units)
-        config["torch_dtype"] = "float16"
-        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        _write_model_files(artifact, staging, units)
         data = safetensors_data_bytes(staging / WEIGHTS_FILE)
         unit_prefixes = tuple(f"{name}." for name in units)
         written = sum(size for name, size in data.items() if name.startswith(unit_prefixes))
@@ -165,3 +141,46 @@ def export_compressed_tensors(artifact: Path, out: Path) -> ExportReport:
                         file_bytes=sum(p.stat().st_size for p in out.iterdir()),
                         sha256=file_hashes(sorted(out.iterdir())), artifact_bytes=int(manifest.achieved.bytes),
                         units=rows, notes=notes)
+
+
+def _refuse_unexportable(units: dict[str, QuantizedWeight | GgmlWeight]) -> None:
+    """Refuse an artifact compressed-tensors cannot hold: units in GGML types, or with fractional zero points."""
+    ggml_units = [name for name, u in units.items() if isinstance(u, GgmlWeight)]
+    if ggml_units:
+        raise BitplanError(f"{len(ggml_units)} units of this artifact are stored in GGML types (first: "
+                           f"{ggml_units[0]}), which compressed-tensors cannot hold; export it as gguf, or make "
+                           f"the artifact with integer formats (--formats bitplan-int)", param="format")
+    fractional = [name for name, u in units.items() if bool((u.zeros.float().frac() != 0).any())]
+    if fractional:
+        raise BitplanError(f"{len(fractional)} units of this artifact have fractional zero points (an -fzero "
+                           f"format; first: {fractional[0]}), which compressed-tensors' integer zero points cannot "
+                           f"hold; export it as gguf, or make the artifact with --formats bitplan-int or ct-wna16",
+                           param="format")
+
+
+def _unit_state(units: dict[str, QuantizedWeight]) -> tuple[dict[str, torch.Tensor], list[dict[str, object]], int]:
+    """The units' tensors as compressed-tensors names them, one report row per unit, and their predicted bytes."""
+    state: dict[str, torch.Tensor] = {}
+    rows, predicted = [], 0
+    for name, unit in units.items():
+        state.update({f"{name}.{key}": value for key, value in unit_tensors(unit).items()})
+        size = predicted_unit_bytes(unit)
+        predicted += size
+        out_features, in_features = unit.codes.shape
+        rows.append({"name": name, "bits": unit.bits, "group_size": unit.group_size, "bytes": size,
+                     "vllm_kernel": serving_kernels(unit.bits, unit.group_size, in_features, out_features)})
+    return state, rows, predicted
+
+
+def _write_model_files(artifact: Path, staging: Path, units: dict[str, QuantizedWeight]) -> None:
+    """Copy the artifact's model files (config, tokenizer, ...) into ``staging``, the config with the units'
+    ``quantization_config`` and float16 as its dtype."""
+    for name in os.listdir(artifact):
+        if (artifact / name).is_file() and name not in (MANIFEST, FLOAT_FILE, QUANTIZED_FILE, WEIGHTS_FILE,
+                                                        INDEX_FILE, GUARD_FILE) \
+                and not name.endswith(".gguf"):
+            shutil.copy2(artifact / name, staging / name)
+    config = json.loads((staging / "config.json").read_text())
+    config["quantization_config"] = quantization_config(units)
+    config["torch_dtype"] = "float16"
+    (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
