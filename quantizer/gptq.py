@@ -61,6 +61,22 @@ def _fit_grid(values: torch.Tensor, bits: int, salience: torch.Tensor | None,
     return scale.squeeze(1), zero.squeeze(1)
 
 
+def _group_widths(weight: torch.Tensor, gram: torch.Tensor, *, bits: int, group_size: int,
+                  group_bits: Sequence[int] | None, config: GPTQConfig) -> list[int]:
+    """Check :func:`quantize_gptq`'s arguments (a ``ValueError`` that says how to fix them); each group's width."""
+    check_quantization_args(weight, bits, group_size)
+    in_features = weight.shape[1]
+    n_groups = -(-in_features // group_size)
+    widths = [bits] * n_groups if group_bits is None else [int(b) for b in group_bits]
+    if len(widths) != n_groups or any(not 1 <= b <= 8 for b in widths):
+        raise ValueError(f"group_bits must give {n_groups} widths between 1 and 8, got {list(widths)}")
+    if gram.shape != (in_features, in_features):
+        raise ValueError(f"gram must be ({in_features}, {in_features}), got {tuple(gram.shape)}")
+    if config.symmetric and config.salience:
+        raise ValueError("the salience-weighted range search fits asymmetric grids, not symmetric ones")
+    return widths
+
+
 def quantize_gptq(weight: torch.Tensor, gram: torch.Tensor, *, bits: int, group_size: int,
                   group_bits: Sequence[int] | None = None, config: GPTQConfig = GPTQConfig()) -> QuantizedWeight:
     """GPTQ-quantize ``weight`` with per-group asymmetric grids.
@@ -71,16 +87,9 @@ def quantize_gptq(weight: torch.Tensor, gram: torch.Tensor, *, bits: int, group_
         bits: the width of every group, unless ``group_bits`` gives one per column group.
         group_bits: ``ceil(in_features / group_size)`` widths (mixed precision inside the layer).
     """
-    check_quantization_args(weight, bits, group_size)
+    widths = _group_widths(weight, gram, bits=bits, group_size=group_size, group_bits=group_bits, config=config)
     out_features, in_features = weight.shape
-    n_groups = -(-in_features // group_size)
-    widths = [bits] * n_groups if group_bits is None else [int(b) for b in group_bits]
-    if len(widths) != n_groups or any(not 1 <= b <= 8 for b in widths):
-        raise ValueError(f"group_bits must give {n_groups} widths between 1 and 8, got {list(widths)}")
-    if gram.shape != (in_features, in_features):
-        raise ValueError(f"gram must be ({in_features}, {in_features}), got {tuple(gram.shape)}")
-    if config.symmetric and config.salience:
-        raise ValueError("the salience-weighted range search fits asymmetric grids, not symmetric ones")
+    n_groups = len(widths)
     w = weight.detach().float().clone()
     salience = torch.diag(gram).float() if config.salience else None
     order = torch.argsort(torch.diag(gram), descending=True, stable=True) if config.act_order else None
