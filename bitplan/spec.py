@@ -26,8 +26,7 @@ from bitplan.preset_size import SIZE_PRESETS
 from bitplan.quantizer.formats import FORMATS, PRESETS, resolve_formats
 from bitplan.quantizer.ggml_encode import ENCODERS
 from bitplan.quantizer.methods import QUANTIZERS
-from bitplan.sensitivity.api import HutchinsonConfig, Metric
-from bitplan.sensitivity.token_fisher import DEFAULT_ERROR_BYTES
+from bitplan.sensitivity.request import DEFAULT_ERROR_BYTES, HutchinsonConfig, Metric
 
 SPEC_VERSION = 1
 
