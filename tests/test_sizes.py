@@ -17,7 +17,6 @@ ALLOWED = {
     "bitplan/exports/compressed_tensors_folder.py:export_compressed_tensors": 64,
     "bitplan/exports/gguf_file.py": 516,
     "bitplan/models.py": 463,
-    "bitplan/spec.py": 497,
     "quantizer/gptq.py:quantize_gptq": 64,
     "sensitivity/activations.py:collect_unit_statistics": 89,
     "sensitivity/hutchinson.py:estimate_traces": 61,
