@@ -56,6 +56,7 @@ from bitplan.quantizer.formats import FORMATS, decode_weight
 from bitplan.quantizer.rtn import quantization_error
 from bitplan.sensitivity.api import CURVATURE_STRIDE, taylor_increase
 from bitplan.sensitivity.importance import input_energy
+from bitplan.sensitivity.request import Metric, SensitivityRequest
 from bitplan.sensitivity.token_fisher import token_fisher
 from bitplan.spec import JobSpec
 from bitplan.units import find_block_stack, find_units
@@ -157,12 +158,14 @@ def main() -> None:
                for name in sampled}
     predicted_started = time.perf_counter()
     loss_fn = causal_lm_sampled_loss if args.metric == "token_kl" else causal_lm_loss
-    curvature = {"curvature_loss_fn": causal_lm_sampled_loss, "curvature_stride": args.curvature_stride} \
-        if args.metric == "token_taylor_kl" else {}
+    curvature = args.metric == "token_taylor_kl"
     report["curvature_stride"] = args.curvature_stride if curvature else None
-    terms = token_fisher(loaded.model, sampled, batches, loss_fn=loss_fn, bits_options=[3], group_size=128,
-                         blocks=find_block_stack(loaded.model)[1], options=options, error_of=error_of,
-                         skip_first_position=args.skip_first_position, **curvature)
+    request = SensitivityRequest(Metric(args.metric), bits_options=(3,), group_size=128, options=options,
+                                 error_of=error_of, skip_first_position=args.skip_first_position,
+                                 curvature_stride=args.curvature_stride if curvature else None)
+    terms = token_fisher(loaded.model, sampled, batches, request, loss_fn=loss_fn,
+                         curvature_loss_fn=causal_lm_sampled_loss if curvature else None,
+                         blocks=find_block_stack(loaded.model)[1])
     report["skip_first_position"] = args.skip_first_position
     report["sensitivity_s"] = round(time.perf_counter() - predicted_started, 1)
     # each predictor of every (unit, option): token_taylor or token_taylor_kl as the allocation uses it (shrunk first

@@ -46,7 +46,7 @@ from bitplan.evaluation import tokenize_for_perplexity
 from bitplan.models import causal_lm_loss, load_model, use_eager_attention
 from bitplan.pipeline import measure_sensitivity
 from bitplan.quantizer.rtn import dequantize_weight, quantize_rtn
-from bitplan.sensitivity.api import SECOND_ORDER_HVP_METHODS, HutchinsonConfig, Metric, functional_loss
+from bitplan.sensitivity.api import SECOND_ORDER_HVP_METHODS, functional_loss
 from bitplan.sensitivity.blockwise import capture_first_block_inputs
 from bitplan.sensitivity.hutchinson import (
     double_backward_hvp,
@@ -55,6 +55,7 @@ from bitplan.sensitivity.hutchinson import (
     gradient_difference_hvp,
 )
 from bitplan.sensitivity.kl import per_token_kl, swapped_weights
+from bitplan.sensitivity.request import HutchinsonConfig, Metric
 from bitplan.spec import JobSpec
 from bitplan.units import block_index, find_block_stack, find_units
 

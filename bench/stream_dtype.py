@@ -27,6 +27,7 @@ import torch
 from bitplan.calibration import build_calibration_set
 from bitplan.models import load_model, sampled_loss_of_logits, text_loss_of_logits
 from bitplan.sensitivity.api import taylor_increase
+from bitplan.sensitivity.request import Metric, SensitivityRequest
 from bitplan.sensitivity.streamed import streamed_token_fisher
 from bitplan.sources import open_lazy
 from bitplan.stream import Boundaries, DecoderStream
@@ -47,9 +48,10 @@ def predictions(folder: Path, dtype: torch.dtype, batches: list[torch.Tensor]) -
     units = find_units(lazy.model)
     started = time.perf_counter()
     with Boundaries(2 << 30) as boundaries:
-        terms = streamed_token_fisher(DecoderStream(lazy), units, batches, boundaries, loss=text_loss_of_logits,
-                                      bits_options=(2, 3, 4, 8), group_size=128, precision="auto",
-                                      curvature_loss=sampled_loss_of_logits, curvature_stride=2)
+        request = SensitivityRequest(Metric.TOKEN_TAYLOR_KL, bits_options=(2, 3, 4, 8), group_size=128,
+                                     precision="auto", curvature_stride=2)
+        terms = streamed_token_fisher(DecoderStream(lazy), units, batches, boundaries, request,
+                                      loss=text_loss_of_logits, curvature_loss=sampled_loss_of_logits)
     seconds = time.perf_counter() - started
     return {name: taylor_increase(terms.first_order[name], terms.second_order[name],
                                   terms.first_order_std_error[name]) for name in units}, seconds

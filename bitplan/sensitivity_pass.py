@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
@@ -19,7 +19,7 @@ from bitplan.quantize import Importance, encode_unit, input_grams, runs_gptq
 from bitplan.quantizer.formats import decode_weight
 from bitplan.quantizer.ggml_encode import ENCODERS
 from bitplan.quantizer.rtn import dequantize_weight, quantize_rtn
-from bitplan.sensitivity import Metric, SensitivityResult, compute_sensitivity
+from bitplan.sensitivity import Metric, SensitivityRequest, SensitivityResult, compute_sensitivity
 from bitplan.sensitivity.activations import StopFn
 from bitplan.sensitivity.api import (
     CURVATURE_STRIDE,
@@ -103,17 +103,21 @@ def compute_dtype_key(loaded: LoadedModel) -> dict[str, str]:
     return {} if dtype == torch.float32 else {"compute_dtype": str(dtype).removeprefix("torch.")}
 
 
-def measure(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], calibration: Any,
-            on_progress: ProgressFn | None, should_stop: StopFn | None, cache: SensitivityCache | None,
-            importance: Importance | None = None) -> tuple[SensitivityResult, str]:
-    """The sensitivities and whether the cache had them (``hit``, ``miss`` or ``off``). With formats, each
-    option's error is that format's with its encoder (``importance``: the calibration's input energy)."""
+def sensitivity_request(spec: JobSpec, metric: Metric) -> SensitivityRequest:
+    """The job's sensitivity request under ``metric``: its candidate widths and group size, the token metrics'
+    memory and precision, Hutchinson's probes (the candidate formats' errors are added when the pass runs)."""
     options = spec.sensitivity
-    metric = resolve_metric(options.metric.value, loaded.kind)
+    return SensitivityRequest(metric=metric, bits_options=spec.widths, group_size=spec.quantization.group_size,
+                              max_error_bytes=options.max_error_bytes, precision=options.precision.value,
+                              hutchinson=options.hutchinson)
+
+
+def sensitivity_key(spec: JobSpec, request: SensitivityRequest, loaded: LoadedModel, units: dict[str, nn.Linear],
+                    calibration_sha256: str) -> str:
+    """The cache key of ``request``'s result on this model and calibration set: the metric, its parameters, and
+    the encoders behind each candidate's error (the formats, the integer encoder, the dtype of the products)."""
+    metric = request.metric
     formats = spec.quantization.format_names
-    if formats is not None and metric not in TAKES_ERRORS:
-        raise SpecError(f"metric {metric.value!r} predicts from RTN errors only; with --formats choose one of "
-                        f"{', '.join(sorted(m.value for m in TAKES_ERRORS))}", param="metric")
     quantizer = spec.quantization.quantizer.value
     int_encoder = quantizer if quantizer in ("rtn-salience", "gptq", "gptq-salience") else "rtn"
     if runs_gptq(spec):
@@ -124,14 +128,27 @@ def measure(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], cal
     if salience_width_errors(spec, metric):
         encoder = {"widths_encoder": "rtn-salience"}
     if metric in TOKEN_METRICS:  # the dtype its per-token products ran in
-        precision = resolve_precision(options.precision.value)
+        precision = resolve_precision(request.precision)
         encoder = {**(encoder or {}), "projection": str(precision).removeprefix("torch.")}
-    key = cache_key(model_sha256=loaded.source_sha256, calibration_sha256=calibration.sha256, metric=metric.value,
-                    bits=list(spec.widths), group_size=spec.quantization.group_size, units=list(units),
-                    hutchinson=asdict(options.hutchinson) if metric is Metric.HUTCHINSON else None,
-                    **({} if encoder is None else {"encoder": encoder}),
-                    **({"curvature_stride": CURVATURE_STRIDE} if metric in MODEL_CURVATURE else {}),
-                    **compute_dtype_key(loaded))
+    return cache_key(model_sha256=loaded.source_sha256, calibration_sha256=calibration_sha256, metric=metric.value,
+                     bits=list(request.bits_options), group_size=request.group_size, units=list(units),
+                     hutchinson=asdict(request.hutchinson) if metric is Metric.HUTCHINSON else None,
+                     **({} if encoder is None else {"encoder": encoder}),
+                     **({"curvature_stride": request.curvature_stride or CURVATURE_STRIDE}
+                        if metric in MODEL_CURVATURE else {}),
+                     **compute_dtype_key(loaded))
+
+
+def measure(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], calibration: Any,
+            on_progress: ProgressFn | None, should_stop: StopFn | None, cache: SensitivityCache | None,
+            importance: Importance | None = None) -> tuple[SensitivityResult, str]:
+    """The sensitivities and whether the cache had them (``hit``, ``miss`` or ``off``). With formats, each
+    option's error is that format's with its encoder (``importance``: the calibration's input energy)."""
+    metric = resolve_metric(spec.sensitivity.metric.value, loaded.kind)
+    if spec.quantization.format_names is not None and metric not in TAKES_ERRORS:
+        raise SpecError(f"metric {metric.value!r} predicts from RTN errors only; with --formats choose one of "
+                        f"{', '.join(sorted(m.value for m in TAKES_ERRORS))}", param="metric")
+    key = sensitivity_key(spec, sensitivity_request(spec, metric), loaded, units, calibration.sha256)
     cached = cache.get(key) if cache is not None else None
     if cached is not None:
         logger.info("sensitivity: reusing the cached %s result %s", metric.value, key[:12])
@@ -153,18 +170,20 @@ def run_sensitivity(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Line
     ``False`` over the whole model (the reference); by default streamed when the model is lazy (not in memory),
     else whole: with the model in memory the whole-model pass saves one forward per window (``bench/stream_check.py``
     measured the streamed pass at 1.21x its time on SmolLM2, with identical predictions)."""
-    errors: dict[str, Any] = {}
+    request = sensitivity_request(spec, metric)
     if spec.quantization.format_names is not None:
         grams = input_grams(loaded, units, tokens, on_progress, should_stop) if runs_gptq(spec) else None
-        errors = dict(zip(("options", "error_of"), format_errors(spec, units, importance, grams), strict=True))
+        options, error_of = format_errors(spec, units, importance, grams)
+        request = replace(request, options=options, error_of=error_of)
     elif salience_width_errors(spec, metric) and importance is not None:
-        errors = dict(zip(("options", "error_of"), width_errors(spec, units, importance), strict=True))
+        options, error_of = width_errors(spec, units, importance)
+        request = replace(request, options=options, error_of=error_of)
     loss_fn = curvature_loss_fn = None  # the metrics that need one were checked to have a causal LM
     if loaded.kind is ModelKind.CAUSAL_LM:  # token_kl's loss, and token_taylor_kl's second-order one, take labels
         loss_fn = causal_lm_sampled_loss if metric in MODEL_LABELS else causal_lm_loss  # drawn from the model
         curvature_loss_fn = causal_lm_sampled_loss if metric in MODEL_CURVATURE else None
     batches = list(torch.split(tokens, 1))
-    hutchinson = spec.sensitivity.hutchinson
+    hutchinson = request.hutchinson
     if metric is Metric.HUTCHINSON:
         if hutchinson.method in SECOND_ORDER_HVP_METHODS:
             use_eager_attention(loaded.model)
@@ -180,13 +199,9 @@ def run_sensitivity(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Line
         if (stream if stream is not None else loaded.lazy is not None) and metric in TOKEN_METRICS:
             streamed = streamed_pass(loaded.lazy or loaded.model, units, loss_fn=loss_fn,
                                      curvature_loss_fn=curvature_loss_fn, boundaries=boundaries)
-        return compute_sensitivity(loaded.model, units, batches, metric=metric, bits_options=spec.widths,
-                                   group_size=spec.quantization.group_size, loss_fn=loss_fn, hutchinson=hutchinson,
-                                   on_progress=on_progress, should_stop=should_stop,
-                                   blocks=find_block_stack(loaded.model),
-                                   max_error_bytes=spec.sensitivity.max_error_bytes,
-                                   precision=spec.sensitivity.precision.value,
-                                   curvature_loss_fn=curvature_loss_fn, stream=streamed, **errors)
+        return compute_sensitivity(loaded.model, units, batches, request, loss_fn=loss_fn,
+                                   curvature_loss_fn=curvature_loss_fn, blocks=find_block_stack(loaded.model),
+                                   stream=streamed, on_progress=on_progress, should_stop=should_stop)
 
 
 def cached_importance(loaded: LoadedModel, units: dict[str, nn.Module], calibration: Any,

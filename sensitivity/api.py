@@ -8,7 +8,6 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from enum import Enum
 from typing import Any
 
 import torch
@@ -34,28 +33,13 @@ from bitplan.sensitivity.hutchinson import (
 )
 from bitplan.sensitivity.output_error import predict_output_error
 from bitplan.sensitivity.registry import METRICS, ComputeFn, MetricInputs, register_metric
+from bitplan.sensitivity.request import Metric, SensitivityRequest
 from bitplan.sensitivity.streamed import StreamedModel, streamed_token_fisher
-from bitplan.sensitivity.token_fisher import DEFAULT_ERROR_BYTES, token_fisher
+from bitplan.sensitivity.token_fisher import token_fisher
 from bitplan.sensitivity.weight_metrics import predict_baq, predict_gwq, predict_slim_salience, salience
 from bitplan.stages import Stage
 
 logger = logging.getLogger(__name__)
-
-
-class Metric(str, Enum):
-    """Sensitivity metrics, as named on the command line."""
-
-    OUTPUT_ERROR = "output_error"
-    FISHER_OUTPUT_ERROR = "fisher_output_error"
-    HUTCHINSON = "hutchinson"
-    GWQ = "gwq"
-    SLIM_SALIENCE = "slim_salience"
-    BAQ = "baq"
-    TOKEN_FISHER = "token_fisher"
-    TOKEN_TAYLOR = "token_taylor"
-    TOKEN_KL = "token_kl"
-    TOKEN_TAYLOR_KL = "token_taylor_kl"
-
 
 
 @dataclass(frozen=True)
@@ -104,29 +88,6 @@ def _key(text: str) -> int | str:
     return int(text) if text.isdigit() else text
 
 
-@dataclass(frozen=True)
-class HutchinsonConfig:
-    """Probe settings for the ``hutchinson`` metric."""
-
-    min_probes: int = 4
-    max_probes: int = 32
-    rel_tol: float = 0.05  # of the summed trace
-    # and every unit's trace positive with a median relative standard error of at most this (None: not checked)
-    unit_rel_tol: float | None = 0.3
-    seed: int = 0
-    # "gradient_difference": central difference of two first-order gradients (SDPA attention, first-order memory;
-    # 1.9x faster per probe than a PyHessian-style loop on SmolLM2, per-probe totals within 2e-4 of exact,
-    # bench/results/sensitivity-hvp-smollm2-2026-11-24.json); "double_backward" (exact, eager attention);
-    # "jvp" (forward over reverse; its loss_fn must work under torch.func)
-    method: str = "gradient_difference"
-    relative_step: float = 1e-3  # gradient_difference's step, relative to the rms of the unit weights
-
-    def __post_init__(self) -> None:
-        if self.method not in HVP_METHODS:
-            raise ValueError(f"unknown Hessian-vector product method {self.method!r}; choose {HVP_METHODS}")
-
-
-HVP_METHODS = ("double_backward", "jvp", "gradient_difference")
 CURVATURE_STRIDE = 2  # token_taylor_kl: the model-label pass on every other calibration window (job cost, see README)
 SECOND_ORDER_HVP_METHODS = ("double_backward", "jvp")  # need second-order autograd (eager attention on CPU)
 
@@ -189,20 +150,17 @@ def _squared_rtn_error(weight: torch.Tensor, bits: int, group_size: int) -> floa
     return float(quantization_error(weight, bits=bits, group_size=group_size).pow(2).sum())
 
 
-def _hutchinson(
-    model: nn.Module, units: Mapping[str, nn.Linear], batches: Sequence[torch.Tensor], loss_fn: LossFn,
-    *, bits_options: Sequence[int], group_size: int, config: HutchinsonConfig, on_progress: ProgressFn | None,
-    should_stop: StopFn | None = None, options: Mapping[str, Sequence[Any]] | None = None,
-    error_of: Callable[[str, Any], torch.Tensor] | None = None,
-) -> tuple[list[UnitSensitivity], list[str]]:
+def _hutchinson(inputs: MetricInputs) -> tuple[list[UnitSensitivity], list[str]]:
     """HAWQ-V2: ``delta_loss(b) = 0.5 * tr(H_u) / numel_u * ||Q_b(W_u) - W_u||^2`` (or of each option's error)."""
+    model, units, loss_fn, request = inputs.model, inputs.units, inputs.loss_fn, inputs.request
+    config = request.hutchinson
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     model.requires_grad_(False)
     params = {name: m.weight for name, m in units.items()}
-    batch = torch.cat(list(batches), dim=0)
+    batch = torch.cat(list(inputs.batches), dim=0)
     probing = {"min_probes": config.min_probes, "max_probes": config.max_probes, "rel_tol": config.rel_tol,
-               "unit_rel_tol": config.unit_rel_tol, "seed": config.seed, "on_progress": on_progress,
-               "should_stop": should_stop}
+               "unit_rel_tol": config.unit_rel_tol, "seed": config.seed, "on_progress": inputs.on_progress,
+               "should_stop": inputs.should_stop}
     weights = list(params.values())
     try:
         if config.method == "jvp":  # torch.func differentiates the weights it is handed
@@ -238,11 +196,12 @@ def _hutchinson(
     for name, module in units.items():
         trace = max(traces[name].trace, 0.0)
         numel = module.weight.numel()
-        if options is not None and error_of is not None:
-            delta = {key: 0.5 * trace / numel * float(error_of(name, key).float().pow(2).sum())
-                     for key in options[name]}
+        if request.options is not None and request.error_of is not None:
+            delta = {key: 0.5 * trace / numel * float(request.error_of(name, key).float().pow(2).sum())
+                     for key in request.options[name]}
         else:
-            delta = {b: 0.5 * trace / numel * _squared_rtn_error(module.weight, b, group_size) for b in bits_options}
+            delta = {b: 0.5 * trace / numel * _squared_rtn_error(module.weight, b, request.group_size)
+                     for b in request.bits_options}
         result.append(UnitSensitivity(name=name, numel=numel, score=traces[name].trace, delta_loss=delta))
     return result, warnings
 
@@ -297,94 +256,82 @@ def compute_sensitivity(
     model: nn.Module,
     units: Mapping[str, nn.Linear],
     batches: Sequence[torch.Tensor],
+    request: SensitivityRequest,
     *,
-    metric: Metric,
-    bits_options: Sequence[int],
-    group_size: int,
     loss_fn: LossFn | None = None,
-    hutchinson: HutchinsonConfig | None = None,
+    curvature_loss_fn: LossFn | None = None,
+    blocks: tuple[str, nn.ModuleList] | None = None,
+    stream: StreamedModel | None = None,
     on_progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
-    blocks: tuple[str, nn.ModuleList] | None = None,
-    max_error_bytes: int = DEFAULT_ERROR_BYTES,
-    options: Mapping[str, Sequence[Any]] | None = None,
-    error_of: Callable[[str, Any], torch.Tensor] | None = None,
-    precision: str = "auto",
-    curvature_loss_fn: LossFn | None = None,
-    stream: StreamedModel | None = None,
 ) -> SensitivityResult:
-    """Predicted loss increase of RTN-quantizing each unit at each bit width.
+    """Predicted loss increase of quantizing each unit at each of the request's options, under its metric.
 
     Args:
         units: qualified name -> ``nn.Linear`` inside ``model``.
         batches: calibration token ids, each ``(batch, seq_len)`` int64.
+        request: the metric and its settings (:class:`sensitivity.request.SensitivityRequest`: the candidate
+            widths or options with their errors, the token metrics' memory and precision, Hutchinson's probes).
         loss_fn: summed token loss ``loss_fn(model, batch)``; required by ``fisher_output_error``,
             ``hutchinson`` and the token metrics. ``token_kl`` (``MODEL_LABELS``) takes one whose labels are drawn
             from the model's own next-token distribution (``bitplan.models.causal_lm_sampled_loss``).
-        should_stop: checked between batches, probes and units; ``Cancelled`` is raised when it returns true.
-        blocks: the model's transformer blocks (``bitplan.units.find_block_stack``), which ``units`` lie in:
-            the Gram-based metrics then hold one block's input Grams at a time.
-        max_error_bytes: the RTN-error copies ``token_fisher``/``token_taylor`` may hold at once; fewer means
-            more backward passes over the calibration set (:func:`sensitivity.token_fisher.token_fisher`).
-        options, error_of: per unit its option keys (format names) and ``error_of(name, key) -> dW``, each
-            option's real weight error (``decode(encode(W)) - W``); predictions are then keyed by option. Only
-            metrics registered with ``takes_errors`` accept them.
-        precision: the dtype of the token metrics' per-token products (:func:`sensitivity.token_fisher.token_fisher`).
         curvature_loss_fn: the second-order term's loss of a ``model_curvature`` metric (``token_taylor_kl``), whose
             first-order term is ``loss_fn``'s: ``bitplan.models.causal_lm_sampled_loss``.
+        blocks: the model's transformer blocks (``bitplan.units.find_block_stack``), which ``units`` lie in:
+            the Gram-based metrics then hold one block's input Grams at a time.
         stream: the model as a stream of blocks, with the losses as functions of its logits: the token metrics'
             pass then runs block by block (:func:`sensitivity.streamed.streamed_token_fisher`, the same terms with
             the memory of one block); other metrics ignore it.
+        should_stop: checked between batches, probes and units; ``Cancelled`` is raised when it returns true.
     """
     started = time.perf_counter()
-    entry = METRICS[metric.value]
-    if entry.needs_loss and loss_fn is None:
-        raise ValueError(f"metric {metric.value!r} needs a loss (a causal language model); use 'output_error'")
-    if entry.model_curvature and curvature_loss_fn is None:
-        raise ValueError(f"metric {metric.value!r} needs curvature_loss_fn (labels drawn from the model)")
-    if options is not None and not entry.takes_errors:
-        raise ValueError(f"metric {metric.value!r} predicts from RTN errors only; with formats use one of "
-                         f"{', '.join(sorted(m.value for m in TAKES_ERRORS))}")
-    inputs = MetricInputs(model=model, units=units, batches=batches, bits_options=bits_options,
-                          group_size=group_size, loss_fn=loss_fn, hutchinson=hutchinson or HutchinsonConfig(),
-                          on_progress=on_progress, should_stop=should_stop, blocks=blocks,
-                          max_error_bytes=max_error_bytes, options=options, error_of=error_of, precision=precision,
-                          curvature_loss_fn=curvature_loss_fn, stream=stream)
+    entry = METRICS[request.metric.value]
+    _check_request(request, has_loss=loss_fn is not None, has_curvature_loss=curvature_loss_fn is not None)
+    inputs = MetricInputs(model=model, units=units, batches=batches, request=request, loss_fn=loss_fn,
+                          curvature_loss_fn=curvature_loss_fn, blocks=blocks, stream=stream, on_progress=on_progress,
+                          should_stop=should_stop)
     entries, warnings = entry.compute(inputs)
     for warning in warnings:
         logger.warning(warning)
-    return SensitivityResult(metric=metric, units=tuple(entries), seconds=time.perf_counter() - started,
+    return SensitivityResult(metric=request.metric, units=tuple(entries), seconds=time.perf_counter() - started,
                              warnings=tuple(warnings))
 
 
+def _check_request(request: SensitivityRequest, *, has_loss: bool, has_curvature_loss: bool) -> None:
+    """Raise ``ValueError`` when the request's metric lacks what it needs (a loss, a curvature loss) or was given
+    option errors it cannot use."""
+    metric = request.metric
+    entry = METRICS[metric.value]
+    if entry.needs_loss and not has_loss:
+        raise ValueError(f"metric {metric.value!r} needs a loss (a causal language model); use 'output_error'")
+    if entry.model_curvature and not has_curvature_loss:
+        raise ValueError(f"metric {metric.value!r} needs curvature_loss_fn (labels drawn from the model)")
+    if request.options is not None and not entry.takes_errors:
+        raise ValueError(f"metric {metric.value!r} predicts from RTN errors only; with formats use one of "
+                         f"{', '.join(sorted(m.value for m in TAKES_ERRORS))}")
 
 
 def _token_terms(inputs: MetricInputs, *, taylor: bool, curvature_stride: int = 1
                  ) -> tuple[list[UnitSensitivity], list[str]]:
     """token_fisher (second order) or token_taylor (first + second order) from the token Fisher pass; with
     ``inputs.curvature_loss_fn`` (token_taylor_kl) the second-order term from that loss on every
-    ``curvature_stride``-th batch."""
-    blocks = inputs.blocks
+    ``curvature_stride``-th batch (the metric's stride, unless the request names one)."""
+    request = replace(inputs.request, curvature_stride=inputs.request.curvature_stride or curvature_stride)
     if inputs.stream is not None:
         streamed = inputs.stream
-        terms = streamed_token_fisher(streamed.stream, inputs.units, inputs.batches, streamed.boundaries,
-                                      loss=streamed.loss, bits_options=inputs.bits_options,
-                                      group_size=inputs.group_size, max_error_bytes=inputs.max_error_bytes,
-                                      options=inputs.options, error_of=inputs.error_of, precision=inputs.precision,
+        terms = streamed_token_fisher(streamed.stream, inputs.units, inputs.batches, streamed.boundaries, request,
+                                      loss=streamed.loss,
                                       curvature_loss=streamed.curvature_loss if inputs.curvature_loss_fn else None,
-                                      curvature_stride=curvature_stride, on_progress=inputs.on_progress,
-                                      should_stop=inputs.should_stop)
+                                      on_progress=inputs.on_progress, should_stop=inputs.should_stop)
     else:
-        terms = token_fisher(inputs.model, inputs.units, inputs.batches, loss_fn=inputs.loss_fn,
-                             bits_options=inputs.bits_options, group_size=inputs.group_size,
-                             max_error_bytes=inputs.max_error_bytes, blocks=None if blocks is None else blocks[1],
-                             on_progress=inputs.on_progress, should_stop=inputs.should_stop, options=inputs.options,
-                             error_of=inputs.error_of, precision=inputs.precision,
-                             curvature_loss_fn=inputs.curvature_loss_fn, curvature_stride=curvature_stride)
+        blocks = inputs.blocks
+        terms = token_fisher(inputs.model, inputs.units, inputs.batches, request, loss_fn=inputs.loss_fn,
+                             curvature_loss_fn=inputs.curvature_loss_fn, blocks=None if blocks is None else blocks[1],
+                             on_progress=inputs.on_progress, should_stop=inputs.should_stop)
     return [UnitSensitivity(name=name, numel=module.weight.numel(), score=terms.energy[name],
                             delta_loss=(taylor_increase(terms.first_order[name], terms.second_order[name],
                                                         terms.first_order_std_error[name],
-                                                        monotone=inputs.options is None)
+                                                        monotone=request.options is None)
                                         if taylor else terms.second_order[name]))
             for name, module in inputs.units.items()], []
 
@@ -401,9 +348,10 @@ def _statistics_metric(metric: Metric, predict: Callable[..., dict[int, float]],
             for name, entry in stats.items():
                 check_stop(inputs.should_stop, "predicted error")
                 weight = inputs.units[name].weight
-                errors = ({} if inputs.options is None or inputs.error_of is None else
-                          {"errors": {key: inputs.error_of(name, key) for key in inputs.options[name]}})
-                delta = predict(weight, entry, bits_options=inputs.bits_options, group_size=inputs.group_size,
+                request = inputs.request
+                errors = ({} if request.options is None or request.error_of is None else
+                          {"errors": {key: request.error_of(name, key) for key in request.options[name]}})
+                delta = predict(weight, entry, bits_options=request.bits_options, group_size=request.group_size,
                                 **errors)
                 by_name[name] = UnitSensitivity(name=name, numel=weight.numel(), score=score(weight, entry),
                                                 delta_loss=delta)
@@ -423,11 +371,7 @@ register_metric(Metric.TOKEN_KL.value, needs_loss=True, takes_errors=True, model
 register_metric(Metric.TOKEN_TAYLOR_KL.value, needs_loss=True, takes_errors=True, model_curvature=True,
                 token_pass=True)(
     functools.partial(_token_terms, taylor=True, curvature_stride=CURVATURE_STRIDE))
-register_metric(Metric.HUTCHINSON.value, needs_loss=True, takes_errors=True)(
-    lambda inputs: _hutchinson(inputs.model, inputs.units, inputs.batches, inputs.loss_fn,
-                               bits_options=inputs.bits_options, group_size=inputs.group_size,
-                               config=inputs.hutchinson, on_progress=inputs.on_progress,
-                               should_stop=inputs.should_stop, options=inputs.options, error_of=inputs.error_of))
+register_metric(Metric.HUTCHINSON.value, needs_loss=True, takes_errors=True)(_hutchinson)
 register_metric(Metric.OUTPUT_ERROR.value, needs_loss=False, takes_errors=True)(
     _statistics_metric(Metric.OUTPUT_ERROR, functools.partial(predict_output_error, fisher=False), _gradient_energy))
 register_metric(Metric.FISHER_OUTPUT_ERROR.value, needs_loss=True, takes_errors=True)(

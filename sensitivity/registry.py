@@ -1,37 +1,38 @@
 """The registry of sensitivity metrics: each is a name, what it needs from the calibration pass, and a function
 from :class:`MetricInputs` to per-unit predictions. Adding a metric is one function plus one
-:func:`register_metric` line (and its name in ``sensitivity.api.Metric``)."""
+:func:`register_metric` line (and its name in ``sensitivity.request.Metric``)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from bitplan.sensitivity.activations import LossFn, ProgressFn, StopFn
+from bitplan.sensitivity.request import SensitivityRequest
+
+if TYPE_CHECKING:
+    from bitplan.sensitivity.streamed import StreamedModel
+
 
 @dataclass(frozen=True)
 class MetricInputs:
-    """Everything a metric may use: the model, its units, the calibration batches and the pass's settings."""
+    """Everything a metric may use: the request (its settings), and what the pass runs on (the model, its units,
+    the calibration batches, the losses, the block stack, the callbacks)."""
 
     model: nn.Module
     units: Mapping[str, nn.Linear]
     batches: Sequence[torch.Tensor]
-    bits_options: Sequence[int]
-    group_size: int
-    loss_fn: Any  # LossFn or None
-    hutchinson: Any  # HutchinsonConfig
-    on_progress: Any
-    should_stop: Any
-    blocks: tuple[str, nn.ModuleList] | None
-    max_error_bytes: int
-    options: Mapping[str, Sequence[Any]] | None = None  # per unit, its option keys (format names) ...
-    error_of: Callable[[str, Any], torch.Tensor] | None = None  # ... and each option's weight error dW
-    precision: str = "auto"  # the token metrics' per-token products: auto, float32 or bfloat16
-    curvature_loss_fn: Any = None  # LossFn for a metric's second-order term, when not ``loss_fn`` (model_curvature)
-    stream: Any = None  # sensitivity.streamed.StreamedModel: the token pass runs block by block
+    request: SensitivityRequest
+    loss_fn: LossFn | None = None
+    curvature_loss_fn: LossFn | None = None  # a metric's second-order term's loss, when not ``loss_fn``
+    blocks: tuple[str, nn.ModuleList] | None = None
+    stream: StreamedModel | None = None  # the token pass then runs block by block
+    on_progress: ProgressFn | None = None
+    should_stop: StopFn | None = None
 
 
 ComputeFn = Callable[[MetricInputs], "tuple[list[Any], list[str]]"]  # -> (UnitSensitivity per unit, warnings)
@@ -47,7 +48,7 @@ class MetricEntry:
     uses_loss: bool
     weight_grads: bool
     compute: ComputeFn
-    takes_errors: bool = False  # predicts from any weight error (``MetricInputs.options`` / ``error_of``)
+    takes_errors: bool = False  # predicts from any weight error (``SensitivityRequest.options`` / ``error_of``)
     model_labels: bool = False  # its loss takes labels drawn from the model's own outputs, not the text's
     model_curvature: bool = False  # its second-order term takes such labels; its first-order term the text's
     token_pass: bool = False  # computed by the per-token pass (``token_fisher``), in the job's projection dtype

@@ -28,17 +28,9 @@ import torch
 from torch import nn
 
 from bitplan.sensitivity.activations import ProgressFn, StopFn, check_stop
-from bitplan.sensitivity.token_fisher import (
-    DEFAULT_ERROR_BYTES,
-    ErrorFn,
-    Key,
-    TermAccumulator,
-    TokenFisherTerms,
-    _stack_errors,
-    option_errors,
-    resolve_precision,
-    unit_chunks,
-)
+from bitplan.sensitivity.request import SensitivityRequest
+from bitplan.sensitivity.token_fisher import option_errors, resolve_precision, stack_errors, unit_chunks
+from bitplan.sensitivity.token_terms import TermAccumulator, TokenFisherTerms
 from bitplan.stages import Stage
 
 Hidden = torch.Tensor
@@ -97,38 +89,25 @@ def streamed_token_fisher(
     units: Mapping[str, nn.Linear],
     windows: Sequence[torch.Tensor],
     boundaries: Store,
+    request: SensitivityRequest,
     *,
     loss: LogitsLoss,
-    bits_options: Sequence[int] = (),
-    group_size: int = 128,
-    max_error_bytes: int = DEFAULT_ERROR_BYTES,
-    options: Mapping[str, Sequence[Key]] | None = None,
-    error_of: ErrorFn | None = None,
-    skip_first_position: bool = False,
-    precision: str = "auto",
     curvature_loss: LogitsLoss | None = None,
-    curvature_stride: int = 1,
     on_progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
 ) -> TokenFisherTerms:
     """:func:`sensitivity.token_fisher.token_fisher`'s terms with the model streamed (the module docstring's
     three steps). ``loss`` / ``curvature_loss`` take the flat next-token logits ``(windows * (seq_len - 1),
-    vocab)`` of one window and its tokens ``(1, seq_len)``; the other arguments are ``token_fisher``'s. A unit's
-    weight is read when its block is materialized (``error_of`` runs inside the block's ``with``)."""
-    dtype = resolve_precision(precision)
-    keys, error_of = option_errors(units, bits_options, group_size, options, error_of, curvature_stride)
+    vocab)`` of one window and its tokens ``(1, seq_len)``; ``request`` is ``token_fisher``'s. A unit's weight is
+    read when its block is materialized (the request's ``error_of`` runs inside the block's ``with``)."""
+    dtype = resolve_precision(request.precision)
+    curvature_stride = request.curvature_stride or 1
+    keys, error_of = option_errors(units, request)
     grouped = units_by_block(stream, units)
-    terms = HostTerms(keys, units, skip_first_position=skip_first_position)
+    terms = HostTerms(keys, units, skip_first_position=request.skip_first_position)
     count = stream.num_blocks
     clock = BlockClock(on_progress, blocks=count)
-    for w, tokens in enumerate(windows):  # 1. forward
-        check_stop(should_stop, "token Fisher (forward)")
-        boundaries.put((0, w), stream.embed(tokens))
-    for index in range(count):
-        with stream.block(index) as run, torch.no_grad():
-            for w in range(len(windows)):
-                boundaries.put((index + 1, w), run(boundaries.get((index, w))))
-        clock.step("forward")
+    _forward(stream, windows, boundaries, clock, should_stop)  # 1. forward
     passes = _head_gradients(stream, windows, boundaries, loss=loss, curvature_loss=curvature_loss,
                              curvature_stride=curvature_stride)  # 2. head
     clock.step("head")
@@ -136,11 +115,11 @@ def streamed_token_fisher(
         check_stop(should_stop, "token Fisher")
         names = grouped.get(index, [])
         chunks = unit_chunks({n: units[n] for n in names}, widths={n: len(keys[n]) for n in names},
-                             max_bytes=max_error_bytes, element_bytes=dtype.itemsize) or [[]]
+                             max_bytes=request.max_error_bytes, element_bytes=dtype.itemsize) or [[]]
         with stream.block(index) as run:
             for chunk_index, chunk in enumerate(chunks):
                 with _weights_for_encoders({name: units[name] for name in chunk}):
-                    deltas = _stack_errors({name: units[name] for name in chunk}, keys, error_of, dtype)
+                    deltas = stack_errors({name: units[name] for name in chunk}, keys, error_of, dtype)
                 terms.deltas = {name: delta.to(stream.device) for name, delta in deltas.items()}
                 del deltas
                 handles = [units[name].register_forward_hook(terms.make_hook(name)) for name in chunk]
@@ -162,6 +141,20 @@ def streamed_token_fisher(
 
 
 Pass = list[tuple[dict[str, bool], torch.Tensor]]  # per window: (which terms it feeds, gradient at a boundary)
+
+
+def _forward(stream: BlockStream, windows: Sequence[torch.Tensor], boundaries: Store, clock: BlockClock,
+             should_stop: StopFn | None) -> None:
+    """Every window through the blocks without a graph, each block's input for each window kept in
+    ``boundaries`` under ``(block, window)`` (the last block's output under ``(num_blocks, window)``)."""
+    for w, tokens in enumerate(windows):
+        check_stop(should_stop, "token Fisher (forward)")
+        boundaries.put((0, w), stream.embed(tokens))
+    for index in range(stream.num_blocks):
+        with stream.block(index) as run, torch.no_grad():
+            for w in range(len(windows)):
+                boundaries.put((index + 1, w), run(boundaries.get((index, w))))
+        clock.step("forward")
 
 
 def _head_gradients(stream: BlockStream, windows: Sequence[torch.Tensor], boundaries: Store, *, loss: LogitsLoss,

@@ -17,6 +17,7 @@ from bitplan.models import causal_lm_loss, causal_lm_sampled_loss, load_model
 from bitplan.pipeline import run_budgets, run_pipeline
 from bitplan.quantizer.formats import FORMATS, PRESETS, decode_weight, resolve_formats
 from bitplan.sensitivity.importance import input_energy
+from bitplan.sensitivity.request import Metric, SensitivityRequest
 from bitplan.sensitivity.token_fisher import token_fisher
 from bitplan.spec import JobSpec
 from bitplan.units import find_units
@@ -45,8 +46,7 @@ def wide_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def gguf_run(wide_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("runs") / "gguf-k"
-    spec = JobSpec.from_flat(model=str(wide_llama_dir), bits_per_weight=4.6, formats="gguf-k", tie_fused=True,
-                             **SMALL)
+    spec = JobSpec.from_flat(model=str(wide_llama_dir), bits_per_weight=4.6, formats="gguf-k", tie_fused=True, **SMALL)
     return run_pipeline(spec, out=out)
 
 
@@ -171,8 +171,7 @@ def test_issue16_gptq_encodes_integer_formats_and_the_allocator_is_told_its_erro
     from bitplan.sensitivity_pass import format_errors
 
     formats = "int3-g32,int4-g64-sym,int4-g128,int8-g32"
-    spec = JobSpec.from_flat(model=str(wide_llama_dir), bits_per_weight=4.3, formats=formats, quantizer="gptq",
-                             **SMALL)
+    spec = JobSpec.from_flat(model=str(wide_llama_dir), bits_per_weight=4.3, formats=formats, quantizer="gptq", **SMALL)
     run = run_pipeline(spec, out=tmp_path / "gptq")
     assert {u["format"] for u in run.units} <= set(formats.split(",")) and run.bits_per_weight <= 4.3
     model, _, manifest = load_artifact(Path(run.artifact))
@@ -210,8 +209,9 @@ def test_issue16_format_errors_reach_the_token_metric_exactly() -> None:
         weight = units[name].weight.detach()
         return FORMATS[fmt].roundtrip(weight) - weight
 
-    terms = token_fisher(model, units, [tokens[:1], tokens[1:]], loss_fn=causal_lm_loss, bits_options=(),
-                         group_size=32, options=options, error_of=error_of, precision="float32")
+    request = SensitivityRequest(Metric.TOKEN_FISHER, group_size=32, options=options, error_of=error_of,
+                                 precision="float32")
+    terms = token_fisher(model, units, [tokens[:1], tokens[1:]], request, loss_fn=causal_lm_loss)
     for name in ("model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj"):
         xs, grads = zip(*(captured_io(model, name, tokens[i : i + 1]) for i in range(2)), strict=True)
         x, g = torch.cat(xs), torch.cat(grads)
@@ -364,7 +364,7 @@ def test_issue16_presets_resolve() -> None:
 
 @pytest.mark.parametrize("shape", [(6, 10), (10, 6)])
 def test_issue16_projected_errors_both_ways_equal_the_direct_sum(shape: tuple[int, int]) -> None:
-    from bitplan.sensitivity.token_fisher import projected_errors
+    from bitplan.sensitivity.token_terms import projected_errors
 
     gen = torch.Generator().manual_seed(3)
     out_features, in_features = shape

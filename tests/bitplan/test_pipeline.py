@@ -274,7 +274,7 @@ def test_salience_jobs_are_told_the_salience_encoders_error_not_rtns(tiny_llama_
     from bitplan.pipeline import measure_sensitivity
     from bitplan.quantize import input_grams
     from bitplan.quantizer.methods import quantize_unit
-    from bitplan.sensitivity import Metric, compute_sensitivity
+    from bitplan.sensitivity import Metric, SensitivityRequest, compute_sensitivity
     from bitplan.units import find_block_stack
 
     spec = JobSpec.from_flat(model=str(tiny_llama_dir), bits_per_weight=3.5, quantizer="rtn-salience", **SMALL)
@@ -291,11 +291,11 @@ def test_salience_jobs_are_told_the_salience_encoders_error_not_rtns(tiny_llama_
         return dequantize_weight(quantize_unit(weight, method="rtn-salience", bits=int(bits), group_size=64,
                                                gram=grams[name])) - weight
 
-    reference = compute_sensitivity(loaded.model, units, list(torch.split(tokens, 1)), metric=Metric.TOKEN_TAYLOR_KL,
-                                    bits_options=spec.widths, group_size=64, loss_fn=causal_lm_loss,
-                                    curvature_loss_fn=causal_lm_sampled_loss,
-                                    blocks=find_block_stack(loaded.model),
-                                    options={name: list(spec.widths) for name in units}, error_of=written_error)
+    request = SensitivityRequest(Metric.TOKEN_TAYLOR_KL, bits_options=spec.widths, group_size=64,
+                                 options={name: list(spec.widths) for name in units}, error_of=written_error)
+    reference = compute_sensitivity(loaded.model, units, list(torch.split(tokens, 1)), request,
+                                    loss_fn=causal_lm_loss, curvature_loss_fn=causal_lm_sampled_loss,
+                                    blocks=find_block_stack(loaded.model))
     by_name = {u.name: u.delta_loss for u in reference.units}
     differs = False
     for unit, rtn_unit in zip(ours.units, plain.units, strict=True):

@@ -60,13 +60,14 @@ def test_block_by_block_grams_can_be_cancelled_between_blocks() -> None:
 @pytest.mark.parametrize("metric", ["output_error", "fisher_output_error", "slim_salience", "baq", "gwq"])
 def test_metrics_give_the_same_predictions_block_by_block(metric: str) -> None:
     from bitplan.models import causal_lm_loss
-    from bitplan.sensitivity import Metric, compute_sensitivity
+    from bitplan.sensitivity import Metric, SensitivityRequest, compute_sensitivity
 
     model = make_tiny_llama()
     units = find_units(model)
     tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(3))
-    results = [compute_sensitivity(model, units, [tokens[:1], tokens[1:]], metric=Metric(metric), bits_options=(2, 4),
-                                   group_size=32, loss_fn=causal_lm_loss, blocks=blocks)
+    request = SensitivityRequest(Metric(metric), bits_options=(2, 4), group_size=32)
+    results = [compute_sensitivity(model, units, [tokens[:1], tokens[1:]], request, loss_fn=causal_lm_loss,
+                                   blocks=blocks)
                for blocks in (None, find_block_stack(model))]
     assert [u.name for u in results[1].units] == list(units)
     for whole, by_block in zip(results[0].units, results[1].units, strict=True):

@@ -140,7 +140,7 @@ def test_both_hvp_methods_give_the_same_unit_traces_on_a_tiny_llama() -> None:
     import functools
 
     from bitplan.models import causal_lm_loss, use_eager_attention
-    from bitplan.sensitivity import HutchinsonConfig, Metric, compute_sensitivity
+    from bitplan.sensitivity import HutchinsonConfig, Metric, SensitivityRequest, compute_sensitivity
     from bitplan.units import find_units
     from tests.conftest import make_tiny_llama
 
@@ -152,9 +152,9 @@ def test_both_hvp_methods_give_the_same_unit_traces_on_a_tiny_llama() -> None:
     for method in ("double_backward", "jvp", "gradient_difference"):
         loss_fn = causal_lm_loss if method == "double_backward" else functools.partial(
             causal_lm_loss, graph_from_embeddings=False)
-        results[method] = compute_sensitivity(
-            model, units, [tokens], metric=Metric.HUTCHINSON, bits_options=(2, 4), group_size=32, loss_fn=loss_fn,
-            hutchinson=HutchinsonConfig(min_probes=3, max_probes=3, method=method))
+        request = SensitivityRequest(Metric.HUTCHINSON, bits_options=(2, 4), group_size=32,
+                                     hutchinson=HutchinsonConfig(min_probes=3, max_probes=3, method=method))
+        results[method] = compute_sensitivity(model, units, [tokens], request, loss_fn=loss_fn)
     scale = sum(abs(u.score) for u in results["double_backward"].units)
     for a, b, c in zip(results["double_backward"].units, results["jvp"].units,
                        results["gradient_difference"].units, strict=True):
@@ -195,7 +195,7 @@ def test_hutchinson_told_each_options_error_scales_that_error_by_the_same_trace(
     the probe settings had shadowed the options)."""
     from bitplan.models import causal_lm_loss, use_eager_attention
     from bitplan.quantizer.rtn import quantization_error
-    from bitplan.sensitivity import HutchinsonConfig, Metric, compute_sensitivity
+    from bitplan.sensitivity import HutchinsonConfig, Metric, SensitivityRequest, compute_sensitivity
     from bitplan.units import find_units
     from tests.conftest import make_tiny_llama
 
@@ -204,17 +204,17 @@ def test_hutchinson_told_each_options_error_scales_that_error_by_the_same_trace(
     units = find_units(model)
     tokens = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(0))
     config = HutchinsonConfig(min_probes=3, max_probes=3)
-    widths = compute_sensitivity(model, units, [tokens], metric=Metric.HUTCHINSON, bits_options=(2, 4),
-                                 group_size=32, loss_fn=causal_lm_loss, hutchinson=config)
+    request = SensitivityRequest(Metric.HUTCHINSON, bits_options=(2, 4), group_size=32, hutchinson=config)
+    widths = compute_sensitivity(model, units, [tokens], request, loss_fn=causal_lm_loss)
 
     def error_of(name: str, key: object) -> torch.Tensor:
         bits = {"two": 2, "four": 4, "half-of-two": 2}[str(key)]
         error = quantization_error(units[name].weight.detach().float(), bits=bits, group_size=32)
         return error * 0.5 if key == "half-of-two" else error
 
-    told = compute_sensitivity(model, units, [tokens], metric=Metric.HUTCHINSON, bits_options=(2, 4), group_size=32,
-                               loss_fn=causal_lm_loss, hutchinson=config,
-                               options={name: ["two", "four", "half-of-two"] for name in units}, error_of=error_of)
+    told = compute_sensitivity(model, units, [tokens], dataclasses.replace(
+        request, options={name: ["two", "four", "half-of-two"] for name in units}, error_of=error_of),
+        loss_fn=causal_lm_loss)
     for plain, unit in zip(widths.units, told.units, strict=True):
         assert unit.score == plain.score
         assert unit.delta_loss["two"] == pytest.approx(plain.delta_loss[2], rel=1e-5)

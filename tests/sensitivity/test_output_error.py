@@ -7,7 +7,7 @@ import torch
 
 from bitplan.models import causal_lm_loss, causal_lm_sampled_loss, use_eager_attention
 from bitplan.quantizer.rtn import dequantize_weight, quantize_rtn
-from bitplan.sensitivity import Metric, collect_unit_statistics, compute_sensitivity
+from bitplan.sensitivity import Metric, SensitivityRequest, collect_unit_statistics, compute_sensitivity
 from bitplan.sensitivity.api import MODEL_CURVATURE
 from bitplan.sensitivity.output_error import predict_output_error
 from bitplan.units import find_units
@@ -67,8 +67,9 @@ def test_every_metric_predicts_more_loss_at_fewer_bits(metric: Metric) -> None:
     units = find_units(model)
     tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(2))
     curvature = causal_lm_sampled_loss if metric in MODEL_CURVATURE else None
-    result = compute_sensitivity(model, units, [tokens[:1], tokens[1:]], metric=metric, bits_options=(2, 8),
-                                 group_size=32, loss_fn=causal_lm_loss, curvature_loss_fn=curvature)
+    result = compute_sensitivity(model, units, [tokens[:1], tokens[1:]],
+                                 SensitivityRequest(metric, bits_options=(2, 8), group_size=32),
+                                 loss_fn=causal_lm_loss, curvature_loss_fn=curvature)
     assert [u.name for u in result.units] == list(units)
     assert sum(u.delta_loss[2] for u in result.units) > sum(u.delta_loss[8] for u in result.units)
     if metric not in (Metric.TOKEN_TAYLOR, Metric.TOKEN_TAYLOR_KL):  # a (possibly negative) first-order term
@@ -79,4 +80,4 @@ def test_loss_based_metric_needs_a_loss() -> None:
     model = make_tiny_llama()
     with pytest.raises(ValueError, match="needs a loss"):
         compute_sensitivity(model, find_units(model), [torch.zeros(1, 4, dtype=torch.long)],
-                            metric=Metric.HUTCHINSON, bits_options=(2,), group_size=32)
+                            SensitivityRequest(Metric.HUTCHINSON, bits_options=(2,), group_size=32))

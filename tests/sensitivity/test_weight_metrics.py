@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 import pytest
 import torch
 
 from bitplan.models import causal_lm_loss, causal_lm_sampled_loss, use_eager_attention
 from bitplan.quantizer.rtn import dequantize_weight, quantize_rtn
-from bitplan.sensitivity import Metric, collect_unit_statistics, compute_sensitivity
+from bitplan.sensitivity import Metric, SensitivityRequest, collect_unit_statistics, compute_sensitivity
 from bitplan.sensitivity.activations import UnitStatistics
 from bitplan.sensitivity.weight_metrics import (
     DAMP,
@@ -103,8 +104,9 @@ def test_every_metric_through_the_interface(metric: Metric) -> None:
     flags = [p.requires_grad for p in model.parameters()]
     loss_fn = causal_lm_sampled_loss if metric is Metric.TOKEN_KL else causal_lm_loss
     curvature = causal_lm_sampled_loss if metric is Metric.TOKEN_TAYLOR_KL else None
-    result = compute_sensitivity(model, units, [tokens[:1], tokens[1:]], metric=metric, bits_options=(2, 4, 8),
-                                 group_size=32, loss_fn=loss_fn, curvature_loss_fn=curvature)
+    result = compute_sensitivity(model, units, [tokens[:1], tokens[1:]],
+                                 SensitivityRequest(metric, bits_options=(2, 4, 8), group_size=32),
+                                 loss_fn=loss_fn, curvature_loss_fn=curvature)
     assert [u.name for u in result.units] == list(units)
     for unit in result.units:
         assert unit.delta_loss[2] >= unit.delta_loss[4] >= unit.delta_loss[8]
@@ -122,10 +124,10 @@ def test_token_fisher_against_a_direct_per_token_computation() -> None:
     model = make_tiny_llama()
     units = find_units(model)
     tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(5))
-    terms = token_fisher(model, units, [tokens[:1], tokens[1:]], loss_fn=causal_lm_loss, bits_options=(2, 4),
-                         group_size=32, precision="float32")
-    skipped = token_fisher(model, units, [tokens[:1], tokens[1:]], loss_fn=causal_lm_loss, bits_options=(2, 4),
-                           group_size=32, skip_first_position=True, precision="float32")
+    request = SensitivityRequest(Metric.TOKEN_FISHER, bits_options=(2, 4), group_size=32, precision="float32")
+    terms = token_fisher(model, units, [tokens[:1], tokens[1:]], request, loss_fn=causal_lm_loss)
+    skipped = token_fisher(model, units, [tokens[:1], tokens[1:]], replace(request, skip_first_position=True),
+                           loss_fn=causal_lm_loss)
     for name in ("model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj"):
         xs, grads = zip(*(captured_io(model, name, tokens[i : i + 1]) for i in range(2)), strict=True)
         x, g = torch.cat(xs), torch.cat(grads)
@@ -206,10 +208,12 @@ def test_token_kl_is_the_models_fisher_in_expectation() -> None:
         _, u = torch.func.jvp(logits_with, (zero,), (tangent,))
         expected += float(((p * u ** 2).sum(-1) - (p * u).sum(-1) ** 2).sum())
     expected *= 0.5 / tokens.numel()
+    request = SensitivityRequest(Metric.TOKEN_KL, bits_options=(2,), group_size=32, options={name: ["e"]},
+                                 error_of=lambda n, key: delta, precision="float32")
     draws = torch.tensor([
-        token_fisher(model, {name: units[name]}, [tokens], loss_fn=functools.partial(causal_lm_sampled_loss, seed=k),
-                     bits_options=(2,), group_size=32, options={name: ["e"]}, error_of=lambda n, key: delta,
-                     precision="float32").second_order[name]["e"] for k in range(300)])
+        token_fisher(model, {name: units[name]}, [tokens], request,
+                     loss_fn=functools.partial(causal_lm_sampled_loss, seed=k)).second_order[name]["e"]
+        for k in range(300)])
     assert expected > 0
     assert abs(float(draws.mean()) - expected) < 4 * float(draws.std()) / 300 ** 0.5
     assert abs(float(draws.mean()) - expected) < 0.1 * expected
@@ -227,10 +231,11 @@ def test_token_fisher_of_a_tied_output_head_counts_its_embedding_use_too() -> No
     tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(7))
     weight = model.lm_head.weight.detach()
     deltas = {b: dequantize_weight(quantize_rtn(weight, bits=b, group_size=32)) - weight for b in (2, 4)}
-    terms = token_fisher(model, head, [tokens[:1], tokens[1:]], loss_fn=causal_lm_loss, bits_options=(2, 4),
-                         group_size=32, blocks=model.model.layers, precision="float32")
-    skipped = token_fisher(model, head, [tokens[:1], tokens[1:]], loss_fn=causal_lm_loss, bits_options=(2, 4),
-                           group_size=32, blocks=model.model.layers, skip_first_position=True, precision="float32")
+    request = SensitivityRequest(Metric.TOKEN_FISHER, bits_options=(2, 4), group_size=32, precision="float32")
+    terms = token_fisher(model, head, [tokens[:1], tokens[1:]], request, loss_fn=causal_lm_loss,
+                         blocks=model.model.layers)
+    skipped = token_fisher(model, head, [tokens[:1], tokens[1:]], replace(request, skip_first_position=True),
+                           loss_fn=causal_lm_loss, blocks=model.model.layers)
     shared = model.lm_head.weight
     for bits, delta in deltas.items():
         per_token = []
@@ -258,8 +263,8 @@ def test_token_fisher_of_a_tied_output_head_counts_its_embedding_use_too() -> No
         assert terms.first_order["lm_head"][bits] == pytest.approx(float((gradient * delta).sum()), rel=1e-3)
     assert all(not m._forward_hooks for m in (model.lm_head, model.model.embed_tokens))
     # a loss that lets the model look the tokens up itself: the graph starts at the lookup, the same terms
-    by_ids = token_fisher(model, head, [tokens[:1], tokens[1:]], bits_options=(2, 4), group_size=32,
-                          loss_fn=functools.partial(causal_lm_loss, graph_from_embeddings=False), precision="float32")
+    by_ids = token_fisher(model, head, [tokens[:1], tokens[1:]], request,
+                          loss_fn=functools.partial(causal_lm_loss, graph_from_embeddings=False))
     assert by_ids.second_order["lm_head"] == pytest.approx(terms.second_order["lm_head"], rel=1e-5)
     assert by_ids.first_order["lm_head"] == pytest.approx(terms.first_order["lm_head"], rel=1e-5)
 
@@ -275,12 +280,13 @@ def test_text_slope_with_model_curvature_is_each_loss_own_term(precision: str) -
     units = {**find_units(model), "lm_head": model.lm_head}  # the head is tied to the input embedding
     tokens = torch.randint(0, 512, (4, 20), generator=torch.Generator().manual_seed(9))
     batches = list(torch.split(tokens, 1))
-    options = {"bits_options": (2, 4), "group_size": 32, "precision": precision, "blocks": model.model.layers}
-    text = token_fisher(model, units, batches, loss_fn=causal_lm_loss, **options)
-    sampled = token_fisher(model, units, batches[::2], loss_fn=causal_lm_sampled_loss, **options)
+    request = SensitivityRequest(Metric.TOKEN_TAYLOR_KL, bits_options=(2, 4), group_size=32, precision=precision)
+    blocks = model.model.layers
+    text = token_fisher(model, units, batches, request, loss_fn=causal_lm_loss, blocks=blocks)
+    sampled = token_fisher(model, units, batches[::2], request, loss_fn=causal_lm_sampled_loss, blocks=blocks)
     budget = 2 * max(m.weight.numel() for m in units.values()) * 2 * 4
-    both = token_fisher(model, units, batches, loss_fn=causal_lm_loss, curvature_loss_fn=causal_lm_sampled_loss,
-                        curvature_stride=2, max_error_bytes=budget, **options)
+    both = token_fisher(model, units, batches, replace(request, curvature_stride=2, max_error_bytes=budget),
+                        loss_fn=causal_lm_loss, curvature_loss_fn=causal_lm_sampled_loss, blocks=blocks)
     for name in units:
         assert both.first_order[name] == pytest.approx(text.first_order[name], rel=1e-3, abs=1e-9)
         assert both.first_order_std_error[name] == pytest.approx(text.first_order_std_error[name], rel=1e-3,
@@ -290,11 +296,10 @@ def test_text_slope_with_model_curvature_is_each_loss_own_term(precision: str) -
         assert both.second_order[name] != text.second_order[name]
     assert all(not m._forward_hooks for m in model.modules())
     with pytest.raises(ValueError, match="curvature_stride"):
-        token_fisher(model, units, batches, loss_fn=causal_lm_loss, curvature_loss_fn=causal_lm_sampled_loss,
-                     curvature_stride=0, **options)
+        token_fisher(model, units, batches, replace(request, curvature_stride=0), loss_fn=causal_lm_loss,
+                     curvature_loss_fn=causal_lm_sampled_loss, blocks=blocks)
     with pytest.raises(ValueError, match="curvature_loss_fn"):
-        compute_sensitivity(model, units, batches, metric=Metric.TOKEN_TAYLOR_KL, bits_options=(2, 4),
-                            group_size=32, loss_fn=causal_lm_loss)
+        compute_sensitivity(model, units, batches, request, loss_fn=causal_lm_loss)
 
 
 def test_token_fisher_in_chunks_equals_one_pass() -> None:
@@ -310,11 +315,12 @@ def test_token_fisher_in_chunks_equals_one_pass() -> None:
     assert len(chunks) > 2 and all(sum(sizes[n] for n in chunk) <= budget for chunk in chunks)
     assert unit_chunks(units, widths=2, max_bytes=1) == [[name] for name in units]  # one unit is never split
     steps: list[tuple[int, int]] = []
-    options = {"loss_fn": causal_lm_loss, "bits_options": (2, 4), "group_size": 32, "precision": "float32"}
-    whole = token_fisher(model, units, [tokens[:1], tokens[1:]], **options)
+    request = SensitivityRequest(Metric.TOKEN_FISHER, bits_options=(2, 4), group_size=32, precision="float32")
+    whole = token_fisher(model, units, [tokens[:1], tokens[1:]], request, loss_fn=causal_lm_loss)
     # with the blocks known, each chunk's backward passes stop at the input of its first block
-    chunked = token_fisher(model, units, [tokens[:1], tokens[1:]], max_error_bytes=budget, blocks=model.model.layers,
-                           on_progress=lambda stage, done, total: steps.append((done, total)), **options)
+    chunked = token_fisher(model, units, [tokens[:1], tokens[1:]], replace(request, max_error_bytes=budget),
+                           loss_fn=causal_lm_loss, blocks=model.model.layers,
+                           on_progress=lambda stage, done, total: steps.append((done, total)))
     assert all(not block._forward_pre_hooks for block in model.model.layers)
     assert steps == [(i + 1, 2 * len(chunks)) for i in range(2 * len(chunks))]
     for field in ("second_order", "first_order", "first_order_std_error"):
@@ -336,9 +342,9 @@ def test_token_fisher_in_bfloat16_against_the_float32_reference(tied: bool) -> N
     units = {"lm_head": model.lm_head} if tied else find_units(model)
     tokens = torch.randint(0, 512, (4, 20), generator=torch.Generator().manual_seed(8))
     batches = list(torch.split(tokens, 1))
-    options = {"loss_fn": causal_lm_loss, "bits_options": (2, 3, 4), "group_size": 32}
-    reference = token_fisher(model, units, batches, precision="float32", **options)
-    fast = token_fisher(model, units, batches, precision="bfloat16", **options)
+    request = SensitivityRequest(Metric.TOKEN_FISHER, bits_options=(2, 3, 4), group_size=32, precision="float32")
+    reference = token_fisher(model, units, batches, request, loss_fn=causal_lm_loss)
+    fast = token_fisher(model, units, batches, replace(request, precision="bfloat16"), loss_fn=causal_lm_loss)
     for name in units:
         assert fast.second_order[name] == pytest.approx(reference.second_order[name], rel=1e-2)
         for bits, first in reference.first_order[name].items():

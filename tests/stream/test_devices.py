@@ -12,6 +12,7 @@ import torch
 from bitplan.devices import resolve_compute_dtype, resolve_device
 from bitplan.errors import SpecError
 from bitplan.models import sampled_loss_of_logits, text_loss_of_logits
+from bitplan.sensitivity.request import Metric, SensitivityRequest
 from bitplan.sensitivity.streamed import streamed_token_fisher
 from bitplan.sources import open_lazy
 from bitplan.spec import JobSpec
@@ -42,9 +43,10 @@ def streamed_terms(folder: Path, *, device: str = "cpu", dtype: torch.dtype = to
     handle = first.register_forward_hook(lambda m, i, o: seen.append((m.weight.device.type, m.weight.dtype)))
     try:
         with Boundaries(cap) as boundaries:
-            terms = streamed_token_fisher(stream, units, windows(4), boundaries, loss=text_loss_of_logits,
-                                          bits_options=(2, 4), group_size=32, precision="float32",
-                                          curvature_loss=sampled_loss_of_logits, curvature_stride=2)
+            request = SensitivityRequest(Metric.TOKEN_TAYLOR_KL, bits_options=(2, 4), group_size=32,
+                                         precision="float32", curvature_stride=2)
+            terms = streamed_token_fisher(stream, units, windows(4), boundaries, request, loss=text_loss_of_logits,
+                                          curvature_loss=sampled_loss_of_logits)
             held = [boundaries.get((i, 0)).device.type for i in range(stream.num_blocks + 1)]
     finally:
         handle.remove()

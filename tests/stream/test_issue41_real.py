@@ -18,6 +18,7 @@ from bitplan.models import (
     sampled_loss_of_logits,
     text_loss_of_logits,
 )
+from bitplan.sensitivity.request import Metric, SensitivityRequest
 from bitplan.sensitivity.streamed import streamed_token_fisher
 from bitplan.sensitivity.token_fisher import token_fisher
 from bitplan.stream import Boundaries, DecoderStream, resident_model
@@ -37,12 +38,13 @@ def test_issue41_streamed_token_taylor_kl_equals_whole_model_on_smollm2() -> Non
     units = find_units(loaded.model)
     tokens = build_calibration_set(loaded.tokenizer, text_file=None, num_samples=2, seq_len=128, seed=0).tokens
     batches = list(torch.split(tokens, 1))
-    common = dict(bits_options=(3, 4), group_size=64, precision="float32", curvature_stride=2)
-    whole = token_fisher(loaded.model, units, batches, loss_fn=causal_lm_loss,
-                         curvature_loss_fn=causal_lm_sampled_loss, **common)
+    request = SensitivityRequest(Metric.TOKEN_TAYLOR_KL, bits_options=(3, 4), group_size=64, precision="float32",
+                                 curvature_stride=2)
+    whole = token_fisher(loaded.model, units, batches, request, loss_fn=causal_lm_loss,
+                         curvature_loss_fn=causal_lm_sampled_loss)
     with Boundaries(0) as boundaries:  # every boundary through a memory-mapped file
         streamed = streamed_token_fisher(DecoderStream(resident_model(loaded.model)), units, batches, boundaries,
-                                         loss=text_loss_of_logits, curvature_loss=sampled_loss_of_logits, **common)
+                                         request, loss=text_loss_of_logits, curvature_loss=sampled_loss_of_logits)
     assert_terms_close(streamed, whole)
 
 

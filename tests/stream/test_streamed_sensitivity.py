@@ -3,6 +3,7 @@ and block stream it runs on, on tiny models built from transformers' own configs
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from pathlib import Path
@@ -17,6 +18,7 @@ from bitplan.models import (
     sampled_loss_of_logits,
     text_loss_of_logits,
 )
+from bitplan.sensitivity.request import Metric, SensitivityRequest
 from bitplan.sensitivity.streamed import streamed_token_fisher
 from bitplan.sensitivity.token_fisher import token_fisher
 from bitplan.sources import open_lazy
@@ -92,13 +94,13 @@ def test_streamed_token_taylor_kl_equals_whole_model_backward(kind: str, cap: in
     model = tiny_causal_lm(kind)
     units = find_units(model)
     batches = windows(4)
-    whole = token_fisher(model, units, batches, loss_fn=causal_lm_loss, bits_options=(2, 4), group_size=32,
-                         precision="float32", curvature_loss_fn=causal_lm_sampled_loss, curvature_stride=2)
+    request = SensitivityRequest(Metric.TOKEN_TAYLOR_KL, bits_options=(2, 4), group_size=32, precision="float32",
+                                 curvature_stride=2)
+    whole = token_fisher(model, units, batches, request, loss_fn=causal_lm_loss,
+                         curvature_loss_fn=causal_lm_sampled_loss)
     with Boundaries(cap) as boundaries:
-        streamed = streamed_token_fisher(DecoderStream(resident_model(model)), units, batches, boundaries,
-                                         loss=text_loss_of_logits, bits_options=(2, 4), group_size=32,
-                                         precision="float32", curvature_loss=sampled_loss_of_logits,
-                                         curvature_stride=2)
+        streamed = streamed_token_fisher(DecoderStream(resident_model(model)), units, batches, boundaries, request,
+                                         loss=text_loss_of_logits, curvature_loss=sampled_loss_of_logits)
         assert (boundaries.spilled > 0) == (cap == 0)
     assert_terms_close(streamed, whole)
 
@@ -108,12 +110,12 @@ def test_streamed_single_loss_and_chunks_equal_whole_model() -> None:
     model = tiny_causal_lm("qwen2")
     units = find_units(model)
     batches = windows(3)
-    whole = token_fisher(model, units, batches, loss_fn=causal_lm_loss, bits_options=(3,), group_size=32,
-                         precision="float32")
+    request = SensitivityRequest(Metric.TOKEN_TAYLOR, bits_options=(3,), group_size=32, precision="float32")
+    whole = token_fisher(model, units, batches, request, loss_fn=causal_lm_loss)
     with Boundaries(1 << 30) as boundaries:
         streamed = streamed_token_fisher(DecoderStream(resident_model(model)), units, batches, boundaries,
-                                         loss=text_loss_of_logits, bits_options=(3,), group_size=32,
-                                         precision="float32", max_error_bytes=64 * 128 * 4)
+                                         dataclasses.replace(request, max_error_bytes=64 * 128 * 4),
+                                         loss=text_loss_of_logits)
     assert_terms_close(streamed, whole)
 
 
@@ -132,13 +134,15 @@ def test_lazy_bf16_folder_streams_without_materializing_the_model(tmp_path: Path
     batches = windows(2)
     error_of = functools.partial(_rtn_error, units)
     with Boundaries(1 << 30) as boundaries:
-        streamed = streamed_token_fisher(DecoderStream(lazy), units, batches, boundaries, loss=text_loss_of_logits,
-                                         options={n: [3] for n in units}, error_of=error_of, precision="float32")
+        request = SensitivityRequest(Metric.TOKEN_TAYLOR, group_size=32, options={n: [3] for n in units},
+                                     error_of=error_of, precision="float32")
+        streamed = streamed_token_fisher(DecoderStream(lazy), units, batches, boundaries, request,
+                                         loss=text_loss_of_logits)
     assert all(p.device.type == "meta" for p in lazy.model.parameters())
     loaded = load_model(str(tmp_path)).model  # the whole model in float32, the reference
-    whole = token_fisher(loaded, find_units(loaded), batches, loss_fn=causal_lm_loss,
-                         options={n: [3] for n in units}, error_of=functools.partial(_rtn_error, find_units(loaded)),
-                         precision="float32", bits_options=(), group_size=32)
+    whole = token_fisher(loaded, find_units(loaded), batches,
+                         dataclasses.replace(request, error_of=functools.partial(_rtn_error, find_units(loaded))),
+                         loss_fn=causal_lm_loss)
     assert_terms_close(streamed, whole)
 
 
