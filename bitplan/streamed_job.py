@@ -57,6 +57,7 @@ from bitplan.sensitivity.kl import swapped_weights
 from bitplan.sensitivity.token_fisher import resolve_precision
 from bitplan.sensitivity_pass import cached_importance, measure
 from bitplan.sources import LazyModel, Placement, open_lazy
+from bitplan.sources.lazy import return_freed_memory_promptly
 from bitplan.spec import JobSpec
 from bitplan.stages import ProgressFn, Stage
 from bitplan.stream import DEFAULT_BOUNDARY_BYTES, Boundaries, DecoderStream, stream_forward, stream_input_energy
@@ -108,6 +109,7 @@ def run_streamed_gguf(spec: JobSpec, *, out_dirs: list[Path], on_progress: Progr
         clock[0] = now
 
     spec = capped(spec)
+    return_freed_memory_promptly()  # a block's weights leave the process when it is released
     if on_progress is not None:
         on_progress(Stage.LOAD, 0, 1)
     loaded, folder = _open(spec)  # 1

@@ -21,6 +21,7 @@ from bitplan.models import (
 from bitplan.sensitivity.request import Metric, SensitivityRequest
 from bitplan.sensitivity.streamed import streamed_token_fisher
 from bitplan.sensitivity.token_fisher import token_fisher
+from bitplan.sources import lazy as lazy_module
 from bitplan.sources import open_lazy
 from bitplan.stream import Boundaries, DecoderStream, resident_model
 from bitplan.units import find_units
@@ -119,7 +120,8 @@ def test_streamed_single_loss_and_chunks_equal_whole_model() -> None:
     assert_terms_close(streamed, whole)
 
 
-def test_lazy_bf16_folder_streams_without_materializing_the_model(tmp_path: Path) -> None:
+def test_lazy_bf16_folder_streams_without_materializing_the_model(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A bf16 safetensors folder opens with every parameter on meta; streaming its blocks (read from the shards
     as stored, computed in float32) gives the whole float32 model's terms; no block stays materialized."""
     model = tiny_causal_lm("llama").to(torch.bfloat16)
@@ -133,12 +135,15 @@ def test_lazy_bf16_folder_streams_without_materializing_the_model(tmp_path: Path
     units = find_units(lazy.model)
     batches = windows(2)
     error_of = functools.partial(_rtn_error, units)
+    trims = []
+    monkeypatch.setattr(lazy_module, "_LIBC", type("Libc", (), {"malloc_trim": staticmethod(trims.append)}))
     with Boundaries(1 << 30) as boundaries:
         request = SensitivityRequest(Metric.TOKEN_TAYLOR, group_size=32, options={n: [3] for n in units},
                                      error_of=error_of, precision="float32")
         streamed = streamed_token_fisher(DecoderStream(lazy), units, batches, boundaries, request,
                                          loss=text_loss_of_logits)
     assert all(p.device.type == "meta" for p in lazy.model.parameters())
+    assert trims and set(trims) == {0}  # each released block's memory handed back to the system (glibc)
     loaded = load_model(str(tmp_path)).model  # the whole model in float32, the reference
     whole = token_fisher(loaded, find_units(loaded), batches,
                          dataclasses.replace(request, error_of=functools.partial(_rtn_error, find_units(loaded))),
