@@ -194,8 +194,8 @@ def _write_transformers_entry(staging: Path, float_state: Mapping[str, torch.Ten
     weight_map.update({f"{u.name}.{leaf}": QUANTIZED_FILE for u in units for leaf in u.tensors})
     files = [FLOAT_FILE, QUANTIZED_FILE]
     if guard is not None:
-        save_file({f"{guard}.weight": torch.zeros(1)}, str(staging / GUARD_FILE),
-                  metadata={"format": "pt", "bitplan": "a placeholder: load this folder after `import bitplan`"})
+        # one metadata key: safetensors orders a header's keys as a hash map does, so more would change its sha256
+        save_file({f"{guard}.weight": torch.zeros(1)}, str(staging / GUARD_FILE), metadata={"format": "pt"})
         weight_map[f"{guard}.weight"] = GUARD_FILE
         files.append(GUARD_FILE)
     total = sum((staging / f).stat().st_size for f in files)

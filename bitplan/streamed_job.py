@@ -338,7 +338,9 @@ def stream_quality(stream: DecoderStream, units: dict[str, nn.Linear],
                    text: str, on_progress: ProgressFn | None = None) -> QualityReport:
     """:func:`bitplan.quality.measure_quality` with both models streamed: each block runs on the source's hidden
     states, then with its units' weights replaced by ``decoded(unit, weight)`` on the quantized model's (the
-    encoders read the weights on the host); ``on_progress`` hears of each block."""
+    encoders read the weights on the host); ``on_progress`` hears of each block. A streamed block's weights are
+    replaced in place (it is read from the store again when next needed), so the stage holds one block, not a block
+    and its decoded copy (a Qwen3-30B-A3B-shaped layer: 2.3 GB each)."""
     count = len(windows)
     source = [stream.embed(window) for window in torch.split(windows, 1)]
     quantized = [hidden.clone() for hidden in source]
@@ -347,8 +349,15 @@ def stream_quality(stream: DecoderStream, units: dict[str, nn.Linear],
         with stream.block(index) as run, torch.no_grad():
             for w in range(count):
                 source[w] = run(source[w])
-            replaced = {n: decoded(n, units[n].weight.detach().float().cpu()).to(stream.device) for n in names}
-            with swapped_weights(units, replaced):
+            if stream.source.resident:  # a model held whole: its weights come back after this block
+                replaced = {n: decoded(n, units[n].weight.detach().float().cpu()).to(stream.device) for n in names}
+                with swapped_weights(units, replaced):
+                    for w in range(count):
+                        quantized[w] = run(quantized[w])
+            else:  # in place, one unit at a time: the block goes back to meta after this pass (peak: one block)
+                for n in names:
+                    weight = units[n].weight
+                    weight.data = decoded(n, weight.detach().float().cpu()).to(weight.device, weight.dtype)
                 for w in range(count):
                     quantized[w] = run(quantized[w])
         if on_progress is not None:
