@@ -32,7 +32,7 @@ import json
 import shutil
 import struct
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,12 +112,14 @@ def _float_state(model: nn.Module, unit_names: set[str], dtype: torch.dtype = to
     return state, aliases
 
 
-def _swap_into_place(staging: Path, destination: Path) -> None:
-    """Rename the finished staging directory to ``destination``; an older artifact there is replaced whole."""
+def swap_into_place(staging: Path, destination: Path, *, replaceable: Callable[[Path], bool], what: str) -> None:
+    """Rename the finished staging directory to ``destination``. An existing ``destination`` is replaced whole
+    when it is empty or ``replaceable`` says it is an earlier output of the same kind; otherwise the staging
+    directory is removed and the write refused (``what`` names the output the folder should hold)."""
     if destination.exists():
-        if not (destination / MANIFEST).is_file() and any(destination.iterdir()):
+        if any(destination.iterdir()) and not replaceable(destination):
             shutil.rmtree(staging)
-            raise ArtifactError(f"output directory {destination} exists and is not a bitplan artifact; "
+            raise ArtifactError(f"output directory {destination} exists and is not {what}; "
                                 f"choose an empty or new directory")
         trash = destination.with_name(f".{destination.name}.old-{uuid.uuid4().hex[:8]}")
         destination.rename(trash)
@@ -169,7 +171,8 @@ def write_artifact(
         manifest = Manifest(format_version=FORMAT_VERSION, packing=PACKING_FORMAT, model_kind=kind.value,
                             units=units, tied=aliases, achieved=achieved, run=run, files=files)
         manifest_sha = write_manifest(staging, manifest)
-        _swap_into_place(staging, destination)
+        swap_into_place(staging, destination, replaceable=lambda d: (d / MANIFEST).is_file(),
+                        what="a bitplan artifact")
     except BaseException:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

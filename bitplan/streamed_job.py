@@ -37,9 +37,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from bitplan.artifact import swap_into_place
 from bitplan.calibration import build_calibration_set
 from bitplan.devices import resolve_compute_dtype, resolve_device
-from bitplan.errors import ArtifactError, BitplanError, ModelReferenceError, SpecError
+from bitplan.errors import BitplanError, ModelReferenceError, SpecError
 from bitplan.exports.gguf_file import IMATRIX_FILE, write_imatrix
 from bitplan.exports.gguf_stream import write_gguf_streamed
 from bitplan.hashing import sha256_file
@@ -223,7 +224,8 @@ def _write_budget(spec: JobSpec, made: _Made, plan: Any, out: Path, heldout: tup
             quality = stream_quality(stream, units, lambda unit, weight: decode_weight(encode(unit, weight)),
                                      heldout[0], text=heldout[1], on_progress=on_progress)
             stage_times["quality"] = round(time.perf_counter() - started, 3)
-        _into_place(staging, out)
+        swap_into_place(staging, out, replaceable=lambda d: {p.name for p in d.iterdir()} <= {GGUF_FILE, IMATRIX_FILE},
+                        what=f"a streamed job's {GGUF_FILE} and {IMATRIX_FILE}")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return RunResult(
@@ -239,21 +241,6 @@ def _write_budget(spec: JobSpec, made: _Made, plan: Any, out: Path, heldout: tup
         files=[{"name": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)}
                for p in (out / GGUF_FILE, out / IMATRIX_FILE)],
         file_bytes=written.file_bytes)
-
-
-def _into_place(staging: Path, out: Path) -> None:
-    """Rename the finished ``staging`` folder to ``out``, replacing an earlier streamed job's output there (a
-    folder of this job's files only); any other non-empty folder is refused."""
-    if out.exists():
-        if any(p.name not in (GGUF_FILE, IMATRIX_FILE) for p in out.iterdir()):
-            raise ArtifactError(f"output directory {out} exists and holds other files than a streamed job's "
-                                f"{GGUF_FILE} and {IMATRIX_FILE}; choose an empty or new directory")
-        trash = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        out.rename(trash)
-        staging.rename(out)
-        shutil.rmtree(trash)
-    else:
-        staging.rename(out)
 
 
 def stopping(on_progress: ProgressFn | None, should_stop: StopFn | None) -> ProgressFn | None:
