@@ -3,12 +3,14 @@
 and mount namespace with only a veth link and a private /tmp holding its data folder (``bench/_fleet_hosts.py``).
 The driver (this script, on the bridge) is the client: everything goes through the API's HTTP.
 
-Twenty jobs: throughput on one worker then two (the same small job set, tiny Llamas from the tests' builder);
+Twenty-two jobs: throughput on one worker then two (the same small job set, tiny Llamas from the tests' builder);
 a worker SIGKILLed in the middle of a job that then completes on the other host; two real SmolLM2 jobs (the bundled
 id, and the same GGUF as a file the API pushes through the store) during which the store is stopped for
 ``--outage-s`` (requests that need it must answer 503 with Retry-After, never 500; the refused submissions are
-sent again afterwards); then every artifact downloaded and checked against its sha256, the bucket checked for
-stray and incomplete objects, every host stopped and checked for stray processes and scratch files.
+sent again afterwards); one model's job on worker-a alone, then the same model and calibration at another budget on
+worker-b alone, which must take its sensitivity from the store's shared cache; then every artifact downloaded and
+checked against its sha256, the bucket checked for stray and incomplete objects, every host stopped and checked for
+stray processes and scratch files.
 
     sudo nice -n 10 .venv/bin/python bench/fleet.py --out bench/results/fleet-DATE.json
 
@@ -46,6 +48,7 @@ def _sibling(name: str) -> Any:
 
 
 hosts_module = _sibling("_fleet_hosts")
+checks = _sibling("_fleet_checks")
 sys.path.insert(0, str(hosts_module.REPOSITORY))  # the tests' tiny model and SeaweedFS helpers
 CLI = [sys.executable, "-m", "bitplan.service.cli"]
 BUCKET, PREFIX = "bitplan-fleet", "jobs"
@@ -268,6 +271,29 @@ def outage(fleet: Fleet, queued: list[str], refused: list[str], smol: list[str],
             "statuses_after": dict(Counter(state["status"] for state in states.values()))}
 
 
+def shared_cache(fleet: Fleet, model: str) -> dict[str, Any]:
+    """A model no job has used: its first job on worker-a alone (measured there, its sensitivity published to the
+    store), then the same model and calibration at another budget on worker-b alone, whose own cache has never
+    seen it: the second job's report must say its sensitivity came from the shared store."""
+    fleet.hosts["worker-b"].stop(fleet.workers.pop("worker-b"), grace_s=30)
+    first = fleet.submit(model, TINY)
+    wait_all(fleet, [first], 900)
+    fleet.hosts["worker-a"].stop(fleet.workers.pop("worker-a"), grace_s=30)
+    fleet.start_worker("worker-b")
+    second = fleet.submit(model, {**TINY, "bits_per_weight": 5.0})
+    wait_all(fleet, [second], 900)
+    fleet.start_worker("worker-a")
+    runs = {}
+    for job_id, host in ((first, "worker-a"), (second, "worker-b")):
+        artifact = fleet.get(job_id)["artifacts"][0]["id"]
+        calibration = fleet.client(job_id).artifacts.get(artifact)["manifest"]["calibration"]
+        runs[job_id] = {"host": host, "status": fleet.get(job_id)["status"],
+                        "sensitivity_cache": calibration.get("sensitivity_cache"),
+                        "sensitivity_cache_from": calibration.get("sensitivity_cache_from")}
+    return {"model": model, "jobs": runs, "ids": [first, second],
+            "second_from_the_shared_store": runs[second]["sensitivity_cache_from"] == "the shared object store"}
+
+
 def _code(answer: httpx.Response) -> str:
     """``503 Retry-After=5 object_store_unavailable``, ``200``, ...: what a client sees."""
     if answer.status_code < 400:
@@ -276,61 +302,11 @@ def _code(answer: httpx.Response) -> str:
     return f"{answer.status_code} Retry-After={answer.headers.get('retry-after')} {code}".strip()
 
 
-def check_downloads(fleet: Fleet, job_ids: list[str], folder: Path) -> dict[str, Any]:
-    """Every artifact of every job downloaded through the API (the client checks each file's sha256 against
-    the listing), then each file hashed again here against the listing and the manifest against the job's."""
-    import hashlib
-
-    files, size, bad, artifacts = 0, 0, [], {}
-    for job_id in job_ids:
-        client = fleet.client(job_id)
-        state = client.jobs.get(job_id)
-        for artifact in state["artifacts"]:
-            artifacts[artifact["id"]] = state["attempt"]
-            out = client.artifacts.download(artifact["id"], folder / artifact["id"])
-            for entry in client.artifacts.get(artifact["id"])["files"]:
-                data = (out / entry["name"]).read_bytes()
-                files, size = files + 1, size + len(data)
-                if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-                    bad.append(f"{artifact['id']}/{entry['name']}")
-            if hashlib.sha256((out / "manifest.json").read_bytes()).hexdigest() != artifact["manifest_sha256"]:
-                bad.append(f"{artifact['id']}/manifest.json (job's manifest_sha256)")
-    return {"artifacts": len(artifacts), "files": files, "bytes": size, "sha256_mismatches": bad,
-            "published": artifacts}
-
-
-def check_bucket(fleet: Fleet, published: dict[str, int]) -> dict[str, Any]:
-    """Objects under ``artifacts/`` that are not a published attempt's, and multipart uploads never completed."""
-    s3, keys = fleet.s3(), []
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=PREFIX + "/"):
-        keys += [item["Key"][len(PREFIX) + 1:] for item in page.get("Contents", [])]
-    expected = tuple(f"artifacts/{aid}/attempt-{attempt}/" for aid, attempt in published.items())
-    stray = [key for key in keys if key.startswith("artifacts/") and not key.startswith(expected)]
-    uploads = s3.list_multipart_uploads(Bucket=BUCKET, Prefix=PREFIX + "/").get("Uploads", [])
-    return {"objects": len(keys), "models": len({k.split("/")[1] for k in keys if k.startswith("models/")}),
-            "stray_artifact_objects": stray, "incomplete_uploads": [u["Key"] for u in uploads]}
-
-
-def check_hosts(fleet: Fleet) -> dict[str, Any]:
-    """Every host stopped (SIGTERM, SIGKILL after the grace): processes left in its namespace, and in each
-    worker's data folder the files beyond its model cache and the cache's bytes against its bound."""
-    for name in ("worker-a", "worker-b", "api", "store", "redis"):
-        fleet.hosts[name].stop(grace_s=3.0 if name == "store" else 30.0)
-    stray = {name: host.remaining_pids() for name, host in fleet.hosts.items()}
-    scratch = {}
-    for name in ("worker-a", "worker-b"):
-        data = fleet.hosts[name].root / "data"
-        paths = [p for p in data.rglob("*") if p.is_file()] if data.exists() else []
-        cache = [p for p in paths if "model-cache" in p.relative_to(data).parts]
-        scratch[name] = {"files_beyond_cache": sorted(str(p.relative_to(data)) for p in paths if p not in cache),
-                         "cache_bytes": sum(p.stat().st_size for p in cache), "cache_bound": CACHE_BOUND}
-    return {"stray_processes": stray, "scratch": scratch}
-
-
 def run(fleet: Fleet, args: argparse.Namespace, base: Path) -> dict[str, Any]:
-    """The phases in order; 20 jobs with the defaults (6 + 1 + 6 + 2 SmolLM2 + 3 + 2 resubmitted)."""
+    """The phases in order; 22 jobs with the defaults (6 + 1 + 6 + 2 SmolLM2 + 3 + 2 resubmitted + 2 on the
+    shared cache)."""
     n = args.throughput_jobs
-    models = write_models(fleet.hosts["api"], 2 * n + 6)
+    models = write_models(fleet.hosts["api"], 2 * n + 7)
     fleet.start_redis()
     fleet.start_store()
     fleet.start_api()
@@ -341,22 +317,24 @@ def run(fleet: Fleet, args: argparse.Namespace, base: Path) -> dict[str, Any]:
     two = throughput(fleet, models[n + 1:2 * n + 1])
     down = outage(fleet, models[2 * n + 1:2 * n + 4], models[2 * n + 4:2 * n + 6],
                   ["smollm2-135m", "smollm2-135m.gguf"], args.outage_s, one["ids"][0])
+    shared = shared_cache(fleet, models[2 * n + 6])
     job_ids = [*one["ids"], killed["id"], *two["ids"], *down["smol_ids"], *down["queued_ids"],
-               *down["resubmitted_ids"]]
+               *down["resubmitted_ids"], *shared["ids"]]
     states = {job_id: fleet.get(job_id) for job_id in job_ids}
     listed = [job for i in range(OWNERS) for job in Client(fleet.url, api_key=fleet.api_keys[i]).jobs.list()]
     smol = {job_id: {"model": states[job_id]["request"]["model"], "status": states[job_id]["status"],
                      "bits_per_weight": [a["bits_per_weight"] for a in states[job_id]["allocation"]],
                      "bytes": [a["bytes"] for a in states[job_id]["artifacts"]]} for job_id in down["smol_ids"]}
-    downloads = check_downloads(fleet, job_ids, base / "downloads")
-    bucket = check_bucket(fleet, downloads.pop("published"))
+    downloads = checks.check_downloads(fleet, job_ids, base / "downloads")
+    bucket = checks.check_bucket(fleet.s3(), BUCKET, PREFIX, downloads.pop("published"))
     return {"jobs": {"submitted": len(job_ids), "listed_by_the_api": len(listed),
                      "succeeded": sum(s["status"] == "succeeded" for s in states.values()),
                      "lost": [j for j, s in states.items() if s["status"] != "succeeded"]},
             "throughput": {"one_worker": one, "two_workers": two,
                            "speedup": round(two["jobs_per_minute"] / one["jobs_per_minute"], 2)},
-            "kill_9": killed, "outage": down, "smollm2": smol, "downloads": downloads, "bucket": bucket,
-            "after_stop": check_hosts(fleet)}
+            "kill_9": killed, "outage": down, "smollm2": smol, "shared_cache": shared, "downloads": downloads,
+            "bucket": bucket,
+            "after_stop": checks.check_hosts(fleet.hosts, CACHE_BOUND)}
 
 
 def main() -> None:

@@ -41,7 +41,7 @@ from bitplan.refine import refine_allocation
 from bitplan.run_result import Measured, RunResult, result_of, unit_format
 from bitplan.sensitivity import SensitivityResult
 from bitplan.sensitivity.activations import StopFn, check_stop
-from bitplan.sensitivity.cache import SensitivityCache
+from bitplan.sensitivity.cache import CacheMirror, SensitivityCache
 from bitplan.sensitivity.importance import input_energy
 from bitplan.sensitivity_pass import cached_importance, measure, resolve_metric, salience_width_errors
 from bitplan.sizing import head_units, plan_latency, resolve_named_size, size_units
@@ -79,8 +79,8 @@ def run_pipeline(spec: JobSpec, *, out: Path, on_progress: ProgressFn | None = N
 
 
 def run_budgets(spec: JobSpec, *, out_dirs: list[Path], on_progress: ProgressFn | None = None,
-                should_stop: StopFn | None = None, use_cache: bool = True, cache_dir: Path | None = None
-                ) -> list[RunResult]:
+                should_stop: StopFn | None = None, use_cache: bool = True, cache_dir: Path | None = None,
+                cache_mirror: CacheMirror | None = None) -> list[RunResult]:
     """Quantize ``spec.model`` at each of its budgets (``out_dirs[i]`` for budget ``i``), measuring once.
 
     1. Load the model reference (bundled id, HF folder, .safetensors, .gguf).
@@ -95,12 +95,12 @@ def run_budgets(spec: JobSpec, *, out_dirs: list[Path], on_progress: ProgressFn 
        divergence on calibration windows, and report; sizes come from the files.
 
     ``use_cache``: reuse sensitivities measured before, kept under ``cache_dir`` (default ``$BITPLAN_CACHE_DIR``
-    or ``~/.cache/bitplan``).
+    or ``~/.cache/bitplan``) and, with ``cache_mirror``, shared with other machines through it.
     """
     if len(out_dirs) != spec.budgets:
         raise BitplanError(f"give one output directory per budget: {spec.budgets} budgets, {len(out_dirs)} "
                            f"directories")
-    cache = SensitivityCache(cache_dir) if use_cache else None
+    cache = SensitivityCache(cache_dir, mirror=cache_mirror) if use_cache else None
     named = spec.budget.size_of
     spec = resolve_named_size(spec)  # a llama.cpp preset's name: its file's bytes, before anything is planned
     from bitplan.streamed_job import run_streamed_gguf, streams
@@ -201,7 +201,7 @@ def calibrate_and_measure(spec: JobSpec, loaded: LoadedModel, units: dict[str, n
         sensitivity = dataclasses.replace(sensitivity, units=sensitivity.units + of_head.units,
                                           seconds=sensitivity.seconds + of_head.seconds,
                                           warnings=sensitivity.warnings + of_head.warnings)
-    return Measured(calibration={**record, "sensitivity_cache": cache_state}, tokens=calib.tokens,
+    return Measured(calibration={**record, **cache_state}, tokens=calib.tokens,
                     sensitivity=sensitivity, importance=importance)
 
 

@@ -30,7 +30,7 @@ from bitplan.sensitivity.api import (
     TAKES_ERRORS,
     TOKEN_METRICS,
 )
-from bitplan.sensitivity.cache import SensitivityCache, StatisticsCache, cache_key
+from bitplan.sensitivity.cache import SensitivityCache, cache_key
 from bitplan.sensitivity.token_fisher import resolve_precision
 from bitplan.spec import JobSpec
 from bitplan.stages import ProgressFn, Stage
@@ -141,23 +141,25 @@ def sensitivity_key(spec: JobSpec, request: SensitivityRequest, loaded: LoadedMo
 
 def measure(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], calibration: Any,
             on_progress: ProgressFn | None, should_stop: StopFn | None, cache: SensitivityCache | None,
-            importance: Importance | None = None) -> tuple[SensitivityResult, str]:
-    """The sensitivities and whether the cache had them (``hit``, ``miss`` or ``off``). With formats, each
-    option's error is that format's with its encoder (``importance``: the calibration's input energy)."""
+            importance: Importance | None = None) -> tuple[SensitivityResult, dict[str, str]]:
+    """The sensitivities and the calibration record's fields saying whether the cache had them
+    (``sensitivity_cache``: ``hit``, ``miss`` or ``off``) and, on a hit, from where (``sensitivity_cache_from``:
+    this machine, or the shared store another host filled). With formats, each option's error is that format's
+    with its encoder (``importance``: the calibration's input energy)."""
     metric = resolve_metric(spec.sensitivity.metric.value, loaded.kind)
     if spec.quantization.format_names is not None and metric not in TAKES_ERRORS:
         raise SpecError(f"metric {metric.value!r} predicts from RTN errors only; with --formats choose one of "
                         f"{', '.join(sorted(m.value for m in TAKES_ERRORS))}", param="metric")
     key = sensitivity_key(spec, sensitivity_request(spec, metric), loaded, units, calibration.sha256)
-    cached = cache.get(key) if cache is not None else None
-    if cached is not None:
-        logger.info("sensitivity: reusing the cached %s result %s", metric.value, key[:12])
-        return cached, "hit"
+    cached, origin = cache.lookup(key) if cache is not None else (None, None)
+    if cached is not None and origin is not None:
+        logger.info("sensitivity: reusing the cached %s result %s from %s", metric.value, key[:12], origin)
+        return cached, {"sensitivity_cache": "hit", "sensitivity_cache_from": origin}
     result = run_sensitivity(spec, loaded, units, metric, calibration.tokens, on_progress, should_stop,
                              importance=importance)
     if cache is not None:
         cache.put(key, result)
-    return result, "miss" if cache is not None else "off"
+    return result, {"sensitivity_cache": "miss" if cache is not None else "off"}
 
 
 def run_sensitivity(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], metric: Metric,
@@ -211,7 +213,7 @@ def cached_importance(loaded: LoadedModel, units: dict[str, nn.Module], calibrat
     job: a second budget on a cached model then runs no calibration forward at all)."""
     key = cache_key(model_sha256=loaded.source_sha256, calibration_sha256=calibration.sha256,
                     statistic="input_energy", units=list(units), **compute_dtype_key(loaded))
-    store = None if cache is None else StatisticsCache(cache.folder.parent)
+    store = None if cache is None else cache.statistics()
     cached = None if store is None else store.get(key)
     if cached is not None and set(cached) == set(units):
         logger.info("calibration statistics: reusing the cached input energy %s", key[:12])

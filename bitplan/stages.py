@@ -16,6 +16,7 @@ class Stage(str, Enum):
     LOAD = "load"
     CALIBRATION_STATISTICS = "calibration statistics"
     BLOCK_STATISTICS = "block statistics"
+    WEIGHT_ERRORS = "weight errors"  # every unit's weight error at each candidate format or width (layers x formats)
     TOKEN_FISHER = "token Fisher"
     HUTCHINSON_PROBES = "hutchinson probes"
     PREDICTED_ERROR = "predicted error"
@@ -36,7 +37,8 @@ class Stage(str, Enum):
 
 STAGE_SPAN: dict[Stage, tuple[float, float]] = {  # from SmolLM2 at 3.5 bpw on 2 cores: ~10% start and load
     Stage.LOAD: (0.0, 0.1), Stage.CALIBRATION_STATISTICS: (0.1, 0.6), Stage.BLOCK_STATISTICS: (0.6, 0.8),
-    Stage.TOKEN_FISHER: (0.1, 0.85), Stage.HUTCHINSON_PROBES: (0.1, 0.8), Stage.PREDICTED_ERROR: (0.8, 0.85),
+    Stage.WEIGHT_ERRORS: (0.2, 0.4), Stage.TOKEN_FISHER: (0.1, 0.85), Stage.HUTCHINSON_PROBES: (0.1, 0.8),
+    Stage.PREDICTED_ERROR: (0.8, 0.85),
     Stage.QUANTIZE: (0.85, 0.9), Stage.KL_REFINEMENT: (0.9, 0.92), Stage.QUALITY: (0.92, 0.96),
     Stage.WRITE: (0.96, 0.97), Stage.KL_CHECK: (0.97, 1.0), Stage.PERPLEXITY: (0.0, 1.0),
     Stage.LATENCY_TABLE: (0.05, 0.1), Stage.LATENCY_CHECK: (0.97, 0.98),
@@ -67,6 +69,7 @@ class EtaModel:
         self.spent: dict[str, float] = {}  # stage -> seconds attributed to it, in the order first reported
         self.current: tuple[str, int, int] | None = None
         self.latest: dict[str, tuple[int, int]] = {}  # stage -> its last (done, total)
+        self.reached = 0.0  # the furthest fraction of the job's stage spans reported (a later stage may start lower)
 
     def observe(self, stage: str, done: int, total: int, now: float) -> None:
         stage = Stage(stage).value  # plain strings as keys (a str Enum hashes by its name)
@@ -74,6 +77,7 @@ class EtaModel:
         self.last = now
         self.current = (stage, done, total)
         self.latest[stage] = (done, total)
+        self.reached = max(self.reached, overall_fraction(stage, done, total))
 
     def durations(self) -> list[tuple[str, float]]:
         """The measured seconds of every stage reported, in order (a later job's ``history``)."""
@@ -89,14 +93,15 @@ class EtaModel:
         if left_here is not None:
             left_here += self._unfinished(stage)
         if later is None or left_here is None:
-            fraction = overall_fraction(stage, done, total)
+            fraction = self.reached  # not this stage's own start: "weight errors" ends past "token Fisher"'s
             if fraction <= 0.02:
                 return None
             per_span = (self.last - self.start) / fraction
+            end = max(Stage(stage).span[1], fraction)
             if left_here is None:
-                left_here = per_span * (Stage(stage).span[1] - fraction)
+                left_here = per_span * (end - fraction)
             if later is None:
-                later = per_span * (1.0 - Stage(stage).span[1])
+                later = per_span * (1.0 - end)
         return max(left_here + later - (now - self.last), 0.0)
 
     def _left_in(self, stage: str, done: int, total: int) -> float | None:

@@ -145,7 +145,7 @@ def run_streamed_gguf(spec: JobSpec, *, out_dirs: list[Path], on_progress: Progr
         heldout = heldout_windows(lazy.tokenizer, windows=spec.refinement.quality_windows,
                                   seq_len=spec.refinement.quality_seq_len, text_file=text)
     record = {"sha256": calibration.sha256, "source": calibration.source, "num_samples": options.num_samples,
-              "seq_len": options.seq_len, "seed": options.seed, "sensitivity_cache": cache_state}
+              "seq_len": options.seq_len, "seed": options.seed, **cache_state}
     made = _Made(loaded=loaded, folder=folder, stream=stream, units=units, importance=importance,
                  calibration=calibration, sensitivity=sensitivity, sizes=sizes, record=record, timings=timings,
                  routing=routing)

@@ -3,6 +3,10 @@
 The key is the sha256 of (model weights hash, calibration tokens hash, metric, its parameters, cache format
 version), so one computation serves every budget and every job on the same model and calibration set. Entries
 are JSON files written under a temporary name and renamed, so a reader never sees half a file.
+
+A cache may have a :class:`CacheMirror`: a second home for its entries that other machines read (a service's
+object store, issue 44). A local miss is then looked up there, and every entry written here is published there, so
+a job on one host takes the sensitivity another host measured.
 """
 
 from __future__ import annotations
@@ -11,8 +15,9 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from bitplan.sensitivity.api import SensitivityResult
 
@@ -32,34 +37,87 @@ def cache_key(**parts: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-class SensitivityCache:
-    """``get`` / ``put`` of :class:`SensitivityResult` under ``root/sensitivity/KEY.json``."""
+class CacheMirror(Protocol):
+    """Where other machines keep the same cache. ``name`` is an entry's path relative to the cache root
+    (``sensitivity/KEY.json``). Neither method raises for an unreachable mirror: the cache is only a shortcut, so
+    an implementation logs and answers as if the entry were absent (or not published)."""
 
-    def __init__(self, root: Path | None = None) -> None:
-        self.folder = (root or default_cache_dir()) / "sensitivity"
+    where: str  # how reports name it ("the shared object store")
+
+    def fetch(self, name: str, dest: Path) -> bool:
+        """Copy the entry ``name`` to ``dest`` (complete or not at all); whether it was there."""
+        ...
+
+    def publish(self, name: str, path: Path) -> None:
+        """Make the complete local file ``path`` the entry ``name``."""
+        ...
+
+
+class SensitivityCache:
+    """``get`` / ``put`` of :class:`SensitivityResult` under ``root/sensitivity/KEY.json``, with an optional
+    ``mirror`` shared with other machines."""
+
+    def __init__(self, root: Path | None = None, *, mirror: CacheMirror | None = None) -> None:
+        self.root = root or default_cache_dir()
+        self.folder = self.root / "sensitivity"
+        self.mirror = mirror
 
     def path(self, key: str) -> Path:
         return self.folder / f"{key}.json"
 
     def get(self, key: str) -> SensitivityResult | None:
         """The cached result, or ``None`` when absent or unreadable (a damaged entry is recomputed)."""
-        try:
-            return SensitivityResult.from_json(json.loads(self.path(key).read_text()))
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+        return self.lookup(key)[0]
+
+    def lookup(self, key: str) -> tuple[SensitivityResult | None, str | None]:
+        """The cached result and where it came from: this machine's folder (``"this machine"``), the mirror (its
+        ``where``; the entry is then kept here too), or ``(None, None)``."""
+        found = _read_result(self.path(key))
+        if found is not None:
+            return found, "this machine"
+        if self.mirror is not None and fetched(self.mirror, f"sensitivity/{key}.json", self.path(key)):
+            found = _read_result(self.path(key))
+            if found is not None:
+                return found, self.mirror.where
+        return None, None
 
     def put(self, key: str, result: SensitivityResult) -> Path:
-        self.folder.mkdir(parents=True, exist_ok=True)
         target = self.path(key)
-        handle, temporary = tempfile.mkstemp(dir=self.folder, prefix=f".{key}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "w") as stream:
-                json.dump(result.to_json(), stream)
-            os.replace(temporary, target)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        write_atomically(target, lambda temporary: temporary.write_text(json.dumps(result.to_json())))
+        if self.mirror is not None:
+            self.mirror.publish(f"sensitivity/{key}.json", target)
         return target
+
+    def statistics(self) -> StatisticsCache:
+        """The calibration statistics kept beside these results (and mirrored with them)."""
+        return StatisticsCache(self.root, mirror=self.mirror)
+
+
+def _read_result(path: Path) -> SensitivityResult | None:
+    try:
+        return SensitivityResult.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def fetched(mirror: CacheMirror, name: str, dest: Path) -> bool:
+    """``mirror.fetch`` into ``dest``'s folder (made when missing)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return mirror.fetch(name, dest)
+
+
+def write_atomically(target: Path, write: Callable[[Path], object]) -> None:
+    """``write(temporary)`` beside ``target``, then renamed onto it: a reader never sees half a file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=".tmp")
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        write(temporary)
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 class StatisticsCache:
@@ -67,28 +125,34 @@ class StatisticsCache:
     ``root/statistics/KEY.safetensors``, written under a temporary name and renamed: a job whose sensitivity is
     cached does not run its calibration forward again for them."""
 
-    def __init__(self, root: Path | None = None) -> None:
+    def __init__(self, root: Path | None = None, *, mirror: CacheMirror | None = None) -> None:
         self.folder = (root or default_cache_dir()) / "statistics"
+        self.mirror = mirror
 
     def get(self, key: str) -> dict[str, Any] | None:
-        """The cached tensors, or ``None`` when absent or unreadable."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return dict(load_file(str(self.folder / f"{key}.safetensors")))
-        except (OSError, ValueError, SafetensorError):
-            return None
+        """The cached tensors (from the mirror when this machine has none), or ``None`` when absent or
+        unreadable."""
+        path = self.folder / f"{key}.safetensors"
+        found = _read_tensors(path)
+        if found is None and self.mirror is not None and fetched(self.mirror, f"statistics/{path.name}", path):
+            found = _read_tensors(path)
+        return found
 
     def put(self, key: str, tensors: dict[str, Any]) -> None:
         from safetensors.torch import save_file
 
-        self.folder.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=self.folder, prefix=f".{key}.", suffix=".tmp")
-        os.close(handle)
-        try:
-            save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, temporary)
-            os.replace(temporary, self.folder / f"{key}.safetensors")
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        target = self.folder / f"{key}.safetensors"
+        write_atomically(target, lambda temporary: save_file(
+            {name: tensor.contiguous() for name, tensor in tensors.items()}, str(temporary)))
+        if self.mirror is not None:
+            self.mirror.publish(f"statistics/{target.name}", target)
+
+
+def _read_tensors(path: Path) -> dict[str, Any] | None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return dict(load_file(str(path)))
+    except (OSError, ValueError, SafetensorError):
+        return None

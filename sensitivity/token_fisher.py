@@ -38,6 +38,7 @@ four cells of ``bench/format_spearman.py`` (two formats, two evaluation texts), 
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -93,17 +94,22 @@ def unit_chunks(units: Mapping[str, nn.Linear], *, widths: int | Mapping[str, in
 
 
 def stack_errors(units: Mapping[str, nn.Module], keys: Mapping[str, list[Key]], error_of: ErrorFn,
-                  dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+                  dtype: torch.dtype = torch.float32, *, on_error: Callable[[], None] | None = None
+                  ) -> dict[str, torch.Tensor]:
     """Each unit's errors at its options, ``(options, out, in)`` in ``dtype`` (an error has its weight's shape),
     computed on a thread per core (the encoders are C or torch code that releases the GIL), each thread's torch
     operations on one core meanwhile: two threads whose operations each spread over both cores encoded SmolLM2's
     18 integer formats 1.2x slower than one thread with both cores (timed on the seven layer shapes of one
-    block)."""
+    block). ``on_error()`` is called after each error is held (from the pool's threads, one call at a time)."""
     stacked = {name: torch.empty((len(keys[name]), *unit.weight.shape), dtype=dtype) for name, unit in units.items()}
+    lock = threading.Lock()
 
     def fill(job: tuple[str, int, Key]) -> None:
         name, index, key = job
         stacked[name][index] = error_of(name, key)
+        if on_error is not None:
+            with lock:
+                on_error()
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -167,6 +173,28 @@ def option_errors(units: Mapping[str, nn.Module], request: SensitivityRequest) -
     return {name: list(request.bits_options) for name in units}, error_of
 
 
+ERROR_REPORTS = 100
+
+
+class ErrorProgress:
+    """Reports the held weight errors as the ``weight errors`` stage (steps: units x options, across every
+    chunk; about :data:`ERROR_REPORTS` reports in all): encoding each layer in each candidate format can take as
+    long as the backward passes, which are reported as ``token Fisher`` steps. Counted apart, each stage's rate is
+    its own (issue 45: the first backward step once stood for both, and a first job's ETA said 2,432 s with 190 s
+    left)."""
+
+    def __init__(self, total: int, on_progress: ProgressFn | None) -> None:
+        self.total, self.done, self.on_progress = total, 0, on_progress
+        self.every = max(1, total // ERROR_REPORTS)
+        if on_progress is not None:
+            on_progress(Stage.WEIGHT_ERRORS, 0, total)
+
+    def step(self) -> None:
+        self.done += 1
+        if self.on_progress is not None and (self.done % self.every == 0 or self.done == self.total):
+            self.on_progress(Stage.WEIGHT_ERRORS, self.done, self.total)
+
+
 class TokenFisherPass:
     """:func:`token_fisher`'s pass, in its steps: :meth:`prepare_errors` holds one chunk of units' weight errors,
     :meth:`attach_hooks` makes their output gradients feed a :class:`TermAccumulator`, :meth:`backward` runs one
@@ -196,9 +224,10 @@ class TokenFisherPass:
                              max_bytes=self.request.max_error_bytes, element_bytes=self.dtype.itemsize)
         requires_grad = {p: p.requires_grad for p in self.model.parameters()}
         self.model.requires_grad_(False)
+        errors = ErrorProgress(sum(len(k) for k in self.keys.values()), on_progress)
         try:
             for chunk_index, chunk in enumerate(chunks):
-                self.prepare_errors(chunk)
+                self.prepare_errors(chunk, on_error=errors.step)
                 handles = self.attach_hooks(chunk)
                 try:
                     for index, batch in enumerate(batches):
@@ -217,10 +246,10 @@ class TokenFisherPass:
                 parameter.requires_grad_(flag)
         return self.finish(batches)
 
-    def prepare_errors(self, chunk: Sequence[str]) -> None:
+    def prepare_errors(self, chunk: Sequence[str], *, on_error: Callable[[], None] | None = None) -> None:
         """Hold the weight errors ``(options, out, in)`` of the units in ``chunk``, in the request's precision."""
         self.terms.deltas = stack_errors({name: self.units[name] for name in chunk}, self.keys, self.error_of,
-                                          self.dtype)
+                                          self.dtype, on_error=on_error)
 
     def attach_hooks(self, chunk: Sequence[str]) -> list[torch.utils.hooks.RemovableHandle]:
         """Hooks that feed the chunk's output gradients to the accumulator (a tied unit's embedding use too); with

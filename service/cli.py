@@ -61,7 +61,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
                                api_keys=keys, embedded_worker=not args.no_worker, workers=args.workers,
                                public_metrics=args.public_metrics, retention_days=args.retention_days,
                                redis_url=args.redis_url, store_url=args.store,
-                               model_cache_bytes=args.model_cache_bytes)
+                               model_cache_bytes=args.model_cache_bytes, max_active_jobs=args.max_active_jobs)
     app = create_app(settings)
     prepare_store(app.state.storage)
     sys.stderr.write(f"bitplan service on http://{args.host}:{args.port} (data in {args.data_dir}, "
@@ -248,6 +248,13 @@ def _byte_count(text: str) -> int:
     return value
 
 
+def _job_count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive number of jobs, got {text}")
+    return value
+
+
 def add_service_commands(sub: Any) -> None:
     serve = sub.add_parser("serve", help="run the HTTP service with an embedded worker")
     serve.add_argument("--host", default="127.0.0.1")
@@ -263,6 +270,9 @@ def add_service_commands(sub: Any) -> None:
     serve.add_argument("--api-keys", help="file of OWNER:KEY lines; required to bind beyond loopback")
     serve.add_argument("--public-metrics", action="store_true", help="serve /metrics without a key (default: "
                                                                      "a key is needed when the service has keys)")
+    serve.add_argument("--max-active-jobs", type=_job_count, default=4,
+                       help="queued and running jobs one API key may have at once; more are refused with 429 "
+                            "(default 4)")
     serve.add_argument("--workers", type=int, default=1, help="embedded worker threads (one job each)")
     serve.add_argument("--no-worker", action="store_true", help="API only; run 'bitplan worker' elsewhere")
     serve.add_argument("--redis-url", default=os.environ.get("BITPLAN_REDIS_URL"))

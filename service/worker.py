@@ -59,6 +59,12 @@ class WorkerSettings:
         return self.data_dir / "staging"
 
     @property
+    def cache_dir(self) -> Path:
+        """The sensitivity cache of a worker that shares its store with other hosts (kept in its own data folder;
+        one machine's service keeps the default ``$BITPLAN_CACHE_DIR``, shared with ``bitplan run``)."""
+        return self.data_dir / "cache"
+
+    @property
     def stage_times_file(self) -> Path:
         """Each kind of job's measured stage durations on this machine (the ETA of the next one)."""
         return self.data_dir / "stage-times.json"
@@ -97,8 +103,10 @@ def sweep_staging(store: JobStore, staging_dir: Path) -> list[str]:
     return removed
 
 
-def _child_main(request: dict[str, Any], staging: str, messages: Any, stop: Any, parent_pid: int) -> None:
-    """The pipeline in a fresh process; everything it reports goes through ``messages``."""
+def _child_main(request: dict[str, Any], staging: str, messages: Any, stop: Any, parent_pid: int,
+                shared_cache: tuple[str, str] | None = None) -> None:
+    """The pipeline in a fresh process; everything it reports goes through ``messages``. ``shared_cache``: the
+    object store's URL and this worker's own cache folder, when the fleet shares its sensitivity cache."""
     die_with_parent(parent_pid)
     from bitplan.errors import BitplanError
     from bitplan.pipeline import run_budgets
@@ -112,7 +120,13 @@ def _child_main(request: dict[str, Any], staging: str, messages: Any, stop: Any,
     try:
         spec = JobSpec.from_dict(request)
         out_dirs = [Path(staging) / str(i) for i in range(spec.budgets)]
-        results = run_budgets(spec, out_dirs=out_dirs, on_progress=on_progress, should_stop=stop.is_set)
+        cache_dir, mirror = None, None  # one machine: the default cache, shared with ``bitplan run``
+        if shared_cache is not None:
+            from bitplan.service.shared_cache import StoreCacheMirror
+
+            cache_dir, mirror = Path(shared_cache[1]), StoreCacheMirror.from_url(shared_cache[0], Path(staging))
+        results = run_budgets(spec, out_dirs=out_dirs, on_progress=on_progress, should_stop=stop.is_set,
+                              cache_dir=cache_dir, cache_mirror=mirror)
         messages.put(("result", [r.to_json() for r in results]))
     except Cancelled:
         messages.put(("cancelled",))
@@ -197,7 +211,8 @@ class JobRunner:
         context = multiprocessing.get_context("spawn")
         messages = context.Queue()
         stop = context.Event()
-        child = context.Process(target=_child_main, args=(request, str(staging), messages, stop, os.getpid()),
+        shared = (self.settings.store_url, str(self.settings.cache_dir)) if self.storage.remote else None
+        child = context.Process(target=_child_main, args=(request, str(staging), messages, stop, os.getpid(), shared),
                                 daemon=True)
         child.start()
         try:

@@ -21,6 +21,7 @@ from bitplan.sensitivity.weight_metrics import (
     predict_slim_salience,
     salience,
 )
+from bitplan.stages import Stage
 from bitplan.units import find_units
 from tests.conftest import make_tiny_llama
 
@@ -315,14 +316,18 @@ def test_token_fisher_in_chunks_equals_one_pass() -> None:
     assert len(chunks) > 2 and all(sum(sizes[n] for n in chunk) <= budget for chunk in chunks)
     assert unit_chunks(units, widths=2, max_bytes=1) == [[name] for name in units]  # one unit is never split
     steps: list[tuple[int, int]] = []
+    errors: list[tuple[int, int]] = []  # "weight errors": units x options across the chunks, 0 first
     request = SensitivityRequest(Metric.TOKEN_FISHER, bits_options=(2, 4), group_size=32, precision="float32")
     whole = token_fisher(model, units, [tokens[:1], tokens[1:]], request, loss_fn=causal_lm_loss)
     # with the blocks known, each chunk's backward passes stop at the input of its first block
     chunked = token_fisher(model, units, [tokens[:1], tokens[1:]], replace(request, max_error_bytes=budget),
                            loss_fn=causal_lm_loss, blocks=model.model.layers,
-                           on_progress=lambda stage, done, total: steps.append((done, total)))
+                           on_progress=lambda stage, done, total: steps.append((done, total))
+                           if stage == Stage.TOKEN_FISHER else errors.append((done, total)))
     assert all(not block._forward_pre_hooks for block in model.model.layers)
     assert steps == [(i + 1, 2 * len(chunks)) for i in range(2 * len(chunks))]
+    options = len(request.bits_options) * len(units)  # every unit's error at every width, each reported once
+    assert errors == [(i, options) for i in range(options + 1)]
     for field in ("second_order", "first_order", "first_order_std_error"):
         for name in units:
             assert getattr(chunked, field)[name] == pytest.approx(getattr(whole, field)[name], rel=1e-6, abs=1e-12)

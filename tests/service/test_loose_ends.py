@@ -112,3 +112,22 @@ def test_issue45_a_cancel_that_came_during_the_load_stops_the_pipeline_before_ca
         run_budgets(spec, out_dirs=[tmp_path / "out"], should_stop=lambda: True, use_cache=False,
                     on_progress=lambda stage, done, total: stages.append((Stage(stage).value, done, total)))
     assert stages == [("load", 0, 1), ("load", 1, 1)] and not (tmp_path / "out").exists()
+
+
+def test_issue44_serve_takes_the_per_key_active_job_limit_as_a_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """``bitplan serve --max-active-jobs N`` reaches the API (a fleet with many workers admits more than the
+    default 4 per key); a value that is not a positive count is a command-line error (exit 2, docs/cli.md) saying
+    why."""
+    import bitplan.service.cli as service_cli
+    import bitplan.service.http_server as http_server
+
+    started = []
+    monkeypatch.setattr(http_server, "serve", lambda app, **kwargs: started.append(app.state.settings))
+    data = ["--data-dir", str(tmp_path / "data")]
+    assert service_cli.main(["serve", *data, "--no-worker", "--max-active-jobs", "12"]) == 0
+    assert started[0].max_active_jobs == 12
+    assert service_cli.main(["serve", *data, "--no-worker"]) == 0 and started[1].max_active_jobs == 4
+    with pytest.raises(SystemExit) as refused:
+        service_cli.main(["serve", *data, "--max-active-jobs", "0"])
+    assert refused.value.code == 2 and "must be a positive number of jobs, got 0" in capsys.readouterr().err

@@ -207,3 +207,28 @@ def test_issue44_an_unreachable_store_answers_503_and_the_cli_exits_4(tmp_path: 
     finally:
         kill_group(api, signal.SIGTERM)
         own.stop()
+
+
+def test_issue44_a_second_host_takes_the_sensitivity_from_the_shared_cache(fleet: Fleet, tiny_llama_dir: Path,
+                                                                          tmp_path: Path) -> None:
+    """The first job runs on worker1 alone and publishes its sensitivity to the store's ``cache/``; the same model
+    and calibration at another budget then runs on worker2 alone, whose own cache (its data folder) is empty: its
+    report says the sensitivity came from the shared store, and it published nothing half-written."""
+    client = Client(fleet.url)
+    options = {"model": tiny_llama_dir.name, "num_samples": 2, "seq_len": 32}
+    states = []
+    for name, bits in (("worker1", 4.0), ("worker2", 5.0)):
+        worker = fleet.worker(name)
+        try:
+            job = client.jobs.create(bits_per_weight=bits, **options)
+            states.append(_wait_done(client, job["id"], tmp_path / f"{name}.log"))
+            assert states[-1]["status"] == "succeeded", (states[-1], (tmp_path / f"{name}.log").read_text()[-3000:])
+        finally:
+            kill_group(worker, signal.SIGTERM)
+    first, second = (client.artifacts.get(state["artifacts"][0]["id"])["manifest"]["calibration"]
+                     for state in states)
+    assert first["sensitivity_cache"] == "miss"
+    assert second["sensitivity_cache"] == "hit" and second["sensitivity_cache_from"] == "the shared object store"
+    assert any(key.startswith("cache/sensitivity/") for key in fleet.objects())
+    assert list((tmp_path / "worker2" / "cache" / "sensitivity").iterdir())  # kept on the second host too
+    assert fleet.incomplete_uploads() == []
