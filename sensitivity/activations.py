@@ -62,6 +62,72 @@ def add_input_gram(entry: UnitStatistics, x: torch.Tensor, shared: SharedGrams) 
     entry.gram += shared[key][1]
 
 
+Hook = Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]
+
+
+def _empty_statistics(units: Mapping[str, nn.Linear], *, grams: bool, output_grads: bool,
+                      weight_grads: bool) -> dict[str, UnitStatistics]:
+    """Zeroed :class:`UnitStatistics` for every unit, with the tensors that the options ask for."""
+    return {
+        name: UnitStatistics(
+            gram=torch.zeros(m.in_features, m.in_features) if grams else torch.empty(0),
+            tokens=0,
+            output_grad_sq=torch.zeros(m.out_features) if output_grads else None,
+            weight_grad_sq=torch.zeros(m.out_features, m.in_features) if weight_grads else None,
+            weight_grad_abs=torch.zeros(m.out_features, m.in_features) if weight_grads else None,
+        )
+        for name, m in units.items()
+    }
+
+
+def _statistics_hook(entry: UnitStatistics, grams: bool, batch_grams: SharedGrams) -> Hook:
+    """A forward hook adding a unit's input Gram, tokens and (on backward) output-gradient energy to ``entry``."""
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        x = inputs[0].detach()
+        if grams:
+            add_input_gram(entry, x, batch_grams)
+        entry.tokens += x.numel() // x.shape[-1]
+        if entry.output_grad_sq is not None and output.requires_grad:
+            grad_sq = entry.output_grad_sq
+
+            def grad_hook(grad: torch.Tensor) -> None:
+                grad_sq.add_(grad.detach().float().pow(2).reshape(-1, grad.shape[-1]).sum(dim=0))
+
+            output.register_hook(grad_hook)
+
+    return hook
+
+
+def _run_batch(model: nn.Module, batch: torch.Tensor, loss_fn: LossFn | None) -> None:
+    """A forward pass without a loss, else the loss's forward and backward."""
+    if loss_fn is None:
+        with torch.no_grad():
+            model(batch)
+    else:
+        loss_fn(model, batch).backward()
+
+
+def _add_weight_grads(stats: dict[str, UnitStatistics], weights: Mapping[str, nn.Parameter]) -> None:
+    """Add the squared and absolute gradient of every unit's weight to its statistics, and clear the gradient."""
+    for name, weight in weights.items():
+        grad = weight.grad.detach().float()
+        stats[name].weight_grad_sq.add_(grad * grad)  # type: ignore[union-attr]
+        stats[name].weight_grad_abs.add_(grad.abs())  # type: ignore[union-attr]
+        stats[name].batches += 1
+        weight.grad = None
+
+
+def _restore(model_flags: Mapping[nn.Parameter, bool], weights: Mapping[str, nn.Parameter],
+             handles: list[torch.utils.hooks.RemovableHandle]) -> None:
+    """Clear the weights' gradients, remove the hooks and give every parameter back its ``requires_grad``."""
+    for weight in weights.values():
+        weight.grad = None
+    for handle in handles:
+        handle.remove()
+    for parameter, flag in model_flags.items():
+        parameter.requires_grad_(flag)
+
+
 def collect_unit_statistics(
     model: nn.Module,
     units: Mapping[str, nn.Linear],
@@ -88,36 +154,10 @@ def collect_unit_statistics(
     """
     if weight_grads and loss_fn is None:
         raise ValueError("weight-gradient statistics need a loss function")
-    stats = {
-        name: UnitStatistics(
-            gram=torch.zeros(m.in_features, m.in_features) if grams else torch.empty(0),
-            tokens=0,
-            output_grad_sq=torch.zeros(m.out_features) if loss_fn is not None else None,
-            weight_grad_sq=torch.zeros(m.out_features, m.in_features) if weight_grads else None,
-            weight_grad_abs=torch.zeros(m.out_features, m.in_features) if weight_grads else None,
-        )
-        for name, m in units.items()
-    }
+    stats = _empty_statistics(units, grams=grams, output_grads=loss_fn is not None, weight_grads=weight_grads)
     batch_grams: SharedGrams = {}
-
-    def make_hook(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]:
-        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            x = inputs[0].detach()
-            entry = stats[name]
-            if grams:
-                add_input_gram(entry, x, batch_grams)
-            entry.tokens += x.numel() // x.shape[-1]
-            if entry.output_grad_sq is not None and output.requires_grad:
-                grad_sq = entry.output_grad_sq
-
-                def grad_hook(grad: torch.Tensor) -> None:
-                    grad_sq.add_(grad.detach().float().pow(2).reshape(-1, grad.shape[-1]).sum(dim=0))
-
-                output.register_hook(grad_hook)
-
-        return hook
-
-    handles = [module.register_forward_hook(make_hook(name)) for name, module in units.items()]
+    handles = [module.register_forward_hook(_statistics_hook(stats[name], grams, batch_grams))
+               for name, module in units.items()]
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     model.requires_grad_(False)
     weights = {name: module.weight for name, module in units.items()}
@@ -128,26 +168,12 @@ def collect_unit_statistics(
         for index, batch in enumerate(batches):
             check_stop(should_stop, "calibration statistics")
             batch_grams.clear()
-            if loss_fn is None:
-                with torch.no_grad():
-                    model(batch)
-            else:
-                loss_fn(model, batch).backward()
+            _run_batch(model, batch, loss_fn)
             if weight_grads:
-                for name, weight in weights.items():
-                    grad = weight.grad.detach().float()
-                    stats[name].weight_grad_sq.add_(grad * grad)  # type: ignore[union-attr]
-                    stats[name].weight_grad_abs.add_(grad.abs())  # type: ignore[union-attr]
-                    stats[name].batches += 1
-                    weight.grad = None
+                _add_weight_grads(stats, weights)
             if on_progress is not None:
                 on_progress(Stage.CALIBRATION_STATISTICS, index + 1, len(batches))
     finally:
         batch_grams.clear()
-        for weight in weights.values():
-            weight.grad = None
-        for handle in handles:
-            handle.remove()
-        for parameter, flag in requires_grad.items():
-            parameter.requires_grad_(flag)
+        _restore(requires_grad, weights, handles)
     return stats

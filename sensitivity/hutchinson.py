@@ -133,6 +133,29 @@ def estimate_hessian_traces(
     return estimate_traces(double_backward_hvp(loss, tensors), params, **options)  # type: ignore[arg-type]
 
 
+def _rademacher_probes(tensors: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
+    """One probe per tensor, entries -1 or +1 in the tensor's dtype, drawn from ``generator`` in order."""
+    return [
+        (torch.randint(0, 2, t.shape, generator=generator, dtype=torch.int8).to(t.dtype) * 2 - 1) for t in tensors
+    ]
+
+
+def _converged(totals: list[float], samples: dict[str, list[float]], rel_tol: float,
+               unit_rel_tol: float | None) -> bool:
+    """Whether the summed trace is within ``rel_tol`` and, with ``unit_rel_tol``, every tensor's trace resolved."""
+    summary = _summarize(totals)
+    return summary.std_error <= rel_tol * abs(summary.trace) and (
+        unit_rel_tol is None or units_resolved([_summarize(v) for v in samples.values()], unit_rel_tol))
+
+
+def _with_diagonal(summary: TraceEstimate, sums: torch.Tensor, squares: torch.Tensor) -> TraceEstimate:
+    """``summary`` with the diagonal ``mean(v * Hv)`` and its standard error from the running sums."""
+    n = len(summary.samples)
+    mean = sums / n
+    variance = (squares / n - mean**2).clamp_min(0) * n / max(n - 1, 1)
+    return TraceEstimate(summary.trace, summary.std_error, summary.samples, mean, (variance / n).sqrt())
+
+
 def estimate_traces(
     hvp: HvpFn,
     params: Mapping[str, torch.Tensor],
@@ -164,9 +187,7 @@ def estimate_traces(
     totals: list[float] = []
     for probe in range(max_probes):
         check_stop(should_stop, "Hutchinson probes")
-        probes = [
-            (torch.randint(0, 2, t.shape, generator=generator, dtype=torch.int8).to(t.dtype) * 2 - 1) for t in tensors
-        ]
+        probes = _rademacher_probes(tensors, generator)
         total = 0.0
         for name, v, hv in zip(names, probes, hvp(probes), strict=True):
             product = (v * hv).detach()
@@ -179,18 +200,7 @@ def estimate_traces(
         totals.append(total)
         if on_progress is not None:
             on_progress(Stage.HUTCHINSON_PROBES, probe + 1, max_probes)
-        if probe + 1 >= min_probes:
-            summary = _summarize(totals)
-            if summary.std_error <= rel_tol * abs(summary.trace) and (
-                    unit_rel_tol is None or units_resolved([_summarize(v) for v in samples.values()], unit_rel_tol)):
-                break
-    result = {}
-    for name, values in samples.items():
-        summary = _summarize(values)
-        if diagonal:
-            n = len(values)
-            mean = sums[name] / n
-            variance = (squares[name] / n - mean**2).clamp_min(0) * n / max(n - 1, 1)
-            summary = TraceEstimate(summary.trace, summary.std_error, summary.samples, mean, (variance / n).sqrt())
-        result[name] = summary
-    return result
+        if probe + 1 >= min_probes and _converged(totals, samples, rel_tol, unit_rel_tol):
+            break
+    return {name: _with_diagonal(_summarize(values), sums[name], squares[name]) if diagonal else _summarize(values)
+            for name, values in samples.items()}

@@ -12,14 +12,7 @@ MAX_FUNCTION_LINES = 60
 MAX_MODULE_LINES = 400
 SKIPPED = {".venv", ".git", "bitplan.egg-info", "docker", "node_modules"}
 # "path" (a module's lines) or "path:Qualified.name" (a function's lines, from ``def`` to its last line)
-ALLOWED = {
-    "sensitivity/activations.py:collect_unit_statistics": 89,
-    "sensitivity/hutchinson.py:estimate_traces": 61,
-    "tests/bitplan/test_formats_pipeline.py": 450,
-    "tests/exports/test_gguf_hf_source.py": 409,
-    "tests/service/test_dashboard.py:test_issue18_dashboard_sweep_frontier_heatmap_download_cancel": 105,
-    "tests/service/test_jobs.py": 416,
-}
+ALLOWED = {}
 
 
 def _python_files() -> list[Path]:

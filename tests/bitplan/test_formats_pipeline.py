@@ -1,10 +1,10 @@
-"""Formats as allocation options (issue 16, parts 2-3): the sensitivity sees each format's real error, the
-allocator chooses among the formats legal for each shape, and the artifact stores and loads what was chosen."""
+"""Formats as allocation options (issue 16, parts 2-3), end to end: the allocator chooses among the formats legal
+for each shape, the artifact stores and loads what was chosen, and jobs asking for formats they cannot have are
+refused (the sensitivity pass with formats: ``test_formats_sensitivity.py``)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,16 +13,13 @@ import torch
 from bitplan.artifact import MANIFEST, load_artifact
 from bitplan.errors import BitplanError, BudgetError, SpecError
 from bitplan.exports import export_artifact
-from bitplan.models import causal_lm_loss, causal_lm_sampled_loss, load_model
-from bitplan.pipeline import run_budgets, run_pipeline
+from bitplan.models import load_model
+from bitplan.pipeline import run_pipeline
 from bitplan.quantizer.formats import FORMATS, PRESETS, decode_weight, resolve_formats
 from bitplan.sensitivity.importance import input_energy
-from bitplan.sensitivity.request import Metric, SensitivityRequest
-from bitplan.sensitivity.token_fisher import token_fisher
 from bitplan.spec import JobSpec
 from bitplan.units import find_units
 from tests.conftest import _word_tokenizer
-from tests.sensitivity.test_output_error import captured_io
 
 SMALL = {"num_samples": 2, "seq_len": 32}
 
@@ -111,7 +108,6 @@ def test_issue16_integer_formats_mix_group_sizes_and_grids(wide_llama_dir: Path,
         assert torch.isfinite(model(torch.randint(0, 512, (1, 16))).logits).all()
 
 
-
 def one_format_budget(model: torch.nn.Module, fmt: str) -> float:
     """The bits per weight of every unit of ``model`` in ``fmt``: the one budget a job with that format alone meets."""
     shapes = [tuple(m.weight.shape) for m in find_units(model).values()]
@@ -196,112 +192,6 @@ def test_issue16_gptq_encodes_integer_formats_and_the_allocator_is_told_its_erro
         assert output_error["gptq"] < output_error["rtn"], (name, fmt, output_error)
 
 
-def test_issue16_format_errors_reach_the_token_metric_exactly() -> None:
-    """The per-token terms of any weight error, against a direct computation (the slow reference)."""
-    from tests.conftest import make_tiny_llama
-
-    model = make_tiny_llama()
-    units = find_units(model)
-    tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(5))
-    options = {name: ["Q4_0", "int3-g32", "Q8_0"] for name in units}
-
-    def error_of(name: str, fmt: str) -> torch.Tensor:
-        weight = units[name].weight.detach()
-        return FORMATS[fmt].roundtrip(weight) - weight
-
-    request = SensitivityRequest(Metric.TOKEN_FISHER, group_size=32, options=options, error_of=error_of,
-                                 precision="float32")
-    terms = token_fisher(model, units, [tokens[:1], tokens[1:]], request, loss_fn=causal_lm_loss)
-    for name in ("model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj"):
-        xs, grads = zip(*(captured_io(model, name, tokens[i : i + 1]) for i in range(2)), strict=True)
-        x, g = torch.cat(xs), torch.cat(grads)
-        for fmt in options[name]:
-            per_token = ((x @ error_of(name, fmt).T) * g).sum(dim=1)
-            assert terms.second_order[name][fmt] == pytest.approx(0.5 * float((per_token**2).sum()) / 40, rel=1e-4)
-            assert terms.first_order[name][fmt] == pytest.approx(float(per_token.sum()) / 40, rel=1e-4, abs=1e-9)
-        assert terms.second_order[name]["Q8_0"] < terms.second_order[name]["Q4_0"]
-
-
-def test_issue16_input_energy_is_the_gram_diagonal() -> None:
-    from tests.conftest import make_tiny_llama
-
-    model = make_tiny_llama()
-    units = find_units(model)
-    tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(2))
-    energy = input_energy(model, units, [tokens[:1], tokens[1:]])
-    name = "model.layers.1.mlp.down_proj"
-    xs = torch.cat([captured_io(model, name, tokens[i : i + 1])[0] for i in range(2)])
-    assert torch.allclose(energy[name], torch.diag(xs.T @ xs), rtol=1e-4)
-
-
-def test_issue16_sensitivity_cache_keys_include_the_formats(wide_llama_dir: Path, tmp_path: Path) -> None:
-    base = {"model": str(wide_llama_dir), **SMALL}
-    first = run_budgets(JobSpec.from_flat(bits_per_weight=5.0, formats="gguf-legacy", **base),
-                        out_dirs=[tmp_path / "a"])[0]
-    again = run_budgets(JobSpec.from_flat(bits_per_weight=4.8, formats="gguf-legacy", **base),
-                        out_dirs=[tmp_path / "b"])[0]
-    other = run_budgets(JobSpec.from_flat(bits_per_weight=5.0, formats="Q4_0,Q8_0", **base),
-                        out_dirs=[tmp_path / "c"])[0]
-    assert first.calibration["sensitivity_cache"] == "miss"
-    assert again.calibration["sensitivity_cache"] == "hit"
-    assert other.calibration["sensitivity_cache"] == "miss"
-    assert {u["format"] for u in other.units} <= {"Q4_0", "Q8_0"}
-
-
-def test_issue16_a_token_kl_job_draws_its_labels_from_the_model(wide_llama_dir: Path, tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    import bitplan.sensitivity_pass as sensitivity_pass
-
-    drawn = []
-
-    def counted(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-        drawn.append(tokens.shape)
-        return causal_lm_sampled_loss(model, tokens)
-
-    monkeypatch.setattr(sensitivity_pass, "causal_lm_sampled_loss", counted)
-    base = {"model": str(wide_llama_dir), "formats": "bitplan-mix", **SMALL}
-    kl = run_budgets(JobSpec.from_flat(bits_per_weight=4.0, metric="token_kl", **base), out_dirs=[tmp_path / "a"])[0]
-    assert drawn and kl.metric == "token_kl" and kl.calibration["sensitivity_cache"] == "miss"
-    assert abs(kl.bits_per_weight - 4.0) < 0.05 and {u["format"] for u in kl.units} <= set(PRESETS["bitplan-mix"])
-    again = run_budgets(JobSpec.from_flat(bits_per_weight=4.0, metric="token_kl", **base), out_dirs=[tmp_path / "b"])[0]
-    assert again.calibration["sensitivity_cache"] == "hit"
-    assert [u["format"] for u in again.units] == [u["format"] for u in kl.units]
-    calls = len(drawn)
-    taylor = run_budgets(JobSpec.from_flat(bits_per_weight=4.0, metric="token_taylor", **base),
-                         out_dirs=[tmp_path / "c"])[0]
-    assert taylor.metric == "token_taylor" and taylor.calibration["sensitivity_cache"] == "miss"
-    assert len(drawn) == calls  # token_taylor reads the text's labels only
-
-
-def test_issue16_a_token_taylor_kl_job_reads_the_texts_labels_and_draws_the_models(
-        wide_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The slope from the text's labels on every calibration window, the curvature from labels drawn from the model
-    on every other one (each chunk of errors: one here)."""
-    import bitplan.sensitivity_pass as sensitivity_pass
-
-    calls: dict[str, int] = {"text": 0, "model": 0}
-
-    def counting(kind: str, loss: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        def counted(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-            calls[kind] += 1
-            return loss(model, tokens)
-
-        return counted
-
-    monkeypatch.setattr(sensitivity_pass, "causal_lm_loss", counting("text", causal_lm_loss))
-    monkeypatch.setattr(sensitivity_pass, "causal_lm_sampled_loss", counting("model", causal_lm_sampled_loss))
-    spec = JobSpec.from_flat(model=str(wide_llama_dir), formats="bitplan-mix", bits_per_weight=4.0,
-                             metric="token_taylor_kl", **{**SMALL, "num_samples": 3})
-    run = run_budgets(spec, out_dirs=[tmp_path / "a"])[0]
-    windows = spec.calibration.num_samples
-    assert run.metric == "token_taylor_kl" and run.calibration["sensitivity_cache"] == "miss"
-    assert calls == {"text": windows, "model": (windows + 1) // 2}
-    assert abs(run.bits_per_weight - 4.0) < 0.05 and {u["format"] for u in run.units} <= set(PRESETS["bitplan-mix"])
-    again = run_budgets(spec, out_dirs=[tmp_path / "b"])[0]  # its own cache entry, stride in the key
-    assert again.calibration["sensitivity_cache"] == "hit" and calls == {"text": windows, "model": (windows + 1) // 2}
-    assert [u["format"] for u in again.units] == [u["format"] for u in run.units]
-
-
 @pytest.mark.parametrize(("flat", "param", "message"), [
     ({"formats": "Q9_K"}, "formats", "unknown format 'Q9_K'"),
     ({"formats": "gguf-k", "quantizer": "gptq"}, "formats", "GPTQ encodes the integer grid formats.*'Q2_K' is "
@@ -362,21 +252,6 @@ def test_issue16_presets_resolve() -> None:
         resolve_formats("Q4_K,nope")
 
 
-@pytest.mark.parametrize("shape", [(6, 10), (10, 6)])
-def test_issue16_projected_errors_both_ways_equal_the_direct_sum(shape: tuple[int, int]) -> None:
-    from bitplan.sensitivity.token_terms import projected_errors
-
-    gen = torch.Generator().manual_seed(3)
-    out_features, in_features = shape
-    g, x = torch.randn(7, out_features, generator=gen), torch.randn(7, in_features, generator=gen)
-    deltas = torch.randn(3, out_features, in_features, generator=gen)
-    direct = torch.stack([torch.stack([g[t] @ deltas[b] @ x[t] for t in range(7)]) for b in range(3)])
-    assert torch.allclose(projected_errors(g, deltas, x), direct, atol=1e-5)
-    fast = projected_errors(g, deltas.bfloat16(), x)  # bfloat16 deltas: the products in bfloat16, float32 out
-    assert fast.dtype == torch.float32
-    assert torch.allclose(fast, direct, rtol=2e-2, atol=2e-2 * float(direct.abs().max()))
-
-
 @pytest.mark.parametrize("quantizer", ["rtn-salience", "gptq"])
 def test_issue17_compressed_tensors_target_loads_with_from_pretrained(wide_llama_dir: Path, tmp_path: Path,
                                                                       quantizer: str) -> None:
@@ -409,23 +284,6 @@ def test_issue17_targets_refuse_formats_they_cannot_store() -> None:
         assert caught.value.param == "formats"
     assert JobSpec.from_flat(model="x", bits_per_weight=5.0, target="gguf").quantization.format_names == \
         PRESETS["gguf-k"]
-
-
-def test_issue16_a_format_predicted_better_than_float_is_not_preferred_to_an_exact_one() -> None:
-    """The token metric's first-order term can predict a negative loss increase; with formats it counts as 0,
-    so an exact format (both terms 0) is kept over a coarser one that merely looks helpful on the calibration
-    text, while a real second-order cost stays."""
-    from bitplan.sensitivity.api import taylor_increase
-
-    first = {"Q4_0": -0.5, "Q4_1": 0.0, "Q8_0": 0.01}
-    second = {"Q4_0": 0.2, "Q4_1": 0.0, "Q8_0": 0.001}
-    predicted = taylor_increase(first, second, None, monotone=False)
-    assert predicted == pytest.approx({"Q4_0": 0.2, "Q4_1": 0.0, "Q8_0": 0.011})
-    assert min(predicted, key=predicted.__getitem__) == "Q4_1"
-    assert taylor_increase({4: -0.5, 8: -0.1}, {4: 0.2, 8: 0.0}) == {4: -0.1, 8: -0.1}  # widths: as before
-    # the prediction itself (what bench/format_spearman.py scores beside the rule): each option's own sum
-    assert taylor_increase(first, second, None, monotone=False, signed=True) == pytest.approx(
-        {"Q4_0": -0.3, "Q4_1": 0.0, "Q8_0": 0.011})
 
 
 def from_pretrained_matches_our_loader(folder: Path) -> None:
