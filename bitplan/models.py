@@ -186,6 +186,13 @@ def validate_gguf(path: Path) -> None:
 
 
 def _load_gguf(path: Path, reference: str) -> tuple[nn.Module, Any, ModelKind]:
+    from bitplan.sources.gguf_once import gguf_parsed_once
+
+    with gguf_parsed_once():  # transformers and bitplan open the file seven times: one header parse
+        return _load_gguf_parsed(path, reference)
+
+
+def _load_gguf_parsed(path: Path, reference: str) -> tuple[nn.Module, Any, ModelKind]:
     from transformers import AutoConfig, AutoTokenizer
 
     validate_gguf(path)
