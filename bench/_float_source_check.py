@@ -25,7 +25,7 @@ import gguf
 import numpy
 import torch
 
-from bitplan.models import load_model
+from bitplan.sources.models import load_model
 
 SEQ_LEN = 512
 BLOCK = 32  # the grids' block: Q4_0/Q4_1/Q5_x, and the sub-block of Q4_K and Q5_K
@@ -95,9 +95,9 @@ def grid_report(path: Path, types: Mapping[str, gguf.GGMLQuantizationType]) -> d
 @contextlib.contextmanager
 def plain_cpu_buffers() -> Iterator[None]:
     """Models loaded inside run without llama.cpp's extra CPU buffers, as bitplan loads them
-    (:func:`bitplan.llama_runtime.plain_cpu_buffers`: llama-cpp-python 0.3.36 built on this AVX512/AMX machine
+    (:func:`bitplan.report.llama_runtime.plain_cpu_buffers`: llama-cpp-python 0.3.36 built on this AVX512/AMX machine
     segfaults in ``llama_decode`` on the Q4_1 SmolLM2 with them)."""
-    from bitplan.llama_runtime import plain_cpu_buffers as without_extra_buffers
+    from bitplan.report.llama_runtime import plain_cpu_buffers as without_extra_buffers
 
     without_extra_buffers()
     yield

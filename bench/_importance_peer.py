@@ -12,9 +12,9 @@ import gguf
 import numpy
 import torch
 
-from bitplan.exports.common import export_artifact
-from bitplan.models import load_model, resolve_reference
+from bitplan.sources.models import load_model, resolve_reference
 from bitplan.spec import JobSpec
+from bitplan.targets.exports.common import export_artifact
 
 BLOCK_LINEAR = re.compile(r"blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down))\.weight$")
 
@@ -31,12 +31,12 @@ def with_our_importance(model_ref: str, presets: list[str], out: Path, samples: 
     preset's own file with its block-linear tensors replaced (``graft_block_linear``), so that the token embedding
     and the head keep the preset's types and encoding, as ``llama-quantize --imatrix`` leaves them with an
     importance matrix from ``llama-imatrix`` (which collects neither by default)."""
-    from bitplan.artifact import write_artifact
-    from bitplan.calibration import build_calibration_set
-    from bitplan.manifest import RunRecord, SensitivityRecord, SolverRecord, SourceRecord
-    from bitplan.quantize import encode_unit
+    from bitplan.job.quantize import encode_unit
     from bitplan.sensitivity.importance import input_energy
-    from bitplan.units import find_units
+    from bitplan.sources.calibration import build_calibration_set
+    from bitplan.sources.units import find_units
+    from bitplan.targets.artifact import write_artifact
+    from bitplan.targets.manifest import RunRecord, SensitivityRecord, SolverRecord, SourceRecord
 
     loaded = load_model(model_ref)
     units = find_units(loaded.model)

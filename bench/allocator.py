@@ -92,12 +92,12 @@ def smollm2_sensitivities(samples: int) -> tuple[dict[str, object], dict[str, np
     predicted loss increase (Fisher-weighted output error) at each bit width, and each layer's shape."""
     import torch
 
-    from bitplan.calibration import build_calibration_set
-    from bitplan.models import causal_lm_loss, load_model
     from bitplan.sensitivity.activations import collect_unit_statistics
     from bitplan.sensitivity.groups import group_output_error
     from bitplan.sensitivity.output_error import predict_output_error
-    from bitplan.units import find_units
+    from bitplan.sources.calibration import build_calibration_set
+    from bitplan.sources.models import causal_lm_loss, load_model
+    from bitplan.sources.units import find_units
 
     started = time.perf_counter()
     loaded = load_model("smollm2-135m")

@@ -26,7 +26,7 @@ from pathlib import Path
 import _own_folder_off_path  # (before any first-party import)
 import torch
 
-from bitplan.pipeline import run_budgets
+from bitplan.job.pipeline import run_budgets
 from bitplan.spec import JobSpec
 
 

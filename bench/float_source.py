@@ -46,9 +46,9 @@ import gguf
 import numpy
 import torch
 
-from bitplan.calibration import builtin_text, read_text
 from bitplan.hashing import sha256_file
-from bitplan.models import BUNDLED_MODELS, resolve_reference
+from bitplan.sources.calibration import builtin_text, read_text
+from bitplan.sources.models import BUNDLED_MODELS, resolve_reference
 
 logger = logging.getLogger(__name__)
 

@@ -48,18 +48,18 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from bitplan.calibration import build_calibration_set, read_text
-from bitplan.models import causal_lm_loss, causal_lm_sampled_loss, load_model
-from bitplan.quality import heldout_text
-from bitplan.quantize import encode_unit
+from bitplan.job.quantize import encode_unit
 from bitplan.quantizer.formats import FORMATS, decode_weight
 from bitplan.quantizer.rtn import quantization_error
+from bitplan.report.quality import heldout_text
 from bitplan.sensitivity.api import CURVATURE_STRIDE, taylor_increase
 from bitplan.sensitivity.importance import input_energy
 from bitplan.sensitivity.request import Metric, SensitivityRequest
 from bitplan.sensitivity.token_fisher import token_fisher
+from bitplan.sources.calibration import build_calibration_set, read_text
+from bitplan.sources.models import causal_lm_loss, causal_lm_sampled_loss, load_model
+from bitplan.sources.units import find_block_stack, find_units
 from bitplan.spec import JobSpec
-from bitplan.units import find_block_stack, find_units
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "wiki.test.raw"
 sensitivity_bench = _own_folder_off_path.sibling("sensitivity")

@@ -1,5 +1,5 @@
 """How long ``GET /v1/jobs/{id}/frontier`` takes: the frontier of a real job's allocation problem, and of a synthetic
-problem of 10^6 groups, through the same call the route makes (:func:`bitplan.frontier.job_frontier`: frontier,
+problem of 10^6 groups, through the same call the route makes (:func:`bitplan.report.frontier.job_frontier`: frontier,
 uniform baselines, at most 2,000 points returned), against the baseline in the same run: reading the problem into
 the allocator's objects and its hull frontier (what ``bitplan allocate --frontier --frontier-kind hull`` does).
 
@@ -26,12 +26,12 @@ import _own_folder_off_path  # (before any first-party import)
 import numpy as np
 
 from bitplan.allocator.frontier import frontier
-from bitplan.frontier import PROBLEM_FILE, job_frontier
+from bitplan.report.frontier import PROBLEM_FILE, job_frontier
 
 
 def real_problem(formats: str, seconds: dict[str, float]) -> dict[str, Any]:
     """The allocation problem of a SmolLM2 job at 4.5 bits per weight with ``formats``."""
-    from bitplan.pipeline import run_budgets
+    from bitplan.job.pipeline import run_budgets
     from bitplan.spec import JobSpec
 
     started = time.perf_counter()

@@ -20,8 +20,8 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, seed, settings
 
 from bitplan.errors import ModelReferenceError
-from bitplan.models import load_model
 from bitplan.service.app import ServiceSettings, create_app
+from bitplan.sources.models import load_model
 
 
 def run_format(client: TestClient, root: Path, name: str, original: bytes, strategy: Any, mutate: Any,

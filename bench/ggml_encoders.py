@@ -28,13 +28,13 @@ import _own_folder_off_path
 import torch
 from gguf import GGMLQuantizationType as T
 
-from bitplan.calibration import build_calibration_set
 from bitplan.hashing import sha256_file
-from bitplan.models import load_model, resolve_reference
 from bitplan.quantizer.ggml import dequantize_ggml
 from bitplan.quantizer.ggml_encode import bitplan_types, encode_ggml
 from bitplan.sensitivity.importance import input_energy
-from bitplan.units import find_units
+from bitplan.sources.calibration import build_calibration_set
+from bitplan.sources.models import load_model, resolve_reference
+from bitplan.sources.units import find_units
 
 
 def _encode_all(weights: dict[str, torch.Tensor], energy: dict[str, torch.Tensor], qtype: T,

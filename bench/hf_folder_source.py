@@ -23,10 +23,10 @@ from pathlib import Path
 import _own_folder_off_path  # (before any first-party import)
 import torch
 
-from bitplan.calibration import read_text
-from bitplan.evaluation import tokenize_for_perplexity
-from bitplan.models import load_model, resolve_reference
-from bitplan.pipeline import run_pipeline
+from bitplan.job.pipeline import run_pipeline
+from bitplan.report.evaluation import tokenize_for_perplexity
+from bitplan.sources.calibration import read_text
+from bitplan.sources.models import load_model, resolve_reference
 from bitplan.spec import JobSpec
 
 peers = _own_folder_off_path.sibling("peers")

@@ -33,9 +33,11 @@ from pathlib import Path
 import _own_folder_off_path  # (before any first-party import)
 import torch
 
-from bitplan.calibration import read_text
-from bitplan.evaluation import tokenize_for_perplexity
-from bitplan.latency import (
+from bitplan.job.pipeline import GGUF_FILE, run_budgets
+from bitplan.job.planning import legal_for_target, unit_sizes
+from bitplan.quantizer.formats import resolve_formats
+from bitplan.report.evaluation import tokenize_for_perplexity
+from bitplan.report.latency import (
     DECODE_TOKENS,
     PROMPT_TOKENS,
     LatencyTable,
@@ -48,12 +50,10 @@ from bitplan.latency import (
     variant_assignments,
     write_variants,
 )
-from bitplan.models import load_model, resolve_reference
-from bitplan.pipeline import GGUF_FILE, run_budgets
-from bitplan.planning import legal_for_target, unit_sizes
-from bitplan.quantizer.formats import resolve_formats
+from bitplan.sources.calibration import read_text
+from bitplan.sources.models import load_model, resolve_reference
+from bitplan.sources.units import find_units
 from bitplan.spec import JobSpec
-from bitplan.units import find_units
 
 LEGACY = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 

@@ -23,11 +23,11 @@ import _own_folder_off_path  # (before any first-party import)
 import numpy as np
 import torch
 
-from bitplan.calibration import read_text
-from bitplan.evaluation import tokenize_for_perplexity
-from bitplan.latency import fingerprint, time_files
-from bitplan.models import load_model, resolve_reference
+from bitplan.report.evaluation import tokenize_for_perplexity
+from bitplan.report.latency import fingerprint, time_files
 from bitplan.sensitivity.kl import per_token_kl
+from bitplan.sources.calibration import read_text
+from bitplan.sources.models import load_model, resolve_reference
 
 LEGACY = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 

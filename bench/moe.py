@@ -49,7 +49,7 @@ def write_moe_folder(folder: Path, layers: int, *, seed: int = 0) -> Path:
     import torch
     from transformers import AutoTokenizer, Qwen3MoeConfig
 
-    from bitplan.models import BUNDLED_MODELS
+    from bitplan.sources.models import BUNDLED_MODELS
 
     if (folder / "config.json").is_file():
         return folder
@@ -87,7 +87,7 @@ def _flush(folder: Path, shard: dict, weight_map: dict[str, str]) -> None:  # no
 
 def types_by_kind(units: list[dict[str, object]]) -> dict[str, dict[str, int]]:
     """Kind of tensor -> type -> how many units chose it."""
-    from bitplan.moe import unit_kind
+    from bitplan.sources.moe import unit_kind
 
     kinds: dict[str, dict[str, int]] = {}
     for unit in units:

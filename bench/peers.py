@@ -44,13 +44,13 @@ import gguf
 import numpy
 import torch
 
-from bitplan.calibration import read_text
-from bitplan.evaluation import tokenize_for_perplexity
-from bitplan.exports.common import export_artifact
-from bitplan.models import load_model, resolve_reference
-from bitplan.pipeline import run_budgets
+from bitplan.job.pipeline import run_budgets
+from bitplan.report.evaluation import tokenize_for_perplexity
 from bitplan.sensitivity.kl import per_token_kl
+from bitplan.sources.calibration import read_text
+from bitplan.sources.models import load_model, resolve_reference
 from bitplan.spec import JobSpec
+from bitplan.targets.exports.common import export_artifact
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "wiki.test.raw"
 PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q6_K")
@@ -109,7 +109,7 @@ def llama_cpp_logprobs(path: Path, windows: list[torch.Tensor], reported: dict[s
     size" line) in ``reported``."""
     import llama_cpp
 
-    from bitplan.llama_runtime import plain_cpu_buffers
+    from bitplan.report.llama_runtime import plain_cpu_buffers
 
     plain_cpu_buffers()  # llama-cpp-python 0.3.36 built here segfaults with its extra (repacked) CPU buffers
     runtime = llama_cpp.Llama(model_path=str(path), n_ctx=len(windows[0]), n_batch=len(windows[0]),
@@ -227,7 +227,7 @@ def source_tokenizer(model: str) -> object:
         return load_model(model).tokenizer
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)  # as bitplan.models._load_gguf
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)  # as bitplan.sources.models._load_gguf
 
 
 def parse_args() -> argparse.Namespace:

@@ -19,10 +19,10 @@ from pathlib import Path
 import _own_folder_off_path  # (before any first-party import)
 import torch
 
-from bitplan.calibration import read_text
-from bitplan.evaluation import artifact_perplexity, perplexity, tokenize_for_perplexity
-from bitplan.models import load_model
-from bitplan.pipeline import run_budgets
+from bitplan.job.pipeline import run_budgets
+from bitplan.report.evaluation import artifact_perplexity, perplexity, tokenize_for_perplexity
+from bitplan.sources.calibration import read_text
+from bitplan.sources.models import load_model
 from bitplan.spec import JobSpec
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "wiki.test.raw"

@@ -27,20 +27,20 @@ from typing import Any
 import _own_folder_off_path  # (before any first-party import)
 import torch
 
-from bitplan.calibration import read_text
-from bitplan.evaluation import perplexity, tokenize_for_perplexity
-from bitplan.models import load_model
-from bitplan.pipeline import calibrate_and_measure
-from bitplan.planning import budgets_in_bytes, solve_plan, unit_sizes
-from bitplan.quantize import input_grams
+from bitplan.job.pipeline import calibrate_and_measure
+from bitplan.job.planning import budgets_in_bytes, solve_plan, unit_sizes
+from bitplan.job.quantize import input_grams
+from bitplan.job.refine import refine_allocation
 from bitplan.quantizer.methods import QUANTIZERS, quantize_unit
 from bitplan.quantizer.rtn import dequantize_weight
 from bitplan.quantizer.sizes import stored_bytes
-from bitplan.refine import refine_allocation
+from bitplan.report.evaluation import perplexity, tokenize_for_perplexity
 from bitplan.sensitivity.cache import SensitivityCache
 from bitplan.sensitivity.kl import swapped_weights
+from bitplan.sources.calibration import read_text
+from bitplan.sources.models import load_model
+from bitplan.sources.units import find_block_stack, find_units
 from bitplan.spec import JobSpec
-from bitplan.units import find_block_stack, find_units
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "wiki.test.raw"
 
@@ -61,7 +61,7 @@ def main() -> None:
                         help="also measure the mixed setting with widths mixed inside layers (--mix-groups)")
     parser.add_argument("--kl-refine", type=int, default=0, metavar="N",
                         help="also measure the mixed setting re-solved with block KL shares on N calibration windows "
-                             "(bitplan.refine), once per quantizer")
+                             "(bitplan.job.refine), once per quantizer")
     args = parser.parse_args()
     report: dict[str, object] = {
         "provenance": _own_folder_off_path.sibling("_provenance").provenance(),

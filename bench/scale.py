@@ -1,6 +1,6 @@
 """Models of the size people quantize, from bf16 folders: random-weight Llama-shaped folders written tensor by
 tensor (SmolLM2's tokenizer), each through the default job with ``--target gguf`` (``bitplan run``, which streams a
-model over 2 GiB in float32: :mod:`bitplan.streamed_job`) in a process of its own, with the peak resident memory
+model over 2 GiB in float32: :mod:`bitplan.job.streamed_job`) in a process of its own, with the peak resident memory
 of the whole process tree, seconds per stage and per parameter-token, and the GGUF loaded in llama.cpp and
 decoding. Prints one JSON object.
 
@@ -41,7 +41,7 @@ def write_random_folder(folder: Path, shape: str, *, seed: int = 0) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoTokenizer, LlamaConfig
 
-    from bitplan.models import BUNDLED_MODELS
+    from bitplan.sources.models import BUNDLED_MODELS
 
     if (folder / "config.json").is_file():
         return folder
@@ -153,11 +153,11 @@ def _parameters(folder: Path) -> int:
 
 
 def llama_cpp_decodes(gguf_path: Path, tokens: int = 8) -> dict[str, object]:
-    """Load the GGUF in llama.cpp (llama-cpp-python, as bitplan runs it: :mod:`bitplan.llama_runtime`) and
+    """Load the GGUF in llama.cpp (llama-cpp-python, as bitplan runs it: :mod:`bitplan.report.llama_runtime`) and
     greedily decode ``tokens`` tokens; what came out."""
     import llama_cpp
 
-    from bitplan.llama_runtime import plain_cpu_buffers
+    from bitplan.report.llama_runtime import plain_cpu_buffers
 
     plain_cpu_buffers()
     started = time.perf_counter()

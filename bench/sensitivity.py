@@ -41,11 +41,9 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from bitplan.calibration import build_calibration_set, read_text
-from bitplan.evaluation import tokenize_for_perplexity
-from bitplan.models import causal_lm_loss, load_model, use_eager_attention
-from bitplan.pipeline import measure_sensitivity
+from bitplan.job.pipeline import measure_sensitivity
 from bitplan.quantizer.rtn import dequantize_weight, quantize_rtn
+from bitplan.report.evaluation import tokenize_for_perplexity
 from bitplan.sensitivity.api import SECOND_ORDER_HVP_METHODS, functional_loss
 from bitplan.sensitivity.blockwise import capture_first_block_inputs
 from bitplan.sensitivity.hutchinson import (
@@ -56,8 +54,10 @@ from bitplan.sensitivity.hutchinson import (
 )
 from bitplan.sensitivity.kl import per_token_kl, swapped_weights
 from bitplan.sensitivity.request import HutchinsonConfig, Metric
+from bitplan.sources.calibration import build_calibration_set, read_text
+from bitplan.sources.models import causal_lm_loss, load_model, use_eager_attention
+from bitplan.sources.units import block_index, find_block_stack, find_units
 from bitplan.spec import JobSpec
-from bitplan.units import block_index, find_block_stack, find_units
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "wiki.test.raw"
 METRICS = tuple(metric.value for metric in Metric)  # every registered metric, token_kl and token_taylor_kl included

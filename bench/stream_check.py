@@ -19,14 +19,14 @@ import time
 import _own_folder_off_path  # (before any first-party import)
 import torch
 
-from bitplan.calibration import build_calibration_set
-from bitplan.models import load_model
-from bitplan.pipeline import head_units
-from bitplan.planning import budgets_in_bytes, make_plans, unit_sizes
+from bitplan.job.pipeline import head_units
+from bitplan.job.planning import budgets_in_bytes, make_plans, unit_sizes
+from bitplan.job.sensitivity_pass import resolve_metric, run_sensitivity, salience_width_errors
 from bitplan.sensitivity.importance import input_energy
-from bitplan.sensitivity_pass import resolve_metric, run_sensitivity, salience_width_errors
+from bitplan.sources.calibration import build_calibration_set
+from bitplan.sources.models import load_model
+from bitplan.sources.units import find_units
 from bitplan.spec import JobSpec
-from bitplan.units import find_units
 
 
 def main() -> None:

@@ -24,14 +24,14 @@ from pathlib import Path
 import _own_folder_off_path  # (before any first-party import)
 import torch
 
-from bitplan.calibration import build_calibration_set
-from bitplan.models import load_model, sampled_loss_of_logits, text_loss_of_logits
 from bitplan.sensitivity.api import taylor_increase
 from bitplan.sensitivity.request import Metric, SensitivityRequest
 from bitplan.sensitivity.streamed import streamed_token_fisher
 from bitplan.sources import open_lazy
-from bitplan.stream import Boundaries, DecoderStream
-from bitplan.units import find_units
+from bitplan.sources.calibration import build_calibration_set
+from bitplan.sources.models import load_model, sampled_loss_of_logits, text_loss_of_logits
+from bitplan.sources.stream import Boundaries, DecoderStream
+from bitplan.sources.units import find_units
 
 PROVENANCE = _own_folder_off_path.sibling("_provenance").provenance
 

@@ -29,10 +29,10 @@ from pathlib import Path
 import _own_folder_off_path  # (before any first-party import)
 import torch
 
-from bitplan.calibration import read_text
-from bitplan.evaluation import perplexity, tokenize_for_perplexity
-from bitplan.models import load_model
 from bitplan.quantizer.rtn import dequantize_weight, quantize_offset, quantize_rtn
+from bitplan.report.evaluation import perplexity, tokenize_for_perplexity
+from bitplan.sources.calibration import read_text
+from bitplan.sources.models import load_model
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "wiki.test.raw"
 

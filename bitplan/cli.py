@@ -61,7 +61,7 @@ def emit(payload: Any, as_json: bool) -> None:
 
 
 def _cmd_models(args: argparse.Namespace) -> None:
-    from bitplan.models import BUNDLED_MODELS
+    from bitplan.sources.models import BUNDLED_MODELS
 
     emit([{"id": m.id, "package": m.package.replace("_", "-"), "description": m.description}
            for m in BUNDLED_MODELS.values()], args.json)
@@ -69,7 +69,7 @@ def _cmd_models(args: argparse.Namespace) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> None:
     from bitplan.cli_options import spec_from_args
-    from bitplan.pipeline import run_budgets
+    from bitplan.job.pipeline import run_budgets
 
     spec = spec_from_args(args)
     out = Path(args.out)
@@ -102,7 +102,7 @@ SENSITIVITY_OPTIONS = ("model", "calibration_text", "num_samples", "seq_len", "s
 
 def _cmd_sensitivity(args: argparse.Namespace) -> None:
     from bitplan.cli_options import given_options
-    from bitplan.pipeline import measure_sensitivity
+    from bitplan.job.pipeline import measure_sensitivity
     from bitplan.spec import Allocation, JobSpec, Quantization
 
     options = given_options(args)
@@ -118,18 +118,18 @@ def _cmd_sensitivity(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from bitplan.calibration import read_text
-    from bitplan.evaluation import perplexity, tokenize_for_perplexity
+    from bitplan.report.evaluation import perplexity, tokenize_for_perplexity
+    from bitplan.sources.calibration import read_text
 
     if (args.artifact is None) == (args.model is None):
         raise BitplanError("give exactly one of --artifact DIR or --model REF")
     if args.artifact is not None:
-        from bitplan.artifact import load_artifact
+        from bitplan.targets.artifact import load_artifact
 
         model, tokenizer, manifest = load_artifact(args.artifact)
         kind = manifest.model_kind
     else:
-        from bitplan.models import load_model
+        from bitplan.sources.models import load_model
 
         loaded = load_model(args.model)
         model, tokenizer, kind = loaded.model, loaded.tokenizer, loaded.kind.value
@@ -137,7 +137,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         raise BitplanError(f"perplexity needs a causal language model; this model is a {kind}")
     if args.seq_len < 2 or (args.max_windows is not None and args.max_windows < 1):
         raise BitplanError(f"need --seq-len >= 2 and --max-windows >= 1, got {args.seq_len} and {args.max_windows}")
-    from bitplan.quality import HELDOUT_SOURCE, heldout_text
+    from bitplan.report.quality import HELDOUT_SOURCE, heldout_text
 
     text = heldout_text() if args.text is None else read_text(Path(args.text))
     ids = tokenize_for_perplexity(tokenizer, text)
@@ -176,11 +176,11 @@ def _cmd_allocate(args: argparse.Namespace) -> None:
 
 
 def _cmd_latency(args: argparse.Namespace) -> None:
-    from bitplan.latency import cached_table, measure_table, store_table
-    from bitplan.models import load_model
-    from bitplan.planning import unit_sizes
+    from bitplan.job.planning import unit_sizes
     from bitplan.quantizer.formats import resolve_formats
-    from bitplan.units import find_units
+    from bitplan.report.latency import cached_table, measure_table, store_table
+    from bitplan.sources.models import load_model
+    from bitplan.sources.units import find_units
 
     loaded = load_model(args.model)
     names = resolve_formats(args.formats)
@@ -210,7 +210,7 @@ def _cmd_formats(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from bitplan.exports import export_artifact
+    from bitplan.targets.exports import export_artifact
 
     artifact = Path(args.artifact)
     if not artifact.is_dir():
@@ -269,7 +269,7 @@ def _add_tool_commands(sub: Any) -> None:
     evaluate.add_argument("--quiet", action="store_true")
     evaluate.set_defaults(func=_cmd_eval)
 
-    from bitplan.exports import EXPORTERS
+    from bitplan.targets.exports import EXPORTERS
 
     export = sub.add_parser("export", help="export an artifact to a format other runtimes load")
     export.add_argument("--artifact", required=True, help="artifact directory written by bitplan run")

@@ -19,8 +19,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from enum import Enum
 from typing import Any
 
-from bitplan.budget_range import bpw_range, check_bpw_budgets
 from bitplan.errors import SpecError
+from bitplan.job.budget_range import bpw_range, check_bpw_budgets
 from bitplan.options import Option
 from bitplan.quantizer.formats import FORMATS
 from bitplan.sensitivity.request import HutchinsonConfig

@@ -14,8 +14,8 @@ from typing import Any
 
 from bitplan.allocator.problem import SOLVERS
 from bitplan.errors import SpecError
+from bitplan.job.preset_size import SIZE_PRESETS
 from bitplan.options import check_part, option_field
-from bitplan.preset_size import SIZE_PRESETS
 from bitplan.quantizer.formats import FORMATS, PRESETS, resolve_formats
 from bitplan.quantizer.ggml_encode import ENCODERS
 from bitplan.quantizer.methods import QUANTIZERS
@@ -30,7 +30,8 @@ DeviceChoice = Enum("DeviceChoice", {"AUTO": "auto", "CPU": "cpu", "CUDA": "cuda
 DeviceChoice.__doc__ = "Where a streamed job's blocks compute (``auto``: the GPU when one is visible, else the CPU)."
 ComputeDtypeChoice = Enum("ComputeDtypeChoice", {"AUTO": "auto", "FLOAT32": "float32", "BFLOAT16": "bfloat16"},  # type: ignore[misc]
                           type=str)
-ComputeDtypeChoice.__doc__ = "The dtype a streamed job's blocks compute in (bitplan.stream.resolve_compute_dtype)."
+ComputeDtypeChoice.__doc__ = ("The dtype a streamed job's blocks compute in "
+                              "(bitplan.sources.stream.resolve_compute_dtype).")
 SizePresetChoice = Enum("SizePresetChoice", {p: p for p in SIZE_PRESETS}, type=str)  # type: ignore[misc]
 SizePresetChoice.__doc__ = "A llama.cpp quantization preset whose whole-file size is the budget (--size-of)."
 SolverChoice = Enum("SolverChoice", {s.upper(): s for s in SOLVERS if s != "brute_force"}, type=str)  # type: ignore[misc]
@@ -158,7 +159,7 @@ class SensitivityOptions:
 
     def __post_init__(self) -> None:
         check_part(self)
-        from bitplan.devices import check_device  # the one rule, shared with the stream
+        from bitplan.sources.devices import check_device  # the one rule, shared with the stream
 
         check_device(self.device.value)
 

@@ -274,10 +274,10 @@ def compute_sensitivity(
             widths or options with their errors, the token metrics' memory and precision, Hutchinson's probes).
         loss_fn: summed token loss ``loss_fn(model, batch)``; required by ``fisher_output_error``,
             ``hutchinson`` and the token metrics. ``token_kl`` (``MODEL_LABELS``) takes one whose labels are drawn
-            from the model's own next-token distribution (``bitplan.models.causal_lm_sampled_loss``).
+            from the model's own next-token distribution (``bitplan.sources.models.causal_lm_sampled_loss``).
         curvature_loss_fn: the second-order term's loss of a ``model_curvature`` metric (``token_taylor_kl``), whose
-            first-order term is ``loss_fn``'s: ``bitplan.models.causal_lm_sampled_loss``.
-        blocks: the model's transformer blocks (``bitplan.units.find_block_stack``), which ``units`` lie in:
+            first-order term is ``loss_fn``'s: ``bitplan.sources.models.causal_lm_sampled_loss``.
+        blocks: the model's transformer blocks (``bitplan.sources.units.find_block_stack``), which ``units`` lie in:
             the Gram-based metrics then hold one block's input Grams at a time.
         stream: the model as a stream of blocks, with the losses as functions of its logits: the token metrics'
             pass then runs block by block (:func:`sensitivity.streamed.streamed_token_fisher`, the same terms with

@@ -85,7 +85,7 @@ def block_grams(
 
     Args:
         blocks: the qualified name and the ``nn.ModuleList`` of the model's transformer blocks, which the model
-            applies one after the other (``bitplan.units.find_block_stack``).
+            applies one after the other (``bitplan.sources.units.find_block_stack``).
         units: qualified name -> linear module inside those blocks.
 
     The caller should consume (and drop) each block's statistics before asking for the next. Blocks without

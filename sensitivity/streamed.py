@@ -38,7 +38,7 @@ LogitsLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (flat next-
 
 
 class BlockStream(Protocol):
-    """What the streamed pass needs of a model (``bitplan.stream.DecoderStream``): its blocks run on ``device``
+    """What the streamed pass needs of a model (``bitplan.sources.stream.DecoderStream``): its blocks run on ``device``
     (what they return is on it too); the stored hidden states and gradients between blocks stay on the host."""
 
     num_blocks: int
@@ -54,7 +54,7 @@ class BlockStream(Protocol):
 
 
 class Store(Protocol):
-    """Hidden states by key (``bitplan.stream.Boundaries``)."""
+    """Hidden states by key (``bitplan.sources.stream.Boundaries``)."""
 
     def put(self, key: Any, tensor: torch.Tensor) -> None: ...
 

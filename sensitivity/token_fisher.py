@@ -29,8 +29,8 @@ trained on that text (or were themselves quantized), so on calibration text from
 term carries real signal; on text from another domain it is mostly noise.
 
 ``token_taylor_kl`` takes the two terms from two losses (``curvature_loss_fn``): the slope from the text's labels,
-the square from labels drawn from the model itself (``bitplan.models.causal_lm_sampled_loss``: in expectation the
-Fisher of the model's predictions, the Gauss-Newton part of the Hessian, with no squared text slope in it). Told the
+the square from labels drawn from the model itself (``bitplan.sources.models.causal_lm_sampled_loss``: in expectation
+the Fisher of the model's predictions, the Gauss-Newton part of the Hessian, with no squared text slope in it). Told the
 real error of a format, that sum ranked the measured per-layer loss increase better than told the RTN proxy in all
 four cells of ``bench/format_spearman.py`` (two formats, two evaluation texts), which neither term alone did.
 """
@@ -339,7 +339,7 @@ def token_fisher(
     from ``loss_fn`` on every batch, through the weight gradient alone (no per-token products), and the
     second-order term and the energy from a second backward pass of ``curvature_loss_fn`` on every
     ``request.curvature_stride``-th batch (from the first; 1 when unset), averaged over the tokens of those
-    batches. With ``bitplan.models.causal_lm_sampled_loss`` as the latter: the text's slope with the model's own
+    batches. With ``bitplan.sources.models.causal_lm_sampled_loss`` as the latter: the text's slope with the model's own
     curvature.
     """
     return TokenFisherPass(model, units, request, loss_fn=loss_fn, curvature_loss_fn=curvature_loss_fn,

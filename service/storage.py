@@ -33,8 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bitplan.manifest import MANIFEST, Manifest, read_manifest
-from bitplan.models import BUNDLED_MODELS, PICKLE_SUFFIXES, resolve_reference
 from bitplan.service.model_cache import ModelCache
 from bitplan.service.objects import (
     LocalObjectStore,
@@ -44,6 +42,8 @@ from bitplan.service.objects import (
     file_sha256,
     from_url,
 )
+from bitplan.sources.models import BUNDLED_MODELS, PICKLE_SUFFIXES, resolve_reference
+from bitplan.targets.manifest import MANIFEST, Manifest, read_manifest
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -109,7 +109,7 @@ def _child_main(request: dict[str, Any], staging: str, messages: Any, stop: Any,
     object store's URL and this worker's own cache folder, when the fleet shares its sensitivity cache."""
     die_with_parent(parent_pid)
     from bitplan.errors import BitplanError
-    from bitplan.pipeline import run_budgets
+    from bitplan.job.pipeline import run_budgets
     from bitplan.sensitivity import Cancelled
     from bitplan.spec import JobSpec
     from bitplan.stages import Stage

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():  # Triton kernels run in its interpreter on th
 
 # Every llama.cpp model the tests load (many call llama_cpp.Llama directly) loads as bitplan's own code loads it:
 # without llama.cpp's extra CPU buffers, whose repacked kernels crash llama-cpp-python built on AVX512/AMX CPUs.
-from bitplan.llama_runtime import plain_cpu_buffers  # noqa: E402
+from bitplan.report.llama_runtime import plain_cpu_buffers  # noqa: E402
 
 plain_cpu_buffers()
 
@@ -28,7 +28,7 @@ def _word_tokenizer(vocab_size: int):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from bitplan.calibration import builtin_text
+    from bitplan.sources.calibration import builtin_text
 
     words = Counter(re.findall(r"\w+|[^\w\s]", builtin_text()))
     vocab = {"[UNK]": 0, "[PAD]": 1}

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from bitplan.errors import ModelReferenceError
-from bitplan.moe import checkpoint_aliases
+from bitplan.sources.moe import checkpoint_aliases
 from bitplan.sources.tensors import LoadedTensors, SafetensorsStore, TensorStore
 
 
@@ -34,7 +34,7 @@ class Placement:
         dtype: the dtype blocks are materialized and run in (float32 the reference; bfloat16 keeps bf16 weights
             as stored).
         boundary_bytes: hidden states the stream may hold in host memory before spilling to files (``None``: the
-            caller's cap), from the job's memory plan (:mod:`bitplan.memory_plan`).
+            caller's cap), from the job's memory plan (:mod:`bitplan.job.memory_plan`).
     """
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -49,10 +49,11 @@ class LazyModel:
     Attributes:
         model: the model; with ``resident`` false its parameters are on ``meta`` until materialized.
         store: the tensor store (stored dtypes).
-        tokenizer, kind, config: as :class:`bitplan.models.LoadedModel` has them.
+        tokenizer, kind, config: as :class:`bitplan.sources.models.LoadedModel` has them.
         resident: every tensor already in memory (a loaded model): materializing is a no-op.
         names: parameter name in ``model`` -> tensor name in ``store`` (prefixes and tied heads resolved).
-        placement: where and in what dtype its blocks compute when streamed (:class:`bitplan.stream.DecoderStream`).
+        placement: where and in what dtype its blocks compute when streamed
+            (:class:`bitplan.sources.stream.DecoderStream`).
     """
 
     model: nn.Module
@@ -119,8 +120,8 @@ class LazyModel:
 
 def open_lazy(reference: str) -> LazyModel:
     """Open a model reference without reading its weights (a GGUF is loaded and dequantized as by
-    :func:`bitplan.models.load_model`, and served from memory)."""
-    from bitplan.models import load_model, resolve_reference
+    :func:`bitplan.sources.models.load_model`, and served from memory)."""
+    from bitplan.sources.models import load_model, resolve_reference
 
     source_format, path = resolve_reference(reference)
     if source_format == "gguf":
@@ -139,8 +140,8 @@ def _skeleton(folder: Path, reference: str) -> tuple[nn.Module, Any, Any]:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoTokenizer
 
-    from bitplan.models import _auto_class, _kind_of
-    from bitplan.moe import unfuse_experts
+    from bitplan.sources.models import _auto_class, _kind_of
+    from bitplan.sources.moe import unfuse_experts
 
     try:
         config = AutoConfig.from_pretrained(folder)
@@ -213,7 +214,7 @@ def trim_heap() -> None:
 def return_freed_memory_promptly(threshold: int = 1 << 20) -> None:
     """Allocate every tensor of at least ``threshold`` bytes with its own ``mmap`` from now on (glibc's
     ``M_MMAP_THRESHOLD``, fixed: no longer raised to the size of the largest block freed), so that freeing it
-    unmaps it. For a process that streams blocks (:mod:`bitplan.streamed_job`): on the MoE layer of
+    unmaps it. For a process that streams blocks (:mod:`bitplan.job.streamed_job`): on the MoE layer of
     :func:`trim_heap`, a peak of 3.68 GiB against 4.06 with trimming alone and 4.52 with neither."""
     if _LIBC is not None and hasattr(_LIBC, "mallopt"):
         _LIBC.mallopt(M_MMAP_THRESHOLD, threshold)

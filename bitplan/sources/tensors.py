@@ -132,8 +132,9 @@ def _data_start(path: Path) -> int:
 
 
 def _header(path: Path) -> dict[str, object]:
-    """A safetensors file's JSON header (checked by :func:`bitplan.models.validate_safetensors_header` first)."""
-    from bitplan.models import validate_safetensors_header
+    """A safetensors file's JSON header (checked by :func:`bitplan.sources.models.validate_safetensors_header`
+    first)."""
+    from bitplan.sources.models import validate_safetensors_header
 
     validate_safetensors_header(path)
     with path.open("rb") as handle:

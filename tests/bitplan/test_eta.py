@@ -69,7 +69,7 @@ def record_job(folder, out, seed: int, samples: int = 4, seq_len: int = 32) -> l
     """A real two-budget sweep on a tiny model: every ``(stage, done, total, monotonic seconds)`` it reported."""
     import time
 
-    from bitplan.pipeline import run_budgets
+    from bitplan.job.pipeline import run_budgets
     from bitplan.spec import JobSpec
 
     reports: list[tuple[str, int, int, float]] = []

@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitplan.artifact import MANIFEST, load_artifact
 from bitplan.errors import BitplanError, BudgetError, SpecError
-from bitplan.exports import export_artifact
-from bitplan.models import load_model
-from bitplan.pipeline import run_pipeline
+from bitplan.job.pipeline import run_pipeline
 from bitplan.quantizer.formats import FORMATS, PRESETS, decode_weight, resolve_formats
 from bitplan.sensitivity.importance import input_energy
+from bitplan.sources.models import load_model
+from bitplan.sources.units import find_units
 from bitplan.spec import JobSpec
-from bitplan.units import find_units
+from bitplan.targets.artifact import MANIFEST, load_artifact
+from bitplan.targets.exports import export_artifact
 from tests.conftest import _word_tokenizer
 
 SMALL = {"num_samples": 2, "seq_len": 32}
@@ -79,8 +79,8 @@ def test_issue16_manifest_records_formats_and_the_loader_rebuilds_them(gguf_run,
     source = load_model(str(wide_llama_dir))
     units = find_units(source.model)
     spec = JobSpec.from_flat(model=str(wide_llama_dir), bits_per_weight=4.6, formats="gguf-k", **SMALL)
-    from bitplan.calibration import build_calibration_set
-    from bitplan.quantize import encode_unit
+    from bitplan.job.quantize import encode_unit
+    from bitplan.sources.calibration import build_calibration_set
 
     calib = build_calibration_set(source.tokenizer, text_file=None, num_samples=2, seq_len=32, seed=0)
     importance = input_energy(source.model, units, list(torch.split(calib.tokens, 1)))
@@ -128,8 +128,8 @@ def test_issue16_fractional_zero_grids_load_in_the_packed_folder(fmt: str, wide_
                        out=tmp_path / "fzero")
     assert {u["format"] for u in run.units} == {fmt} and run.bytes == run.predicted_bytes
     model, _, manifest = load_artifact(Path(run.artifact))
-    from bitplan.calibration import build_calibration_set
-    from bitplan.quantize import encode_unit
+    from bitplan.job.quantize import encode_unit
+    from bitplan.sources.calibration import build_calibration_set
 
     loaded = load_model(str(wide_llama_dir))
     calib = build_calibration_set(loaded.tokenizer, text_file=None, num_samples=2, seq_len=32, seed=0)
@@ -162,9 +162,9 @@ def test_issue16_gptq_encodes_integer_formats_and_the_allocator_is_told_its_erro
     GPTQ-encoded in its chosen format on the calibration Grams, the sensitivity pass was told GPTQ's error of each
     option (``decode(GPTQ(W)) - W``, the same weights the artifact holds), and GPTQ's layer-output error is below
     round to nearest's in the same format."""
-    from bitplan.calibration import build_calibration_set
-    from bitplan.quantize import encode_unit, input_grams
-    from bitplan.sensitivity_pass import format_errors
+    from bitplan.job.quantize import encode_unit, input_grams
+    from bitplan.job.sensitivity_pass import format_errors
+    from bitplan.sources.calibration import build_calibration_set
 
     formats = "int3-g32,int4-g64-sym,int4-g128,int8-g32"
     spec = JobSpec.from_flat(model=str(wide_llama_dir), bits_per_weight=4.3, formats=formats, quantizer="gptq", **SMALL)

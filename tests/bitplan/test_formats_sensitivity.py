@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitplan.models import causal_lm_loss, causal_lm_sampled_loss
-from bitplan.pipeline import run_budgets
+from bitplan.job.pipeline import run_budgets
 from bitplan.quantizer.formats import FORMATS, PRESETS
 from bitplan.sensitivity.importance import input_energy
 from bitplan.sensitivity.request import Metric, SensitivityRequest
 from bitplan.sensitivity.token_fisher import token_fisher
+from bitplan.sources.models import causal_lm_loss, causal_lm_sampled_loss
+from bitplan.sources.units import find_units
 from bitplan.spec import JobSpec
-from bitplan.units import find_units
 from tests.bitplan.test_formats_pipeline import SMALL, wide_llama_dir  # noqa: F401, F811 (a fixture)
 from tests.sensitivity.test_output_error import captured_io
 
@@ -91,7 +91,7 @@ def test_issue16_sensitivity_cache_keys_include_the_formats(wide_llama_dir: Path
 
 def test_issue16_a_token_kl_job_draws_its_labels_from_the_model(wide_llama_dir: Path, tmp_path: Path,  # noqa: F811
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    import bitplan.sensitivity_pass as sensitivity_pass
+    import bitplan.job.sensitivity_pass as sensitivity_pass
 
     drawn = []
 
@@ -118,7 +118,7 @@ def test_issue16_a_token_taylor_kl_job_reads_the_texts_labels_and_draws_the_mode
         wide_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     """The slope from the text's labels on every calibration window, the curvature from labels drawn from the model
     on every other one (each chunk of errors: one here)."""
-    import bitplan.sensitivity_pass as sensitivity_pass
+    import bitplan.job.sensitivity_pass as sensitivity_pass
 
     calls: dict[str, int] = {"text": 0, "model": 0}
 

@@ -14,8 +14,8 @@ import pytest
 
 from bitplan.allocator import solve_allocation
 from bitplan.errors import BitplanError, BudgetError, SpecError
-from bitplan.latency import LatencyTable, fit, latency_table, numel_by_type, random_mixtures, variant_assignments
-from bitplan.planning import allocation_problem, latency_plan, legal_for_target
+from bitplan.job.planning import allocation_problem, latency_plan, legal_for_target
+from bitplan.report.latency import LatencyTable, fit, latency_table, numel_by_type, random_mixtures, variant_assignments
 from bitplan.spec import JobSpec
 
 TYPES = ["Q4_K", "Q6_K", "Q4_0", "Q5_0", "Q8_0"]
@@ -166,7 +166,7 @@ def test_time_frontier_matches_the_hull_of_every_allocation() -> None:
     import numpy as np
 
     from bitplan.allocator import AllocationProblem, Budget, Option, Unit
-    from bitplan.frontier import job_frontier, problem_document, time_frontier
+    from bitplan.report.frontier import job_frontier, problem_document, time_frontier
 
     rng = np.random.default_rng(3)
     units = []
@@ -289,7 +289,7 @@ def test_issue19_latency_table_and_a_job_under_a_latency_budget(tmp_path: Path, 
     assert report["prefill_budget_ms_per_token"] == pytest.approx(prefill_budget)
     # the frontier along decode time from the artifact's problem: the exact job is at least as good as every hull
     # breakpoint its budget allows, and the job's point is among the measured ones
-    from bitplan.frontier import job_frontier
+    from bitplan.report.frontier import job_frontier
 
     document = json.loads((tmp_path / "a" / "allocation-problem.json").read_text())
     along = job_frontier(document, [result], axis="latency")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bitplan.errors import ModelReferenceError
-from bitplan.models import BUNDLED_MODELS, ModelKind, load_model, resolve_reference
+from bitplan.sources.models import BUNDLED_MODELS, ModelKind, load_model, resolve_reference
 
 
 @pytest.mark.parametrize("suffix", [".bin", ".pt", ".pth", ".ckpt"])
@@ -111,7 +111,7 @@ def test_truncated_gguf(tmp_path: Path) -> None:
 def test_an_already_quantized_folder_is_refused_as_a_source(tiny_llama_dir: Path, tmp_path: Path) -> None:
     """A bitplan artifact folder loads in transformers now (its quantization_config): as a job's model it is
     refused, naming what to give instead, not quantized a second time."""
-    from bitplan.pipeline import run_pipeline
+    from bitplan.job.pipeline import run_pipeline
     from bitplan.spec import JobSpec
 
     run = run_pipeline(JobSpec.from_flat(model=str(tiny_llama_dir), uniform_bits=4, num_samples=2, seq_len=32,

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitplan.artifact import MANIFEST, load_artifact
 from bitplan.errors import ArtifactError, BitplanError, BudgetError
 from bitplan.hashing import sha256_file
-from bitplan.models import load_model
-from bitplan.pipeline import run_pipeline
+from bitplan.job.pipeline import run_pipeline
 from bitplan.quantizer.rtn import dequantize_weight, quantize_rtn
+from bitplan.sources.models import load_model
+from bitplan.sources.units import find_units
 from bitplan.spec import JobSpec
-from bitplan.units import find_units
+from bitplan.targets.artifact import MANIFEST, load_artifact
 
 SMALL = {"num_samples": 2, "seq_len": 32, "group_size": 64}
 
@@ -167,8 +167,8 @@ def test_pins_that_do_not_fit_or_match_are_explained(tiny_llama_dir: Path, tmp_p
 
 def test_several_budgets_compute_sensitivity_once(tiny_llama_dir: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    import bitplan.pipeline as pipeline
-    import bitplan.sensitivity_pass as sensitivity_pass
+    import bitplan.job.pipeline as pipeline
+    import bitplan.job.sensitivity_pass as sensitivity_pass
 
     calls = []
     original = sensitivity_pass.compute_sensitivity
@@ -182,7 +182,7 @@ def test_several_budgets_compute_sensitivity_once(tiny_llama_dir: Path, tmp_path
 @pytest.mark.parametrize("quantizer", ["gptq", "gptq-salience", "rtn-salience"])
 def test_calibrated_quantizers_write_the_same_sizes_and_lower_the_layer_error(tiny_llama_dir: Path, tmp_path: Path,
                                                                               quantizer: str) -> None:
-    from bitplan.quantize import input_grams
+    from bitplan.job.quantize import input_grams
     from bitplan.quantizer.methods import quantize_unit
 
     result = run_pipeline(JobSpec.from_flat(model=str(tiny_llama_dir), uniform_bits=3, quantizer=quantizer, **SMALL),
@@ -193,7 +193,7 @@ def test_calibrated_quantizers_write_the_same_sizes_and_lower_the_layer_error(ti
     assert len(manifest["calibration"]["sha256"]) == 64
     loaded_model = load_model(str(tiny_llama_dir))
     units = find_units(loaded_model.model)
-    from bitplan.calibration import build_calibration_set
+    from bitplan.sources.calibration import build_calibration_set
 
     tokens = build_calibration_set(loaded_model.tokenizer, text_file=None, num_samples=2, seq_len=32, seed=0).tokens
     grams = input_grams(loaded_model, units, tokens, None, None)
@@ -213,7 +213,7 @@ def test_calibrated_quantizers_write_the_same_sizes_and_lower_the_layer_error(ti
 
 
 def test_mixed_groups_inside_layers_round_trip_and_keep_the_size(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    from bitplan.exports.common import read_artifact_units
+    from bitplan.targets.exports.common import read_artifact_units
     from tests.bitplan.test_formats_pipeline import from_pretrained_matches_our_loader
     from tests.conftest import _word_tokenizer, make_tiny_llama
 
@@ -269,13 +269,13 @@ def test_issue15_a_model_with_zero_layers_is_refused_as_bad_input(tmp_path: Path
 def test_salience_jobs_are_told_the_salience_encoders_error_not_rtns(tiny_llama_dir: Path) -> None:
     """A job without formats under ``--quantizer rtn-salience``: its sensitivity is that of the weight error the
     quantize step will write (the salience-calibrated grid on the quantize step's own Grams), not plain RTN's."""
-    from bitplan.calibration import build_calibration_set
-    from bitplan.models import causal_lm_loss, causal_lm_sampled_loss
-    from bitplan.pipeline import measure_sensitivity
-    from bitplan.quantize import input_grams
+    from bitplan.job.pipeline import measure_sensitivity
+    from bitplan.job.quantize import input_grams
     from bitplan.quantizer.methods import quantize_unit
     from bitplan.sensitivity import Metric, SensitivityRequest, compute_sensitivity
-    from bitplan.units import find_block_stack
+    from bitplan.sources.calibration import build_calibration_set
+    from bitplan.sources.models import causal_lm_loss, causal_lm_sampled_loss
+    from bitplan.sources.units import find_block_stack
 
     spec = JobSpec.from_flat(model=str(tiny_llama_dir), bits_per_weight=3.5, quantizer="rtn-salience", **SMALL)
     ours = measure_sensitivity(spec, use_cache=False)
@@ -311,9 +311,9 @@ def test_rtn_salience_widths_reuse_the_measured_input_energy(tiny_llama_dir: Pat
     """Under ``rtn-salience`` a job's widths are encoded from the input energy the sensitivity pass measured, with
     no second calibration pass, and give what the reference path (Gram matrices collected block by block, their
     diagonals as salience) gives."""
-    from bitplan import quantize as quantize_module
-    from bitplan.calibration import build_calibration_set
+    from bitplan.job import quantize as quantize_module
     from bitplan.sensitivity.importance import input_energy
+    from bitplan.sources.calibration import build_calibration_set
 
     spec = JobSpec.from_flat(model=str(tiny_llama_dir), bits_per_weight=3.5, quantizer="rtn-salience", **SMALL)
     loaded = load_model(str(tiny_llama_dir))
@@ -344,7 +344,7 @@ def test_issue45_a_second_budget_on_a_cached_model_runs_no_calibration_forward(
     """The second job on the same model and calibration takes its sensitivity and its input energy (the encoders'
     importance) from the cache: the calibration statistics' forward pass does not run again, and the artifact is
     the one a job without the cache makes."""
-    import bitplan.pipeline as pipeline
+    import bitplan.job.pipeline as pipeline
 
     def spec(bpw: float) -> JobSpec:
         return JobSpec.from_flat(model=str(tiny_llama_dir), bits_per_weight=bpw, num_samples=2, seq_len=32)

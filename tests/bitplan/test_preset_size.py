@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from bitplan.errors import BitplanError, ModelReferenceError, SpecError
-from bitplan.models import resolve_reference
-from bitplan.pipeline import resolve_named_size
-from bitplan.preset_size import SIZE_PRESETS, preset_file_bytes
+from bitplan.job.pipeline import resolve_named_size
+from bitplan.job.preset_size import SIZE_PRESETS, preset_file_bytes
+from bitplan.sources.models import resolve_reference
 from bitplan.spec import JobSpec
 
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitplan.calibration import builtin_text
-from bitplan.models import load_model
-from bitplan.pipeline import run_pipeline
-from bitplan.quality import heldout_text, heldout_windows, measure_quality
+from bitplan.job.pipeline import run_pipeline
+from bitplan.report.quality import heldout_text, heldout_windows, measure_quality
+from bitplan.sources.calibration import builtin_text
+from bitplan.sources.models import load_model
+from bitplan.sources.units import find_units
 from bitplan.spec import JobSpec
-from bitplan.units import find_units
 
 KEYS = {"kl_mean", "kl_p99", "ppl", "ppl_source", "top1_agreement", "windows", "seq_len", "text"}
 

@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitplan.artifact import MANIFEST, load_artifact
 from bitplan.errors import BitplanError
-from bitplan.pipeline import run_pipeline
+from bitplan.job.pipeline import run_pipeline
+from bitplan.job.refine import MAX_SCALE, block_groups, group_scales, refine_allocation, rescaled
 from bitplan.quantizer.rtn import dequantize_weight, quantize_rtn
-from bitplan.refine import MAX_SCALE, block_groups, group_scales, refine_allocation, rescaled
 from bitplan.sensitivity import Metric, SensitivityResult, UnitSensitivity
 from bitplan.sensitivity.kl import kl_contributions, output_kl
+from bitplan.sources.units import find_units
 from bitplan.spec import JobSpec
-from bitplan.units import find_units
+from bitplan.targets.artifact import MANIFEST, load_artifact
 from tests.conftest import make_tiny_llama
 
 

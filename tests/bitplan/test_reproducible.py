@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bitplan.artifact import load_artifact
 from bitplan.hashing import sha256_file
+from bitplan.targets.artifact import load_artifact
 
 SMALL = ["--samples", "2", "--seq-len", "32", "--group-size", "64"]
 

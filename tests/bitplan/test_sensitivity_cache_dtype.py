@@ -1,4 +1,4 @@
-"""Issue 41's compute dtype in the sensitivity cache's key (bitplan.sensitivity_pass): a streamed job computing in
+"""Issue 41's compute dtype in the sensitivity cache's key (bitplan.job.sensitivity_pass): a streamed job computing in
 bfloat16 never reuses a float32 result, nor leaves one a float32 job would reuse; float32 keys are the keys of
 results cached before the option existed."""
 
@@ -9,12 +9,12 @@ from types import SimpleNamespace
 
 import torch
 
-from bitplan.models import LoadedModel, ModelKind
+from bitplan.job.sensitivity_pass import compute_dtype_key
+from bitplan.job.streamed_job import run_streamed_gguf
 from bitplan.sensitivity.cache import SensitivityCache
-from bitplan.sensitivity_pass import compute_dtype_key
 from bitplan.sources.lazy import Placement
+from bitplan.sources.models import LoadedModel, ModelKind
 from bitplan.spec import JobSpec
-from bitplan.streamed_job import run_streamed_gguf
 from tests.exports.test_gguf_hf_source import hf_folder, smollm2_tokenizer  # noqa: F401, F811 (a fixture)
 
 

@@ -1,4 +1,4 @@
-"""Issue 45: the sensitivity cache's key (bitplan.sensitivity_pass.measure) stays byte-identical across the
+"""Issue 45: the sensitivity cache's key (bitplan.job.sensitivity_pass.measure) stays byte-identical across the
 refactor to one sensitivity request type, so results cached before it are still found.
 
 The expected keys were computed by the code path before the request type existed (``measure`` handing its key to
@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from bitplan.models import ModelKind
-from bitplan.sensitivity_pass import measure
+from bitplan.job.sensitivity_pass import measure
+from bitplan.sources.models import ModelKind
 from bitplan.spec import JobSpec
 
 UNITS = {f"model.layers.{i}.{p}": nn.Linear(4, 4) for i in range(2) for p in ("self_attn.q_proj", "mlp.down_proj")}

@@ -104,7 +104,7 @@ def test_issue13_every_stage_has_a_span_and_unknown_stages_are_refused() -> None
 
 
 def test_issue13_the_pipeline_reports_only_declared_stages(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    from bitplan.pipeline import run_pipeline
+    from bitplan.job.pipeline import run_pipeline
 
     seen: list[str] = []
     spec = JobSpec.from_flat(model=str(tiny_llama_dir), bits_per_weight=3.5, num_samples=2, seq_len=32,
@@ -119,7 +119,7 @@ def test_issue13_gptq_damp_reaches_cli_api_and_manifest(tiny_llama_dir: Path, tm
 
     from fastapi.testclient import TestClient
 
-    from bitplan.pipeline import run_pipeline
+    from bitplan.job.pipeline import run_pipeline
     from bitplan.service.app import ServiceSettings, create_app
 
     help_text = subprocess.run([sys.executable, "-m", "bitplan.service.cli", "run", "--help"], capture_output=True,

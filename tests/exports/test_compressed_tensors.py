@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bitplan.artifact import load_artifact
 from bitplan.errors import BitplanError
-from bitplan.exports import export_artifact
-from bitplan.pipeline import run_pipeline
+from bitplan.job.pipeline import run_pipeline
 from bitplan.spec import JobSpec
+from bitplan.targets.artifact import load_artifact
+from bitplan.targets.exports import export_artifact
 
 pytest.importorskip("compressed_tensors", reason="compressed-tensors is installed by pip install '.[test]'")
 
@@ -75,7 +75,7 @@ def test_export_refuses_a_non_empty_folder_and_unknown_formats(tiny_llama_dir: P
 
 
 def test_issue17_vllm_kernel_table_follows_its_rules() -> None:
-    from bitplan.exports.vllm_kernels import serving_kernels
+    from bitplan.targets.exports.vllm_kernels import serving_kernels
 
     assert serving_kernels(4, 128, 4096, 4096) == {"sm90": "MacheteLinearKernel", "sm80": "MarlinLinearKernel",
                                                    "sm75": "ExllamaLinearKernel"}

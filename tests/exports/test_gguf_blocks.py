@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from bitplan.exports.gguf_file import encode_unit, permute_rows_for_llama, tensor_bytes, unit_type
 from bitplan.kernels.dequant import dequantize_groupwise
 from bitplan.quantizer.rtn import QuantizedWeight, quantize_rtn
+from bitplan.targets.exports.gguf_file import encode_unit, permute_rows_for_llama, tensor_bytes, unit_type
 
 
 def artifact_unit(bits: int, group_size: int, shape: tuple[int, int] = (6, 192)) -> QuantizedWeight:
@@ -68,11 +68,11 @@ def test_issue17_units_no_ggml_type_holds_at_their_size_are_refused_reencoded_or
     from types import SimpleNamespace
 
     from bitplan.errors import BitplanError
-    from bitplan.exports.gguf_file import resolve_inexact
     from bitplan.quantizer.formats import GgmlWeight
     from bitplan.quantizer.ggml import dequantize_ggml
     from bitplan.quantizer.rtn import dequantize_weight
     from bitplan.quantizer.sizes import stored_bytes
+    from bitplan.targets.exports.gguf_file import resolve_inexact
 
     units = {"wide": artifact_unit(3, 128, (8, 256)), "narrow": artifact_unit(3, 32, (8, 96)),
              "fits": artifact_unit(4, 32, (8, 256))}

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bitplan.errors import ModelReferenceError
-from bitplan.pipeline import run_pipeline
+from bitplan.job.pipeline import run_pipeline
 from bitplan.spec import JobSpec
 from tests.exports.test_gguf_hf_source import llama_cpp_runs_it_as_our_loader
 
@@ -54,7 +54,7 @@ def test_issue17_a_gguf_from_a_gemma3_hugging_face_folder_runs_in_llama_cpp(tmp_
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    from bitplan.models import resolve_reference
+    from bitplan.sources.models import resolve_reference
 
     _, source = resolve_reference("gemma-3-270m")
     tokenizer = tmp_path / "tokenizer"
@@ -111,7 +111,7 @@ def test_issue17_a_gemma3_folder_llama_cpp_would_run_differently_is_refused(tmp_
 ])
 def test_issue17_a_sentencepiece_vocabularys_space_prefix_is_read_from_its_tokenizer_json(spec: dict,
                                                                                         expected: bool) -> None:
-    from bitplan.exports.gguf_source import adds_space_prefix
+    from bitplan.targets.exports.gguf_source import adds_space_prefix
 
     assert adds_space_prefix(spec) is expected
 
@@ -124,7 +124,7 @@ def test_issue17_a_sentencepiece_vocabulary_scores_tokens_in_transformers_merge_
 
     import gguf
 
-    from bitplan.exports.gguf_source import _sentencepiece_keys
+    from bitplan.targets.exports.gguf_source import _sentencepiece_keys
 
     vocab = ["<pad>", "<unk>", "<0x41>", "\u2581", "a", "b", "ab", "\u2581ab", "<start>", "[tool]"]
     spec = {"model": {"type": "BPE", "byte_fallback": True, "unk_token": "<unk>",

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitplan.artifact import load_artifact
 from bitplan.errors import ModelReferenceError
-from bitplan.models import load_model
-from bitplan.pipeline import run_pipeline
+from bitplan.job.pipeline import run_pipeline
+from bitplan.sources.models import load_model
+from bitplan.sources.units import find_units
 from bitplan.spec import JobSpec
-from bitplan.units import find_units
+from bitplan.targets.artifact import load_artifact
 
 VOCAB = 49152  # SmolLM2's tokenizer
 TEXT = "The capital of France is Paris. In 1998, 33 people said: it's \"fine\"!"
@@ -26,7 +26,7 @@ def smollm2_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2's tokenizer as transformers saves it (``tokenizer.json``), from the bundled GGUF."""
     from transformers import AutoTokenizer
 
-    from bitplan.models import resolve_reference
+    from bitplan.sources.models import resolve_reference
 
     _, path = resolve_reference("smollm2-135m")
     folder = tmp_path_factory.mktemp("smollm2-tokenizer")
@@ -138,7 +138,7 @@ def test_issue17_a_whole_file_budget_from_a_hugging_face_folder(tmp_path: Path, 
     import gguf
     from llama_cpp import Llama
 
-    from bitplan.exports.gguf_file import FILE_BUDGET_MARGIN, hf_file_overhead
+    from bitplan.targets.exports.gguf_file import FILE_BUDGET_MARGIN, hf_file_overhead
 
     folder = hf_folder(tmp_path, smollm2_tokenizer, "llama")
     units = list(find_units(load_model(str(folder)).model))
@@ -208,7 +208,7 @@ def test_issue17_an_untied_token_embedding_is_chosen_under_a_whole_file_budget_f
     import gguf
     from llama_cpp import Llama
 
-    from bitplan.exports.gguf_file import hf_file_overhead
+    from bitplan.targets.exports.gguf_file import hf_file_overhead
 
     folder = hf_folder(tmp_path, smollm2_tokenizer, "llama", tied=False)
     model = load_model(str(folder)).model
@@ -258,7 +258,7 @@ def test_issue16_fractional_zero_units_export_to_a_gguf_llama_cpp_runs(fmt: str,
     from tokenizers import Tokenizer
 
     from bitplan.errors import BitplanError
-    from bitplan.exports import export_artifact
+    from bitplan.targets.exports import export_artifact
     from tests.bitplan.test_formats_pipeline import one_format_budget
 
     folder = hf_folder(tmp_path, smollm2_tokenizer, "llama")

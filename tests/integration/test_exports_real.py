@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitplan.artifact import load_artifact
-from bitplan.calibration import read_text
 from bitplan.errors import BitplanError
-from bitplan.evaluation import perplexity, tokenize_for_perplexity
-from bitplan.exports import export_artifact
-from bitplan.frontier import PROBLEM_FILE
-from bitplan.pipeline import run_pipeline
+from bitplan.job.pipeline import run_pipeline
+from bitplan.report.evaluation import perplexity, tokenize_for_perplexity
+from bitplan.report.frontier import PROBLEM_FILE
+from bitplan.sources.calibration import read_text
 from bitplan.spec import JobSpec
+from bitplan.targets.artifact import load_artifact
+from bitplan.targets.exports import export_artifact
 from tests.exports.test_compressed_tensors import decompressed_weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -93,7 +93,7 @@ def check_llama_cpp_follows_the_source(gguf_path: Path, continued: int = 16) -> 
     " Paris". The bound 0.55 is 18 positions below the measurement."""
     from llama_cpp import Llama
 
-    from bitplan.models import load_model
+    from bitplan.sources.models import load_model
 
     source = load_model("smollm2-135m").model.float().eval()
     runtime = Llama(model_path=str(gguf_path), n_ctx=64, logits_all=True, verbose=False)
@@ -124,7 +124,7 @@ def test_issue16_a_gguf_target_job_writes_the_gguf_llama_cpp_runs_at_the_budget(
     from llama_cpp import Llama
     from transformers import AutoModelForCausalLM
 
-    from bitplan.manifest import read_manifest
+    from bitplan.targets.manifest import read_manifest
 
     budget = 4.634  # llama.cpp's Q3_K_M on this model
     run = run_pipeline(JobSpec.from_flat(model="smollm2-135m", bits_per_weight=budget, target="gguf",
@@ -165,11 +165,11 @@ def check_the_importance_matrix_beside_it(run, reader) -> None:  # noqa: ANN001
     own quantizer (``ggml_quantize_chunk``) given those vectors writes the file's blocks again, byte for byte."""
     import numpy as np
 
-    from bitplan.exports.gguf_file import IMATRIX_FILE, read_imatrix
-    from bitplan.manifest import read_manifest
-    from bitplan.models import load_model
     from bitplan.quantizer.formats import FORMATS
     from bitplan.quantizer.ggml import quantize_ggml
+    from bitplan.sources.models import load_model
+    from bitplan.targets.exports.gguf_file import IMATRIX_FILE, read_imatrix
+    from bitplan.targets.manifest import read_manifest
 
     folder = Path(run.artifact)
     assert IMATRIX_FILE in [f["name"] for f in run.files] and IMATRIX_FILE in read_manifest(folder).files
@@ -238,7 +238,7 @@ def test_issue17_a_gemma_3_270m_gguf_target_runs_in_llama_cpp(tmp_path: Path) ->
     import gguf
     from llama_cpp import Llama
 
-    from bitplan.models import load_model, resolve_reference
+    from bitplan.sources.models import load_model, resolve_reference
 
     budget = 5.0
     run = run_pipeline(JobSpec.from_flat(model="gemma-3-270m", bits_per_weight=budget, target="gguf", num_samples=2,

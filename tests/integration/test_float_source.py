@@ -176,8 +176,8 @@ def test_unknown_tensor_is_refused() -> None:
 @pytest.mark.slow  # about 70 s here: two rotations (~25 s, ~7 s), three llama.cpp runs of one window, the grid count
 def test_smollm2_rotated_gguf_matches_source_in_llama_cpp(tmp_path: Path) -> None:
     pytest.importorskip("llama_cpp")
-    from bitplan.calibration import builtin_text, read_text
-    from bitplan.models import resolve_reference
+    from bitplan.sources.calibration import builtin_text, read_text
+    from bitplan.sources.models import resolve_reference
 
     _, source = resolve_reference("smollm2-135m")
     rotated, control = tmp_path / "rotated-f16.gguf", tmp_path / "unrotated-f16.gguf"

@@ -3,8 +3,8 @@
 The GGUF and compressed-tensors folders are standard formats: transformers loads them with its own readers and the
 loaded model generates the source's greedy continuation. The packed folder is ours: transformers does not know
 ``quant_method: "bitplan"`` and, left alone, would skip it and fill every unit with random weights; the folder's
-guard placeholder (``bitplan.artifact.GUARD_FILE``) makes it raise instead. Each load runs in a fresh interpreter
-that checks bitplan was never imported.
+guard placeholder (``bitplan.targets.artifact.GUARD_FILE``) makes it raise instead. Each load runs in a fresh
+interpreter that checks bitplan was never imported.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitplan.artifact import GUARD_FILE
-from bitplan.pipeline import run_pipeline
+from bitplan.job.pipeline import run_pipeline
 from bitplan.spec import JobSpec
+from bitplan.targets.artifact import GUARD_FILE
 
 CHILD = """
 import json, sys
@@ -60,7 +60,7 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokenizer (a GGUF needs a BPE vocabulary)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from bitplan.models import resolve_reference
+    from bitplan.sources.models import resolve_reference
 
     gguf_path = resolve_reference("smollm2-135m")[1]
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
@@ -101,7 +101,7 @@ def test_issue45_smollm2_files_generate_the_source_continuation_without_bitplan(
     """On the real model: the GGUF and compressed-tensors folders of an 8-bit job, loaded by transformers alone,
     continue a prompt with the source's own first greedy tokens (" Paris.\n\nThe": an 8-bit grid may part from the
     source after a few tokens, as the compressed-tensors folder does at the fifth); the packed folder raises."""
-    from bitplan.models import load_model
+    from bitplan.sources.models import load_model
 
     source = load_model("smollm2-135m")
     prompt = source.tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]

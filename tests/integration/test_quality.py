@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from bitplan.calibration import read_text
-from bitplan.evaluation import artifact_perplexity
-from bitplan.pipeline import run_pipeline
+from bitplan.job.pipeline import run_pipeline
+from bitplan.report.evaluation import artifact_perplexity
+from bitplan.sources.calibration import read_text
 from bitplan.spec import JobSpec
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

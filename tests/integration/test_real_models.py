@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitplan.artifact import load_artifact
-from bitplan.calibration import builtin_text
-from bitplan.evaluation import perplexity, tokenize_for_perplexity
-from bitplan.pipeline import run_pipeline
+from bitplan.job.pipeline import run_pipeline
+from bitplan.report.evaluation import perplexity, tokenize_for_perplexity
+from bitplan.sources.calibration import builtin_text
 from bitplan.spec import JobSpec
+from bitplan.targets.artifact import load_artifact
 
 pytestmark = pytest.mark.integration
 

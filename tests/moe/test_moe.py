@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 
-from bitplan.moe import (
+from bitplan.sources.moe import (
     LinearExperts,
     RoutingReport,
     expert_stacks,
@@ -23,7 +23,7 @@ from bitplan.moe import (
     unfuse_experts,
     unreached_pins,
 )
-from bitplan.units import find_units
+from bitplan.sources.units import find_units
 
 VOCAB = 1000
 COMMON = {"vocab_size": VOCAB, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -160,7 +160,7 @@ def moe_folder(path: Path, tokenizer: Path, *, experts: int = 8) -> Path:
 
 @pytest.fixture(scope="module")
 def qwen3_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from bitplan.models import resolve_reference
+    from bitplan.sources.models import resolve_reference
 
     _, gguf_path = resolve_reference("smollm2-135m")
     tokenizer = tmp_path_factory.mktemp("tokenizer")
@@ -185,9 +185,9 @@ def _llama(path: Path):
 def test_issue43_gguf_target_writes_expert_stacks_that_llama_cpp_runs(qwen3_moe_dir: Path, tmp_path: Path) -> None:
     import gguf
 
-    from bitplan.artifact import load_artifact
-    from bitplan.exports.gguf_file import read_imatrix
-    from bitplan.pipeline import run_budgets
+    from bitplan.job.pipeline import run_budgets
+    from bitplan.targets.artifact import load_artifact
+    from bitplan.targets.exports.gguf_file import read_imatrix
 
     [result] = run_budgets(_job(qwen3_moe_dir, "gguf"), out_dirs=[tmp_path / "out"], use_cache=False)
     out = tmp_path / "out"
@@ -238,7 +238,7 @@ def test_issue43_streamed_gguf_of_a_moe_folder_matches_the_whole_model_file(qwen
                                                                            tmp_path: Path) -> None:
     import gguf
 
-    from bitplan.streamed_job import run_streamed_gguf
+    from bitplan.job.streamed_job import run_streamed_gguf
 
     spec = _job(qwen3_moe_dir, "gguf")
     [result] = run_streamed_gguf(spec, out_dirs=[tmp_path / "streamed"])
@@ -254,10 +254,10 @@ def test_issue43_streamed_gguf_of_a_moe_folder_matches_the_whole_model_file(qwen
 @pytest.mark.slow  # about 2 minutes each here; in .ci/run's slow subset
 def test_issue43_packed_target_holds_experts_apart_pins_unreached_and_loads(qwen3_moe_dir: Path, tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    import bitplan.pipeline as pipeline
-    from bitplan.artifact import load_artifact
-    from bitplan.models import load_model
-    from bitplan.moe_job import routing_of_windows
+    import bitplan.job.pipeline as pipeline
+    from bitplan.job.moe_job import routing_of_windows
+    from bitplan.sources.models import load_model
+    from bitplan.targets.artifact import load_artifact
 
     def one_expert_unreached(model: torch.nn.Module, tokens: torch.Tensor) -> RoutingReport:
         report = routing_of_windows(model, tokens)
@@ -293,9 +293,9 @@ def test_issue43_packed_target_holds_experts_apart_pins_unreached_and_loads(qwen
 @pytest.mark.parametrize("kind", ["mixtral", "olmoe"])
 def test_issue43_mixtral_and_olmoe_gguf_run_in_llama_cpp_as_our_loader(kind: str, qwen3_moe_dir: Path,
                                                                       tmp_path: Path) -> None:
-    from bitplan.artifact import load_artifact
-    from bitplan.pipeline import run_budgets
+    from bitplan.job.pipeline import run_budgets
     from bitplan.spec import JobSpec
+    from bitplan.targets.artifact import load_artifact
 
     torch.manual_seed(0)
     common = {"vocab_size": 49152, "hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -324,7 +324,7 @@ def test_issue43_mixtral_and_olmoe_gguf_run_in_llama_cpp_as_our_loader(kind: str
 
 
 def run_budgets_packed(model: Path, out: Path):
-    from bitplan.pipeline import run_budgets
+    from bitplan.job.pipeline import run_budgets
 
     return run_budgets(_job(model, "bitplan"), out_dirs=[out], use_cache=False)
 
@@ -332,7 +332,7 @@ def run_budgets_packed(model: Path, out: Path):
 def test_issue43_linear_experts_are_found_and_tied_as_their_target_stores_them() -> None:
     """Experts already held as nn.Linear (Mixtral's older ``block_sparse_moe.experts.N.w1/w2/w3`` and our own
     ``experts.N.gate_proj``) are expert units, tied per projection for GGUF and per layer for vLLM."""
-    from bitplan.planning import unit_tie
+    from bitplan.job.planning import unit_tie
 
     old = "model.layers.2.block_sparse_moe.experts.5.w3"
     assert expert_unit(old).projection == "up_proj" and expert_unit(old).expert == 5

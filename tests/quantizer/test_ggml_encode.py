@@ -48,7 +48,7 @@ def _bundled_tensor() -> torch.Tensor:
     """SmolLM2's ``blk.0.ffn_down.weight`` (576 x 1536) from the bundled Q4_1 GGUF, its columns rotated by a
     seeded orthogonal matrix so that no weight lies on Q4_1's grid any more (as bench/float_source.py does)."""
     gguf = pytest.importorskip("gguf")
-    from bitplan.models import BUNDLED_MODELS
+    from bitplan.sources.models import BUNDLED_MODELS
 
     path = BUNDLED_MODELS["smollm2-135m"].path()
     reader = gguf.GGUFReader(path)
@@ -135,7 +135,7 @@ def test_the_bitplan_encoder_hands_the_iq2_types_to_llama_cpp() -> None:
 
 def test_the_job_spec_names_the_encoder_and_the_job_encodes_with_it() -> None:
     from bitplan.errors import SpecError
-    from bitplan.quantize import encode_unit
+    from bitplan.job.quantize import encode_unit
     from bitplan.spec import JobSpec
 
     weight, importance = _outlier_weight(8, 256, seed=6)

@@ -7,7 +7,7 @@ import torch
 
 from bitplan.sensitivity.activations import Cancelled, collect_unit_statistics
 from bitplan.sensitivity.blockwise import block_grams
-from bitplan.units import find_block_stack, find_units
+from bitplan.sources.units import find_block_stack, find_units
 from tests.conftest import make_tiny_llama
 
 
@@ -59,8 +59,8 @@ def test_block_by_block_grams_can_be_cancelled_between_blocks() -> None:
 
 @pytest.mark.parametrize("metric", ["output_error", "fisher_output_error", "slim_salience", "baq", "gwq"])
 def test_metrics_give_the_same_predictions_block_by_block(metric: str) -> None:
-    from bitplan.models import causal_lm_loss
     from bitplan.sensitivity import Metric, SensitivityRequest, compute_sensitivity
+    from bitplan.sources.models import causal_lm_loss
 
     model = make_tiny_llama()
     units = find_units(model)

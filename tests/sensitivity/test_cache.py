@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-import bitplan.pipeline as pipeline
-import bitplan.sensitivity_pass as sensitivity_pass
+import bitplan.job.pipeline as pipeline
+import bitplan.job.sensitivity_pass as sensitivity_pass
 from bitplan.sensitivity.cache import SensitivityCache, cache_key
 from bitplan.spec import JobSpec
 

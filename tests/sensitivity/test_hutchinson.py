@@ -139,9 +139,9 @@ def test_gradient_difference_restores_the_weights_when_the_gradient_fails() -> N
 def test_both_hvp_methods_give_the_same_unit_traces_on_a_tiny_llama() -> None:
     import functools
 
-    from bitplan.models import causal_lm_loss, use_eager_attention
     from bitplan.sensitivity import HutchinsonConfig, Metric, SensitivityRequest, compute_sensitivity
-    from bitplan.units import find_units
+    from bitplan.sources.models import causal_lm_loss, use_eager_attention
+    from bitplan.sources.units import find_units
     from tests.conftest import make_tiny_llama
 
     model = make_tiny_llama()
@@ -193,10 +193,10 @@ def test_hutchinson_told_each_options_error_scales_that_error_by_the_same_trace(
     """Options with their own weight error (formats, the salience encoder's widths): HAWQ-V2's prediction is
     ``0.5 tr(H) / numel * ||dW||^2`` of that error, with the traces of the widths-only pass (it raised KeyError:
     the probe settings had shadowed the options)."""
-    from bitplan.models import causal_lm_loss, use_eager_attention
     from bitplan.quantizer.rtn import quantization_error
     from bitplan.sensitivity import HutchinsonConfig, Metric, SensitivityRequest, compute_sensitivity
-    from bitplan.units import find_units
+    from bitplan.sources.models import causal_lm_loss, use_eager_attention
+    from bitplan.sources.units import find_units
     from tests.conftest import make_tiny_llama
 
     model = make_tiny_llama()

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bitplan.models import causal_lm_loss, causal_lm_sampled_loss, use_eager_attention
 from bitplan.quantizer.rtn import dequantize_weight, quantize_rtn
 from bitplan.sensitivity import Metric, SensitivityRequest, collect_unit_statistics, compute_sensitivity
 from bitplan.sensitivity.api import MODEL_CURVATURE
 from bitplan.sensitivity.output_error import predict_output_error
-from bitplan.units import find_units
+from bitplan.sources.models import causal_lm_loss, causal_lm_sampled_loss, use_eager_attention
+from bitplan.sources.units import find_units
 from tests.conftest import make_tiny_llama
 
 

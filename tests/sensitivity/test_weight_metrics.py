@@ -8,7 +8,6 @@ from dataclasses import replace
 import pytest
 import torch
 
-from bitplan.models import causal_lm_loss, causal_lm_sampled_loss, use_eager_attention
 from bitplan.quantizer.rtn import dequantize_weight, quantize_rtn
 from bitplan.sensitivity import Metric, SensitivityRequest, collect_unit_statistics, compute_sensitivity
 from bitplan.sensitivity.activations import UnitStatistics
@@ -21,8 +20,9 @@ from bitplan.sensitivity.weight_metrics import (
     predict_slim_salience,
     salience,
 )
+from bitplan.sources.models import causal_lm_loss, causal_lm_sampled_loss, use_eager_attention
+from bitplan.sources.units import find_units
 from bitplan.stages import Stage
-from bitplan.units import find_units
 from tests.conftest import make_tiny_llama
 
 

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from bitplan.allocator import AllocationProblem, Budget, Option, Unit, problem_from_json, problem_to_json
 from bitplan.allocator.frontier import frontier
-from bitplan.frontier import PROBLEM_FILE, job_frontier
+from bitplan.report.frontier import PROBLEM_FILE, job_frontier
 from bitplan.service.app import create_app
 from tests.service.test_jobs import SMALL, settings_for, wait_for
 
@@ -132,7 +132,7 @@ def test_problem_json_round_trips_and_labels_make_uniform_points() -> None:
 
 
 def test_fast_hull_path_matches_the_allocator_and_thinning_keeps_the_ends() -> None:
-    from bitplan.frontier import predicted_frontier
+    from bitplan.report.frontier import predicted_frontier
 
     rng = np.random.default_rng(3)
     units = tuple(Unit(name=f"u{i}", options=tuple(Option(bits=b, bytes=float(rng.integers(50, 90)) * b,

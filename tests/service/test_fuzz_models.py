@@ -15,8 +15,8 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, seed, settings
 
 from bitplan.errors import ModelReferenceError
-from bitplan.models import load_model
 from bitplan.service.app import ServiceSettings, create_app
+from bitplan.sources.models import load_model
 from tests.fuzz.model_files import gguf_mutation, mutate_gguf, mutate_safetensors, safetensors_mutation, write_tiny_gguf
 
 CASES = 150

@@ -14,8 +14,8 @@ from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
 
 from bitplan.errors import ModelReferenceError
-from bitplan.models import load_model
 from bitplan.service.app import ServiceSettings, create_app
+from bitplan.sources.models import load_model
 
 
 @pytest.fixture(params=["sqlite", "redis"])

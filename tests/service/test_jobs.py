@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from bitplan.models import BUNDLED_MODELS
 from bitplan.service.app import ServiceSettings, create_app, hash_key
+from bitplan.sources.models import BUNDLED_MODELS
 
 SMALL = {"num_samples": 2, "seq_len": 32, "group_size": 64}
 

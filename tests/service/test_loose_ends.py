@@ -20,7 +20,7 @@ from tests.service.test_jobs import SMALL, settings_for, wait_for
 
 def test_issue41_a_streamed_job_over_its_memory_cap_is_a_422_at_submit(
         smollm2_tokenizer: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
-    from bitplan import streamed_job
+    from bitplan.job import streamed_job
 
     root = tmp_path / "models"
     root.mkdir()
@@ -71,7 +71,7 @@ def _slow_load(module):  # the job's child process: its model load takes until t
 
     module.load_model = load_model
 
-wrapt.register_post_import_hook(_slow_load, "bitplan.pipeline")
+wrapt.register_post_import_hook(_slow_load, "bitplan.job.pipeline")
 '''
 
 
@@ -101,7 +101,7 @@ def test_issue45_a_job_cancelled_during_a_long_load_is_cancelled_within_5_s(
 
 def test_issue45_a_cancel_that_came_during_the_load_stops_the_pipeline_before_calibration(
         tiny_llama_dir: Path, tmp_path: Path) -> None:
-    from bitplan.pipeline import run_budgets
+    from bitplan.job.pipeline import run_budgets
     from bitplan.sensitivity import Cancelled
     from bitplan.spec import JobSpec
     from bitplan.stages import Stage

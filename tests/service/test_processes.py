@@ -117,7 +117,7 @@ def test_serve_submit_wait_download(tmp_path: Path, tiny_llama_dir: Path) -> Non
                                      str(out), "--json"], capture_output=True, text=True, timeout=120)
         assert downloaded.returncode == 0, downloaded.stderr
         assert (out / "manifest.json").is_file() and (out / "quantized.safetensors").is_file()
-        from bitplan.artifact import load_artifact
+        from bitplan.targets.artifact import load_artifact
 
         load_artifact(out)  # the downloaded folder loads on its own
         whole = (out / "quantized.safetensors").read_bytes()  # issue 14: an interrupted download resumes
@@ -172,7 +172,7 @@ def test_submit_starts_the_embedded_service_and_downloads(tmp_path: Path, tiny_l
         job = json.loads(first.stdout.strip().splitlines()[-1])
         assert job["status"] == "succeeded" and job["downloaded"] == [str(tmp_path / "out")]
         assert "started the embedded service" in first.stderr
-        from bitplan.artifact import load_artifact
+        from bitplan.targets.artifact import load_artifact
 
         load_artifact(tmp_path / "out")
         second = subprocess.run(args[:-4] + ["--json", "--quiet"], capture_output=True, text=True, timeout=300)

@@ -116,7 +116,7 @@ def test_issue44_api_and_worker_share_only_redis_and_the_store(fleet: Fleet, tin
     out = client.artifacts.download(artifact["id"], tmp_path / "download")  # every file's sha256 checked
     manifest = (out / "manifest.json").read_bytes()
     assert hashlib.sha256(manifest).hexdigest() == artifact["manifest_sha256"]
-    from bitplan.artifact import load_artifact
+    from bitplan.targets.artifact import load_artifact
 
     load_artifact(out)  # checks every file against the manifest's sha256 again
     stored = _artifact_objects(fleet, artifact["id"])

@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitplan.devices import resolve_compute_dtype, resolve_device
 from bitplan.errors import SpecError
-from bitplan.models import sampled_loss_of_logits, text_loss_of_logits
 from bitplan.sensitivity.request import Metric, SensitivityRequest
 from bitplan.sensitivity.streamed import streamed_token_fisher
 from bitplan.sources import open_lazy
+from bitplan.sources.devices import resolve_compute_dtype, resolve_device
+from bitplan.sources.models import sampled_loss_of_logits, text_loss_of_logits
+from bitplan.sources.stream import Boundaries, DecoderStream, stream_input_energy
+from bitplan.sources.units import find_units
 from bitplan.spec import JobSpec
-from bitplan.stream import Boundaries, DecoderStream, stream_input_energy
-from bitplan.units import find_units
 from tests.stream.test_streamed_sensitivity import _word_tokenizer, assert_terms_close, tiny_causal_lm, windows
 
 transformers = pytest.importorskip("transformers")

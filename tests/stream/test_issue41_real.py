@@ -11,18 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitplan.models import (
+from bitplan.sensitivity.request import Metric, SensitivityRequest
+from bitplan.sensitivity.streamed import streamed_token_fisher
+from bitplan.sensitivity.token_fisher import token_fisher
+from bitplan.sources.models import (
     causal_lm_loss,
     causal_lm_sampled_loss,
     load_model,
     sampled_loss_of_logits,
     text_loss_of_logits,
 )
-from bitplan.sensitivity.request import Metric, SensitivityRequest
-from bitplan.sensitivity.streamed import streamed_token_fisher
-from bitplan.sensitivity.token_fisher import token_fisher
-from bitplan.stream import Boundaries, DecoderStream, resident_model
-from bitplan.units import find_units
+from bitplan.sources.stream import Boundaries, DecoderStream, resident_model
+from bitplan.sources.units import find_units
 from tests.stream.test_streamed_sensitivity import assert_terms_close
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_issue41_streamed_token_taylor_kl_equals_whole_model_on_smollm2() -> None:
     """SmolLM2's 210 units at two RTN widths, two windows of 128 (the second without the curvature pass), float32
     products: every term within 1e-4 of the whole-model backward's (relative to the unit's largest)."""
-    from bitplan.calibration import build_calibration_set
+    from bitplan.sources.calibration import build_calibration_set
 
     loaded = load_model("smollm2-135m")
     units = find_units(loaded.model)

@@ -1,4 +1,4 @@
-"""Issue 41's memory plan (bitplan.memory_plan) and per-block progress of the streamed job: a job over its cap is
+"""Issue 41's memory plan (bitplan.job.memory_plan) and per-block progress of the streamed job: a job over its cap is
 refused before any heavy work with what would fit; the estimate against the measured peak of a streamed job in
 a process of its own; one progress step per block, monotone."""
 
@@ -15,11 +15,11 @@ import psutil
 import pytest
 
 from bitplan.errors import SpecError
-from bitplan.memory_plan import JobShape, check_plan, estimate
+from bitplan.job.memory_plan import JobShape, check_plan, estimate
+from bitplan.job.streamed_job import run_streamed_gguf
 from bitplan.sensitivity.streamed import BlockClock
 from bitplan.spec import JobSpec
 from bitplan.stages import Stage
-from bitplan.streamed_job import run_streamed_gguf
 from tests.exports.test_gguf_hf_source import hf_folder, smollm2_tokenizer  # noqa: F401, F811 (a fixture)
 
 GiB = 1 << 30
@@ -113,14 +113,14 @@ CHILD = """
 import json, logging, sys
 from pathlib import Path
 from bitplan.spec import JobSpec
-from bitplan.streamed_job import run_streamed_gguf
+from bitplan.job.streamed_job import run_streamed_gguf
 
 plans = []
 class Keep(logging.Handler):
     def emit(self, record):
         if record.msg.startswith("streamed job on"):
             plans.append(record.args[2])
-logger = logging.getLogger("bitplan.streamed_job")
+logger = logging.getLogger("bitplan.job.streamed_job")
 logger.setLevel(logging.INFO)
 logger.addHandler(Keep())
 spec = JobSpec.from_flat(model=sys.argv[1], bits_per_weight=6.0, target="gguf", formats="Q4_0,Q8_0", num_samples=4,
@@ -181,7 +181,7 @@ def wide_folder(tmp_path: Path, tokenizer: Path) -> Path:
 def test_issue41_preflight_plans_a_streamed_job_before_it_is_queued(smollm2_tokenizer: Path,  # noqa: F811
                                                                     tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from bitplan import streamed_job
+    from bitplan.job import streamed_job
 
     folder = hf_folder(tmp_path, smollm2_tokenizer, "llama")
     spec = JobSpec.from_flat(model=str(folder), bits_per_weight=5.0, target="gguf", num_samples=2, seq_len=32,
@@ -199,7 +199,7 @@ def test_issue43_preflight_plans_the_errors_the_job_holds(smollm2_tokenizer: Pat
     """The plan made before queueing counts the candidate errors the streamed job will hold (at most
     ``STREAMED_ERROR_BYTES``), not the whole-model job's larger default: it once planned 4.56 GB of errors for a
     MoE block whose job held 512 MiB, and so refused jobs that fit."""
-    from bitplan import memory_plan, streamed_job
+    from bitplan.job import memory_plan, streamed_job
 
     folder = hf_folder(tmp_path, smollm2_tokenizer, "llama")
     spec = JobSpec.from_flat(model=str(folder), bits_per_weight=5.0, target="gguf", num_samples=2, seq_len=32,
@@ -219,8 +219,8 @@ def test_issue41_a_cancel_stops_the_streamed_job_within_a_block(smollm2_tokenize
                                                                 stage: str) -> None:
     """``run_budgets`` hands the service's ``should_stop`` to the streamed job: a cancel during a stage stops it at
     that stage's next report (one block), and no output directory is left behind."""
-    from bitplan import streamed_job
-    from bitplan.pipeline import run_budgets
+    from bitplan.job import streamed_job
+    from bitplan.job.pipeline import run_budgets
     from bitplan.sensitivity.activations import Cancelled
 
     monkeypatch.setattr(streamed_job, "STREAM_ABOVE_BYTES", 0)  # as if it were over 2 GiB in float32

@@ -1,4 +1,4 @@
-"""The streamed gguf job (bitplan.streamed_job) on a tiny Hugging Face folder: the GGUF it writes tensor by tensor
+"""The streamed gguf job (bitplan.job.streamed_job) on a tiny Hugging Face folder: the GGUF it writes tensor by tensor
 holds the weights its streamed quality report measured (that report equals the whole-model one with the GGUF's
 weights swapped in), and llama.cpp loads and decodes it."""
 
@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from bitplan.errors import ModelReferenceError
-from bitplan.models import load_model
-from bitplan.quality import heldout_windows, measure_quality
+from bitplan.job.streamed_job import GGUF_FILE, run_streamed_gguf, streams
+from bitplan.report.quality import heldout_windows, measure_quality
+from bitplan.sources.models import load_model
+from bitplan.sources.units import find_units
 from bitplan.spec import JobSpec
-from bitplan.streamed_job import GGUF_FILE, run_streamed_gguf, streams
-from bitplan.units import find_units
 from tests.exports.test_gguf_hf_source import hf_folder, smollm2_tokenizer  # noqa: F401, F811 (a fixture)
 
 

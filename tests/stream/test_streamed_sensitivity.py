@@ -11,20 +11,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitplan.models import (
+from bitplan.sensitivity.request import Metric, SensitivityRequest
+from bitplan.sensitivity.streamed import streamed_token_fisher
+from bitplan.sensitivity.token_fisher import token_fisher
+from bitplan.sources import lazy as lazy_module
+from bitplan.sources import open_lazy
+from bitplan.sources.models import (
     causal_lm_loss,
     causal_lm_sampled_loss,
     load_model,
     sampled_loss_of_logits,
     text_loss_of_logits,
 )
-from bitplan.sensitivity.request import Metric, SensitivityRequest
-from bitplan.sensitivity.streamed import streamed_token_fisher
-from bitplan.sensitivity.token_fisher import token_fisher
-from bitplan.sources import lazy as lazy_module
-from bitplan.sources import open_lazy
-from bitplan.stream import Boundaries, DecoderStream, resident_model
-from bitplan.units import find_units
+from bitplan.sources.stream import Boundaries, DecoderStream, resident_model
+from bitplan.sources.units import find_units
 
 transformers = pytest.importorskip("transformers")
 
@@ -166,7 +166,7 @@ def _word_tokenizer():  # noqa: ANN202
 
 def test_streamed_input_energy_equals_whole_model() -> None:
     from bitplan.sensitivity.importance import input_energy
-    from bitplan.stream import stream_input_energy
+    from bitplan.sources.stream import stream_input_energy
 
     model = tiny_causal_lm("gemma3")
     units = find_units(model)

@@ -14,8 +14,8 @@ from fastapi.responses import StreamingResponse
 
 from bitplan.allocator.frontier import FrontierTooLarge
 from bitplan.errors import CursorError, SpecError
-from bitplan.frontier import API_POINT_LIMIT, PROBLEM_FILE, NoTimes, frontier_csv, job_frontier
-from bitplan.references import check_reference, check_text_file
+from bitplan.job.streamed_job import preflight
+from bitplan.report.frontier import API_POINT_LIMIT, PROBLEM_FILE, NoTimes, frontier_csv, job_frontier
 from bitplan.service.api.deps import Files, Owner, Queue, ServiceSettings, Settings, Store, own_job
 from bitplan.service.api.errors import ERRORS, http_error
 from bitplan.service.api.pagination import CURSOR, one_page
@@ -37,8 +37,8 @@ from bitplan.service.schemas import (
 )
 from bitplan.service.storage import Storage
 from bitplan.service.worker import enqueue
+from bitplan.sources.references import check_reference, check_text_file
 from bitplan.spec import JobSpec
-from bitplan.streamed_job import preflight
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
 STATUS_PATTERN = "^(" + "|".join(s.value for s in JobStatus) + ")$"

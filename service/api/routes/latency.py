@@ -11,8 +11,8 @@ from pathlib import Path
 from fastapi import APIRouter, Query, Response
 
 from bitplan.errors import BitplanError
-from bitplan.latency import LatencyTable
 from bitplan.quantizer.formats import FORMATS
+from bitplan.report.latency import LatencyTable
 from bitplan.service.api.deps import Owner, ServiceSettings, Settings
 from bitplan.service.api.errors import ERRORS, http_error
 from bitplan.service.api.pagination import CURSOR, after_cursor, one_page

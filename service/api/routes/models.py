@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Query, Response
 
-from bitplan.models import BUNDLED_MODELS, resolve_reference
-from bitplan.references import check_reference, reference_bytes
 from bitplan.service.api.deps import Owner, Settings, Store
 from bitplan.service.api.errors import ERRORS, http_error
 from bitplan.service.api.pagination import CURSOR, after_cursor, one_page
 from bitplan.service.schemas import ModelCreate, ModelPage, ModelPublic
+from bitplan.sources.models import BUNDLED_MODELS, resolve_reference
+from bitplan.sources.references import check_reference, reference_bytes
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERRORS)
 
