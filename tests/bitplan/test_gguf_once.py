@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from bitplan.models import BUNDLED_MODELS, load_model
 from bitplan.sources.gguf_once import gguf_parsed_once
+from bitplan.sources.models import BUNDLED_MODELS, load_model
 
 
 def _small_gguf(path: Path) -> Path:

@@ -43,9 +43,9 @@ class RecordingCache:
     def __init__(self) -> None:
         self.keys: list[str] = []
 
-    def get(self, key: str) -> str:
+    def lookup(self, key: str) -> tuple[str, str]:
         self.keys.append(key)
-        return "cached"
+        return "cached", "this machine"
 
 
 def measured_key(case: str, lazy: object = None) -> str:
