@@ -18,8 +18,8 @@ import _own_folder_off_path  # (before any first-party import)
 import numpy
 import torch
 
-from bitplan.calibration import read_text
-from bitplan.evaluation import tokenize_for_perplexity
+from bitplan.report.evaluation import tokenize_for_perplexity
+from bitplan.sources.calibration import read_text
 
 peers = _own_folder_off_path.sibling("peers")
 

@@ -47,7 +47,7 @@ def main() -> None:
     assert not head_units(spec, loaded), "a whole-file budget's head units are measured by the whole-model pass"
     calibration = build_calibration_set(loaded.tokenizer, text_file=None, num_samples=args.samples,
                                         seq_len=args.seq_len, seed=spec.calibration.seed)
-    metric = resolve_metric(spec.sensitivity.metric.value, loaded.kind)
+    metric = resolve_metric(spec.sensitivity.metric.value, loaded.kind, spec.quantization.target.value)
     importance = None
     if spec.quantization.format_names is not None or salience_width_errors(spec, metric):
         importance = input_energy(loaded.model, units, list(torch.split(calibration.tokens, 1)))

@@ -22,7 +22,8 @@ from bitplan.quantizer.methods import QUANTIZERS
 from bitplan.sensitivity.request import DEFAULT_ERROR_BYTES, HutchinsonConfig, Metric
 
 MetricChoice = Enum("MetricChoice", {"AUTO": "auto", **{m.name: m.value for m in Metric}}, type=str)  # type: ignore[misc]
-MetricChoice.__doc__ = "A sensitivity metric, or ``auto`` (token_taylor_kl for causal LMs, output_error otherwise)."
+MetricChoice.__doc__ = ("A sensitivity metric, or ``auto`` (for causal LMs token_kl to a GGUF target, token_taylor_kl "
+                        "otherwise; output_error for other models).")
 PrecisionChoice = Enum("PrecisionChoice", {"AUTO": "auto", "FLOAT32": "float32", "BFLOAT16": "bfloat16"},  # type: ignore[misc]
                        type=str)
 PrecisionChoice.__doc__ = "The dtype the token metrics' per-token products run in (``auto``: bfloat16 where native)."
@@ -138,8 +139,9 @@ class Calibration:
 class SensitivityOptions:
     """How the predicted loss increase per (layer, bit width) is measured."""
 
-    metric: Any = option_field(MetricChoice.AUTO, "enum", "sensitivity metric (auto: token_taylor_kl for language "
-                               "models, output_error otherwise)", flag="--metric", choices=MetricChoice)
+    metric: Any = option_field(MetricChoice.AUTO, "enum", "sensitivity metric (auto: for language models token_kl to "
+                               "the gguf target, token_taylor_kl otherwise; output_error for other models)",
+                               flag="--metric", choices=MetricChoice)
     max_error_bytes: int = option_field(DEFAULT_ERROR_BYTES, "int", "token metrics: bytes of rounding errors held at "
                                         "once (less: more passes)", flag="--max-error-bytes", minimum=1, maximum=2**44)
     precision: Any = option_field(PrecisionChoice.AUTO, "enum", "token metrics: dtype of the per-token products "

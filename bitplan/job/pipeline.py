@@ -190,7 +190,7 @@ def calibrate_and_measure(spec: JobSpec, loaded: LoadedModel, units: dict[str, n
                         sensitivity=None)
     importance = None
     if spec.quantization.format_names is not None or salience_width_errors(
-            spec, resolve_metric(spec.sensitivity.metric.value, loaded.kind)):
+            spec, resolve_metric(spec.sensitivity.metric.value, loaded.kind, spec.quantization.target.value)):
         linear = {name: m for name, m in {**units, **(head or {})}.items() if isinstance(m, nn.Linear)}
         importance = cached_importance(loaded, linear, calib, cache, lambda: input_energy(
             loaded.model, linear, list(torch.split(calib.tokens, 1)), on_progress=on_progress,

@@ -41,10 +41,21 @@ logger = logging.getLogger(__name__)
 HUTCHINSON_TOKENS = 512  # one window: a Hessian-vector product costs ~3.5-8 GB per 512 tokens, 5-7 s per probe
 
 
-def resolve_metric(name: str, kind: ModelKind) -> Metric:
-    """``auto`` -> token_taylor_kl for causal LMs, output_error otherwise; a loss-based metric needs a causal LM."""
+def resolve_metric(name: str, kind: ModelKind, target: str = "bitplan") -> Metric:
+    """``auto`` -> for causal LMs token_kl to the gguf ``target``, token_taylor_kl to the others; output_error for
+    other models. A loss-based metric needs a causal LM.
+
+    Why the GGUF target differs: its files are judged by their KL to the source, and its candidates reach Q8_0 and
+    Q6_K, whose rounding errors are small enough that token_taylor_kl's first-order term (the calibration text's
+    own labels: nearly zero in expectation for a KL objective, and linear in the error) outweighs the real cost. On
+    the float SmolLM2 at Q6_K's file bytes it ranked Q5_1 above Q8_0 in 15 of 212 layers, and its file measured
+    KL 0.0100 against token_kl's 0.0058; token_kl was better at Q2_K, Q4_K_M and Q5_K_M too
+    (``bench/results/peers-smollm2-float-source-token-kl-2026-12-07.json``). The packed target's default stays
+    token_taylor_kl, chosen on its own formats by rank correlation with measured loss increases and cheaper."""
     if name == "auto":
-        return Metric.TOKEN_TAYLOR_KL if kind is ModelKind.CAUSAL_LM else Metric.OUTPUT_ERROR
+        if kind is not ModelKind.CAUSAL_LM:
+            return Metric.OUTPUT_ERROR
+        return Metric.TOKEN_KL if target == "gguf" else Metric.TOKEN_TAYLOR_KL
     metric = Metric(name)
     if metric in NEEDS_LOSS and kind is not ModelKind.CAUSAL_LM:
         usable = sorted(m.value for m in Metric if m not in NEEDS_LOSS)
@@ -146,7 +157,7 @@ def measure(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear], cal
     (``sensitivity_cache``: ``hit``, ``miss`` or ``off``) and, on a hit, from where (``sensitivity_cache_from``:
     this machine, or the shared store another host filled). With formats, each option's error is that format's
     with its encoder (``importance``: the calibration's input energy)."""
-    metric = resolve_metric(spec.sensitivity.metric.value, loaded.kind)
+    metric = resolve_metric(spec.sensitivity.metric.value, loaded.kind, spec.quantization.target.value)
     if spec.quantization.format_names is not None and metric not in TAKES_ERRORS:
         raise SpecError(f"metric {metric.value!r} predicts from RTN errors only; with --formats choose one of "
                         f"{', '.join(sorted(m.value for m in TAKES_ERRORS))}", param="metric")
