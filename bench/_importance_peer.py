@@ -70,11 +70,9 @@ def with_our_importance(model_ref: str, presets: list[str], out: Path, samples: 
     return paths
 
 
-def graft_block_linear(base: Path, donor: Path, out: Path) -> None:
-    """``out`` = the GGUF ``base`` (its metadata and every tensor, in order) with each block-linear tensor taken
-    from ``donor`` instead, which must hold it in the same type and shape. Raises ``ValueError`` naming the first
-    tensor that differs."""
-    reader, donors = gguf.GGUFReader(base), {t.name: t for t in gguf.GGUFReader(donor).tensors}
+def writer_with_metadata(reader: gguf.GGUFReader, out: Path) -> gguf.GGUFWriter:
+    """A writer of ``out`` holding every metadata field of ``reader``'s file (its alignment included), ready for
+    tensors."""
     writer = gguf.GGUFWriter(out, str(reader.fields["general.architecture"].contents()))
     for field in reader.fields.values():
         if field.name == "general.architecture" or field.name.startswith("GGUF."):
@@ -85,6 +83,15 @@ def graft_block_linear(base: Path, donor: Path, out: Path) -> None:
         main = field.types[0]
         writer.add_key_value(field.name, field.contents(), main,
                              sub_type=field.types[-1] if main == gguf.GGUFValueType.ARRAY else None)
+    return writer
+
+
+def graft_block_linear(base: Path, donor: Path, out: Path) -> None:
+    """``out`` = the GGUF ``base`` (its metadata and every tensor, in order) with each block-linear tensor taken
+    from ``donor`` instead, which must hold it in the same type and shape. Raises ``ValueError`` naming the first
+    tensor that differs."""
+    reader, donors = gguf.GGUFReader(base), {t.name: t for t in gguf.GGUFReader(donor).tensors}
+    writer = writer_with_metadata(reader, out)
     for tensor in reader.tensors:
         source = donors.get(tensor.name) if BLOCK_LINEAR.search(tensor.name) else tensor
         if source is None or (source.tensor_type, source.data.shape) != (tensor.tensor_type, tensor.data.shape):

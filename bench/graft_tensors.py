@@ -14,9 +14,11 @@ import re
 import sys
 from pathlib import Path
 
+import _own_folder_off_path  # (before any first-party import)
 import gguf
 import numpy
 
+peer = _own_folder_off_path.sibling("_importance_peer")  # its GGUF metadata copy
 BLOCK_LINEAR = re.compile(r"blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down))\.weight$")
 
 
@@ -26,16 +28,7 @@ def graft(base: Path, donor: Path, out: Path, names: set[str]) -> list[dict[str,
     missing = names - set(donors)
     if missing:
         raise SystemExit(f"{donor}: no tensor {sorted(missing)[0]}")
-    writer = gguf.GGUFWriter(out, str(reader.fields["general.architecture"].contents()))
-    for field in reader.fields.values():
-        if field.name == "general.architecture" or field.name.startswith("GGUF."):
-            continue
-        if field.name == "general.alignment":
-            writer.add_custom_alignment(int(field.contents()))
-            continue
-        main = field.types[0]
-        writer.add_key_value(field.name, field.contents(), main,
-                             sub_type=field.types[-1] if main == gguf.GGUFValueType.ARRAY else None)
+    writer = peer.writer_with_metadata(reader, out)
     swapped = []
     for tensor in reader.tensors:
         source = donors[tensor.name] if tensor.name in names else tensor
