@@ -14,7 +14,7 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import quantize
 
 from bitplan.quantizer.formats import FORMATS, GgmlWeight, encoded_bytes, legal_formats
-from bitplan.quantizer.ggml import quantize_ggml
+from bitplan.quantizer.ggml import dequantize_ggml, dequantize_ggml_reference, quantize_ggml, row_spans
 
 SHAPE = (48, 512)
 
@@ -45,6 +45,42 @@ def test_issue16_llama_cpp_encoder_matches_the_gguf_reference(qtype: T, weight: 
     reference = quantize(weight.numpy().astype(np.float32), qtype)
     decoded = [FORMATS[qtype.name].decode(GgmlWeight(qtype.name, x, SHAPE)) for x in (ours, reference)]
     assert torch.allclose(decoded[0], decoded[1], atol=1e-6) and (ours == reference).mean() > 0.99
+
+
+GGML_NAMES = sorted(name for name, fmt in FORMATS.items() if fmt.family == "ggml")
+
+
+@pytest.mark.parametrize("name", GGML_NAMES)
+def test_issue41_libggml_decoder_gives_the_gguf_packages_values(name: str) -> None:
+    """The fast decoder (libggml's ``to_float``) against the slow, independent one (gguf-py's numpy), on blocks
+    with outliers and an importance vector, for every GGML type we offer."""
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(16, 512, generator=generator) * torch.rand(1, 512, generator=generator).pow(4) * 3
+    importance = torch.rand(512, generator=generator) + 0.05
+    blocks = quantize_ggml(weight, T[name], importance)
+    assert torch.equal(dequantize_ggml(blocks, T[name]), dequantize_ggml_reference(blocks, T[name]))
+
+
+@pytest.mark.parametrize("name", ["Q2_K", "Q4_K", "Q6_K", "Q4_1", "Q8_0", "IQ4_XS"])
+def test_issue41_rows_split_over_threads_give_the_bytes_of_one_call(name: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large matrix is encoded in row spans on several threads: the bytes of one ``ggml_quantize_chunk`` over
+    every row (uneven spans included)."""
+    generator = torch.Generator().manual_seed(4)
+    weight, importance = torch.randn(2051, 512, generator=generator), torch.rand(512, generator=generator) + 0.05
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    assert len(row_spans(2051, 512, threads=3)) == 3
+    split = quantize_ggml(weight, T[name], importance)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert np.array_equal(split, quantize_ggml(weight, T[name], importance))
+
+
+def test_issue41_row_spans_cover_every_row_once_and_keep_small_matrices_whole() -> None:
+    for rows, columns, threads in [(1027, 512, 3), (7, 1 << 20, 16), (4096, 4096, 2), (1, 256, 8)]:
+        spans = row_spans(rows, columns, threads=threads)
+        assert spans[0][0] == 0 and spans[-1][1] == rows and len(spans) <= threads
+        assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(spans, spans[1:], strict=False))
+    assert row_spans(48, 512, threads=8) == [(0, 48)]
 
 
 def test_issue16_legal_formats_follow_the_row_length() -> None:

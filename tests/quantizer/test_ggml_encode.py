@@ -9,7 +9,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 
-from bitplan.quantizer.ggml import dequantize_ggml, dequantize_ggml_llama_cpp, quantize_ggml
+from bitplan.quantizer.ggml import dequantize_ggml, dequantize_ggml_reference, quantize_ggml
 from bitplan.quantizer.ggml_encode import ENCODERS, bitplan_types, check_encoder, encode_bitplan, encode_ggml, pack
 from bitplan.quantizer.ggml_encode.search import integer_levels
 from bitplan.quantizer.ggml_encode.types import IQ4_VALUES
@@ -39,7 +39,7 @@ def test_our_bytes_decode_alike_in_gguf_and_llama_cpp_and_lose_less(name: str) -
     theirs = encode_ggml(weight, qtype, importance, encoder="llama.cpp")
     assert ours.shape == theirs.shape and ours.dtype == np.uint8
     decoded = dequantize_ggml(ours, qtype)
-    assert torch.equal(decoded, dequantize_ggml_llama_cpp(ours, qtype))
+    assert torch.equal(decoded, dequantize_ggml_reference(ours, qtype))
     assert torch.isfinite(decoded).all()
     assert _error(weight, importance, ours, qtype) <= _error(weight, importance, theirs, qtype)
 
