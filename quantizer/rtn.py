@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from bitplan.kernels.dequant import dequantize_groupwise
+from bitplan.quantizer import search_memo
 from bitplan.quantizer.grid import (
     expand_row_codes,
     grid_params,
@@ -122,7 +123,8 @@ def quantize_offset(weight: torch.Tensor, *, bits: int, group_size: int, scale_b
 
     ``importance`` (``(in_features,)``, non-negative: the layer's per-column input energy): each group's range is
     searched instead of taken whole and then refit (:func:`offset_search`), the scale and zero searched before they
-    are double-quantized."""
+    are double-quantized; the search is done once per weight, importance, width and group size while
+    :mod:`quantizer.search_memo` keeps it (``-fzero``, ``-dq4`` and ``-dq6`` share it; the same bytes)."""
     check_quantization_args(weight, bits, group_size)
     w = weight.detach().float()
     groups, mask = _group_view(w, group_size)
@@ -132,7 +134,13 @@ def quantize_offset(weight: torch.Tensor, *, bits: int, group_size: int, scale_b
     else:
         column_weights = torch.nn.functional.pad(importance.detach().float(), (0, groups.shape[1] * group_size
                                                                                - w.shape[1]))
-        scale, zeros = offset_search(groups, low, high, bits, column_weights.reshape(1, -1, group_size))
+        weights = column_weights.reshape(1, -1, group_size)
+        if search_memo.enabled():  # the same weight's grid at the same width: once for -fzero, -dq4, -dq6
+            key = ("offset", search_memo.digest(w, weights), bits, group_size)
+            scale, zeros = search_memo.SEARCHES.get(
+                key, lambda: offset_search(groups, low, high, bits, weights))
+        else:
+            scale, zeros = offset_search(groups, low, high, bits, weights)
     scale_codes = zero_codes = scale_range = None
     if scale_bits is not None:
         scale_codes, scale_low, scale_step = row_codes(scale, scale_bits)
@@ -182,7 +190,12 @@ def offset_search(groups: torch.Tensor, low: torch.Tensor, high: torch.Tensor, b
 def _quantize_rtn_calibrated(w: torch.Tensor, bits: int, group_size: int, salience: torch.Tensor
                              ) -> QuantizedWeight:
     full = w.shape[1] - w.shape[1] % group_size  # the full groups are searched at once; a narrower last one alone
-    scale, zero = salience_calibrated_groups(w[:, :full], bits, group_size, salience[:full])
+    if search_memo.enabled():  # the quantize step encodes again what the weight errors encoded: searched once
+        key = ("salience", search_memo.digest(w[:, :full], salience[:full]), bits, group_size)
+        scale, zero = search_memo.SEARCHES.get(
+            key, lambda: salience_calibrated_groups(w[:, :full], bits, group_size, salience[:full]))
+    else:
+        scale, zero = salience_calibrated_groups(w[:, :full], bits, group_size, salience[:full])
     if full < w.shape[1]:
         last_scale, last_zero = salience_calibrated_params(w[:, full:], bits, salience[full:])
         scale, zero = torch.cat([scale, last_scale], dim=1), torch.cat([zero, last_zero], dim=1)

@@ -34,6 +34,7 @@ from bitplan.job.run_result import Measured, RunResult, result_of, unit_format
 from bitplan.job.sensitivity_pass import cached_importance, measure, resolve_metric, salience_width_errors
 from bitplan.job.sizing import head_units, plan_latency, resolve_named_size, size_units
 from bitplan.job.target_files import GGUF_FILE, listed, measure_latency, write_target
+from bitplan.quantizer import search_memo
 from bitplan.quantizer.formats import decode_weight
 from bitplan.quantizer.methods import QUANTIZER_LABELS
 from bitplan.report.frontier import PROBLEM_FILE, problem_document, write_problem
@@ -105,11 +106,14 @@ def run_budgets(spec: JobSpec, *, out_dirs: list[Path], on_progress: ProgressFn 
     spec = resolve_named_size(spec)  # a llama.cpp preset's name: its file's bytes, before anything is planned
     from bitplan.job.streamed_job import run_streamed_gguf, streams
 
-    if streams(spec):  # a model over 2 GiB in float32 to a GGUF: every stage one block at a time
-        results = run_streamed_gguf(spec, out_dirs=out_dirs, on_progress=on_progress, cache=cache,
-                                    should_stop=should_stop)
-    else:
-        results = _run_in_memory(spec, out_dirs, on_progress, should_stop, cache)
+    try:
+        if streams(spec):  # a model over 2 GiB in float32 to a GGUF: every stage one block at a time
+            results = run_streamed_gguf(spec, out_dirs=out_dirs, on_progress=on_progress, cache=cache,
+                                        should_stop=should_stop)
+        else:
+            results = _run_in_memory(spec, out_dirs, on_progress, should_stop, cache)
+    finally:
+        search_memo.SEARCHES.clear()  # the grid searches this job's encoders shared: not kept past it
     if named is None:
         return results
     return [dataclasses.replace(r, budget={**r.budget, "size_of": named.value}) for r in results]
