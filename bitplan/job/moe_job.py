@@ -34,10 +34,10 @@ def with_unreached_pinned(spec: JobSpec, routing: RoutingReport | None, units: I
         spec.allocation, pinned=tuple(spec.allocation.pinned) + pins))
 
 
-VLLM_MOE_RULE = ("MoE in compressed-tensors: vLLM runs a layer's experts through one fused kernel with one scheme, so "
-                 "every expert and projection of a layer share one format here (per-expert groups in the config); "
-                 "transformers 5.25 cannot load per-expert quantized experts into its fused 3-D experts (its "
-                 "conversion fails), so load this folder with vLLM, or use the packed or gguf target")
+VLLM_MOE_RULE = ("MoE in compressed-tensors: every routed expert and projection of the model shares one format here "
+                 "(per-expert tensors, as the model's checkpoints name them): transformers 5.25 reads all of a model's "
+                 "experts with one config group and dequantizes them to float as it merges them into its fused "
+                 "experts, and vLLM's fused MoE kernel runs a layer's experts with one scheme")
 
 
 def reported(result: Any, routing: RoutingReport | None) -> Any:

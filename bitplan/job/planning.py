@@ -253,20 +253,25 @@ def job_problem(spec: JobSpec, sizes: Sizes, sensitivity: SensitivityResult, bud
 
 
 def stacks_experts(spec: JobSpec) -> str | None:
-    """How ``spec``'s target ties a layer's routed experts: ``"projection"`` where it stores them as one tensor
-    per projection (GGUF: one type each), ``"layer"`` where its server runs a layer's experts with one scheme
-    (vLLM's fused MoE kernels for compressed-tensors: every expert and projection of a layer alike), ``None``
-    where each expert stands apart (our packed folder)."""
-    return {"gguf": "projection", "compressed-tensors": "layer"}.get(str(getattr(spec.quantization.target, "value",
+    """How ``spec``'s target ties the routed experts: ``"projection"`` where it stores a layer's as one tensor per
+    projection (GGUF: one type each), ``"model"`` where its loader reads every routed expert of the model with one
+    scheme (compressed-tensors: transformers' ``get_experts_scheme`` resolves one config group for all of them,
+    and vLLM's fused MoE kernel runs a layer's with one), ``None`` where each expert stands apart (our packed
+    folder)."""
+    return {"gguf": "projection", "compressed-tensors": "model"}.get(str(getattr(spec.quantization.target, "value",
                                                                                   spec.quantization.target)))
 
 
+ROUTED_EXPERTS = "every routed expert"  # the tie label of a model's experts under one format
+
+
 def unit_tie(name: str, *, tie_fused: bool, tie_experts: str | bool | None) -> str | None:
-    """The tie label of unit ``name``: its expert stack's (``tie_experts``: per projection, or the whole layer's
-    experts with ``"layer"``), else its fused siblings' (``tie_fused``), else ``None``."""
+    """The tie label of unit ``name``: its expert stack's (``tie_experts``: per projection; every expert of its
+    layer with ``"layer"``; every routed expert of the model with ``"model"``), else its fused siblings'
+    (``tie_fused``), else ``None``."""
     expert = expert_unit(name) if tie_experts else None
     if expert is not None:
-        return f"{expert.stack}.*" if tie_experts == "layer" else expert.tie
+        return {"layer": f"{expert.stack}.*", "model": ROUTED_EXPERTS}.get(str(tie_experts), expert.tie)
     return fused_tie(name) if tie_fused else None
 
 

@@ -15,6 +15,7 @@ from bitplan.errors import BitplanError, ModelReferenceError, SpecError
 from bitplan.job.planning import LatencyPlan, Sizes, budgets_in_bytes, latency_plan, unit_sizes
 from bitplan.job.preset_size import preset_file_bytes
 from bitplan.sources.models import LoadedModel, resolve_reference
+from bitplan.sources.moe import expert_unit
 from bitplan.sources.units import find_output_head, find_units, find_untied_embedding
 from bitplan.spec import JobSpec
 from bitplan.stages import ProgressFn
@@ -45,6 +46,8 @@ def size_units(spec: JobSpec, loaded: LoadedModel) -> Sized:
         raise ModelReferenceError(f"{spec.model!r} has no linear layers inside its transformer blocks to quantize")
     if spec.quantization.target.value == "gguf":
         check_gguf_source(spec, loaded)
+    if spec.quantization.target.value == "compressed-tensors":
+        check_compressed_tensors_experts(spec, loaded, units)
     head = head_units(spec, loaded)
     planned = {**units, **head}
     sizes = unit_sizes(planned, spec.widths, spec.quantization.group_size, spec.quantization.format_names,
@@ -104,6 +107,25 @@ def plan_latency(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear]
                                   table_file=table_file, on_progress=on_progress, loaded=loaded)
     return latency_plan(table, source, units, sizes, spec.budget.latency_ms_per_token,
                         spec.budget.prefill_ms_per_token)
+
+
+# MoE model types whose per-expert compressed-tensors checkpoints transformers 5.25 loads into its fused experts
+# (each expert's projections dequantized and merged): tested on tiny models of each (tests/moe/test_moe_ct.py)
+CT_EXPERT_MODEL_TYPES = ("qwen3_moe", "olmoe", "mixtral")
+
+
+def check_compressed_tensors_experts(spec: JobSpec, loaded: LoadedModel, units: dict[str, nn.Linear]) -> None:
+    """A MoE model goes to compressed-tensors only where transformers reads per-expert checkpoints back into its
+    fused experts; elsewhere (gpt-oss: its checkpoints hold the experts fused) the folder would not load as
+    quantized, so it is refused before any heavy work."""
+    if not any(expert_unit(name) is not None for name in units):
+        return
+    model_type = getattr(getattr(loaded.model, "config", None), "model_type", None)
+    if model_type not in CT_EXPERT_MODEL_TYPES:
+        raise ModelReferenceError(
+            f"the compressed-tensors target writes a MoE model's experts one by one, which transformers loads back "
+            f"only for {', '.join(CT_EXPERT_MODEL_TYPES)}; {spec.model!r} is {model_type!r}: use --target gguf or "
+            f"the packed folder (--target bitplan)", param="target")
 
 
 def check_gguf_source(spec: JobSpec, loaded: LoadedModel) -> None:

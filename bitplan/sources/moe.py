@@ -203,6 +203,16 @@ def checkpoint_aliases(name: str) -> list[str]:
     return [aliased]
 
 
+def checkpoint_name(name: str, model_type: str | None) -> str:
+    """The name a checkpoint of ``model_type`` stores tensor or module ``name`` under, as transformers'
+    ``save_pretrained`` writes it and its loader converts it back: Mixtral's (:func:`checkpoint_aliases`); any
+    other model's own."""
+    if model_type != "mixtral" or ".mlp." not in name:
+        return name
+    return checkpoint_aliases(f"{name}.weight")[0].removesuffix(".weight") if expert_unit(name) is not None \
+        else checkpoint_aliases(name)[0]
+
+
 def expert_stacks(model: nn.Module) -> dict[str, LinearExperts]:
     """Qualified name -> each MoE layer's :class:`LinearExperts`, in model order."""
     return {name: module for name, module in model.named_modules() if isinstance(module, LinearExperts)}

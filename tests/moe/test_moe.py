@@ -331,8 +331,10 @@ def run_budgets_packed(model: Path, out: Path):
 
 def test_issue43_linear_experts_are_found_and_tied_as_their_target_stores_them() -> None:
     """Experts already held as nn.Linear (Mixtral's older ``block_sparse_moe.experts.N.w1/w2/w3`` and our own
-    ``experts.N.gate_proj``) are expert units, tied per projection for GGUF and per layer for vLLM."""
-    from bitplan.job.planning import unit_tie
+    ``experts.N.gate_proj``) are expert units, tied per projection for GGUF, per layer or (compressed-tensors,
+    which transformers reads with one experts scheme) all together."""
+    from bitplan.job.planning import ROUTED_EXPERTS, stacks_experts, unit_tie
+    from bitplan.spec import JobSpec
 
     old = "model.layers.2.block_sparse_moe.experts.5.w3"
     assert expert_unit(old).projection == "up_proj" and expert_unit(old).expert == 5
@@ -344,5 +346,8 @@ def test_issue43_linear_experts_are_found_and_tied_as_their_target_stores_them()
     assert by_projection == {f"model.layers.{i}.mlp.experts.*.{p}" for i in (0, 1)
                              for p in ("gate_proj", "up_proj", "down_proj")}
     assert by_layer == {f"model.layers.{i}.mlp.experts.*" for i in (0, 1)}
+    spec = JobSpec.from_flat(model="smollm2-135m", bits_per_weight=6.0, target="compressed-tensors")
+    assert stacks_experts(spec) == "model"
+    assert {unit_tie(n, tie_fused=False, tie_experts="model") for n in names} == {ROUTED_EXPERTS}
     assert {unit_tie(n, tie_fused=False, tie_experts=None) for n in names} == {None}  # packed: each apart
     assert unit_tie("model.layers.0.self_attn.q_proj", tie_fused=False, tie_experts="projection") is None

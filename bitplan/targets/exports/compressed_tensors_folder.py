@@ -13,6 +13,7 @@ narrower codes are valid codes there), so it weighs more than in our artifact.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from safetensors.torch import save_file
 from bitplan.errors import BitplanError
 from bitplan.quantizer.formats import GgmlWeight
 from bitplan.quantizer.rtn import QuantizedWeight
+from bitplan.sources.moe import checkpoint_name
 from bitplan.targets.artifact import FLOAT_FILE, GUARD_FILE, MANIFEST, QUANTIZED_FILE, safetensors_data_bytes
 from bitplan.targets.exports.common import ExportReport, file_hashes, read_artifact_units, register_export
 from bitplan.targets.exports.vllm_kernels import serving_kernels
@@ -115,10 +117,12 @@ def export_compressed_tensors(artifact: Path, out: Path) -> ExportReport:
     staging = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
     staging.mkdir()
     try:
-        state = {name: tensor.to(torch.float16).contiguous() for name, tensor in floats.items()
+        on_disk = functools.partial(checkpoint_name, model_type=json.loads(
+            (artifact / "config.json").read_text()).get("model_type"))  # Mixtral's block_sparse_moe, w1/w2/w3
+        state = {on_disk(name): tensor.to(torch.float16).contiguous() for name, tensor in floats.items()
                  if name not in manifest.tied}
-        regrouped = {name: whole_groups(u) for name, u in units.items()}
-        if any(regrouped[name].group_size != u.group_size for name, u in units.items()):
+        regrouped = {on_disk(name): whole_groups(u) for name, u in units.items()}
+        if any(regrouped[on_disk(name)].group_size != u.group_size for name, u in units.items()):
             notes.append("compressed-tensors needs groups that divide each layer's input width: layers with a partial "
                          "last group are written with group size gcd(group size, input width), scales repeated")
         units = regrouped
@@ -127,8 +131,7 @@ def export_compressed_tensors(artifact: Path, out: Path) -> ExportReport:
         save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         _write_model_files(artifact, staging, units)
         data = safetensors_data_bytes(staging / WEIGHTS_FILE)
-        unit_prefixes = tuple(f"{name}." for name in units)
-        written = sum(size for name, size in data.items() if name.startswith(unit_prefixes))
+        written = sum(size for name, size in data.items() if name in unit_state)  # a layer's bias is not its codes
         if out.exists():
             out.rmdir()
         staging.rename(out)
