@@ -13,17 +13,14 @@ import torch
 import transformers
 
 from bitplan.errors import ModelReferenceError
+from tests.moe.test_moe import CONFIGS
 
 pytest.importorskip("compressed_tensors", reason="compressed-tensors is installed by pip install '.[test]'")
 
-KINDS = {
-    "qwen3moe": ("Qwen3MoeConfig", {"moe_intermediate_size": 256, "num_experts": 8, "num_experts_per_tok": 2,
-                                    "head_dim": 64, "norm_topk_prob": True}),
-    "mixtral": ("MixtralConfig", {"intermediate_size": 256, "num_local_experts": 8, "num_experts_per_tok": 2}),
-    "olmoe": ("OlmoeConfig", {"intermediate_size": 256, "num_experts": 8, "num_experts_per_tok": 2}),
-    "gpt-oss": ("GptOssConfig", {"intermediate_size": 256, "num_local_experts": 8, "num_experts_per_tok": 2,
-                                 "head_dim": 64, "layer_types": ["full_attention"] * 2}),
-}
+# transformers' own configs, as tests/moe/test_moe.py builds them, at widths of 256 (every group size legal)
+WIDER = {"moe_intermediate_size": 256, "intermediate_size": 256, "head_dim": 64}
+KINDS = {kind: (config_class, {key: WIDER.get(key, value) for key, value in extra.items()})
+         for kind, (config_class, extra) in CONFIGS.items()}
 
 
 @pytest.fixture(scope="module")
