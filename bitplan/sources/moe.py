@@ -209,8 +209,7 @@ def checkpoint_name(name: str, model_type: str | None) -> str:
     other model's own."""
     if model_type != "mixtral" or ".mlp." not in name:
         return name
-    return checkpoint_aliases(f"{name}.weight")[0].removesuffix(".weight") if expert_unit(name) is not None \
-        else checkpoint_aliases(name)[0]
+    return checkpoint_aliases(f"{name}.weight")[0].removesuffix(".weight")  # a unit's name, or a tensor's
 
 
 def expert_stacks(model: nn.Module) -> dict[str, LinearExperts]:

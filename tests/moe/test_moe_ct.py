@@ -63,6 +63,7 @@ def test_issue43_compressed_tensors_moe_loads_in_transformers_with_our_decoded_e
     source = moe_source(kind, tmp_path / "src", tokenizer_dir)
     out = tmp_path / "ct"
     [result] = run_budgets(_spec(source), out_dirs=[out], use_cache=False)
+    assert result.bits_per_weight <= 6.0 and result.bytes <= result.budget["bytes"]  # within the budget
     experts = {u["format"] for u in result.units if ".experts." in u["name"]}
     assert len(experts) == 1  # transformers reads every routed expert with one config group
     assert result.bytes_by_kind["experts"] > 0 and any("compressed-tensors" in w for w in result.warnings)
